@@ -1,0 +1,66 @@
+"""dqlab sample: a grid (or one PNG per image) of every listed class with every listed seed."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from analysis.cli import CLIError, add_common, emit
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sample", help="generate images for classes x seeds")
+    add_common(p)
+    p.add_argument("--classes", default="0-9", help="e.g. 0,1,2 or 0-9 (default: %(default)s)")
+    p.add_argument("--seeds", default="0-7", help="e.g. 0-15 (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    p.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward (default: all)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--out", type=Path, default=None, help="grid PNG: one row per class, one column per seed")
+    out.add_argument("--out-dir", type=Path, default=None, help="one PNG per image, class{c}_seed{s}.png")
+    p.set_defaults(func=run)
+
+
+def run(args) -> dict:
+    from analysis.images import make_grid, save_images
+    from analysis.models import load
+    from analysis.sampling import parse_int_list, sample
+
+    classes, seeds = parse_int_list(args.classes), parse_int_list(args.seeds)
+    if args.steps < 1 or args.steps > 1000:
+        raise CLIError(f"--steps must be between 1 and 1000, got {args.steps}")
+    if args.guidance is not None and args.guidance < 0:
+        raise CLIError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for path in [args.out] if args.out else []:
+        if path.suffix.lower() != ".png":
+            raise CLIError(f"--out must name a .png file, got {path}")
+    bundle = load(args.model, device=args.device, dtype=args.dtype)
+    labels = [c for c in classes for _ in seeds]
+    seed_list = [s for _ in classes for s in seeds]
+    show = (lambda d, n: print(f"\rstep {d}/{n}", end="" if d < n else "\n", file=sys.stderr)) if sys.stderr.isatty() else None
+    result = sample(bundle, labels, seed_list, steps=args.steps, guidance=args.guidance,
+                    scheduler=args.scheduler, batch_size=args.batch_size, on_step=show)
+    written = []
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        make_grid(result.images, ncol=len(seeds)).save(args.out)
+        written = [str(args.out)]
+    elif args.out_dir:
+        names = [f"class{c}_seed{s}" for c, s in zip(labels, seed_list)]
+        written = [str(p) for p in save_images(result.images, names, args.out_dir)]
+    summary = {"model": args.model, "images": len(labels), "classes": classes, "seeds": seeds,
+               "steps": args.steps, "scheduler": args.scheduler,
+               "guidance": bundle.default_guidance if args.guidance is None else args.guidance,
+               "device": str(bundle.device), "seconds": round(result.seconds, 3), "files": written}
+    if bundle.bundled:
+        from analysis.classifier import label_agreement
+
+        summary["label_agreement"] = round(label_agreement(result.images, labels), 4)
+    human = f"{len(labels)} images in {result.seconds:.1f}s" + (
+        f", label agreement {summary['label_agreement']:.1%}" if "label_agreement" in summary else "") + (
+        f" -> {written[0] if len(written) == 1 else args.out_dir}" if written else "")
+    emit(args, summary, human)
+    return summary

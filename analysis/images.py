@@ -1,0 +1,47 @@
+"""Image grids and files: turning [N, C, H, W] tensors in [0, 1] into PNGs people can look at."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_pil(image: torch.Tensor, scale: int = 1) -> Image.Image:
+    """[C, H, W] in [0, 1] -> PIL image, enlarged `scale` times with nearest neighbour (keeps pixels crisp)."""
+    arr = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    img = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+
+
+def display_scale(height: int, target: int = 64) -> int:
+    """How much to enlarge a small image so a grid cell is at least `target` pixels tall."""
+    return max(1, target // height)
+
+
+def make_grid(images: torch.Tensor, ncol: int, pad: int = 2, scale: int | None = None) -> Image.Image:
+    """Tile images row by row, `ncol` per row, with a `pad`-pixel dark border; small images are enlarged."""
+    n, c, h, w = images.shape
+    scale = display_scale(h) if scale is None else scale
+    nrow = (n + ncol - 1) // ncol
+    canvas = np.zeros((nrow * (h * scale + pad) + pad, ncol * (w * scale + pad) + pad, 3), dtype=np.uint8)
+    canvas[:] = 40
+    for i in range(n):
+        tile = np.asarray(to_pil(images[i], scale).convert("RGB"))
+        r, col = divmod(i, ncol)
+        y, x = pad + r * (h * scale + pad), pad + col * (w * scale + pad)
+        canvas[y:y + h * scale, x:x + w * scale] = tile
+    return Image.fromarray(canvas)
+
+
+def save_images(images: torch.Tensor, names: list[str], out_dir: str | Path) -> list[Path]:
+    """One PNG per image at the model's resolution; returns the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for image, name in zip(images, names):
+        path = out_dir / f"{name}.png"
+        to_pil(image).save(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,197 @@
+"""Model bundles: a diffusion transformer with what it needs to sample, from any of three sources.
+
+    load("bundled:dit-mnist")            the small DiT trained by scripts/train_dit.py, shipped in assets/
+    load("/path/to/folder")              a local diffusers folder (DiTPipeline layout, or a bare transformer)
+    load("facebook/DiT-XL-2-256")        the hub, when this machine has network access or a cached copy
+
+Weights load from safetensors only, and no remote code ever runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+BUNDLED = {"bundled:dit-mnist": ASSETS / "dit-mnist"}
+HUB_EXAMPLES = ["facebook/DiT-XL-2-256", "facebook/DiT-XL-2-512"]
+
+
+class ModelLoadError(RuntimeError):
+    """A model source could not be loaded; the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class ModelBundle:
+    """Everything the sampler needs: a transformer, its scheduler config, and how to turn latents to images."""
+
+    name: str
+    transformer: torch.nn.Module
+    scheduler_config: dict
+    num_classes: int
+    latent_shape: tuple[int, int, int]  # (C, H, W) the transformer denoises
+    vae: torch.nn.Module | None = None
+    vae_scale_factor: float = 0.18215  # DiT's latent scaling (Peebles & Xie, 2023)
+    default_guidance: float = 1.5
+    bundled: bool = False
+    quant_config: dict | None = None  # set when the transformer is a quantized copy
+
+    @property
+    def null_label(self) -> int:
+        # diffusers' LabelEmbedding keeps one extra row after the classes for the dropped (unconditional) label
+        return self.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        if self.vae is None:
+            return self.latent_shape
+        c = self.vae.config.out_channels
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (c, self.latent_shape[1] * f, self.latent_shape[2] * f)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def with_transformer(self, transformer: torch.nn.Module, name: str | None = None,
+                         quant_config: dict | None = None) -> "ModelBundle":
+        """A bundle that shares scheduler and VAE but samples with another transformer (e.g. a quantized copy)."""
+        return dataclasses.replace(self, transformer=transformer, name=name or self.name, quant_config=quant_config)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ModelBundle":
+        """Move in place (the bundle owns its modules) and return self."""
+        self.transformer.to(device=device, dtype=dtype)
+        if self.vae is not None:
+            self.vae.to(device=device, dtype=dtype)
+        return self
+
+
+def available_models() -> list[dict]:
+    """What `load` accepts: the bundled models (with whether their weights are present) and hub examples."""
+    rows = [{"name": name, "kind": "bundled", "path": str(path),
+             "available": (path / "transformer" / "config.json").exists()} for name, path in BUNDLED.items()]
+    rows += [{"name": hub_id, "kind": "hub", "path": None, "available": None} for hub_id in HUB_EXAMPLES]
+    return rows
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' or None picks CUDA when there is one, else the CPU; a CUDA request without a GPU is an error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load(source: str, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None) -> ModelBundle:
+    """Load a model bundle from 'bundled:NAME', a local folder, or a hub id, onto `device` in `dtype`."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    if source.startswith("bundled:"):
+        if source not in BUNDLED:
+            raise ModelLoadError(f"unknown bundled model {source!r}; available: {', '.join(BUNDLED)}")
+        folder = BUNDLED[source]
+        if not (folder / "transformer" / "config.json").exists():
+            raise ModelLoadError(f"the weights of {source} are missing from {folder}; "
+                                 "train them with scripts/train_dit.py")
+        bundle = _load_folder(folder, name=source, bundled=True)
+    elif Path(source).expanduser().exists():
+        bundle = _load_folder(Path(source).expanduser(), name=source)
+    elif _looks_like_path(source):
+        raise ModelLoadError(f"model folder {source!r} does not exist; pass an existing diffusers folder, "
+                             "'bundled:dit-mnist', or a hub id such as facebook/DiT-XL-2-256")
+    else:
+        bundle = _load_hub(source)
+    bundle.transformer.eval().requires_grad_(False)
+    if bundle.vae is not None:
+        bundle.vae.eval().requires_grad_(False)
+    return bundle.to(device, dtype)
+
+
+def _looks_like_path(source: str) -> bool:
+    # A hub id is exactly "owner/name"; anything else that does not exist was meant as a folder.
+    return source.startswith((".", "/", "~")) or source.count("/") != 1
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
+    """A DiTPipeline-style folder (transformer/, scheduler/, optional vae/) or a bare transformer folder."""
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    quantized = folder / "quant_config.json"
+    if quantized.exists():
+        # A model saved by `dqlab quantize`: the quantization engine rebuilds it on top of its FP base.
+        from quant.api import load_quantized  # imported lazily: quant depends on this module
+
+        return load_quantized(folder)
+    tdir = folder / "transformer" if (folder / "transformer").is_dir() else folder
+    if not (tdir / "config.json").exists():
+        raise ModelLoadError(f"{folder} is not a diffusers model folder: no transformer/config.json or config.json")
+    if not list(tdir.glob("*.safetensors")):
+        raise ModelLoadError(f"{tdir} has no .safetensors weights; this project loads safetensors only "
+                             "(convert .bin weights with diffusers' save_pretrained(safe_serialization=True))")
+    try:
+        transformer = DiTTransformer2DModel.from_pretrained(tdir, use_safetensors=True)
+    except Exception as exc:  # diffusers raises several types for malformed folders
+        raise ModelLoadError(f"could not load the transformer in {tdir}: {exc}") from exc
+    vae = None
+    if (folder / "vae" / "config.json").exists():
+        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler_config = _read_json(sched_path) if sched_path.exists() else {"num_train_timesteps": 1000}
+    meta_path = folder / "bundle.json"
+    meta = _read_json(meta_path) if meta_path.exists() else {}
+    cfg = transformer.config
+    return ModelBundle(
+        name=name, transformer=transformer, scheduler_config=scheduler_config, vae=vae,
+        num_classes=cfg.num_embeds_ada_norm,
+        latent_shape=(cfg.in_channels, cfg.sample_size, cfg.sample_size),
+        default_guidance=meta.get("default_guidance", 4.0 if bundled else 1.5), bundled=bundled)
+
+
+def _load_hub(repo_id: str) -> ModelBundle:
+    """Load a DiTPipeline repo from the local hub cache, or download it when the network allows."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "transformer/*", "vae/*", "scheduler/*"]
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
+    except Exception:
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+            raise ModelLoadError(_hub_hint(repo_id, "HF_HUB_OFFLINE is set and it is not in the local cache"))
+        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+        try:
+            folder = snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=5)
+        except Exception as exc:
+            raise ModelLoadError(_hub_hint(repo_id, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")) from None
+    return _load_folder(Path(folder), name=repo_id)
+
+
+def _hub_hint(repo_id: str, reason: str) -> str:
+    return (f"could not load {repo_id!r} from the Hugging Face hub ({reason}). Without network access, download "
+            f"it where you have access (`hf download {repo_id}`), copy the folder here, and pass its path "
+            "instead, e.g. --model ./DiT-XL-2-256; or use bundled:dit-mnist")

@@ -1,0 +1,10 @@
+"""dqlab: a lab for quantizing diffusion transformers. Run with `streamlit run app.py`."""
+import streamlit as st
+
+st.set_page_config(page_title="dqlab", page_icon=":material/tune:", layout="wide")
+
+# Each page is its own file (so tests can drive it with AppTest); this list is the app's menu.
+PAGES = [
+    st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+]
+st.navigation(PAGES).run()
