@@ -1,0 +1,124 @@
+"""QuantConfig: every choice a quantization run makes, serialisable to JSON so a saved model says how it was made."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from quant.quantizers import SEARCHES
+
+METHODS = ("fp", "baseline", "smoothquant", "ptq4dit", "dilatequant")
+RHO_MODES = ("per_timestep", "per_sample")
+# Methods whose default turns on time-step-aware activation quantization (DilateQuant's TPQ).
+TPQ_BY_DEFAULT = ("dilatequant",)
+
+
+@dataclasses.dataclass
+class QuantConfig:
+    """How to quantize a diffusion transformer.
+
+    method: fp (no quantization), baseline (plain PTQ), smoothquant (alpha balancing), ptq4dit (CSB + SSC),
+        dilatequant (weight dilation + TPQ).
+    w_bits / a_bits: weight and activation bit-widths, 2-8; 16 or None leaves them in floating point.
+    attn_bits: bit-width of the attention operands q, k, v and the softmax output (None = not quantized).
+    w_per_channel: one weight scale per output channel (else one per tensor).
+    a_symmetric / w_symmetric: symmetric (no zero point) quantizers.
+    scale_search: clip-range search for weights and activations: minmax, percentile or mse.
+    percentile: the percentile used by the percentile search, in percent.
+    tpq: one activation (scale, zero) per timestep; None = the method's default (on for dilatequant only).
+    exclude: layer name patterns left in floating point (fnmatch patterns; a plain name also excludes
+        everything under it, e.g. "transformer_blocks.0" or "*.norm1.linear").
+    alpha: SmoothQuant's migration strength.
+    ssc: PTQ4DiT's Spearman-weighted salience calibration (off = salience is the plain max over calibration).
+    ssc_rho: "per_timestep" (default) computes one Spearman rho per timestep from that timestep's salience,
+        as the paper's equations define SSC over timesteps, so the weighting does not depend on how many
+        samples per timestep the calibration set holds; "per_sample" computes one rho per calibration row,
+        as the official code does.
+    """
+
+    method: str = "baseline"
+    w_bits: int | None = 8
+    a_bits: int | None = 8
+    attn_bits: int | None = None
+    w_per_channel: bool = True
+    a_symmetric: bool = False
+    w_symmetric: bool = False
+    scale_search: str = "minmax"
+    percentile: float = 99.99
+    tpq: bool | None = None
+    exclude: list[str] = dataclasses.field(default_factory=list)
+    alpha: float = 0.5
+    ssc: bool = True
+    ssc_rho: str = "per_timestep"
+
+    @property
+    def use_tpq(self) -> bool:
+        """TPQ resolved against the method default."""
+        return self.method in TPQ_BY_DEFAULT if self.tpq is None else bool(self.tpq)
+
+    @property
+    def label(self) -> str:
+        """A short name such as 'ptq4dit W4A8' or 'dilatequant W4A4 TPQ'."""
+        if self.method == "fp":
+            return "fp"
+        bits = lambda b: "16" if b is None else str(b)  # noqa: E731
+        name = f"{self.method} W{bits(self.w_bits)}A{bits(self.a_bits)}"
+        if self.attn_bits is not None:
+            name += f" attn{self.attn_bits}"
+        if self.use_tpq:
+            name += " TPQ"
+        return name
+
+    def validate(self) -> "QuantConfig":
+        """Raise ValueError naming the first bad field and what it accepts; return self when valid."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for field in ("w_bits", "a_bits", "attn_bits"):
+            v = getattr(self, field)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or not (2 <= v <= 8 or v == 16):
+                raise ValueError(f"{field} must be an integer from 2 to 8, or 16 / None for no quantization; "
+                                 f"got {v!r}")
+        if self.scale_search not in SEARCHES:
+            raise ValueError(f"unknown scale_search {self.scale_search!r}; choose one of {', '.join(SEARCHES)}")
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if not 0.0 <= float(self.alpha) <= 1.0:
+            raise ValueError(f"alpha must be between 0 and 1, got {self.alpha}")
+        if self.ssc_rho not in RHO_MODES:
+            raise ValueError(f"unknown ssc_rho {self.ssc_rho!r}; choose one of {', '.join(RHO_MODES)}")
+        if self.tpq is not None and not isinstance(self.tpq, bool):
+            raise ValueError(f"tpq must be true, false or null, got {self.tpq!r}")
+        if not isinstance(self.exclude, (list, tuple)) or not all(isinstance(p, str) for p in self.exclude):
+            raise ValueError(f"exclude must be a list of layer name patterns, got {self.exclude!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["exclude"] = list(self.exclude)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        """Build and validate; unknown keys are an error (a typo must not silently fall back to a default)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown QuantConfig field(s) {unknown}; known fields: {sorted(names)}")
+        d = dict(d)
+        if "exclude" in d and d["exclude"] is not None:
+            d["exclude"] = list(d["exclude"])
+        return cls(**d).validate()
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantConfig":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"quantization config is not valid JSON: {exc}") from None
+        if not isinstance(d, dict):
+            raise ValueError("quantization config JSON must be an object")
+        return cls.from_dict(d)
