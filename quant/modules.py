@@ -1,0 +1,292 @@
+"""Quantized modules: activation quantizer (static or per timestep), linear, conv, and an attention processor.
+
+Weights are quantized once per output channel (the dequantized weight is cached until the weight or its
+step size changes); activations are quantized per tensor at run time with calibrated parameters. With TPQ
+(DilateQuant, Liu et al. 2024) an activation quantizer holds one (scale, zero point) per calibrated timestep
+and every sample of a batch gathers its own by its timestep, so a batch may mix timesteps.
+
+The timestep of each sample reaches the quantizers through a TimestepContext that a forward pre-hook on
+the transformer fills from its `timestep=` argument, so the diffusers model runs unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quant.quantizers import fake_quant, is_off, quant_params, search_params, search_range
+
+# Values kept per observed row for percentile / MSE activation search (with the exact min and max).
+SAMPLES_PER_ROW = 512
+
+
+class TimestepContext:
+    """The per-sample timesteps of the forward in progress, shared by every quantizer of one model."""
+
+    def __init__(self) -> None:
+        self.t: torch.Tensor | None = None
+
+    def hook(self, module, args, kwargs):
+        """Forward pre-hook (with_kwargs=True) on the transformer: read `timestep` per sample."""
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        x = args[0] if args else kwargs.get("hidden_states")
+        if t is None:
+            self.t = None
+            return
+        t = torch.as_tensor(t, device=x.device).reshape(-1).long()
+        self.t = t.expand(x.shape[0]) if t.numel() == 1 else t
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation fake quantizer with calibrated parameters, one set or one per timestep (TPQ).
+
+    Modes: "observe" records statistics and passes x through; "quant" fake-quantizes; "off" passes through.
+    Buffers: scale [T], zero [T], timesteps [T] (T = 1 without TPQ, timestep -1 meaning any).
+    """
+
+    def __init__(self, bits: int | None, symmetric: bool = False, search: str = "minmax",
+                 percentile: float = 99.99, per_timestep: bool = False, ctx: TimestepContext | None = None,
+                 num_timesteps: int = 1):
+        super().__init__()
+        self.bits, self.symmetric, self.search, self.percentile = bits, symmetric, search, percentile
+        self.per_timestep = per_timestep
+        self.ctx = ctx
+        self.mode = "quant"
+        n = num_timesteps if per_timestep else 1
+        self.register_buffer("scale", torch.ones(n))
+        self.register_buffer("zero", torch.zeros(n))
+        self.register_buffer("timesteps", torch.full((n,), -1, dtype=torch.long))
+        self._rows: list[tuple[torch.Tensor, ...]] = []
+
+    @property
+    def enabled(self) -> bool:
+        return not is_off(self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}, tpq={self.per_timestep}, T={self.scale.numel()}"
+
+    def _sample_t(self, batch: int, device) -> torch.Tensor:
+        t = self.ctx.t if self.ctx is not None else None
+        if t is None:
+            if self.per_timestep:
+                raise RuntimeError("a per-timestep (TPQ) quantizer ran without a timestep: call the transformer "
+                                   "with timestep=..., so its pre-hook can route each sample")
+            return torch.full((batch,), -1, dtype=torch.long, device=device)
+        if t.numel() != batch:
+            if t.numel() == 1:
+                return t.expand(batch)
+            raise RuntimeError(f"activation batch {batch} does not match {t.numel()} timesteps of this forward")
+        return t.to(device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or self.mode == "off":
+            return x
+        if self.mode == "observe":
+            self._observe(x)
+            return x
+        return fake_quant(x, *self.params_for(x), self.bits, self.symmetric)
+
+    def params_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) broadcastable to x: one pair, or (TPQ) each sample's pair by its timestep."""
+        if not self.per_timestep or self.scale.numel() == 1:
+            return self.scale[:1].reshape([1] * x.dim()), self.zero[:1].reshape([1] * x.dim())
+        t = self._sample_t(x.shape[0], x.device)
+        # nearest calibrated timestep, so sampling with another step count still finds parameters
+        idx = (t[:, None] - self.timesteps[None, :]).abs().argmin(dim=1)
+        shape = [-1] + [1] * (x.dim() - 1)
+        return self.scale[idx].reshape(shape), self.zero[idx].reshape(shape)
+
+    # --- calibration -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(x.shape[0], -1).float()
+        t = self._sample_t(x.shape[0], x.device)
+        entry = (t, rows.amin(dim=1), rows.amax(dim=1))
+        if self.search != "minmax":
+            n = rows.shape[1]
+            if n > SAMPLES_PER_ROW:
+                gen = torch.Generator(device="cpu").manual_seed(n)  # the same positions for every row
+                idx = torch.randperm(n, generator=gen)[:SAMPLES_PER_ROW].to(rows.device)
+                rows = rows[:, idx]
+            entry = entry + (rows,)
+        self._rows.append(entry)
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Turn the observed rows into (scale, zero) per timestep (TPQ) or for all rows, and switch to quant."""
+        if not self._rows:
+            raise RuntimeError("this quantizer saw no data during calibration")
+        parts = list(zip(*self._rows))
+        t, lo, hi = (torch.cat(p) for p in parts[:3])
+        groups, inv = (torch.unique(t, return_inverse=True) if self.per_timestep
+                       else (t.new_full((1,), -1), torch.zeros_like(t)))
+        g = groups.numel()
+        g_lo = torch.full((g,), float("inf"), device=lo.device).scatter_reduce(0, inv, lo, "amin")
+        g_hi = torch.full((g,), float("-inf"), device=hi.device).scatter_reduce(0, inv, hi, "amax")
+        if self.search != "minmax":
+            values = torch.cat(parts[3])
+            for k in range(g):  # loop over timestep groups (tens), each search vectorized
+                v = values[inv == k].reshape(1, -1)
+                v = torch.cat([v, g_lo[k].reshape(1, 1), g_hi[k].reshape(1, 1)], dim=1)  # keep exact extremes
+                c_lo, c_hi = search_range(v, self.bits, self.symmetric, self.search, self.percentile)
+                g_lo[k], g_hi[k] = c_lo[0], c_hi[0]
+        scale, zero = quant_params(g_lo, g_hi, self.bits, self.symmetric)
+        self.scale = scale.to(self.scale.device)
+        self.zero = zero.to(self.zero.device)
+        self.timesteps = groups.to(self.timesteps.device)
+        self._rows = []
+        self.mode = "quant"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A TPQ quantizer's buffers are as long as the calibration's timestep count: adopt the saved size.
+        for name in ("scale", "zero", "timesteps"):
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class _WeightQuant:
+    """Mixin: a weight quantized once per output channel, its dequantized copy cached until it changes."""
+
+    def _init_weight_quant(self, bits: int | None, per_channel: bool, symmetric: bool, search: str,
+                           percentile: float) -> None:
+        self.w_bits, self.w_per_channel, self.w_symmetric = bits, per_channel, symmetric
+        self.w_search, self.w_percentile = search, percentile
+        shape = [self.weight.shape[0]] + [1] * (self.weight.dim() - 1) if per_channel else [1] * self.weight.dim()
+        self.register_buffer("w_scale", torch.ones(shape, device=self.weight.device))
+        self.register_buffer("w_zero", torch.zeros(shape, device=self.weight.device))
+        self.use_fp_weight = False  # True while calibrating activations on the FP (folded) model
+        self.error_stats: list[float] | None = None  # [sum sq error, sum sq reference] when measuring
+        self._cache: tuple | None = None
+        if not is_off(bits):
+            self.calibrate_weight()
+
+    @torch.no_grad()
+    def calibrate_weight(self) -> None:
+        """Weight step sizes from the current weight: one per output channel (axis 0) or one per tensor."""
+        scale, zero = search_params(self.weight, self.w_bits, 0 if self.w_per_channel else None,
+                                    self.w_symmetric, self.w_search, self.w_percentile)
+        self.w_scale = scale.reshape(self.w_scale.shape).to(self.weight.device)
+        self.w_zero = zero.reshape(self.w_zero.shape).to(self.weight.device)
+        self._cache = None
+
+    def quantized_weight(self) -> torch.Tensor:
+        if is_off(self.w_bits) or self.use_fp_weight:
+            return self.weight
+        if torch.is_grad_enabled() and (self.weight.requires_grad or self.w_scale.requires_grad):
+            return fake_quant(self.weight, self.w_scale, self.w_zero, self.w_bits, self.w_symmetric)
+        key = (id(self.weight), self.weight.data_ptr(), self.weight._version, id(self.w_scale), self.w_scale._version,
+               id(self.w_zero), self.w_zero._version)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                wq = fake_quant(self.weight, self.w_scale, self.w_zero, self.w_bits, self.w_symmetric)
+            self._cache = (key, wq)
+        return self._cache[1]
+
+    def _measure(self, x: torch.Tensor, y: torch.Tensor, reference) -> None:
+        """Accumulate this layer's own error: quantized output vs FP output on the same (unquantized) input."""
+        with torch.no_grad():
+            ref = reference(x)
+            if self.error_stats is None:
+                self.error_stats = [0.0, 0.0]
+            self.error_stats[0] += float((y - ref).float().pow(2).sum())
+            self.error_stats[1] += float(ref.float().pow(2).sum())
+
+
+class QuantLinear(_WeightQuant, nn.Linear):
+    """Y = Q_a(X) Q_w(W)^T + b. Still an nn.Linear (same weight/bias names), so hooks and statistics work."""
+
+    def __init__(self, linear: nn.Linear, w_bits: int | None, act: ActQuantizer, per_channel: bool = True,
+                 w_symmetric: bool = False, search: str = "minmax", percentile: float = 99.99):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.act = act
+        self._init_weight_quant(w_bits, per_channel, w_symmetric, search, percentile)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(self.act(x), self.quantized_weight(), self.bias)
+        if self.error_stats is not None:
+            self._measure(x, y, lambda inp: F.linear(inp, self.weight, self.bias))
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, w_bits={self.w_bits}"
+
+
+class QuantConv2d(_WeightQuant, nn.Conv2d):
+    """The patch-embedding convolution with weights per output channel and its input per tensor."""
+
+    def __init__(self, conv: nn.Conv2d, w_bits: int | None, act: ActQuantizer, per_channel: bool = True,
+                 w_symmetric: bool = False, search: str = "minmax", percentile: float = 99.99):
+        nn.Module.__init__(self)
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode", "transposed", "output_padding", "_reversed_padding_repeated_twice"):
+            setattr(self, attr, getattr(conv, attr))
+        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.act = act
+        self._init_weight_quant(w_bits, per_channel, w_symmetric, search, percentile)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._conv_forward(self.act(x), self.quantized_weight(), self.bias)
+        if self.error_stats is not None:
+            self._measure(x, y, lambda inp: self._conv_forward(inp, self.weight, self.bias))
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}->{self.out_channels}, k={self.kernel_size}, w_bits={self.w_bits}"
+
+
+class QuantAttnProcessor:
+    """diffusers attention with q, k, v and the softmax output fake-quantized (softmax computed explicitly).
+
+    The quantizers live on the Attention module itself (attn.q_quant, k_quant, v_quant, softmax_quant), so
+    they are in its state dict and move with .to(); this processor holds no state.
+    """
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None or attn.group_norm is not None:
+            raise NotImplementedError("QuantAttnProcessor supports DiT self-attention (no spatial/group norm)")
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key, value = attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (v.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for v in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        query, key, value = attn.q_quant(query), attn.k_quant(key), attn.v_quant(value)
+        scores = (query @ key.transpose(-1, -2)) * attn.scale
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+            scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])
+        probs = attn.softmax_quant(scores.softmax(dim=-1))
+        out = (probs @ value).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def act_quantizers(model: nn.Module) -> dict[str, ActQuantizer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, ActQuantizer)}
+
+
+def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every quantized linear / conv of `model` by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}

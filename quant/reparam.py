@@ -1,0 +1,112 @@
+"""Offline re-parameterization: fold per-input-channel scales into the model so inference runs no extra op.
+
+Balancing (CSB, SmoothQuant) and dilation (WD) both rewrite a linear layer Y = X W^T as
+    Y = (X diag(1/b)) (W diag(b))^T,
+i.e. scale the weight's input columns by b and divide the input channels by b (DESIGN.md section 4).
+The division is folded into whatever produces X:
+- attention / MLP input of a DiT block, X = LN(h) * (1 + scale) + shift with (shift, scale) rows of the
+  adaLN linear (AdaLayerNormZero.linear, chunks shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
+  gate_mlp in that order, as diffusers' AdaLayerNormZero.forward chunks them). Dividing X by b is
+  (1 + scale)/b and shift/b; both are affine in the adaLN input, so: shift rows /= b, shift bias /= b,
+  scale rows /= b, scale bias -> (bias + 1)/b - 1;
+- input of to_out.0 = softmax(QK^T) V with V's channels (heads concatenated in order): dividing V's output
+  channels by b divides to_out.0's input channels by b, so to_v's rows and bias /= b.
+The folds are exact in real arithmetic; tests check the folded model against the original to 1e-4.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
+KINDS = ("attn_in", "attn_out", "mlp_in")
+
+
+@dataclasses.dataclass(frozen=True)
+class BalanceGroup:
+    """Linears that share one input and so one scaling vector b, and where 1/b folds.
+
+    attn_in: to_q, to_k, to_v of block i (one shared b, PTQ4DiT's setting), folded into adaLN msa chunks.
+    attn_out: to_out.0 of block i, folded into to_v.
+    mlp_in: ff.net.0.proj (fc1) of block i, folded into adaLN mlp chunks.
+    fc2 follows a GELU, which does not commute with scaling, so it is never balanced.
+    """
+
+    name: str  # e.g. "transformer_blocks.0.attn1.qkv"
+    kind: str
+    block: int
+    layers: tuple[str, ...]  # qualified names of the linears whose columns are scaled by b
+
+
+def balance_groups(model: nn.Module) -> list[BalanceGroup]:
+    """The foldable groups of a diffusers DiT (blocks with norm_type 'ada_norm_zero')."""
+    groups = []
+    for i, block in enumerate(getattr(model, "transformer_blocks", [])):
+        if getattr(block, "norm_type", None) != "ada_norm_zero" or getattr(block.norm1, "linear", None) is None:
+            continue
+        p = f"transformer_blocks.{i}"
+        groups += [
+            BalanceGroup(f"{p}.attn1.qkv", "attn_in", i, (f"{p}.attn1.to_q", f"{p}.attn1.to_k", f"{p}.attn1.to_v")),
+            BalanceGroup(f"{p}.attn1.to_out.0", "attn_out", i, (f"{p}.attn1.to_out.0",)),
+            BalanceGroup(f"{p}.ff.net.0.proj", "mlp_in", i, (f"{p}.ff.net.0.proj",)),
+        ]
+    return groups
+
+
+def group_weight(model: nn.Module, group: BalanceGroup) -> torch.Tensor:
+    """The group's weights stacked by rows, [sum of out, in]: q, k, v concatenated for attn_in."""
+    mods = dict(model.named_modules())
+    return torch.cat([mods[name].weight.detach() for name in group.layers], dim=0)
+
+
+@torch.no_grad()
+def fold_adaln(linear: nn.Linear, chunk_shift: int, chunk_scale: int, b: torch.Tensor) -> None:
+    """Divide the modulated input X = LN(h)(1 + scale) + shift by b, per channel, inside the adaLN linear."""
+    if linear.bias is None:  # without a bias the "+1" of (1 + scale) cannot be folded
+        raise ValueError(f"cannot fold into an adaLN linear without bias ({linear})")
+    d = linear.out_features // len(ADALN_CHUNKS)
+    b = b.to(linear.weight)
+    sh, sc = slice(chunk_shift * d, (chunk_shift + 1) * d), slice(chunk_scale * d, (chunk_scale + 1) * d)
+    linear.weight[sh] /= b[:, None]
+    linear.weight[sc] /= b[:, None]
+    linear.bias[sh] /= b
+    linear.bias[sc] = (linear.bias[sc] + 1) / b - 1
+
+
+@torch.no_grad()
+def fold_rows(linear: nn.Linear, b: torch.Tensor) -> None:
+    """Divide a linear's output channels by b (rows and bias): the producer side of to_out.0's input."""
+    b = b.to(linear.weight)
+    linear.weight /= b[:, None]
+    if linear.bias is not None:
+        linear.bias /= b
+
+
+@torch.no_grad()
+def scale_columns(linear: nn.Module, b: torch.Tensor) -> None:
+    """W' = W diag(b): scale a linear's input columns by b."""
+    linear.weight *= b.to(linear.weight)[None, :]
+
+
+@torch.no_grad()
+def apply_scaling(model: nn.Module, group: BalanceGroup, b: torch.Tensor) -> None:
+    """Fold X' = X diag(1/b) into X's producer and W' = W diag(b) into the group's linears, in place."""
+    mods = dict(model.named_modules())
+    block = model.transformer_blocks[group.block]
+    if b.shape != (mods[group.layers[0]].in_features,):
+        raise ValueError(f"vector for {group.name} has shape {tuple(b.shape)}, expected "
+                         f"({mods[group.layers[0]].in_features},)")
+    if not torch.isfinite(b).all() or (b <= 0).any():
+        raise ValueError(f"vector for {group.name} must be finite and positive")
+    if group.kind == "attn_in":
+        fold_adaln(block.norm1.linear, ADALN_CHUNKS.index("shift_msa"), ADALN_CHUNKS.index("scale_msa"), b)
+    elif group.kind == "mlp_in":
+        fold_adaln(block.norm1.linear, ADALN_CHUNKS.index("shift_mlp"), ADALN_CHUNKS.index("scale_mlp"), b)
+    elif group.kind == "attn_out":
+        fold_rows(block.attn1.to_v, b)
+    else:
+        raise ValueError(f"unknown group kind {group.kind!r}")
+    for name in group.layers:
+        scale_columns(mods[name], b)
