@@ -67,9 +67,13 @@ class ModelBundle:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ModelBundle":
         """Move in place (the bundle owns its modules) and return self."""
-        self.transformer.to(device=device, dtype=dtype)
-        if self.vae is not None:
-            self.vae.to(device=device, dtype=dtype)
+        # diffusers warns whenever a dtype is passed, even a no-op one: pass only what changes.
+        kwargs = {"device": device} if device is not None else {}
+        if dtype is not None and dtype != self.dtype:
+            kwargs["dtype"] = dtype
+        for module in (self.transformer, self.vae):
+            if module is not None and kwargs:
+                module.to(**kwargs)
         return self
 
 
