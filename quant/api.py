@@ -21,7 +21,7 @@ import torch.nn as nn
 from quant.config import METHODS, QuantConfig
 from quant.io import load_quantized, save_quantized, stored_tensors, weight_bytes
 from quant.methods import get_method
-from quant.observers import observe_inputs
+from quant.observers import InputObserver, observe_inputs
 from quant.reparam import BalanceGroup, apply_scaling, balance_groups, group_weight
 from quant.wrap import calibrate, is_excluded, wrap_model
 from quant.modules import TimestepContext
@@ -36,7 +36,8 @@ class QuantResult:
 
     vectors: group name -> the folded per-channel vector b (CSB / SmoothQuant balancing, WD dilation).
     salience: group name -> {"x_before", "x_after", "w_before", "w_after"} per-channel maxima [C], and
-        "x_per_timestep" [T, C] with "timesteps" [T] (before folding; after = divided by b).
+        "x_per_timestep" [T, C] with "timesteps" [T] (before folding; after = divided by b); x_after is
+        measured by hooks on the folded model.
     extras: group name -> method extras (SSC: timesteps, rho, eta).
     layers: names of the quantized layers (and attention modules with quantized operands).
     timesteps: calibrated timesteps (the TPQ table).
@@ -49,6 +50,7 @@ class QuantResult:
     extras: dict[str, dict]
     layers: list[str]
     timesteps: list[int]
+    reference: torch.Tensor | None = None  # FP outputs on the calibration batches (keep_reference=True)
 
 
 def calibration_batches(calibration, batch_size: int = 64) -> list:
@@ -71,45 +73,61 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: Iterable, batch
 
 
 @torch.no_grad()
-def quantize_with_details(model: nn.Module, config: QuantConfig, calibration: Iterable,
-                          batch_size: int = 64) -> QuantResult:
-    """quantize(), also returning the method's vectors and the per-channel salience before and after."""
+def quantize_with_details(model: nn.Module, config: QuantConfig, calibration: Iterable, batch_size: int = 64,
+                          keep_reference: bool = False) -> QuantResult:
+    """quantize(), also returning the method's vectors and the per-channel salience before and after.
+
+    Passes over the calibration data: one to calibrate the activation ranges (it also records the balanced
+    layers' inputs, and with keep_reference the FP outputs), plus one before folding for methods whose
+    vectors need activation statistics (SmoothQuant, PTQ4DiT).
+    """
     config.validate()
     method = get_method(config.method)
     qmodel = copy.deepcopy(model).eval().requires_grad_(False)
     if not method.QUANTIZES:
-        return QuantResult(qmodel, config, {}, {}, {}, [], [])
+        reference = None
+        if keep_reference:
+            from quant.wrap import run_model
+
+            reference = run_model(qmodel, calibration_batches(calibration, batch_size), keep_outputs=True)
+        return QuantResult(qmodel, config, {}, {}, {}, [], [], reference)
     batches = calibration_batches(calibration, batch_size)
     groups = [g for g in balance_groups(qmodel) if not all(is_excluded(n, config.exclude) for n in g.layers)]
     modules = dict(qmodel.named_modules())
-    stats = observe_inputs(qmodel, batches, layers={g.name: modules[g.layers[0]] for g in groups})
+    stats = None
+    if method.NEEDS_ACTIVATIONS:
+        stats = observe_inputs(qmodel, batches, layers={g.name: modules[g.layers[0]] for g in groups})
     computed = method.compute(qmodel, groups, stats, config)
-    vectors, salience, extras = {}, {}, {}
+    vectors, extras, w_before = {}, {}, {}
     for g in groups:
-        w_before = group_weight(qmodel, g).abs().amax(dim=0).float().cpu()
+        w_before[g.name] = group_weight(qmodel, g).abs().amax(dim=0).float().cpu()
         entry = computed.get(g.name, {})
-        b = entry.get("b")
-        if b is not None:
-            apply_scaling(qmodel, g, b)
-            vectors[g.name] = b.float().cpu()
+        if entry.get("b") is not None:
+            apply_scaling(qmodel, g, entry["b"])
+            vectors[g.name] = entry["b"].float().cpu()
             extras[g.name] = {k: v for k, v in entry.items() if k != "b"}
-        salience[g.name] = _salience(qmodel, g, stats, w_before, b)
     ctx = TimestepContext()
     names = wrap_model(qmodel, config, ctx)
-    calibrate(qmodel, batches)
+    modules = dict(qmodel.named_modules())
+    with InputObserver(qmodel, {g.name: modules[g.layers[0]] for g in groups}) as obs:
+        reference = calibrate(qmodel, batches, keep_outputs=keep_reference)
+    after = obs.stats()
+    salience = {g.name: _salience(qmodel, g, stats, after, w_before[g.name], vectors.get(g.name)) for g in groups}
     timesteps = sorted({int(t) for _, ts, _ in batches for t in ts.reshape(-1).tolist()})
-    return QuantResult(qmodel, config, vectors, salience, extras, names, timesteps)
+    return QuantResult(qmodel, config, vectors, salience, extras, names, timesteps, reference)
 
 
-def _salience(model: nn.Module, group: BalanceGroup, stats, w_before: torch.Tensor,
+def _salience(model: nn.Module, group: BalanceGroup, before, after, w_before: torch.Tensor,
               b: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Per-channel maxima before / after folding. `after` is measured on the folded model; without an FP
+    pass (`before` None) the maxima before are after * b, exact because the fold is."""
     from quant.methods.common import salience_per_timestep
 
-    absmax = stats.absmax[group.name]
+    b = torch.ones(after.absmax[group.name].shape[1]) if b is None else b.float().cpu()
+    absmax = before.absmax[group.name] if before is not None else after.absmax[group.name] * b
+    t = before.t if before is not None else after.t
     x_before = absmax.amax(dim=0)
-    steps, per_t = salience_per_timestep(absmax, stats.t)
-    ones = torch.ones_like(x_before)
-    b = ones if b is None else b.float().cpu()
-    return {"x_before": x_before, "x_after": x_before / b, "w_before": w_before,
+    steps, per_t = salience_per_timestep(absmax, t)
+    return {"x_before": x_before, "x_after": after.absmax[group.name].amax(dim=0), "w_before": w_before,
             "w_after": group_weight(model, group).abs().amax(dim=0).float().cpu(),
             "x_per_timestep": per_t, "timesteps": steps, "b": b}

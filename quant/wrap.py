@@ -85,8 +85,11 @@ def run_model(model: nn.Module, batches: Iterable, keep_outputs: bool = False) -
     return torch.cat(outs) if keep_outputs else None
 
 
-def calibrate(model: nn.Module, batches: list) -> None:
-    """Static activation ranges (per timestep with TPQ) from the FP (folded) model's activations."""
+def calibrate(model: nn.Module, batches: list, keep_outputs: bool = False) -> torch.Tensor | None:
+    """Static activation ranges (per timestep with TPQ) from the FP (folded) model's activations.
+
+    The pass runs the folded model in floating point, so with keep_outputs its outputs are the FP
+    reference (equal to the original model's up to float rounding) at no extra cost."""
     quantizers = [q for q in act_quantizers(model).values() if q.enabled]
     layers = list(quant_layers(model).values())
     for q in quantizers:
@@ -94,7 +97,7 @@ def calibrate(model: nn.Module, batches: list) -> None:
     for layer in layers:
         layer.use_fp_weight = True
     try:
-        run_model(model, batches)
+        outputs = run_model(model, batches, keep_outputs=keep_outputs)
         for q in quantizers:
             q.finalize()
     finally:
@@ -103,3 +106,4 @@ def calibrate(model: nn.Module, batches: list) -> None:
             q._rows = []
         for layer in layers:
             layer.use_fp_weight = False
+    return outputs

@@ -55,14 +55,15 @@ def _fold_check(model, batches, method):
     for x, t, y in batches:
         ref = model(x, timestep=t, class_labels=y).sample
         assert _rel(res.model(x, timestep=t, class_labels=y).sample, ref) < 1e-4
-    mods = dict(res.model.named_modules())
     groups = {g.name: g for g in balance_groups(res.model)}
-    after = observe_inputs(res.model, batches, layers={n: mods[groups[n].layers[0]] for n in res.vectors})
+    fp_mods, q_mods = dict(model.named_modules()), dict(res.model.named_modules())
+    before = observe_inputs(model, batches, layers={n: fp_mods[groups[n].layers[0]] for n in res.vectors})
+    after = observe_inputs(res.model, batches, layers={n: q_mods[groups[n].layers[0]] for n in res.vectors})
     for name, b in res.vectors.items():
-        measured = after.absmax[name].amax(0)
-        predicted = res.salience[name]["x_before"] / b
-        assert torch.allclose(measured, predicted, rtol=1e-4, atol=1e-6), name
-        assert torch.allclose(res.salience[name]["x_after"], predicted)
+        predicted = before.absmax[name].amax(0) / b  # s(X) of the original model over b
+        assert torch.allclose(after.absmax[name].amax(0), predicted, rtol=1e-4, atol=1e-6), name
+        assert torch.allclose(res.salience[name]["x_after"], predicted, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(res.salience[name]["x_before"], before.absmax[name].amax(0), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["smoothquant", "ptq4dit", "dilatequant"])

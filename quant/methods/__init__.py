@@ -2,6 +2,7 @@
 
     NAME: str
     QUANTIZES: bool                   (fp is the only one that does not)
+    NEEDS_ACTIVATIONS: bool           (its vectors need FP activation statistics, an extra pass)
     compute(model, groups, stats, config) -> {group name: {"b": vector, ...extras}}
 
 `groups` are the foldable reparam.BalanceGroup's, `stats` the FP input statistics (observers.InputStats keyed

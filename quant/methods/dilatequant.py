@@ -16,6 +16,7 @@ from quant.reparam import group_weight
 
 NAME = "dilatequant"
 QUANTIZES = True
+NEEDS_ACTIVATIONS = False  # vectors from weights only: no extra FP pass
 
 
 def dilation_vector(w: torch.Tensor) -> torch.Tensor:

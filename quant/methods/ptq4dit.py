@@ -19,6 +19,7 @@ from quant.reparam import group_weight
 
 NAME = "ptq4dit"
 QUANTIZES = True
+NEEDS_ACTIVATIONS = True  # needs s(X) from an FP pass before folding
 
 
 def ranks(x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from quant.reparam import group_weight
 
 NAME = "smoothquant"
 QUANTIZES = True
+NEEDS_ACTIVATIONS = True  # needs s(X) from an FP pass before folding
 
 
 def smoothing_vector(x_sal, w_sal, alpha: float):

@@ -1,0 +1,96 @@
+"""dqlab eval: quantize (or not), sample FP and the variant at the same seeds, score with FID, store the run."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from analysis.cli import CLIError, add_common, emit
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="quantize, sample, and score one configuration (FID vs real and vs FP)")
+    add_common(p)
+    q = p.add_argument_group("quantization")
+    # --method is checked by QuantConfig.validate (one clear line), not by argparse choices (usage dump).
+    q.add_argument("--method", default="fp", help="fp, baseline, smoothquant, ptq4dit or dilatequant (default: fp)")
+    q.add_argument("--w-bits", type=int, default=8, help="weight bits, 2-8 (16 = float)")
+    q.add_argument("--a-bits", type=int, default=8, help="activation bits, 2-8 (16 = float)")
+    q.add_argument("--attn-bits", type=int, default=None, help="bits of q, k, v and softmax output (default: float)")
+    q.add_argument("--tpq", action="store_true", default=None, help="per-timestep activation quantizers")
+    q.add_argument("--no-tpq", dest="tpq", action="store_false", help="one activation quantizer for all timesteps")
+    q.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (default: %(default)s)")
+    q.add_argument("--no-ssc", dest="ssc", action="store_false", help="PTQ4DiT without Spearman salience calibration")
+    q.add_argument("--scale-search", default="minmax", help="minmax, percentile or mse (default: %(default)s)")
+    q.add_argument("--calib-samples", type=int, default=None, help="images sampled for calibration")
+    s = p.add_argument_group("sampling and scoring")
+    s.add_argument("--num-samples", type=int, default=2048, help="images per model (default: %(default)s)")
+    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    s.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
+    s.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed+i and class i mod K")
+    s.add_argument("--batch-size", type=int, default=None, help="images per sampling batch (default: by device)")
+    s.add_argument("--reference", type=Path, default=None,
+                   help="folder of real images (default: the bundled digits for bundled:dit-mnist)")
+    s.add_argument("--feature-extractor", default="auto", help="auto, digits or inception (default: %(default)s)")
+    s.add_argument("--inception-weights", default=None,
+                   help="torch-fidelity Inception weights file (or set DQLAB_INCEPTION_WEIGHTS)")
+    s.add_argument("--isc", action="store_true", help="also Inception Score")
+    s.add_argument("--kid", action="store_true", help="also KID")
+    s.add_argument("--prc", action="store_true", help="also precision and recall")
+    s.add_argument("--kid-subset-size", type=int, default=None, help="KID subset size (default: min(1000, N))")
+    st = p.add_argument_group("run store")
+    st.add_argument("--data-dir", default=None, help="run store folder (default: $DQLAB_HOME or ~/.dqlab)")
+    st.add_argument("--no-store", action="store_true", help="do not record the run")
+    st.add_argument("--no-fp-cache", action="store_true", help="sample FP even if cached")
+    st.add_argument("--note", default=None, help="free text stored with the run")
+    p.set_defaults(func=run)
+
+
+def run(args) -> dict:
+    from quant.api import QuantConfig
+
+    from analysis.evaluate import EvalOptions, check_options, evaluate
+    from analysis.models import load
+    from analysis.store import Store
+
+    config = QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, attn_bits=args.attn_bits,
+                         tpq=args.tpq, alpha=args.alpha, ssc=args.ssc, scale_search=args.scale_search).validate()
+    if args.calib_samples is not None and args.calib_samples < 1:
+        raise CLIError(f"--calib-samples must be at least 1, got {args.calib_samples}")
+    opts = EvalOptions(num_samples=args.num_samples, steps=args.steps, guidance=args.guidance,
+                       scheduler=args.scheduler, seed=args.seed, reference=args.reference,
+                       extractor=args.feature_extractor, isc=args.isc, kid=args.kid, prc=args.prc,
+                       kid_subset_size=args.kid_subset_size, inception_weights=args.inception_weights,
+                       batch_size=args.batch_size, cache_fp=not args.no_fp_cache, calib_samples=args.calib_samples)
+    store = None if args.no_store else Store(args.data_dir)
+    if args.reference is not None and not args.reference.is_dir():
+        raise CLIError(f"--reference {args.reference} is not a folder of images")
+    bundle = load(args.model, device=args.device, dtype=args.dtype)
+    check_options(bundle, opts)  # bad reference folder, missing Inception weights, KID sizes: before any work
+    show = None
+    if sys.stderr.isatty():
+        show = lambda stage, frac: print(f"\r[{frac:6.1%}] {stage[:70]:<70}", end="", file=sys.stderr)  # noqa: E731
+    result = evaluate(bundle, config, opts, store=store, on_progress=show)
+    if show:
+        print(file=sys.stderr)
+    m = result.metrics
+    out = {"model": args.model, "method": config.method, "label": config.label, "run_id": result.run_id,
+           "fid": m.get("fid"), "fid_vs_fp": m.get("fid_vs_fp"), "num_samples": m["num_samples"],
+           "reference_size": m.get("reference_size"), "feature_extractor": m.get("feature_extractor"),
+           "seconds": result.timings.get("total"), "steps": args.steps, "scheduler": args.scheduler,
+           "guidance": bundle.default_guidance if args.guidance is None else args.guidance, "warning": m.get("warning")}
+    if "label_agreement" in m:
+        out["label_agreement"] = m["label_agreement"]
+    for key in ("isc_mean", "isc_std", "kid_mean", "kid_std", "kid_subset_size", "precision", "recall", "f_score"):
+        if key in m:
+            out[key] = m[key]
+    out["timings"] = result.timings
+    out["config"] = config.to_dict()
+    fid_text = "n/a" if out["fid"] is None else f"{out['fid']:.3f}"
+    human = (f"{config.label}: FID vs real {fid_text}, FID vs FP {out['fid_vs_fp']:.3f} "
+             f"(N={out['num_samples']}, {out['feature_extractor']})"
+             + (f", label agreement {out['label_agreement']:.1%}" if "label_agreement" in out else "")
+             + f", {out['seconds']:.1f}s" + (f", run {result.run_id}" if result.run_id else "")
+             + (f"\nwarning: {out['warning']}" if out["warning"] else ""))
+    emit(args, out, human)
+    return out

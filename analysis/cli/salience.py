@@ -1,0 +1,109 @@
+"""dqlab salience: collect per-channel activation / weight salience in one sampling pass and save it (.npz).
+
+The summary reports the cost of collecting against plain sampling with identical settings, measured in the
+same run: a short warm-up, then the plain pass and the collecting pass (alternating when --repeats > 1;
+the fastest of each is compared, which discounts interference from other processes on a shared machine).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from analysis.cli import CLIError, add_common, emit
+
+
+def register(sub) -> None:
+    p = sub.add_parser("salience", help="per-channel activation and weight salience per layer and timestep")
+    add_common(p)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--samples", type=int, default=16, help="calibration samples (classes cycle 0, 1, ...)")
+    p.add_argument("--first-seed", type=int, default=0, help="sample i uses seed first-seed + i")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    p.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per forward (default: all)")
+    p.add_argument("--reduce-samples", action="store_true",
+                   help="keep one row per timestep and half instead of one per sample (large models, many steps)")
+    p.add_argument("--attention", action="store_true", help="also record q, k, v and the softmax output")
+    p.add_argument("--layers", default=None, help="regular expression selecting layers, e.g. 'blocks\\.(0|27)\\.'")
+    p.add_argument("--mse-bits", default="", help="bit-widths for per-channel quantization error, e.g. 4,8 "
+                                                  "(adds one forward per timestep after the pass)")
+    p.add_argument("--repeats", type=int, default=1, help="timed plain/collecting pairs (default: %(default)s)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the plain sampling pass (no overhead ratio)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, default=None, help="where to save the statistics (.npz)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> dict:
+    import torch
+
+    from analysis.models import load
+    from analysis.salience import SalienceConfig, collect
+    from analysis.salience_measures import layer_difficulty, profile_by_kind
+    from analysis.sampling import parse_int_list, sample
+
+    if not 1 <= args.steps <= 1000:
+        raise CLIError(f"--steps must be between 1 and 1000, got {args.steps}")
+    if args.samples < 1:
+        raise CLIError(f"--samples must be >= 1, got {args.samples}")
+    if args.repeats < 1:
+        raise CLIError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.out is not None and args.out.suffix != ".npz":
+        raise CLIError(f"--out must name a .npz file, got {args.out}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CLIError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    mse_bits = tuple(parse_int_list(args.mse_bits)) if args.mse_bits.strip() else ()
+    bundle = load(args.model, device=args.device, dtype=args.dtype)
+    config = SalienceConfig(steps=args.steps, samples=args.samples, guidance=args.guidance, scheduler=args.scheduler,
+                            batch_size=args.batch_size, first_seed=args.first_seed,
+                            per_sample=not args.reduce_samples, attention=args.attention, layers=args.layers,
+                            mse_bits=mse_bits)
+    config.validate(bundle)
+    labels, seeds = config.sample_labels(bundle.num_classes), config.seeds()
+    say = (lambda text: print(text, file=sys.stderr)) if sys.stderr.isatty() else (lambda text: None)  # noqa: E731
+
+    # Warm-up: the first forward pays one-off allocation costs that would otherwise bias the first timed pass.
+    sample(bundle, labels[:1], seeds[:1], steps=1, guidance=config.guidance, scheduler=config.scheduler, decode=False)
+    plain, collecting, stats = [], [], None
+    for r in range(args.repeats):
+        if not args.no_baseline:
+            say(f"plain sampling pass {r + 1}/{args.repeats} ...")
+            t0 = time.perf_counter()
+            sample(bundle, labels, seeds, steps=config.steps, guidance=config.guidance, scheduler=config.scheduler,
+                   batch_size=config.batch_size, decode=False)
+            plain.append(time.perf_counter() - t0)
+        say(f"collecting pass {r + 1}/{args.repeats} ...")
+        stats = collect(bundle, config)
+        collecting.append(stats.info["seconds"])
+    seconds = min(collecting)
+    overhead = round(seconds / min(plain), 3) if plain else None
+    stats.info.update(overhead_vs_sampling=overhead, plain_seconds=plain, collect_seconds=collecting)
+    written = None
+    if args.out is not None:
+        written = stats.save(args.out)
+    difficulty = layer_difficulty(stats)
+    hardest = [{"layer": r.layer, "kind": r.kind, "act_outlier_ratio": round(r.act_outlier_ratio, 3),
+                "weight_outlier_ratio": None if r.weight_outlier_ratio != r.weight_outlier_ratio
+                else round(r.weight_outlier_ratio, 3)} for r in difficulty.head(5).itertuples()]
+    profile = profile_by_kind(stats).round(3).to_dict(orient="records")
+    summary = {"model": args.model, "device": str(bundle.device), "threads": torch.get_num_threads(),
+               "layers": len(stats.layers), "timesteps": len(stats.timesteps), "samples": args.samples,
+               "rows_per_timestep": len(stats.row_labels), "per_sample": stats.per_sample,
+               "steps": args.steps, "guidance": stats.info["guidance"], "scheduler": args.scheduler,
+               "seconds": round(seconds, 3), "sampling_seconds": round(min(plain), 3) if plain else None,
+               "overhead_vs_sampling": overhead, "repeats": args.repeats,
+               "plain_seconds_all": [round(v, 3) for v in plain],
+               "collect_seconds_all": [round(v, 3) for v in collecting],
+               "mse_bits": list(stats.mse_bits), "mse_seconds": round(stats.info.get("mse_seconds", 0.0), 3),
+               "hardest_layers": hardest, "profile_by_kind": profile,
+               "out": str(written) if written else None,
+               "file_mb": round(written.stat().st_size / 2**20, 2) if written else None}
+    human = (f"{summary['layers']} layers x {summary['timesteps']} timesteps x {summary['rows_per_timestep']} rows "
+             f"in {seconds:.1f}s" + (f" ({overhead:.2f}x plain sampling)" if overhead else "")
+             + (f" -> {written}" if written else "") + "\nhardest layers (activation max/median):\n"
+             + "\n".join(f"  {h['act_outlier_ratio']:8.2f}  {h['layer']}" for h in hardest))
+    emit(args, summary, human)
+    return summary

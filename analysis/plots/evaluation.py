@@ -1,0 +1,67 @@
+"""Figures for comparing variants: per-timestep error lines, x_t drift lines, metric bars."""
+from __future__ import annotations
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from analysis.metrics import MIN_RELIABLE_FID_SAMPLES
+
+
+def _lines(rows: list[dict], value: str, title: str, ytitle: str, log: bool = True) -> go.Figure:
+    """One line per variant over sampling steps (noisiest first), timestep in the hover."""
+    fig = go.Figure()
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        pts = sorted((r for r in rows if r["variant"] == name), key=lambda r: r["step"])
+        fig.add_trace(go.Scatter(x=[r["step"] for r in pts], y=[max(r[value], 1e-12) for r in pts], name=name,
+                                 mode="lines+markers", customdata=[r["t"] for r in pts],
+                                 hovertemplate="step %{x} (t=%{customdata})<br>%{y:.3g}<extra>" + name + "</extra>"))
+    fig.update_layout(title=title, xaxis_title="sampling step (0 = noisiest)", yaxis_title=ytitle,
+                      yaxis_type="log" if log else "linear", legend_title="variant", height=380,
+                      margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def step_error_figure(step_error: list[dict]) -> go.Figure:
+    """Relative MSE of each variant's noise prediction vs FP, on the FP trajectory's inputs."""
+    return _lines(step_error, "rel_mse", "Noise-prediction error vs FP at each step (same inputs)", "relative MSE")
+
+
+def drift_figure(drift: list[dict]) -> go.Figure:
+    """Relative distance of each variant's x_t from FP's x_t, along the variant's own trajectory."""
+    return _lines(drift, "rel_drift", "Drift of x_t from FP along each variant's own trajectory",
+                  "||x_t - x_t(FP)||² / ||x_t(FP)||²")
+
+
+def metrics_figure(rows: list[dict]) -> go.Figure:
+    """Bars per variant: FID vs real, FID vs FP (both with N in the hover and axis), label agreement.
+    rows: {"variant", "fid", "fid_vs_fp", "label_agreement", "num_samples"}; missing values are skipped."""
+    have_agree = any(r.get("label_agreement") is not None for r in rows)
+    cols = 3 if have_agree else 2
+    n = sorted({r.get("num_samples") for r in rows if r.get("num_samples")})
+    n_text = "N=" + "/".join(str(v) for v in n) if n else "N=?"
+    titles = [f"FID vs real ({n_text})", f"FID vs FP ({n_text})", "label agreement"][:cols]
+    fig = make_subplots(rows=1, cols=cols, subplot_titles=titles)
+    names = [r["variant"] for r in rows]
+    for col, key in enumerate(["fid", "fid_vs_fp", "label_agreement"][:cols], start=1):
+        vals = [r.get(key) for r in rows]
+        fig.add_trace(go.Bar(x=names, y=[v if v is not None else 0 for v in vals], name=key, showlegend=False,
+                             text=["n/a" if v is None else (f"{v:.1%}" if key == "label_agreement" else f"{v:.3g}")
+                                   for v in vals], textposition="outside",
+                             customdata=[r.get("num_samples") for r in rows],
+                             hovertemplate="%{x}: %{text} (N=%{customdata})<extra></extra>"), row=1, col=col)
+    if have_agree:
+        fig.update_yaxes(range=[0, 1.05], tickformat=".0%", row=1, col=3)
+    warn = n and min(n) < MIN_RELIABLE_FID_SAMPLES
+    fig.update_layout(height=360, margin=dict(l=10, r=10, t=60, b=10),
+                      title=("FID on fewer than 2048 samples is biased: compare only equal N" if warn else None))
+    return fig
+
+
+def psnr_figure(image_errors: list[dict]) -> go.Figure:
+    """Distribution of per-image PSNR vs FP for each variant (box per variant)."""
+    fig = go.Figure()
+    for name in dict.fromkeys(r["variant"] for r in image_errors):
+        fig.add_trace(go.Box(y=[r["psnr"] for r in image_errors if r["variant"] == name], name=name, boxpoints="all"))
+    fig.update_layout(title="Per-image PSNR vs FP (same label and seed)", yaxis_title="PSNR (dB)", height=340,
+                      margin=dict(l=10, r=10, t=50, b=10), showlegend=False)
+    return fig

@@ -1,0 +1,184 @@
+"""FID through torch-fidelity with the bundled digit extractor, Inception weight handling, per-timestep error."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from analysis import metrics as M
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Two disjoint random sets of 400 real digits (the bundled set is sorted by class, so shuffle)."""
+    from analysis.digits import load_digits
+
+    x, _ = load_digits()
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x[perm[:400]], x[perm[400:800]]
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_shift(digits):
+    a, b = digits
+    assert M.fid(a, a) == pytest.approx(0.0, abs=1e-6)
+    same_dist = M.fid(a, b)
+    # Brightness offsets move the sets apart step by step; FID must follow, and exceed the real-vs-real value.
+    shifted = [M.fid((b + s).clamp(0, 1), a) for s in (0.1, 0.25, 0.5)]
+    assert same_dist < shifted[0] < shifted[1] < shifted[2], (same_dist, shifted)
+    # A spatial shift by two pixels is also a visible change the digit features see.
+    assert M.fid(torch.roll(b, 2, dims=-1), a) > 2 * same_dist
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # some ReLU features are always 0: singular S
+def test_registered_extractor_fid_equals_frechet_distance_by_hand(digits):
+    """torch-fidelity's FID with "dqlab-digits" = ||mu1-mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)) computed here
+    from the classifier's own 128-d features (a path that does not go through torch-fidelity)."""
+    from analysis.classifier import load_classifier, prepare
+
+    a, b = digits
+    b = (b * 0.8 + 0.1)  # make the two sets clearly different
+    net = load_classifier()
+    with torch.no_grad():
+        fa = net.features(prepare(M.to_uint8_rgb(a))).double().numpy()
+        fb = net.features(prepare(M.to_uint8_rgb(b))).double().numpy()
+    mu1, mu2 = fa.mean(0), fb.mean(0)
+    s1, s2 = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    by_hand = float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1 + s2 - 2 * covmean))
+    got = M.compute_metrics(b, a, extractor=M.DIGITS_EXTRACTOR)
+    assert got["fid"] == pytest.approx(by_hand, rel=1e-3)
+    assert got["num_samples"] == len(b) and got["reference_size"] == len(a)
+    assert got["feature_extractor"] == "dqlab-digits"
+    assert got["warning"] and "2048" in got["warning"]  # 400 samples is below the reliable count
+    # extract_features goes through the registered extractor and agrees with the direct path
+    assert np.allclose(M.extract_features(b).numpy(), fb, atol=1e-4)
+
+
+def test_registration_is_idempotent_and_uses_a_private_classifier_copy():
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    from torch_fidelity.utils import create_feature_extractor
+
+    from analysis.classifier import load_classifier
+
+    assert M.register_digit_extractor() == M.register_digit_extractor() == "dqlab-digits"
+    cls = FEATURE_EXTRACTORS_REGISTRY["dqlab-digits"]
+    fe = create_feature_extractor("dqlab-digits", ["128", "logits"], cuda=False, verbose=False)
+    assert isinstance(fe, cls)
+    assert fe.net is not load_classifier()
+    out = fe(torch.zeros(3, 3, 16, 16, dtype=torch.uint8))
+    assert out[0].shape == (3, 128) and out[1].shape == (3, 10)
+    with pytest.raises(ValueError, match="uint8"):
+        fe(torch.zeros(3, 3, 16, 16))
+
+
+def test_kid_isc_prc_and_kid_subset_check(digits):
+    a, b = digits
+    got = M.compute_metrics(a[:80], b[:100], fid=True, isc=True, kid=True, prc=True, kid_subset_size=50,
+                            kid_subsets=5)
+    for key in ("fid", "isc_mean", "kid_mean", "precision", "recall"):
+        assert key in got and np.isfinite(got[key])
+    assert 1.0 <= got["isc_mean"] <= 10.0  # 10 digit classes bound the score
+    assert got["kid_subset_size"] == 50
+    with pytest.raises(M.MetricsError, match="KID subset size 200"):
+        M.compute_metrics(a[:80], b[:100], fid=False, kid=True, kid_subset_size=200)
+
+
+def test_reference_features_are_cached(tmp_path, digits):
+    a, _ = digits
+    ref = M.Reference("some digits", M.to_uint8_rgb(digits[1]), cache_name="test-ref")
+    first = M.fid(a, ref, cache_dir=tmp_path)
+    cached = sorted(p.name for p in tmp_path.iterdir())
+    assert any("test-ref" in name and "stat-fid" in name for name in cached), cached
+    assert M.fid(a, ref, cache_dir=tmp_path) == pytest.approx(first, rel=1e-9)
+
+
+def test_bundled_reference_is_the_5000_digits():
+    ref = M.bundled_reference()
+    assert ref.images.shape == (5000, 3, 16, 16) and ref.images.dtype == torch.uint8
+    assert ref.cache_name == M.bundled_reference().cache_name
+
+
+def test_folder_reference_errors_and_loading(tmp_path):
+    from PIL import Image
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(M.MetricsError, match="holds no images"):
+        M.folder_reference(empty)
+    with pytest.raises(M.MetricsError, match="does not exist"):
+        M.folder_reference(tmp_path / "missing")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(M.MetricsError, match="cannot read reference image"):
+        M.folder_reference(bad)
+    good = tmp_path / "good"
+    good.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(good / f"{i}.png")
+    ref = M.folder_reference(good, size=(16, 16))
+    assert ref.images.shape == (5, 3, 16, 16) and len(ref) == 5
+    (good / "5.png").write_bytes((good / "0.png").read_bytes())
+    assert M.folder_reference(good, size=(16, 16)).cache_name != ref.cache_name  # new file, new cache key
+
+
+def test_inception_without_weights_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.delenv(M.INCEPTION_ENV, raising=False)
+    with pytest.raises(M.MetricsError, match="DQLAB_INCEPTION_WEIGHTS"):
+        M.resolve_inception_weights()
+    with pytest.raises(M.MetricsError, match="does not exist"):
+        M.resolve_inception_weights(tmp_path / "nope.pth")
+    with pytest.raises(M.MetricsError, match="needs its weights"):
+        M.compute_metrics(torch.rand(4, 1, 16, 16), torch.rand(4, 1, 16, 16), extractor=M.INCEPTION_EXTRACTOR)
+
+
+class _NotATensor:
+    pass
+
+
+def test_inception_weights_must_be_a_plain_state_dict(tmp_path, monkeypatch):
+    """Weights are unpickled by torch-fidelity without weights_only; a file holding objects is refused first."""
+    evil = tmp_path / "evil.pth"
+    torch.save({"fc.weight": torch.zeros(2), "x": _NotATensor()}, evil)
+    with pytest.raises(M.MetricsError, match="not a plain PyTorch state dict"):
+        M.resolve_inception_weights(evil)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"w": torch.zeros(2)}, wrong)
+    monkeypatch.setenv(M.INCEPTION_ENV, str(wrong))
+    with pytest.raises(M.MetricsError, match="fc.weight"):
+        M.resolve_inception_weights()
+    ok = tmp_path / "ok.pth"
+    torch.save({"fc.weight": torch.zeros(2)}, ok)
+    monkeypatch.setenv(M.INCEPTION_ENV, str(ok))
+    assert M.resolve_inception_weights() == ok
+
+
+def test_extractor_names():
+    assert M.resolve_extractor("auto", bundled=True) == M.DIGITS_EXTRACTOR
+    assert M.resolve_extractor(None, bundled=False) == M.INCEPTION_EXTRACTOR
+    assert M.resolve_extractor("digits", bundled=False) == M.DIGITS_EXTRACTOR
+    with pytest.raises(M.MetricsError, match="unknown feature extractor"):
+        M.resolve_extractor("clip", bundled=True)
+
+
+def test_per_timestep_error_zero_for_fp_and_positive_for_a_changed_model(tiny_bundle):
+    from analysis.sampling import sample
+
+    res = sample(tiny_bundle, [1, 2], [0, 1], steps=3, guidance=2.0, record="all", decode=False)
+    ref = M.transformer_outputs(tiny_bundle.transformer, res.calibration, tiny_bundle.latent_shape[0])
+    assert ref.shape == (12, 4, 8, 8)  # 3 steps x 2 images x [cond; uncond]; eps half of the learned-sigma output
+    same = M.per_timestep_error(ref, tiny_bundle.transformer, res.calibration)
+    assert [r["step"] for r in same] == [0, 1, 2]
+    assert [r["t"] for r in same] == res.calibration.timesteps
+    assert all(r["rel_mse"] < 1e-12 for r in same)
+    other = copy.deepcopy(tiny_bundle.transformer)
+    with torch.no_grad():
+        other.proj_out_2.weight.mul_(1.1)
+    changed = M.per_timestep_error(ref, other, res.calibration)
+    assert all(r["rel_mse"] > 1e-4 for r in changed)
+    assert M.relative_mse(torch.ones(3), torch.ones(3) * 2) == pytest.approx(0.25)

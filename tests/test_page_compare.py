@@ -1,0 +1,96 @@
+"""The Compare page, driven by AppTest: variants side by side, charts, metrics with N, and the History view."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "compare.py")
+
+
+@pytest.fixture
+def store_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("DQLAB_HOME", str(tmp_path / "store"))
+    return tmp_path / "store"
+
+
+@pytest.fixture(scope="module")
+def w8a8_variant(bundled):
+    """A real baseline W8A8 quantization of the bundled model (small calibration set)."""
+    from analysis.quantize_pipeline import calibration_for, quantize_bundle
+    from quant.api import QuantConfig
+
+    cal = calibration_for(bundled, steps=5, num_samples=2)
+    return quantize_bundle(bundled, QuantConfig(method="baseline", w_bits=8, a_bits=8), cal)
+
+
+def _form_set(at, steps=5, seeds=1, fid_n=0):
+    at.number_input[0].set_value(seeds)
+    at.slider[0].set_value(steps)
+    at.number_input[1].set_value(fid_n)
+
+
+def test_compare_page_side_by_side_and_history(store_dir, w8a8_variant):
+    at = AppTest.from_file(PAGE, default_timeout=600)
+    at.session_state["variants"] = {"W8A8 baseline": w8a8_variant}
+    at.run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Compare variants"
+    assert [t.label for t in at.tabs] == ["Compare", "History"]
+    assert any("No stored runs yet" in i.value for i in at.info)
+    at.multiselect[0].set_value(["W8A8 baseline"])
+    _form_set(at, steps=5, seeds=1, fid_n=16)
+    at.button[0].click()
+    at.run()
+    assert not at.exception, at.exception
+    imgs = at.get("image") or at.get("imgs")  # the element's type name differs across Streamlit versions
+    assert len(imgs) == 2  # FP and the variant, side by side
+    captions = [i.proto.imgs[0].caption for i in imgs]
+    assert captions[0].startswith("FP") and "PSNR vs FP" in captions[1] and "label agreement" in captions[1]
+    charts = at.get("plotly_chart")
+    assert len(charts) == 4  # per-step error, drift, PSNR, metric bars
+    assert any("2048" in w.value for w in at.warning)  # N=16 is flagged
+    table = at.dataframe[0].value
+    assert list(table["variant"]) == ["FP", "W8A8 baseline"]
+    assert set(table["fid_N"]) == {16} and table["fid"].notna().all()
+    assert table.loc[table.variant == "FP", "fid_vs_fp"].item() == 0.0
+    # both scored runs went to the store; History lists them and reloads one
+    from analysis.store import Store
+
+    runs = Store(store_dir).list()
+    assert [r.label for r in runs] == ["W8A8 baseline", "FP"]
+    at.run()
+    hist = at.dataframe[-1].value
+    assert set(hist["run_id"]) == {r.id for r in runs}
+    at.selectbox(key="hist_pick").set_value(runs[0].id)
+    at.button(key="hist_reload").click()
+    at.run()
+    assert not at.exception, at.exception
+    assert any("Run #" in s.value and "W8A8 baseline" in s.value for s in at.subheader)
+    assert any("FID vs real (N=16)" in m.label for m in at.metric)
+    # the stored run can be put into the comparison (it is then re-quantized from its config on Compare)
+    at.button(key="hist_add").click()
+    at.run()
+    assert not at.exception, at.exception
+    assert f"run #{runs[0].id} W8A8 baseline" in at.multiselect[0].value
+
+
+def test_compare_page_filters_history(store_dir):
+    from analysis.store import RunRecord, Store
+
+    store = Store(store_dir)
+    for method in ("baseline", "ptq4dit"):
+        store.add(RunRecord(model="bundled:dit-mnist", method=method, label=f"{method} W4A8",
+                            config={"method": method, "w_bits": 4, "a_bits": 8}, num_samples=100,
+                            seeds=list(range(100)), labels=[0] * 100, metrics={"fid": 5.0}, timings={"total": 1.0}))
+    at = AppTest.from_file(PAGE, default_timeout=300)
+    at.run()
+    assert not at.exception, at.exception
+    assert len(at.dataframe[-1].value) == 2
+    at.multiselect(key="hist_methods").set_value(["ptq4dit"])
+    at.run()
+    assert list(at.dataframe[-1].value["method"]) == ["ptq4dit"]
+    at.number_input(key="hist_min_n").set_value(1000)
+    at.run()
+    assert at.dataframe[-1].value.empty
