@@ -1,6 +1,6 @@
 """Train the bundled class-conditional diffusion transformer `bundled:dit-mnist` from scratch.
 
-    python scripts/train_dit.py --steps 5500 --ckpt-dir checkpoints/dit-mnist --out assets/dit-mnist
+    python scripts/train_dit.py --steps 4000 --ckpt-dir checkpoints/dit-mnist --out assets/dit-mnist
 
 A diffusers DiTTransformer2DModel (adaLN-Zero blocks, the DiT-XL/2 block structure at a small width)
 learns to predict the noise of 16x16 MNIST digits under a 1000-step DDPM schedule. Labels are dropped to
@@ -90,7 +90,7 @@ def export(out: Path, ema, args, step: int, losses: list[float], elapsed: float)
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=5500)
+    p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
