@@ -150,3 +150,31 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig, calibration: Calib
     name = config.label
     qbundle = bundle.with_transformer(result.model, name=f"{bundle.name} [{name}]", quant_config=config.to_dict())
     return Variant(name=name, bundle=qbundle, config=config, report=report)
+
+
+def unmatched_excludes(model: torch.nn.Module, patterns) -> list[str]:
+    """The exclude patterns that match no quantizable layer or attention module (almost always typos)."""
+    from quant.wrap import attention_modules, covered_layers, is_excluded
+
+    names = list(covered_layers(model)) + list(attention_modules(model))
+    return [p for p in patterns if not any(is_excluded(n, [p]) for n in names)]
+
+
+def saved_zip(variant: Variant, base_source: str | None = None) -> bytes:
+    """The variant saved as a model folder (quant.io layout) in a zip archive, for downloading; unzip it and
+    pass the folder as --model to load it again."""
+    import io
+    import tempfile
+    import zipfile
+    from pathlib import Path
+
+    from quant.io import save_quantized
+
+    buf = io.BytesIO()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_quantized(variant.bundle, variant.config, Path(tmp) / "model", base_source=base_source)
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    zf.write(path, path.relative_to(folder.parent))
+    return buf.getvalue()

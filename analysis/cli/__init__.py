@@ -12,7 +12,7 @@ import sys
 
 # Subcommand modules, in help order. Each defines register(subparsers) and sets `func` on its parser;
 # func(args) returns a JSON-able dict (printed with --json) and prints its own human-readable summary.
-SUBCOMMANDS = ["models", "sample", "eval", "runs", "salience"]
+SUBCOMMANDS = ["models", "sample", "quantize", "eval", "runs", "salience"]
 
 
 class CLIError(Exception):

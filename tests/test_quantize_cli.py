@@ -1,0 +1,97 @@
+"""`dqlab quantize`: JSON fields, a saved model that `--model DIR` loads and samples again with the same
+error, and one-line errors with exit status 2."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from analysis.cli import main
+
+SMALL = ["--calib-samples", "2", "--calib-steps", "3", "--device", "cpu"]
+
+
+def _run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_quantize_json_save_and_reload_round_trip(tiny_folder, tmp_path, capsys):
+    from analysis.models import load
+    from analysis.quantize_pipeline import calibration_for, output_errors
+    from analysis.cli.quantize import CALIB_SEED
+
+    out_dir = tmp_path / "q"
+    rc, out, err = _run(capsys, "quantize", "--model", tiny_folder, "--method", "ptq4dit", "--w-bits", 4,
+                        "--a-bits", 8, "--attn-bits", 8, "--tpq", *SMALL, "--out", out_dir, "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    for key in ("method", "w_bits", "a_bits", "seconds", "layers_quantized", "weight_bytes", "rel_error",
+                "calibration_seconds"):
+        assert key in res, key
+    assert (res["method"], res["w_bits"], res["a_bits"], res["attn_bits"], res["tpq"]) == ("ptq4dit", 4, 8, 8, True)
+    assert res["label"] == "ptq4dit W4A8 attn8 TPQ" and res["out"] == str(out_dir)
+    fp = load(str(tiny_folder))
+    n_linear = sum(1 for m in fp.transformer.modules() if type(m).__name__ in ("Linear", "Conv2d"))
+    assert res["layers_quantized"] == n_linear  # every linear and the patch-embedding conv
+    assert 0 < res["weight_bytes"] < res["fp_weight_bytes"] and 0 < res["rel_error"] < 1
+    assert res["calibration_rows"] == 2 * 3 * 2 and len(res["rel_error_per_timestep"]) == 3
+    assert (out_dir / "quant_config.json").exists() and (out_dir / "model.safetensors").exists()
+    assert json.loads((out_dir / "quant_report.json").read_text())["rel_error"] == res["rel_error"]
+    # the saved model, loaded through --model's loader, has the error the run reported on the same inputs
+    q = load(str(out_dir))
+    assert q.quant_config["method"] == "ptq4dit" and q.quant_config["tpq"] is True
+    cal = calibration_for(fp, steps=3, num_samples=2, seed=CALIB_SEED)
+    rel, _, _ = output_errors(fp.transformer, q.transformer, list(cal.batches(64)), fp.latent_shape[0],
+                              per_layer=False)
+    assert rel == pytest.approx(res["rel_error"], rel=1e-3)
+    # quantizing it again is refused; saving over the earlier output is allowed
+    rc, _, err = _run(capsys, "quantize", "--model", out_dir, *SMALL)
+    assert rc == 2 and "already quantized" in err and len(err.strip().splitlines()) == 1
+    rc, out, err = _run(capsys, "quantize", "--model", tiny_folder, "--method", "baseline", *SMALL,
+                        "--out", out_dir)
+    assert rc == 0, err
+    assert "baseline W8A8: rel_error" in out and str(out_dir) in out
+    assert load(str(out_dir)).quant_config["method"] == "baseline"
+
+
+def test_bundled_model_saved_then_sampled_with_model_dir(tmp_path, capsys):
+    out_dir = tmp_path / "dq"
+    rc, out, err = _run(capsys, "quantize", "--method", "dilatequant", "--w-bits", 4, "--a-bits", 8, *SMALL,
+                        "--out", out_dir, "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["model"] == "bundled:dit-mnist" and res["tpq"] is True and res["label"] == "dilatequant W4A8 TPQ"
+    rc, out, err = _run(capsys, "sample", "--model", out_dir, "--classes", "0-1", "--seeds", "0", "--steps", 3,
+                        "--device", "cpu", "--out", tmp_path / "grid.png", "--json")
+    assert rc == 0, err
+    sampled = json.loads(out)
+    assert sampled["images"] == 2 and (tmp_path / "grid.png").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "gptq"], "unknown method 'gptq'"),
+    (["--w-bits", "9"], "w_bits must be an integer from 2 to 8"),
+    (["--scale-search", "best"], "unknown scale_search 'best'"),
+    (["--alpha", "1.5"], "alpha must be between 0 and 1"),
+    (["--calib-samples", "0"], "--calib-samples must be at least 1"),
+    (["--calib-steps", "0"], "--calib-steps must be between 1 and 1000"),
+    (["--exclude", "transformer_blocks.99"], "--exclude 'transformer_blocks.99' matches no layer"),
+    (["--model", "./no/such/folder"], "does not exist"),
+])
+def test_bad_input_exits_2_with_one_line(tiny_folder, capsys, argv, message):
+    model = [] if "--model" in argv else ["--model", tiny_folder]
+    rc, out, err = _run(capsys, "quantize", *model, *SMALL, *argv)
+    assert rc == 2 and out == ""
+    assert err.startswith("dqlab quantize: error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_out_must_be_a_new_empty_or_earlier_output_folder(tiny_folder, tmp_path, capsys):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    rc, _, err = _run(capsys, "quantize", "--model", tiny_folder, *SMALL, "--out", a_file)
+    assert rc == 2 and "is a file" in err
+    rc, _, err = _run(capsys, "quantize", "--model", tiny_folder, *SMALL, "--out", tmp_path)
+    assert rc == 2 and "non-empty folder that is not a saved quantized model" in err
+    assert a_file.read_text() == "x"
