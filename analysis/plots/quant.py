@@ -1,0 +1,160 @@
+"""Figures of one quantization run (plotly, no Streamlit), drawn from a Variant's report (plain lists and dicts,
+so a report read back from JSON draws the same):
+
+salience_before_after   per-channel max|X_j| and max|W_j| of a balanced group before and after the method's
+                        vector was folded in: what CSB / SmoothQuant / WD did to the channel maxima
+vector_figure           the balancing (CSB, SmoothQuant) or dilation (WD) vector b per channel
+ssc_figure              PTQ4DiT's Spearman rho and softmax weight eta per timestep for a group
+layer_error_figure      each quantized layer's relative output error on its own (FP) input
+timestep_error_figure   relative noise-prediction error vs FP per timestep, one line per variant
+
+Channel profiles are single SVG line traces (fine at DiT-XL/2's 1152-4608 channels); layer bars are one trace.
+"""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+_MARGIN = dict(l=10, r=10, t=60, b=10)
+_FLOOR = 1e-12  # log axes cannot show 0; a dead channel is drawn at this floor
+
+# What the folded vector means per method (legend and title wording).
+VECTOR_NAMES = {"ptq4dit": "CSB balancing b_j = sqrt(s~(X_j) / s(W_j))",
+                "smoothquant": "SmoothQuant b_j = s(X_j)^alpha / s(W_j)^(1-alpha)",
+                "dilatequant": "weight dilation s_j (>= 1; 1 on saturated channels)"}
+
+
+def _short(layer: str) -> str:
+    return layer.replace("transformer_blocks.", "b").replace("norm1.emb.timestep_embedder.", "temb.")
+
+
+def _pos(values) -> np.ndarray:
+    return np.maximum(np.asarray(values, dtype=float), _FLOOR)
+
+
+def _ratio(values) -> float:
+    v = np.asarray(values, dtype=float)
+    med = float(np.median(v)) if v.size else 0.0
+    return float(v.max() / med) if med > 0 else float("nan")
+
+
+def salience_before_after(salience: dict, group: str, sort: bool = False) -> go.Figure:
+    """Two panels over input channels j of `group`: max|X_j| (top) and max|W_j| (bottom), before and after
+    folding, log y. Titles give max/median before -> after, the flatness a quantizer's range cares about.
+
+    salience: report["salience"][group] with x_before, x_after, w_before, w_after (lists of per-channel maxima).
+    sort: order channels by activation salience before (largest first) instead of by index."""
+    s = salience
+    x_b, x_a, w_b, w_a = (np.asarray(s[k], dtype=float) for k in ("x_before", "x_after", "w_before", "w_after"))
+    order = np.argsort(-x_b) if sort else np.arange(x_b.size)
+    chan = np.arange(x_b.size) if sort else order
+    xlabel = "input channels, sorted by activation salience before" if sort else "input channel j"
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1, subplot_titles=(
+        f"activation max|X_j|: max/median {_ratio(x_b):.1f} before -> {_ratio(x_a):.1f} after",
+        f"weight max|W_j|: max/median {_ratio(w_b):.1f} before -> {_ratio(w_a):.1f} after"))
+    hover = "channel %{customdata}<br>%{y:.4g}<extra>%{fullData.name}</extra>"
+    for row, (before, after, what) in enumerate([(x_b, x_a, "max|X_j|"), (w_b, w_a, "max|W_j|")], start=1):
+        fig.add_trace(go.Scatter(x=chan, y=_pos(before[order]), mode="lines", name=f"{what} before",
+                                 customdata=order, line=dict(width=1, color="#7f7f7f"), hovertemplate=hover,
+                                 legendgroup=f"r{row}"), row=row, col=1)
+        fig.add_trace(go.Scatter(x=chan, y=_pos(after[order]), mode="lines", name=f"{what} after",
+                                 customdata=order, line=dict(width=1.2, color="#d62728" if row == 1 else "#1f77b4"),
+                                 hovertemplate=hover, legendgroup=f"r{row}"), row=row, col=1)
+    fig.update_yaxes(type="log", title_text="activation units", row=1, col=1)
+    fig.update_yaxes(type="log", title_text="weight units", row=2, col=1)
+    fig.update_xaxes(title_text=xlabel, row=2, col=1)
+    fig.update_layout(title=f"{group}: per-channel salience before and after folding", height=560,
+                      margin=_MARGIN, hovermode="x unified", legend=dict(orientation="h", y=-0.12))
+    return fig
+
+
+def vector_figure(vector, group: str, method: str | None = None) -> go.Figure:
+    """The folded per-channel vector b of `group` (log y, b = 1 marked): channel j's input is divided by b_j
+    and its weight column multiplied by b_j."""
+    b = np.asarray(vector, dtype=float)
+    chan = np.arange(b.size)
+    name = VECTOR_NAMES.get(method or "", "per-channel vector b_j")
+    moved = int(np.sum(np.abs(b - 1.0) > 1e-6))
+    fig = go.Figure(go.Scatter(x=chan, y=_pos(b), mode="lines+markers" if b.size <= 256 else "lines",
+                               marker=dict(size=3), line=dict(width=1), name="b_j",
+                               hovertemplate="channel %{x}<br>b = %{y:.4g}<extra></extra>"))
+    fig.add_hline(y=1.0, line=dict(color="black", width=1, dash="dot"), annotation_text="b = 1 (unchanged)",
+                  annotation_position="top left")
+    span = f"min {b.min():.3g}, max {b.max():.3g}" if b.size else "empty"
+    fig.update_layout(title=f"{group}: {name}<br><sup>{moved} of {b.size} channels changed; {span}</sup>",
+                      xaxis_title="input channel j", yaxis_title="b_j (input divided, weight column multiplied)",
+                      yaxis_type="log", height=380, margin=dict(l=10, r=10, t=70, b=10), showlegend=False)
+    return fig
+
+
+def ssc_figure(ssc: dict, group: str) -> go.Figure:
+    """PTQ4DiT's SSC for one group: Spearman rho between activation and weight salience per timestep (line)
+    and the resulting weight eta = softmax(-rho) (bars, right axis); low rho = complementary = weighs most.
+
+    ssc: report["ssc"][group] with timesteps, rho, eta (per timestep, or per calibration row)."""
+    t = [str(int(v)) for v in ssc["timesteps"]]
+    rho, eta = np.asarray(ssc["rho"], dtype=float), np.asarray(ssc["eta"], dtype=float)
+    per_sample = len(set(t)) < len(t)
+    x = list(range(len(t))) if per_sample else t
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Bar(x=x, y=eta, name="eta (weight)", marker_color="#9ecae1", customdata=t,
+                         hovertemplate="t=%{customdata}<br>eta = %{y:.4f}<extra></extra>"), secondary_y=True)
+    fig.add_trace(go.Scatter(x=x, y=rho, name="Spearman rho", mode="lines+markers", customdata=t,
+                             line=dict(color="#08519c"),
+                             hovertemplate="t=%{customdata}<br>rho = %{y:.3f}<extra></extra>"), secondary_y=False)
+    fig.update_yaxes(title_text="Spearman rho (-1 to 1)", secondary_y=False)
+    fig.update_yaxes(title_text="eta = softmax(-rho), sums to 1", secondary_y=True, rangemode="tozero")
+    fig.update_xaxes(title_text="calibration row (timestep in hover)" if per_sample
+                     else "timestep t (sampling order, noisiest left)", type="category")
+    fig.update_layout(title=f"{group}: salience calibration (SSC) weights", height=380, margin=_MARGIN,
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def _kind(layer: str) -> str:
+    for key, kind in ((".attn1.to_", "attention"), (".ff.", "MLP"), ("norm1.", "adaLN / embedding"),
+                      ("qkv_softmax", "attention operands")):
+        if key in layer:
+            return kind
+    return "embedding / output"
+
+
+def layer_error_figure(layer_error: dict, title: str = "Per-layer relative output error") -> go.Figure:
+    """Bars in model order: ||Y_q - Y|| / ||Y|| of each quantized layer on its own input, coloured by kind."""
+    names = list(layer_error)
+    vals = [float(layer_error[n]) for n in names]
+    kinds = [_kind(n) for n in names]
+    fig = go.Figure()
+    for kind in dict.fromkeys(kinds):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        fig.add_trace(go.Bar(x=[_short(names[i]) for i in idx], y=[vals[i] for i in idx], name=kind,
+                             customdata=[names[i] for i in idx],
+                             hovertemplate="%{customdata}<br>rel. error %{y:.4g}<extra></extra>"))
+    worst = names[int(np.argmax(vals))] if vals else "-"
+    fig.update_layout(title=f"{title}<br><sup>worst: {worst} ({max(vals, default=0):.3g})</sup>",
+                      xaxis=dict(title="layer (model order)", type="category", categoryorder="array",
+                                 categoryarray=[_short(n) for n in names], tickangle=-60),
+                      yaxis_title="||Y_q - Y|| / ||Y||", height=440, margin=dict(l=10, r=10, t=70, b=10),
+                      legend_title="layer kind", barmode="overlay")
+    return fig
+
+
+def timestep_error_figure(per_timestep: dict, log: bool = True) -> go.Figure:
+    """Relative noise-prediction error vs FP at each calibrated timestep.
+
+    per_timestep: {t: error} for one run, or {variant name: {t: error}} for several (one line each);
+    timestep keys may be int or str (JSON)."""
+    first = next(iter(per_timestep.values()), None)
+    series = per_timestep if isinstance(first, dict) else {"rel_error": per_timestep}
+    fig = go.Figure()
+    for name, errs in series.items():
+        pts = sorted(((int(t), float(e)) for t, e in errs.items()), reverse=True)  # noisiest first
+        fig.add_trace(go.Scatter(x=[str(t) for t, _ in pts], y=[max(e, _FLOOR) for _, e in pts], name=name,
+                                 mode="lines+markers",
+                                 hovertemplate="t=%{x}<br>rel. error %{y:.4g}<extra>" + name + "</extra>"))
+    fig.update_layout(title="Noise-prediction error vs FP per timestep (calibration inputs)",
+                      xaxis=dict(title="timestep t (sampling order, noisiest left)", type="category"),
+                      yaxis_title="||eps_q - eps|| / ||eps||", yaxis_type="log" if log else "linear",
+                      height=380, margin=_MARGIN, showlegend=len(series) > 1, legend_title="variant")
+    return fig
