@@ -1,0 +1,79 @@
+"""The Quantize page, driven by AppTest: a real PTQ4DiT W8A8 run on the bundled model, its figures, the variant
+kept for Compare, and a bad option reported with st.error without losing the earlier result."""
+from __future__ import annotations
+
+from streamlit.testing.v1 import AppTest
+
+
+def _set_small_calibration(at):
+    at.number_input(key="q_cal_samples").set_value(2)
+    at.number_input(key="q_cal_steps").set_value(5)
+
+
+def _submit(at):
+    next(b for b in at.button if b.label == "Quantize").click()
+    at.run()
+
+
+def test_quantize_page_runs_ptq4dit_and_keeps_the_variant():
+    at = AppTest.from_file("../pages/quantize.py", default_timeout=600)
+    at.run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Quantize"
+    assert at.selectbox(key="q_method").value == "ptq4dit"
+    assert at.select_slider(key="q_w_bits").value == 8 and at.select_slider(key="q_a_bits").value == 8
+    _set_small_calibration(at)
+    _submit(at)
+    assert not at.exception, at.exception
+    variants = at.session_state["variants"]
+    assert list(variants) == ["ptq4dit W8A8"]
+    v = variants["ptq4dit W8A8"]
+    assert v.config.method == "ptq4dit" and v.report["calibration_rows"] == 2 * 5 * 2  # samples x steps x [c; u]
+    assert v.bundle.quant_config["method"] == "ptq4dit"
+    assert any(m.label == "Relative error vs FP" and 0 < float(m.value) < 1 for m in at.metric)
+    charts = at.get("plotly_chart")
+    # salience before/after, CSB vector, SSC weights, per-layer error, per-timestep error
+    assert len(charts) == 5
+    titles = " | ".join(c.proto.spec for c in charts)
+    for part in ("before and after folding", "CSB balancing", "salience calibration", "per-layer", "per timestep"):
+        assert part in titles, part
+    group = at.selectbox(key="q_group").value
+    assert group in v.report["salience"]
+
+    # a second method reuses the calibration inputs and is added beside the first
+    at.selectbox(key="q_method").set_value("baseline")
+    _submit(at)
+    assert not at.exception, at.exception
+    assert list(at.session_state["variants"]) == ["ptq4dit W8A8", "baseline W8A8"]
+    assert any("no vector" in i.value for i in at.info)  # plain PTQ folds nothing
+
+    # a typo in the excluded layers is an error; earlier variants and their figures stay
+    at.text_input(key="q_exclude").set_value("transformer_blocks.99")
+    _submit(at)
+    assert not at.exception, at.exception
+    assert any("transformer_blocks.99" in e.value and "matches no layer" in e.value for e in at.error)
+    assert list(at.session_state["variants"]) == ["ptq4dit W8A8", "baseline W8A8"]
+    assert len(at.get("plotly_chart")) >= 3
+
+
+def test_quantize_page_download_zip_loads_again(tmp_path):
+    import io
+    import zipfile
+
+    from analysis.models import load
+
+    at = AppTest.from_file("../pages/quantize.py", default_timeout=600)
+    at.run()
+    _set_small_calibration(at)
+    at.selectbox(key="q_method").set_value("dilatequant")
+    at.select_slider(key="q_w_bits").set_value(4)
+    _submit(at)
+    assert not at.exception, at.exception
+    assert list(at.session_state["variants"]) == ["dilatequant W4A8 TPQ"]
+    at.button(key="q_prepare").click()
+    at.run()
+    assert not at.exception, at.exception
+    (_, data) = at.session_state["q_zip"]
+    zipfile.ZipFile(io.BytesIO(data)).extractall(tmp_path)
+    bundle = load(str(tmp_path / "model"))
+    assert bundle.quant_config["method"] == "dilatequant" and bundle.quant_config["w_bits"] == 4
