@@ -73,6 +73,22 @@ def layer_block(key: str) -> int:
     return int(m.group(1)) if m else -1
 
 
+def layer_menu(layers: list[str]) -> dict[str, list[str]]:
+    """Layers grouped for a picker: {"block 0": [...], ..., "final layer": [...]}, each group in the order
+    data flows through a block (embedding, adaLN, attention, MLP). A second call of a module in one forward
+    ("name@2": block 0's embedding, called again by diffusers' final layer) goes to the final layer.
+    Within a kind, layers keep the order of `layers` (module order for SalienceStats.layers)."""
+    order = {kind: i for i, kind in enumerate(["t_embed", "adaLN", "qkv", "q", "k", "v", "softmax", "to_out", "fc1",
+                                               "fc2", "final_adaLN", "final", "other"])}
+    groups: dict[int, list[str]] = {}
+    for key in layers:
+        block = -1 if "@" in key else layer_block(key)
+        groups.setdefault(block, []).append(key)
+    label = lambda b: "final layer" if b < 0 else f"block {b}"  # noqa: E731
+    return {label(b): sorted(keys, key=lambda k: order[layer_kind(k)])  # stable: module order within a kind
+            for b, keys in sorted(groups.items(), key=lambda item: (item[0] < 0, item[0]))}
+
+
 @dataclasses.dataclass
 class SalienceConfig:
     """What one collecting pass samples and records.
@@ -143,6 +159,10 @@ class SalienceStats:
     act_mse: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # key -> [T, len(bits), C]
     weight_mse: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # key -> [len(bits), C]
     info: dict = dataclasses.field(default_factory=dict)  # steps, guidance, scheduler, seconds, ...
+    # Derived measures computed from the arrays above (rank correlations, the difficulty table), kept so an
+    # app rerun does not redo them: at DiT-XL/2 size (56 linear layers x 250 steps x up to 4608 channels)
+    # ranking every layer's channels takes seconds. Not saved; cleared when the statistics change.
+    derived: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ---- shape and naming -------------------------------------------------------------------------
     @property
@@ -290,6 +310,35 @@ class SalienceStats:
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
             columns=["layer", "block", "kind", "channel", "weight_absmax"])
 
+    def channel_table(self, layers: list[str] | None = None):
+        """Everything per (layer, timestep, channel) in one tidy frame, e.g. for a CSV download.
+
+        Columns: layer, block, kind, step, timestep, channel, absmax (max over all rows), absmax_cond and
+        absmax_uncond with guidance, min, max, weight_absmax (empty for attention operands), and per
+        collected bit-width act_mse_a{b} / weight_mse_w{b}.
+        """
+        import pandas as pd
+
+        parts = []
+        for key in self._pick(layers):
+            part = self.frame([key])
+            T = len(self.timesteps)
+            at = part.columns.get_loc("absmax") + 1
+            if len(self.halves) == 2:  # inserted after absmax, uncond first so cond ends up before it
+                for half in ("uncond", "cond"):
+                    part.insert(at, f"absmax_{half}", self.channel_salience(key, rows=half).ravel())
+            w = self.weight_absmax.get(key)
+            part["weight_absmax"] = np.tile(w, T) if w is not None else np.nan
+            for i, b in enumerate(self.mse_bits):
+                part[f"act_mse_a{b}"] = self.act_mse[key][:, i].ravel() if key in self.act_mse else np.nan
+                part[f"weight_mse_w{b}"] = np.tile(self.weight_mse[key][i], T) if key in self.weight_mse else np.nan
+            parts.append(part)
+        return pd.concat(parts, ignore_index=True)
+
+    def to_csv(self, layers: list[str] | None = None) -> bytes:
+        """channel_table as UTF-8 CSV bytes (what the app's download button hands out)."""
+        return self.channel_table(layers).to_csv(index=False).encode()
+
     def _pick(self, layers: list[str] | None) -> list[str]:
         layers = self.layers if layers is None else list(layers)
         for key in layers:
@@ -320,7 +369,9 @@ def collect(bundle: ModelBundle, config: SalienceConfig | None = None,
     """One sampling pass with hooks on every observed layer -> SalienceStats (see the module docstring).
 
     info["seconds"] is the wall time of the collecting pass (sampling with hooks, the host copy and the
-    arrangement into arrays); info["mse_seconds"] the optional quantization-error pass after it.
+    arrangement into arrays), info["cpu_seconds"] the CPU time this process spent on it (all threads; it
+    is what stays comparable on a machine shared with other jobs); info["mse_seconds"] the optional
+    quantization-error pass after it.
     """
     from analysis.sampling import sample
     from quant.observers import InputObserver
@@ -331,7 +382,7 @@ def collect(bundle: ModelBundle, config: SalienceConfig | None = None,
     labels, seeds = config.sample_labels(bundle.num_classes), config.seeds()
     guidance = bundle.default_guidance if config.guidance is None else float(config.guidance)
     linears, attns = observed_modules(model, config.layers, config.attention)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     # The with-block removes every hook on exit, also when sampling raises.
     with InputObserver(model, linears, attention=attns,
                        group_null_label=None if config.per_sample else bundle.null_label) as observer:
@@ -358,11 +409,11 @@ def collect(bundle: ModelBundle, config: SalienceConfig | None = None,
     modules = dict(model.named_modules())
     weight_absmax = {key: _weight_salience(modules[base_name(key)]) for key in act_absmax
                      if isinstance(modules.get(base_name(key)), torch.nn.Linear)}
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     info = {"steps": config.steps, "samples": config.samples, "guidance": guidance, "scheduler": config.scheduler,
             "batch_size": config.batch_size, "per_sample": config.per_sample, "attention": config.attention,
             "layers_pattern": config.layers, "device": str(bundle.device), "dtype": str(bundle.dtype).replace("torch.", ""),
-            "seconds": seconds, "sampling_seconds": result.seconds}
+            "seconds": seconds, "cpu_seconds": cpu_seconds, "sampling_seconds": result.seconds}
     stats = SalienceStats(model=bundle.name, timesteps=timesteps, row_labels=row_labels, row_seeds=row_seeds,
                           halves=halves, null_label=bundle.null_label, act_absmax=act_absmax, act_min=act_min,
                           act_max=act_max, weight_absmax=weight_absmax, info=info)
@@ -434,9 +485,11 @@ def add_quant_error(stats: SalienceStats, model: torch.nn.Module, calibration, b
     Weights: per output channel (axis 0), MSE averaged over output rows -> one value per input channel.
     Activations: one per-tensor min-max quantizer per timestep (what a time-step-aware quantizer, TPQ, would
     calibrate on exactly these inputs), MSE averaged over tokens and samples. Runs one forward per timestep
-    over the recorded transformer inputs, with hooks on the linear layers of `stats`.
+    over the recorded transformer inputs, with hooks on the linear layers of `stats`. The errors stay on the
+    model's device until the last timestep (no host copy per hook), and layers fed the very same tensor
+    (to_q, to_k, to_v) share one computation.
     """
-    from analysis.salience_measures import activation_quant_mse, weight_quant_mse
+    from analysis.salience_measures import activation_quant_mse_bits, weight_quant_mse
 
     if calibration is None:
         raise ValueError("no recorded transformer inputs: collect with mse_bits set to get activation errors")
@@ -445,31 +498,38 @@ def add_quant_error(stats: SalienceStats, model: torch.nn.Module, calibration, b
     keys = [k for k in stats.layers if k in stats.weight_absmax]
     stats.weight_mse = {k: np.stack([weight_quant_mse(modules[base_name(k)].weight, b) for b in bits]) for k in keys}
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    out = {k: np.zeros((len(stats.timesteps), len(bits), stats.act_absmax[k].shape[-1]), np.float32) for k in keys}
+    errors: dict[str, list[torch.Tensor]] = {k: [] for k in keys}  # key -> one [len(bits), C] per timestep
     calls: dict[str, int] = {}
-    current = {"step": 0}
+    last: list = [None, -1, None]  # (input tensor, its version, its errors) of the latest hooked call
 
     def make_hook(name: str):
         def hook(module, args):
             calls[name] = calls.get(name, 0) + 1
             key = name if calls[name] == 1 else f"{name}@{calls[name]}"
-            if key in out:
-                x = args[0].detach()
-                out[key][current["step"]] = torch.stack(
-                    [activation_quant_mse(x, b) for b in bits]).float().cpu().numpy()
+            if key in errors:
+                x = args[0]
+                if not (last[0] is x and last[1] == x._version):
+                    last[:] = [x, x._version, activation_quant_mse_bits(x, bits)]
+                errors[key].append(last[2])
         return hook
 
     names = sorted({base_name(k) for k in keys})
     handles = [modules[n].register_forward_pre_hook(make_hook(n)) for n in names]
     try:
-        for s, t in enumerate(stats.timesteps.tolist()):
+        for t in stats.timesteps.tolist():
             mask = calibration.t == t
             calls.clear()
-            current["step"] = s
+            last[:] = [None, -1, None]
             model(calibration.x[mask].to(device, dtype), timestep=calibration.t[mask].to(device),
                   class_labels=calibration.y[mask].to(device))
     finally:
         for h in handles:
             h.remove()
-    stats.act_mse, stats.mse_bits = out, bits
+    T = len(stats.timesteps)
+    for key, per_step in errors.items():
+        if len(per_step) != T:
+            raise RuntimeError(f"{key} ran {len(per_step)} times over {T} timesteps; cannot place its errors")
+    stats.act_mse = {k: torch.stack(v).float().cpu().numpy() for k, v in errors.items()}  # [T, len(bits), C]
+    stats.derived.clear()
+    stats.mse_bits = bits
     return stats
