@@ -6,6 +6,7 @@ st.set_page_config(page_title="dqlab", page_icon=":material/tune:", layout="wide
 # Each page is its own file (so tests can drive it with AppTest); this list is the app's menu.
 PAGES = [
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("pages/salience.py", title="Salience", icon=":material/insights:"),
     st.Page("pages/quantize.py", title="Quantize", icon=":material/memory:"),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
 ]

@@ -1,0 +1,140 @@
+"""Salience: which input channels of each layer carry extreme values, at which timesteps, and in which operand."""
+from __future__ import annotations
+
+import streamlit as st
+
+from pages._shared import current_bundle, progress_callback
+
+KEEP_COLLECTIONS = 3  # collected statistics kept per session, newest last (each key: model + settings)
+BIT_CHOICES = [2, 3, 4, 5, 6, 8]
+MAX_CSV_ROWS = 3_000_000  # ~300 MB of CSV; larger statistics are better read from the .npz file
+
+st.title("Salience")
+st.markdown(
+    "A linear layer computes Y = X W^T. For each **input channel j** the lab records the **activation salience** "
+    "s(X_j) = max over tokens of |X_j| (per sample and timestep) and the **weight salience** s(W_j) = max over "
+    "output rows of |W_j| (PTQ4DiT, Wu et al., NeurIPS 2024).")
+with st.expander("Why this matters for quantization", expanded=False):
+    st.markdown(
+        "- A uniform quantizer with b bits splits its range into 2^b - 1 steps. Activations are quantized per "
+        "tensor, so **one outlier channel** 20x larger than a typical channel leaves the typical channels only a "
+        "handful of steps: their rounding error grows although they are harmless themselves. Figure (a) shows "
+        "this as the per-channel error next to the salience.\n"
+        "- In a diffusion model the outliers **move with the timestep** (figures b and c): a range calibrated at "
+        "one timestep clips or wastes resolution at another, which is why time-step-aware quantizers keep one "
+        "range per timestep.\n"
+        "- **Complementarity**: if the channels with extreme activations are not the ones with extreme weights "
+        "(low or negative Spearman rho, figures d and e), a per-channel factor b_j can move range from X to W: "
+        "X_j / b_j and W_j * b_j leave Y unchanged. PTQ4DiT's channel salience balancing takes "
+        "b_j = sqrt(s(X_j) / s(W_j)), so both sides of channel j peak at the geometric mean, and weighs the "
+        "timesteps where rho is lowest most. SmoothQuant uses s(X_j)^alpha / s(W_j)^(1 - alpha).\n"
+        "- Figure (f) ranks all layers by how far their most salient channel stands above the median one: the "
+        "layers at the top are where a low bit-width hurts first.")
+
+bundle = current_bundle()
+if bundle is not None:
+    with st.form("salience_form"):
+        c1, c2, c3 = st.columns(3)
+        steps = c1.slider("DDIM steps", 5, 250, 50, step=5)
+        samples = c2.number_input("Calibration samples (classes cycle 0, 1, ...)", 1, 64, 16)
+        guidance = c3.slider("Guidance", 1.0, 8.0, float(bundle.default_guidance), step=0.5,
+                             help="above 1 the conditional and unconditional halves are recorded apart")
+        c4, c5, c6 = st.columns(3)
+        bits = c4.multiselect("Bit-widths for the quantization error", BIT_CHOICES, default=[4, 8],
+                              help="adds one forward per timestep after the sampling pass")
+        pattern = c5.text_input("Only layers matching (regular expression, optional)", "",
+                                placeholder=r"e.g. transformer_blocks\.(0|5)\.")
+        attention = c6.checkbox("Also record q, k, v and the softmax output", value=False)
+        go = st.form_submit_button("Collect")
+
+    cache = st.session_state.setdefault("salience_stats", {})
+    settings = (bundle.name, int(steps), int(samples), float(guidance), tuple(sorted(bits)), pattern.strip() or None,
+                bool(attention))
+    if go:
+        if settings not in cache:
+            from analysis.salience import SalienceConfig, collect
+
+            # Rows reduced per timestep and half on the device: the figures use the maximum over samples, and a
+            # large model at many steps would not fit per-sample rows in memory.
+            config = SalienceConfig(steps=settings[1], samples=settings[2], guidance=settings[3],
+                                    mse_bits=settings[4], layers=settings[5], attention=settings[6], per_sample=False)
+            bar, on_step = progress_callback("Collecting: sampling step")
+            try:
+                cache[settings] = collect(bundle, config, on_step=on_step)
+                while len(cache) > KEEP_COLLECTIONS:
+                    cache.pop(next(iter(cache)))
+                st.session_state["salience_current"] = settings
+            except ValueError as exc:  # bad settings; earlier statistics stay as they were
+                st.error(f"Could not collect: {exc}")
+            bar.empty()
+        else:
+            st.session_state["salience_current"] = settings
+
+    current = st.session_state.get("salience_current")
+    stats = cache.get(current) if current is not None and current[0] == bundle.name else None
+    if stats is None:
+        st.info("Choose the settings above and press **Collect**: one sampling pass records every linear layer's "
+                "input channels at every timestep (the bundled model takes seconds).")
+    else:
+        from analysis.plots import salience as figs
+        from analysis.salience import layer_kind, layer_menu
+        from analysis.salience_measures import layer_difficulty
+
+        info = stats.info
+        st.caption(f"`{stats.model}`: {len(stats.layers)} layers x {len(stats.timesteps)} timesteps, "
+                   f"{info['samples']} samples, guidance {info['guidance']}, collected in {info['seconds']:.1f} s "
+                   f"(plain sampling {info['sampling_seconds']:.1f} s)"
+                   + (f", quantization error in {info['mse_seconds']:.1f} s" if "mse_seconds" in info else ""))
+        menu = layer_menu(stats.layers)
+        v1, v2, v3, v4 = st.columns([1, 2, 2, 1])
+        group = v1.selectbox("Block", list(menu))
+        layer = v2.selectbox("Layer", menu[group], format_func=lambda k: f"{layer_kind(k)} · {k}")
+        t = v3.select_slider("Timestep (noisiest first)", options=stats.timesteps.tolist(),
+                             value=int(stats.timesteps[len(stats.timesteps) // 2]))
+        bit = v4.radio("Bit-width", list(stats.mse_bits), horizontal=True) if stats.mse_bits else None
+        if len(stats.halves) == 2:
+            rows = st.radio("Rows", ["all", "cond", "uncond"], horizontal=True,
+                            format_func={"all": "both halves", "cond": "conditional",
+                                         "uncond": "unconditional"}.get,
+                            help="classifier-free guidance runs each step on a conditional and an "
+                                 "unconditional batch; their activations differ")
+        else:
+            rows = "all"
+        step = stats.step_of(t)
+        has_weight = layer in stats.weight_absmax
+
+        tab_a, tab_bc, tab_de, tab_f = st.tabs(["(a) Channels", "(b, c) Over timesteps", "(d, e) Complementarity",
+                                                "(f) All layers"])
+        with tab_a:
+            st.plotly_chart(figs.channel_profile(stats, layer, step, bits=bit, rows=rows))
+        with tab_bc:
+            st.plotly_chart(figs.timestep_boxplot(stats, layer, split_halves=rows != "all"))
+            st.plotly_chart(figs.channel_timestep_heatmap(stats, layer, rows=rows))
+        with tab_de:
+            scope = st.radio("Rank correlation for", ["this block", "every linear layer"], horizontal=True)
+            chosen = [k for k in menu[group] if k in stats.weight_absmax] if scope == "this block" else None
+            if chosen == []:
+                st.info("This block has no linear layer (only attention operands were recorded for it).")
+            else:
+                st.plotly_chart(figs.spearman_over_timesteps(stats, chosen))
+            if has_weight:
+                st.plotly_chart(figs.complementarity_scatter(stats, layer, step))
+            else:
+                st.info(f"{layer} is an attention operand, not a linear layer's input: it has no weight to "
+                        "compare with.")
+        with tab_f:
+            st.plotly_chart(figs.layer_overview(stats))
+
+        d1, d2, d3 = st.columns(3)
+        # Deferred: the CSV is built when the button is pressed, not on every rerun.
+        d1.download_button("This layer as CSV", data=lambda key=layer: stats.to_csv([key]),
+                           file_name=f"salience_{layer}.csv", mime="text/csv", on_click="ignore")
+        n_rows = len(stats.timesteps) * sum(a.shape[-1] for a in stats.act_absmax.values())
+        too_big = n_rows > MAX_CSV_ROWS
+        d2.download_button("All layers as CSV", data=lambda: stats.to_csv(), file_name="salience_all_layers.csv",
+                           mime="text/csv", on_click="ignore", disabled=too_big,
+                           help=f"one row per layer, timestep and channel: {n_rows:,} rows" + (
+                               " - too many for a CSV; use `dqlab salience --out stats.npz` and "
+                               "analysis.salience.SalienceStats.load instead" if too_big else ""))
+        d3.download_button("Layer ranking as CSV", data=lambda: layer_difficulty(stats).to_csv(index=False),
+                           file_name="salience_layer_ranking.csv", mime="text/csv", on_click="ignore")
