@@ -23,7 +23,8 @@ def report(tiny_bundle):
 def test_every_figure_draws_from_a_real_report_and_its_json(report):
     for r in (report, json.loads(json.dumps(report))):  # int timestep keys become strings in JSON
         group = next(iter(r["salience"]))
-        figs = [salience_before_after(r["salience"][group], group), vector_figure(r["vectors"][group], group, "ptq4dit"),
+        figs = [salience_before_after(r["salience"][group], group),
+                vector_figure(r["vectors"][group], group, "ptq4dit"),
                 ssc_figure(r["ssc"][group], group), layer_error_figure(r["layer_error"]),
                 timestep_error_figure(r["rel_error_per_timestep"])]
         for fig in figs:

@@ -113,10 +113,10 @@ def run(args) -> dict:
     show = None
     if sys.stderr.isatty():
         show = lambda stage, frac: print(f"\r[{frac:6.1%}] {stage[:70]:<70}", end="", file=sys.stderr)  # noqa: E731
+    on_step = (lambda d, n: show("sampling calibration inputs", 0.6 * d / n)) if show else None  # noqa: E731
     start = time.perf_counter()
     calibration = calibration_for(bundle, steps=args.calib_steps, num_samples=calib_samples, guidance=args.guidance,
-                                  seed=args.calib_seed, scheduler=args.scheduler,
-                                  on_step=(lambda d, n: show("sampling calibration inputs", 0.6 * d / n)) if show else None)
+                                  seed=args.calib_seed, scheduler=args.scheduler, on_step=on_step)
     cal_seconds = time.perf_counter() - start
     variant = quantize_bundle(bundle, config, calibration, on_progress=show, batch_size=args.batch_size)
     if show:
