@@ -77,3 +77,61 @@ def test_home_shows_generated_digits(page, tmp_path):
     assert img.evaluate("el => el.naturalWidth") > 100
     _no_exception(page)
     page.screenshot(path=str(tmp_path / "home.png"), full_page=True)
+
+
+def _open_page(pg, link: str, heading: str):
+    pg.locator("[data-testid='stSidebarNav'] a", has_text=link).first.click()
+    pg.get_by_role("heading", name=heading).first.wait_for()
+
+
+def _set_number(pg, label: str, value: int):
+    box = pg.get_by_role("spinbutton", name=label, exact=True).first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def _slider_to_min(pg, label: str):
+    thumb = pg.locator("[data-testid='stSlider']", has_text=label).first.get_by_role("slider")
+    thumb.focus()
+    thumb.press("Home")
+
+
+def test_salience_quantize_compare_flow(page, tmp_path):
+    """A user's path through the lab: collect salience, quantize a copy, compare it with FP at the same seeds."""
+    _open_page(page, "Salience", "Salience")
+    _slider_to_min(page, "DDIM steps")  # 5 steps keep the flow quick; the pages are the same at 50
+    _set_number(page, "Calibration samples (classes cycle 0, 1, ...)", 2)
+    page.get_by_role("button", name="Collect").click()
+    page.get_by_text("58 layers x 5 timesteps").first.wait_for()
+    for tab in ["(a) Channels", "(b, c) Over timesteps", "(d, e) Complementarity", "(f) All layers"]:
+        page.get_by_role("tab", name=tab).click()
+        page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot").locator("visible=true").first.wait_for()
+    _no_exception(page)
+    page.screenshot(path=str(tmp_path / "salience.png"), full_page=True)
+
+    _open_page(page, "Quantize", "Quantize")
+    _set_number(page, "Calibration images", 2)
+    _set_number(page, "Calibration DDIM steps", 5)
+    page.get_by_role("button", name="Quantize").click()
+    page.get_by_text("Relative error vs FP").first.wait_for()
+    page.get_by_text("over 5 timesteps").first.wait_for()
+    assert page.locator("[data-testid='stPlotlyChart']").count() >= 3  # before/after, vector, per-layer error
+    _no_exception(page)
+    page.screenshot(path=str(tmp_path / "quantize.png"), full_page=True)
+
+    _open_page(page, "Compare", "Compare variants")
+    page.locator("[data-testid='stMultiSelect']").first.click()
+    page.get_by_role("option").first.click()
+    page.keyboard.press("Escape")
+    _set_number(page, "Seeds per class", 1)
+    _slider_to_min(page, "DDIM steps")
+    page.get_by_role("button", name="Compare").click()
+    page.get_by_role("heading", name="Samples: 5 DDIM steps").first.wait_for()
+    page.get_by_role("heading", name="Metrics").first.wait_for()
+    grids = page.locator("[data-testid='stImage'] img")
+    grids.nth(1).wait_for()  # the grids' image files load after the page's elements
+    assert grids.count() == 2  # FP and the variant, side by side
+    page.get_by_text("ptq4dit W8A8 · label agreement").first.wait_for()
+    assert all(grids.nth(i).evaluate("el => el.naturalWidth") > 100 for i in range(2))
+    _no_exception(page)
+    page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
