@@ -14,7 +14,6 @@ sample count, and `fid_warning` says when it is too small to trust.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from pathlib import Path

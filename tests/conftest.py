@@ -36,6 +36,15 @@ def save_pipeline_folder(folder, with_vae: bool = True):
     return folder
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for tests of many tiny ops, where a second thread only adds waiting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     return save_pipeline_folder(tmp_path_factory.mktemp("tiny_dit"))

@@ -4,20 +4,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from streamlit.testing.v1 import AppTest
 
 PAGE = "../pages/salience.py"
 FC2 = "transformer_blocks.2.ff.net.2"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a machine shared with other jobs, two threads wait on each other (several x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _figures(at) -> list[dict]:

@@ -12,13 +12,7 @@ from analysis.salience_measures import (activation_quant_mse, activation_quant_m
                                         spearman_by_timestep, temporal_variability, weight_quant_mse)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a machine shared with other jobs, two threads wait on each other (several x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_stats(act: dict[str, np.ndarray], weights: dict[str, np.ndarray], timesteps=None) -> SalienceStats:
