@@ -137,6 +137,10 @@ def _show(result: dict) -> None:
     if len(cmp.names) > 1:
         c1, c2 = st.columns(2)
         c1.plotly_chart(step_error_figure(cmp.step_error), width="stretch")
+        c1.caption("The error rises toward the last steps: near t = 0 the noise left in x_t has std "
+                   "sqrt(1 - alpha_bar_t), 0.006-0.01 at t = 0 for the usual schedules, less than one activation "
+                   "quantization step, so the noise prediction there is mostly lost. It costs little: at those "
+                   "steps the sampler scales the noise prediction by that same small factor.")
         c2.plotly_chart(drift_figure(cmp.drift), width="stretch")
         st.plotly_chart(psnr_figure(cmp.image_errors), width="stretch")
     st.subheader("Metrics")
