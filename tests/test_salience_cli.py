@@ -15,6 +15,7 @@ def test_salience_cli_summary_and_file(capsys, tiny_folder, tmp_path):
     res = json.loads(capsys.readouterr().out)
     assert res["layers"] > 0 and res["timesteps"] == 3 and res["seconds"] > 0
     assert res["overhead_vs_sampling"] > 0 and res["cpu_overhead_vs_sampling"] > 0
+    assert res["overhead_paired_median"] > 0
     assert len(res["collect_seconds_all"]) == len(res["plain_cpu_seconds_all"]) == 2
     assert res["seconds"] == min(res["collect_seconds_all"])
     hardest = [h["layer"] for h in res["hardest_layers"]]

@@ -2,7 +2,8 @@
 
 The summary reports the cost of collecting against plain sampling with identical settings, measured in the
 same run: a short warm-up, then the plain pass and the collecting pass (alternating when --repeats > 1;
-the fastest of each is compared, which discounts interference from other processes on a shared machine).
+the fastest of each is compared, which discounts interference from other processes on a shared machine;
+`overhead_paired_median` is the median over repeats of collecting / the plain pass just before it).
 The same ratio in process CPU time (`cpu_overhead_vs_sampling`) is reported beside it: on a machine shared
 with other jobs the wall time swings with their load, while the CPU time this process spends moves far less.
 On a contended machine `--threads 1` also avoids torch's worker threads waiting on each other.
@@ -87,6 +88,9 @@ def run(args) -> dict:
     seconds = min(collecting)
     overhead = round(seconds / min(plain), 3) if plain else None
     cpu_overhead = round(min(collecting_cpu) / min(plain_cpu), 3) if plain_cpu else None
+    # Each repeat times a plain pass right before a collecting one; the median of those pairs' ratios is less
+    # sensitive than the ratio of the minima to a burst of load from other processes.
+    paired = round(float(np.median([c / p for c, p in zip(collecting, plain)])), 3) if plain else None
     stats.info.update(overhead_vs_sampling=overhead, cpu_overhead_vs_sampling=cpu_overhead, plain_seconds=plain,
                       collect_seconds=collecting)
     written = None
@@ -107,7 +111,8 @@ def run(args) -> dict:
                "rows_per_timestep": len(stats.row_labels), "per_sample": stats.per_sample,
                "steps": args.steps, "guidance": stats.info["guidance"], "scheduler": args.scheduler,
                "seconds": round(seconds, 3), "sampling_seconds": round(min(plain), 3) if plain else None,
-               "overhead_vs_sampling": overhead, "cpu_overhead_vs_sampling": cpu_overhead, "repeats": args.repeats,
+               "overhead_vs_sampling": overhead, "cpu_overhead_vs_sampling": cpu_overhead,
+               "overhead_paired_median": paired, "repeats": args.repeats,
                "plain_seconds_all": [round(v, 3) for v in plain],
                "collect_seconds_all": [round(v, 3) for v in collecting],
                "plain_cpu_seconds_all": [round(v, 3) for v in plain_cpu],
