@@ -127,9 +127,9 @@ def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
         "(--feature-extractor digits) for digit models")
 
 
-def _check_plain_state_dict(path: Path) -> None:
-    """torch-fidelity unpickles the weights with weights_only=False; load them once with weights_only=True
-    first, so a file that holds anything but tensors is refused before it can run code."""
+def _check_plain_state_dict(path: Path) -> dict:
+    """The file's state dict, loaded with weights_only=True: a file that holds anything but tensors is refused
+    before any of it can run code."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -138,6 +138,27 @@ def _check_plain_state_dict(path: Path) -> None:
     if not isinstance(state, dict) or "fc.weight" not in state:
         raise MetricsError(f"{path} does not hold torch-fidelity's Inception weights (no 'fc.weight'); "
                            f"use the file from {INCEPTION_URL}")
+    return state
+
+
+_VERIFIED_DIR: Path | None = None
+
+
+def _verified_copy(path: Path) -> Path:
+    """A copy of the checked tensors in a private folder of this process, for torch-fidelity to read.
+
+    torch-fidelity unpickles its weights file without the weights-only guard; handing it a file this process
+    wrote from plain tensors means the user's file is only ever read with the guard, even if it changes
+    between the check and the use."""
+    global _VERIFIED_DIR
+    import tempfile
+
+    if _VERIFIED_DIR is None:
+        _VERIFIED_DIR = Path(tempfile.mkdtemp(prefix="dqlab-inception-"))  # mode 0700
+    state = _check_plain_state_dict(path)
+    copy = _VERIFIED_DIR / f"{_digest(str(path.resolve()).encode())}.pth"
+    torch.save({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, copy)
+    return copy
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -312,7 +333,7 @@ def _fidelity_kwargs(extractor: str, cuda: bool, inception_weights, cache_dir, b
         weights = CLASSIFIER_DIR / "model.safetensors"
         kwargs["_extractor_tag"] = _digest(weights.read_bytes()) if weights.exists() else "x"
     else:
-        kwargs["feature_extractor_weights_path"] = str(resolve_inception_weights(inception_weights))
+        kwargs["feature_extractor_weights_path"] = str(_verified_copy(resolve_inception_weights(inception_weights)))
         kwargs["_extractor_tag"] = "inc"
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)

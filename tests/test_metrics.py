@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,3 +183,13 @@ def test_per_timestep_error_zero_for_fp_and_positive_for_a_changed_model(tiny_bu
     changed = M.per_timestep_error(ref, other, res.calibration)
     assert all(r["rel_mse"] > 1e-4 for r in changed)
     assert M.relative_mse(torch.ones(3), torch.ones(3) * 2) == pytest.approx(0.25)
+
+
+def test_torch_fidelity_reads_a_verified_copy_of_the_inception_weights(tmp_path):
+    """torch-fidelity unpickles its weights file unguarded, so it is given a copy written from checked tensors."""
+    ok = tmp_path / "ok.pth"
+    torch.save({"fc.weight": torch.arange(3.0)}, ok)
+    kwargs = M._fidelity_kwargs(M.INCEPTION_EXTRACTOR, False, ok, None, 4)
+    handed = Path(kwargs["feature_extractor_weights_path"])
+    assert handed != ok and handed.parent != tmp_path
+    assert torch.equal(torch.load(handed, weights_only=True)["fc.weight"], torch.arange(3.0))
