@@ -71,6 +71,7 @@ def test_eval_quantized_variant(data_dir, capsys):
     (["--num-samples", "1"], "num_samples must be at least 2"),
     (["--feature-extractor", "clip"], "unknown feature extractor"),
     (["--steps", "0"], "steps must be between 1 and 1000"),
+    (["--method", "baseline", "--exclude", "no_such_layer"], "--exclude 'no_such_layer' matches no layer"),
 ])
 def test_eval_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
     rc, out, err = _run(capsys, "eval", "--num-samples", "16", "--steps", "2", "--data-dir", str(tmp_path), "--json",

@@ -5,22 +5,13 @@ import sys
 from pathlib import Path
 
 from analysis.cli import CLIError, add_common, emit
+from analysis.cli.quantize import add_quant_options, check_excludes, config_from_args
 
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="quantize, sample, and score one configuration (FID vs real and vs FP)")
     add_common(p)
-    q = p.add_argument_group("quantization")
-    # --method is checked by QuantConfig.validate (one clear line), not by argparse choices (usage dump).
-    q.add_argument("--method", default="fp", help="fp, baseline, smoothquant, ptq4dit or dilatequant (default: fp)")
-    q.add_argument("--w-bits", type=int, default=8, help="weight bits, 2-8 (16 = float)")
-    q.add_argument("--a-bits", type=int, default=8, help="activation bits, 2-8 (16 = float)")
-    q.add_argument("--attn-bits", type=int, default=None, help="bits of q, k, v and softmax output (default: float)")
-    q.add_argument("--tpq", action="store_true", default=None, help="per-timestep activation quantizers")
-    q.add_argument("--no-tpq", dest="tpq", action="store_false", help="one activation quantizer for all timesteps")
-    q.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (default: %(default)s)")
-    q.add_argument("--no-ssc", dest="ssc", action="store_false", help="PTQ4DiT without Spearman salience calibration")
-    q.add_argument("--scale-search", default="minmax", help="minmax, percentile or mse (default: %(default)s)")
+    q = add_quant_options(p, default_method="fp")
     q.add_argument("--calib-samples", type=int, default=None, help="images sampled for calibration")
     s = p.add_argument_group("sampling and scoring")
     s.add_argument("--num-samples", type=int, default=2048, help="images per model (default: %(default)s)")
@@ -47,14 +38,11 @@ def register(sub) -> None:
 
 
 def run(args) -> dict:
-    from quant.api import QuantConfig
-
     from analysis.evaluate import EvalOptions, check_options, evaluate
     from analysis.models import load
     from analysis.store import Store
 
-    config = QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, attn_bits=args.attn_bits,
-                         tpq=args.tpq, alpha=args.alpha, ssc=args.ssc, scale_search=args.scale_search).validate()
+    config = config_from_args(args)
     if args.calib_samples is not None and args.calib_samples < 1:
         raise CLIError(f"--calib-samples must be at least 1, got {args.calib_samples}")
     opts = EvalOptions(num_samples=args.num_samples, steps=args.steps, guidance=args.guidance,
@@ -66,6 +54,7 @@ def run(args) -> dict:
     if args.reference is not None and not args.reference.is_dir():
         raise CLIError(f"--reference {args.reference} is not a folder of images")
     bundle = load(args.model, device=args.device, dtype=args.dtype)
+    check_excludes(bundle, config)
     check_options(bundle, opts)  # bad reference folder, missing Inception weights, KID sizes: before any work
     show = None
     if sys.stderr.isatty():

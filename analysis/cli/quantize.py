@@ -56,6 +56,16 @@ def config_from_args(args):
                        exclude=list(args.exclude)).validate()
 
 
+def check_excludes(bundle, config) -> None:
+    """An --exclude pattern that matches no layer is almost always a typo: refuse it before any work."""
+    from analysis.quantize_pipeline import unmatched_excludes
+
+    unmatched = unmatched_excludes(bundle.transformer, config.exclude)
+    if unmatched:
+        raise CLIError(f"--exclude {unmatched[0]!r} matches no layer; use an fnmatch pattern such as "
+                       "'*.attn1.to_q' or a module name such as transformer_blocks.0")
+
+
 def register(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model, measure its error vs FP, save it for --model DIR")
     add_common(p)
@@ -88,7 +98,7 @@ def _check_out(out: Path | None) -> None:
 
 def run(args) -> dict:
     from analysis.models import load
-    from analysis.quantize_pipeline import DEFAULT_CAL_SAMPLES, calibration_for, quantize_bundle, unmatched_excludes
+    from analysis.quantize_pipeline import DEFAULT_CAL_SAMPLES, calibration_for, quantize_bundle
     from quant.api import save_quantized
 
     config = config_from_args(args)
@@ -105,10 +115,7 @@ def run(args) -> dict:
     bundle = load(args.model, device=args.device, dtype=args.dtype)
     if bundle.quant_config:
         raise CLIError(f"{args.model} is already quantized ({bundle.name}); quantize its FP model instead")
-    unmatched = unmatched_excludes(bundle.transformer, config.exclude)
-    if unmatched:
-        raise CLIError(f"--exclude {unmatched[0]!r} matches no layer; use an fnmatch pattern such as "
-                       "'*.attn1.to_q' or a module name such as transformer_blocks.0")
+    check_excludes(bundle, config)
 
     show = None
     if sys.stderr.isatty():
