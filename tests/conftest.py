@@ -16,6 +16,15 @@ def make_tiny_dit(in_channels: int = 4, learned_sigma: bool = True, layers: int 
                                  sample_size=sample_size, patch_size=2, num_embeds_ada_norm=num_classes).eval()
 
 
+def run_cli(capsys, *argv):
+    """Run `dqlab *argv` in-process: (exit code, stdout, stderr)."""
+    from analysis.cli import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def make_tiny_vae(latent_channels: int = 4):
     from diffusers import AutoencoderKL
 

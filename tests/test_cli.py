@@ -5,13 +5,7 @@ import sys
 import pytest
 from PIL import Image
 
-from analysis.cli import main
-
-
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from tests.conftest import run_cli
 
 
 def test_models_json(capsys):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from analysis.cli import main
+from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -14,15 +14,9 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("store"))
 
 
-def _run(capsys, *argv):
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def test_eval_fp_json_and_runs_listing(data_dir, capsys):
     data = data_dir
-    rc, out, err = _run(capsys, "eval", "--model", "bundled:dit-mnist", "--method", "fp", "--num-samples", "20",
+    rc, out, err = run_cli(capsys, "eval", "--model", "bundled:dit-mnist", "--method", "fp", "--num-samples", "20",
                         "--steps", "3", "--data-dir", data, "--device", "cpu", "--json")
     assert rc == 0, err
     res = json.loads(out)
@@ -31,17 +25,17 @@ def test_eval_fp_json_and_runs_listing(data_dir, capsys):
     assert res["num_samples"] == 20 and res["feature_extractor"] == "dqlab-digits"
     assert res["fid"] > 0 and res["fid_vs_fp"] == 0.0 and 0 <= res["label_agreement"] <= 1
     assert "2048" in res["warning"] and res["seconds"] > 0
-    rc, out, err = _run(capsys, "runs", "--data-dir", data, "--json")
+    rc, out, err = run_cli(capsys, "runs", "--data-dir", data, "--json")
     assert rc == 0, err
     listing = json.loads(out)
     assert listing["count"] == 1 and listing["runs"][0]["run_id"] == res["run_id"]
     assert listing["runs"][0]["fid"] == pytest.approx(res["fid"]) and listing["runs"][0]["num_samples"] == 20
-    rc, out, _ = _run(capsys, "runs", "--data-dir", data, "--show", str(res["run_id"]), "--json")
+    rc, out, _ = run_cli(capsys, "runs", "--data-dir", data, "--show", str(res["run_id"]), "--json")
     shown = json.loads(out)
     assert rc == 0 and shown["config"] == {"method": "fp"} and shown["files"]["grid.png"].endswith("grid.png")
-    rc, out, _ = _run(capsys, "runs", "--data-dir", data, "--method", "ptq4dit", "--json")
+    rc, out, _ = run_cli(capsys, "runs", "--data-dir", data, "--method", "ptq4dit", "--json")
     assert rc == 0 and json.loads(out)["count"] == 0
-    rc, out, _ = _run(capsys, "runs", "--data-dir", data)
+    rc, out, _ = run_cli(capsys, "runs", "--data-dir", data)
     assert rc == 0 and "1 run(s)" in out and "FP" in out
 
 
@@ -51,7 +45,7 @@ def test_eval_quantized_variant(data_dir, capsys):
 
     data = data_dir
     try:
-        rc, out, err = _run(capsys, "eval", "--method", "baseline", "--w-bits", "8", "--a-bits", "8",
+        rc, out, err = run_cli(capsys, "eval", "--method", "baseline", "--w-bits", "8", "--a-bits", "8",
                             "--num-samples", "12", "--steps", "3", "--calib-samples", "4", "--data-dir", data,
                             "--device", "cpu", "--json")
     except NotImplementedError:
@@ -59,7 +53,7 @@ def test_eval_quantized_variant(data_dir, capsys):
     assert rc == 0, err
     res = json.loads(out)
     assert res["method"] == "baseline" and res["config"]["w_bits"] == 8 and res["fid_vs_fp"] >= 0
-    rc, out, _ = _run(capsys, "runs", "--data-dir", data, "--method", "baseline", "--json")
+    rc, out, _ = run_cli(capsys, "runs", "--data-dir", data, "--method", "baseline", "--json")
     assert json.loads(out)["runs"][0]["w_bits"] == 8
 
 
@@ -74,7 +68,7 @@ def test_eval_quantized_variant(data_dir, capsys):
     (["--method", "baseline", "--exclude", "no_such_layer"], "--exclude 'no_such_layer' matches no layer"),
 ])
 def test_eval_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
-    rc, out, err = _run(capsys, "eval", "--num-samples", "16", "--steps", "2", "--data-dir", str(tmp_path), "--json",
+    rc, out, err = run_cli(capsys, "eval", "--num-samples", "16", "--steps", "2", "--data-dir", str(tmp_path), "--json",
                         *args)
     assert rc == 2 and out == ""
     lines = err.strip().splitlines()
@@ -89,7 +83,7 @@ def test_eval_bad_reference_folders(tmp_path, capsys):
     (broken / "x.png").write_bytes(b"garbage")
     for folder, message in [(empty, "holds no images"), (broken, "cannot read reference image"),
                             (tmp_path / "missing", "is not a folder")]:
-        rc, out, err = _run(capsys, "eval", "--reference", str(folder), "--num-samples", "16", "--steps", "2",
+        rc, out, err = run_cli(capsys, "eval", "--reference", str(folder), "--num-samples", "16", "--steps", "2",
                             "--data-dir", str(tmp_path / "store"), "--json")
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
@@ -97,13 +91,13 @@ def test_eval_bad_reference_folders(tmp_path, capsys):
 def test_eval_inception_without_weights(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     monkeypatch.delenv("DQLAB_INCEPTION_WEIGHTS", raising=False)
-    rc, _, err = _run(capsys, "eval", "--feature-extractor", "inception", "--num-samples", "16", "--steps", "2",
+    rc, _, err = run_cli(capsys, "eval", "--feature-extractor", "inception", "--num-samples", "16", "--steps", "2",
                       "--data-dir", str(tmp_path / "store"))
     assert rc == 2 and "DQLAB_INCEPTION_WEIGHTS" in err
 
 
 def test_runs_show_unknown_id(tmp_path, capsys):
-    rc, _, err = _run(capsys, "runs", "--data-dir", str(tmp_path), "--show", "7")
+    rc, _, err = run_cli(capsys, "runs", "--data-dir", str(tmp_path), "--show", "7")
     assert rc == 2 and "no stored run with id 7" in err
-    rc, _, err = _run(capsys, "runs", "--data-dir", str(tmp_path), "--delete", "7")
+    rc, _, err = run_cli(capsys, "runs", "--data-dir", str(tmp_path), "--delete", "7")
     assert rc == 2 and "no stored run with id 7" in err

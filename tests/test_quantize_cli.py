@@ -6,15 +6,9 @@ import json
 
 import pytest
 
-from analysis.cli import main
+from tests.conftest import run_cli
 
 SMALL = ["--calib-samples", "2", "--calib-steps", "3", "--device", "cpu"]
-
-
-def _run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_quantize_json_save_and_reload_round_trip(tiny_folder, tmp_path, capsys):
@@ -23,7 +17,7 @@ def test_quantize_json_save_and_reload_round_trip(tiny_folder, tmp_path, capsys)
     from analysis.cli.quantize import CALIB_SEED
 
     out_dir = tmp_path / "q"
-    rc, out, err = _run(capsys, "quantize", "--model", tiny_folder, "--method", "ptq4dit", "--w-bits", 4,
+    rc, out, err = run_cli(capsys, "quantize", "--model", tiny_folder, "--method", "ptq4dit", "--w-bits", 4,
                         "--a-bits", 8, "--attn-bits", 8, "--tpq", *SMALL, "--out", out_dir, "--json")
     assert rc == 0, err
     res = json.loads(out)
@@ -47,9 +41,9 @@ def test_quantize_json_save_and_reload_round_trip(tiny_folder, tmp_path, capsys)
                               per_layer=False)
     assert rel == pytest.approx(res["rel_error"], rel=1e-3)
     # quantizing it again is refused; saving over the earlier output is allowed
-    rc, _, err = _run(capsys, "quantize", "--model", out_dir, *SMALL)
+    rc, _, err = run_cli(capsys, "quantize", "--model", out_dir, *SMALL)
     assert rc == 2 and "already quantized" in err and len(err.strip().splitlines()) == 1
-    rc, out, err = _run(capsys, "quantize", "--model", tiny_folder, "--method", "baseline", *SMALL,
+    rc, out, err = run_cli(capsys, "quantize", "--model", tiny_folder, "--method", "baseline", *SMALL,
                         "--out", out_dir)
     assert rc == 0, err
     assert "baseline W8A8: rel_error" in out and str(out_dir) in out
@@ -58,12 +52,12 @@ def test_quantize_json_save_and_reload_round_trip(tiny_folder, tmp_path, capsys)
 
 def test_bundled_model_saved_then_sampled_with_model_dir(tmp_path, capsys):
     out_dir = tmp_path / "dq"
-    rc, out, err = _run(capsys, "quantize", "--method", "dilatequant", "--w-bits", 4, "--a-bits", 8, *SMALL,
+    rc, out, err = run_cli(capsys, "quantize", "--method", "dilatequant", "--w-bits", 4, "--a-bits", 8, *SMALL,
                         "--out", out_dir, "--json")
     assert rc == 0, err
     res = json.loads(out)
     assert res["model"] == "bundled:dit-mnist" and res["tpq"] is True and res["label"] == "dilatequant W4A8 TPQ"
-    rc, out, err = _run(capsys, "sample", "--model", out_dir, "--classes", "0-1", "--seeds", "0", "--steps", 3,
+    rc, out, err = run_cli(capsys, "sample", "--model", out_dir, "--classes", "0-1", "--seeds", "0", "--steps", 3,
                         "--device", "cpu", "--out", tmp_path / "grid.png", "--json")
     assert rc == 0, err
     sampled = json.loads(out)
@@ -82,7 +76,7 @@ def test_bundled_model_saved_then_sampled_with_model_dir(tmp_path, capsys):
 ])
 def test_bad_input_exits_2_with_one_line(tiny_folder, capsys, argv, message):
     model = [] if "--model" in argv else ["--model", tiny_folder]
-    rc, out, err = _run(capsys, "quantize", *model, *SMALL, *argv)
+    rc, out, err = run_cli(capsys, "quantize", *model, *SMALL, *argv)
     assert rc == 2 and out == ""
     assert err.startswith("dqlab quantize: error:") and message in err and len(err.strip().splitlines()) == 1
 
@@ -90,8 +84,8 @@ def test_bad_input_exits_2_with_one_line(tiny_folder, capsys, argv, message):
 def test_out_must_be_a_new_empty_or_earlier_output_folder(tiny_folder, tmp_path, capsys):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
-    rc, _, err = _run(capsys, "quantize", "--model", tiny_folder, *SMALL, "--out", a_file)
+    rc, _, err = run_cli(capsys, "quantize", "--model", tiny_folder, *SMALL, "--out", a_file)
     assert rc == 2 and "is a file" in err
-    rc, _, err = _run(capsys, "quantize", "--model", tiny_folder, *SMALL, "--out", tmp_path)
+    rc, _, err = run_cli(capsys, "quantize", "--model", tiny_folder, *SMALL, "--out", tmp_path)
     assert rc == 2 and "non-empty folder that is not a saved quantized model" in err
     assert a_file.read_text() == "x"
