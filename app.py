@@ -1,6 +1,9 @@
 """dqlab: a lab for quantizing diffusion transformers. Run with `streamlit run app.py`."""
 import streamlit as st
 
+from analysis.quiet import configure_logging
+
+configure_logging()
 st.set_page_config(page_title="dqlab", page_icon=":material/tune:", layout="wide")
 
 # Each page is its own file (so tests can drive it with AppTest); this list is the app's menu.

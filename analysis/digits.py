@@ -49,9 +49,3 @@ def random_shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) -> t
     cols = (dx[:, None] + torch.arange(w)[None])[:, None, :].expand(n, h, w)
     idx = torch.arange(n)[:, None, None]
     return pad[idx, 0, rows, cols][:, None]
-
-
-def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] floats in [0, 1] -> [N, 3, H, W] uint8, the layout torch-fidelity expects."""
-    x = (images.clamp(0, 1) * 255).round().to(torch.uint8)
-    return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x

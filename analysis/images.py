@@ -1,4 +1,5 @@
-"""Image grids and files: turning [N, C, H, W] tensors in [0, 1] into PNGs people can look at."""
+"""Image grids and files: turning [N, C, H, W] tensors in [0, 1] into PNGs people can look at, and into the
+uint8 RGB layout metric code reads."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,3 +46,15 @@ def save_images(images: torch.Tensor, names: list[str], out_dir: str | Path) -> 
         to_pil(image).save(path)
         paths.append(path)
     return paths
+
+
+def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] floats in [0, 1] (or uint8) -> [N, 3, H, W] uint8, the layout torch-fidelity expects."""
+    if images.dtype != torch.uint8:
+        images = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    images = images.cpu()
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [N, 1 or 3, H, W], got {tuple(images.shape)}")
+    return images.contiguous()

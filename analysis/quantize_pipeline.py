@@ -161,14 +161,14 @@ def unmatched_excludes(model: torch.nn.Module, patterns) -> list[str]:
 
 
 def saved_zip(variant: Variant, base_source: str | None = None) -> bytes:
-    """The variant saved as a model folder (quant.io layout) in a zip archive, for downloading; unzip it and
+    """The variant saved as a model folder (analysis.bundle_io layout) in a zip archive, for downloading; unzip it and
     pass the folder as --model to load it again."""
     import io
     import tempfile
     import zipfile
     from pathlib import Path
 
-    from quant.io import save_quantized
+    from analysis.bundle_io import save_quantized
 
     buf = io.BytesIO()
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from analysis.channel_error import activation_quant_mse_bits, weight_quant_mse
 from analysis.models import ModelBundle
 
 FORMAT = "dqlab-salience"
@@ -489,8 +490,6 @@ def add_quant_error(stats: SalienceStats, model: torch.nn.Module, calibration, b
     model's device until the last timestep (no host copy per hook), and layers fed the very same tensor
     (to_q, to_k, to_v) share one computation.
     """
-    from analysis.salience_measures import activation_quant_mse_bits, weight_quant_mse
-
     if calibration is None:
         raise ValueError("no recorded transformer inputs: collect with mse_bits set to get activation errors")
     bits = tuple(int(b) for b in bits)

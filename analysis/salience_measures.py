@@ -4,7 +4,7 @@
   channels of a layer, per timestep (PTQ4DiT's SSC, DESIGN.md section 4, uses rho_t to weight timesteps:
   eta = softmax(-rho)). A low or negative rho means the two saliences are complementary: the channels
   with extreme activations are not the ones with extreme weights, so a per-channel scale can balance them.
-- Per-channel quantization MSE with the project's quantizer (quant.quantizers.fake_quantize).
+- Per-channel quantization MSE, as recorded by analysis.salience (computed in analysis.channel_error).
 - Temporal variability of each channel's salience across timesteps (range, coefficient of variation).
 - A per-layer difficulty table: outlier ratios max/median over channels, temporal ratio, mean rho.
 
@@ -99,37 +99,6 @@ def spearman_frame(stats: SalienceStats, layers: list[str] | None = None):
 
 
 # ---- quantization error -------------------------------------------------------------------------------
-def weight_quant_mse(weight: torch.Tensor, bits: int) -> np.ndarray:
-    """[in] MSE per input channel of W quantized per output channel (axis 0) at `bits`, averaged over rows."""
-    from quant.quantizers import fake_quantize
-
-    w = weight.detach().float()
-    return (fake_quantize(w, bits, axis=0) - w).pow(2).mean(dim=0).cpu().numpy()
-
-
-def activation_quant_mse(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """[C] MSE per channel of x [..., C] under one per-tensor min-max quantizer at `bits` (stays on x's device)."""
-    return activation_quant_mse_bits(x, (bits,))[0]
-
-
-def activation_quant_mse_bits(x: torch.Tensor, bits: tuple[int, ...]) -> torch.Tensor:
-    """[len(bits), C]: activation_quant_mse at every bit-width, on x's device.
-
-    The per-tensor min-max range does not depend on the bit-width, so it is reduced once for all of them;
-    each bit-width then costs one quantize-dequantize pass (the same arithmetic as quant.quantizers'
-    fake_quantize with axis=None, so the numbers match it exactly).
-    """
-    from quant.quantizers import fake_quant, quant_params
-
-    x2 = x.detach().float().reshape(-1, x.shape[-1])
-    lo, hi = x2.min(), x2.max()
-    errors = []
-    for b in bits:
-        scale, zero = quant_params(lo, hi, int(b))
-        errors.append(fake_quant(x2, scale, zero, int(b)).sub_(x2).pow_(2).mean(dim=0))
-    return torch.stack(errors)
-
-
 def quant_error(stats: SalienceStats, layer: str, step: int, bits: int) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(activation MSE [C] at timestep index `step`, weight MSE [C]) at `bits`, from the collected errors."""
     stats.check_layer(layer)

@@ -2,8 +2,8 @@
 
     cfg = QuantConfig(method="ptq4dit", w_bits=4, a_bits=8)
     qmodel = quantize(fp_model, cfg, calibration)          # a NEW model; fp_model is never modified
-    save_quantized(bundle.with_transformer(qmodel), cfg, "out/", base_source="bundled:dit-mnist")
-    bundle = load_quantized("out/")                        # also what analysis.models.load("out/") does
+    write_quantized(qmodel, cfg, "out/")                   # quant.io; analysis.bundle_io saves whole bundles
+    qmodel, cfg, meta = read_quantized("out/")
 
 One quantization run: copy the model -> observe the FP inputs of the foldable layers -> the method computes
 its per-channel vectors -> fold them (quant.reparam) -> replace layers by quantized ones -> calibrate the
@@ -19,15 +19,15 @@ import torch
 import torch.nn as nn
 
 from quant.config import METHODS, QuantConfig
-from quant.io import load_quantized, save_quantized, stored_tensors, weight_bytes
+from quant.io import read_quantized, stored_tensors, weight_bytes, write_quantized
 from quant.methods import get_method
 from quant.observers import InputObserver, observe_inputs
 from quant.reparam import BalanceGroup, apply_scaling, balance_groups, group_weight
 from quant.wrap import calibrate, is_excluded, wrap_model
 from quant.modules import TimestepContext
 
-__all__ = ["QuantConfig", "METHODS", "QuantResult", "quantize", "quantize_with_details", "save_quantized",
-           "load_quantized", "weight_bytes", "stored_tensors", "calibration_batches"]
+__all__ = ["QuantConfig", "METHODS", "QuantResult", "quantize", "quantize_with_details", "write_quantized",
+           "read_quantized", "weight_bytes", "stored_tensors", "calibration_batches"]
 
 
 @dataclasses.dataclass

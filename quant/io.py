@@ -1,13 +1,12 @@
-"""Saving and loading quantized models: one safetensors file with weights stored at their bit-width.
+"""Saving and loading a quantized model: one safetensors file with weights stored at their bit-width.
 
-Folder layout (what `dqlab quantize --out DIR` writes and `--model DIR` reads):
-    quant_config.json   format tag, QuantConfig, transformer config, scheduler config, bundle metadata,
-                        base source (provenance), and the shapes of the packed weights
-    model.safetensors   every tensor of the quantized transformer; quantized weights as bit-packed integer
+This module knows modules and tensors only. It writes and reads two files of a folder:
+    quant_config.json   format tag, QuantConfig, the model's class and config, the shapes of the packed
+                        weights, and whatever metadata the caller adds (analysis.bundle_io adds the
+                        scheduler config, the bundle's sampling metadata and the base source)
+    model.safetensors   every tensor of the quantized model; quantized weights as bit-packed integer
                         codes ("<layer>.weight.packed", `bits` bits per code) beside their per-channel
                         w_scale / w_zero, everything else (biases, embeddings, norms, activation ranges) fp32
-    vae/                the base bundle's VAE when it has one (not quantized)
-The folder is self-contained: loading it never needs the base model, whose weights may have changed since.
 """
 from __future__ import annotations
 
@@ -55,73 +54,74 @@ def fp_weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def _bundle_meta(bundle) -> dict:
-    return {"name": bundle.name, "num_classes": bundle.num_classes, "latent_shape": list(bundle.latent_shape),
-            "vae_scale_factor": bundle.vae_scale_factor, "default_guidance": bundle.default_guidance,
-            "bundled": bundle.bundled}
+# Model classes a saved folder may name: diffusers classes only, looked up by name (no code is loaded from
+# the folder itself).
+MODEL_CLASSES = ("DiTTransformer2DModel",)
 
 
-def save_quantized(bundle_or_model, config: QuantConfig, folder, base_source: str | None = None) -> Path:
-    """Write a quantized bundle (or a quantized transformer plus `base_source` for the rest) to `folder`."""
-    from analysis.models import ModelBundle, load
+class QuantizedFolderError(ValueError):
+    """A folder is not a readable quantized model; the message names the file and what is wrong."""
 
-    config.validate()
-    if isinstance(bundle_or_model, ModelBundle):
-        bundle = bundle_or_model
-    elif isinstance(bundle_or_model, nn.Module):
-        if base_source is None:
-            raise ValueError("saving a bare quantized transformer needs base_source (the FP model it came from) "
-                             "for its scheduler and VAE; or pass a ModelBundle")
-        bundle = load(base_source, device="cpu").with_transformer(bundle_or_model)
-    else:
-        raise ValueError(f"expected a ModelBundle or an nn.Module, got {type(bundle_or_model).__name__}")
+
+def write_quantized(model: nn.Module, config: QuantConfig, folder, meta: dict | None = None) -> Path:
+    """Write `model` (a quantized copy made by quant.quantize) to `folder`, with `meta` merged into its JSON."""
     from safetensors.torch import save_file
 
+    config.validate()
+    if type(model).__name__ not in MODEL_CLASSES:
+        raise ValueError(f"cannot save a {type(model).__name__}; supported: {', '.join(MODEL_CLASSES)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    transformer = bundle.transformer
-    tensors, packed = stored_tensors(transformer)
+    tensors, packed = stored_tensors(model)
     save_file(tensors, str(folder / WEIGHTS))
-    taq = [q.timesteps.tolist() for q in act_quantizers(transformer).values() if q.per_timestep]
-    meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "base_source": base_source,
-            "transformer_class": type(transformer).__name__,
-            "transformer_config": json.loads(json.dumps({k: v for k, v in dict(transformer.config).items()
-                                                         if k != "_name_or_path"}, default=str)),
-            "scheduler_config": bundle.scheduler_config, "bundle": _bundle_meta(bundle), "packed": packed,
-            "tpq_timesteps": taq[0] if taq else None,
-            "weight_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
-    (folder / META).write_text(json.dumps(meta, indent=2, default=str))
-    if bundle.vae is not None:
-        bundle.vae.save_pretrained(folder / "vae", safe_serialization=True)
+    taq = [q.timesteps.tolist() for q in act_quantizers(model).values() if q.per_timestep]
+    record = {"format": FORMAT, "version": VERSION, "config": config.to_dict(),
+              "transformer_class": type(model).__name__,
+              "transformer_config": json.loads(json.dumps({k: v for k, v in dict(model.config).items()
+                                                           if k != "_name_or_path"}, default=str)),
+              "packed": packed, "tpq_timesteps": taq[0] if taq else None,
+              "weight_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+    record.update(meta or {})
+    (folder / META).write_text(json.dumps(record, indent=2, default=str))
     return folder
 
 
-def load_quantized(folder):
-    """Rebuild a saved quantized bundle (on the CPU, float32). Raises ModelLoadError naming what is wrong."""
-    from analysis.models import ModelBundle, ModelLoadError
-
+def read_meta(folder) -> dict:
+    """The folder's quant_config.json, checked to be ours. Raises QuantizedFolderError."""
     folder = Path(folder)
     try:
         meta = json.loads((folder / META).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"cannot read {folder / META}: {exc}") from None
-    if meta.get("format") != FORMAT:
-        raise ModelLoadError(f"{folder / META} is not a dqlab quantized model (format {meta.get('format')!r})")
-    if not (folder / WEIGHTS).exists():
-        raise ModelLoadError(f"{folder} has no {WEIGHTS}; save it again with dqlab quantize --out")
-    try:
-        config = QuantConfig.from_dict(meta["config"])
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ModelLoadError(f"bad quantization config in {folder / META}: {exc}") from None
-    from diffusers import AutoencoderKL, DiTTransformer2DModel
+        raise QuantizedFolderError(f"cannot read {folder / META}: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise QuantizedFolderError(f"{folder / META} is not a dqlab quantized model (format {fmt!r})")
+    return meta
+
+
+def read_quantized(folder) -> tuple[nn.Module, QuantConfig, dict]:
+    """(model, config, meta) rebuilt from a folder written by write_quantized, on the CPU in float32."""
+    import diffusers
     from safetensors.torch import load_file
 
-    transformer = DiTTransformer2DModel.from_config(meta["transformer_config"])
     from quant.methods import get_method
     from quant.wrap import wrap_model
 
+    folder = Path(folder)
+    meta = read_meta(folder)
+    if not (folder / WEIGHTS).exists():
+        raise QuantizedFolderError(f"{folder} has no {WEIGHTS}; save it again with dqlab quantize --out")
+    try:
+        config = QuantConfig.from_dict(meta["config"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise QuantizedFolderError(f"bad quantization config in {folder / META}: {exc}") from None
+    cls_name = meta.get("transformer_class", "DiTTransformer2DModel")
+    if cls_name not in MODEL_CLASSES:
+        raise QuantizedFolderError(f"{folder / META} names model class {cls_name!r}; supported: "
+                                   f"{', '.join(MODEL_CLASSES)}")
+    model = getattr(diffusers, cls_name).from_config(meta["transformer_config"])
     if get_method(config.method).QUANTIZES:
-        wrap_model(transformer, config, TimestepContext())
+        wrap_model(model, config, TimestepContext())
     tensors = load_file(str(folder / WEIGHTS))
     for key, info in meta.get("packed", {}).items():
         prefix = key[: -len(".weight")]
@@ -131,18 +131,9 @@ def load_quantized(folder):
         scale, zero = tensors[prefix + ".w_scale"], tensors[prefix + ".w_zero"]
         tensors[key] = ((codes.float() - zero) * scale).float()
     try:
-        transformer.load_state_dict(tensors, strict=True)
+        model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
-        raise ModelLoadError(f"{folder / WEIGHTS} does not match its config: {str(exc).splitlines()[0]}") from None
-    for q in act_quantizers(transformer).values():
+        raise QuantizedFolderError(f"{folder / WEIGHTS} does not match its config: {str(exc).splitlines()[0]}") from None
+    for q in act_quantizers(model).values():
         q.mode = "quant"
-    vae = None
-    if (folder / "vae" / "config.json").exists():
-        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
-    b = meta["bundle"]
-    name = b["name"] if config.label in b["name"] else f"{b['name']} [{config.label}]"
-    return ModelBundle(name=name, transformer=transformer.eval().requires_grad_(False),
-                       scheduler_config=meta["scheduler_config"], num_classes=b["num_classes"],
-                       latent_shape=tuple(b["latent_shape"]), vae=vae, vae_scale_factor=b["vae_scale_factor"],
-                       default_guidance=b["default_guidance"], bundled=b["bundled"],
-                       quant_config=config.to_dict())
+    return model.eval().requires_grad_(False), config, meta

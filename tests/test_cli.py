@@ -61,3 +61,21 @@ def test_console_script_reports_bad_argument():
     proc = subprocess.run([sys.executable, "-m", "analysis", "sample", "--classes", "x"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "cannot read 'x'" in proc.stderr
+
+
+# As on a fresh install without `accelerate`: diffusers then warns on every model load. The CLI's stderr must
+# still be exactly the one line naming the bad argument, and nothing at all on success.
+_WITHOUT_ACCELERATE = ("import sys, diffusers.utils.import_utils as iu; iu._accelerate_available = False; "
+                       "from analysis.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_cli_stderr_is_one_line_in_a_fresh_process(tmp_path):
+    env_run = lambda *argv: subprocess.run([sys.executable, "-c", _WITHOUT_ACCELERATE, *argv],  # noqa: E731
+                                           capture_output=True, text=True, timeout=300)
+    bad = env_run("sample", "--device", "cpu", "--steps", "2", "--classes", "12")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.count("\n") == 1 and "class 12 is out of range" in bad.stderr, bad.stderr
+    good = env_run("sample", "--device", "cpu", "--steps", "2", "--classes", "1", "--seeds", "0",
+                   "--out", str(tmp_path / "g.png"), "--json")
+    assert good.returncode == 0 and good.stderr == "", good.stderr
+    json.loads(good.stdout, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in output"))

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from quant.api import QuantConfig, load_quantized, quantize, quantize_with_details, save_quantized, weight_bytes
+from analysis.bundle_io import load_quantized, save_quantized
+from quant.api import QuantConfig, quantize, quantize_with_details, weight_bytes
 from quant.modules import ActQuantizer, QuantLinear, TimestepContext, act_quantizers
 from tests.conftest import make_tiny_dit
 

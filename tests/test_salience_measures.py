@@ -7,9 +7,9 @@ import torch
 from scipy import stats as sps
 
 from analysis.salience import SalienceConfig, SalienceStats, collect, layer_menu
-from analysis.salience_measures import (activation_quant_mse, activation_quant_mse_bits, layer_difficulty,
-                                        outlier_ratio, profile_by_kind, quant_error, rankdata, spearman,
-                                        spearman_by_timestep, temporal_variability, weight_quant_mse)
+from analysis.channel_error import activation_quant_mse, activation_quant_mse_bits, weight_quant_mse
+from analysis.salience_measures import (layer_difficulty, outlier_ratio, profile_by_kind, quant_error, rankdata,
+                                        spearman, spearman_by_timestep, temporal_variability)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -43,7 +43,9 @@ def emit(args, result: dict, human: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from analysis.models import ModelLoadError
+    from analysis.quiet import configure_logging
 
+    configure_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -99,7 +99,7 @@ def _check_out(out: Path | None) -> None:
 def run(args) -> dict:
     from analysis.models import load
     from analysis.quantize_pipeline import DEFAULT_CAL_SAMPLES, calibration_for, quantize_bundle
-    from quant.api import save_quantized
+    from analysis.bundle_io import save_quantized
 
     config = config_from_args(args)
     calib_samples = DEFAULT_CAL_SAMPLES if args.calib_samples is None else args.calib_samples

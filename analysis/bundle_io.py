@@ -1,0 +1,66 @@
+"""A quantized model bundle on disk: what `dqlab quantize --out DIR` writes and `--model DIR` reads.
+
+Folder layout:
+    quant_config.json   quant.io's record (format tag, QuantConfig, model class and config, packed weight
+                        shapes) plus the scheduler config, the bundle's sampling metadata and the base
+                        source it was made from (provenance)
+    model.safetensors   the quantized transformer (quant.io: low-bit weights bit-packed)
+    vae/                the base bundle's VAE when it has one (not quantized)
+The folder is self-contained: loading it never needs the base model, whose weights may have changed since.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from analysis.models import ModelBundle, ModelLoadError, load
+from quant.config import QuantConfig
+from quant.io import QuantizedFolderError, read_quantized, write_quantized
+
+
+def _bundle_meta(bundle: ModelBundle) -> dict:
+    return {"name": bundle.name, "num_classes": bundle.num_classes, "latent_shape": list(bundle.latent_shape),
+            "vae_scale_factor": bundle.vae_scale_factor, "default_guidance": bundle.default_guidance,
+            "eval_guidance": bundle.eval_guidance, "bundled": bundle.bundled}
+
+
+def save_quantized(bundle_or_model: ModelBundle | nn.Module, config: QuantConfig, folder,
+                   base_source: str | None = None) -> Path:
+    """Write a quantized bundle (or a quantized transformer plus `base_source` for the rest) to `folder`."""
+    if isinstance(bundle_or_model, ModelBundle):
+        bundle = bundle_or_model
+    elif isinstance(bundle_or_model, nn.Module):
+        if base_source is None:
+            raise ValueError("saving a bare quantized transformer needs base_source (the FP model it came from) "
+                             "for its scheduler and VAE; or pass a ModelBundle")
+        bundle = load(base_source, device="cpu").with_transformer(bundle_or_model)
+    else:
+        raise ValueError(f"expected a ModelBundle or an nn.Module, got {type(bundle_or_model).__name__}")
+    folder = write_quantized(bundle.transformer, config, folder,
+                             meta={"base_source": base_source, "scheduler_config": bundle.scheduler_config,
+                                   "bundle": _bundle_meta(bundle)})
+    if bundle.vae is not None:
+        bundle.vae.save_pretrained(folder / "vae", safe_serialization=True)
+    return folder
+
+
+def load_quantized(folder) -> ModelBundle:
+    """Rebuild a saved quantized bundle (on the CPU, float32). Raises ModelLoadError naming what is wrong."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(folder)
+    try:
+        transformer, config, meta = read_quantized(folder)
+    except QuantizedFolderError as exc:
+        raise ModelLoadError(str(exc)) from None
+    vae = None
+    if (folder / "vae" / "config.json").exists():
+        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
+    b = meta["bundle"]
+    name = b["name"] if config.label in b["name"] else f"{b['name']} [{config.label}]"
+    return ModelBundle(name=name, transformer=transformer, scheduler_config=meta["scheduler_config"],
+                       num_classes=b["num_classes"], latent_shape=tuple(b["latent_shape"]), vae=vae,
+                       vae_scale_factor=b["vae_scale_factor"], default_guidance=b["default_guidance"],
+                       eval_guidance=b.get("eval_guidance", b["default_guidance"]), bundled=b["bundled"],
+                       quant_config=config.to_dict())
