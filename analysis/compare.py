@@ -21,7 +21,6 @@ from analysis.models import ModelBundle
 from analysis.sampling import sample
 
 FP_NAME = "FP"
-PSNR_CAP = 100.0  # dB reported for an image identical to FP (the true value is infinite)
 
 
 @dataclasses.dataclass
@@ -41,27 +40,35 @@ class Comparison:
     label_agreement: dict[str, float] | None = None  # bundled digit model only
 
     def summary(self) -> list[dict]:
-        """One row per model: mean MSE / PSNR vs FP, mean and last-step errors, label agreement, seconds."""
+        """One row per model: mean MSE vs FP and its PSNR (infinite for images identical to FP, FP's own row
+        included), mean and last-step errors, label agreement with the count it is measured on, seconds."""
         rows = []
         for name in self.names:
             errs = [r for r in self.image_errors if r["variant"] == name]
+            mse = sum(r["mse"] for r in errs) / len(errs) if errs else 0.0
             steps = [r["rel_mse"] for r in self.step_error if r["variant"] == name]
             drift = [r["rel_drift"] for r in self.drift if r["variant"] == name]
             rows.append({
                 "variant": name,
-                "mse_vs_fp": sum(r["mse"] for r in errs) / len(errs) if errs else 0.0,
-                "psnr_vs_fp": sum(r["psnr"] for r in errs) / len(errs) if errs else PSNR_CAP,
+                "mse_vs_fp": mse,
+                "psnr_vs_fp": psnr(mse),
                 "mean_step_rel_mse": sum(steps) / len(steps) if steps else 0.0,
                 "final_drift": drift[-1] if drift else 0.0,
                 "label_agreement": (self.label_agreement or {}).get(name),
+                "label_agreement_n": len(self.labels) if self.label_agreement else None,
                 "seconds": self.seconds.get(name),
             })
         return rows
 
 
 def psnr(mse: float, peak: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB for images in [0, peak]; capped at PSNR_CAP for identical images."""
-    return PSNR_CAP if mse <= peak ** 2 * 10 ** (-PSNR_CAP / 10) else 10 * math.log10(peak ** 2 / mse)
+    """Peak signal-to-noise ratio in dB for images in [0, peak]: infinite for identical images (shown as
+    "identical", never as a made-up finite number)."""
+    return math.inf if mse <= 0 else 10 * math.log10(peak ** 2 / mse)
+
+
+def psnr_text(value: float) -> str:
+    return "identical" if math.isinf(value) else f"{value:.1f} dB"
 
 
 def image_errors(reference: torch.Tensor, images: torch.Tensor) -> tuple[list[float], list[float]]:

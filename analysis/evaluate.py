@@ -7,11 +7,19 @@ Scores per variant: FID against real images (the bundled digits, or a folder the
 the FP model's images at the same labels and seeds, label agreement (bundled digit model), and on request
 IS / KID / precision-recall. FP images for a given model and sampling setting are cached on disk, so a
 sweep over many configurations samples FP once.
+
+The FID protocol: images are sampled at the model's evaluation guidance (`bundle.eval_guidance`: the value
+that minimises FP's FID vs real for the bundled model, measured and recorded in its card; PTQ4DiT's 1.5 for
+hub DiTs), not at the stronger guidance that draws pretty grids. Strong guidance trades diversity for
+fidelity and leaves the data distribution, so at guidance 4 a damaged model can score a "better" FID than
+FP. Every FID carries its N, a bootstrap confidence interval, and FID vs real also the real-vs-real floor
+at the same N: two variants whose intervals overlap are not told apart by this measurement.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import time
 from pathlib import Path
@@ -25,6 +33,9 @@ from analysis.sampling import sample
 from analysis.store import RunRecord, Store
 
 FP_NAME = "FP"
+# The named parts of a result's wall time; "total" is their sum. quantize_seconds includes the calibration
+# sampling; the FP parts are shared by every variant scored in the same call.
+TIMING_PARTS = ("fp_sampling", "shared_scoring", "quantize_seconds", "sampling", "scoring")
 GRID_IMAGES = 100  # images in a stored grid (10 classes x 10 seeds for the digits)
 
 
@@ -35,7 +46,7 @@ class EvalOptions:
 
     num_samples: int = 2048
     steps: int = 50
-    guidance: float | None = None
+    guidance: float | None = None  # None: the bundle's evaluation guidance (the FID protocol)
     scheduler: str = "ddim"
     seed: int = 0
     reference: object = None
@@ -87,8 +98,15 @@ def resolve_reference(bundle: ModelBundle, reference) -> M.Reference | None:
     return M.bundled_reference() if bundle.bundled else None
 
 
+def eval_guidance(bundle: ModelBundle, opts: EvalOptions) -> float:
+    """The guidance every evaluated image is sampled at: the option, else the bundle's protocol value."""
+    return bundle.eval_guidance if opts.guidance is None else float(opts.guidance)
+
+
 def check_options(bundle: ModelBundle, opts: EvalOptions) -> tuple[str, M.Reference | None]:
     """Everything that can be wrong before any sampling: fail in a second, not after an hour."""
+    if opts.guidance is not None and not (math.isfinite(opts.guidance) and opts.guidance >= 0):
+        raise ValueError(f"guidance must be a finite number >= 0, got {opts.guidance}")
     if opts.num_samples < 2:
         raise ValueError(f"num_samples must be at least 2 for FID, got {opts.num_samples}")
     if not 1 <= opts.steps <= 1000:
@@ -150,7 +168,7 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
     given. Returns one EvalResult per variant, in order."""
     opts = options or EvalOptions()
     extractor, reference = check_options(fp, opts)
-    guidance = fp.default_guidance if opts.guidance is None else float(opts.guidance)
+    guidance = eval_guidance(fp, opts)
     labels, seeds = eval_labels_seeds(fp.num_classes, opts.num_samples, opts.seed)
     cache_dir = store.cache_dir if store is not None else None
     names = list(variants)
@@ -171,6 +189,13 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
                                                   cache_dir / "fp_samples" if cache_dir else None,
                                                   step_cb(f"Sampling {FP_NAME}"))
     fp_wall = time.perf_counter() - t0
+    fp_feats = M.extract_features(fp_images, extractor, inception_weights=opts.inception_weights, device=fp.device)
+    ref_feats = floor = None
+    if reference is not None:
+        ref_feats = M.reference_features(reference, extractor, inception_weights=opts.inception_weights,
+                                         device=fp.device, cache_dir=cache_dir)
+        floor = M.fid_floor(ref_feats, len(fp_images))
+    shared_scoring = time.perf_counter() - t0 - fp_wall  # FP and reference features, the floor
     progress[0] += 1
     results = []
     for name in names:
@@ -178,7 +203,8 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
         vb = fp if v is None else (v if isinstance(v, ModelBundle) else v.bundle)
         is_fp = vb is fp
         config = _config_dict(v, is_fp)
-        timings = {"fp_sampling": round(fp_wall, 3), "fp_cached": fp_cached}
+        timings = {"fp_sampling": round(fp_wall, 3), "fp_cached": fp_cached,
+                   "shared_scoring": round(shared_scoring, 3)}
         t1 = time.perf_counter()
         if is_fp:
             images = fp_images
@@ -190,30 +216,18 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
         progress[0] += 1
         report(f"Scoring {name}")
         t2 = time.perf_counter()
-        m = {}
-        if reference is not None:
-            m = M.compute_metrics(images, reference, fid=True, **score_kw)
-        else:
-            m = {"fid": None, "num_samples": len(images), "reference_size": 0, "feature_extractor": extractor,
-                 "warning": "no reference images given: FID vs real was not computed (pass a folder of real images)"}
-            if opts.isc:
-                m.update({k: v for k, v in M.compute_metrics(images, fp_images, fid=False, isc=True,
-                                                               **{**score_kw, "cache_dir": None}).items()
-                          if k.startswith("isc")})
-        if is_fp:
-            m["fid_vs_fp"] = 0.0
-        else:
-            m["fid_vs_fp"] = M.compute_metrics(images, fp_images, fid=True, extractor=extractor,
-                                               inception_weights=opts.inception_weights, device=fp.device)["fid"]
+        feats = fp_feats if is_fp else M.extract_features(images, extractor, inception_weights=opts.inception_weights,
+                                                          device=fp.device)
+        m = _score(images, feats, fp_images, fp_feats, reference, ref_feats, floor, is_fp, extractor, opts, score_kw)
         if fp.bundled:
             from analysis.classifier import label_agreement
 
             m["label_agreement"] = label_agreement(images, labels)
-        m["num_samples"] = len(images)
         timings["scoring"] = round(time.perf_counter() - t2, 3)
-        # What producing this result cost: the (shared) FP sampling, this variant's sampling and scoring.
-        timings["total"] = round(fp_wall + timings["sampling"] + timings["scoring"], 3)
+        # Seconds mean one thing everywhere: the wall time of producing this result, as the sum of its named
+        # parts (the shared FP sampling, this variant's quantization, sampling and scoring).
         timings.update(_variant_timings(v))
+        timings["total"] = round(sum(timings.get(k, 0.0) for k in TIMING_PARTS), 3)
         progress[0] += 1
         report(f"Scored {name}")
         run_id = None
@@ -249,7 +263,8 @@ def evaluate(bundle: ModelBundle, config, options: EvalOptions | None = None, st
             # Calibrate at the evaluated steps and guidance: per-timestep (TPQ) parameters are keyed by the
             # timesteps the sampler will visit.
             kw = {} if opts.calib_samples is None else {"num_samples": opts.calib_samples}
-            calibration = calibration_for(bundle, steps=opts.steps, guidance=opts.guidance, seed=opts.calib_seed,
+            calibration = calibration_for(bundle, steps=opts.steps, guidance=eval_guidance(bundle, opts),
+                                          seed=opts.calib_seed,
                                           scheduler=opts.scheduler, **kw)
         q_progress = (lambda stage, frac: on_progress(f"Quantizing: {stage}", 0.3 * frac)) if on_progress else None
         variant = quantize_bundle(bundle, config, calibration=calibration, on_progress=q_progress)
@@ -259,9 +274,43 @@ def evaluate(bundle: ModelBundle, config, options: EvalOptions | None = None, st
     if on_progress is not None:
         offset = 0.0 if config.method == "fp" else 0.3
         e_progress = lambda stage, frac: on_progress(stage, offset + (1 - offset) * frac)  # noqa: E731
-    result = evaluate_variants(bundle, variants, opts, store=store, on_progress=e_progress, note=note)[0]
-    result.timings["total"] = round(time.perf_counter() - t0, 3)
-    return result
+    return evaluate_variants(bundle, variants, opts, store=store, on_progress=e_progress, note=note)[0]
+
+
+def _score(images, feats, fp_images, fp_feats, reference, ref_feats, floor, is_fp: bool, extractor: str,
+           opts: EvalOptions, score_kw: dict) -> dict:
+    """FID vs real (with its interval and the real-vs-real floor) and vs FP (with its paired interval), from
+    features extracted once; IS / KID / precision-recall through torch-fidelity when asked."""
+    m = {"num_samples": len(images), "feature_extractor": extractor, "warning": M.fid_warning(len(images))}
+    if reference is not None:
+        vs_real = M.fid_interval(feats, ref_feats)
+        m.update(fid=vs_real["fid"], fid_interval=vs_real["fid_interval"], reference_size=len(ref_feats),
+                 fid_floor=floor["fid_floor"], floor_sizes=floor["floor_sizes"],
+                 interval_level=vs_real["level"], bootstrap_replicates=vs_real["replicates"])
+    else:
+        m.update(fid=None, fid_interval=None, fid_floor=None, reference_size=0,
+                 warning="no reference images given: FID vs real was not computed (pass a folder of real images)")
+    if is_fp:  # the same images: identical by construction, not a measurement
+        m.update(fid_vs_fp=0.0, fid_vs_fp_interval=[0.0, 0.0])
+    else:
+        vs_fp = M.fid_interval(feats, fp_feats, paired=True)
+        m.update(fid_vs_fp=vs_fp["fid"], fid_vs_fp_interval=vs_fp["fid_interval"])
+    if opts.isc or opts.kid or opts.prc:
+        against = reference if reference is not None else fp_images
+        extra = M.compute_metrics(images, against, fid=False, **{**score_kw, "kid": opts.kid and reference is not None,
+                                                                 "prc": opts.prc and reference is not None})
+        m.update({k: v for k, v in extra.items() if k.startswith(("isc", "kid", "precision", "recall", "f_score"))})
+    return m
+
+
+def score_row(result: EvalResult) -> dict:
+    """One variant's scores as a flat row for tables and metrics_figure."""
+    m = result.metrics
+    return {"variant": result.name, "fid": m.get("fid"), "fid_interval": m.get("fid_interval"),
+            "fid_floor": m.get("fid_floor"), "fid_vs_fp": m.get("fid_vs_fp"),
+            "fid_vs_fp_interval": m.get("fid_vs_fp_interval"), "label_agreement": m.get("label_agreement"),
+            "num_samples": m["num_samples"], "feature_extractor": m.get("feature_extractor"),
+            "run_id": result.run_id, "warning": m.get("warning")}
 
 
 def _config_dict(v, is_fp: bool) -> dict:
@@ -276,8 +325,10 @@ def _config_dict(v, is_fp: bool) -> dict:
 
 
 def _variant_timings(v) -> dict:
+    """The variant's quantization time, when this evaluation produced it (evaluate() sets quantize_seconds)."""
     report = getattr(v, "report", None) or {}
-    return {k: report[k] for k in ("quantize_seconds", "seconds") if k in report and isinstance(report[k], (int, float))}
+    value = report.get("quantize_seconds")
+    return {"quantize_seconds": value} if isinstance(value, (int, float)) else {}
 
 
 def _grid(images: torch.Tensor, num_classes: int):

@@ -311,19 +311,23 @@ def fid_warning(n: int) -> str | None:
     return None
 
 
+def _extractor_tag(extractor: str) -> str:
+    """Part of every feature cache key: it changes when the digit classifier is retrained."""
+    if extractor != DIGITS_EXTRACTOR:
+        return "inc"
+    from analysis.classifier import CLASSIFIER_DIR
+
+    weights = CLASSIFIER_DIR / "model.safetensors"
+    return _digest(weights.read_bytes()) if weights.exists() else "x"
+
+
 def _fidelity_kwargs(extractor: str, cuda: bool, inception_weights, cache_dir, batch_size) -> dict:
     kwargs = dict(feature_extractor=extractor, cuda=cuda, verbose=False, save_cpu_ram=True,
                   batch_size=batch_size or feature_batch_size(cuda), samples_shuffle=True)
     if extractor == DIGITS_EXTRACTOR:
         register_digit_extractor()
-        # The cache key must change when the classifier is retrained.
-        from analysis.classifier import CLASSIFIER_DIR
-
-        weights = CLASSIFIER_DIR / "model.safetensors"
-        kwargs["_extractor_tag"] = _digest(weights.read_bytes()) if weights.exists() else "x"
     else:
         kwargs["feature_extractor_weights_path"] = str(_verified_copy(resolve_inception_weights(inception_weights)))
-        kwargs["_extractor_tag"] = "inc"
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         kwargs["cache_root"] = str(cache_dir)
@@ -362,7 +366,7 @@ def compute_metrics(images: torch.Tensor, reference: Reference | torch.Tensor, *
         raise MetricsError("no metric asked for: choose at least one of fid, isc, kid, prc")
     cuda = _use_cuda(device)
     kwargs = _fidelity_kwargs(extractor, cuda, inception_weights, cache_dir, batch_size)
-    tag = kwargs.pop("_extractor_tag")
+    tag = _extractor_tag(extractor)
     # input1 = generated, input2 = reference (torch-fidelity's precision/recall convention).
     kwargs.update(input1=gen, input2=ref, fid=fid, isc=isc, kid=kid, prc=prc,
                   input2_cache_name=f"{cache_name}-{tag}" if cache_name else None,
@@ -389,25 +393,127 @@ def fid(images: torch.Tensor, reference: Reference | torch.Tensor, **kwargs) -> 
     return compute_metrics(images, reference, fid=True, **kwargs)["fid"]
 
 
-def extract_features(images: torch.Tensor, extractor: str = DIGITS_EXTRACTOR, layer: str | None = None,
+def extract_features(images: torch.Tensor | Dataset, extractor: str = DIGITS_EXTRACTOR, layer: str | None = None,
                      inception_weights: str | os.PathLike | None = None,
                      device: str | torch.device | None = None) -> torch.Tensor:
-    """The features torch-fidelity's FID uses for `images`, through the same registered extractor: [N, D]."""
+    """The features torch-fidelity's FID uses for `images` (a tensor, or a Dataset of uint8 [3, H, W]), through
+    the same registered extractor: [N, D] on the CPU."""
     from torch.utils.data import DataLoader
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
     from torch_fidelity.utils import create_feature_extractor
 
     cuda = _use_cuda(device)
     kwargs = _fidelity_kwargs(extractor, cuda, inception_weights, None, None)
-    kwargs.pop("_extractor_tag")
     layer = layer or FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
     fe_kwargs = {k: v for k, v in kwargs.items() if k.startswith("feature_extractor_") or k == "verbose"}
     model = create_feature_extractor(extractor, [layer], cuda=cuda, **fe_kwargs)
     feats = []
     with torch.no_grad():
-        for batch in DataLoader(ImageSet(images), batch_size=kwargs["batch_size"]):
+        data = images if isinstance(images, Dataset) else ImageSet(images)
+        for batch in DataLoader(data, batch_size=kwargs["batch_size"]):
             feats.append(model(batch.cuda() if cuda else batch)[0].cpu())
     return torch.cat(feats)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# How much to trust one FID: a bootstrap interval and the real-vs-real floor at the same N
+# ---------------------------------------------------------------------------------------------------------
+
+BOOTSTRAP_REPLICATES = 200
+FLOOR_SPLITS = 3
+_REFERENCE_FEATURES: dict[str, torch.Tensor] = {}  # in-process memo; the disk cache survives restarts
+
+
+def fid_text(value: float | None, interval=None) -> str:
+    """'12.34 [11.02, 13.80]': a FID with its interval, the way every summary and page prints one."""
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" + ("" if not interval else f" [{interval[0]:.2f}, {interval[1]:.2f}]")
+
+
+def fid_from_features(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FID between two feature sets [N, D], with torch-fidelity's own statistics and distance."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    stats = [fid_features_to_statistics(f.double().cpu()) for f in (a, b)]
+    return max(float(fid_statistics_to_metric(stats[0], stats[1], verbose=False)["frechet_inception_distance"]), 0.0)
+
+
+def fid_interval(a: torch.Tensor, b: torch.Tensor, paired: bool = False, replicates: int | None = None,
+                 level: float = 0.95, seed: int = 0) -> dict:
+    """A bootstrap confidence interval of FID(a, b) from the features alone (no new sampling).
+
+    Each replicate resamples the rows of both sets with replacement (`paired`: the same indices on both
+    sides, for sets generated at the same seeds, e.g. a variant against FP). Resampling duplicates rows,
+    which lowers the effective sample count, and FID is biased upwards at low counts; so the percentile
+    interval is shifted by the bootstrap's own bias estimate (mean of the replicates - FID), which keeps
+    the point estimate inside it. High-dimensional features (Inception's 2048) cost a d^3 eigen-solve per
+    replicate: they get fewer replicates by default. Returns {"fid", "fid_interval": [low, high], "level",
+    "replicates"}.
+    """
+    if replicates is None:
+        replicates = BOOTSTRAP_REPLICATES if a.shape[1] <= 512 else 25
+    if paired and len(a) != len(b):
+        raise MetricsError(f"a paired bootstrap needs sets of equal size, got {len(a)} and {len(b)}")
+    point = fid_from_features(a, b)
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(int(replicates)):
+        ia = torch.randint(0, len(a), (len(a),), generator=gen)
+        ib = ia if paired else torch.randint(0, len(b), (len(b),), generator=gen)
+        values.append(fid_from_features(a[ia], b[ib]))
+    values = np.asarray(values)
+    bias = values.mean() - point
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2]) - bias
+    return {"fid": point, "fid_interval": [max(float(lo), 0.0), max(float(hi), 0.0)], "level": level,
+            "replicates": int(replicates)}
+
+
+def fid_floor(reference_features: torch.Tensor, n: int, splits: int = FLOOR_SPLITS, seed: int = 0) -> dict:
+    """FID between two disjoint sets of REAL images, n against the rest of the reference (the mean over a few
+    random splits): what a perfect generator would score at this N. A model's FID vs real is read against
+    it. When n is more than half the reference, both halves get half of it, and "sizes" says so."""
+    total = len(reference_features)
+    if total < 4:
+        raise MetricsError(f"a real-vs-real floor needs at least 4 reference images, got {total}")
+    n_a = min(int(n), total // 2)
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(splits):
+        perm = torch.randperm(total, generator=gen)
+        values.append(fid_from_features(reference_features[perm[:n_a]], reference_features[perm[n_a:]]))
+    return {"fid_floor": float(np.mean(values)), "floor_sizes": [n_a, total - n_a], "floor_splits": splits}
+
+
+def reference_features(reference: "Reference | torch.Tensor", extractor: str = DIGITS_EXTRACTOR,
+                       inception_weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                       cache_dir: str | os.PathLike | None = None) -> torch.Tensor:
+    """The FID features of a reference set; a named Reference's are cached on disk (under `cache_dir`) and in
+    this process, keyed by its cache name and the extractor's weights."""
+    if not isinstance(reference, Reference) or reference.cache_name is None:
+        images = reference.images if isinstance(reference, Reference) else reference
+        return extract_features(images, extractor, inception_weights=inception_weights, device=device)
+    tag = _extractor_tag(extractor)
+    key = f"{reference.cache_name}-{tag}"
+    if key in _REFERENCE_FEATURES:
+        return _REFERENCE_FEATURES[key]
+    path = Path(cache_dir) / f"{key}-fid-features.pt" if cache_dir is not None else None
+    feats = None
+    if path is not None and path.exists():
+        try:
+            feats = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a damaged cache file is recomputed, never trusted
+            path.unlink(missing_ok=True)
+    if feats is None or len(feats) != len(reference):
+        feats = extract_features(_LazyImageSet(reference), extractor, inception_weights=inception_weights,
+                                 device=device)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(feats, tmp)
+            os.replace(tmp, path)
+    _REFERENCE_FEATURES[key] = feats
+    return feats
 
 
 def _use_cuda(device) -> bool:

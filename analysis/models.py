@@ -24,6 +24,30 @@ class ModelLoadError(RuntimeError):
     """A model source could not be loaded; the message says why and what to do."""
 
 
+class NonFiniteError(ValueError):
+    """A tensor that must hold numbers holds NaN or inf; the message names the tensor."""
+
+
+def check_finite(tensor: torch.Tensor, what: str, hint: str = "") -> None:
+    """Raise NonFiniteError naming `what` when `tensor` holds NaN or inf (one reduction, no host copy)."""
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteError(f"{what} hold{'s' if bad == 1 else ''} {bad} NaN/inf value{'s' if bad > 1 else ''}"
+                             + (f"; {hint}" if hint else ""))
+
+
+def check_weights_finite(bundle: "ModelBundle", source: str) -> None:
+    """A NaN in a weight file samples black images without a word (and a classifier may still 'read' them):
+    refuse such a model at load time, naming the first bad tensor."""
+    for part, module in (("transformer", bundle.transformer), ("vae", bundle.vae)):
+        if module is None:
+            continue
+        for name, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ModelLoadError(f"{source}: the weight {part}.{name} holds NaN or inf values; the file is "
+                                     "damaged or was saved from a diverged run; re-export or re-train it")
+
+
 @dataclasses.dataclass
 class ModelBundle:
     """Everything the sampler needs: a transformer, its scheduler config, and how to turn latents to images."""
@@ -131,6 +155,7 @@ def load(source: str, device: str | torch.device | None = "cpu", dtype: str | to
     bundle.transformer.eval().requires_grad_(False)
     if bundle.vae is not None:
         bundle.vae.eval().requires_grad_(False)
+    check_weights_finite(bundle, source)
     return bundle.to(device, dtype)
 
 

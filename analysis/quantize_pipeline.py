@@ -41,11 +41,13 @@ def calibration_for(bundle: ModelBundle, steps: int = DEFAULT_CAL_STEPS, num_sam
     """The transformer inputs of an FP sampling run: labels cycle through the classes, seeds seed..seed+N-1.
 
     Every step is recorded, so each calibration set covers all timesteps of the sampler (TPQ needs them).
+    guidance None: the bundle's evaluation guidance, so the calibrated ranges match the evaluated trajectories.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     labels = [i % bundle.num_classes for i in range(num_samples)]
     seeds = [seed + i for i in range(num_samples)]
+    guidance = bundle.eval_guidance if guidance is None else guidance
     result = sample(bundle, labels, seeds, steps=steps, guidance=guidance, scheduler=scheduler, decode=False,
                     record="all", on_step=on_step)
     return result.calibration

@@ -9,12 +9,13 @@ DiTPipeline takes no initial latents, so this loop uses the bundle's components 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Callable, Iterable
 
 import torch
 
-from analysis.models import ModelBundle
+from analysis.models import ModelBundle, check_finite
 
 SCHEDULERS = ("ddim", "ddpm")
 
@@ -129,6 +130,8 @@ def sample(bundle: ModelBundle, labels: Iterable[int], seeds: Iterable[int], ste
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     guidance = bundle.default_guidance if guidance is None else float(guidance)
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
     n = len(labels)
     batch_size = batch_size or n
     record_steps = _record_set(record, steps)
@@ -159,6 +162,9 @@ def sample(bundle: ModelBundle, labels: Iterable[int], seeds: Iterable[int], ste
             done += 1
             if on_step is not None:
                 on_step(done, total)
+        check_finite(x, f"the sampled latents of images {b0}-{b0 + len(bl) - 1} ({bundle.name})",
+                     "the model or its quantization produced NaN/inf; try float32 or bfloat16 instead of float16, "
+                     "or check the model's weights")
         latents_out.append(x.float().cpu())
         images.append(_to_images(bundle, x) if decode else x.float().cpu())
         if keep_trajectory:

@@ -138,7 +138,9 @@ class Run:
         return {"run_id": self.id, "created": self.created, "model": self.model, "method": self.method,
                 "label": self.label, "w_bits": self.w_bits, "a_bits": self.a_bits,
                 "num_samples": self.num_samples, "steps": self.steps, "guidance": self.guidance,
-                "feature_extractor": self.feature_extractor, "fid": self.fid, "fid_vs_fp": self.fid_vs_fp,
+                "feature_extractor": self.feature_extractor, "fid": self.fid,
+                "fid_interval": self.metrics.get("fid_interval"), "fid_floor": self.metrics.get("fid_floor"),
+                "fid_vs_fp": self.fid_vs_fp, "fid_vs_fp_interval": self.metrics.get("fid_vs_fp_interval"),
                 "label_agreement": self.label_agreement, "seconds": self.timings.get("total"),
                 "seeds": _range_text(self.seeds), "note": self.note}
 

@@ -13,6 +13,13 @@ st.title("Compare variants")
 st.caption("The FP model and quantized variants generate the same classes from the same seeds. Differences are "
            "measured per image (PSNR vs FP), per sampling step (noise-prediction error on FP's inputs, and the "
            "drift of each variant's own x_t), and over many samples with FID.")
+with st.expander("Which FID answers what"):
+    st.markdown("**FID vs real** asks whether the images still look like the data: read it against the "
+                "real-vs-real floor at the same N (the dashed line; two disjoint sets of real images), which is "
+                "what a perfect model would score. **FID vs FP** asks how far quantization moved the model from "
+                "its own FP images at the same seeds; it is 0 for FP by construction. Bars carry 95% bootstrap "
+                "intervals: variants whose intervals overlap are not told apart at this N. FID is sampled at the "
+                "model's evaluation guidance (the FID protocol), not at the stronger guidance of the grids.")
 
 
 @st.cache_resource
@@ -65,27 +72,30 @@ def compare_view(bundle) -> None:
     with st.form("compare_form"):
         chosen = st.multiselect(f"Variants (up to {MAX_VARIANTS}, FP is always shown)", options,
                                 key="compare_pick", max_selections=MAX_VARIANTS)
-        c1, c2, c3, c4 = st.columns(4)
+        c1, c2, c3, c4, c5 = st.columns(5)
         n_classes = min(bundle.num_classes, 10)
         seeds_per_class = c1.number_input("Seeds per class", 1, 8, 2)
         steps = c2.slider("DDIM steps", 5, 100, 50, step=5)
-        guidance = c3.slider("Guidance", 1.0, 8.0, float(bundle.default_guidance), step=0.5)
+        guidance = c3.slider("Grid guidance", 1.0, 8.0, float(bundle.default_guidance), step=0.5)
         fid_n = c4.number_input("FID samples per model (0 = skip)", 0, 50000, 0, step=256,
                                 help="FID below 2048 samples is biased; the count is shown next to every FID")
+        fid_guidance = c5.number_input("FID guidance", 0.0, 20.0, float(bundle.eval_guidance), step=0.25,
+                                       help="the FID protocol's guidance for this model (the value where FP's FID "
+                                            "vs real is lowest); change it only to study guidance itself")
         save = st.checkbox("Save FID results to the run history", value=True)
         go = st.form_submit_button("Compare")
     if go:
         _run_comparison(bundle, chosen, session_variants, runs, int(seeds_per_class), int(steps), float(guidance),
-                        int(fid_n), save, n_classes)
+                        int(fid_n), float(fid_guidance), save, n_classes)
     result = st.session_state.get("comparison")
     if result is not None and result["model"] == bundle.name:
         _show(result)
 
 
-def _run_comparison(bundle, chosen, session_variants, runs, seeds_per_class, steps, guidance, fid_n, save,
-                    n_classes) -> None:
+def _run_comparison(bundle, chosen, session_variants, runs, seeds_per_class, steps, guidance, fid_n, fid_guidance,
+                    save, n_classes) -> None:
     from analysis.compare import compare, grid_layout
-    from analysis.evaluate import EvalOptions, evaluate_variants
+    from analysis.evaluate import EvalOptions, evaluate_variants, score_row
 
     by_label = {f"{RUN_PREFIX}{r.id} {r.label}": r for r in runs}
     variants = {}
@@ -104,14 +114,11 @@ def _run_comparison(bundle, chosen, session_variants, runs, seeds_per_class, ste
                          on_progress=lambda stage, f: bar.progress(min(1.0, share * f), text=stage))
     scores = None
     if fid_n:
-        opts = EvalOptions(num_samples=fid_n, steps=steps, guidance=guidance)
+        opts = EvalOptions(num_samples=fid_n, steps=steps, guidance=fid_guidance)
         try:
             results = evaluate_variants(bundle, {"FP": None, **variants}, opts, store=store() if save else None,
                                         on_progress=lambda stage, f: bar.progress(0.5 + 0.5 * f, text=stage))
-            scores = [{"variant": r.name, "fid": r.metrics.get("fid"), "fid_vs_fp": r.metrics.get("fid_vs_fp"),
-                       "label_agreement": r.metrics.get("label_agreement"), "num_samples": r.metrics["num_samples"],
-                       "feature_extractor": r.metrics.get("feature_extractor"), "run_id": r.run_id,
-                       "warning": r.metrics.get("warning")} for r in results]
+            scores = [score_row(r) for r in results]
         except ValueError as exc:
             st.error(str(exc))
     bar.empty()
@@ -122,17 +129,25 @@ def _run_comparison(bundle, chosen, session_variants, runs, seeds_per_class, ste
 def _show(result: dict) -> None:
     from analysis.plots.evaluation import drift_figure, metrics_figure, psnr_figure, step_error_figure
 
+    from analysis.compare import psnr_text
+
     cmp, scores = result["comparison"], result["scores"]
     summary = {r["variant"]: r for r in cmp.summary()}
+    # One label agreement per variant: on the FID samples when they were scored (larger N), else on the grid.
+    agreement = {name: (s["label_agreement"], s["label_agreement_n"]) for name, s in summary.items()}
+    if scores:
+        agreement.update({s["variant"]: (s["label_agreement"], s["num_samples"]) for s in scores
+                          if s.get("label_agreement") is not None})
     st.subheader(f"Samples: {cmp.steps} DDIM steps, guidance {cmp.guidance}; columns = classes, rows = seeds")
     cols = st.columns(len(cmp.names))
     for col, name in zip(cols, cmp.names):
         s = summary[name]
         cap = f"{name}"
-        if s["label_agreement"] is not None:
-            cap += f" · label agreement {s['label_agreement']:.0%}"
+        value, n = agreement[name]
+        if value is not None:
+            cap += f" · label agreement {value:.1%} (N={n})"
         if name != cmp.names[0]:
-            cap += f" · PSNR vs FP {s['psnr_vs_fp']:.1f} dB"
+            cap += f" · PSNR vs FP {psnr_text(s['psnr_vs_fp'])}"
         col.image(_grid(cmp.images[name], result["ncol"]), caption=cap, width="stretch")
     if len(cmp.names) > 1:
         c1, c2 = st.columns(2)
@@ -144,10 +159,15 @@ def _show(result: dict) -> None:
         c2.plotly_chart(drift_figure(cmp.drift), width="stretch")
         st.plotly_chart(psnr_figure(cmp.image_errors), width="stretch")
     st.subheader("Metrics")
-    table = pd.DataFrame(cmp.summary())
+    table = pd.DataFrame(cmp.summary()).drop(columns=["label_agreement", "label_agreement_n"])
+    table["psnr_vs_fp"] = table["psnr_vs_fp"].map(psnr_text)
+    table["label_agreement"] = table["variant"].map(lambda v: agreement[v][0])
+    table["label_agreement_N"] = table["variant"].map(lambda v: agreement[v][1])
     if scores:
         sc = pd.DataFrame(scores).drop(columns=["label_agreement"])
         sc["fid_N"] = sc.pop("num_samples")
+        for col in ("fid_interval", "fid_vs_fp_interval"):
+            sc[col] = sc[col].map(lambda iv: None if not iv else f"[{iv[0]:.2f}, {iv[1]:.2f}]")
         table = table.merge(sc, on="variant", how="left")
         for w in {s["warning"] for s in scores if s.get("warning")}:
             st.warning(w)
@@ -194,10 +214,15 @@ def history_view(bundle) -> None:
         return
     st.subheader(f"Run #{run.id}: {run.label} on {run.model}")
     m1, m2, m3, m4 = st.columns(4)
-    m1.metric(f"FID vs real (N={run.num_samples})", "n/a" if run.fid is None else f"{run.fid:.2f}")
-    m2.metric(f"FID vs FP (N={run.num_samples})", "n/a" if run.fid_vs_fp is None else f"{run.fid_vs_fp:.2f}")
-    m3.metric("Label agreement", "n/a" if run.label_agreement is None else f"{run.label_agreement:.1%}")
-    m4.metric("Seconds", f"{run.timings.get('total', 0):.0f}")
+    from analysis.metrics import fid_text
+
+    s = run.summary()
+    m1.metric(f"FID vs real (N={run.num_samples})", fid_text(run.fid, s["fid_interval"]),
+              help=None if s["fid_floor"] is None else f"real-vs-real floor at this N: {s['fid_floor']:.2f}")
+    m2.metric(f"FID vs FP (N={run.num_samples})", fid_text(run.fid_vs_fp, s["fid_vs_fp_interval"]))
+    m3.metric(f"Label agreement (N={run.num_samples})",
+              "n/a" if run.label_agreement is None else f"{run.label_agreement:.1%}")
+    m4.metric("Seconds (whole job)", f"{run.timings.get('total', 0):.0f}")
     if run.metrics.get("warning"):
         st.warning(run.metrics["warning"])
     cols = st.columns(2)

@@ -36,10 +36,19 @@ def test_sample_out_dir_names_and_resolution(capsys, tmp_path):
     assert Image.open(tmp_path / "png" / "class4_seed5.png").size == (16, 16)
 
 
-def test_sample_tiny_folder_has_no_label_agreement(capsys, tiny_folder):
+def test_sample_tiny_folder_has_no_label_agreement_and_writes_a_default_file(capsys, tiny_folder, tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "samples.png").write_bytes(b"someone else's file")  # a default name never overwrites
     code, out, _ = run_cli(capsys, "sample", "--model", str(tiny_folder), "--classes", "1", "--seeds", "0",
                            "--steps", "2", "--device", "cpu", "--json")
-    assert code == 0 and "label_agreement" not in json.loads(out)
+    res = json.loads(out)
+    assert code == 0 and "label_agreement" not in res
+    assert res["files"] == ["samples-1.png"] and Image.open(tmp_path / "samples-1.png").size[0] > 0
+    assert (tmp_path / "samples.png").read_bytes() == b"someone else's file"
+    code, out, _ = run_cli(capsys, "sample", "--model", str(tiny_folder), "--classes", "1", "--seeds", "0",
+                           "--steps", "2", "--device", "cpu")
+    assert code == 0 and out.strip().endswith("-> samples-2.png")
 
 
 @pytest.mark.parametrize("argv, reason", [
@@ -50,6 +59,8 @@ def test_sample_tiny_folder_has_no_label_agreement(capsys, tiny_folder):
     (["--out", "grid.jpg"], ".png"),
     (["--model", "./no/such/folder"], "does not exist"),
     (["--dtype", "int3"], "unknown dtype"),
+    (["--guidance", "nan"], "not a finite number"),
+    (["--guidance", "-1"], "outside [0, 100]"),
 ])
 def test_sample_errors_are_one_line(capsys, argv, reason):
     code, out, err = run_cli(capsys, "sample", "--device", "cpu", "--steps", "2", *argv)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from analysis.compare import FP_NAME, PSNR_CAP, compare, grid_layout, image_errors, psnr
+from analysis.compare import FP_NAME, compare, grid_layout, image_errors, psnr, psnr_text
 
 
 def _perturbed(bundle, scale: float, name: str):
@@ -32,7 +33,8 @@ def test_compare_aligns_images_and_measures_errors(tiny_bundle):
     assert seen and seen[-1] == pytest.approx(1.0) and all(b >= a for a, b in zip(seen, seen[1:]))
     summary = {r["variant"]: r for r in cmp.summary()}
     # an identical copy reproduces FP exactly (same seeds), at every step
-    assert summary["copy"]["mse_vs_fp"] == 0.0 and summary["copy"]["psnr_vs_fp"] == PSNR_CAP
+    assert summary["copy"]["mse_vs_fp"] == 0.0 and math.isinf(summary["copy"]["psnr_vs_fp"])
+    assert psnr_text(summary["copy"]["psnr_vs_fp"]) == "identical" and psnr_text(summary[FP_NAME]["psnr_vs_fp"]) == "identical"
     assert all(r["rel_mse"] < 1e-12 for r in cmp.step_error if r["variant"] == "copy")
     # a bigger change gives bigger errors everywhere
     assert 0 < summary["small"]["mse_vs_fp"] < summary["large"]["mse_vs_fp"]
@@ -61,7 +63,7 @@ def test_psnr_and_image_errors():
     b[1] += 0.1
     mse, ps = image_errors(a, b)
     assert mse == pytest.approx([0.0, 0.01])
-    assert ps[0] == PSNR_CAP and ps[1] == pytest.approx(20.0)
+    assert math.isinf(ps[0]) and ps[1] == pytest.approx(20.0)
     assert psnr(1.0) == pytest.approx(0.0)
 
 
@@ -86,6 +88,14 @@ def test_evaluate_variants_with_a_folder_reference(tiny_bundle, tmp_path):
     assert fp.metrics["fid"] is not None and fp.metrics["reference_size"] == 24
     assert large.metrics["num_samples"] == 12 and "2048" in large.metrics["warning"]
     assert fp.timings["fp_cached"] is False and large.config == {"method": "custom"}
+    for r in res:  # every FID carries its interval, and FID vs real the real-vs-real floor at the same N
+        lo, hi = r.metrics["fid_interval"]
+        assert lo <= r.metrics["fid"] <= hi and r.metrics["fid_floor"] > 0 and r.metrics["floor_sizes"] == [12, 12]
+        # seconds: one meaning, the sum of the named parts
+        parts = ("fp_sampling", "shared_scoring", "quantize_seconds", "sampling", "scoring")
+        assert r.timings["total"] == pytest.approx(sum(r.timings.get(k, 0.0) for k in parts), abs=2e-3)
+    lo, hi = large.metrics["fid_vs_fp_interval"]
+    assert lo <= large.metrics["fid_vs_fp"] <= hi and fp.metrics["fid_vs_fp_interval"] == [0.0, 0.0]
     runs = store.list()
     assert [r.label for r in runs] == ["large", "FP"] and runs[0].fid == pytest.approx(large.metrics["fid"])
     assert runs[0].files["grid.png"].exists() and runs[0].files["fp_grid.png"].exists()
@@ -116,9 +126,16 @@ def test_figures(tiny_bundle):
     assert fig.layout.yaxis.type == "log"
     assert len(drift_figure(cmp.drift).data) == 2
     assert len(psnr_figure(cmp.image_errors).data) == 2
-    rows = [{"variant": "FP", "fid": 10.0, "fid_vs_fp": 0.0, "label_agreement": 0.9, "num_samples": 512},
-            {"variant": "a", "fid": 12.0, "fid_vs_fp": 3.0, "label_agreement": 0.8, "num_samples": 512}]
+    rows = [{"variant": "FP", "fid": 10.0, "fid_interval": [9.0, 11.5], "fid_floor": 4.0, "fid_vs_fp": 0.0,
+             "fid_vs_fp_interval": [0.0, 0.0], "label_agreement": 0.9, "num_samples": 512},
+            {"variant": "a", "fid": 12.0, "fid_interval": [10.0, 14.0], "fid_floor": 4.0, "fid_vs_fp": 3.0,
+             "fid_vs_fp_interval": [2.0, 4.5], "label_agreement": 0.8, "num_samples": 512}]
     mf = metrics_figure(rows)
     assert len(mf.data) == 3 and "N=512" in mf.layout.annotations[0].text
+    # the intervals are error bars around the bars, the floor a line on the FID vs real panel
+    assert list(mf.data[0].error_y.array) == [1.5, 2.0] and list(mf.data[0].error_y.arrayminus) == [1.0, 2.0]
+    assert list(mf.data[1].error_y.array) == [0.0, 1.5]
+    assert any("real vs real 4" in (a.text or "") for a in mf.layout.annotations)
+    assert mf.layout.shapes and mf.layout.shapes[0].y0 == 4.0
     assert "2048" in mf.layout.title.text  # a warning for small N
     assert list(mf.data[0].y) == [10.0, 12.0]

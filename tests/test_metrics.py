@@ -193,3 +193,39 @@ def test_torch_fidelity_reads_a_verified_copy_of_the_inception_weights(tmp_path)
     handed = Path(kwargs["feature_extractor_weights_path"])
     assert handed != ok and handed.parent != tmp_path
     assert torch.equal(torch.load(handed, weights_only=True)["fc.weight"], torch.arange(3.0))
+
+
+def test_fid_interval_and_floor_from_features(digits):
+    """The bootstrap interval holds the point estimate and narrows with N; the floor of two disjoint real sets
+    is what a perfect generator scores, and a shifted set scores clearly above it."""
+    a, b = digits
+    fa, fb = M.extract_features(a), M.extract_features(b)
+    fb_shift = M.extract_features((b + 0.25).clamp(0, 1))
+    small = M.fid_interval(fa[:100], fb[:100], replicates=60)
+    large = M.fid_interval(fa, fb, replicates=60)
+    for r in (small, large):
+        assert r["fid_interval"][0] <= r["fid"] <= r["fid_interval"][1] and r["replicates"] == 60
+    width = lambda r: r["fid_interval"][1] - r["fid_interval"][0]  # noqa: E731
+    assert width(large) < width(small)
+    assert large["fid"] == pytest.approx(M.fid(b, a), rel=1e-3)  # the same number torch-fidelity reports
+    pooled = torch.cat([fa, fb])
+    floor = M.fid_floor(pooled, 300)
+    assert floor["floor_sizes"] == [300, 500] and 0 < floor["fid_floor"]
+    assert M.fid_from_features(fb_shift, fa) > 3 * floor["fid_floor"]
+    assert M.fid_floor(pooled, 700)["floor_sizes"] == [400, 400]  # more than half: two halves
+    paired = M.fid_interval(fb_shift, fb, paired=True, replicates=30)
+    assert paired["fid_interval"][0] <= paired["fid"] <= paired["fid_interval"][1]
+    with pytest.raises(M.MetricsError, match="equal size"):
+        M.fid_interval(fa[:10], fb[:12], paired=True)
+
+
+def test_reference_features_are_cached_on_disk(tmp_path, digits):
+    a, _ = digits
+    ref = M.Reference("test digits", a[:50], cache_name="test-ref-feats")
+    M._REFERENCE_FEATURES.clear()
+    first = M.reference_features(ref, cache_dir=tmp_path)
+    assert list(tmp_path.glob("test-ref-feats-*-fid-features.pt"))
+    M._REFERENCE_FEATURES.clear()
+    lazy = M.Reference("test digits", loader=lambda: pytest.fail("features should come from the cache"), size=50,
+                       cache_name="test-ref-feats")
+    assert torch.equal(M.reference_features(lazy, cache_dir=tmp_path), first)

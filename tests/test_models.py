@@ -71,3 +71,38 @@ def test_cuda_request_without_gpu_is_an_error():
         pytest.skip("this machine has a GPU")
     with pytest.raises(ModelLoadError, match="no CUDA"):
         load("bundled:dit-mnist", device="cuda")
+
+
+def test_a_nan_weight_is_refused_at_load_naming_the_tensor(tmp_path, capsys):
+    """One NaN in the class embedding once loaded silently, sampled black images and scored label agreement 1.0."""
+    from safetensors.torch import load_file, save_file
+
+    from analysis.models import ModelLoadError, load
+    from tests.conftest import run_cli, save_pipeline_folder
+
+    folder = save_pipeline_folder(tmp_path / "m", with_vae=False)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    key = next(k for k in tensors if "class_embedder.embedding_table" in k)
+    tensors[key][3, 0] = float("nan")
+    save_file(tensors, str(weights))
+    with pytest.raises(ModelLoadError, match="class_embedder.embedding_table.weight holds NaN"):
+        load(str(folder))
+    code, out, err = run_cli(capsys, "sample", "--model", str(folder), "--classes", "3", "--seeds", "0",
+                             "--steps", "2", "--out", str(tmp_path / "g.png"))
+    assert code == 2 and out == "" and err.count("\n") == 1 and "NaN" in err
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_non_finite_samples_are_an_error_naming_them(tiny_bundle):
+    """A model whose outputs overflow (as float16 can) must not hand back images made of NaN."""
+    import copy
+
+    from analysis.models import NonFiniteError
+    from analysis.sampling import sample
+
+    broken = copy.deepcopy(tiny_bundle.transformer)
+    with torch.no_grad():
+        broken.proj_out_2.bias.fill_(float("inf"))
+    with pytest.raises(NonFiniteError, match="sampled latents of images 0-1"):
+        sample(tiny_bundle.with_transformer(broken), [1, 2], [0, 0], steps=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from analysis.cli import CLIError, add_common, emit
+from analysis.cli import CLIError, add_common, add_guidance, emit
 from analysis.cli.quantize import add_quant_options, check_excludes, config_from_args
 
 
@@ -16,7 +16,7 @@ def register(sub) -> None:
     s = p.add_argument_group("sampling and scoring")
     s.add_argument("--num-samples", type=int, default=2048, help="images per model (default: %(default)s)")
     s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    add_guidance(s, "the model's evaluation guidance, the FID protocol")
     s.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
     s.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed+i and class i mod K")
     s.add_argument("--batch-size", type=int, default=None, help="images per sampling batch (default: by device)")
@@ -38,7 +38,8 @@ def register(sub) -> None:
 
 
 def run(args) -> dict:
-    from analysis.evaluate import EvalOptions, check_options, evaluate
+    from analysis.metrics import fid_text
+    from analysis.evaluate import EvalOptions, check_options, eval_guidance, evaluate
     from analysis.models import load
     from analysis.store import Store
 
@@ -64,10 +65,13 @@ def run(args) -> dict:
         print(file=sys.stderr)
     m = result.metrics
     out = {"model": args.model, "method": config.method, "label": config.label, "run_id": result.run_id,
-           "fid": m.get("fid"), "fid_vs_fp": m.get("fid_vs_fp"), "num_samples": m["num_samples"],
-           "reference_size": m.get("reference_size"), "feature_extractor": m.get("feature_extractor"),
+           "fid": m.get("fid"), "fid_interval": m.get("fid_interval"), "fid_floor": m.get("fid_floor"),
+           "fid_vs_fp": m.get("fid_vs_fp"), "fid_vs_fp_interval": m.get("fid_vs_fp_interval"),
+           "interval_level": m.get("interval_level"), "num_samples": m["num_samples"],
+           "reference_size": m.get("reference_size"), "floor_sizes": m.get("floor_sizes"),
+           "feature_extractor": m.get("feature_extractor"),
            "seconds": result.timings.get("total"), "steps": args.steps, "scheduler": args.scheduler,
-           "guidance": bundle.default_guidance if args.guidance is None else args.guidance, "warning": m.get("warning")}
+           "guidance": eval_guidance(bundle, opts), "warning": m.get("warning")}
     if "label_agreement" in m:
         out["label_agreement"] = m["label_agreement"]
     for key in ("isc_mean", "isc_std", "kid_mean", "kid_std", "kid_subset_size", "precision", "recall", "f_score"):
@@ -75,11 +79,13 @@ def run(args) -> dict:
             out[key] = m[key]
     out["timings"] = result.timings
     out["config"] = config.to_dict()
-    fid_text = "n/a" if out["fid"] is None else f"{out['fid']:.3f}"
-    human = (f"{config.label}: FID vs real {fid_text}, FID vs FP {out['fid_vs_fp']:.3f} "
-             f"(N={out['num_samples']}, {out['feature_extractor']})"
+    human = (f"{config.label}: FID vs real {fid_text(out['fid'], out['fid_interval'])}"
+             + ("" if out["fid_floor"] is None else f" (real-vs-real floor {out['fid_floor']:.2f})")
+             + f", FID vs FP {fid_text(out['fid_vs_fp'], out['fid_vs_fp_interval'])}"
+             f" (N={out['num_samples']}, guidance {out['guidance']:g}, {out['feature_extractor']})"
              + (f", label agreement {out['label_agreement']:.1%}" if "label_agreement" in out else "")
              + f", {out['seconds']:.1f}s" + (f", run {result.run_id}" if result.run_id else "")
              + (f"\nwarning: {out['warning']}" if out["warning"] else ""))
     emit(args, out, human)
     return out
+

@@ -20,6 +20,7 @@ def register(sub) -> None:
 
 
 def run(args) -> dict:
+    from analysis.metrics import fid_text
     from analysis.store import Store
 
     if args.limit is not None and args.limit < 1:
@@ -42,9 +43,9 @@ def run(args) -> dict:
     out = {"data_dir": str(store.data_dir), "count": len(rows), "runs": rows}
     lines = [f"{len(rows)} run(s) in {store.data_dir}"]
     for r in rows:
-        fid = "n/a" if r["fid"] is None else f"{r['fid']:.2f}"
-        vs = "n/a" if r["fid_vs_fp"] is None else f"{r['fid_vs_fp']:.2f}"
+        floor = "" if r["fid_floor"] is None else f" (floor {r['fid_floor']:.2f})"
         lines.append(f"#{r['run_id']:<4} {r['created']}  {r['model']}  {r['label']:<24} N={r['num_samples']:<6} "
-                     f"FID {fid:>8}  vs FP {vs:>8}")
+                     f"FID {fid_text(r['fid'], r['fid_interval'])}{floor}  "
+                     f"vs FP {fid_text(r['fid_vs_fp'], r['fid_vs_fp_interval'])}  {r['seconds'] or 0:.1f}s")
     emit(args, out, "\n".join(lines))
     return out

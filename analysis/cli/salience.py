@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from analysis.cli import CLIError, add_common, emit
+from analysis.cli import CLIError, add_common, add_guidance, emit
 
 
 def register(sub) -> None:
@@ -23,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--samples", type=int, default=16, help="calibration samples (classes cycle 0, 1, ...)")
     p.add_argument("--first-seed", type=int, default=0, help="sample i uses seed first-seed + i")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    add_guidance(p)
     p.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
     p.add_argument("--batch-size", type=int, default=None, help="samples per forward (default: all)")
     p.add_argument("--reduce-samples", action="store_true",
@@ -122,7 +122,9 @@ def run(args) -> dict:
                "out": str(written) if written else None,
                "file_mb": round(written.stat().st_size / 2**20, 2) if written else None}
     human = (f"{summary['layers']} layers x {summary['timesteps']} timesteps x {summary['rows_per_timestep']} rows "
-             f"in {seconds:.1f}s" + (f" ({overhead:.2f}x plain sampling)" if overhead else "")
+             f"in {seconds:.1f}s" + (f" (overhead_vs_sampling {overhead:.3f}x wall, {cpu_overhead:.3f}x CPU time, "
+                                      f"best of {args.repeats} pass{'es' if args.repeats > 1 else ''})"
+                                      if overhead else "")
              + (f" -> {written}" if written else "") + "\nhardest layers (activation max/median):\n"
              + "\n".join(f"  {h['act_outlier_ratio']:8.2f}  {h['layer']}" for h in hardest))
     emit(args, summary, human)

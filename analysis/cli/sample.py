@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
-from analysis.cli import CLIError, add_common, emit
+from analysis.cli import CLIError, add_common, add_guidance, emit
 
 
 def register(sub) -> None:
@@ -13,11 +14,13 @@ def register(sub) -> None:
     p.add_argument("--classes", default="0-9", help="e.g. 0,1,2 or 0-9 (default: %(default)s)")
     p.add_argument("--seeds", default="0-7", help="e.g. 0-15 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    add_guidance(p)
     p.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward (default: all)")
     out = p.add_mutually_exclusive_group()
-    out.add_argument("--out", type=Path, default=None, help="grid PNG: one row per class, one column per seed")
+    out.add_argument("--out", type=Path, default=None,
+                     help="grid PNG: one row per class, one column per seed (default: samples.png here, or "
+                          "samples-1.png ... when that exists)")
     out.add_argument("--out-dir", type=Path, default=None, help="one PNG per image, class{c}_seed{s}.png")
     p.set_defaults(func=run)
 
@@ -27,11 +30,10 @@ def run(args) -> dict:
     from analysis.models import load
     from analysis.sampling import parse_int_list, sample
 
+    start = time.perf_counter()
     classes, seeds = parse_int_list(args.classes), parse_int_list(args.seeds)
     if args.steps < 1 or args.steps > 1000:
         raise CLIError(f"--steps must be between 1 and 1000, got {args.steps}")
-    if args.guidance is not None and args.guidance < 0:
-        raise CLIError(f"--guidance must be >= 0, got {args.guidance}")
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     for path in [args.out] if args.out else []:
@@ -44,6 +46,8 @@ def run(args) -> dict:
     result = sample(bundle, labels, seed_list, steps=args.steps, guidance=args.guidance,
                     scheduler=args.scheduler, batch_size=args.batch_size, on_step=show)
     written = []
+    if args.out_dir is None and args.out is None:
+        args.out = _free_name(Path("samples.png"))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         make_grid(result.images, ncol=len(seeds)).save(args.out)
@@ -54,13 +58,25 @@ def run(args) -> dict:
     summary = {"model": args.model, "images": len(labels), "classes": classes, "seeds": seeds,
                "steps": args.steps, "scheduler": args.scheduler,
                "guidance": bundle.default_guidance if args.guidance is None else args.guidance,
-               "device": str(bundle.device), "seconds": round(result.seconds, 3), "files": written}
+               "device": str(bundle.device), "sampling_seconds": round(result.seconds, 3), "files": written}
     if bundle.bundled:
         from analysis.classifier import label_agreement
 
         summary["label_agreement"] = round(label_agreement(result.images, labels), 4)
-    human = f"{len(labels)} images in {result.seconds:.1f}s" + (
+    # seconds: the whole command's wall time (loading, sampling, writing, scoring); sampling_seconds a part
+    summary["seconds"] = round(time.perf_counter() - start, 3)
+    human = f"{len(labels)} images in {summary['seconds']:.1f}s (sampling {result.seconds:.1f}s)" + (
         f", label agreement {summary['label_agreement']:.1%}" if "label_agreement" in summary else "") + (
         f" -> {written[0] if len(written) == 1 else args.out_dir}" if written else "")
     emit(args, summary, human)
     return summary
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or the first of path-1, path-2, ... that does not exist: a default never overwrites a file."""
+    k = 0
+    candidate = path
+    while candidate.exists():
+        k += 1
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+    return candidate

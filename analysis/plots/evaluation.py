@@ -1,6 +1,8 @@
 """Figures for comparing variants: per-timestep error lines, x_t drift lines, metric bars."""
 from __future__ import annotations
 
+import math
+
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -33,8 +35,10 @@ def drift_figure(drift: list[dict]) -> go.Figure:
 
 
 def metrics_figure(rows: list[dict]) -> go.Figure:
-    """Bars per variant: FID vs real, FID vs FP (both with N in the hover and axis), label agreement.
-    rows: {"variant", "fid", "fid_vs_fp", "label_agreement", "num_samples"}; missing values are skipped."""
+    """Bars per variant: FID vs real, FID vs FP (both with N in the hover and axis, and their bootstrap
+    intervals as error bars), label agreement; the real-vs-real floor at the same N as a dashed line.
+    rows: {"variant", "fid", "fid_interval", "fid_floor", "fid_vs_fp", "fid_vs_fp_interval",
+    "label_agreement", "num_samples"}; missing values are skipped."""
     have_agree = any(r.get("label_agreement") is not None for r in rows)
     cols = 3 if have_agree else 2
     n = sorted({r.get("num_samples") for r in rows if r.get("num_samples")})
@@ -44,11 +48,22 @@ def metrics_figure(rows: list[dict]) -> go.Figure:
     names = [r["variant"] for r in rows]
     for col, key in enumerate(["fid", "fid_vs_fp", "label_agreement"][:cols], start=1):
         vals = [r.get(key) for r in rows]
+        intervals = [r.get(f"{key}_interval") for r in rows]
+        error_y = None
+        if any(intervals):
+            error_y = dict(type="data", symmetric=False, thickness=1.5, width=6,
+                           array=[(iv[1] - v) if iv and v is not None else 0 for v, iv in zip(vals, intervals)],
+                           arrayminus=[(v - iv[0]) if iv and v is not None else 0 for v, iv in zip(vals, intervals)])
         fig.add_trace(go.Bar(x=names, y=[v if v is not None else 0 for v in vals], name=key, showlegend=False,
+                             error_y=error_y,
                              text=["n/a" if v is None else (f"{v:.1%}" if key == "label_agreement" else f"{v:.3g}")
                                    for v in vals], textposition="outside",
                              customdata=[r.get("num_samples") for r in rows],
                              hovertemplate="%{x}: %{text} (N=%{customdata})<extra></extra>"), row=1, col=col)
+    floors = [r.get("fid_floor") for r in rows if r.get("fid_floor") is not None]
+    if floors:
+        fig.add_hline(y=max(floors), line_dash="dash", line_color="gray", row=1, col=1,
+                      annotation_text=f"real vs real {max(floors):.3g}", annotation_position="top left")
     if have_agree:
         fig.update_yaxes(range=[0, 1.05], tickformat=".0%", row=1, col=3)
     warn = n and min(n) < MIN_RELIABLE_FID_SAMPLES
@@ -60,8 +75,14 @@ def metrics_figure(rows: list[dict]) -> go.Figure:
 def psnr_figure(image_errors: list[dict]) -> go.Figure:
     """Distribution of per-image PSNR vs FP for each variant (box per variant)."""
     fig = go.Figure()
+    identical = 0
     for name in dict.fromkeys(r["variant"] for r in image_errors):
-        fig.add_trace(go.Box(y=[r["psnr"] for r in image_errors if r["variant"] == name], name=name, boxpoints="all"))
-    fig.update_layout(title="Per-image PSNR vs FP (same label and seed)", yaxis_title="PSNR (dB)", height=340,
+        values = [r["psnr"] for r in image_errors if r["variant"] == name]
+        identical += sum(math.isinf(v) for v in values)  # PSNR is infinite there: no point to draw
+        fig.add_trace(go.Box(y=[v for v in values if not math.isinf(v)], name=name, boxpoints="all"))
+    title = "Per-image PSNR vs FP (same label and seed)"
+    if identical:
+        title += f"; {identical} image{'s' if identical > 1 else ''} identical to FP not drawn"
+    fig.update_layout(title=title, yaxis_title="PSNR (dB)", height=340,
                       margin=dict(l=10, r=10, t=50, b=10), showlegend=False)
     return fig
