@@ -40,7 +40,8 @@ def train_test_split(n: int, test_fraction: float = 0.1, seed: int = 0) -> tuple
 
 
 def random_shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) -> torch.Tensor:
-    """Shift each digit by up to one pixel: cheap augmentation for a 5000-image training set."""
+    """Shift each digit by up to one pixel: cheap augmentation for a 5000-image training set. The border is
+    filled with 0, the black background of [0, 1] images: shift before any rescaling."""
     pad = F.pad(x, (max_shift,) * 4)
     n, _, h, w = x.shape
     dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)

@@ -200,7 +200,8 @@ def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
         name=name, transformer=transformer, scheduler_config=scheduler_config, vae=vae,
         num_classes=cfg.num_embeds_ada_norm,
         latent_shape=(cfg.in_channels, cfg.sample_size, cfg.sample_size),
-        default_guidance=meta.get("default_guidance", 4.0 if bundled else 1.5), bundled=bundled)
+        default_guidance=meta.get("default_guidance", 4.0 if bundled else 1.5),
+        eval_guidance=meta.get("eval_guidance", 1.5), bundled=bundled)
 
 
 def _load_hub(repo_id: str) -> ModelBundle:

@@ -1,6 +1,8 @@
 """Train the bundled class-conditional diffusion transformer `bundled:dit-mnist` from scratch.
 
     python scripts/train_dit.py --steps 4000 --ckpt-dir checkpoints/dit-mnist --out assets/dit-mnist
+    python scripts/train_dit.py --init-from assets/dit-mnist --steps 3000 --lr 3e-4 --warmup 100 \
+        --ckpt-dir checkpoints/dit-mnist-ft --out assets/dit-mnist      # continue training a shipped model
 
 A diffusers DiTTransformer2DModel (adaLN-Zero blocks, the DiT-XL/2 block structure at a small width)
 learns to predict the noise of 16x16 MNIST digits under a 1000-step DDPM schedule. Labels are dropped to
@@ -85,6 +87,11 @@ def export(out: Path, ema, args, step: int, losses: list[float], elapsed: float)
             "width": args.width, "depth": args.depth, "head_dim": args.head_dim, "patch": args.patch,
             "seed": args.seed, "final_loss_mean_last_200": round(final_loss, 5),
             "train_seconds": round(elapsed, 1), "threads": torch.get_num_threads()}
+    prior = getattr(args, "prior", None)
+    if prior:  # continued from an exported model: record both stages
+        info.update(continued_from={"steps": prior["steps"], "train_seconds": prior["train_seconds"]},
+                    total_steps=prior["steps"] + step,
+                    total_train_seconds=round(prior["train_seconds"] + elapsed, 1))
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -104,12 +111,14 @@ def main(argv=None) -> None:
     p.add_argument("--ckpt-dir", type=Path, default=Path("checkpoints/dit-mnist"))
     p.add_argument("--out", type=Path, default=Path("assets/dit-mnist"))
     p.add_argument("--export-only", action="store_true", help="write the newest checkpoint's EMA to --out")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from an exported model folder (its transformer/ safetensors), e.g. to train the "
+                        "shipped model longer; the optimizer starts fresh (--steps counts the new steps)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (about 25%% slower a step on CPU)")
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
     images, labels = load_digits()
-    x0_all = images * 2 - 1  # model space is [-1, 1]
     model = build_model(args.width, args.depth, args.head_dim, args.patch)
     ema = build_model(args.width, args.depth, args.head_dim, args.patch)
     ema.load_state_dict(model.state_dict())
@@ -127,6 +136,17 @@ def main(argv=None) -> None:
         gen.set_state(state["gen"]); torch.set_rng_state(state["torch_rng"])
         step, losses, elapsed = state["step"], list(state["losses"]), state["elapsed"]
         print(f"resumed from {ckpt} at step {step}", flush=True)
+    elif args.init_from is not None:
+        from diffusers import DiTTransformer2DModel
+
+        start = DiTTransformer2DModel.from_pretrained(args.init_from / "transformer", use_safetensors=True)
+        model.load_state_dict(start.state_dict()); ema.load_state_dict(start.state_dict())
+        print(f"initialised from {args.init_from}", flush=True)
+    prior = args.init_from / "training.json" if args.init_from is not None else None
+    if prior is not None and prior.exists():  # the card reports the whole history: earlier steps carry over
+        info = json.loads(prior.read_text())
+        args.prior = {"steps": info.get("total_steps", info.get("steps", 0)),
+                      "train_seconds": info.get("total_train_seconds", info.get("train_seconds", 0.0))}
     if args.export_only:
         export(args.out, ema, args, step, losses, elapsed)
         return
@@ -139,8 +159,10 @@ def main(argv=None) -> None:
     while step < args.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        idx = torch.randint(0, len(x0_all), (args.batch,), generator=gen)
-        x0 = random_shift(x0_all[idx], gen)
+        idx = torch.randint(0, len(images), (args.batch,), generator=gen)
+        # Shift in [0, 1] pixel space, where the padding (0) is the black background, THEN map to the model's
+        # [-1, 1]. Padding in model space would add mid-gray borders the model learns to draw.
+        x0 = random_shift(images[idx], gen) * 2 - 1
         y = labels[idx]
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
