@@ -1,0 +1,222 @@
+"""INT8 inference: W8A8 linears that really multiply int8 x int8 -> int32 (torch._int_mm).
+
+A fake-quantized linear (quant.modules.QuantLinear) computes Y = Q_a(X) Q_w(W)^T + b in floating point, with
+    Q_a(X) = (A - z_a) d_a,   A = clamp(round(X / d_a) + z_a, 0, 255)   one (d_a, z_a) per tensor, or per
+                                                                       sample by its timestep with TPQ
+    Q_w(W) = (Q - z_w) d_w,   Q = the stored weight codes               one (d_w, z_w) per output channel j
+Shifting both code ranges by 128 makes them int8 (A' = A - 128, z_a' = z_a - 128, likewise Q', z_w'), and
+    Y_ij = d_a d_w[j] ( sum_k A'_ik Q'_jk  -  z_w'[j] sum_k A'_ik  -  z_a' sum_k Q'_jk  +  K z_a' z_w'[j] ) + b_j
+The first term is one integer matmul that accumulates exactly in int32 (each product is at most 2^14, so K up
+to 2^17 cannot overflow); the row sums of A' are a per-row vector, the column sums of Q' are precomputed from
+the weight, and the rest are per-channel constants, all applied with the scales and the bias in one float
+epilogue. Symmetric quantizers (z = 0, codes already signed) skip the shift and their correction terms.
+
+The result equals the fake-quant layer up to float rounding order (the integer part is exact; the float
+path rounds every product). Which layers are worth it depends on the shape: a matmul with few rows (the
+adaLN projection sees one row per image) or a narrow one gains nothing from int8 once the activation is
+quantized and the epilogue applied, so `plan_int8` times both paths per (rows, in, out) shape on the
+machine at hand and `to_int8` converts only the layers whose shape was faster in int8.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+
+import torch
+import torch.nn as nn
+
+from quant.modules import ActQuantizer, QuantLinear, quant_layers
+from quant.quantizers import qrange, quantize_codes
+
+# torch._int_mm on CUDA needs more than 16 rows and row counts / widths in multiples of 8.
+_CUDA_MIN_ROWS = 17
+_CUDA_MULTIPLE = 8
+
+
+def _offset(symmetric: bool) -> int:
+    """What to subtract from 8-bit codes to make them int8: 128 for [0, 255], 0 for symmetric codes."""
+    return 0 if symmetric else 128
+
+
+def int8_eligible(layer: nn.Module) -> bool:
+    """A QuantLinear with 8-bit weights and an enabled 8-bit activation quantizer (W8A8)."""
+    return (isinstance(layer, QuantLinear) and layer.w_bits == 8 and layer.act.enabled and layer.act.bits == 8
+            and not layer.use_fp_weight)
+
+
+class Int8Linear(nn.Module):
+    """Y = d_a d_w (A' Q'^T - z_w' rowsum(A') - z_a' colsum(Q') + K z_a' z_w') + b, the matmul in int8."""
+
+    def __init__(self, layer: QuantLinear):
+        super().__init__()
+        if not int8_eligible(layer):
+            raise ValueError(f"Int8Linear needs a W8A8 QuantLinear, got {layer!r}")
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        w_off = _offset(layer.w_symmetric)
+        with torch.no_grad():
+            codes = quantize_codes(layer.weight, layer.w_scale, layer.w_zero, 8, layer.w_symmetric) - w_off
+            n = self.out_features
+            self.register_buffer("weight_int8", codes.to(torch.int8).contiguous())  # [out, in], like nn.Linear
+            self.register_buffer("w_scale", layer.w_scale.reshape(-1).float().expand(n).clone())
+            self.register_buffer("w_zero", (layer.w_zero.reshape(-1).float() - w_off).expand(n).clone())
+            self.register_buffer("w_colsum", codes.sum(dim=1).float())
+            self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
+        self.w_symmetric = layer.w_symmetric
+        self.act: ActQuantizer = copy.deepcopy(layer.act)
+        self.act.ctx = layer.act.ctx  # the model's one timestep context, not a copy of it
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 x int8 -> int32"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d, z = self.act.params_for(x)  # per tensor, or [B, 1, ...] per sample with TPQ
+        d, z = d.float(), z.float()
+        a_off = _offset(self.act.symmetric)
+        qmin, qmax = qrange(8, self.act.symmetric)
+        a = (x.float() / d).round_().add_(z).clamp_(qmin, qmax).sub_(a_off)  # exact small integers in float
+        rows = a.reshape(-1, self.in_features)
+        acc = _int_mm(rows.to(torch.int8), self.weight_int8.t())
+        y = acc.reshape(*x.shape[:-1], self.out_features).float()
+        if not self.w_symmetric:  # - z_w' * rowsum(A')
+            y.addcmul_(a.sum(dim=-1, keepdim=True), self.w_zero, value=-1.0)
+        if not self.act.symmetric:  # - z_a' colsum(Q') + K z_a' z_w'
+            y.add_((z - a_off) * (self.in_features * self.w_zero - self.w_colsum))
+        y.mul_(d * self.w_scale)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.to(x.dtype)
+
+
+def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch._int_mm, with rows padded where the CUDA kernel needs it."""
+    if a.device.type != "cuda":
+        return torch._int_mm(a, b)
+    m = a.shape[0]
+    padded = max(_CUDA_MIN_ROWS, m)
+    padded += (-padded) % _CUDA_MULTIPLE
+    if padded != m:
+        a = torch.cat([a, a.new_zeros(padded - m, a.shape[1])])
+    return torch._int_mm(a, b)[:m]
+
+
+@dataclasses.dataclass
+class ShapeTiming:
+    """One linear shape timed both ways: rows x in_features -> out_features."""
+
+    rows: int
+    in_features: int
+    out_features: int
+    float_ms: float
+    int8_ms: float
+
+    @property
+    def int8(self) -> bool:
+        return self.int8_ms < self.float_ms
+
+    def key(self) -> str:
+        return f"{self.rows}x{self.in_features}x{self.out_features}"
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "speedup": self.float_ms / self.int8_ms, "int8": self.int8}
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up: first-call allocation and kernel selection
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def layer_input_shapes(model: nn.Module, example: tuple) -> dict[str, tuple[int, ...]]:
+    """The input shape each W8A8 linear sees in one forward of `example` = (x, t, y)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name):
+        def hook(module, args):
+            shapes.setdefault(name, tuple(args[0].shape))  # returns None: the input goes on unchanged
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(record(name))
+             for name, layer in quant_layers(model).items() if int8_eligible(layer)]
+    x, t, y = example
+    p = next(model.parameters())
+    try:
+        with torch.no_grad():
+            model(x.to(p.device, p.dtype), timestep=t.to(p.device), class_labels=y.to(p.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+@torch.no_grad()
+def plan_int8(model: nn.Module, example: tuple, repeats: int = 5) -> dict[str, dict]:
+    """Per layer of `model` (a W8A8 quant model): whether its shape runs faster in int8, measured here.
+
+    Each distinct (rows, in, out) shape seen in one forward of `example` is timed once through the
+    fake-quant layer and through its Int8Linear, on random inputs with the layer's own quantizers (the
+    TPQ quantizers answer for the example's first timestep). Returns layer name -> ShapeTiming.to_dict().
+    """
+    layers = quant_layers(model)
+    shapes = layer_input_shapes(model, example)
+    ctx = getattr(model, "_dqlab_timestep_context", None)
+    timings: dict[tuple, ShapeTiming] = {}
+    p = next(model.parameters())
+    saved_t = None if ctx is None else ctx.t
+    try:
+        if ctx is not None:
+            ctx.t = example[1][:1].to(p.device).long()
+        for name, shape in shapes.items():
+            layer = layers[name]
+            rows = 1
+            for s in shape[:-1]:
+                rows *= s
+            key = (rows, layer.in_features, layer.out_features)
+            if key in timings:
+                continue
+            x = torch.randn(1, rows, layer.in_features, device=p.device, dtype=p.dtype)
+            fast = Int8Linear(layer)
+            timings[key] = ShapeTiming(rows, layer.in_features, layer.out_features,
+                                       float_ms=_median_ms(lambda: layer(x), repeats),
+                                       int8_ms=_median_ms(lambda: fast(x), repeats))
+    finally:
+        if ctx is not None:
+            ctx.t = saved_t
+    out = {}
+    for name, shape in shapes.items():
+        layer = layers[name]
+        rows = 1
+        for s in shape[:-1]:
+            rows *= s
+        out[name] = timings[(rows, layer.in_features, layer.out_features)].to_dict()
+    return out
+
+
+def to_int8(model: nn.Module, plan: dict[str, dict] | None = None) -> nn.Module:
+    """A copy of `model` whose W8A8 linears run int8 matmuls: every eligible one, or those `plan` marks int8.
+
+    The input model is not modified. The copy keeps the model's timestep context, so TPQ quantizers still
+    route each sample to its timestep's (scale, zero). Raises ValueError when nothing is W8A8.
+    """
+    new = copy.deepcopy(model)
+    eligible = {n: m for n, m in quant_layers(new).items() if int8_eligible(m)}
+    if not eligible:
+        raise ValueError("no W8A8 linear layer to convert: quantize with --w-bits 8 --a-bits 8 first")
+    converted = []
+    for name, layer in eligible.items():
+        if plan is not None and not plan.get(name, {}).get("int8", False):
+            continue
+        new.set_submodule(name, Int8Linear(layer))
+        converted.append(name)
+    new._dqlab_int8_layers = converted
+    return new.eval()
+
+
+def int8_layers(model: nn.Module) -> dict[str, Int8Linear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}

@@ -1,0 +1,126 @@
+"""INT8 inference path: int8 x int8 -> int32 linears that match the fake-quant model they came from."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quant.api import quantize, read_quantized, write_quantized
+from quant.config import QuantConfig
+from quant.int8 import Int8Linear, int8_layers, plan_int8, to_int8
+from quant.modules import QuantLinear, quant_layers
+
+# Per layer the integer matmul is exact and only the float epilogue's rounding order differs from the
+# fake-quant layer: relative differences of a few 1e-7 in float32 (measured); 1e-5 leaves room for BLAS.
+LAYER_TOLERANCE = 1e-5
+
+
+def _layer_inputs(model, batch):
+    """Each quantized linear's input in one forward of `batch` = (x, t, y)."""
+    seen = {}
+
+    def keep(name):
+        def hook(module, args):
+            seen.setdefault(name, args[0])
+        return hook
+
+    hooks = [m.register_forward_pre_hook(keep(n)) for n, m in quant_layers(model).items() if isinstance(m, QuantLinear)]
+    x, t, y = batch
+    with torch.no_grad():
+        model(x, timestep=t, class_labels=y)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _calibration(model, rows: int = 16, timesteps=(999, 500, 20), seed: int = 0):
+    """Random latents at a few timesteps: enough to set static (and per-timestep) activation ranges."""
+    g = torch.Generator().manual_seed(seed)
+    c, s = model.config.in_channels, model.config.sample_size
+    t = torch.tensor(timesteps).repeat_interleave(rows // len(timesteps) + 1)[:rows]
+    y = torch.randint(0, model.config.num_embeds_ada_norm, (rows,), generator=g)
+    return [(torch.randn(rows, c, s, s, generator=g), t, y)]
+
+
+@pytest.mark.parametrize("tpq", [False, True])
+def test_each_int8_layer_matches_its_fake_quant_layer(bundled, tpq):
+    cfg = QuantConfig(method="dilatequant" if tpq else "baseline", w_bits=8, a_bits=8)
+    q = quantize(bundled.transformer, cfg, _calibration(bundled.transformer))
+    batch = _calibration(bundled.transformer, rows=6, seed=1)[0]
+    inputs = _layer_inputs(q, batch)
+    q._dqlab_timestep_context.t = batch[1]  # per-sample timesteps for the TPQ quantizers
+    checked = 0
+    for name, layer in quant_layers(q).items():
+        if name not in inputs:
+            continue
+        with torch.no_grad():
+            ref, got = layer(inputs[name]), Int8Linear(layer)(inputs[name])
+        assert (got - ref).abs().max() <= LAYER_TOLERANCE * ref.abs().max(), name
+        checked += 1
+    assert checked == sum(isinstance(m, QuantLinear) for m in quant_layers(q).values())
+
+
+def test_int8_model_output_close_to_fake_quant_and_input_untouched(bundled):
+    q = quantize(bundled.transformer, QuantConfig(method="ptq4dit", w_bits=8, a_bits=8),
+                 _calibration(bundled.transformer))
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    fast = to_int8(q)
+    assert not int8_layers(q)  # the input keeps its fake-quant layers
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+    assert len(int8_layers(fast)) == sum(isinstance(m, QuantLinear) for m in quant_layers(q).values())
+    x, t, y = _calibration(bundled.transformer, rows=8, seed=2)[0]
+    with torch.no_grad():
+        ref = q(x, timestep=t, class_labels=y).sample
+        got = fast(x, timestep=t, class_labels=y).sample
+    # Through 6 blocks an epilogue rounding difference can move an activation across a rounding boundary
+    # of the next quantizer (one step d_a): the model outputs then differ by well under 1% of their norm.
+    assert (got - ref).norm() / ref.norm() < 1e-2
+
+
+def test_dit_xl2_width_block_matches(one_torch_thread):
+    """One block at DiT-XL/2's width (1152 = 16 heads x 72) and MLP (4608): the shapes the speedup is for."""
+    from tests.conftest import make_tiny_dit
+
+    model = make_tiny_dit(layers=1, heads=16, head_dim=72, sample_size=8)
+    q = quantize(model, QuantConfig(method="baseline", w_bits=8, a_bits=8), _calibration(model, rows=6))
+    fast = to_int8(q)
+    x, t, y = _calibration(model, rows=2, seed=3)[0]
+    with torch.no_grad():
+        ref = q(x, timestep=t, class_labels=y).sample
+        got = fast(x, timestep=t, class_labels=y).sample
+    assert (got - ref).norm() / ref.norm() < 1e-2
+    assert {(m.in_features, m.out_features) for m in int8_layers(fast).values()} >= {(1152, 4608), (4608, 1152)}
+
+
+def test_saved_folder_loads_into_the_same_int8_model(bundled, tmp_path):
+    q = quantize(bundled.transformer, QuantConfig(method="dilatequant", w_bits=8, a_bits=8),
+                 _calibration(bundled.transformer))
+    write_quantized(q, QuantConfig(method="dilatequant", w_bits=8, a_bits=8), tmp_path)
+    loaded, _, _ = read_quantized(tmp_path)
+    a, b = int8_layers(to_int8(q)), int8_layers(to_int8(loaded))
+    assert a.keys() == b.keys()
+    for name in a:  # the int8 codes come back exactly from the stored 8-bit codes
+        assert torch.equal(a[name].weight_int8, b[name].weight_int8), name
+        assert a[name].weight_int8.dtype == torch.int8
+        assert torch.equal(a[name].act.scale, b[name].act.scale) and a[name].act.scale.numel() == 3  # TPQ table
+
+
+def test_plan_converts_only_the_shapes_it_measured_faster(bundled):
+    q = quantize(bundled.transformer, QuantConfig(method="baseline", w_bits=8, a_bits=8),
+                 _calibration(bundled.transformer))
+    plan = plan_int8(q, _calibration(bundled.transformer, rows=4, seed=4)[0], repeats=2)
+    eligible = {n for n, m in quant_layers(q).items() if isinstance(m, QuantLinear)}
+    assert set(plan) == eligible
+    for entry in plan.values():
+        assert entry["float_ms"] > 0 and entry["int8_ms"] > 0 and entry["int8"] == (entry["int8_ms"] < entry["float_ms"])
+    adaln = next(e for n, e in plan.items() if n.endswith("norm1.linear"))
+    assert adaln["rows"] == 4  # the adaLN projection sees one row per image, the attention 64 tokens per image
+    assert next(e for n, e in plan.items() if n.endswith("attn1.to_q"))["rows"] == 4 * 64
+    fast = to_int8(q, plan)
+    assert set(int8_layers(fast)) == {n for n, e in plan.items() if e["int8"]}
+
+
+def test_nothing_to_convert_is_a_clear_error(bundled):
+    q = quantize(bundled.transformer, QuantConfig(method="baseline", w_bits=4, a_bits=8),
+                 _calibration(bundled.transformer))
+    with pytest.raises(ValueError, match="W8A8"):
+        to_int8(q)
