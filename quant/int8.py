@@ -45,14 +45,32 @@ def int8_eligible(layer: nn.Module) -> bool:
             and not layer.use_fp_weight)
 
 
-class Int8Linear(nn.Module):
-    """Y = d_a d_w (A' Q'^T - z_w' rowsum(A') - z_a' colsum(Q') + K z_a' z_w') + b, the matmul in int8."""
+def onednn_available() -> bool:
+    """True where torch ships oneDNN's quantized linear (x86 CPU builds): int8 GEMM with a fused epilogue."""
+    return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
-    def __init__(self, layer: QuantLinear):
+
+KERNELS = ("auto", "onednn", "int_mm")
+
+
+class Int8Linear(nn.Module):
+    """Y = d_a d_w (A' Q'^T - z_w' rowsum(A') - z_a' colsum(Q') + K z_a' z_w') + b, the matmul in int8.
+
+    kernel: "onednn" (CPU) hands the uint8 activation codes, the int8 weight and the scales to oneDNN's
+    quantized linear, which applies d_a d_w, z_a and the bias inside the GEMM and writes float; only an
+    asymmetric weight's z_w' term remains, one rank-1 update. "int_mm" (CUDA, or any CPU) runs
+    torch._int_mm and applies every term in a float epilogue. "auto": onednn on a CPU that has it.
+    """
+
+    def __init__(self, layer: QuantLinear, kernel: str = "auto"):
         super().__init__()
         if not int8_eligible(layer):
             raise ValueError(f"Int8Linear needs a W8A8 QuantLinear, got {layer!r}")
-        self.in_features, self.out_features = layer.in_features, layer.out_features
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown INT8 kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+        if kernel == "onednn" and not onednn_available():
+            raise ValueError("this torch build has no oneDNN quantized linear; use kernel='int_mm'")
+        self.in_features, self.out_features, self.kernel = layer.in_features, layer.out_features, kernel
         w_off = _offset(layer.w_symmetric)
         with torch.no_grad():
             codes = quantize_codes(layer.weight, layer.w_scale, layer.w_zero, 8, layer.w_symmetric) - w_off
@@ -62,16 +80,52 @@ class Int8Linear(nn.Module):
             self.register_buffer("w_zero", (layer.w_zero.reshape(-1).float() - w_off).expand(n).clone())
             self.register_buffer("w_colsum", codes.sum(dim=1).float())
             self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
+            # oneDNN's weight zero points: zero, the asymmetric part is applied apart (see _forward_onednn)
+            self.register_buffer("_onednn_w_zp", torch.zeros(n, dtype=torch.int64), persistent=False)
         self.w_symmetric = layer.w_symmetric
         self.act: ActQuantizer = copy.deepcopy(layer.act)
         self.act.ctx = layer.act.ctx  # the model's one timestep context, not a copy of it
+        self._packed = None  # oneDNN's packed weight, made on first use (an opaque tensor, never saved)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int8 x int8 -> int32"
+        return f"in={self.in_features}, out={self.out_features}, int8 x int8 -> int32, kernel={self.kernel}"
+
+    def _use_onednn(self, x: torch.Tensor) -> bool:
+        if self.kernel == "auto":
+            return x.device.type == "cpu" and onednn_available()
+        return self.kernel == "onednn"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d, z = self.act.params_for(x)  # per tensor, or [B, 1, ...] per sample with TPQ
-        d, z = d.float(), z.float()
+        if not self._use_onednn(x):
+            return self._forward_int_mm(x, d.float(), z.float())
+        if d.numel() == 1:
+            return self._forward_onednn(x, float(d), int(z))
+        # TPQ with timesteps mixed in one batch: one call per distinct (scale, zero); sampling never mixes
+        d, z = d.reshape(-1), z.reshape(-1)
+        out = x.new_empty(*x.shape[:-1], self.out_features)
+        for dv, zv in torch.unique(torch.stack([d, z], dim=1), dim=0).tolist():
+            rows = (d == dv) & (z == zv)
+            out[rows] = self._forward_onednn(x[rows], dv, int(zv))
+        return out
+
+    def _forward_onednn(self, x: torch.Tensor, d: float, z: int) -> torch.Tensor:
+        if self._packed is None:
+            self._packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, None)
+        # oneDNN takes unsigned activation codes with their zero point: symmetric codes shift up by 128
+        qmin, qmax = qrange(8, self.act.symmetric)
+        shift = 128 - _offset(self.act.symmetric)
+        rows = x.reshape(-1, self.in_features).float()
+        a = (rows / d).round_().clamp_(qmin - z, qmax - z).add_(z + shift).to(torch.uint8)
+        zp = z + shift
+        y = torch.ops.onednn.qlinear_pointwise(a, d, zp, self._packed, self.w_scale, self._onednn_w_zp,
+                                               self.bias, 1.0, 0, torch.float32, "none", [], "")
+        if not self.w_symmetric:  # - d_a d_w z_w' sum_k (A_ik - z_a)
+            centered = a.sum(dim=1, dtype=torch.int32).float().sub_(self.in_features * zp).mul_(d)
+            y.addr_(centered, self.w_scale * self.w_zero, alpha=-1.0)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _forward_int_mm(self, x: torch.Tensor, d: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         a_off = _offset(self.act.symmetric)
         qmin, qmax = qrange(8, self.act.symmetric)
         a = (x.float() / d).round_().add_(z).clamp_(qmin, qmax).sub_(a_off)  # exact small integers in float
@@ -86,6 +140,15 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             y.add_(self.bias)
         return y.to(x.dtype)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_packed"] = None  # oneDNN's opaque packed weight does not copy; it is rebuilt on use
+        return state
+
+    def _apply(self, fn, recurse=True):
+        self._packed = None  # moved or cast: pack again on the next forward
+        return super()._apply(fn, recurse)
 
 
 def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -156,7 +219,7 @@ def layer_input_shapes(model: nn.Module, example: tuple) -> dict[str, tuple[int,
 
 
 @torch.no_grad()
-def plan_int8(model: nn.Module, example: tuple, repeats: int = 5) -> dict[str, dict]:
+def plan_int8(model: nn.Module, example: tuple, repeats: int = 5, kernel: str = "auto") -> dict[str, dict]:
     """Per layer of `model` (a W8A8 quant model): whether its shape runs faster in int8, measured here.
 
     Each distinct (rows, in, out) shape seen in one forward of `example` is timed once through the
@@ -181,7 +244,7 @@ def plan_int8(model: nn.Module, example: tuple, repeats: int = 5) -> dict[str, d
             if key in timings:
                 continue
             x = torch.randn(1, rows, layer.in_features, device=p.device, dtype=p.dtype)
-            fast = Int8Linear(layer)
+            fast = Int8Linear(layer, kernel)
             timings[key] = ShapeTiming(rows, layer.in_features, layer.out_features,
                                        float_ms=_median_ms(lambda: layer(x), repeats),
                                        int8_ms=_median_ms(lambda: fast(x), repeats))
@@ -198,7 +261,7 @@ def plan_int8(model: nn.Module, example: tuple, repeats: int = 5) -> dict[str, d
     return out
 
 
-def to_int8(model: nn.Module, plan: dict[str, dict] | None = None) -> nn.Module:
+def to_int8(model: nn.Module, plan: dict[str, dict] | None = None, kernel: str = "auto") -> nn.Module:
     """A copy of `model` whose W8A8 linears run int8 matmuls: every eligible one, or those `plan` marks int8.
 
     The input model is not modified. The copy keeps the model's timestep context, so TPQ quantizers still
@@ -212,9 +275,8 @@ def to_int8(model: nn.Module, plan: dict[str, dict] | None = None) -> nn.Module:
     for name, layer in eligible.items():
         if plan is not None and not plan.get(name, {}).get("int8", False):
             continue
-        new.set_submodule(name, Int8Linear(layer))
+        new.set_submodule(name, Int8Linear(layer, kernel))
         converted.append(name)
-    new._dqlab_int8_layers = converted
     return new.eval()
 
 

@@ -75,7 +75,7 @@ def _fake_quant_no_grad(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.
     """The same arithmetic in place on one new tensor, for inference.
 
     The out-of-place expression allocates a tensor per operation; on CPU this version is about 4x faster
-    (bench/quant_speed.py), which is most of the cost of a quantized forward. torch's fused
+    (measured when it was written), which is most of the cost of a quantized forward. torch's fused
     fake_quantize_per_*_affine kernels were slower still on CPU.
     """
     q = x / scale

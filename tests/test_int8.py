@@ -1,12 +1,14 @@
 """INT8 inference path: int8 x int8 -> int32 linears that match the fake-quant model they came from."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from quant.api import quantize, read_quantized, write_quantized
 from quant.config import QuantConfig
-from quant.int8 import Int8Linear, int8_layers, plan_int8, to_int8
+from quant.int8 import Int8Linear, int8_layers, onednn_available, plan_int8, to_int8
 from quant.modules import QuantLinear, quant_layers
 
 # Per layer the integer matmul is exact and only the float epilogue's rounding order differs from the
@@ -41,11 +43,16 @@ def _calibration(model, rows: int = 16, timesteps=(999, 500, 20), seed: int = 0)
     return [(torch.randn(rows, c, s, s, generator=g), t, y)]
 
 
-@pytest.mark.parametrize("tpq", [False, True])
-def test_each_int8_layer_matches_its_fake_quant_layer(bundled, tpq):
-    cfg = QuantConfig(method="dilatequant" if tpq else "baseline", w_bits=8, a_bits=8)
+KERNELS = ["int_mm"] + (["onednn"] if onednn_available() else [])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("tpq,symmetric", [(False, False), (True, False), (False, True)])
+def test_each_int8_layer_matches_its_fake_quant_layer(bundled, tpq, symmetric, kernel):
+    cfg = QuantConfig(method="dilatequant" if tpq else "baseline", w_bits=8, a_bits=8, w_symmetric=symmetric,
+                      a_symmetric=symmetric)
     q = quantize(bundled.transformer, cfg, _calibration(bundled.transformer))
-    batch = _calibration(bundled.transformer, rows=6, seed=1)[0]
+    batch = _calibration(bundled.transformer, rows=6, seed=1)[0]  # three timesteps mixed in one batch
     inputs = _layer_inputs(q, batch)
     q._dqlab_timestep_context.t = batch[1]  # per-sample timesteps for the TPQ quantizers
     checked = 0
@@ -53,7 +60,7 @@ def test_each_int8_layer_matches_its_fake_quant_layer(bundled, tpq):
         if name not in inputs:
             continue
         with torch.no_grad():
-            ref, got = layer(inputs[name]), Int8Linear(layer)(inputs[name])
+            ref, got = layer(inputs[name]), Int8Linear(layer, kernel)(inputs[name])
         assert (got - ref).abs().max() <= LAYER_TOLERANCE * ref.abs().max(), name
         checked += 1
     assert checked == sum(isinstance(m, QuantLinear) for m in quant_layers(q).values())
@@ -74,6 +81,9 @@ def test_int8_model_output_close_to_fake_quant_and_input_untouched(bundled):
     # Through 6 blocks an epilogue rounding difference can move an activation across a rounding boundary
     # of the next quantizer (one step d_a): the model outputs then differ by well under 1% of their norm.
     assert (got - ref).norm() / ref.norm() < 1e-2
+    again = copy.deepcopy(fast)  # after a forward: oneDNN's packed weights are not copied but rebuilt
+    with torch.no_grad():
+        assert torch.equal(again(x, timestep=t, class_labels=y).sample, got)
 
 
 def test_dit_xl2_width_block_matches(one_torch_thread):

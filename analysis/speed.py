@@ -1,0 +1,330 @@
+"""The lab's one speed and memory benchmark (bench/bench.py and `dqlab bench` print what this measures).
+
+Two shape sets, each measured in the same run so that every figure is a ratio of two timings taken side by
+side on the same machine:
+    bundled   the bundled 16x16 digit DiT (width 128, 64 tokens): sampling, salience collection, every
+              method's calibrate + quantize, and the transformer forward in FP32 / fake-quant / INT8
+    dit-xl2   a random DiT with DiT-XL/2's block (width 1152, 16 heads of 72, MLP 4608, 256 tokens of a
+              32x32x4 latent), as many blocks as asked: the forward and calibrate + quantize, where the
+              papers' models spend their time
+Times are medians of `repeats` runs after one warm-up. Peak memory is CUDA's max_memory_allocated above
+the start on a GPU, and on the CPU the process's peak resident memory above the start, sampled every 2 ms
+(an approximation: the operating system reports resident pages, not allocations).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from analysis.models import ModelBundle
+from quant.api import quantize
+from quant.config import QuantConfig
+from quant.int8 import int8_eligible, int8_layers, plan_int8, to_int8
+from quant.modules import quant_layers
+
+W8A8 = QuantConfig(method="baseline", w_bits=8, a_bits=8)
+METHOD_CONFIGS = (QuantConfig(method="baseline", w_bits=8, a_bits=8),
+                  QuantConfig(method="smoothquant", w_bits=8, a_bits=8),
+                  QuantConfig(method="ptq4dit", w_bits=8, a_bits=8),
+                  QuantConfig(method="dilatequant", w_bits=4, a_bits=4))
+# Targets of the speed work, as ratios measured in one run (checked by `targets`).
+TARGETS = {"int8_speedup_vs_fp32_cpu": 1.5, "int8_speedup_vs_bf16_cuda": 1.3, "fake_quant_sampling_vs_fp": 1.25,
+           "dit_xl2_quantize_seconds_cuda": 60.0}
+
+
+@dataclasses.dataclass
+class BenchOptions:
+    device: str = "cpu"
+    repeats: int = 5
+    xl2_blocks: int = 2  # DiT-XL/2 has 28; each adds ~28M parameters
+    xl2_batch: int = 4  # images per forward at DiT-XL/2 shapes (x 256 tokens)
+    bundled_batch: int = 64  # images per forward of the bundled model (x 64 tokens)
+    sample_images: int = 16
+    sample_steps: int = 25
+    shapes: tuple[str, ...] = ("bundled", "dit-xl2")
+
+    def validate(self) -> "BenchOptions":
+        for name in ("repeats", "xl2_blocks", "xl2_batch", "bundled_batch", "sample_images", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        bad = [s for s in self.shapes if s not in ("bundled", "dit-xl2")]
+        if bad or not self.shapes:
+            raise ValueError(f"unknown shape set {bad[0] if bad else '(none)'}; choose bundled and/or dit-xl2")
+        return self
+
+
+class _PeakRss:
+    """Peak resident memory of this process above its level at entry, polled by a thread (Linux only)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss() - self.start)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.start = self._rss()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss() - self.start)
+
+
+def measure(fn: Callable[[], object], repeats: int, device: torch.device) -> dict:
+    """{"seconds": median wall time, "peak_bytes": memory above the start during the runs, or None}."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()  # warm-up: allocator growth, kernel selection, lazy initialisation
+    sync()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    elif os.path.exists("/proc/self/statm"):
+        with _PeakRss() as rss:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        peak = rss.peak
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        peak = None
+    return {"seconds": sorted(times)[len(times) // 2], "peak_bytes": peak}
+
+
+def dit_xl2(blocks: int, seed: int = 0):
+    """A random DiTTransformer2DModel with DiT-XL/2's block: width 1152 (16 heads x 72), 32x32x4 latents,
+    patch 2 (256 tokens), 1000 classes, learned sigma. Random weights: shapes, not quality."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
+                                 num_layers=blocks, sample_size=32, patch_size=2,
+                                 num_embeds_ada_norm=1000).eval().requires_grad_(False)
+
+
+def random_batch(model, rows: int, timesteps=(999, 750, 500, 250, 20), seed: int = 0) -> tuple:
+    """(x, t, y): Gaussian latents at a spread of timesteps, random classes (inputs for shapes and ranges)."""
+    g = torch.Generator().manual_seed(seed)
+    c, s = model.config.in_channels, model.config.sample_size
+    t = torch.tensor(timesteps).repeat(rows // len(timesteps) + 1)[:rows]
+    y = torch.randint(0, model.config.num_embeds_ada_norm, (rows,), generator=g)
+    return torch.randn(rows, c, s, s, generator=g), t, y
+
+
+def _forward(model, batch, device, dtype=torch.float32) -> Callable[[], object]:
+    x, t, y = (v.to(device) for v in batch)
+    x = x.to(dtype)
+
+    @torch.no_grad()
+    def run():
+        return model(x, timestep=t, class_labels=y).sample
+    return run
+
+
+def forward_speed(fp_model, calibration: list, batch: tuple, opts: BenchOptions) -> dict:
+    """The transformer forward in FP32, W8A8 fake-quant and W8A8 INT8 (all layers, and as planned), plus
+    FP16 / BF16 on CUDA. Ratios are speedups of INT8 (> 1 = INT8 faster)."""
+    device = torch.device(opts.device)
+    fp = fp_model  # on `device` already
+    q = quantize(fp, W8A8, [tuple(v.to(device) for v in b) for b in calibration])
+    int8_all = to_int8(q)
+    dev_batch = tuple(v.to(device) for v in batch)
+    plan = plan_int8(q, dev_batch, repeats=max(2, opts.repeats // 2))
+    int8_planned = to_int8(q, plan)
+    out = {"fp32": measure(_forward(fp, batch, device), opts.repeats, device),
+           "fake_quant_w8a8": measure(_forward(q, batch, device), opts.repeats, device),
+           "int8_w8a8": measure(_forward(int8_all, batch, device), opts.repeats, device),
+           "int8_w8a8_planned": measure(_forward(int8_planned, batch, device), opts.repeats, device)}
+    if device.type == "cuda":
+        for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+            half = _copy_to(fp, dtype)
+            out[name] = measure(_forward(half, batch, device, dtype), opts.repeats, device)
+    eligible = sum(int8_eligible(m) for m in quant_layers(q).values())
+    ratios = {"int8_speedup_vs_fp32": out["fp32"]["seconds"] / out["int8_w8a8"]["seconds"],
+              "int8_planned_speedup_vs_fp32": out["fp32"]["seconds"] / out["int8_w8a8_planned"]["seconds"],
+              "int8_speedup_vs_fake_quant": out["fake_quant_w8a8"]["seconds"] / out["int8_w8a8"]["seconds"],
+              "fake_quant_forward_vs_fp32": out["fake_quant_w8a8"]["seconds"] / out["fp32"]["seconds"]}
+    for name in ("fp16", "bf16"):
+        if name in out:
+            ratios[f"int8_speedup_vs_{name}"] = out[name]["seconds"] / out["int8_w8a8"]["seconds"]
+    return {"forward": out, "ratios": ratios, "rows": int(batch[0].shape[0]),
+            "plan": {"int8_layers": len(int8_layers(int8_planned)), "eligible_layers": eligible,
+                     "shapes": sorted({(e["rows"], e["in_features"], e["out_features"], round(e["speedup"], 2))
+                                       for e in plan.values()})}}
+
+
+def _copy_to(model, dtype):
+    import copy
+
+    return copy.deepcopy(model).to(dtype)
+
+
+def quantize_speed(fp_model, calibration: list, configs, device: torch.device) -> dict:
+    """Calibrate + quantize wall seconds per method, the model on `device` (one run each: seconds, not ms)."""
+    out = {}
+    cal = [tuple(v.to(device) for v in b) for b in calibration]
+    for cfg in configs:
+        t0 = time.perf_counter()
+        quantize(fp_model, cfg, cal)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out[cfg.label] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+def sampling_speed(bundle: ModelBundle, opts: BenchOptions) -> dict:
+    """Plain FP sampling vs salience collection, fake-quant sampling (W8A8; W4A4 with TPQ) and INT8 sampling."""
+    from analysis.quantize_pipeline import calibration_for
+    from analysis.salience import SalienceConfig, collect
+    from analysis.sampling import sample
+
+    device = torch.device(opts.device)
+    labels = [i % bundle.num_classes for i in range(opts.sample_images)]
+    seeds = list(range(opts.sample_images))
+
+    def sampler(b):
+        return lambda: sample(b, labels, seeds, steps=opts.sample_steps, guidance=bundle.eval_guidance, decode=False)
+
+    cal = calibration_for(bundle)
+    cal_batches = list(cal.batches(64))
+    fq8 = bundle.with_transformer(quantize(bundle.transformer, W8A8, cal_batches))
+    fq4 = bundle.with_transformer(quantize(bundle.transformer, QuantConfig(method="dilatequant", w_bits=4, a_bits=4),
+                                           cal_batches))
+    i8 = bundle.with_transformer(to_int8(fq8.transformer))
+    config = SalienceConfig(steps=opts.sample_steps, samples=opts.sample_images, guidance=bundle.eval_guidance)
+    out = {"fp": measure(sampler(bundle), opts.repeats, device),
+           "fake_quant_w8a8": measure(sampler(fq8), opts.repeats, device),
+           "fake_quant_w4a4_tpq": measure(sampler(fq4), opts.repeats, device),
+           "int8_w8a8": measure(sampler(i8), opts.repeats, device),
+           "salience_collection": measure(lambda: collect(bundle, config), opts.repeats, device)}
+    fp = out["fp"]["seconds"]
+    ratios = {"fake_quant_sampling_vs_fp": out["fake_quant_w8a8"]["seconds"] / fp,
+              "fake_quant_w4a4_tpq_sampling_vs_fp": out["fake_quant_w4a4_tpq"]["seconds"] / fp,
+              "int8_sampling_vs_fp": out["int8_w8a8"]["seconds"] / fp,
+              "salience_collection_vs_sampling": out["salience_collection"]["seconds"] / fp}
+    return {"sampling": out, "ratios": ratios, "images": opts.sample_images, "steps": opts.sample_steps,
+            "calibration": cal_batches}
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_benchmark(opts: BenchOptions, on_stage: Callable[[str], None] | None = None) -> dict:
+    """Everything above, for the chosen shape sets, on models this function loads or builds itself."""
+    opts.validate()
+    say = on_stage or (lambda text: None)
+    device = torch.device(opts.device)
+    result = {"machine": machine(), "device": str(device), "repeats": opts.repeats}
+    if "bundled" in opts.shapes:
+        from analysis.models import load
+
+        bundle = load("bundled:dit-mnist", device=str(device))
+        say("bundled: sampling, salience collection, fake-quant and INT8 sampling")
+        samp = sampling_speed(bundle, opts)
+        cal = samp.pop("calibration")
+        say("bundled: calibrate + quantize per method")
+        quant = quantize_speed(bundle.transformer, cal, METHOD_CONFIGS, device)
+        say("bundled: transformer forward, FP32 / fake-quant / INT8")
+        rows = opts.bundled_batch
+        fwd = forward_speed(bundle.transformer, cal, random_batch(bundle.transformer, rows, seed=1), opts)
+        result["bundled"] = {**samp, "quantize_seconds": quant, **fwd,
+                             "ratios": {**samp["ratios"], **fwd["ratios"]}}
+    if "dit-xl2" in opts.shapes:
+        say(f"dit-xl2: {opts.xl2_blocks} random blocks at DiT-XL/2 width")
+        model = dit_xl2(opts.xl2_blocks).to(device)
+        cal = [random_batch(model, 10, seed=2)]
+        quant = quantize_speed(model, cal, (W8A8, QuantConfig(method="ptq4dit", w_bits=8, a_bits=8)), device)
+        fwd = forward_speed(model, cal, random_batch(model, opts.xl2_batch, seed=3), opts)
+        result["dit-xl2"] = {"blocks": opts.xl2_blocks, "quantize_seconds": quant, **fwd}
+    result["targets"] = targets(result)
+    return result
+
+
+def targets(result: dict) -> list[dict]:
+    """Each target that this run measured: its value, the bound, and whether it held."""
+    found = []
+    cuda = result["device"].startswith("cuda")
+    xl2, bundled = result.get("dit-xl2"), result.get("bundled")
+    if xl2 and not cuda:
+        found.append(("INT8 forward vs FP32, DiT-XL/2 shapes, CPU", xl2["ratios"]["int8_speedup_vs_fp32"],
+                      ">=", TARGETS["int8_speedup_vs_fp32_cpu"]))
+    if xl2 and cuda and "int8_speedup_vs_bf16" in xl2["ratios"]:
+        found.append(("INT8 forward vs BF16, DiT-XL/2 shapes, GPU", xl2["ratios"]["int8_speedup_vs_bf16"],
+                      ">=", TARGETS["int8_speedup_vs_bf16_cuda"]))
+    if xl2 and cuda:
+        found.append(("calibrate + quantize W8A8, DiT-XL/2 shapes, GPU (s)", xl2["quantize_seconds"][W8A8.label],
+                      "<", TARGETS["dit_xl2_quantize_seconds_cuda"]))
+    if bundled:
+        found.append(("fake-quant W8A8 sampling vs FP sampling", bundled["ratios"]["fake_quant_sampling_vs_fp"],
+                      "<=", TARGETS["fake_quant_sampling_vs_fp"]))
+    met = {">=": lambda v, b: v >= b, "<=": lambda v, b: v <= b, "<": lambda v, b: v < b}
+    return [{"target": name, "value": round(v, 3), "bound": f"{op} {b:g}", "met": met[op](v, b)}
+            for name, v, op, b in found]
+
+
+def _mib(b) -> str:
+    return "n/a" if b is None else f"{b / 2 ** 20:.0f}"
+
+
+def markdown(result: dict) -> str:
+    """The README's performance table: one row per measured path, its time, memory and ratio."""
+    m = result["machine"]
+    where = m.get("gpu") or f"{m['processor']}, {m['threads']} torch threads"
+    lines = [f"Measured on {where} (torch {m['torch']}, device {result['device']}), median of {result['repeats']}.", ""]
+    for key, title in (("bundled", "bundled:dit-mnist"), ("dit-xl2", "random DiT, DiT-XL/2 block")):
+        r = result.get(key)
+        if not r:
+            continue
+        extra = f", {r['blocks']} blocks" if key == "dit-xl2" else ""
+        lines += [f"**{title}{extra}**, forward of {r['rows']} images:", "",
+                  "| path | ms | peak MiB | vs FP32 |", "|---|---|---|---|"]
+        fp = r["forward"]["fp32"]["seconds"]
+        for name, v in r["forward"].items():
+            lines.append(f"| {name} | {v['seconds'] * 1e3:.1f} | {_mib(v['peak_bytes'])} | {fp / v['seconds']:.2f}x |")
+        lines.append(f"\nINT8 plan: {r['plan']['int8_layers']} of {r['plan']['eligible_layers']} W8A8 layers "
+                     "measured faster in int8 here.")
+        if "sampling" in r:
+            lines += ["", f"Sampling {r['images']} images x {r['steps']} DDIM steps:", "",
+                      "| path | s | peak MiB | vs FP |", "|---|---|---|---|"]
+            fp = r["sampling"]["fp"]["seconds"]
+            for name, v in r["sampling"].items():
+                lines.append(f"| {name} | {v['seconds']:.2f} | {_mib(v['peak_bytes'])} | {v['seconds'] / fp:.2f}x |")
+        lines += ["", "Calibrate + quantize (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["quantize_seconds"].items()),
+                  ""]
+    if result.get("targets"):
+        lines += ["| target | measured | bound | met |", "|---|---|---|---|"]
+        lines += [f"| {t['target']} | {t['value']} | {t['bound']} | {'yes' if t['met'] else 'no'} |"
+                  for t in result["targets"]]
+    return "\n".join(lines)
