@@ -25,10 +25,19 @@ def test_eval_fp_json_and_runs_listing(data_dir, capsys):
     assert res["num_samples"] == 20 and res["feature_extractor"] == "dqlab-digits"
     assert res["fid"] > 0 and res["fid_vs_fp"] == 0.0 and 0 <= res["label_agreement"] <= 1
     assert "2048" in res["warning"] and res["seconds"] > 0
+    # what it takes to read the FID: its interval, the real-vs-real floor at this N, the protocol's guidance
+    assert res["fid_interval"][0] <= res["fid"] <= res["fid_interval"][1] and res["fid_vs_fp_interval"] == [0, 0]
+    assert res["fid_floor"] > 0 and res["floor_sizes"] == [20, 4980] and res["interval_level"] == 0.95
+    from analysis.models import load
+
+    assert res["guidance"] == load("bundled:dit-mnist").eval_guidance
     rc, out, err = run_cli(capsys, "runs", "--data-dir", data, "--json")
     assert rc == 0, err
     listing = json.loads(out)
     assert listing["count"] == 1 and listing["runs"][0]["run_id"] == res["run_id"]
+    # one meaning of seconds: the run store says what the command said
+    assert listing["runs"][0]["seconds"] == res["seconds"] == res["timings"]["total"]
+    assert listing["runs"][0]["fid_interval"] == res["fid_interval"] and listing["runs"][0]["fid_floor"] == res["fid_floor"]
     assert listing["runs"][0]["fid"] == pytest.approx(res["fid"]) and listing["runs"][0]["num_samples"] == 20
     rc, out, _ = run_cli(capsys, "runs", "--data-dir", data, "--show", str(res["run_id"]), "--json")
     shown = json.loads(out)
