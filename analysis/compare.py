@@ -19,6 +19,7 @@ import torch
 from analysis.metrics import per_timestep_error, relative_mse, transformer_outputs
 from analysis.models import ModelBundle
 from analysis.sampling import sample
+from analysis.speed import forward_profile
 
 FP_NAME = "FP"
 
@@ -38,6 +39,7 @@ class Comparison:
     drift: list[dict]  # {"variant", "step", "t", "rel_drift"} along each variant's own trajectory
     seconds: dict[str, float]
     label_agreement: dict[str, float] | None = None  # bundled digit model only
+    speed: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> analysis.speed.forward_profile
 
     def summary(self) -> list[dict]:
         """One row per model: mean MSE vs FP and its PSNR (infinite for images identical to FP, FP's own row
@@ -57,6 +59,7 @@ class Comparison:
                 "label_agreement": (self.label_agreement or {}).get(name),
                 "label_agreement_n": len(self.labels) if self.label_agreement else None,
                 "seconds": self.seconds.get(name),
+                **self.speed.get(name, {}),
             })
         return rows
 
@@ -123,11 +126,16 @@ def compare(fp: ModelBundle, variants: Mapping[str, object], labels: list[int], 
     advance(f"{FP_NAME} outputs")
     timesteps = calib.timesteps
     images, seconds = {FP_NAME: fp_res.images}, {FP_NAME: fp_res.seconds}
+    # Speed beside quality: every model's forward on the same batch (the FP trajectory's inputs of one step,
+    # guidance included), timed here, with the stored size of its weights.
+    speed_batch = next(calib.batches(2 * len(labels)))
+    speed = {FP_NAME: forward_profile(fp.transformer, speed_batch)}
     errs, step_rows, drift_rows = [], [], []
     for name, b in bundles.items():
         res = sample(b, labels, seeds, on_step=stage_cb(f"Sampling {name}"), **kw)
         advance(f"Sampled {name}")
         images[name], seconds[name] = res.images, res.seconds
+        speed[name] = forward_profile(b.transformer, speed_batch)
         mse, ps = image_errors(fp_res.images, res.images)
         errs += [{"variant": name, "index": i, "label": labels[i], "seed": seeds[i], "mse": m, "psnr": p}
                  for i, (m, p) in enumerate(zip(mse, ps))]
@@ -142,7 +150,7 @@ def compare(fp: ModelBundle, variants: Mapping[str, object], labels: list[int], 
         agreement = {name: label_agreement(imgs, labels) for name, imgs in images.items()}
     return Comparison(names=[FP_NAME, *bundles], labels=list(labels), seeds=list(seeds), steps=steps,
                       guidance=guidance, images=images, image_errors=errs, step_error=step_rows, drift=drift_rows,
-                      seconds=seconds, label_agreement=agreement)
+                      seconds=seconds, label_agreement=agreement, speed=speed)
 
 
 def grid_layout(classes: list[int], seeds_per_class: int, seed0: int = 0) -> tuple[list[int], list[int]]:

@@ -28,6 +28,7 @@ from typing import Callable, Mapping
 import torch
 
 from analysis import metrics as M
+from analysis.distributed import is_main, sample_sharded
 from analysis.models import ModelBundle
 from analysis.sampling import sample
 from analysis.store import RunRecord, Store
@@ -148,16 +149,29 @@ def _fp_images(bundle: ModelBundle, labels, seeds, opts: EvalOptions, guidance: 
                 return cached["images"].float() / 255.0, float(cached["seconds"]), True
             except Exception:  # a damaged cache file is recomputed, never trusted
                 path.unlink(missing_ok=True)
-    res = sample(bundle, labels, seeds, steps=opts.steps, guidance=guidance, scheduler=opts.scheduler,
-                 batch_size=opts.batch_size or sampling_batch_size(bundle), on_step=on_step)
-    # The stored FP set is uint8, which is what the metrics see anyway; round the live result the same way.
-    images = (res.images.clamp(0, 1) * 255).round().to(torch.uint8)
+    images, seconds = _sample_images(bundle, labels, seeds, opts, guidance, on_step)
+    if images is None:  # another rank of a torchrun job: rank 0 holds the merged set
+        return None, seconds, False
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"images": images, "seconds": res.seconds}, tmp)
+        torch.save({"images": (images * 255).round().to(torch.uint8), "seconds": seconds}, tmp)
         os.replace(tmp, path)
-    return images.float() / 255.0, res.seconds, False
+    return images, seconds, False
+
+
+def _sample_images(bundle: ModelBundle, labels, seeds, opts: EvalOptions, guidance: float,
+                   on_step) -> tuple[torch.Tensor | None, float]:
+    """(images in [0, 1] on the uint8 grid, sampling seconds), sharded over the ranks of a torchrun job.
+
+    Images are rounded to uint8, which is what the metrics read and what a shard sends, so one process and
+    K processes give the same set."""
+    def run(lab, sd, batch):
+        res = sample(bundle, lab, sd, steps=opts.steps, guidance=guidance, scheduler=opts.scheduler,
+                     batch_size=batch, on_step=on_step)
+        return (res.images.clamp(0, 1) * 255).round() / 255.0, res.seconds
+
+    return sample_sharded(run, labels, seeds, opts.batch_size or sampling_batch_size(bundle))
 
 
 def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: EvalOptions | None = None,
@@ -165,7 +179,8 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
                       note: str | None = None) -> list[EvalResult]:
     """Score several variants (name -> Variant or ModelBundle; the FP bundle itself or None means FP) at the
     same labels and seeds. FP is sampled once (or read from the cache). Each result is stored when a store is
-    given. Returns one EvalResult per variant, in order."""
+    given. Returns one EvalResult per variant, in order (none on ranks other than 0 of a torchrun job, which
+    only sample their share)."""
     opts = options or EvalOptions()
     extractor, reference = check_options(fp, opts)
     guidance = eval_guidance(fp, opts)
@@ -189,6 +204,14 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
                                                   cache_dir / "fp_samples" if cache_dir else None,
                                                   step_cb(f"Sampling {FP_NAME}"))
     fp_wall = time.perf_counter() - t0
+    if not is_main():
+        # another rank of a torchrun job: sample its share of every variant, leave scoring to rank 0
+        for name in names:
+            v = variants[name]
+            vb = fp if v is None else (v if isinstance(v, ModelBundle) else v.bundle)
+            if vb is not fp:
+                _sample_images(vb, labels, seeds, opts, guidance, None)
+        return []
     fp_feats = M.extract_features(fp_images, extractor, inception_weights=opts.inception_weights, device=fp.device)
     ref_feats = floor = None
     if reference is not None:
@@ -209,9 +232,7 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
         if is_fp:
             images = fp_images
         else:
-            res = sample(vb, labels, seeds, steps=opts.steps, guidance=guidance, scheduler=opts.scheduler,
-                         batch_size=opts.batch_size or sampling_batch_size(vb), on_step=step_cb(f"Sampling {name}"))
-            images = res.images
+            images, _ = _sample_images(vb, labels, seeds, opts, guidance, step_cb(f"Sampling {name}"))
         timings["sampling"] = round(time.perf_counter() - t1, 3)
         progress[0] += 1
         report(f"Scoring {name}")
@@ -244,7 +265,7 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
 
 def evaluate(bundle: ModelBundle, config, options: EvalOptions | None = None, store: Store | None = None,
              calibration=None, on_progress: Callable[[str, float], None] | None = None,
-             note: str | None = None) -> EvalResult:
+             note: str | None = None) -> EvalResult | None:
     """The whole evaluation of one configuration (a quant.api.QuantConfig, or None for FP): validate, quantize
     (skipped for method "fp"), sample FP and the variant at the same seeds, score, and store."""
     from quant.api import QuantConfig
@@ -274,7 +295,8 @@ def evaluate(bundle: ModelBundle, config, options: EvalOptions | None = None, st
     if on_progress is not None:
         offset = 0.0 if config.method == "fp" else 0.3
         e_progress = lambda stage, frac: on_progress(stage, offset + (1 - offset) * frac)  # noqa: E731
-    return evaluate_variants(bundle, variants, opts, store=store, on_progress=e_progress, note=note)[0]
+    results = evaluate_variants(bundle, variants, opts, store=store, on_progress=e_progress, note=note)
+    return results[0] if results else None  # None on the other ranks of a torchrun job
 
 
 def _score(images, feats, fp_images, fp_feats, reference, ref_feats, floor, is_fp: bool, extractor: str,

@@ -176,6 +176,9 @@ def _show(result: dict) -> None:
         st.caption("FID was not computed (set 'FID samples per model' above). Label agreement and PSNR are on "
                    f"the {len(cmp.labels)} grid images.")
     st.dataframe(table, hide_index=True, width="stretch")
+    st.caption("forward_ms / forward_peak_mib: each model's transformer forward on the same batch, timed here "
+               "(fake-quantized models compute in float, so they are not faster; `dqlab sample --int8` and "
+               "`dqlab bench` run W8A8 in real int8). weights_mib: the stored size at the model's bit-width.")
 
 
 def history_view(bundle) -> None:

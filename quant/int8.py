@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import threading
 import time
+import weakref
 
 import torch
 import torch.nn as nn
@@ -112,12 +114,7 @@ class Int8Linear(nn.Module):
     def _forward_onednn(self, x: torch.Tensor, d: float, z: int) -> torch.Tensor:
         if self._packed is None:
             self._packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, None)
-        # oneDNN takes unsigned activation codes with their zero point: symmetric codes shift up by 128
-        qmin, qmax = qrange(8, self.act.symmetric)
-        shift = 128 - _offset(self.act.symmetric)
-        rows = x.reshape(-1, self.in_features).float()
-        a = (rows / d).round_().clamp_(qmin - z, qmax - z).add_(z + shift).to(torch.uint8)
-        zp = z + shift
+        a, zp = _unsigned_codes(x, d, z, self.act.symmetric)
         y = torch.ops.onednn.qlinear_pointwise(a, d, zp, self._packed, self.w_scale, self._onednn_w_zp,
                                                self.bias, 1.0, 0, torch.float32, "none", [], "")
         if not self.w_symmetric:  # - d_a d_w z_w' sum_k (A_ik - z_a)
@@ -149,6 +146,27 @@ class Int8Linear(nn.Module):
     def _apply(self, fn, recurse=True):
         self._packed = None  # moved or cast: pack again on the next forward
         return super()._apply(fn, recurse)
+
+
+# The last activation quantized, per thread: to_q, to_k and to_v read the same tensor with the same
+# calibrated range (one input, one set of statistics), so it is quantized once. The entry holds a weak
+# reference to the input tensor itself (so a new tensor at a reused address never matches) and its
+# version counter (so an in-place change does not either).
+_recent = threading.local()
+
+
+def _unsigned_codes(x: torch.Tensor, d: float, z: int, symmetric: bool) -> tuple[torch.Tensor, int]:
+    """(uint8 codes [rows, in] of x, their zero point) as oneDNN takes them: symmetric codes shift by 128."""
+    key = (x._version, d, z, symmetric)
+    last = getattr(_recent, "entry", None)
+    if last is not None and last[0]() is x and last[1] == key:
+        return last[2], last[3]
+    qmin, qmax = qrange(8, symmetric)
+    shift = 128 - _offset(symmetric)
+    rows = x.reshape(-1, x.shape[-1]).float()
+    a = (rows / d).round_().clamp_(qmin - z, qmax - z).add_(z + shift).to(torch.uint8)
+    _recent.entry = (weakref.ref(x), key, a, z + shift)
+    return a, z + shift
 
 
 def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,9 @@ def test_compare_aligns_images_and_measures_errors(tiny_bundle):
     assert [r["t"] for r in drift] == [r["t"] for r in cmp.step_error if r["variant"] == "large"]
     assert len([r for r in cmp.image_errors if r["variant"] == "small"]) == 6
     assert cmp.label_agreement is None  # only the bundled digit model has a classifier
+    # speed beside quality: every model's forward timed on the same batch (2 x 6 rows: guidance doubles it)
+    assert all(summary[n]["forward_ms"] > 0 and summary[n]["forward_rows"] == 12 for n in cmp.names)
+    assert summary["copy"]["weights_mib"] == summary[FP_NAME]["weights_mib"] > 0
     # the shared FP model was not touched
     assert all(torch.equal(before[k], v) for k, v in tiny_bundle.transformer.state_dict().items())
 

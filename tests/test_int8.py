@@ -134,3 +134,22 @@ def test_nothing_to_convert_is_a_clear_error(bundled):
                  _calibration(bundled.transformer))
     with pytest.raises(ValueError, match="W8A8"):
         to_int8(q)
+
+
+def test_cli_samples_a_saved_w8a8_folder_in_int8(tmp_path, capsys):
+    import json
+
+    from tests.conftest import run_cli
+
+    small = ["--calib-samples", "4", "--calib-steps", "4"]
+    for bits, folder in (("8", tmp_path / "w8a8"), ("4", tmp_path / "w4a8")):
+        rc, _, err = run_cli(capsys, "quantize", "--w-bits", bits, "--a-bits", "8", *small, "--out", folder)
+        assert rc == 0, err
+    args = ["sample", "--classes", "0-1", "--seeds", "0-1", "--steps", "3", "--json"]
+    rc, out, err = run_cli(capsys, *args, "--model", tmp_path / "w8a8", "--int8", "--out", tmp_path / "a.png")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["int8_eligible_layers"] == 56 and 0 <= res["int8_layers"] <= 56 and (tmp_path / "a.png").exists()
+    rc, out, err = run_cli(capsys, *args, "--model", tmp_path / "w4a8", "--int8", "--out", tmp_path / "b.png")
+    assert rc == 2 and out == "" and "W8A8" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b.png").exists()

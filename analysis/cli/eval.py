@@ -38,6 +38,7 @@ def register(sub) -> None:
 
 
 def run(args) -> dict:
+    from analysis.distributed import init_from_env, local_device
     from analysis.metrics import fid_text
     from analysis.evaluate import EvalOptions, check_options, eval_guidance, evaluate
     from analysis.models import load
@@ -51,18 +52,24 @@ def run(args) -> dict:
                        extractor=args.feature_extractor, isc=args.isc, kid=args.kid, prc=args.prc,
                        kid_subset_size=args.kid_subset_size, inception_weights=args.inception_weights,
                        batch_size=args.batch_size, cache_fp=not args.no_fp_cache, calib_samples=args.calib_samples)
-    store = None if args.no_store else Store(args.data_dir)
+    rank, size = init_from_env()  # under torchrun: join the group, each rank samples a share of the images
+    store = None if args.no_store or rank != 0 else Store(args.data_dir)
     if args.reference is not None and not args.reference.is_dir():
         raise CLIError(f"--reference {args.reference} is not a folder of images")
-    bundle = load(args.model, device=args.device, dtype=args.dtype)
+    device = args.device
+    if size > 1 and device in ("auto", "cuda"):
+        device = str(local_device())  # one GPU per rank
+    bundle = load(args.model, device=device, dtype=args.dtype)
     check_excludes(bundle, config)
     check_options(bundle, opts)  # bad reference folder, missing Inception weights, KID sizes: before any work
     show = None
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and rank == 0:
         show = lambda stage, frac: print(f"\r[{frac:6.1%}] {stage[:70]:<70}", end="", file=sys.stderr)  # noqa: E731
     result = evaluate(bundle, config, opts, store=store, on_progress=show)
     if show:
         print(file=sys.stderr)
+    if result is None:  # not rank 0: its images went to rank 0, which reports
+        return {}
     m = result.metrics
     out = {"model": args.model, "method": config.method, "label": config.label, "run_id": result.run_id,
            "fid": m.get("fid"), "fid_interval": m.get("fid_interval"), "fid_floor": m.get("fid_floor"),
@@ -71,7 +78,7 @@ def run(args) -> dict:
            "reference_size": m.get("reference_size"), "floor_sizes": m.get("floor_sizes"),
            "feature_extractor": m.get("feature_extractor"),
            "seconds": result.timings.get("total"), "steps": args.steps, "scheduler": args.scheduler,
-           "guidance": eval_guidance(bundle, opts), "warning": m.get("warning")}
+           "guidance": eval_guidance(bundle, opts), "warning": m.get("warning"), "processes": size}
     if "label_agreement" in m:
         out["label_agreement"] = m["label_agreement"]
     for key in ("isc_mean", "isc_std", "kid_mean", "kid_std", "kid_subset_size", "precision", "recall", "f_score"):
@@ -83,7 +90,7 @@ def run(args) -> dict:
              + ("" if out["fid_floor"] is None else f" (real-vs-real floor {out['fid_floor']:.2f})")
              + f", FID vs FP {fid_text(out['fid_vs_fp'], out['fid_vs_fp_interval'])}"
              f" (N={out['num_samples']}, guidance {out['guidance']:g}, {out['feature_extractor']})"
-             + (f", label agreement {out['label_agreement']:.1%}" if "label_agreement" in out else "")
+             + (f", label agreement {out['label_agreement']:.1%} (N={out['num_samples']})" if "label_agreement" in out else "")
              + f", {out['seconds']:.1f}s" + (f", run {result.run_id}" if result.run_id else "")
              + (f"\nwarning: {out['warning']}" if out["warning"] else ""))
     emit(args, out, human)

@@ -17,6 +17,9 @@ def register(sub) -> None:
     add_guidance(p)
     p.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward (default: all)")
+    p.add_argument("--int8", action="store_true",
+                   help="a W8A8 model (--model FOLDER from dqlab quantize --out): run its linears as int8 matmuls "
+                        "where that measures faster here")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--out", type=Path, default=None,
                      help="grid PNG: one row per class, one column per seed (default: samples.png here, or "
@@ -40,6 +43,14 @@ def run(args) -> dict:
         if path.suffix.lower() != ".png":
             raise CLIError(f"--out must name a .png file, got {path}")
     bundle = load(args.model, device=args.device, dtype=args.dtype)
+    plan = None
+    if args.int8:
+        from analysis.speed import int8_bundle
+
+        try:
+            bundle, plan = int8_bundle(bundle, batch_images=min(args.batch_size or 16, len(classes) * len(seeds)))
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
     labels = [c for c in classes for _ in seeds]
     seed_list = [s for _ in classes for s in seeds]
     show = (lambda d, n: print(f"\rstep {d}/{n}", end="" if d < n else "\n", file=sys.stderr)) if sys.stderr.isatty() else None
@@ -59,6 +70,9 @@ def run(args) -> dict:
                "steps": args.steps, "scheduler": args.scheduler,
                "guidance": bundle.default_guidance if args.guidance is None else args.guidance,
                "device": str(bundle.device), "sampling_seconds": round(result.seconds, 3), "files": written}
+    if plan is not None:
+        summary["int8_layers"] = sum(e["int8"] for e in plan.values())
+        summary["int8_eligible_layers"] = len(plan)
     if bundle.bundled:
         from analysis.classifier import label_agreement
 
@@ -67,6 +81,7 @@ def run(args) -> dict:
     summary["seconds"] = round(time.perf_counter() - start, 3)
     human = f"{len(labels)} images in {summary['seconds']:.1f}s (sampling {result.seconds:.1f}s)" + (
         f", label agreement {summary['label_agreement']:.1%}" if "label_agreement" in summary else "") + (
+        f", int8 in {summary['int8_layers']} of {summary['int8_eligible_layers']} W8A8 layers" if plan else "") + (
         f" -> {written[0] if len(written) == 1 else args.out_dir}" if written else "")
     emit(args, summary, human)
     return summary
