@@ -7,16 +7,15 @@ side on the same machine:
     dit-xl2   a random DiT with DiT-XL/2's block (width 1152, 16 heads of 72, MLP 4608, 256 tokens of a
               32x32x4 latent), as many blocks as asked: the forward and calibrate + quantize, where the
               papers' models spend their time
-Times are medians of `repeats` runs after one warm-up. Peak memory is CUDA's max_memory_allocated above
-the start on a GPU, and on the CPU the process's peak resident memory above the start, sampled every 2 ms
-(an approximation: the operating system reports resident pages, not allocations).
+Times are medians of `repeats` runs after one warm-up. Peak memory is what a call allocates beyond what
+was held before it (the weights): CUDA's max_memory_allocated above the start on a GPU, and on the CPU the
+peak of live allocations replayed from torch's memory profiler in one extra, untimed call.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import platform
-import threading
 import time
 from typing import Callable
 
@@ -59,32 +58,22 @@ class BenchOptions:
         return self
 
 
-class _PeakRss:
-    """Peak resident memory of this process above its level at entry, polled by a thread (Linux only)."""
+def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of tensors allocated and not yet freed during one call of fn, on the CPU.
 
-    def __init__(self, interval: float = 0.002):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    From torch's profiler with memory profiling: each operator's own allocations at its start and the frees
+    it records, replayed in time order. This counts what the call allocates (activations, workspaces), not
+    memory held before it (weights), and is exact where resident-memory readings are not (the allocator
+    keeps freed memory, so the process's resident size barely moves after the first call)."""
+    from torch.profiler import ProfilerActivity, profile
 
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss() - self.start)
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.start = self._rss()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss() - self.start)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
 
 
 def measure(fn: Callable[[], object], repeats: int, device: torch.device) -> dict:
@@ -102,19 +91,12 @@ def measure(fn: Callable[[], object], repeats: int, device: torch.device) -> dic
             sync()
             times.append(time.perf_counter() - t0)
         peak = torch.cuda.max_memory_allocated(device) - base
-    elif os.path.exists("/proc/self/statm"):
-        with _PeakRss() as rss:
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        peak = rss.peak
     else:
         for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-        peak = None
+        peak = _cpu_peak_bytes(fn)  # one more call, profiled (never timed)
     return {"seconds": sorted(times)[len(times) // 2], "peak_bytes": peak}
 
 

@@ -1,4 +1,4 @@
-"""INT8 inference: W8A8 linears that really multiply int8 x int8 -> int32 (torch._int_mm).
+"""INT8 inference: W8A8 linears that really multiply int8 x int8 -> int32.
 
 A fake-quantized linear (quant.modules.QuantLinear) computes Y = Q_a(X) Q_w(W)^T + b in floating point, with
     Q_a(X) = (A - z_a) d_a,   A = clamp(round(X / d_a) + z_a, 0, 255)   one (d_a, z_a) per tensor, or per
@@ -10,6 +10,12 @@ The first term is one integer matmul that accumulates exactly in int32 (each pro
 to 2^17 cannot overflow); the row sums of A' are a per-row vector, the column sums of Q' are precomputed from
 the weight, and the rest are per-channel constants, all applied with the scales and the bias in one float
 epilogue. Symmetric quantizers (z = 0, codes already signed) skip the shift and their correction terms.
+
+Two kernels compute it. On x86 CPUs oneDNN's quantized linear (torch.ops.onednn.qlinear_pointwise, the
+kernel behind torch's x86 inductor quantization) takes the unsigned codes A with z_a, the int8 weight
+and the scales, and applies d_a, d_w, z_a and the bias inside the GEMM; it needs z_w' = 0, so an asymmetric
+weight's z_w' term is added after it as one rank-1 update. Elsewhere (CUDA, other CPUs) torch._int_mm
+computes the integer product and every other term is applied in a float epilogue.
 
 The result equals the fake-quant layer up to float rounding order (the integer part is exact; the float
 path rounds every product). Which layers are worth it depends on the shape: a matmul with few rows (the
