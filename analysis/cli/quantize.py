@@ -44,16 +44,36 @@ def add_quant_options(p, default_method: str = "ptq4dit"):
     q.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="leave matching layers in float: an fnmatch pattern such as '*.ff.net.2' or a module "
                         "name such as transformer_blocks.0 (repeatable)")
+    r = p.add_argument_group("block-wise optimization (after calibration)")
+    r.add_argument("--recon", default="none",
+                   help="none, adaround (PTQ4DiT's reconstruction: learned rounding + activation steps) or bkd "
+                        "(DilateQuant's block-wise distillation: weights, weight steps, per-timestep activation "
+                        "parameters) (default: %(default)s)")
+    # None: QuantConfig's default (one place holds the defaults; the CLI does not import torch to show --help)
+    r.add_argument("--recon-iters", type=int, default=None,
+                   help="optimization steps per block (PTQ4DiT: 20000, DilateQuant: 5000; default: 200)")
+    r.add_argument("--recon-batch", type=int, default=None, help="calibration rows per step (default: 32)")
+    r.add_argument("--recon-rows", type=int, default=None,
+                   help="calibration rows drawn across timesteps for the optimization (default: 256)")
+    r.add_argument("--recon-input", default=None,
+                   help="quantized (each block sees the quantized prefix's output) or fp (default: quantized)")
+    r.add_argument("--recon-lr", type=float, default=None,
+                   help="lr of the rounding variables (adaround) or weights (bkd) (default: the mode's)")
+    r.add_argument("--recon-act-lr", type=float, default=None,
+                   help="lr of the activation parameters and weight steps (default: the mode's)")
     return q
 
 
 def config_from_args(args):
     from quant.api import QuantConfig
 
+    recon = {k: v for k, v in (("recon_iters", args.recon_iters), ("recon_batch", args.recon_batch),
+                               ("recon_rows", args.recon_rows), ("recon_input", args.recon_input),
+                               ("recon_lr", args.recon_lr), ("recon_act_lr", args.recon_act_lr)) if v is not None}
     return QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, attn_bits=args.attn_bits,
                        tpq=args.tpq, alpha=args.alpha, ssc=args.ssc, ssc_rho=args.ssc_rho,
                        scale_search=args.scale_search, percentile=args.percentile,
-                       exclude=list(args.exclude)).validate()
+                       exclude=list(args.exclude), recon=args.recon, **recon).validate()
 
 
 def check_excludes(bundle, config) -> None:

@@ -6,8 +6,10 @@ tensors that require gradients; the quantizer's straight-through rounding then g
     d x_hat / d s = round(x / s) - x / s      inside the clip range,   q_min - z or q_max - z   outside
 
 and each sample's gradient lands on its own timestep's entry (TPQ gathers the pair by timestep), so every
-timestep's parameters learn from the rows of that timestep. A zero point is trained through a continuous
-value rounded with a straight-through estimator, so it is an integer in every forward and at the end.
+timestep's parameters learn from the rows of that timestep. A zero point is trained through the lower end
+of the clip range, low = -z s, a value in the activation's own units like the step size (so one learning
+rate suits both), and z = round_ste(-low / s) is an integer in every forward and at the end. It only gets
+gradient from clipped values: shifting the window is all a zero point does.
 """
 from __future__ import annotations
 
@@ -26,20 +28,23 @@ class LearnedActRange:
         self.dtype = quantizer.scale.dtype
         self.qmin, self.qmax = qrange(quantizer.bits, quantizer.symmetric)
         self.scale = quantizer.scale.detach().clone().float().requires_grad_(True)
-        self.zero = None
+        self.low = None
         if train_zero and not quantizer.symmetric:
-            self.zero = quantizer.zero.detach().clone().float().requires_grad_(True)
+            self.low = (-quantizer.zero.detach().float() * self.scale.detach()).requires_grad_(True)
         self.install()
 
     def parameters(self) -> list[torch.Tensor]:
-        return [self.scale] + ([self.zero] if self.zero is not None else [])
+        return [self.scale] + ([self.low] if self.low is not None else [])
+
+    def _zero(self) -> torch.Tensor:
+        return round_ste(-self.low / self.scale).clamp(self.qmin, self.qmax)
 
     def install(self) -> None:
         """Put the trainable values into the quantizer; call before every forward (the rounded zero point
         is a new graph node each time)."""
         self.q.scale = self.scale
-        if self.zero is not None:
-            self.q.zero = round_ste(self.zero).clamp(self.qmin, self.qmax)
+        if self.low is not None:
+            self.q.zero = self._zero()
 
     @torch.no_grad()
     def project(self) -> None:
@@ -49,6 +54,7 @@ class LearnedActRange:
     @torch.no_grad()
     def finish(self) -> None:
         """Plain buffers again: the learned step sizes, the zero points rounded to integers."""
-        self.q.scale = self.scale.detach().clamp(min=MIN_SCALE).to(self.dtype).clone()
-        if self.zero is not None:
-            self.q.zero = torch.round(self.zero.detach()).clamp(self.qmin, self.qmax).to(self.dtype).clone()
+        self.scale.clamp_(min=MIN_SCALE)
+        if self.low is not None:
+            self.q.zero = self._zero().detach().to(self.dtype).clone()
+        self.q.scale = self.scale.detach().to(self.dtype).clone()

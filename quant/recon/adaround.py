@@ -72,6 +72,13 @@ class AdaRoundWeight:
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
     @torch.no_grad()
+    def stats(self) -> tuple[int, int, int]:
+        """(weights, h(V) exactly 0 or 1, hard rounding differs from round-to-nearest) before hardening."""
+        h = self.h()
+        nearest = torch.round(self.layer.weight.detach().float() / self.layer.w_scale) - self.floor
+        return h.numel(), int(((h == 0) | (h == 1)).sum()), int(((self.v >= 0).float() != nearest).sum())
+
+    @torch.no_grad()
     def harden(self) -> None:
         """Fold the hard rounding [V >= 0] into the layer's weight, exactly on its grid, and stop learning."""
         d, z = self.layer.w_scale, self.layer.w_zero

@@ -24,9 +24,15 @@ class DistilledWeight:
     def __init__(self, layer) -> None:
         self.layer = layer
         self.dtype = layer.w_scale.dtype
+        self.codes_before = self._codes()
         layer.weight.requires_grad_(True)
         self.step = layer.w_scale.detach().clone().float().requires_grad_(True)
         layer.w_scale = self.step
+
+    @torch.no_grad()
+    def _codes(self) -> torch.Tensor:
+        layer = self.layer
+        return quantize_codes(layer.weight.detach(), layer.w_scale, layer.w_zero, layer.w_bits, layer.w_symmetric)
 
     def weight_parameters(self) -> list[torch.Tensor]:
         return [self.layer.weight]

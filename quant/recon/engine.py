@@ -36,7 +36,8 @@ EVAL_ROWS = 128  # rows per forward in the passes over all calibration rows
 class ReconReport:
     """What the optimization did. units: one dict per unit with name, error_before / error_after (relative
     output error ||unit_q(x) - target|| / ||target|| over all rows, before and after its optimization),
-    seconds, iterations and losses [[iteration, loss], ...]."""
+    seconds, iterations, losses [[iteration, loss], ...], and the mode's convergence summary (adaround:
+    rounding_binary, rounding_flipped; bkd: codes_changed)."""
 
     mode: str
     rows: int
@@ -107,7 +108,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches, config: QuantCo
             if trainer.groups:
                 report_fn = (lambda it, loss: on_progress(k, len(units), it, loss)) if on_progress else None
                 losses = _optimize(model, unit, ctx, trainer, q_in, target, t, y, config, gen, amp, report_fn)
-            trainer.finish()
+            summary = trainer.finish()
             with torch.no_grad():
                 after, q_out = _run_and_compare(model, unit, ctx, q_in, target, t, y,
                                                 keep=unit.advances and quantized_input)
@@ -115,7 +116,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches, config: QuantCo
                 cache.put("q_out", q_out)
             reports.append({"name": unit.name, "error_before": before, "error_after": after,
                             "iterations": config.recon_iters if trainer.groups else 0, "losses": losses,
-                            "seconds": round(time.perf_counter() - unit_start, 3)})
+                            "seconds": round(time.perf_counter() - unit_start, 3), **summary})
             _advance(cache, unit, quantized_input)
     finally:
         ctx.t = None

@@ -62,11 +62,19 @@ class AdaRoundTrainer:
         for a in self.ranges:
             a.project()
 
-    def finish(self) -> None:
+    def finish(self) -> dict:
+        """Harden and freeze; returns how converged the rounding was (fractions of the unit's weights):
+        rounding_binary (h(V) exactly 0 or 1 before hardening: 1.0 once annealing has finished its job) and
+        rounding_flipped (rounded the other way than to nearest)."""
+        counts = [r.stats() for r in self.roundings]
+        n = sum(c[0] for c in counts)
+        summary = {"rounding_binary": sum(c[1] for c in counts) / n if n else None,
+                   "rounding_flipped": sum(c[2] for c in counts) / n if n else None}
         for r in self.roundings:
             r.harden()
         for a in self.ranges:
             a.finish()
+        return summary
 
 
 class BKDTrainer:
@@ -95,11 +103,16 @@ class BKDTrainer:
         for a in self.ranges:
             a.project()
 
-    def finish(self) -> None:
+    def finish(self) -> dict:
+        """Snap and freeze; returns codes_changed, the fraction of the unit's weight codes that training moved
+        (counted against the codes of the calibrated model, with the step sizes each was quantized with)."""
         for w in self.weights:
             w.finish()
         for a in self.ranges:
             a.finish()
+        n = sum(w.codes_before.numel() for w in self.weights)
+        changed = sum(int((w._codes() != w.codes_before).sum()) for w in self.weights)
+        return {"codes_changed": changed / n if n else None}
 
 
 TRAINERS = {"adaround": AdaRoundTrainer, "bkd": BKDTrainer}
