@@ -143,7 +143,8 @@ def run(args) -> dict:
     calibration = calibration_for(bundle, steps=args.calib_steps, num_samples=calib_samples, guidance=args.guidance,
                                   seed=args.calib_seed, scheduler=args.scheduler, on_step=on_step)
     cal_seconds = time.perf_counter() - start
-    variant = quantize_bundle(bundle, config, calibration, on_progress=show, batch_size=args.batch_size)
+    variant = quantize_bundle(bundle, config, calibration, on_progress=show, batch_size=args.batch_size,
+                              on_recon=None if show else recon_lines(config))
     if show:
         print(file=sys.stderr)
     r = variant.report
@@ -156,7 +157,8 @@ def run(args) -> dict:
            "calibration_samples": calib_samples, "layers_quantized": r["layers_quantized"],
            "weight_bytes": r["weight_bytes"], "fp_weight_bytes": r["fp_weight_bytes"],
            "rel_error": r["rel_error"], "rel_error_per_timestep": r["rel_error_per_timestep"],
-           "layer_error": r["layer_error"], "config": config.to_dict(), "out": None}
+           "layer_error": r["layer_error"], "config": config.to_dict(), "recon": recon_summary(r["recon"]),
+           "out": None}
     if args.out is not None:
         folder = save_quantized(variant.bundle, config, args.out, base_source=args.model)
         out["out"] = str(folder)
@@ -166,5 +168,31 @@ def run(args) -> dict:
              f"{mb(r['weight_bytes'])} (FP {mb(r['fp_weight_bytes'])}), {out['seconds']:.1f}s "
              f"({cal_seconds:.1f}s calibration sampling + {r['seconds']:.1f}s quantization)"
              + (f" -> {out['out']}" if out["out"] else ""))
+    if out["recon"]:
+        rs = out["recon"]
+        human += (f"\n{config.recon}: {len(rs['units'])} units x {config.recon_iters} iterations on {rs['rows']} rows "
+                  f"in {rs['seconds']:.1f}s; output error per unit before -> after: "
+                  + ", ".join(f"{u['name'].replace('transformer_blocks.', 'block ')} {u['error_before']:.3g} -> "
+                              f"{u['error_after']:.3g}" for u in rs["units"] if "emb" not in u["name"]))
     emit(args, out, human)
     return out
+
+
+def recon_lines(config):
+    """Without a terminal, the block-wise optimization reports one stderr line per finished unit."""
+    if config.recon == "none":
+        return None
+    start = time.perf_counter()
+
+    def on_recon(k: int, n: int, it: int, loss: float) -> None:
+        if it == config.recon_iters:
+            print(f"{config.recon}: unit {k + 1}/{n} done, loss {loss:.4g}, {time.perf_counter() - start:.0f}s",
+                  file=sys.stderr, flush=True)
+    return on_recon
+
+
+def recon_summary(recon: dict | None) -> dict | None:
+    """The block-wise optimization's report without the loss curves (they stay in the Python report)."""
+    if not recon:
+        return None
+    return {**recon, "units": [{k: v for k, v in u.items() if k != "losses"} for u in recon["units"]]}
