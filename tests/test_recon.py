@@ -157,7 +157,10 @@ def test_bkd_trains_zero_points_as_integers(bundled, calib):
     assert moved and all(n.startswith("transformer_blocks.0.") for n in moved)
 
 
-def test_saved_model_reloads_bit_identically(bkd_run, calib, tmp_path):
+def test_saved_model_reloads_bit_identically(bundled, bkd_run, calib, tmp_path):
+    from analysis.bundle_io import save_quantized
+    from analysis.models import load
+
     _, res = bkd_run
     write_quantized(res.model, res.config, tmp_path / "q")
     model, config, meta = read_quantized(tmp_path / "q")
@@ -169,6 +172,10 @@ def test_saved_model_reloads_bit_identically(bkd_run, calib, tmp_path):
     x, t, y = _row(calib)
     with torch.no_grad():
         assert torch.equal(res.model(x, timestep=t, class_labels=y).sample, model(x, timestep=t, class_labels=y).sample)
+    # a whole bundle, as `dqlab quantize --out` writes it and `--model DIR` reads it
+    save_quantized(bundled.with_transformer(res.model), res.config, tmp_path / "bundle")
+    again = load(str(tmp_path / "bundle")).transformer.state_dict()
+    assert all(torch.equal(saved[k], again[k]) for k in saved)
 
 
 def test_recon_config_validation_and_round_trip():
