@@ -48,8 +48,8 @@ class QuantConfig:
     recon_iters: optimization steps per unit (each block, the patch embedding, each timestep MLP, the final
         layer). The papers: 20k (PTQ4DiT), 5k (DilateQuant); the default suits the bundled model on a CPU.
     recon_batch: calibration rows per step (both papers: 32).
-    recon_lr / recon_act_lr: learning rate of the rounding variables (adaround) or weights (bkd), and of the
-        activation parameters (and weight steps in bkd); None = the mode's default (RECON_LRS).
+    recon_lr / recon_act_lr: learning rate of the rounding variables (adaround) or weights and weight steps
+        (bkd), and of the activation parameters; None = the mode's default (RECON_LRS).
     recon_rows: calibration rows drawn across timesteps for the optimization (DilateQuant: 5120 samples).
     recon_input: "quantized" feeds each unit the output of the already-quantized prefix (the papers');
         "fp" feeds it the FP prefix's output.

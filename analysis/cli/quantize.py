@@ -58,9 +58,10 @@ def add_quant_options(p, default_method: str = "ptq4dit"):
     r.add_argument("--recon-input", default=None,
                    help="quantized (each block sees the quantized prefix's output) or fp (default: quantized)")
     r.add_argument("--recon-lr", type=float, default=None,
-                   help="lr of the rounding variables (adaround) or weights (bkd) (default: the mode's)")
+                   help="lr of the rounding variables (adaround) or weights and weight steps (bkd) "
+                        "(default: the mode's)")
     r.add_argument("--recon-act-lr", type=float, default=None,
-                   help="lr of the activation parameters and weight steps (default: the mode's)")
+                   help="lr of the activation step sizes (and zero points in bkd) (default: the mode's)")
     return q
 
 

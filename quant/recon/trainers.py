@@ -2,8 +2,8 @@
 
     adaround (PTQ4DiT / BRECQ): rounding variables V of every quantized weight (Adam, constant lr) and the
         activation step sizes (LSQ, cosine-annealed lr); loss = Lp reconstruction (p = 2.4) + lambda f_reg(V).
-    bkd (DilateQuant): latent weights and weight step sizes, activation step sizes and zero points per
-        timestep (Adam, cosine-annealed lr); loss = MSE to the FP block (knowledge distillation).
+    bkd (DilateQuant): latent weights and weight step sizes (one lr), activation step sizes and zero points
+        per timestep (another lr), Adam with cosine-annealed lr; loss = MSE to the FP block (distillation).
 """
 from __future__ import annotations
 
@@ -84,9 +84,10 @@ class BKDTrainer:
         self.weights = [DistilledWeight(layer) for layer in _weight_layers(model, unit)]
         self.ranges = [LearnedActRange(q, train_zero=True) for q in _act_quantizers(model, unit)]
         self.groups = [g for g in (
-            {"params": [p for w in self.weights for p in w.weight_parameters()], "lr": lr, "cosine": True},
-            {"params": [p for w in self.weights for p in w.step_parameters()]
-             + [p for a in self.ranges for p in a.parameters()], "lr": act_lr, "cosine": True},
+            # weight step sizes are as small as the weights' own moves: they share the weights' lr
+            {"params": [p for w in self.weights for p in w.weight_parameters() + w.step_parameters()], "lr": lr,
+             "cosine": True},
+            {"params": [p for a in self.ranges for p in a.parameters()], "lr": act_lr, "cosine": True},
         ) if g["params"]]
 
     def loss(self, out: torch.Tensor, target: torch.Tensor, iteration: int, iterations: int):
