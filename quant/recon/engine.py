@@ -81,7 +81,9 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches, config: QuantCo
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     x, t, y = calibration_rows(batches, config.recon_rows, seed)
-    x, t, y = x.to(device, dtype), t.to(device), y.to(device)
+    # the streams are float32 (the quantized copy trains in float32); the FP model runs in its own dtype
+    fp_dtype = next(fp_model.parameters()).dtype
+    x, t, y = x.to(device, torch.float32), t.to(device), y.to(device)
     quantized_input = config.recon_input == "quantized"
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if autocast and device.type == "cuda" \
         else contextlib.nullcontext
@@ -99,7 +101,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches, config: QuantCo
             fp_in = cache["fp_in"]
             q_in = cache["q_in"] if quantized_input else fp_in
             with torch.no_grad():
-                cache.put("fp_out", _run_all(fp_model, unit, fp_in.to(dtype), t, y, None))
+                cache.put("fp_out", _run_all(fp_model, unit, fp_in.to(fp_dtype), t, y, None).float())
             target = cache["fp_out"]
             with torch.no_grad():
                 before, _ = _run_and_compare(model, unit, ctx, q_in, target, t, y, keep=False)
