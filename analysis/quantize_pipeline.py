@@ -104,15 +104,19 @@ def _lists(d: dict) -> dict:
 
 
 def quantize_bundle(bundle: ModelBundle, config: QuantConfig, calibration: CalibrationData | None = None,
-                    on_progress: Callable[[str, float], None] | None = None, batch_size: int = 64) -> Variant:
+                    on_progress: Callable[[str, float], None] | None = None, batch_size: int = 64,
+                    on_recon: Callable[[int, int, int, float], None] | None = None) -> Variant:
     """Quantize `bundle`'s transformer into a new Variant and measure it on the calibration inputs.
 
-    on_progress(stage, fraction) is called at each stage (calibration sampling, quantizing, measuring).
+    on_progress(stage, fraction) is called at each stage (calibration sampling, quantizing, block-wise
+    optimization, measuring); on_recon(unit index, number of units, iteration, loss) during the block-wise
+    optimization (config.recon), for live loss curves.
     report: method, w_bits, a_bits, attn_bits, tpq, label, seconds (quantize + activation calibration, wall
     clock; cpu_seconds: the process's CPU time for the same, which a busy machine does not inflate),
     calibration_seconds (FP sampling, when done here), layers_quantized, weight_bytes (stored at the
     bit-width), fp_weight_bytes, rel_error, rel_error_per_timestep, layer_error, and per balanced group:
-    vectors (b), salience (per-channel maxima before / after), ssc (rho, eta per timestep).
+    vectors (b), salience (per-channel maxima before / after), ssc (rho, eta per timestep); recon (the
+    block-wise optimization's quant.recon.ReconReport as a dict, or None).
     """
     config.validate()
     progress = on_progress or (lambda stage, frac: None)
@@ -126,8 +130,16 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig, calibration: Calib
     progress("quantizing", 0.6)
     start = time.perf_counter()
     cpu_start = time.process_time()
+    iters = config.recon_iters
+
+    def recon_progress(k: int, n: int, it: int, loss: float) -> None:
+        progress(f"block-wise optimization ({config.recon}): unit {k + 1}/{n}, iteration {it}/{iters}, "
+                 f"loss {loss:.4g}", 0.6 + 0.2 * (k + it / iters) / n)
+        if on_recon is not None:
+            on_recon(k, n, it, loss)
+
     result = quantize_with_details(bundle.transformer, config, calibration, batch_size=batch_size,
-                                   keep_reference=True)
+                                   keep_reference=True, on_recon=recon_progress)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     progress("measuring the error vs FP", 0.8)
     batches = calibration_batches(calibration, batch_size)
@@ -146,7 +158,7 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig, calibration: Calib
         "vectors": {g: b.tolist() for g, b in result.vectors.items()},
         "salience": {g: _lists(s) for g, s in result.salience.items()},
         "ssc": {g: _lists(e) for g, e in result.extras.items() if "eta" in e},
-        "config": config.to_dict(),
+        "config": config.to_dict(), "recon": result.recon,
     }
     progress("done", 1.0)
     name = config.label

@@ -21,6 +21,13 @@ METHOD_HELP = {
 }
 BITS = [2, 3, 4, 5, 6, 7, 8, 16]
 TPQ_CHOICES = {"method default": None, "on": True, "off": False}
+RECON_HELP = {
+    "none": "no block-wise optimization: the calibrated scales as they are",
+    "adaround": "PTQ4DiT's reconstruction: learn each weight's rounding (AdaRound) and the activation step sizes "
+                "block by block against the FP block (official: 20k iterations per block)",
+    "bkd": "DilateQuant's block-wise distillation: train weights (straight-through rounding), weight steps and "
+           "the per-timestep activation parameters block by block (paper: 5k iterations per block)",
+}
 
 st.title("Quantize")
 st.caption("Quantize a copy of the model with one method and see what it does to the per-channel maxima "
@@ -66,12 +73,22 @@ def _form(bundle):
         exclude = st.text_input("Keep in float (comma-separated layer patterns)", key="q_exclude",
                                 placeholder="e.g. pos_embed.proj, *.ff.net.2, transformer_blocks.0",
                                 help="fnmatch patterns or module names; matching layers are not quantized")
+        st.markdown("**Reconstruction** (block-wise optimization after calibration)")
+        c1, c2, c3, c4 = st.columns(4)
+        recon = c1.selectbox("Mode", list(RECON_HELP), key="q_recon",
+                             help="\n\n".join(f"**{k}**: {v}" for k, v in RECON_HELP.items()))
+        recon_iters = c2.number_input("Iterations per block", 1, 20000, 200, key="q_recon_iters",
+                                      help="the default finishes in minutes on a CPU for the bundled model")
+        recon_rows = c3.number_input("Calibration rows", 1, 100000, 256, key="q_recon_rows",
+                                     help="transformer inputs drawn across timesteps from the calibration run")
+        recon_batch = c4.number_input("Batch", 1, 1024, 32, key="q_recon_batch", help="rows per step (papers: 32)")
         go = st.form_submit_button("Quantize", type="primary")
     if not go:
         return None
     return dict(method=method, w_bits=w_bits, a_bits=a_bits, attn_bits=None if attn == "float" else int(attn),
                 tpq=TPQ_CHOICES[tpq], scale_search=search, alpha=float(alpha), ssc=bool(ssc), ssc_rho=rho_mode,
-                exclude=[p.strip() for p in exclude.split(",") if p.strip()]), \
+                exclude=[p.strip() for p in exclude.split(",") if p.strip()], recon=recon,
+                recon_iters=int(recon_iters), recon_rows=int(recon_rows), recon_batch=int(recon_batch)), \
         int(cal_samples), int(cal_steps), name.strip()
 
 
@@ -106,13 +123,17 @@ def _quantize(bundle, fields: dict, samples: int, steps: int, name: str) -> None
         return
     cal = _calibration(bundle, samples, steps)
     bar = st.progress(0.0, text="Quantizing ...")
+    live = st.empty()
     try:
-        variant = quantize_bundle(bundle, config, cal, on_progress=lambda stage, f: bar.progress(f, text=stage))
+        variant = quantize_bundle(bundle, config, cal, on_progress=lambda stage, f: bar.progress(f, text=stage),
+                                  on_recon=_live_loss(live, config.recon) if config.recon != "none" else None)
     except (ValueError, RuntimeError) as exc:  # the engine's errors are messages for the user
         bar.empty()
+        live.empty()
         st.error(f"Quantization failed: {exc}")
         return
     bar.empty()
+    live.empty()
     if name:
         variant = dataclasses.replace(variant, name=name)
     variants = st.session_state.setdefault("variants", {})
@@ -120,6 +141,38 @@ def _quantize(bundle, fields: dict, samples: int, steps: int, name: str) -> None
         st.info(f"Replaced the earlier variant named '{variant.name}'.")
     variants[variant.name] = variant
     st.session_state["q_pick"] = variant.name  # show the new variant (set before the picker is drawn)
+
+
+def _live_loss(placeholder, mode: str, every_s: float = 0.5):
+    """on_recon callback: collect each unit's loss points and redraw the loss chart at most every `every_s`."""
+    import time
+
+    from analysis.plots.recon import recon_loss_figure
+
+    losses: dict[str, list] = {}
+    last = [0.0]
+
+    def on_recon(k: int, n: int, it: int, loss: float) -> None:
+        losses.setdefault(f"unit {k + 1}/{n}", []).append([it, loss])
+        now = time.perf_counter()
+        if now - last[0] >= every_s:
+            last[0] = now
+            placeholder.plotly_chart(recon_loss_figure(losses, mode), width="stretch")
+    return on_recon
+
+
+def _show_recon(recon: dict) -> None:
+    from analysis.plots.recon import recon_error_figure, recon_loss_figure
+
+    st.subheader("Reconstruction")
+    units = recon["units"]
+    blocks = [u for u in units if u["iterations"]]
+    improved = sum(u["error_after"] < u["error_before"] for u in blocks)
+    st.caption(f"{recon['mode']}: {len(units)} units, {improved} of {len(blocks)} trained units closer to FP, "
+               f"{recon['rows']} calibration rows, {recon['seconds']:.1f} s")
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(recon_loss_figure({u["name"]: u["losses"] for u in units}, recon["mode"]), width="stretch")
+    c2.plotly_chart(recon_error_figure(units, recon["mode"]), width="stretch")
 
 
 def _default_group(salience: dict) -> int:
@@ -172,6 +225,8 @@ def _show(bundle, variants: dict) -> None:
                     width="stretch")
     st.plotly_chart(timestep_error_figure({n: variants[n].report["rel_error_per_timestep"] for n in names}),
                     width="stretch")
+    if r.get("recon"):
+        _show_recon(r["recon"])
     _download(v)
 
 

@@ -7,7 +7,8 @@
 
 One quantization run: copy the model -> observe the FP inputs of the foldable layers -> the method computes
 its per-channel vectors -> fold them (quant.reparam) -> replace layers by quantized ones -> calibrate the
-activation ranges (per timestep with TPQ) on the folded FP model.
+activation ranges (per timestep with TPQ) on the folded FP model -> optionally optimize block by block
+against the FP model (config.recon: PTQ4DiT's AdaRound reconstruction or DilateQuant's BKD, quant.recon).
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ class QuantResult:
     layers: list[str]
     timesteps: list[int]
     reference: torch.Tensor | None = None  # FP outputs on the calibration batches (keep_reference=True)
+    recon: dict | None = None  # quant.recon.ReconReport.to_dict() when config.recon is not "none"
 
 
 def calibration_batches(calibration, batch_size: int = 64) -> list:
@@ -74,12 +76,13 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: Iterable, batch
 
 @torch.no_grad()
 def quantize_with_details(model: nn.Module, config: QuantConfig, calibration: Iterable, batch_size: int = 64,
-                          keep_reference: bool = False) -> QuantResult:
+                          keep_reference: bool = False, on_recon=None) -> QuantResult:
     """quantize(), also returning the method's vectors and the per-channel salience before and after.
 
     Passes over the calibration data: one to calibrate the activation ranges (it also records the balanced
     layers' inputs, and with keep_reference the FP outputs), plus one before folding for methods whose
-    vectors need activation statistics (SmoothQuant, PTQ4DiT).
+    vectors need activation statistics (SmoothQuant, PTQ4DiT); then, with config.recon, the block-wise
+    optimization (quant.recon.reconstruct; on_recon(unit index, units, iteration, loss) reports its progress).
     """
     config.validate()
     method = get_method(config.method)
@@ -114,7 +117,14 @@ def quantize_with_details(model: nn.Module, config: QuantConfig, calibration: It
     after = obs.stats()
     salience = {g.name: _salience(qmodel, g, stats, after, w_before[g.name], vectors.get(g.name)) for g in groups}
     timesteps = sorted({int(t) for _, ts, _ in batches for t in ts.reshape(-1).tolist()})
-    return QuantResult(qmodel, config, vectors, salience, extras, names, timesteps, reference)
+    recon = None
+    if config.recon != "none":
+        from quant.recon import reconstruct
+
+        # qmodel is already this call's own copy: optimize it in place
+        qmodel, report = reconstruct(qmodel, model, batches, config, on_progress=on_recon, copy_model=False)
+        recon = report.to_dict()
+    return QuantResult(qmodel, config, vectors, salience, extras, names, timesteps, reference, recon)
 
 
 def _salience(model: nn.Module, group: BalanceGroup, before, after, w_before: torch.Tensor,

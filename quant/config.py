@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 from quant.quantizers import SEARCHES
 
@@ -10,6 +11,13 @@ METHODS = ("fp", "baseline", "smoothquant", "ptq4dit", "dilatequant")
 RHO_MODES = ("per_timestep", "per_sample")
 # Methods whose default turns on time-step-aware activation quantization (DilateQuant's TPQ).
 TPQ_BY_DEFAULT = ("dilatequant",)
+# Block-wise optimization after the scales are set (quant.recon): none, PTQ4DiT's AdaRound reconstruction, or
+# DilateQuant's block-wise distillation.
+RECON_MODES = ("none", "adaround", "bkd")
+RECON_INPUTS = ("quantized", "fp")
+# Learning rates when recon_lr / recon_act_lr are None: (rounding or weight lr, activation-parameter lr).
+# adaround: Adam's default for V and the official PTQ4DiT code's step-size lr (--cali_lr 4e-4).
+RECON_LRS = {"adaround": (1e-3, 4e-4), "bkd": (1e-4, 1e-3)}
 
 
 @dataclasses.dataclass
@@ -33,6 +41,18 @@ class QuantConfig:
         as the paper's equations define SSC over timesteps, so the weighting does not depend on how many
         samples per timestep the calibration set holds; "per_sample" computes one rho per calibration row,
         as the official code does.
+    recon: block-wise optimization after calibration (quant.recon): "none"; "adaround" (PTQ4DiT: learned
+        weight rounding + activation step sizes, Lp loss); "bkd" (DilateQuant: weights with straight-through
+        rounding, weight steps, activation scale and zero point per timestep, MSE). Any method combines with
+        any mode, so e.g. baseline + tpq + bkd is DilateQuant's "BKD without WD" ablation.
+    recon_iters: optimization steps per unit (each block, the patch embedding, each timestep MLP, the final
+        layer). The papers: 20k (PTQ4DiT), 5k (DilateQuant); the default suits the bundled model on a CPU.
+    recon_batch: calibration rows per step (both papers: 32).
+    recon_lr / recon_act_lr: learning rate of the rounding variables (adaround) or weights and weight steps
+        (bkd), and of the activation parameters; None = the mode's default (RECON_LRS).
+    recon_rows: calibration rows drawn across timesteps for the optimization (DilateQuant: 5120 samples).
+    recon_input: "quantized" feeds each unit the output of the already-quantized prefix (the papers');
+        "fp" feeds it the FP prefix's output.
     """
 
     method: str = "baseline"
@@ -49,6 +69,20 @@ class QuantConfig:
     alpha: float = 0.5
     ssc: bool = True
     ssc_rho: str = "per_timestep"
+    recon: str = "none"
+    recon_iters: int = 200
+    recon_batch: int = 32
+    recon_lr: float | None = None
+    recon_act_lr: float | None = None
+    recon_rows: int = 256
+    recon_input: str = "quantized"
+
+    @property
+    def recon_lrs(self) -> tuple[float, float]:
+        """(rounding-or-weight lr, activation lr) resolved against the mode's defaults."""
+        lr, act_lr = RECON_LRS.get(self.recon, (None, None))
+        return (lr if self.recon_lr is None else float(self.recon_lr),
+                act_lr if self.recon_act_lr is None else float(self.recon_act_lr))
 
     @property
     def use_tpq(self) -> bool:
@@ -66,6 +100,8 @@ class QuantConfig:
             name += f" attn{self.attn_bits}"
         if self.use_tpq:
             name += " TPQ"
+        if self.recon != "none":
+            name += " +" + {"adaround": "AdaRound", "bkd": "BKD"}.get(self.recon, self.recon)
         return name
 
     def validate(self) -> "QuantConfig":
@@ -91,7 +127,26 @@ class QuantConfig:
             raise ValueError(f"tpq must be true, false or null, got {self.tpq!r}")
         if not isinstance(self.exclude, (list, tuple)) or not all(isinstance(p, str) for p in self.exclude):
             raise ValueError(f"exclude must be a list of layer name patterns, got {self.exclude!r}")
+        self._validate_recon()
         return self
+
+    def _validate_recon(self) -> None:
+        if self.recon not in RECON_MODES:
+            raise ValueError(f"unknown recon {self.recon!r}; choose one of {', '.join(RECON_MODES)}")
+        if self.recon_input not in RECON_INPUTS:
+            raise ValueError(f"unknown recon_input {self.recon_input!r}; choose one of {', '.join(RECON_INPUTS)}")
+        for field, low in (("recon_iters", 1), ("recon_batch", 1), ("recon_rows", 1)):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{field} must be an integer >= {low}, got {v!r}")
+        for field in ("recon_lr", "recon_act_lr"):
+            v = getattr(self, field)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{field} must be a positive number (or null for the mode's default), got {v!r}")
+        if self.recon != "none" and self.method == "fp":
+            raise ValueError("recon needs a quantizing method; method 'fp' quantizes nothing")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -157,6 +157,9 @@ class _WeightQuant:
         self.register_buffer("w_scale", torch.ones(shape, device=self.weight.device))
         self.register_buffer("w_zero", torch.zeros(shape, device=self.weight.device))
         self.use_fp_weight = False  # True while calibrating activations on the FP (folded) model
+        # While block-wise reconstruction learns this layer's rounding (quant.recon.adaround), a callable that
+        # returns the soft-rounded weight; None otherwise (it is never saved).
+        self.weight_override = None
         self.error_stats: list[float] | None = None  # [sum sq error, sum sq reference] when measuring
         self._cache: tuple | None = None
         if not is_off(bits):
@@ -174,6 +177,8 @@ class _WeightQuant:
     def quantized_weight(self) -> torch.Tensor:
         if is_off(self.w_bits) or self.use_fp_weight:
             return self.weight
+        if getattr(self, "weight_override", None) is not None:
+            return self.weight_override()
         if torch.is_grad_enabled() and (self.weight.requires_grad or self.w_scale.requires_grad):
             return fake_quant(self.weight, self.w_scale, self.w_zero, self.w_bits, self.w_symmetric)
         key = (id(self.weight), self.weight.data_ptr(), self.weight._version, id(self.w_scale), self.w_scale._version,

@@ -77,3 +77,24 @@ def test_quantize_page_download_zip_loads_again(tmp_path):
     zipfile.ZipFile(io.BytesIO(data)).extractall(tmp_path)
     bundle = load(str(tmp_path / "model"))
     assert bundle.quant_config["method"] == "dilatequant" and bundle.quant_config["w_bits"] == 4
+
+
+def test_quantize_page_reconstruction_section():
+    at = AppTest.from_file("../pages/quantize.py", default_timeout=600)
+    at.run()
+    _set_small_calibration(at)
+    assert at.selectbox(key="q_recon").value == "none"
+    at.select_slider(key="q_w_bits").set_value(4)
+    at.selectbox(key="q_recon").set_value("adaround")
+    at.number_input(key="q_recon_iters").set_value(3)
+    at.number_input(key="q_recon_rows").set_value(8)
+    at.number_input(key="q_recon_batch").set_value(4)
+    _submit(at)
+    assert not at.exception, at.exception
+    v = at.session_state["variants"]["ptq4dit W4A8 +AdaRound"]
+    recon = v.report["recon"]
+    assert v.config.recon == "adaround" and recon["rows"] == 8 and len(recon["units"]) == 14
+    assert any(h.value == "Reconstruction" for h in at.subheader)
+    titles = " | ".join(c.proto.spec for c in at.get("plotly_chart"))
+    assert "training loss per unit" in titles and "per-block output error before vs after" in titles
+    assert any("trained units closer to FP" in c.value for c in at.caption)

@@ -73,6 +73,11 @@ def test_bundled_model_saved_then_sampled_with_model_dir(tmp_path, capsys):
     (["--calib-steps", "0"], "--calib-steps must be between 1 and 1000"),
     (["--exclude", "transformer_blocks.99"], "--exclude 'transformer_blocks.99' matches no layer"),
     (["--model", "./no/such/folder"], "does not exist"),
+    (["--recon", "brecq"], "unknown recon 'brecq'"),
+    (["--recon", "bkd", "--recon-iters", "0"], "recon_iters must be an integer >= 1"),
+    (["--recon", "adaround", "--recon-input", "int8"], "unknown recon_input 'int8'"),
+    (["--recon", "bkd", "--recon-lr", "nan"], "recon_lr must be a positive number"),
+    (["--method", "fp", "--recon", "bkd"], "recon needs a quantizing method"),
 ])
 def test_bad_input_exits_2_with_one_line(tiny_folder, capsys, argv, message):
     model = [] if "--model" in argv else ["--model", tiny_folder]
@@ -89,3 +94,30 @@ def test_out_must_be_a_new_empty_or_earlier_output_folder(tiny_folder, tmp_path,
     rc, _, err = run_cli(capsys, "quantize", "--model", tiny_folder, *SMALL, "--out", tmp_path)
     assert rc == 2 and "non-empty folder that is not a saved quantized model" in err
     assert a_file.read_text() == "x"
+
+
+def test_quantize_with_block_wise_optimization_saves_and_reloads(tmp_path, capsys):
+    from analysis.models import load
+
+    out_dir = tmp_path / "bkd"
+    rc, out, err = run_cli(capsys, "quantize", "--method", "dilatequant", "--w-bits", 4, "--a-bits", 4, *SMALL,
+                           "--recon", "bkd", "--recon-iters", 2, "--recon-batch", 4, "--recon-rows", 8,
+                           "--out", out_dir, "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["label"] == "dilatequant W4A4 TPQ +BKD" and res["config"]["recon_iters"] == 2
+    rs = res["recon"]
+    assert rs["mode"] == "bkd" and rs["rows"] == 8 and len(rs["units"]) == 14
+    assert all("losses" not in u and u["error_before"] > 0 and u["error_after"] > 0 for u in rs["units"])
+    # the progress: one line per unit on stderr when it is not a terminal
+    lines = [ln for ln in err.splitlines() if ln.startswith("bkd: unit")]
+    assert len(lines) == 14 and lines[-1].startswith("bkd: unit 14/14 done")
+    q = load(str(out_dir))
+    assert q.quant_config["recon"] == "bkd" and q.quant_config["recon_rows"] == 8
+
+
+def test_eval_takes_the_same_block_wise_options(tmp_path, capsys):
+    rc, out, err = run_cli(capsys, "eval", "--method", "baseline", "--recon", "adaround", "--recon-batch", "0",
+                           "--num-samples", "16", "--steps", "2", "--data-dir", tmp_path, "--json")
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith("dqlab eval: error:") and "recon_batch must be an integer >= 1" in err

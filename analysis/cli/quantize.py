@@ -44,16 +44,37 @@ def add_quant_options(p, default_method: str = "ptq4dit"):
     q.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="leave matching layers in float: an fnmatch pattern such as '*.ff.net.2' or a module "
                         "name such as transformer_blocks.0 (repeatable)")
+    r = p.add_argument_group("block-wise optimization (after calibration)")
+    r.add_argument("--recon", default="none",
+                   help="none, adaround (PTQ4DiT's reconstruction: learned rounding + activation steps) or bkd "
+                        "(DilateQuant's block-wise distillation: weights, weight steps, per-timestep activation "
+                        "parameters) (default: %(default)s)")
+    # None: QuantConfig's default (one place holds the defaults; the CLI does not import torch to show --help)
+    r.add_argument("--recon-iters", type=int, default=None,
+                   help="optimization steps per block (PTQ4DiT: 20000, DilateQuant: 5000; default: 200)")
+    r.add_argument("--recon-batch", type=int, default=None, help="calibration rows per step (default: 32)")
+    r.add_argument("--recon-rows", type=int, default=None,
+                   help="calibration rows drawn across timesteps for the optimization (default: 256)")
+    r.add_argument("--recon-input", default=None,
+                   help="quantized (each block sees the quantized prefix's output) or fp (default: quantized)")
+    r.add_argument("--recon-lr", type=float, default=None,
+                   help="lr of the rounding variables (adaround) or weights and weight steps (bkd) "
+                        "(default: the mode's)")
+    r.add_argument("--recon-act-lr", type=float, default=None,
+                   help="lr of the activation step sizes (and zero points in bkd) (default: the mode's)")
     return q
 
 
 def config_from_args(args):
     from quant.api import QuantConfig
 
+    recon = {k: v for k, v in (("recon_iters", args.recon_iters), ("recon_batch", args.recon_batch),
+                               ("recon_rows", args.recon_rows), ("recon_input", args.recon_input),
+                               ("recon_lr", args.recon_lr), ("recon_act_lr", args.recon_act_lr)) if v is not None}
     return QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, attn_bits=args.attn_bits,
                        tpq=args.tpq, alpha=args.alpha, ssc=args.ssc, ssc_rho=args.ssc_rho,
                        scale_search=args.scale_search, percentile=args.percentile,
-                       exclude=list(args.exclude)).validate()
+                       exclude=list(args.exclude), recon=args.recon, **recon).validate()
 
 
 def check_excludes(bundle, config) -> None:
@@ -123,7 +144,8 @@ def run(args) -> dict:
     calibration = calibration_for(bundle, steps=args.calib_steps, num_samples=calib_samples, guidance=args.guidance,
                                   seed=args.calib_seed, scheduler=args.scheduler, on_step=on_step)
     cal_seconds = time.perf_counter() - start
-    variant = quantize_bundle(bundle, config, calibration, on_progress=show, batch_size=args.batch_size)
+    variant = quantize_bundle(bundle, config, calibration, on_progress=show, batch_size=args.batch_size,
+                              on_recon=None if show else recon_lines(config))
     if show:
         print(file=sys.stderr)
     r = variant.report
@@ -136,7 +158,8 @@ def run(args) -> dict:
            "calibration_samples": calib_samples, "layers_quantized": r["layers_quantized"],
            "weight_bytes": r["weight_bytes"], "fp_weight_bytes": r["fp_weight_bytes"],
            "rel_error": r["rel_error"], "rel_error_per_timestep": r["rel_error_per_timestep"],
-           "layer_error": r["layer_error"], "config": config.to_dict(), "out": None}
+           "layer_error": r["layer_error"], "config": config.to_dict(), "recon": recon_summary(r["recon"]),
+           "out": None}
     if args.out is not None:
         folder = save_quantized(variant.bundle, config, args.out, base_source=args.model)
         out["out"] = str(folder)
@@ -146,5 +169,31 @@ def run(args) -> dict:
              f"{mb(r['weight_bytes'])} (FP {mb(r['fp_weight_bytes'])}), {out['seconds']:.1f}s "
              f"({cal_seconds:.1f}s calibration sampling + {r['seconds']:.1f}s quantization)"
              + (f" -> {out['out']}" if out["out"] else ""))
+    if out["recon"]:
+        rs = out["recon"]
+        human += (f"\n{config.recon}: {len(rs['units'])} units x {config.recon_iters} iterations on {rs['rows']} rows "
+                  f"in {rs['seconds']:.1f}s; output error per unit before -> after: "
+                  + ", ".join(f"{u['name'].replace('transformer_blocks.', 'block ')} {u['error_before']:.3g} -> "
+                              f"{u['error_after']:.3g}" for u in rs["units"] if "emb" not in u["name"]))
     emit(args, out, human)
     return out
+
+
+def recon_lines(config):
+    """Without a terminal, the block-wise optimization reports one stderr line per finished unit."""
+    if config.recon == "none":
+        return None
+    start = time.perf_counter()
+
+    def on_recon(k: int, n: int, it: int, loss: float) -> None:
+        if it == config.recon_iters:
+            print(f"{config.recon}: unit {k + 1}/{n} done, loss {loss:.4g}, {time.perf_counter() - start:.0f}s",
+                  file=sys.stderr, flush=True)
+    return on_recon
+
+
+def recon_summary(recon: dict | None) -> dict | None:
+    """The block-wise optimization's report without the loss curves (they stay in the Python report)."""
+    if not recon:
+        return None
+    return {**recon, "units": [{k: v for k, v in u.items() if k != "losses"} for u in recon["units"]]}

@@ -1,0 +1,200 @@
+"""Block-wise optimization of a quantized DiT against its FP model, one unit at a time (quant.recon.units).
+
+For unit k, with x_fp the FP prefix's output and x_q the quantized prefix's output on the same rows:
+
+    target   = unit_fp(x_fp)                        the FP unit on FP activations
+    minimise   loss(unit_q(x_q), target)            only unit k's parameters move (quant.recon.trainers)
+    then       x_fp <- target,  x_q <- unit_q(x_q)  with unit k frozen, and go on to unit k + 1
+
+So each unit learns to undo the error its quantized prefix hands it (recon_input="fp" feeds x_fp instead).
+Calibration rows (x_t, t, y) are drawn across all recorded timesteps of an FP sampling run; only the current
+unit's inputs and outputs are held (quant.recon.cache), never a tensor per block.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from quant.config import QuantConfig
+from quant.recon.cache import ActivationCache
+from quant.recon.trainers import TRAINERS
+from quant.recon.units import Unit, dit_units
+
+ProgressFn = Callable[[int, int, int, float], None]  # (unit index, number of units, iteration, loss)
+LOSS_POINTS = 50  # losses recorded (and progress calls made) per unit
+EVAL_ROWS = 128  # rows per forward in the passes over all calibration rows
+
+
+@dataclasses.dataclass
+class ReconReport:
+    """What the optimization did. units: one dict per unit with name, error_before / error_after (relative
+    output error ||unit_q(x) - target|| / ||target|| over all rows, before and after its optimization),
+    seconds, iterations, losses [[iteration, loss], ...], and the mode's convergence summary (adaround:
+    rounding_binary, rounding_flipped; bkd: codes_changed)."""
+
+    mode: str
+    rows: int
+    units: list[dict]
+    seconds: float
+    peak_cached_tensors: int
+    peak_cached_bytes: int
+    peak_device_bytes: int | None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def calibration_rows(batches, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`rows` (x, t, y) rows drawn at random (fixed seed) from all calibration batches, so every recorded
+    timestep is represented in proportion; all rows when there are fewer."""
+    x, t, y = (torch.cat([b[i] for b in batches]) for i in range(3))
+    if rows < len(x):
+        gen = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(len(x), generator=gen)[:rows].sort().values
+        x, t, y = x[keep], t[keep], y[keep]
+    return x, t.reshape(-1).long(), y.reshape(-1).long()
+
+
+def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches, config: QuantConfig,
+                on_progress: ProgressFn | None = None, copy_model: bool = True, autocast: bool = True,
+                seed: int = 0) -> tuple[nn.Module, ReconReport]:
+    """(optimized model, report). qmodel: a calibrated quantized model (quant.quantize); fp_model: its FP
+    original (same module names); batches: (x, t, y) calibration batches. With copy_model the result is a new
+    model and qmodel is left as it was. autocast: bfloat16 autocast for the quantized forward on CUDA."""
+    config.validate()
+    if config.recon not in TRAINERS:
+        raise ValueError(f"recon {config.recon!r} is not an optimization mode; choose one of {', '.join(TRAINERS)}")
+    model = copy.deepcopy(qmodel) if copy_model else qmodel
+    ctx = getattr(model, "_dqlab_timestep_context", None)
+    if ctx is None:
+        raise ValueError("reconstruct needs a model made by quant.quantize (it routes timesteps to quantizers)")
+    start = time.perf_counter()
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    x, t, y = calibration_rows(batches, config.recon_rows, seed)
+    # the streams are float32 (the quantized copy trains in float32); the FP model runs in its own dtype
+    fp_dtype = next(fp_model.parameters()).dtype
+    x, t, y = x.to(device, torch.float32), t.to(device), y.to(device)
+    quantized_input = config.recon_input == "quantized"
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if autocast and device.type == "cuda" \
+        else contextlib.nullcontext
+    gen = torch.Generator().manual_seed(seed)
+    units = dit_units(model)
+    cache = ActivationCache()
+    cache.put("fp_in", x)
+    cache.put("q_in", x)
+    reports = []
+    if dtype != torch.float32:
+        model.float()  # optimizer state and rounding need float32; cast back at the end
+    try:
+        for k, unit in enumerate(units):
+            unit_start = time.perf_counter()
+            fp_in = cache["fp_in"]
+            q_in = cache["q_in"] if quantized_input else fp_in
+            with torch.no_grad():
+                cache.put("fp_out", _run_all(fp_model, unit, fp_in.to(fp_dtype), t, y, None).float())
+            target = cache["fp_out"]
+            with torch.no_grad():
+                before, _ = _run_and_compare(model, unit, ctx, q_in, target, t, y, keep=False)
+            trainer = TRAINERS[config.recon](model, unit, *config.recon_lrs)
+            losses = []
+            if trainer.groups:
+                report_fn = (lambda it, loss: on_progress(k, len(units), it, loss)) if on_progress else None
+                losses = _optimize(model, unit, ctx, trainer, q_in, target, t, y, config, gen, amp, report_fn)
+            summary = trainer.finish()
+            with torch.no_grad():
+                after, q_out = _run_and_compare(model, unit, ctx, q_in, target, t, y,
+                                                keep=unit.advances and quantized_input)
+            if q_out is not None:
+                cache.put("q_out", q_out)
+            reports.append({"name": unit.name, "error_before": before, "error_after": after,
+                            "iterations": config.recon_iters if trainer.groups else 0, "losses": losses,
+                            "seconds": round(time.perf_counter() - unit_start, 3), **summary})
+            _advance(cache, unit, quantized_input)
+    finally:
+        ctx.t = None
+        if dtype != torch.float32:
+            model.to(dtype)
+    model.eval().requires_grad_(False)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return model, ReconReport(mode=config.recon, rows=len(x), units=reports,
+                              seconds=round(time.perf_counter() - start, 3), peak_cached_tensors=cache.peak_tensors,
+                              peak_cached_bytes=cache.peak_bytes, peak_device_bytes=peak)
+
+
+def _advance(cache: ActivationCache, unit: Unit, quantized_input: bool) -> None:
+    """The unit's outputs become the next unit's inputs; an embedding unit leaves the stream as it was."""
+    fp_out, q_out = cache.pop("fp_out"), cache.pop("q_out")
+    if not unit.advances:
+        return
+    cache.pop("fp_in")
+    cache.pop("q_in")
+    cache.put("fp_in", fp_out)
+    cache.put("q_in", q_out if quantized_input else fp_out)
+
+
+def _run_all(model: nn.Module, unit: Unit, stream: torch.Tensor, t, y, ctx) -> torch.Tensor:
+    """The unit on every row, in chunks; returns the concatenated outputs."""
+    outs = []
+    for i in range(0, len(t), EVAL_ROWS):
+        if ctx is not None:
+            ctx.t = t[i:i + EVAL_ROWS]
+        outs.append(unit.run(model, stream[i:i + EVAL_ROWS], t[i:i + EVAL_ROWS], y[i:i + EVAL_ROWS]))
+    return torch.cat(outs)
+
+
+def _run_and_compare(model, unit, ctx, q_in, target, t, y, keep: bool):
+    """(relative error of the quantized unit vs target over all rows, its outputs when keep)."""
+    num = den = 0.0
+    outs = []
+    for i in range(0, len(t), EVAL_ROWS):
+        sl = slice(i, i + EVAL_ROWS)
+        ctx.t = t[sl]
+        out = unit.run(model, q_in[sl], t[sl], y[sl])
+        ref = target[sl]
+        num += float((out.float() - ref.float()).pow(2).sum())
+        den += float(ref.float().pow(2).sum())
+        if keep:
+            outs.append(out)
+    return (math.sqrt(num / den) if den > 0 else 0.0), (torch.cat(outs) if keep else None)
+
+
+def _optimize(model, unit, ctx, trainer, q_in, target, t, y, config: QuantConfig, gen, amp, report_fn) -> list:
+    """Adam over the trainer's groups for recon_iters steps of recon_batch random rows; returns the losses."""
+    iters = config.recon_iters
+    groups = [{k: v for k, v in g.items() if k != "cosine"} for g in trainer.groups]
+    opt = torch.optim.Adam(groups)
+    cosine = [g["cosine"] for g in trainer.groups]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [
+        (lambda i: 0.5 * (1 + math.cos(math.pi * i / iters))) if c else (lambda i: 1.0) for c in cosine])
+    every = max(1, iters // LOSS_POINTS)
+    losses = []
+    with torch.enable_grad():
+        for it in range(iters):
+            idx = torch.randint(len(t), (min(config.recon_batch, len(t)),), generator=gen).to(t.device)
+            trainer.install()
+            ctx.t = t[idx]
+            with amp():
+                out = unit.run(model, q_in[idx], t[idx], y[idx])
+            loss, rec = trainer.loss(out.float(), target[idx].float(), it, iters)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            trainer.project()
+            if (it + 1) % every == 0 or it == iters - 1:
+                value = float(rec.detach())
+                losses.append([it + 1, value])
+                if report_fn is not None:
+                    report_fn(it + 1, value)
+    trainer.install()  # the final values, without the graph of the last step
+    return losses
