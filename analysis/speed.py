@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import threading
 import time
 from typing import Callable
 
@@ -58,6 +59,10 @@ class BenchOptions:
         return self
 
 
+# torch's profiler is one per process: app sessions (threads) that measure at once take turns.
+_PROFILER_LOCK = threading.Lock()
+
+
 def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
     """Peak bytes of tensors allocated and not yet freed during one call of fn, on the CPU.
 
@@ -67,7 +72,7 @@ def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
     keeps freed memory, so the process's resident size barely moves after the first call)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _PROFILER_LOCK, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     live = peak = 0
     for e in sorted(prof.events(), key=lambda e: e.time_range.start):

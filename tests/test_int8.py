@@ -153,3 +153,20 @@ def test_cli_samples_a_saved_w8a8_folder_in_int8(tmp_path, capsys):
     rc, out, err = run_cli(capsys, *args, "--model", tmp_path / "w4a8", "--int8", "--out", tmp_path / "b.png")
     assert rc == 2 and out == "" and "W8A8" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "b.png").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_int_mm_kernel_on_cuda_matches_fake_quant(one_torch_thread):
+    """The GPU path: torch._int_mm (rows padded to the kernel's multiple) against the fake-quant layer."""
+    from tests.conftest import make_tiny_dit
+
+    model = make_tiny_dit(layers=1, heads=16, head_dim=72, sample_size=8).cuda()
+    cal = [tuple(v.cuda() for v in b) for b in _calibration(model, rows=6)]
+    q = quantize(model, QuantConfig(method="dilatequant", w_bits=8, a_bits=8), cal)
+    fast = to_int8(q)
+    assert all(m.kernel == "auto" for m in int8_layers(fast).values())
+    x, t, y = (v.cuda() for v in _calibration(model, rows=3, seed=5)[0])  # adaLN: 3 rows, padded to 24
+    with torch.no_grad():
+        ref = q(x, timestep=t, class_labels=y).sample
+        got = fast(x, timestep=t, class_labels=y).sample
+    assert (got - ref).norm() / ref.norm() < 1e-2
