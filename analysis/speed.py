@@ -13,6 +13,7 @@ peak of live allocations replayed from torch's memory profiler in one extra, unt
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -59,6 +60,25 @@ class BenchOptions:
         return self
 
 
+@contextlib.contextmanager
+def _profiler_lines_hidden():
+    """The profiler's C++ side prints start/stop lines on file descriptor 2, whatever the log level: point
+    that descriptor at /dev/null while it runs (Python exceptions still propagate; they are not printed)."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr descriptor (some embedded runtimes): nothing to hide
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 # torch's profiler is one per process: app sessions (threads) that measure at once take turns.
 _PROFILER_LOCK = threading.Lock()
 
@@ -72,7 +92,8 @@ def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
     keeps freed memory, so the process's resident size barely moves after the first call)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with _PROFILER_LOCK, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _PROFILER_LOCK, _profiler_lines_hidden(), profile(activities=[ProfilerActivity.CPU],
+                                                           profile_memory=True) as prof:
         fn()
     live = peak = 0
     for e in sorted(prof.events(), key=lambda e: e.time_range.start):
