@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import threading
 import time
 import weakref
@@ -242,6 +243,11 @@ def layer_input_shapes(model: nn.Module, example: tuple) -> dict[str, tuple[int,
     return shapes
 
 
+def _shape_key(input_shape: tuple[int, ...], layer: nn.Module) -> tuple[int, int, int]:
+    """(rows, in, out): the matmul a linear runs on an input of this shape."""
+    return math.prod(input_shape[:-1]), layer.in_features, layer.out_features
+
+
 @torch.no_grad()
 def plan_int8(model: nn.Module, example: tuple, repeats: int = 5, kernel: str = "auto") -> dict[str, dict]:
     """Per layer of `model` (a W8A8 quant model): whether its shape runs faster in int8, measured here.
@@ -261,12 +267,10 @@ def plan_int8(model: nn.Module, example: tuple, repeats: int = 5, kernel: str = 
             ctx.t = example[1][:1].to(p.device).long()
         for name, shape in shapes.items():
             layer = layers[name]
-            rows = 1
-            for s in shape[:-1]:
-                rows *= s
-            key = (rows, layer.in_features, layer.out_features)
+            key = _shape_key(shape, layer)
             if key in timings:
                 continue
+            rows = key[0]
             x = torch.randn(1, rows, layer.in_features, device=p.device, dtype=p.dtype)
             fast = Int8Linear(layer, kernel)
             timings[key] = ShapeTiming(rows, layer.in_features, layer.out_features,
@@ -275,14 +279,7 @@ def plan_int8(model: nn.Module, example: tuple, repeats: int = 5, kernel: str = 
     finally:
         if ctx is not None:
             ctx.t = saved_t
-    out = {}
-    for name, shape in shapes.items():
-        layer = layers[name]
-        rows = 1
-        for s in shape[:-1]:
-            rows *= s
-        out[name] = timings[(rows, layer.in_features, layer.out_features)].to_dict()
-    return out
+    return {name: timings[_shape_key(shape, layers[name])].to_dict() for name, shape in shapes.items()}
 
 
 def to_int8(model: nn.Module, plan: dict[str, dict] | None = None, kernel: str = "auto") -> nn.Module:

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from analysis.speed import random_batch
 from quant.api import quantize, read_quantized, write_quantized
 from quant.config import QuantConfig
 from quant.int8 import Int8Linear, int8_layers, onednn_available, plan_int8, to_int8
@@ -36,11 +37,7 @@ def _layer_inputs(model, batch):
 
 def _calibration(model, rows: int = 16, timesteps=(999, 500, 20), seed: int = 0):
     """Random latents at a few timesteps: enough to set static (and per-timestep) activation ranges."""
-    g = torch.Generator().manual_seed(seed)
-    c, s = model.config.in_channels, model.config.sample_size
-    t = torch.tensor(timesteps).repeat_interleave(rows // len(timesteps) + 1)[:rows]
-    y = torch.randint(0, model.config.num_embeds_ada_norm, (rows,), generator=g)
-    return [(torch.randn(rows, c, s, s, generator=g), t, y)]
+    return [random_batch(model, rows, timesteps, seed)]
 
 
 KERNELS = ["int_mm"] + (["onednn"] if onednn_available() else [])
