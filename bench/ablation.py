@@ -134,7 +134,8 @@ def main() -> None:
             blocks = [u["seconds"] for u in (r["recon"] or {}).get("units", [])
                       if u["name"].startswith("transformer_blocks.") and "emb" not in u["name"]]
             measured[name] = {"row": row, "bits": f"W{w}A{a}", "label": config.label, "config": config.to_dict(),
-                              "rel_error": r["rel_error"], "quantize_seconds": round(seconds, 3),
+                              "rel_error": r["rel_error"],
+                              "rel_error_per_timestep": r["rel_error_per_timestep"], "quantize_seconds": round(seconds, 3),
                               "recon_seconds": (r["recon"] or {}).get("seconds"),
                               "seconds_per_block": round(sum(blocks) / len(blocks), 3) if blocks else None,
                               "peak_memory_bytes": mem.peak,
