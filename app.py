@@ -11,6 +11,7 @@ PAGES = [
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
     st.Page("pages/salience.py", title="Salience", icon=":material/insights:"),
     st.Page("pages/quantize.py", title="Quantize", icon=":material/memory:"),
+    st.Page("pages/sweep.py", title="Sweep", icon=":material/scatter_plot:"),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
 ]
 st.navigation(PAGES).run()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import time
@@ -176,11 +177,12 @@ def _sample_images(bundle: ModelBundle, labels, seeds, opts: EvalOptions, guidan
 
 def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: EvalOptions | None = None,
                       store: Store | None = None, on_progress: Callable[[str, float], None] | None = None,
-                      note: str | None = None) -> list[EvalResult]:
+                      note: str | None = None, extra_metrics: Mapping[str, dict] | None = None) -> list[EvalResult]:
     """Score several variants (name -> Variant or ModelBundle; the FP bundle itself or None means FP) at the
     same labels and seeds. FP is sampled once (or read from the cache). Each result is stored when a store is
-    given. Returns one EvalResult per variant, in order (none on ranks other than 0 of a torchrun job, which
-    only sample their share)."""
+    given. extra_metrics: name -> entries stored with that variant's metrics (the recipe key of a sweep point).
+    Returns one EvalResult per variant, in order (none on ranks other than 0 of a torchrun job, which only
+    sample their share)."""
     opts = options or EvalOptions()
     extractor, reference = check_options(fp, opts)
     guidance = eval_guidance(fp, opts)
@@ -240,6 +242,8 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
         feats = fp_feats if is_fp else M.extract_features(images, extractor, inception_weights=opts.inception_weights,
                                                           device=fp.device)
         m = _score(images, feats, fp_images, fp_feats, reference, ref_feats, floor, is_fp, extractor, opts, score_kw)
+        m.update(_variant_measures(v, fp, is_fp))
+        m.update((extra_metrics or {}).get(name, {}))
         if fp.bundled:
             from analysis.classifier import label_agreement
 
@@ -263,11 +267,42 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
     return results
 
 
+def calibration_spec(opts: EvalOptions, guidance: float, num_samples: int | None = None) -> dict:
+    """What defines the calibration set evaluate() draws: stored with the run, part of its recipe key."""
+    from analysis.quantize_pipeline import DEFAULT_CAL_SAMPLES
+
+    n = num_samples if num_samples is not None else (opts.calib_samples or DEFAULT_CAL_SAMPLES)
+    return {"samples": int(n), "seed": int(opts.calib_seed), "steps": int(opts.steps), "guidance": float(guidance),
+            "scheduler": opts.scheduler}
+
+
+def recipe_key(fingerprint: str, config: dict, opts: EvalOptions, guidance: float, calibration: dict | None) -> str:
+    """A hash of everything that decides a result: the model's weights, the quantization config, the
+    calibration set, the evaluated labels and seeds, sampling and scoring. Equal keys mean a stored result
+    can stand in for a new measurement."""
+    what = {"model": fingerprint, "config": config, "calibration": calibration if config.get("method") != "fp" else None,
+            "num_samples": opts.num_samples, "seed": opts.seed, "steps": opts.steps, "guidance": float(guidance),
+            "scheduler": opts.scheduler, "extractor": opts.extractor, "reference": str(opts.reference or "")}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def find_stored(store: Store, model: str, key: str):
+    """The newest stored run of `model` whose recipe key is `key`, or None."""
+    for run in store.list(model=model):
+        if run.metrics.get("recipe_key") == key:
+            return run
+    return None
+
+
 def evaluate(bundle: ModelBundle, config, options: EvalOptions | None = None, store: Store | None = None,
              calibration=None, on_progress: Callable[[str, float], None] | None = None,
-             note: str | None = None) -> EvalResult | None:
+             note: str | None = None, calib_spec: dict | None = None,
+             fingerprint: str | None = None) -> EvalResult | None:
     """The whole evaluation of one configuration (a quant.api.QuantConfig, or None for FP): validate, quantize
-    (skipped for method "fp"), sample FP and the variant at the same seeds, score, and store."""
+    (skipped for method "fp"), sample FP and the variant at the same seeds, score, and store.
+
+    calib_spec describes a `calibration` passed in (calibration_spec()); the run is stored with it and with
+    its recipe key, so a later sweep finds it (fingerprint: model_fingerprint(bundle), when known)."""
     from quant.api import QuantConfig
 
     config = config or QuantConfig(method="fp")
@@ -275,6 +310,14 @@ def evaluate(bundle: ModelBundle, config, options: EvalOptions | None = None, st
     opts = options or EvalOptions()
     check_options(bundle, opts)  # fail before the (slow) quantization
     t0 = time.perf_counter()
+    guidance = eval_guidance(bundle, opts)
+    if calibration is None:
+        calib_spec = calibration_spec(opts, guidance)
+    extra = {"calibration": calib_spec if config.method != "fp" else None}
+    # Only a known calibration set can be matched later (a caller's own calibration without its spec cannot).
+    if store is not None and (calib_spec is not None or config.method == "fp"):
+        extra["recipe_key"] = recipe_key(fingerprint or model_fingerprint(bundle), config.to_dict(), opts, guidance,
+                                         calib_spec)
     if config.method == "fp":
         variants = {FP_NAME: None}
     else:
@@ -284,8 +327,7 @@ def evaluate(bundle: ModelBundle, config, options: EvalOptions | None = None, st
             # Calibrate at the evaluated steps and guidance: per-timestep (TPQ) parameters are keyed by the
             # timesteps the sampler will visit.
             kw = {} if opts.calib_samples is None else {"num_samples": opts.calib_samples}
-            calibration = calibration_for(bundle, steps=opts.steps, guidance=eval_guidance(bundle, opts),
-                                          seed=opts.calib_seed,
+            calibration = calibration_for(bundle, steps=opts.steps, guidance=guidance, seed=opts.calib_seed,
                                           scheduler=opts.scheduler, **kw)
         q_progress = (lambda stage, frac: on_progress(f"Quantizing: {stage}", 0.3 * frac)) if on_progress else None
         variant = quantize_bundle(bundle, config, calibration=calibration, on_progress=q_progress)
@@ -295,7 +337,8 @@ def evaluate(bundle: ModelBundle, config, options: EvalOptions | None = None, st
     if on_progress is not None:
         offset = 0.0 if config.method == "fp" else 0.3
         e_progress = lambda stage, frac: on_progress(stage, offset + (1 - offset) * frac)  # noqa: E731
-    results = evaluate_variants(bundle, variants, opts, store=store, on_progress=e_progress, note=note)
+    results = evaluate_variants(bundle, variants, opts, store=store, on_progress=e_progress, note=note,
+                                extra_metrics={name: extra for name in variants})
     return results[0] if results else None  # None on the other ranks of a torchrun job
 
 
@@ -344,6 +387,21 @@ def _config_dict(v, is_fp: bool) -> dict:
         qc = v.quant_config if isinstance(v, ModelBundle) else None
         return dict(qc) if qc else {"method": "custom"}
     return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def _variant_measures(v, fp: ModelBundle, is_fp: bool) -> dict:
+    """What the quantization measured (error vs FP on the calibration inputs, stored size), kept with the run so
+    a stored result answers the same questions as a fresh one."""
+    if is_fp:
+        from quant.io import fp_weight_bytes
+
+        size = fp_weight_bytes(fp.transformer)
+        return {"rel_error": 0.0, "weight_bytes": size, "fp_weight_bytes": size}
+    report = getattr(v, "report", None) or {}
+    out = {k: report[k] for k in ("rel_error", "weight_bytes", "fp_weight_bytes") if k in report}
+    if "rel_error_per_timestep" in report:  # JSON object keys are strings: keep the timesteps as numbers
+        out["rel_error_per_timestep"] = [[int(t), float(e)] for t, e in report["rel_error_per_timestep"].items()]
+    return out
 
 
 def _variant_timings(v) -> dict:

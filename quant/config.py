@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
+from typing import Iterable
 
 from quant.quantizers import SEARCHES
 
@@ -18,6 +20,11 @@ RECON_INPUTS = ("quantized", "fp")
 # Learning rates when recon_lr / recon_act_lr are None: (rounding or weight lr, activation-parameter lr).
 # adaround: Adam's default for V and the official PTQ4DiT code's step-size lr (--cali_lr 4e-4).
 RECON_LRS = {"adaround": (1e-3, 4e-4), "bkd": (1e-4, 1e-3)}
+
+
+def is_excluded(name: str, patterns: Iterable[str]) -> bool:
+    """fnmatch pattern, or a plain module name that is the layer itself or one of its parents."""
+    return any(fnmatch.fnmatchcase(name, p) or name == p or name.startswith(p + ".") for p in patterns)
 
 
 @dataclasses.dataclass
@@ -35,6 +42,9 @@ class QuantConfig:
     tpq: one activation (scale, zero) per timestep; None = the method's default (on for dilatequant only).
     exclude: layer name patterns left in floating point (fnmatch patterns; a plain name also excludes
         everything under it, e.g. "transformer_blocks.0" or "*.norm1.linear").
+    layer_bits: mixed precision: layer name pattern (as in exclude) -> [w_bits, a_bits] for the matching
+        layers instead of w_bits / a_bits; the first matching pattern wins. E.g. the layers a sensitivity
+        analysis ranks hardest kept at 8 bits while the rest run at 4.
     alpha: SmoothQuant's migration strength.
     ssc: PTQ4DiT's Spearman-weighted salience calibration (off = salience is the plain max over calibration).
     ssc_rho: "per_timestep" (default) computes one Spearman rho per timestep from that timestep's salience,
@@ -66,6 +76,7 @@ class QuantConfig:
     percentile: float = 99.99
     tpq: bool | None = None
     exclude: list[str] = dataclasses.field(default_factory=list)
+    layer_bits: dict[str, list[int | None]] = dataclasses.field(default_factory=dict)
     alpha: float = 0.5
     ssc: bool = True
     ssc_rho: str = "per_timestep"
@@ -98,6 +109,9 @@ class QuantConfig:
         name = f"{self.method} W{bits(self.w_bits)}A{bits(self.a_bits)}"
         if self.attn_bits is not None:
             name += f" attn{self.attn_bits}"
+        if self.layer_bits:
+            kept = sorted({f"W{bits(w)}A{bits(a)}" for w, a in self.layer_bits.values()})
+            name += f" +{len(self.layer_bits)} at {'/'.join(kept)}"
         if self.use_tpq:
             name += " TPQ"
         if self.recon != "none":
@@ -127,8 +141,27 @@ class QuantConfig:
             raise ValueError(f"tpq must be true, false or null, got {self.tpq!r}")
         if not isinstance(self.exclude, (list, tuple)) or not all(isinstance(p, str) for p in self.exclude):
             raise ValueError(f"exclude must be a list of layer name patterns, got {self.exclude!r}")
+        self._validate_layer_bits()
         self._validate_recon()
         return self
+
+    def _validate_layer_bits(self) -> None:
+        if not isinstance(self.layer_bits, dict):
+            raise ValueError(f"layer_bits must map layer name patterns to [w_bits, a_bits], got {self.layer_bits!r}")
+        for pattern, pair in self.layer_bits.items():
+            if not isinstance(pattern, str) or not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(f"layer_bits[{pattern!r}] must be [w_bits, a_bits], got {pair!r}")
+            for v in pair:
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not (2 <= v <= 8 or v == 16)):
+                    raise ValueError(f"layer_bits[{pattern!r}] holds {v!r}; bits are integers from 2 to 8, "
+                                     "or 16 / null for no quantization")
+
+    def bits_for(self, layer: str) -> tuple[int | None, int | None]:
+        """(w_bits, a_bits) of one layer: its layer_bits entry if a pattern matches, else the global ones."""
+        for pattern, (w, a) in self.layer_bits.items():
+            if is_excluded(layer, [pattern]):
+                return w, a
+        return self.w_bits, self.a_bits
 
     def _validate_recon(self) -> None:
         if self.recon not in RECON_MODES:
@@ -151,6 +184,7 @@ class QuantConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["exclude"] = list(self.exclude)
+        d["layer_bits"] = {k: list(v) for k, v in self.layer_bits.items()}
         return d
 
     def to_json(self) -> str:
@@ -166,6 +200,8 @@ class QuantConfig:
         d = dict(d)
         if "exclude" in d and d["exclude"] is not None:
             d["exclude"] = list(d["exclude"])
+        if isinstance(d.get("layer_bits"), dict):
+            d["layer_bits"] = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in d["layer_bits"].items()}
         return cls(**d).validate()
 
     @classmethod
