@@ -190,7 +190,7 @@ def recommend(points: list[dict], tolerance: dict, cost: str = "bops") -> dict:
     if not ok:
         return {"tolerance": tolerance, "label": None, "config": None,
                 "reason": f"No setting in this sweep has {QUALITY[quality]} <= {limit:g}; keep FP or widen the grid."}
-    best = min(ok, key=lambda p: (p[cost], p["weight_bytes"] or 0, _quality(p, quality)))
+    best = min(ok, key=lambda p: (p[cost], _quality(p, quality)))  # equal cost: the better one (as the front)
     cheaper = [p for p in points if p[cost] < best[cost] and p is not best]
     nearest = max(cheaper, key=lambda p: p[cost]) if cheaper else None
     value = _format_quality(best, quality)
