@@ -3,33 +3,31 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages._shared import current_bundle, progress_callback
+from pages._shared import current_bundle, intro, progress_callback
 
 KEEP_COLLECTIONS = 3  # collected statistics kept per session, newest last (each key: model + settings)
 BIT_CHOICES = [2, 3, 4, 5, 6, 8]
 MAX_CSV_ROWS = 3_000_000  # ~300 MB of CSV; larger statistics are better read from the .npz file
 
 st.title("Salience")
-st.markdown(
-    "A linear layer computes Y = X W^T. For each **input channel j** the lab records the **activation salience** "
-    "s(X_j) = max over tokens of |X_j| (per sample and timestep) and the **weight salience** s(W_j) = max over "
-    "output rows of |W_j| (PTQ4DiT, Wu et al., NeurIPS 2024).")
-with st.expander("Why this matters for quantization", expanded=False):
-    st.markdown(
-        "- A uniform quantizer with b bits splits its range into 2^b - 1 steps. Activations are quantized per "
-        "tensor, so **one outlier channel** 20x larger than a typical channel leaves the typical channels only a "
-        "handful of steps: their rounding error grows although they are harmless themselves. Figure (a) shows "
-        "this as the per-channel error next to the salience.\n"
-        "- In a diffusion model the outliers **move with the timestep** (figures b and c): a range calibrated at "
-        "one timestep clips or wastes resolution at another, which is why time-step-aware quantizers keep one "
-        "range per timestep.\n"
-        "- **Complementarity**: if the channels with extreme activations are not the ones with extreme weights "
-        "(low or negative Spearman rho, figures d and e), a per-channel factor b_j can move range from X to W: "
-        "X_j / b_j and W_j * b_j leave Y unchanged. PTQ4DiT's channel salience balancing takes "
-        "b_j = sqrt(s(X_j) / s(W_j)), so both sides of channel j peak at the geometric mean, and weighs the "
-        "timesteps where rho is lowest most. SmoothQuant uses s(X_j)^alpha / s(W_j)^(1 - alpha).\n"
-        "- Figure (f) ranks all layers by how far their most salient channel stands above the median one: the "
-        "layers at the top are where a low bit-width hurts first.")
+intro(
+    "Quantization fails first where a few **outlier channels** stretch a layer's range. Collect one sampling pass "
+    "and see, for every linear layer and timestep, which input channels carry extreme activations and weights "
+    "and how that moves over the denoising; the page opens on the layer the ranking finds hardest.",
+    why="A uniform quantizer with $b$ bits splits its range into $2^b - 1$ steps. Activations are quantized per "
+        "tensor, so **one outlier channel** 20x larger than a typical one leaves the typical channels only a "
+        "handful of steps (figure a shows the error per channel). In a diffusion model the outliers **move with "
+        "the timestep** (b, c): one static range clips or wastes resolution somewhere, hence per-timestep "
+        "quantizers. If extreme activations sit on channels with ordinary weights (low Spearman $\\rho$, d and e), "
+        "a per-channel factor $b_j$ moves range from $X$ to $W$ without changing $Y$; PTQ4DiT's channel salience "
+        "balancing picks $b_j$ so both sides peak at their geometric mean, weighting timesteps by how "
+        "complementary they are. Figure (f) ranks layers by how far the largest channel stands above the median.",
+    math=[r"s(X_j) = \max_{\text{tokens}} |X_j|, \qquad s(W_j) = \max_{o} |W_{oj}|",
+          r"Y = X W^\top = \big(X \operatorname{diag}(b)^{-1}\big)\big(W \operatorname{diag}(b)\big)^\top, \qquad "
+          r"b_j = \sqrt{\tilde s(X_j) / s(W_j)}",
+          r"\eta_t = \operatorname{softmax}_t(-\rho_t), \qquad \tilde s(X_j) = \sum_t \eta_t\, s(X_j^{(t)})"],
+    links={"PTQ4DiT (Wu et al., NeurIPS 2024)": "https://arxiv.org/abs/2405.16005",
+           "SmoothQuant (Xiao et al., ICML 2023)": "https://arxiv.org/abs/2211.10438"})
 
 bundle = current_bundle()
 if bundle is not None:
@@ -77,7 +75,8 @@ if bundle is not None:
                 "input channels at every timestep (the bundled model takes seconds).")
     else:
         from analysis.plots import salience as figs
-        from analysis.salience import layer_kind, layer_menu
+        from analysis.plots.axes import readable_layer
+        from analysis.salience import layer_menu
         from analysis.salience_measures import layer_difficulty
 
         info = stats.info
@@ -86,9 +85,20 @@ if bundle is not None:
                    f"(plain sampling {info['sampling_seconds']:.1f} s)"
                    + (f", quantization error in {info['mse_seconds']:.1f} s" if "mse_seconds" in info else ""))
         menu = layer_menu(stats.layers)
+        if st.session_state.get("salience_opened") != current:
+            # a new collection opens on the layer the ranking (figure f) finds hardest, not on the first one
+            hardest = layer_difficulty(stats)["layer"].iloc[0]
+            st.session_state["sal_group"] = next(g for g, keys in menu.items() if hardest in keys)
+            st.session_state["sal_layer"] = hardest
+            st.session_state["salience_opened"] = current
+        if st.session_state.get("sal_group") not in menu:
+            st.session_state["sal_group"] = next(iter(menu))
         v1, v2, v3, v4 = st.columns([1, 2, 2, 1])
-        group = v1.selectbox("Block", list(menu))
-        layer = v2.selectbox("Layer", menu[group], format_func=lambda k: f"{layer_kind(k)} · {k}")
+        group = v1.selectbox("Block", list(menu), key="sal_group")
+        if st.session_state.get("sal_layer") not in menu[group]:
+            st.session_state["sal_layer"] = menu[group][0]
+        layer = v2.selectbox("Layer", menu[group], format_func=readable_layer, key="sal_layer",
+                             help="the page opens on the hardest layer of the ranking (tab f)")
         t = v3.select_slider("Timestep (noisiest first)", options=stats.timesteps.tolist(),
                              value=int(stats.timesteps[len(stats.timesteps) // 2]))
         bit = v4.radio("Bit-width", list(stats.mse_bits), horizontal=True) if stats.mse_bits else None

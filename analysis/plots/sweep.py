@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from analysis.plots.quant import _short
+from analysis.plots.axes import log_ticks, readable_layer as _short
 from analysis.sweep import COSTS, QUALITY
 
 _MARGIN = dict(l=10, r=10, t=70, b=10)
@@ -60,9 +60,10 @@ def pareto_figure(points: list[dict], front: list[str], cost: str = "bops", qual
     fig.update_layout(
         title=f"{QUALITY[quality]} vs {COSTS[cost]}<br><sup>lower-left is better; the red line joins the points no "
               "other point beats on both</sup>",
-        xaxis=dict(title=COST_AXIS[cost], type="log"),
-        yaxis=dict(title=QUALITY[quality] + (" (FP = 0, not drawn on the log axis)" if log_y else ""),
-                   type="log" if log_y else "linear", rangemode="tozero" if not log_y else None),
+        xaxis=dict(title=COST_AXIS[cost], type="log", **log_ticks([_cost_value(p, cost) for p in pts])),
+        yaxis=dict(title=QUALITY[quality] + (" (log; FP = 0 is off the axis)" if log_y else ""),
+                   type="log" if log_y else "linear", rangemode="tozero" if not log_y else None,
+                   **(log_ticks([p[quality] for p in pts]) if log_y else {})),
         height=480, margin=_MARGIN, legend_title="method")
     return fig
 
