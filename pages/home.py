@@ -4,19 +4,23 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis.app_state import HOME_CLASSES
-from pages._shared import current_bundle, progress_callback
+from pages._shared import current_bundle, intro, progress_callback
 
 st.title("dqlab: quantizing diffusion transformers")
-st.markdown(
-    "Diffusion transformers (DiT) are expensive to run. Quantizing their weights and activations to 8 or 4 bits "
-    "makes them cheaper, but a few **outlier channels** stretch the quantization range and drown every other "
-    "channel in rounding error, and in a diffusion model the outliers move as the denoising **timestep** changes. "
-    "This lab lets you\n"
-    "- **Salience**: see, per layer and timestep, which channels carry extreme values (PTQ4DiT, Wu et al., 2024);\n"
-    "- **Quantize**: apply plain PTQ, SmoothQuant, PTQ4DiT's channel salience balancing, or DilateQuant's weight "
-    "dilation with per-timestep quantizers, at the bit-widths you choose;\n"
-    "- **Compare**: generate the same seeds with each variant side by side, with FID.\n\n"
-    "The bundled model is a small DiT trained on MNIST digits, so everything runs on a CPU in seconds.")
+intro(
+    "Diffusion transformers (DiT) are expensive to run; quantizing their weights and activations to 8 or 4 bits "
+    "makes them cheaper, but a few **outlier channels** stretch the quantization range, and in a diffusion model "
+    "they move with the denoising **timestep**. This lab lets you look at the outliers (**Salience**), quantize "
+    "with plain PTQ, SmoothQuant, PTQ4DiT or DilateQuant (**Quantize**), find the setting worth shipping "
+    "(**Sweep**) and compare variants side by side with FID (**Compare**).",
+    why="A $b$-bit quantizer has $2^b$ levels spread over the range it must cover. One channel twenty times "
+        "larger than the rest spends most of those levels on itself, and every other channel rounds coarsely. "
+        "The bundled model is a small DiT trained on MNIST digits, so everything here runs on a CPU in seconds; "
+        "pick another model (a local folder or a hub id) and a device in the sidebar.",
+    math=[r"\Delta = \frac{\max X - \min X}{2^b - 1}, \qquad \mathbb{E}\big[(x - \hat x)^2\big] "
+          r"\approx \frac{\Delta^2}{12}"],
+    links={"DiT (Peebles & Xie, ICCV 2023)": "https://arxiv.org/abs/2212.09748",
+           "PTQ4DiT (Wu et al., NeurIPS 2024)": "https://arxiv.org/abs/2405.16005"})
 
 bundle = current_bundle()
 if bundle is not None:
