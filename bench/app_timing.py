@@ -32,6 +32,16 @@ def _idle(pg, timeout_ms: int = 300_000) -> None:
     pg.wait_for_function("() => !document.querySelector(\"[data-testid='stStatusWidget']\")", timeout=timeout_ms)
 
 
+def _shoot(pg, path: Path) -> str:
+    """A screenshot of the whole page: the app scrolls inside its main block, so the window is made tall."""
+    size = pg.viewport_size
+    pg.set_viewport_size({"width": size["width"], "height": 3600})
+    pg.wait_for_timeout(1500)  # charts re-lay themselves out to the new size
+    pg.screenshot(path=str(path))
+    pg.set_viewport_size(size)
+    return str(path)
+
+
 def _title(pg) -> str:
     return pg.locator(PROFILE_TITLE).first.inner_text()
 
@@ -87,9 +97,7 @@ def main() -> None:
                 pg.locator("[data-testid='stImage'] img").first.wait_for()
                 _idle(pg)
                 out["first_page_interactive_s"] = round(time.perf_counter() - t0, 3)
-                shot = args.out / "home.png"
-                pg.screenshot(path=str(shot), full_page=True)
-                out["screenshots"]["home"] = str(shot)
+                out["screenshots"]["home"] = _shoot(pg, args.out / "home.png")
 
                 open_page(pg, "Salience", "Salience")
                 slider_to_min(pg, "DDIM steps")
@@ -106,9 +114,7 @@ def main() -> None:
                                                 "all": [round(x, 3) for x in layer]}
                 out["timestep_change_redraw_s"] = {"median": round(statistics.median(timestep), 3),
                                                    "all": [round(x, 3) for x in timestep]}
-                shot = args.out / "salience.png"
-                pg.screenshot(path=str(shot), full_page=True)
-                out["screenshots"]["salience"] = str(shot)
+                out["screenshots"]["salience"] = _shoot(pg, args.out / "salience.png")
 
                 open_page(pg, "Quantize", "Quantize")
                 set_number(pg, "Calibration images", 2)
@@ -116,9 +122,7 @@ def main() -> None:
                 pg.get_by_role("button", name="Quantize").click()
                 pg.get_by_text("Relative error vs FP").first.wait_for()
                 _idle(pg)
-                shot = args.out / "quantize.png"
-                pg.screenshot(path=str(shot), full_page=True)
-                out["screenshots"]["quantize"] = str(shot)
+                out["screenshots"]["quantize"] = _shoot(pg, args.out / "quantize.png")
 
                 open_page(pg, "Sweep", "Sweep")
                 for label in ("Methods", "Bit-widths"):
@@ -132,12 +136,10 @@ def main() -> None:
                 pg.get_by_role("button", name="Run sweep").click()
                 pg.locator("[data-testid='stAlert']", has_text="is the cheapest setting").first.wait_for()
                 _idle(pg)
-                shot = args.out / "sweep.png"
-                pg.screenshot(path=str(shot), full_page=True)
-                out["screenshots"]["sweep"] = str(shot)
+                out["screenshots"]["sweep"] = _shoot(pg, args.out / "sweep.png")
 
                 open_page(pg, "Compare", "Compare variants")
-                pg.locator("[data-testid='stMultiSelect']").first.click()
+                pg.locator("[data-testid='stMultiSelect']").first.locator("input").click()
                 pg.get_by_role("option").first.click()
                 pg.keyboard.press("Escape")
                 set_number(pg, "Seeds per class", 1)
@@ -145,9 +147,7 @@ def main() -> None:
                 pg.get_by_role("button", name="Compare").click()
                 pg.get_by_role("button", name="Metrics as CSV").wait_for()
                 _idle(pg)
-                shot = args.out / "compare.png"
-                pg.screenshot(path=str(shot), full_page=True)
-                out["screenshots"]["compare"] = str(shot)
+                out["screenshots"]["compare"] = _shoot(pg, args.out / "compare.png")
                 browser.close()
         finally:
             stop_app(proc)
