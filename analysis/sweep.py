@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import time
 from typing import Callable
@@ -322,5 +323,7 @@ def _ranking(bundle: ModelBundle, bits: str, get_calibration, calib_spec: dict, 
             path.unlink(missing_ok=True)
     out = sensitivity(bundle, w, a, get_calibration(), on_progress=on_progress).to_json()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out))
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, path)  # a reader sees the whole file or none
     return out
