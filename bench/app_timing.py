@@ -43,7 +43,7 @@ def _shoot(pg, path: Path) -> str:
 
 
 def _title(pg) -> str:
-    return pg.locator(PROFILE_TITLE).first.inner_text()
+    return pg.locator(PROFILE_TITLE).first.text_content()  # an SVG text node has no innerText
 
 
 def _redraw(pg, action) -> float:
