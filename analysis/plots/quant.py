@@ -20,11 +20,6 @@ _MARGIN = dict(l=10, r=10, t=60, b=10)
 _FLOOR = 1e-12  # log axes cannot show 0; a dead channel is drawn at this floor
 
 # What the folded vector means per method (legend and title wording).
-VECTOR_NAMES = {"ptq4dit": "CSB balancing b_j = sqrt(s~(X_j) / s(W_j))",
-                "smoothquant": "SmoothQuant b_j = s(X_j)^alpha / s(W_j)^(1-alpha)",
-                "dilatequant": "weight dilation s_j (>= 1; 1 on saturated channels)"}
-
-
 def _short(layer: str) -> str:
     return layer.replace("transformer_blocks.", "b").replace("norm1.emb.timestep_embedder.", "temb.")
 
@@ -74,7 +69,9 @@ def vector_figure(vector, group: str, method: str | None = None) -> go.Figure:
     and its weight column multiplied by b_j."""
     b = np.asarray(vector, dtype=float)
     chan = np.arange(b.size)
-    name = VECTOR_NAMES.get(method or "", "per-channel vector b_j")
+    from quant.methods import REGISTRY
+
+    name = REGISTRY[method].vector if method in REGISTRY else "per-channel vector b_j"
     moved = int(np.sum(np.abs(b - 1.0) > 1e-6))
     fig = go.Figure(go.Scatter(x=chan, y=_pos(b), mode="lines+markers" if b.size <= 256 else "lines",
                                marker=dict(size=3), line=dict(width=1), name="b_j",
@@ -93,9 +90,13 @@ def ssc_figure(ssc: dict, group: str) -> go.Figure:
     and the resulting weight eta = softmax(-rho) (bars, right axis); low rho = complementary = weighs most.
 
     ssc: report["ssc"][group] with timesteps, rho, eta (per timestep, or per calibration row)."""
-    t = [str(int(v)) for v in ssc["timesteps"]]
+    steps = np.asarray(ssc["timesteps"], dtype=np.int64)
     rho, eta = np.asarray(ssc["rho"], dtype=float), np.asarray(ssc["eta"], dtype=float)
-    per_sample = len(set(t)) < len(t)
+    per_sample = len(set(steps.tolist())) < len(steps)
+    if not per_sample:  # one entry per timestep, stored in ascending t: draw them in sampling order instead
+        order = np.argsort(-steps, kind="stable")
+        steps, rho, eta = steps[order], rho[order], eta[order]
+    t = [str(int(v)) for v in steps]
     x = list(range(len(t))) if per_sample else t
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(go.Bar(x=x, y=eta, name="eta (weight)", marker_color="#9ecae1", customdata=t,
@@ -105,8 +106,8 @@ def ssc_figure(ssc: dict, group: str) -> go.Figure:
                              hovertemplate="t=%{customdata}<br>rho = %{y:.3f}<extra></extra>"), secondary_y=False)
     fig.update_yaxes(title_text="Spearman rho (-1 to 1)", secondary_y=False)
     fig.update_yaxes(title_text="eta = softmax(-rho), sums to 1", secondary_y=True, rangemode="tozero")
-    fig.update_xaxes(title_text="calibration row (timestep in hover)" if per_sample
-                     else "timestep t (sampling order, noisiest left)", type="category")
+    fig.update_xaxes(title_text="calibration row in recording order (timestep in hover)" if per_sample
+                     else "timestep t, in sampling order: noisiest (largest t) left", type="category")
     fig.update_layout(title=f"{group}: salience calibration (SSC) weights", height=380, margin=_MARGIN,
                       legend=dict(orientation="h", y=-0.2))
     return fig
