@@ -6,7 +6,7 @@ salience_before_after   per-channel max|X_j| and max|W_j| of a balanced group be
 vector_figure           the balancing (CSB, SmoothQuant) or dilation (WD) vector b per channel
 ssc_figure              PTQ4DiT's Spearman rho and softmax weight eta per timestep for a group
 layer_error_figure      each quantized layer's relative output error on its own (FP) input
-timestep_error_figure   relative noise-prediction error vs FP per timestep, one line per variant
+timestep_error_figure   relative RMS noise-prediction error vs FP per timestep, one line per variant
 
 Channel profiles are single SVG line traces (fine at DiT-XL/2's 1152-4608 channels); layer bars are one trace.
 """
@@ -142,18 +142,18 @@ def layer_error_figure(layer_error: dict, title: str = "Per-layer relative outpu
 
 
 def timestep_error_figure(per_timestep: dict, log: bool = True) -> go.Figure:
-    """Relative noise-prediction error vs FP at each calibrated timestep.
+    """Relative RMS error of the noise prediction vs FP at each calibrated timestep (report["rel_rms_per_timestep"]).
 
     per_timestep: {t: error} for one run, or {variant name: {t: error}} for several (one line each);
     timestep keys may be int or str (JSON)."""
     first = next(iter(per_timestep.values()), None)
-    series = per_timestep if isinstance(first, dict) else {"rel_error": per_timestep}
+    series = per_timestep if isinstance(first, dict) else {"rel_rms": per_timestep}
     fig = go.Figure()
     for name, errs in series.items():
         pts = sorted(((int(t), float(e)) for t, e in errs.items()), reverse=True)  # noisiest first
         fig.add_trace(go.Scatter(x=[str(t) for t, _ in pts], y=[max(e, _FLOOR) for _, e in pts], name=name,
                                  mode="lines+markers",
-                                 hovertemplate="t=%{x}<br>rel. error %{y:.4g}<extra>" + name + "</extra>"))
+                                 hovertemplate="t=%{x}<br>rel. RMS error %{y:.4g}<extra>" + name + "</extra>"))
     fig.update_layout(title="Noise-prediction error vs FP per timestep (calibration inputs)",
                       xaxis=dict(title="timestep t (sampling order, noisiest left)", type="category"),
                       yaxis_title="||eps_q - eps|| / ||eps||", yaxis_type="log" if log else "linear",
