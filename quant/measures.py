@@ -20,9 +20,10 @@ def weight_salience(weight: torch.Tensor) -> torch.Tensor:
 
 
 def outlier_ratio(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """max / median of salience along `dim` (median: the lower middle value for an even count, as torch's)."""
-    s = torch.as_tensor(s)
-    return s.amax(dim=dim) / s.median(dim=dim).values.clamp_min(TINY)
+    """max / median of salience along `dim`, in float64; the median of an even count is the mean of the two
+    middle values (numpy's and the model card's definition, not torch.median's lower one)."""
+    s = torch.as_tensor(s).double()
+    return s.amax(dim=dim) / torch.quantile(s, 0.5, dim=dim).clamp_min(TINY)
 
 
 def rankdata(x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """quantize(): a new model (input untouched), TPQ routing per sample, config JSON, save/load round trip."""
+import dataclasses
 import json
 
 import pytest
@@ -93,15 +94,25 @@ def test_act_quantizer_gathers_per_sample_parameters_directly():
 
 
 def test_config_json_round_trip_and_validation():
-    cfg = QuantConfig(method="ptq4dit", w_bits=4, a_bits=8, attn_bits=8, exclude=["proj_out_*"], ssc_rho="per_sample",
-                      scale_search="mse", tpq=True)
+    cfg = QuantConfig(method="ptq4dit", w_bits=4, a_bits=8, attn_bits=8, exclude=["proj_out_*"],
+                      options={"ssc_rho": "per_sample"}, scale_search="mse", tpq=True)
+    assert cfg.options == {"ssc": True, "ssc_rho": "per_sample"}  # the method's defaults filled in
     assert QuantConfig.from_json(cfg.to_json()) == cfg
     assert QuantConfig.from_dict(json.loads(cfg.to_json())).to_dict() == cfg.to_dict()
     for bad, msg in [(dict(method="gptq"), "unknown method"), (dict(w_bits=1), "w_bits"), (dict(a_bits=9), "a_bits"),
                      (dict(attn_bits=32), "attn_bits"), (dict(scale_search="x"), "scale_search"),
-                     (dict(ssc_rho="x"), "ssc_rho"), (dict(alpha=2.0), "alpha")]:
+                     (dict(method="ptq4dit", options={"ssc_rho": "x"}), "ssc_rho"),
+                     (dict(method="smoothquant", options={"alpha": 2.0}), "alpha"),
+                     (dict(method="baseline", options={"alpha": 0.5}), "baseline has no option"),
+                     (dict(percentile=50.0), "percentile"), (dict(recon_lr=0.0), "recon_lr")]:
         with pytest.raises(ValueError, match=msg):
-            QuantConfig(**bad).validate()
+            QuantConfig(**bad)  # a config checks itself when it is made
+    with pytest.raises(ValueError, match="w_bits"):
+        dataclasses.replace(cfg, w_bits=1)  # and when it is remade
+    # configs stored with the method options flat beside the common fields still load
+    old = {**{k: v for k, v in cfg.to_dict().items() if k != "options"}, "alpha": 0.5, "ssc": False,
+           "ssc_rho": "per_sample"}
+    assert QuantConfig.from_dict(old).options == {"ssc": False, "ssc_rho": "per_sample"}
     with pytest.raises(ValueError, match="unknown QuantConfig field"):
         QuantConfig.from_dict({"metod": "fp"})
     with pytest.raises(ValueError, match="JSON"):

@@ -26,11 +26,11 @@ def test_every_figure_draws_from_a_real_report_and_its_json(report):
         figs = [salience_before_after(r["salience"][group], group),
                 vector_figure(r["vectors"][group], group, "ptq4dit"),
                 ssc_figure(r["ssc"][group], group), layer_error_figure(r["layer_error"]),
-                timestep_error_figure(r["rel_error_per_timestep"])]
+                timestep_error_figure(r["rel_rms_per_timestep"])]
         for fig in figs:
             assert fig.layout.title.text and fig.data
             assert all(t.hovertemplate for t in fig.data)
-        assert len(figs[4].data[0].x) == len(r["rel_error_per_timestep"]) == 3
+        assert len(figs[4].data[0].x) == len(r["rel_rms_per_timestep"]) == 3
 
 
 def test_salience_panels_log_scale_and_sorted_channels():

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 import plotly.graph_objects as go
+import torch
 from plotly.subplots import make_subplots
+
+from quant.measures import outlier_ratio
 
 _MARGIN = dict(l=10, r=10, t=60, b=10)
 _FLOOR = 1e-12  # log axes cannot show 0; a dead channel is drawn at this floor
@@ -29,9 +32,11 @@ def _pos(values) -> np.ndarray:
 
 
 def _ratio(values) -> float:
+    """max / median (quant.measures.outlier_ratio); NaN for an empty or all-zero profile."""
     v = np.asarray(values, dtype=float)
-    med = float(np.median(v)) if v.size else 0.0
-    return float(v.max() / med) if med > 0 else float("nan")
+    if not v.size or not np.median(v) > 0:
+        return float("nan")
+    return float(outlier_ratio(torch.from_numpy(v)))
 
 
 def salience_before_after(salience: dict, group: str, sort: bool = False) -> go.Figure:
