@@ -95,10 +95,13 @@ def check_all(obj, method: str | None = None) -> None:
 
 def _accepts(opt: Option) -> str:
     what = {"bool": "true or false", "tristate": "true, false or null (the method's default)",
-            "int": "an integer", "float": "a finite number", "optional_float": "a finite number or null",
+            "int": "an integer", "float": "a finite number", "optional_float": "a finite number",
             "str": "a string", "patterns": "a list of layer name patterns",
             "bits": "an integer from 2 to 8, or 16 / None for no quantization"}[opt.kind]
-    if opt.low is not None or opt.high is not None:
-        what += (f" in {'(' if opt.low_open else '['}{'-inf' if opt.low is None else opt.low}, "
-                 f"{'inf' if opt.high is None else opt.high}]")
-    return what
+    low = None if opt.low is None else f"{'>' if opt.low_open else '>='} {opt.low:g}"
+    high = None if opt.high is None else f"<= {opt.high:g}"
+    if low and high:
+        what += f" in {'(' if opt.low_open else '['}{opt.low:g}, {opt.high:g}]"
+    elif low or high:
+        what += f" {low or high}"
+    return what + (", or null (the default)" if opt.kind == "optional_float" else "")

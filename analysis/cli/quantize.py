@@ -51,8 +51,10 @@ def _add_flag(group, opt, default, argparse) -> None:
                            help=text + "; repeatable")
     else:
         kind = {"int": int, "bits": int, "float": finite_float(), "optional_float": finite_float()}.get(opt.kind, str)
+        # choices are checked by QuantConfig, so a bad value gets the same message from every face
+        choices = f"; one of {', '.join(map(str, opt.choices))}" if opt.choices else ""
         group.add_argument(opt.flag, dest=opt.name, type=kind, default=default,
-                           choices=list(opt.choices) if opt.choices and opt.kind == "str" else None, help=text)
+                           help=text.replace(" (", choices + " (", 1) if choices else text)
 
 
 def config_from_args(args):
@@ -123,8 +125,14 @@ def run(args) -> dict:
     from analysis.quantize_pipeline import quantize_bundle
 
     config = config_from_args(args)
-    spec = CalibrationSpec(seed=args.calib_seed, images=args.calib_samples, steps=args.calib_steps,
-                           guidance=args.guidance, scheduler=args.scheduler)
+    try:
+        spec = CalibrationSpec(seed=args.calib_seed, images=args.calib_samples, steps=args.calib_steps,
+                               guidance=args.guidance, scheduler=args.scheduler)
+    except ValueError as exc:
+        flags = {"seed": "--calib-seed", "images": "--calib-samples", "steps": "--calib-steps",
+                 "guidance": "--guidance", "scheduler": "--scheduler"}
+        flag = next((f for name, f in flags.items() if str(exc).startswith(f"calibration {name} ")), None)
+        raise CLIError(f"{exc} ({flag})" if flag else str(exc)) from None
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     _check_out(args.out)
