@@ -1,4 +1,5 @@
 """quantize(): a new model (input untouched), TPQ routing per sample, config JSON, save/load round trip."""
+import copy
 import dataclasses
 import json
 
@@ -153,3 +154,31 @@ def test_load_errors_name_the_problem(tmp_path):
     (tmp_path / "quant_config.json").write_text('{"format": "other"}')
     with pytest.raises(ModelLoadError, match="not a dqlab quantized model"):
         load_quantized(tmp_path)
+
+
+def test_timestep_hook_is_held_by_a_handle_and_never_stacks(tiny_bundle):
+    from quant.modules import calibrating, timestep_context
+    from quant.wrap import wrap_model
+
+    model = copy.deepcopy(tiny_bundle.transformer)
+    before = len(model._forward_pre_hooks)
+    wrap_model(model, QuantConfig(method="baseline"))
+    ctx = timestep_context(model)
+    assert len(model._forward_pre_hooks) == before + 1 and ctx.handle.id in model._forward_pre_hooks
+    wrap_model(model, QuantConfig(method="baseline"))  # wrapping again: still one timestep hook
+    assert timestep_context(model) is ctx and len(model._forward_pre_hooks) == before + 1
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 2])
+    model(x, timestep=t, class_labels=y)
+    assert ctx.t.tolist() == [10, 900]
+    ctx.remove()
+    assert len(model._forward_pre_hooks) == before
+    # calibrating(): observe on the FP weights, then finalize; the quantizers are back to quant mode after
+    timestep_context(model)
+    with calibrating(model) as quantizers:
+        assert quantizers and all(q.mode == "observe" for q in quantizers)
+        model(x, timestep=t, class_labels=y)
+    assert all(q.mode == "quant" and not q._rows for q in quantizers)
+    with pytest.raises(RuntimeError, match="boom"):
+        with calibrating(model) as quantizers:
+            raise RuntimeError("boom")
+    assert all(q.mode == "quant" and not q._rows for q in quantizers)

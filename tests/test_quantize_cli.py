@@ -123,3 +123,23 @@ def test_eval_takes_the_same_block_wise_options(tmp_path, capsys):
                            "--num-samples", "16", "--steps", "2", "--data-dir", tmp_path, "--json")
     assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
     assert err.startswith("dqlab eval: error:") and "recon_batch must be an integer >= 1" in err
+
+
+def test_quantization_flags_come_from_the_config_and_the_methods():
+    from analysis.cli import build_parser
+    from analysis.cli.quantize import config_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(["quantize", "--method", "smoothquant", "--alpha", "0.25", "--w-symmetric",
+                              "--a-symmetric", "--no-w-per-channel", "--scale-search", "percentile",
+                              "--percentile", "99.5", "--no-tpq", "--exclude", "proj_out_*"])
+    config = config_from_args(args)
+    assert (config.w_symmetric, config.a_symmetric, config.w_per_channel, config.tpq) == (True, True, False, False)
+    assert config.options == {"alpha": 0.25} and config.percentile == 99.5 and config.exclude == ["proj_out_*"]
+    defaults = config_from_args(parser.parse_args(["quantize"]))
+    assert defaults.method == "ptq4dit" and defaults.options == {"ssc": True, "ssc_rho": "per_timestep"}
+    assert config_from_args(parser.parse_args(["quantize", "--no-ssc"])).options["ssc"] is False
+    help_text = parser._subparsers._group_actions[0].choices["quantize"].format_help()
+    for flag in ("--w-symmetric", "--a-symmetric", "--w-per-channel", "--percentile", "--alpha", "--ssc-rho",
+                 "--recon-rows"):
+        assert flag in help_text, flag
