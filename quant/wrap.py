@@ -75,11 +75,6 @@ def wrap_model(model: nn.Module, config: QuantConfig, ctx: TimestepContext | Non
     return names
 
 
-def run_model(model: nn.Module, batches: Iterable, keep_outputs: bool = False) -> torch.Tensor | None:
-    """Forward every (x, t, y) batch (quant.forward.forward_batches); optionally return the outputs."""
-    return forward_batches(model, batches, keep_outputs=keep_outputs)
-
-
 def calibrate(model: nn.Module, batches: list, keep_outputs: bool = False) -> torch.Tensor | None:
     """Static activation ranges (per timestep with TPQ) from the FP (folded) model's activations.
 

@@ -79,3 +79,14 @@ def test_timestep_error_one_line_per_variant_noisiest_first():
     assert fig.layout.yaxis.type == "log" and fig.layout.showlegend
     single = timestep_error_figure({999: 0.1, 1: 0.5}, log=False)
     assert single.layout.yaxis.type == "linear" and not single.layout.showlegend
+
+
+def test_ssc_figure_draws_timesteps_in_sampling_order_as_its_axis_says():
+    """The method stores one entry per timestep in ascending t; the axis says noisiest (largest t) left, so
+    the figure reorders them (rho and eta move with their timestep)."""
+    fig = ssc_figure({"timesteps": [1, 500, 999], "rho": [-0.2, 0.1, 0.9], "eta": [0.43, 0.37, 0.2]}, "g")
+    bars = next(t for t in fig.data if t.type == "bar")
+    line = next(t for t in fig.data if t.type == "scatter")
+    assert list(bars.x) == ["999", "500", "1"] and list(bars.y) == [0.2, 0.37, 0.43]
+    assert list(line.y) == [0.9, 0.1, -0.2]
+    assert "noisiest (largest t) left" in fig.layout.xaxis.title.text
