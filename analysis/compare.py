@@ -3,9 +3,9 @@
 Three views of the damage quantization does:
 - per image: MSE and PSNR of each variant's image against the FP image of the same (label, seed);
 - per timestep, along the FP trajectory: every variant's transformer gets exactly the inputs the FP model saw
-  at each sampling step, and its noise prediction is compared with FP's (relative MSE). This isolates the
-  error each step adds, without the accumulation;
-- per timestep, along each variant's own trajectory: the drift of x_t from FP's x_t (relative MSE). This is
+  at each sampling step, and its noise prediction is compared with FP's (relative RMS error,
+  quant.measures). This isolates the error each step adds, without the accumulation;
+- per timestep, along each variant's own trajectory: the drift of x_t from FP's x_t (relative RMS). This is
   the accumulated error the final image shows.
 """
 from __future__ import annotations
@@ -16,10 +16,11 @@ from typing import Callable, Mapping
 
 import torch
 
-from analysis.metrics import per_timestep_error, relative_mse, transformer_outputs
+from analysis.metrics import per_timestep_error, transformer_outputs
 from analysis.models import ModelBundle
 from analysis.sampling import sample
 from analysis.speed import forward_profile
+from quant.measures import relative_rms
 
 FP_NAME = "FP"
 
@@ -35,8 +36,8 @@ class Comparison:
     guidance: float
     images: dict[str, torch.Tensor]
     image_errors: list[dict]  # {"variant", "index", "label", "seed", "mse", "psnr"} (variants only)
-    step_error: list[dict]  # {"variant", "step", "t", "rel_mse"} along the FP trajectory
-    drift: list[dict]  # {"variant", "step", "t", "rel_drift"} along each variant's own trajectory
+    step_error: list[dict]  # {"variant", "step", "t", "rel_rms"} along the FP trajectory
+    drift: list[dict]  # {"variant", "step", "t", "rel_rms_drift"} along each variant's own trajectory
     seconds: dict[str, float]
     label_agreement: dict[str, float] | None = None  # bundled digit model only
     speed: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> analysis.speed.forward_profile
@@ -48,13 +49,13 @@ class Comparison:
         for name in self.names:
             errs = [r for r in self.image_errors if r["variant"] == name]
             mse = sum(r["mse"] for r in errs) / len(errs) if errs else 0.0
-            steps = [r["rel_mse"] for r in self.step_error if r["variant"] == name]
-            drift = [r["rel_drift"] for r in self.drift if r["variant"] == name]
+            steps = [r["rel_rms"] for r in self.step_error if r["variant"] == name]
+            drift = [r["rel_rms_drift"] for r in self.drift if r["variant"] == name]
             rows.append({
                 "variant": name,
                 "mse_vs_fp": mse,
                 "psnr_vs_fp": psnr(mse),
-                "mean_step_rel_mse": sum(steps) / len(steps) if steps else 0.0,
+                "mean_step_rel_rms": sum(steps) / len(steps) if steps else 0.0,
                 "final_drift": drift[-1] if drift else 0.0,
                 "label_agreement": (self.label_agreement or {}).get(name),
                 "label_agreement_n": len(self.labels) if self.label_agreement else None,
@@ -140,7 +141,7 @@ def compare(fp: ModelBundle, variants: Mapping[str, object], labels: list[int], 
         errs += [{"variant": name, "index": i, "label": labels[i], "seed": seeds[i], "mse": m, "psnr": p}
                  for i, (m, p) in enumerate(zip(mse, ps))]
         step_rows += [{"variant": name, **r} for r in per_timestep_error(fp_out, b.transformer, calib)]
-        drift_rows += [{"variant": name, "step": i, "t": timesteps[i], "rel_drift": relative_mse(xv, xf)}
+        drift_rows += [{"variant": name, "step": i, "t": timesteps[i], "rel_rms_drift": relative_rms(xv, xf)}
                        for i, (xv, xf) in enumerate(zip(res.trajectory, fp_res.trajectory))]
         advance(f"Scored {name}")
     agreement = None
@@ -159,39 +160,49 @@ def grid_layout(classes: list[int], seeds_per_class: int, seed0: int = 0) -> tup
     return [c for _ in seeds for c in classes], [s for s in seeds for _ in classes]
 
 
+def comparison_table(comparison: Comparison, scores: list[dict] | None = None) -> tuple[list[dict], dict]:
+    """The Compare page's table and label agreements from one comparison and its FID rows (evaluate.score_row).
+
+    Returns (rows, agreement): one row per model with PSNR as text, the per-step errors, one label agreement
+    with the N it is measured on (the FID samples when scored, a larger N, else the grid), and the FID columns
+    with intervals as text; agreement is {name: (value, N)} for captions."""
+    summary = comparison.summary()
+    agreement = {r["variant"]: (r["label_agreement"], r["label_agreement_n"]) for r in summary}
+    by_name = {s["variant"]: s for s in scores or []}
+    for name, s in by_name.items():
+        if s.get("label_agreement") is not None:
+            agreement[name] = (s["label_agreement"], s["num_samples"])
+    interval = lambda iv: None if not iv else f"[{iv[0]:.2f}, {iv[1]:.2f}]"  # noqa: E731
+    rows = []
+    for r in summary:
+        row = {k: v for k, v in r.items() if k not in ("label_agreement", "label_agreement_n")}
+        row["psnr_vs_fp"] = psnr_text(r["psnr_vs_fp"])
+        row["label_agreement"], row["label_agreement_N"] = agreement[r["variant"]]
+        s = by_name.get(r["variant"])
+        if s is not None:
+            row.update({k: v for k, v in s.items() if k not in ("variant", "label_agreement", "num_samples")})
+            row["fid_N"] = s["num_samples"]
+            row["fid_interval"], row["fid_vs_fp_interval"] = interval(s.get("fid_interval")), \
+                interval(s.get("fid_vs_fp_interval"))
+        rows.append(row)
+    return rows, agreement
+
+
 # ---- the table a reader sees, and comparisons kept in the run store --------------------------------------
 COLUMN_NAMES = {"variant": "model", "psnr_vs_fp": "PSNR vs FP (grid)", "mse_vs_fp": "MSE vs FP (grid)",
-                "mean_step_rel_mse": "mean per-step error vs FP", "final_drift": "final drift of x_t",
-                "label_agreement": "label agreement", "label_agreement_n": "label agreement N",
+                "mean_step_rel_rms": "mean per-step rel. RMS error vs FP", "final_drift": "final rel. RMS drift of x_t",
+                "label_agreement": "label agreement", "label_agreement_N": "label agreement N",
                 "fid": "FID vs real", "fid_interval": "FID vs real 95% CI", "fid_floor": "real-vs-real floor",
-                "fid_vs_fp": "FID vs FP", "fid_vs_fp_interval": "FID vs FP 95% CI", "fid_n": "FID N",
+                "fid_vs_fp": "FID vs FP", "fid_vs_fp_interval": "FID vs FP 95% CI", "fid_N": "FID N",
                 "seconds": "sampling s", "forward_ms": "forward ms", "forward_peak_mib": "forward peak MiB",
                 "weights_mib": "weights MiB", "feature_extractor": "FID features", "run_id": "run"}
 STORE_NOTE = "comparison"  # stored runs of a comparison carry this note and a shared comparison id
 
 
-def metrics_rows(rows: list[dict], scores: list[dict] | None = None) -> list[dict]:
-    """One row per model with readable column names (COLUMN_NAMES). rows: Comparison.summary(); scores: the
-    FID rows (analysis.evaluate.score_row) when FID was computed. There is ONE label agreement per model, with
-    its N: on the FID samples when they were scored (larger N), else on the grid. PSNR is text, so identical
-    images read "identical" rather than a made-up number."""
-    by_name = {s["variant"]: s for s in scores or []}
-    out = []
-    for r in rows:
-        row = {k: v for k, v in r.items() if k not in ("label_agreement", "label_agreement_n")}
-        row["psnr_vs_fp"] = psnr_text(r["psnr_vs_fp"])
-        agree, n = r.get("label_agreement"), r.get("label_agreement_n")
-        s = by_name.get(r["variant"])
-        if s is not None:
-            if s.get("label_agreement") is not None:
-                agree, n = s["label_agreement"], s["num_samples"]
-            iv = lambda v: None if not v else f"[{v[0]:.2f}, {v[1]:.2f}]"  # noqa: E731
-            row.update(fid=s.get("fid"), fid_interval=iv(s.get("fid_interval")), fid_floor=s.get("fid_floor"),
-                       fid_vs_fp=s.get("fid_vs_fp"), fid_vs_fp_interval=iv(s.get("fid_vs_fp_interval")),
-                       fid_n=s.get("num_samples"), feature_extractor=s.get("feature_extractor"), run_id=s.get("run_id"))
-        row["label_agreement"], row["label_agreement_n"] = agree, n
-        out.append({COLUMN_NAMES.get(k, k): v for k, v in row.items()})
-    return out
+def metrics_rows(comparison: Comparison, scores: list[dict] | None = None) -> list[dict]:
+    """comparison_table's rows with readable column names (COLUMN_NAMES), for the page's table and its CSV."""
+    rows, _ = comparison_table(comparison, scores)
+    return [{COLUMN_NAMES.get(k, k): v for k, v in row.items() if k != "warning"} for row in rows]
 
 
 def comparison_view(cmp: Comparison, scores: list[dict] | None, ncol: int) -> dict:
@@ -201,20 +212,23 @@ def comparison_view(cmp: Comparison, scores: list[dict] | None, ncol: int) -> di
 
     return {"names": list(cmp.names), "steps": cmp.steps, "guidance": cmp.guidance, "n_images": len(cmp.labels),
             "grids": {name: make_grid(cmp.images[name], ncol=ncol) for name in cmp.names},
-            "rows": metrics_rows(cmp.summary(), scores), "step_error": cmp.step_error, "drift": cmp.drift,
+            "rows": metrics_rows(cmp, scores), "step_error": cmp.step_error, "drift": cmp.drift,
             "image_errors": cmp.image_errors, "scores": scores}
 
 
-def store_comparison(store, model: str, view: dict, cmp: Comparison, configs: dict[str, dict]) -> str:
-    """Keep a comparison in the run store, one run per model (note "comparison", its grid as grid.png), so the
-    variants and their results survive a page reload. Returns the comparison's id."""
+def store_comparison(store, model: str, view: dict, cmp: Comparison, variants: Mapping[str, object]) -> str:
+    """Keep a comparison in the run store, one run per model (note "comparison", its grid as grid.png, each
+    variant's config and recipe), so the variants and their results survive a page reload and rebuild from
+    the store. Returns the comparison's id."""
     import uuid
 
     from analysis.store import RunRecord
 
     cid = uuid.uuid4().hex[:12]
     for name, row in zip(view["names"], view["rows"]):
-        config = configs.get(name) or {"method": "fp"}
+        v = variants.get(name)
+        config = v.config.to_dict() if hasattr(v, "config") else {"method": "fp" if v is None else "custom"}
+        recipe = getattr(v, "recipe", None)
         metrics = {"comparison": cid, "position": view["names"].index(name), "row": row,
                    "label_agreement": row.get("label agreement"),
                    "step_error": [r for r in view["step_error"] if r["variant"] == name],
@@ -225,7 +239,8 @@ def store_comparison(store, model: str, view: dict, cmp: Comparison, configs: di
         store.add(RunRecord(model=model, method=config.get("method", "custom"), label=name, config=config,
                             num_samples=view["n_images"], seeds=cmp.seeds, labels=cmp.labels, metrics=metrics,
                             timings={"total": cmp.seconds.get(name)}, steps=cmp.steps, guidance=cmp.guidance,
-                            note=STORE_NOTE), files={"grid.png": view["grids"][name]})
+                            note=STORE_NOTE, recipe=None if recipe is None else recipe.to_dict()),
+                  files={"grid.png": view["grids"][name]})
     return cid
 
 

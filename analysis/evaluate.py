@@ -29,6 +29,7 @@ from typing import Callable, Mapping
 import torch
 
 from analysis import metrics as M
+from analysis.calibration import CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, CalibrationSpec
 from analysis.distributed import is_main, sample_sharded
 from analysis.models import ModelBundle
 from analysis.sampling import sample
@@ -60,8 +61,14 @@ class EvalOptions:
     inception_weights: str | None = None
     batch_size: int | None = None
     cache_fp: bool = True
-    calib_samples: int | None = None  # None: the quantization pipeline's default
-    calib_seed: int = 1_000_000  # calibration images use other seeds than the evaluated ones
+    calib_samples: int | None = None  # None: the calibration default (analysis.calibration)
+    calib_seed: int = CALIBRATION_SEED  # calibration images use other seeds than the evaluated ones
+
+    def calibration(self, bundle: ModelBundle) -> CalibrationSpec:
+        """The calibration of a variant this evaluation quantizes: at the evaluated steps, guidance and
+        sampler (per-timestep (TPQ) parameters are keyed by the timesteps the sampler will visit)."""
+        return CalibrationSpec(seed=self.calib_seed, images=self.calib_samples or DEFAULT_CAL_SAMPLES,
+                               steps=self.steps, guidance=eval_guidance(bundle, self), scheduler=self.scheduler)
 
 
 @dataclasses.dataclass
@@ -228,6 +235,12 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
         vb = fp if v is None else (v if isinstance(v, ModelBundle) else v.bundle)
         is_fp = vb is fp
         config = _config_dict(v, is_fp)
+        recipe = getattr(v, "recipe", None)
+        if recipe is not None and recipe.calibration.overlaps(seeds):
+            m_warning = (f"the calibration seeds {recipe.calibration.seed}..{recipe.calibration.seed + recipe.calibration.images - 1} "
+                         "overlap the evaluated seeds: this variant is scored partly on its calibration images")
+        else:
+            m_warning = None
         timings = {"fp_sampling": round(fp_wall, 3), "fp_cached": fp_cached,
                    "shared_scoring": round(shared_scoring, 3)}
         t1 = time.perf_counter()
@@ -242,6 +255,8 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
         feats = fp_feats if is_fp else M.extract_features(images, extractor, inception_weights=opts.inception_weights,
                                                           device=fp.device)
         m = _score(images, feats, fp_images, fp_feats, reference, ref_feats, floor, is_fp, extractor, opts, score_kw)
+        if m_warning:
+            m["warning"] = "; ".join(w for w in (m.get("warning"), m_warning) if w)
         m.update(_variant_measures(v, fp, is_fp))
         m.update((extra_metrics or {}).get(name, {}))
         if fp.bundled:
@@ -260,20 +275,12 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
             run_id = store.add(RunRecord(
                 model=fp.name, method=config.get("method", "fp"), label=name, config=config,
                 num_samples=len(images), seeds=seeds, labels=labels, metrics=m, timings=timings,
-                steps=opts.steps, guidance=guidance, scheduler=opts.scheduler, note=note),
+                steps=opts.steps, guidance=guidance, scheduler=opts.scheduler, note=note,
+                recipe=None if recipe is None else recipe.to_dict()),
                 files={"grid.png": _grid(images[:GRID_IMAGES], fp.num_classes),
                        "fp_grid.png": _grid(fp_images[:GRID_IMAGES], fp.num_classes)})
         results.append(EvalResult(name=name, config=config, metrics=m, timings=timings, run_id=run_id, images=images))
     return results
-
-
-def calibration_spec(opts: EvalOptions, guidance: float, num_samples: int | None = None) -> dict:
-    """What defines the calibration set evaluate() draws: stored with the run, part of its recipe key."""
-    from analysis.quantize_pipeline import DEFAULT_CAL_SAMPLES
-
-    n = num_samples if num_samples is not None else (opts.calib_samples or DEFAULT_CAL_SAMPLES)
-    return {"samples": int(n), "seed": int(opts.calib_seed), "steps": int(opts.steps), "guidance": float(guidance),
-            "scheduler": opts.scheduler}
 
 
 def recipe_key(fingerprint: str, config: dict, opts: EvalOptions, guidance: float, calibration: dict | None) -> str:
@@ -296,39 +303,34 @@ def find_stored(store: Store, model: str, key: str):
 
 def evaluate(bundle: ModelBundle, config, options: EvalOptions | None = None, store: Store | None = None,
              calibration=None, on_progress: Callable[[str, float], None] | None = None,
-             note: str | None = None, calib_spec: dict | None = None,
-             fingerprint: str | None = None) -> EvalResult | None:
+             note: str | None = None, fingerprint: str | None = None) -> EvalResult | None:
     """The whole evaluation of one configuration (a quant.api.QuantConfig, or None for FP): validate, quantize
     (skipped for method "fp"), sample FP and the variant at the same seeds, score, and store.
 
-    calib_spec describes a `calibration` passed in (calibration_spec()); the run is stored with it and with
-    its recipe key, so a later sweep finds it (fingerprint: model_fingerprint(bundle), when known)."""
+    calibration: a CalibrationSpec, CalibrationData sampled by analysis.calibration.calibrate (it carries its
+    spec), or None for the evaluation's own (opts.calibration). The run is stored with its recipe key, so a
+    later sweep finds it (fingerprint: model_fingerprint(bundle), when the caller has it already)."""
     from quant.api import QuantConfig
 
     config = config or QuantConfig(method="fp")
-    config.validate()
     opts = options or EvalOptions()
     check_options(bundle, opts)  # fail before the (slow) quantization
     t0 = time.perf_counter()
     guidance = eval_guidance(bundle, opts)
-    if calibration is None:
-        calib_spec = calibration_spec(opts, guidance)
-    extra = {"calibration": calib_spec if config.method != "fp" else None}
-    # Only a known calibration set can be matched later (a caller's own calibration without its spec cannot).
-    if store is not None and (calib_spec is not None or config.method == "fp"):
+    if calibration is None and config.method != "fp":
+        calibration = opts.calibration(bundle)
+    spec = calibration if isinstance(calibration, CalibrationSpec) else getattr(calibration, "spec", None)
+    calib = None if config.method == "fp" or spec is None else spec.resolved(bundle).to_dict()
+    extra = {}
+    # Only a known calibration set can be matched later (data sampled without a spec cannot).
+    if store is not None and (calib is not None or config.method == "fp"):
         extra["recipe_key"] = recipe_key(fingerprint or model_fingerprint(bundle), config.to_dict(), opts, guidance,
-                                         calib_spec)
+                                         calib)
     if config.method == "fp":
         variants = {FP_NAME: None}
     else:
-        from analysis.quantize_pipeline import calibration_for, quantize_bundle
+        from analysis.quantize_pipeline import quantize_bundle
 
-        if calibration is None:
-            # Calibrate at the evaluated steps and guidance: per-timestep (TPQ) parameters are keyed by the
-            # timesteps the sampler will visit.
-            kw = {} if opts.calib_samples is None else {"num_samples": opts.calib_samples}
-            calibration = calibration_for(bundle, steps=opts.steps, guidance=guidance, seed=opts.calib_seed,
-                                          scheduler=opts.scheduler, **kw)
         q_progress = (lambda stage, frac: on_progress(f"Quantizing: {stage}", 0.3 * frac)) if on_progress else None
         variant = quantize_bundle(bundle, config, calibration=calibration, on_progress=q_progress)
         variant.report = dict(variant.report or {}, quantize_seconds=round(time.perf_counter() - t0, 3))
@@ -396,11 +398,11 @@ def _variant_measures(v, fp: ModelBundle, is_fp: bool) -> dict:
         from quant.io import fp_weight_bytes
 
         size = fp_weight_bytes(fp.transformer)
-        return {"rel_error": 0.0, "weight_bytes": size, "fp_weight_bytes": size}
+        return {"rel_rms": 0.0, "weight_bytes": size, "fp_weight_bytes": size}
     report = getattr(v, "report", None) or {}
-    out = {k: report[k] for k in ("rel_error", "weight_bytes", "fp_weight_bytes") if k in report}
-    if "rel_error_per_timestep" in report:  # JSON object keys are strings: keep the timesteps as numbers
-        out["rel_error_per_timestep"] = [[int(t), float(e)] for t, e in report["rel_error_per_timestep"].items()]
+    out = {k: report[k] for k in ("rel_rms", "weight_bytes", "fp_weight_bytes") if k in report}
+    if "rel_rms_per_timestep" in report:  # JSON object keys are strings: keep the timesteps as numbers
+        out["rel_rms_per_timestep"] = [[int(t), float(e)] for t, e in report["rel_rms_per_timestep"].items()]
     return out
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-BUNDLED = {"bundled:dit-mnist": ASSETS / "dit-mnist"}
+from analysis.resources import asset_path
+
+ASSETS = asset_path()
+BUNDLED = {"bundled:dit-mnist": asset_path("dit-mnist")}
 HUB_EXAMPLES = ["facebook/DiT-XL-2-256", "facebook/DiT-XL-2-512"]
 
 

@@ -26,7 +26,8 @@ import torch
 
 from analysis.models import ModelBundle
 from analysis.quantize_pipeline import output_errors
-from quant.api import QuantConfig, calibration_batches, quantize_with_details
+from quant.api import QuantConfig, quantize_with_details
+from quant.forward import calibration_batches
 from quant.modules import quant_layers
 
 GRANULARITIES = ("layer", "kind", "block")

@@ -11,7 +11,7 @@ reference sample set (same labels and seeds; FP is sampled once and cached). Eac
 store with a recipe key (analysis.evaluate.recipe_key); a point whose key is already stored is read back
 instead of measured, so an interrupted sweep resumes where it stopped and a repeated one costs seconds.
 
-Per point: FID vs FP with its 95% interval, FID vs real, label agreement (bundled model), rel_error and its
+Per point: FID vs FP with its 95% interval, FID vs real, label agreement (bundled model), rel_rms (relative RMS error of the noise prediction) and its
 per-timestep profile (noise prediction vs FP on the calibration inputs), stored weight bytes, BOPs
 (analysis.bops) and the time it took.
 
@@ -38,8 +38,8 @@ import time
 from typing import Callable
 
 from analysis.bops import bops, float_bits_of, mac_table
-from analysis.evaluate import (EvalOptions, calibration_spec, eval_guidance, evaluate, find_stored,
-                               model_fingerprint, recipe_key)
+from analysis.calibration import CALIBRATION_SEED, calibrate
+from analysis.evaluate import EvalOptions, eval_guidance, evaluate, find_stored, model_fingerprint, recipe_key
 from analysis.models import ModelBundle
 from analysis.sensitivity import mixed_config, top_layers
 from analysis.store import Store
@@ -48,7 +48,7 @@ from quant.config import METHODS, QuantConfig
 OPTIONS = {"default": {}, "tpq": {"tpq": True}, "adaround": {"recon": "adaround"}, "bkd": {"recon": "bkd"},
            "float-io": {"exclude": ["pos_embed.proj", "proj_out_1", "proj_out_2"]}}
 MIXED = re.compile(r"keep8(-least)?:(\d+)$")
-QUALITY = {"fid_vs_fp": "FID vs FP", "rel_error": "rel_error", "label_agreement_drop": "label agreement drop"}
+QUALITY = {"fid_vs_fp": "FID vs FP", "rel_rms": "relative RMS error", "label_agreement_drop": "label agreement drop"}
 COSTS = {"bops": "BOPs", "weight_bytes": "weight bytes"}
 
 
@@ -87,7 +87,7 @@ class SweepSpec:
     guidance: float | None = None
     seed: int = 0
     calib_samples: int = 10
-    calib_seed: int = 1_000_000
+    calib_seed: int = CALIBRATION_SEED
     scheduler: str = "ddim"
     recon_iters: int | None = None
 
@@ -179,7 +179,7 @@ def pareto_front(points: list[dict], cost: str = "bops", quality: str = "fid_vs_
 
 
 def recommend(points: list[dict], tolerance: dict, cost: str = "bops") -> dict:
-    """The cheapest point whose quality is within `tolerance` ({"fid_vs_fp": x} or {"rel_error": y} or
+    """The cheapest point whose quality is within `tolerance` ({"fid_vs_fp": x} or {"rel_rms": y} or
     {"label_agreement_drop": z}), with one sentence saying why. It is on the front by construction."""
     if len(tolerance) != 1:
         raise ValueError(f"a tolerance names one measure, e.g. {{'fid_vs_fp': 10}}; got {tolerance}")
@@ -224,7 +224,7 @@ def _point(label: str, method: str, bits: str, option: str, config: dict, run, t
         "fid": m.get("fid"), "fid_interval": m.get("fid_interval"), "fid_floor": m.get("fid_floor"),
         "label_agreement": agreement,
         "label_agreement_drop": None if agreement is None or fp_agreement is None else fp_agreement - agreement,
-        "rel_error": m.get("rel_error"), "rel_error_per_timestep": m.get("rel_error_per_timestep"),
+        "rel_rms": m.get("rel_rms"), "rel_rms_per_timestep": m.get("rel_rms_per_timestep"),
         "weight_bytes": m.get("weight_bytes"), "bops": bops(table, qc, float_bits),
         "num_samples": run.num_samples, "feature_extractor": run.feature_extractor,
         # this point's own work: FP's is its sampling; a variant's its quantization, sampling and scoring
@@ -245,7 +245,7 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
     opts = spec.eval_options()
     guidance = eval_guidance(bundle, opts)
     fingerprint = model_fingerprint(bundle)
-    calib_spec = calibration_spec(opts, guidance, spec.calib_samples)
+    calib_spec = opts.calibration(bundle).resolved(bundle)  # one FP calibration set for every point
     table, fbits = mac_table(bundle.transformer), float_bits_of(bundle.transformer)
     progress = on_progress or (lambda stage, frac: None)
     grid = [("fp", "FP", "default")] + spec.grid()
@@ -256,12 +256,8 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
 
     def get_calibration():
         if not calibration:
-            from analysis.quantize_pipeline import calibration_for
-
             progress("sampling the shared FP calibration set", len(points) / total)
-            calibration.append(calibration_for(bundle, steps=calib_spec["steps"], num_samples=calib_spec["samples"],
-                                               guidance=guidance, seed=calib_spec["seed"],
-                                               scheduler=calib_spec["scheduler"]))
+            calibration.append(calibrate(bundle, calib_spec))
         return calibration[0]
 
     fp_agreement = None
@@ -284,14 +280,14 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
         if ident in seen:  # e.g. dilatequant's default already has TPQ
             continue
         seen.add(ident)
-        key = recipe_key(fingerprint, cfg, opts, guidance, calib_spec if method != "fp" else None)
+        key = recipe_key(fingerprint, cfg, opts, guidance, calib_spec.to_dict() if method != "fp" else None)
         run = find_stored(store, bundle.name, key)
         reused = run is not None
         if run is None:
             progress(f"{label}: measuring", i / total)
             result = evaluate(bundle, config, opts, store=store,
                               calibration=None if method == "fp" else get_calibration(),
-                              calib_spec=None if method == "fp" else calib_spec, fingerprint=fingerprint,
+                              fingerprint=fingerprint,
                               on_progress=lambda s, f: progress(f"{label}: {s}", (i + f) / total))
             run = store.get(result.run_id)
             measured += 1
@@ -307,14 +303,14 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
                        seconds=time.perf_counter() - start, measured=measured, sensitivity=rankings)
 
 
-def _ranking(bundle: ModelBundle, bits: str, get_calibration, calib_spec: dict, fingerprint: str, store: Store,
+def _ranking(bundle: ModelBundle, bits: str, get_calibration, calib_spec, fingerprint: str, store: Store,
              on_progress) -> dict:
     """The per-layer sensitivity ranking at `bits` on the shared calibration set, cached beside the store (it
     is deterministic for a model and calibration set, and a resumed sweep must rebuild the same mixed configs)."""
     from analysis.sensitivity import sensitivity
 
     w, a = parse_bits(bits)
-    key = hashlib.sha256(json.dumps([fingerprint, bits, calib_spec], sort_keys=True).encode()).hexdigest()[:20]
+    key = hashlib.sha256(json.dumps([fingerprint, bits, calib_spec.to_dict()], sort_keys=True).encode()).hexdigest()[:20]
     path = store.data_dir / "sensitivity" / f"{key}.json"
     if path.exists():
         try:

@@ -1,6 +1,6 @@
 """How fast the app answers in a real browser (headless Chromium), and a screenshot of every page.
 
-    python bench/app_timing.py --out shots/ --json
+    python -m bench.app_timing --out shots/ --json          # from the repository root (it drives tests/app_server)
 
 Measures, on the bundled model:
 - first page interactive: from navigation to the Home page's heading, and to its first script run finished
@@ -15,14 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.app_server import launch_chromium, open_page, set_number, slider_to_min, start_app, stop_app  # noqa: E402
+from tests.app_server import launch_chromium, open_page, set_number, slider_to_min, start_app, stop_app
 
 PROFILE_TITLE = "[data-testid='stPlotlyChart'] .gtitle"
 

@@ -29,23 +29,16 @@ intro(
 
 
 def _quantized_from_run(bundle, run):
-    """A stored run's configuration re-applied to the current FP model (kept for this session)."""
-    from analysis.quantize_pipeline import quantize_bundle
-    from quant.api import QuantConfig
+    """A stored run's model rebuilt from its recipe (config + calibration) on the current FP model, kept for
+    this session: the model whose scores the run shows."""
+    from analysis.quantize_pipeline import rebuild
 
     cache = st.session_state.setdefault("reloaded_variants", {})
     key = (bundle.name, run.id)
     if key not in cache:
-        config = QuantConfig.from_dict(run.config)
-        with st.spinner(f"Quantizing {RUN_PREFIX}{run.id} ({run.label}) again ..."):
-            cache[key] = quantize_bundle(bundle, config)
+        with st.spinner(f"Rebuilding {RUN_PREFIX}{run.id} ({run.label}) from its recipe ..."):
+            cache[key] = rebuild(run, bundle)
     return cache[key]
-
-
-def _grid(images, ncol):
-    from analysis.images import make_grid
-
-    return make_grid(images, ncol=ncol)
 
 
 def compare_view(bundle) -> None:
@@ -128,8 +121,7 @@ def _run_comparison(bundle, chosen, session_variants, runs, seeds_per_class, ste
     bar.empty()
     view = comparison_view(comparison, scores, ncol=len(classes))
     if save:  # kept in the run store, so the variants and this result survive a reload of the page
-        configs = {name: v.config.to_dict() for name, v in variants.items() if hasattr(v, "config")}
-        store_comparison(store(), bundle.name, view, comparison, configs)
+        store_comparison(store(), bundle.name, view, comparison, variants)
     st.session_state["comparison"] = {"model": bundle.name, "view": view}
 
 

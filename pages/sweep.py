@@ -19,10 +19,10 @@ OPTION_HELP = {"default": "the method's own setting", "tpq": "one activation ran
                "bkd": "+ block-wise distillation (DilateQuant), minutes per point on a CPU",
                "float-io": "patch embedding and final layer kept in float",
                "keep8": "mixed precision: the K most sensitive layers at W8A8"}
-QUALITY_LABELS = {"fid_vs_fp": "FID vs FP", "rel_error": "rel_error (noise prediction vs FP)",
+QUALITY_LABELS = {"fid_vs_fp": "FID vs FP", "rel_rms": "relative RMS error of the noise prediction vs FP",
                   "label_agreement_drop": "label agreement drop vs FP"}
 TABLE_COLUMNS = {"label": "setting", "on_front": "on front", "fid_vs_fp": "FID vs FP", "fid_vs_fp_ci": "FID vs FP 95% CI",
-                 "fid": "FID vs real", "label_agreement": "label agreement", "rel_error": "rel_error",
+                 "fid": "FID vs real", "label_agreement": "label agreement", "rel_rms": "rel_rms",
                  "weight_mib": "weights (MiB)", "gbops": "GBOPs", "num_samples": "N", "seconds": "time (s)",
                  "source": "source", "run_id": "run"}
 
@@ -57,7 +57,7 @@ def _table(points: list[dict], front: list[str]) -> pd.DataFrame:
         iv = p.get("fid_vs_fp_interval")
         rows.append({"label": p["label"], "on_front": "yes" if p["label"] in front else "",
                      "fid_vs_fp": p["fid_vs_fp"], "fid_vs_fp_ci": f"[{iv[0]:.2f}, {iv[1]:.2f}]" if iv else "",
-                     "fid": p["fid"], "label_agreement": p["label_agreement"], "rel_error": p["rel_error"],
+                     "fid": p["fid"], "label_agreement": p["label_agreement"], "rel_rms": p["rel_rms"],
                      "weight_mib": p["weight_bytes"] / 2 ** 20, "gbops": p["bops"] / 1e9,
                      "num_samples": p["num_samples"], "seconds": p["seconds"],
                      "source": "run store" if p["reused"] else "measured now", "run_id": p["run_id"]})
@@ -129,7 +129,7 @@ def show_result(res: dict) -> None:
     cost = c1.radio("Cost", ["bops", "weight_bytes"], format_func={"bops": "BOPs", "weight_bytes": "weight bytes"}.get,
                     horizontal=True, key="sw_cost")
     quality = c2.selectbox("Quality measure", list(QUALITY_LABELS), format_func=QUALITY_LABELS.get, key="sw_quality")
-    default_tol = {"fid_vs_fp": 10.0, "rel_error": 0.2, "label_agreement_drop": 0.02}[quality]
+    default_tol = {"fid_vs_fp": 10.0, "rel_rms": 0.2, "label_agreement_drop": 0.02}[quality]
     tol = c3.number_input(f"Tolerance: {QUALITY_LABELS[quality]} at most", 0.0, 1e6, default_tol, key=f"sw_tol_{quality}",
                           format="%.3f")
     front = pareto_front(points, cost, quality)
@@ -149,7 +149,7 @@ def show_result(res: dict) -> None:
                  column_config={"FID vs FP": st.column_config.NumberColumn(format="%.2f"),
                                 "FID vs real": st.column_config.NumberColumn(format="%.2f"),
                                 "label agreement": st.column_config.NumberColumn(format="%.3f"),
-                                "rel_error": st.column_config.NumberColumn(format="%.4f"),
+                                "rel_rms": st.column_config.NumberColumn(format="%.4f"),
                                 "weights (MiB)": st.column_config.NumberColumn(format="%.2f"),
                                 "GBOPs": st.column_config.NumberColumn(format="%.2f"),
                                 "time (s)": st.column_config.NumberColumn(format="%.0f")})
@@ -170,11 +170,11 @@ def sensitivity_tab(bundle) -> None:
         samples = c6.number_input("Calibration images", 1, 64, 4, key="se_samples")
         go = st.form_submit_button("Analyse")
     if go:
-        from analysis.quantize_pipeline import calibration_for
+        from analysis.calibration import calibration_for
         from analysis.sensitivity import sensitivity
 
         bar = st.progress(0.0, text="Sampling the FP calibration set ...")
-        cal = calibration_for(bundle, steps=int(steps), num_samples=int(samples), seed=1_000_000)
+        cal = calibration_for(bundle, steps=int(steps), num_samples=int(samples))  # seeds apart from evaluation's
         sens = sensitivity(bundle, int(w_bits), int(a_bits), cal, method=method, granularity=gran,
                            on_progress=lambda stage, f: bar.progress(min(1.0, f), text=f"Sensitivity: {stage}"))
         bar.empty()

@@ -6,14 +6,14 @@ matches an `exclude` pattern stays in floating point.
 """
 from __future__ import annotations
 
-from typing import Iterable
 
 import torch
 import torch.nn as nn
 
 from quant.config import QuantConfig, is_excluded  # noqa: F401 (is_excluded is imported from here too)
-from quant.modules import (ActQuantizer, QuantAttnProcessor, QuantConv2d, QuantLinear, TimestepContext,
-                           act_quantizers, quant_layers)
+from quant.forward import forward_batches
+from quant.modules import (ActQuantizer, QuantAttnProcessor, QuantConv2d, QuantLinear, TimestepContext, calibrating,
+                           timestep_context)
 from quant.quantizers import is_off
 
 
@@ -35,14 +35,15 @@ def _act(config: QuantConfig, ctx: TimestepContext, num_timesteps: int, bits=Non
                         config.scale_search, config.percentile, config.use_tpq, ctx, num_timesteps)
 
 
-def wrap_model(model: nn.Module, config: QuantConfig, ctx: TimestepContext, num_timesteps: int = 1) -> list[str]:
+def wrap_model(model: nn.Module, config: QuantConfig, ctx: TimestepContext | None = None,
+               num_timesteps: int = 1) -> list[str]:
     """Replace covered layers by quantized ones in place (call it on a copy); returns their names.
 
     Weights are quantized from their current values (after any folding). Activation quantizers start
-    uncalibrated: run `calibrate` next (or load a state dict that holds their parameters).
+    uncalibrated: run `calibrate` next (or load a state dict that holds their parameters). The quantizers read
+    the timestep from the model's one TimestepContext (attached once; `ctx`, when given, is attached instead).
     """
-    model.register_forward_pre_hook(ctx.hook, with_kwargs=True)
-    model._dqlab_timestep_context = ctx
+    ctx = timestep_context(model) if ctx is None else ctx.attach(model)
     names = []
     for name, mod in covered_layers(model).items():
         if is_excluded(name, config.exclude):
@@ -68,37 +69,10 @@ def wrap_model(model: nn.Module, config: QuantConfig, ctx: TimestepContext, num_
     return names
 
 
-def run_model(model: nn.Module, batches: Iterable, keep_outputs: bool = False) -> torch.Tensor | None:
-    """Forward every (x, t, y) batch; optionally return the outputs concatenated on the CPU."""
-    p = next(model.parameters())
-    outs = []
-    with torch.no_grad():
-        for x, t, y in batches:
-            out = model(x.to(p.device, p.dtype), timestep=t.to(p.device), class_labels=y.to(p.device)).sample
-            if keep_outputs:
-                outs.append(out.float().cpu())
-    return torch.cat(outs) if keep_outputs else None
-
-
 def calibrate(model: nn.Module, batches: list, keep_outputs: bool = False) -> torch.Tensor | None:
     """Static activation ranges (per timestep with TPQ) from the FP (folded) model's activations.
 
     The pass runs the folded model in floating point, so with keep_outputs its outputs are the FP
     reference (equal to the original model's up to float rounding) at no extra cost."""
-    quantizers = [q for q in act_quantizers(model).values() if q.enabled]
-    layers = list(quant_layers(model).values())
-    for q in quantizers:
-        q.mode = "observe"
-    for layer in layers:
-        layer.use_fp_weight = True
-    try:
-        outputs = run_model(model, batches, keep_outputs=keep_outputs)
-        for q in quantizers:
-            q.finalize()
-    finally:
-        for q in quantizers:
-            q.mode = "quant"
-            q._rows = []
-        for layer in layers:
-            layer.use_fp_weight = False
-    return outputs
+    with calibrating(model):
+        return forward_batches(model, batches, keep_outputs=keep_outputs)

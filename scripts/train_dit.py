@@ -16,15 +16,13 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis.digits import NUM_CLASSES, RESOLUTION, load_digits, random_shift  # noqa: E402
+from analysis.digits import NUM_CLASSES, RESOLUTION, load_digits, random_shift
 
 
 def build_model(width: int, depth: int, head_dim: int, patch: int):

@@ -12,7 +12,7 @@ from tests.conftest import run_cli
 
 def _pt(label, bops, fid, size=1, method="baseline"):
     return {"label": label, "method": method, "bops": bops, "weight_bytes": size, "fid_vs_fp": fid,
-            "fid_vs_fp_interval": [fid * 0.8, fid * 1.2], "rel_error": fid / 100, "num_samples": 64,
+            "fid_vs_fp_interval": [fid * 0.8, fid * 1.2], "rel_rms": fid / 100, "num_samples": 64,
             "config": {"method": method}}
 
 
@@ -29,7 +29,7 @@ def test_recommend_picks_the_cheapest_point_within_the_tolerance():
     assert rec["label"] == "W6A6"
     assert "0.20x FP's BOPs" in rec["reason"] and "W4A4" in rec["reason"]
     assert recommend(POINTS, {"fid_vs_fp": 100})["label"] == "W4A4"
-    assert recommend(POINTS, {"rel_error": 0.05})["label"] == "W8A8"
+    assert recommend(POINTS, {"rel_rms": 0.05})["label"] == "W8A8"
     assert recommend([p for p in POINTS if p["method"] != "fp"], {"fid_vs_fp": 1})["label"] is None
     with pytest.raises(ValueError, match="unknown tolerance measure"):
         recommend(POINTS, {"psnr": 3})
@@ -105,7 +105,7 @@ def test_cli_sweep_2x2_then_resumes_from_the_store(capsys, tmp_path, one_torch_t
     assert res["measured"] == 5 and res["reused"] == 0
     for p in res["points"]:
         assert p["num_samples"] == 16 and p["weight_bytes"] > 0 and p["bops"] > 0
-        assert p["fid_vs_fp"] is not None and p["rel_error"] is not None
+        assert p["fid_vs_fp"] is not None and p["rel_rms"] is not None
     assert set(res["front"]) <= set(labels) and "FP" in res["front"]
     rec = res["recommendation"]
     assert rec["label"] in res["front"] and "cheapest" in rec["reason"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+from analysis.calibration import CALIBRATION_SEED
 from analysis.cli import CLIError, add_common, add_guidance, emit
 
 
@@ -23,7 +24,7 @@ def register(sub) -> None:
     p.add_argument("--granularity", default="layer", help="layer, kind or block (default: %(default)s)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps of the calibration run (default: %(default)s)")
     p.add_argument("--samples", type=int, default=4, help="FP images of the calibration run (default: %(default)s)")
-    p.add_argument("--calib-seed", type=int, default=1_000_000, help="first calibration seed (default: %(default)s)")
+    p.add_argument("--calib-seed", type=int, default=CALIBRATION_SEED, help="first calibration seed (default: %(default)s)")
     add_guidance(p, "the model's evaluation guidance")
     p.add_argument("--top", type=int, default=10, help="rows of the ranking in the summary (default: %(default)s)")
     p.set_defaults(func=run)
@@ -31,7 +32,7 @@ def register(sub) -> None:
 
 def run(args) -> dict:
     from analysis.models import load
-    from analysis.quantize_pipeline import calibration_for
+    from analysis.calibration import calibration_for
     from analysis.sensitivity import GRANULARITIES, sensitivity
     from quant.api import QuantConfig
 

@@ -72,7 +72,7 @@ def sweep_timestep_figure(points: list[dict]) -> go.Figure:
     """Relative RMS error of the noise prediction vs FP per timestep, one line per quantized point."""
     fig = go.Figure()
     for p in points:
-        rows = p.get("rel_error_per_timestep")
+        rows = p.get("rel_rms_per_timestep")
         if p["method"] == "fp" or not rows:
             continue
         rows = sorted(rows, key=lambda r: -r[0])  # noisiest first
