@@ -117,7 +117,7 @@ def main() -> None:
                 set_number(pg, "Calibration images", 2)
                 set_number(pg, "Calibration DDIM steps", 5)
                 pg.get_by_role("button", name="Quantize").click()
-                pg.get_by_text("Relative error vs FP").first.wait_for()
+                pg.get_by_text("Relative RMS error vs FP").first.wait_for()
                 _idle(pg)
                 out["screenshots"]["quantize"] = _shoot(pg, args.out / "quantize.png")
 
