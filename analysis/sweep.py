@@ -193,7 +193,8 @@ def recommend(points: list[dict], tolerance: dict, cost: str = "bops") -> dict:
                 "reason": f"No setting in this sweep has {QUALITY[quality]} <= {limit:g}; keep FP or widen the grid."}
     best = min(ok, key=lambda p: (p[cost], _quality(p, quality)))  # equal cost: the better one (as the front)
     cheaper = [p for p in points if p[cost] < best[cost] and p is not best]
-    nearest = max(cheaper, key=lambda p: p[cost]) if cheaper else None
+    # the nearest cheaper point, the better one of equal cost: what a step down would give up
+    nearest = max(cheaper, key=lambda p: (p[cost], -(_quality(p, quality) or 0))) if cheaper else None
     value = _format_quality(best, quality)
     reason = f"{best['label']} is the cheapest setting with {QUALITY[quality]} <= {limit:g} ({value}, N={best['num_samples']})"
     if fp is not None and best is not fp:
