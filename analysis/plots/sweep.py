@@ -9,6 +9,8 @@ sensitivity_heatmap    unit x timestep error with only that unit quantized
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import plotly.graph_objects as go
 
@@ -31,6 +33,9 @@ def pareto_figure(points: list[dict], front: list[str], cost: str = "bops", qual
     """One marker per point (hover: config, N, time), grouped by method; the front joined cheapest first."""
     fig = go.Figure()
     pts = [p for p in points if p.get(quality) is not None]
+    log_y = quality == "fid_vs_fp" and any(p[quality] > 0 for p in pts)
+    zero = [p for p in pts if p[quality] <= 0] if log_y else []
+    pts = [p for p in pts if p not in zero]  # FP itself (0) has no place on a log axis: a line marks its cost
     for method in dict.fromkeys(p["method"] for p in pts):
         group = [p for p in pts if p["method"] == method]
         err = None
@@ -56,12 +61,15 @@ def pareto_figure(points: list[dict], front: list[str], cost: str = "bops", qual
                                  name="recommended", text=["recommended"], textposition="top center",
                                  marker=dict(size=24, symbol="star", color="gold", line=dict(width=1, color="black")),
                                  hovertemplate=rec["label"] + "<extra>recommended</extra>"))
-    log_y = quality == "fid_vs_fp" and all(p[quality] > 0 for p in pts if p["method"] != "fp")
+    for p in zero:
+        # shapes on a log axis take log10 coordinates
+        fig.add_vline(x=math.log10(_cost_value(p, cost)), line_dash="dash", line_color="gray",
+                      annotation_text=f"{p['label']} ({QUALITY[quality]} 0)", annotation_position="top left")
     fig.update_layout(
         title=f"{QUALITY[quality]} vs {COSTS[cost]}<br><sup>lower-left is better; the red line joins the points no "
               "other point beats on both</sup>",
-        xaxis=dict(title=COST_AXIS[cost], type="log", **log_ticks([_cost_value(p, cost) for p in pts])),
-        yaxis=dict(title=QUALITY[quality] + (" (log; FP = 0 is off the axis)" if log_y else ""),
+        xaxis=dict(title=COST_AXIS[cost], type="log", **log_ticks([_cost_value(p, cost) for p in pts + zero])),
+        yaxis=dict(title=QUALITY[quality] + (" (log)" if log_y else ""),
                    type="log" if log_y else "linear", rangemode="tozero" if not log_y else None,
                    **(log_ticks([p[quality] for p in pts]) if log_y else {})),
         height=480, margin=_MARGIN, legend_title="method")
@@ -71,16 +79,19 @@ def pareto_figure(points: list[dict], front: list[str], cost: str = "bops", qual
 def sweep_timestep_figure(points: list[dict]) -> go.Figure:
     """Relative RMS error of the noise prediction vs FP per timestep, one line per quantized point."""
     fig = go.Figure()
+    values = []
     for p in points:
         rows = p.get("rel_rms_per_timestep")
         if p["method"] == "fp" or not rows:
             continue
         rows = sorted(rows, key=lambda r: -r[0])  # noisiest first
+        values += [e for _, e in rows]
         fig.add_trace(go.Scatter(x=[str(t) for t, _ in rows], y=[max(e, 1e-12) for _, e in rows], name=p["label"],
                                  mode="lines", hovertemplate="t=%{x}<br>%{y:.3g}<extra>" + p["label"] + "</extra>"))
     fig.update_layout(title="Noise-prediction error vs FP per timestep (calibration inputs)",
                       xaxis=dict(title="timestep t (sampling order, noisiest left)", type="category"),
-                      yaxis=dict(title="||eps_q - eps|| / ||eps|| (log)", type="log"), height=420, margin=_MARGIN,
+                      yaxis=dict(title="||eps_q - eps|| / ||eps|| (log)", type="log", **log_ticks(values)),
+                      height=420, margin=_MARGIN,
                       legend_title="point")
     return fig
 
