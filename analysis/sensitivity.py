@@ -22,7 +22,6 @@ import time
 from typing import Callable
 
 import numpy as np
-import torch
 
 from analysis.models import ModelBundle
 from analysis.quantize_pipeline import output_errors
