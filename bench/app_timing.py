@@ -3,8 +3,8 @@
     python -m bench.app_timing --out shots/ --json          # from the repository root (it drives tests/app_server)
 
 Measures, on the bundled model:
-- first page interactive: from navigation to the Home page's heading, and to its first script run finished
-  (digits drawn, the app idle);
+- first page: from navigation to the Home page's heading, to its controls (the model loaded, the form
+  usable), and to its first script run finished (digits drawn, the app idle: "interactive");
 - redraw after a layer change and after a timestep change on the Salience page: from the key press to the
   channel-profile chart showing the new layer or timestep (median of --repeats);
 then walks Quantize (2 calibration images, 5 steps), Sweep (baseline W8A8 + W4A4, N = 16, 2 steps) and Compare,
@@ -95,6 +95,8 @@ def main() -> None:
                 pg.goto(url)
                 pg.get_by_role("heading", name="quantizing diffusion transformers").first.wait_for()
                 out["first_page_heading_s"] = round(time.perf_counter() - t0, 3)
+                pg.get_by_role("button", name="Generate").wait_for()  # the model is loaded, its form usable
+                out["first_page_controls_s"] = round(time.perf_counter() - t0, 3)
                 pg.locator("[data-testid='stImage'] img").first.wait_for()
                 _idle(pg)
                 out["first_page_interactive_s"] = round(time.perf_counter() - t0, 3)

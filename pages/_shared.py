@@ -19,7 +19,9 @@ DTYPES = ["float32", "float16", "bfloat16"]
 def get_bundle(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32"):
     """One FP bundle per (source, device, dtype), shared by every session: never modify it."""
     from analysis.models import load
+    from analysis.quiet import configure_logging
 
+    configure_logging()  # before diffusers logs anything about the model it loads
     return load(source, device=device, dtype=dtype)
 
 
