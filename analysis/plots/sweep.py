@@ -9,8 +9,6 @@ sensitivity_heatmap    unit x timestep error with only that unit quantized
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import plotly.graph_objects as go
 
@@ -61,10 +59,14 @@ def pareto_figure(points: list[dict], front: list[str], cost: str = "bops", qual
                                  name="recommended", text=["recommended"], textposition="top center",
                                  marker=dict(size=24, symbol="star", color="gold", line=dict(width=1, color="black")),
                                  hovertemplate=rec["label"] + "<extra>recommended</extra>"))
-    for p in zero:
-        # shapes on a log axis take log10 coordinates
-        fig.add_vline(x=math.log10(_cost_value(p, cost)), line_dash="dash", line_color="gray",
-                      annotation_text=f"{p['label']} ({QUALITY[quality]} 0)", annotation_position="top left")
+    ys = [p[quality] for p in pts]
+    for p in zero:  # a dashed vertical trace (traces, unlike shapes, take data coordinates on log axes)
+        x = _cost_value(p, cost)
+        fig.add_trace(go.Scatter(x=[x, x], y=[min(ys), max(ys)] if ys else [1, 1], mode="lines+text",
+                                 name=f"{p['label']} ({QUALITY[quality]} 0)", text=["", p["label"]],
+                                 textposition="top left", line=dict(color="gray", dash="dash"),
+                                 hovertemplate=p["label"] + f": {QUALITY[quality]} 0, " + COSTS[cost]
+                                               + " %{x:.3g}<extra></extra>"))
     fig.update_layout(
         title=f"{QUALITY[quality]} vs {COSTS[cost]}<br><sup>lower-left is better; the red line joins the points no "
               "other point beats on both</sup>",
