@@ -23,7 +23,8 @@ from quant.config import METHODS, QuantConfig
 from quant.io import read_quantized, stored_tensors, weight_bytes, write_quantized
 from quant.methods import get_method
 from quant.observers import InputObserver, observe_inputs
-from quant.reparam import BalanceGroup, apply_scaling, balance_groups, group_weight
+from quant.denoiser import balance_groups
+from quant.reparam import BalanceGroup, apply_scaling, group_weight
 from quant.wrap import calibrate, is_excluded, wrap_model
 from quant.modules import TimestepContext
 

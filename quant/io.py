@@ -56,7 +56,7 @@ def fp_weight_bytes(model: nn.Module) -> int:
 
 # Model classes a saved folder may name: diffusers classes only, looked up by name (no code is loaded from
 # the folder itself).
-MODEL_CLASSES = ("DiTTransformer2DModel",)
+MODEL_CLASSES = ("DiTTransformer2DModel", "UNet2DModel")
 
 
 class QuantizedFolderError(ValueError):

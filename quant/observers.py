@@ -1,7 +1,8 @@
-"""Forward-hook observers: per-channel statistics of what each linear layer receives, per sample.
+"""Forward-hook observers: per-channel statistics of what each linear or conv layer receives, per sample.
 
 For a linear layer Y = X W^T with input X [B, tokens, C], the salience of input channel j for sample b is
-s(X_j) = max over tokens of |X_bj| (PTQ4DiT, Wu et al. 2024, eq. 3). The observer records that, plus the
+s(X_j) = max over tokens of |X_bj| (PTQ4DiT, Wu et al. 2024, eq. 3); for a convolution with input
+X [B, C, H, W] it is the max over spatial positions of |X_bj|. The observer records that, plus the
 per-channel min and max, for every sample of every forward. Reductions run on the model's device inside
 the hook; results stay there until the observer closes, so a pass makes no per-hook host copies.
 
@@ -28,6 +29,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from quant.denoiser import denoise
+
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """Every nn.Linear of `model` by qualified name, in module order."""
@@ -35,8 +38,10 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def weight_salience(weight: torch.Tensor) -> torch.Tensor:
-    """s(W_j) = max over output rows of |W_oj|, one value per input channel (weight is [out, in])."""
-    return weight.detach().abs().amax(dim=0)
+    """s(W_j) = max over output rows (and kernel positions) of |W_oj|, one value per input channel
+    (weight is [out, in] or a convolution's [out, in, kh, kw])."""
+    w = weight.detach().abs()
+    return w.amax(dim=0) if w.dim() == 2 else w.transpose(0, 1).flatten(1).amax(dim=1)
 
 
 @dataclasses.dataclass
@@ -79,12 +84,12 @@ class InputObserver:
         self._t: list[torch.Tensor] = []
         self._y: list[torch.Tensor] = []
         self._rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # key -> [(min, max) per forward]
-        self._last: tuple | None = None  # (input tensor, its version, (min, max)) of the latest hooked call
+        self._last: tuple | None = None  # (input tensor, its version, (min, max), spatial) of the latest call
 
     def __enter__(self) -> "InputObserver":
         self._handles.append(self.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
         for name, module in self.layers.items():
-            self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(name, module)))
         for name, attn in self.attention.items():
             for op in ("q", "k", "v"):
                 self._handles.append(getattr(attn, f"to_{op}").register_forward_hook(self._make_operand_hook(name, op, attn)))
@@ -116,10 +121,12 @@ class InputObserver:
         self._t.append(keys // 2)
         self._y.append(torch.where(keys % 2 == 1, self.group_null_label, -1))
 
-    def _make_hook(self, name: str):
+    def _make_hook(self, name: str, module: nn.Module):
+        spatial = isinstance(module, nn.Conv2d)  # channels on dim 1, positions after it
+
         def hook(module, args):
             key = self._key(name)
-            self._record(key, args[0])
+            self._record(key, args[0], spatial)
         return hook
 
     def _key(self, name: str) -> str:
@@ -127,18 +134,21 @@ class InputObserver:
         self._calls[name] = count
         return name if count == 1 else f"{name}@{count}"
 
-    def _record(self, key: str, x: torch.Tensor) -> None:
+    def _record(self, key: str, x: torch.Tensor, spatial: bool = False) -> None:
         # Layers fed the very same tensor (to_q, to_k, to_v) share one reduction: the identity check holds a
         # reference to the tensor, so its memory cannot be reused by another while cached.
         last = self._last
-        if last is not None and last[0] is x and last[1] == x._version:
+        if last is not None and last[0] is x and last[1] == x._version and last[3] == spatial:
             self._rows.setdefault(key, []).append(last[2])
             return
         flat = x.detach()
-        flat = flat.reshape(flat.shape[0], -1, flat.shape[-1])  # [B, tokens, C]; [B, C] inputs get one token
+        if spatial:  # [B, C, H, W] -> [B, C, positions], reduced over the last dim
+            flat, dim = flat.flatten(2), 2
+        else:  # [B, tokens, C]; [B, C] inputs get one token
+            flat, dim = flat.reshape(flat.shape[0], -1, flat.shape[-1]), 1
         # Only min and max are reduced here; max |x| = max(-min x, max x) is formed once, in stats().
-        kept = self._keep(key, flat.amin(1).float(), flat.amax(1).float())
-        self._last = (x, x._version, kept)
+        kept = self._keep(key, flat.amin(dim).float(), flat.amax(dim).float())
+        self._last = (x, x._version, kept, spatial)
 
     def _keep(self, key: str, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._groups is not None:  # max(-min, max) commutes with the group max, so min/max suffice
@@ -204,5 +214,5 @@ def observe_inputs(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     dtype = next(model.parameters()).dtype
     with InputObserver(model, layers) as obs:
         for x, t, y in batches:
-            model(x.to(device, dtype), timestep=t.to(device), class_labels=y.to(device))
+            denoise(model, x.to(device, dtype), t.to(device), y.to(device))
     return obs.stats()

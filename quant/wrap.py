@@ -1,6 +1,7 @@
 """Put quantized modules into a model and calibrate their activation ranges.
 
-Covered layers follow the official PTQ4DiT setting: every nn.Linear and the patch-embedding conv; with
+Covered layers follow the official PTQ4DiT setting: every nn.Linear and nn.Conv2d (in a DiT the patch
+embedding; in a UNet every resnet, sampling, shortcut and in/out conv); with
 attn_bits set, each diffusers Attention also quantizes q, k, v and its softmax output. A layer whose name
 matches an `exclude` pattern stays in floating point.
 """
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from quant.config import QuantConfig
+from quant.denoiser import denoise
 from quant.modules import (ActQuantizer, QuantAttnProcessor, QuantConv2d, QuantLinear, TimestepContext,
                            act_quantizers, quant_layers)
 from quant.quantizers import is_off
@@ -24,7 +26,7 @@ def is_excluded(name: str, patterns: Iterable[str]) -> bool:
 
 
 def covered_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Layers the engine quantizes: every nn.Linear and nn.Conv2d (in a DiT, the patch embedding)."""
+    """Layers the engine quantizes: every nn.Linear and nn.Conv2d (a DiT's patch embedding, a UNet's convs)."""
     return {n: m for n, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, (QuantLinear, QuantConv2d))}
 
@@ -79,7 +81,7 @@ def run_model(model: nn.Module, batches: Iterable, keep_outputs: bool = False) -
     outs = []
     with torch.no_grad():
         for x, t, y in batches:
-            out = model(x.to(p.device, p.dtype), timestep=t.to(p.device), class_labels=y.to(p.device)).sample
+            out = denoise(model, x.to(p.device, p.dtype), t.to(p.device), y.to(p.device))
             if keep_outputs:
                 outs.append(out.float().cpu())
     return torch.cat(outs) if keep_outputs else None
