@@ -78,8 +78,12 @@ class EvalResult:
 
 
 def eval_labels_seeds(num_classes: int, n: int, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Balanced classes (image i asks for class i mod K) with consecutive seeds from `seed`."""
-    return [i % num_classes for i in range(n)], list(range(seed, seed + n))
+    """Balanced classes (image i asks for class i mod K) with consecutive seeds from `seed`; an unconditional
+    model (K = 0) gets the no-class label on every image."""
+    from analysis.sampling import NO_CLASS
+
+    labels = [i % num_classes for i in range(n)] if num_classes else [NO_CLASS] * n
+    return labels, list(range(seed, seed + n))
 
 
 def sampling_batch_size(bundle: ModelBundle) -> int:
@@ -240,7 +244,7 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
         feats = fp_feats if is_fp else M.extract_features(images, extractor, inception_weights=opts.inception_weights,
                                                           device=fp.device)
         m = _score(images, feats, fp_images, fp_feats, reference, ref_feats, floor, is_fp, extractor, opts, score_kw)
-        if fp.bundled:
+        if fp.bundled and fp.conditional:
             from analysis.classifier import label_agreement
 
             m["label_agreement"] = label_agreement(images, labels)

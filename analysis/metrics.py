@@ -540,10 +540,12 @@ def transformer_outputs(transformer: torch.nn.Module, calibration, out_channels:
                         batch_size: int = 256) -> torch.Tensor:
     """The transformer's noise prediction (first `out_channels` channels; learned-sigma models also output a
     variance half) on every recorded input, on the CPU in float32."""
+    from quant.denoiser import denoise
+
     device, dtype = next(transformer.parameters()).device, next(transformer.parameters()).dtype
     outs = []
     for x, t, y in calibration.batches(batch_size):
-        out = transformer(x.to(device, dtype), timestep=t.to(device), class_labels=y.to(device)).sample
+        out = denoise(transformer, x.to(device, dtype), t.to(device), y.to(device))
         outs.append(out[:, :out_channels].float().cpu())
     return torch.cat(outs)
 

@@ -91,6 +91,15 @@ class ModelBundle:
     def conditional(self) -> bool:
         return self.num_classes > 0
 
+    def describe(self) -> str:
+        """One line: family, size and classes, e.g. 'DiT, 6 blocks, classes 0-9'."""
+        m = self.transformer
+        if self.family == "unet":
+            shape = f"UNet, {len(m.down_blocks)} resolutions ({', '.join(map(str, m.config.block_out_channels))} channels)"
+        else:
+            shape = f"DiT, {len(m.transformer_blocks)} blocks"
+        return shape + (f", classes 0-{self.num_classes - 1}" if self.conditional else ", unconditional")
+
     @property
     def null_label(self) -> int:
         # diffusers' LabelEmbedding keeps one extra row after the classes for the dropped (unconditional) label

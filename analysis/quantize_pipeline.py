@@ -17,6 +17,7 @@ import torch
 from analysis.models import ModelBundle
 from analysis.sampling import CalibrationData, sample
 from quant.api import QuantConfig, calibration_batches, quantize_with_details
+from quant.denoiser import balance_plan, denoise
 from quant.io import fp_weight_bytes, weight_bytes
 from quant.modules import quant_layers
 from quant.quantizers import is_off
@@ -45,7 +46,7 @@ def calibration_for(bundle: ModelBundle, steps: int = DEFAULT_CAL_STEPS, num_sam
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    labels = [i % bundle.num_classes for i in range(num_samples)]
+    labels = [i % bundle.num_classes for i in range(num_samples)] if bundle.conditional else None
     seeds = [seed + i for i in range(num_samples)]
     guidance = bundle.eval_guidance if guidance is None else guidance
     result = sample(bundle, labels, seeds, steps=steps, guidance=guidance, scheduler=scheduler, decode=False,
@@ -79,10 +80,10 @@ def output_errors(fp_model: torch.nn.Module | None, q_model: torch.nn.Module, ba
                 offset += len(x)
             else:
                 fp_dev = next(fp_model.parameters())
-                ref = _eps(fp_model(x.to(fp_dev.device, fp_dev.dtype), timestep=t.to(fp_dev.device),
-                                    class_labels=y.to(fp_dev.device)).sample.float(), latent_channels)
-            out = _eps(q_model(x.to(q_dev.device, q_dev.dtype), timestep=t.to(q_dev.device),
-                               class_labels=y.to(q_dev.device)).sample.float(), latent_channels).to(ref.device)
+                ref = _eps(denoise(fp_model, x.to(fp_dev.device, fp_dev.dtype), t.to(fp_dev.device),
+                                   y.to(fp_dev.device)).float(), latent_channels)
+            out = _eps(denoise(q_model, x.to(q_dev.device, q_dev.dtype), t.to(q_dev.device),
+                               y.to(q_dev.device)).float(), latent_channels).to(ref.device)
             e = (out - ref).pow(2).flatten(1).sum(1).cpu()
             r = ref.pow(2).flatten(1).sum(1).cpu()
             num, den = num + float(e.sum()), den + float(r.sum())
@@ -115,7 +116,8 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig, calibration: Calib
     clock; cpu_seconds: the process's CPU time for the same, which a busy machine does not inflate),
     calibration_seconds (FP sampling, when done here), layers_quantized, weight_bytes (stored at the
     bit-width), fp_weight_bytes, rel_error, rel_error_per_timestep, layer_error, and per balanced group:
-    vectors (b), salience (per-channel maxima before / after), ssc (rho, eta per timestep); recon (the
+    vectors (b), salience (per-channel maxima before / after), ssc (rho, eta per timestep); balance (which
+    layers took a folded scale, which did not and why: quant.denoiser.balance_plan); recon (the
     block-wise optimization's quant.recon.ReconReport as a dict, or None).
     """
     config.validate()
@@ -159,6 +161,7 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig, calibration: Calib
         "salience": {g: _lists(s) for g, s in result.salience.items()},
         "ssc": {g: _lists(e) for g, e in result.extras.items() if "eta" in e},
         "config": config.to_dict(), "recon": result.recon,
+        "balance": balance_plan(bundle.transformer, set(result.vectors), config.method),
     }
     progress("done", 1.0)
     name = config.label

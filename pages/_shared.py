@@ -23,7 +23,8 @@ def current_bundle():
     from analysis.models import ModelLoadError
 
     source = st.sidebar.text_input("Model", value=st.session_state.get("model_source", DEFAULT_MODEL),
-                                   help="bundled:dit-mnist, a local diffusers folder, or a hub id such as "
+                                   help="bundled:dit-mnist, bundled:unet-mnist, a local diffusers folder (DiT or "
+                                        "UNet, pipeline layout or bare model), or a hub id such as "
                                         "facebook/DiT-XL-2-256 (needs network or a cached copy)")
     st.session_state["model_source"] = source
     try:

@@ -69,3 +69,28 @@ def recon_units(model: nn.Module):
     else:
         from quant.recon.units import dit_units as units
     return units(model)
+
+
+def balance_plan(model: nn.Module, applied: set[str] | None = None, method: str | None = None) -> dict:
+    """Which quantized layers take a folded per-channel scale and which do not, and why.
+
+    applied: the balance groups a method actually scaled (None: report every foldable group as balanced).
+    Returns {"family", "balanced": [{"group", "layers", "producer"}], "unbalanced": {layer: reason},
+    "foldable_layers", "layers", "foldable_share"} where the share counts the quantized layers whose input
+    scale folds exactly into an affine producer (whether or not this method used it).
+    """
+    from quant.wrap import covered_layers
+
+    groups = balance_groups(model)
+    balanced, unbalanced = [], dict(unbalanced_layers(model))
+    for g in groups:
+        if applied is None or g.name in applied:
+            balanced.append({"group": g.name, "layers": list(g.layers), "producer": g.producer})
+        else:
+            for name in g.layers:
+                unbalanced[name] = f"foldable into {g.producer}, but {method or 'this method'} sets no scale for it"
+    n_layers = len(covered_layers(model))
+    n_foldable = sum(len(g.layers) for g in groups)
+    return {"family": family_of(model), "balanced": balanced, "unbalanced": unbalanced,
+            "foldable_layers": n_foldable, "layers": n_layers,
+            "foldable_share": n_foldable / n_layers if n_layers else 0.0}

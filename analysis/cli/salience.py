@@ -71,7 +71,7 @@ def run(args) -> dict:
     say = (lambda text: print(text, file=sys.stderr)) if sys.stderr.isatty() else (lambda text: None)  # noqa: E731
 
     # Warm-up: the first forward pays one-off allocation costs that would otherwise bias the first timed pass.
-    sample(bundle, labels[:1], seeds[:1], steps=1, guidance=config.guidance, scheduler=config.scheduler, decode=False)
+    sample(bundle, labels and labels[:1], seeds[:1], steps=1, guidance=config.guidance, scheduler=config.scheduler, decode=False)
     plain, collecting, plain_cpu, collecting_cpu, stats = [], [], [], [], None
     for r in range(args.repeats):
         if not args.no_baseline:
