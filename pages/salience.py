@@ -13,7 +13,9 @@ st.title("Salience")
 st.markdown(
     "A linear layer computes Y = X W^T. For each **input channel j** the lab records the **activation salience** "
     "s(X_j) = max over tokens of |X_j| (per sample and timestep) and the **weight salience** s(W_j) = max over "
-    "output rows of |W_j| (PTQ4DiT, Wu et al., NeurIPS 2024).")
+    "output rows of |W_j| (PTQ4DiT, Wu et al., NeurIPS 2024). A convolution (a UNet's resnets, samplers and "
+    "shortcuts) is read the same way: tokens are its spatial positions, and s(W_j) is the max over output channels "
+    "and kernel positions.")
 with st.expander("Why this matters for quantization", expanded=False):
     st.markdown(
         "- A uniform quantizer with b bits splits its range into 2^b - 1 steps. Activations are quantized per "
@@ -43,7 +45,7 @@ if bundle is not None:
         bits = c4.multiselect("Bit-widths for the quantization error", BIT_CHOICES, default=[4, 8],
                               help="adds one forward per timestep after the sampling pass")
         pattern = c5.text_input("Only layers matching (regular expression, optional)", "",
-                                placeholder=r"e.g. transformer_blocks\.(0|5)\.")
+                                placeholder=r"e.g. transformer_blocks\.(0|5)\. or down_blocks\.1\.")
         attention = c6.checkbox("Also record q, k, v and the softmax output", value=False)
         go = st.form_submit_button("Collect")
 
@@ -73,7 +75,7 @@ if bundle is not None:
     current = st.session_state.get("salience_current")
     stats = cache.get(current) if current is not None and current[0] == bundle.name else None
     if stats is None:
-        st.info("Choose the settings above and press **Collect**: one sampling pass records every linear layer's "
+        st.info("Choose the settings above and press **Collect**: one sampling pass records every layer's "
                 "input channels at every timestep (the bundled model takes seconds).")
     else:
         from analysis.plots import salience as figs

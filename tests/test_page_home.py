@@ -10,7 +10,7 @@ def test_home_page_shows_digits():
     at = AppTest.from_file("../pages/home.py", default_timeout=180)
     at.run()
     assert not at.exception, at.exception
-    assert "quantizing diffusion transformers" in at.title[0].value
+    assert "quantizing diffusion models" in at.title[0].value
     grids = _images(at)
     assert len(grids) == 1  # the digit grid
     assert "50 DDIM steps" in grids[0].proto.imgs[0].caption
