@@ -183,3 +183,16 @@ def test_bkd_trains_unet_blocks_and_leaves_the_input_model_alone(cond, cond_cali
     units = {u["name"]: u for u in res.recon["units"]}
     assert units["down_blocks.1"]["iterations"] == 6 and units["down_blocks.1"]["error_before"] > 0
     assert all(torch.equal(v, cond.transformer.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_quantized_unet_saves_and_loads_again(cond, cond_calib, tmp_path):
+    from analysis.bundle_io import save_quantized
+    from analysis.quantize_pipeline import quantize_bundle
+
+    variant = quantize_bundle(cond, QuantConfig(method="dilatequant", w_bits=4, a_bits=8), cond_calib)
+    folder = save_quantized(variant.bundle, variant.config, tmp_path / "q")
+    again = load(str(folder))
+    assert again.family == "unet" and again.num_classes == cond.num_classes
+    a = sample(variant.bundle, [1, 2], [0, 1], steps=3, guidance=2.0).images
+    b = sample(again, [1, 2], [0, 1], steps=3, guidance=2.0).images
+    assert torch.allclose(a, b, atol=1e-5)
