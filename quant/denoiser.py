@@ -28,8 +28,9 @@ def family_of(model: nn.Module) -> str:
 
 
 def takes_labels(model: nn.Module) -> bool:
-    """Whether the model is class-conditional (a DiT always is; a UNet when it has a class embedding)."""
-    if family_of(model) == "dit":
+    """Whether the model is class-conditional (a DiT always is; a UNet when it has a class embedding). Any other
+    module is called with its labels, as the engine always did."""
+    if _CLASSES.get(type(model).__name__) != "unet":
         return True
     return getattr(model, "class_embedding", None) is not None
 
