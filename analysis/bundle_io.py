@@ -2,8 +2,9 @@
 
 Folder layout:
     quant_config.json   quant.io's record (format tag, QuantConfig, model class and config, packed weight
-                        shapes) plus the scheduler config, the bundle's sampling metadata and the base
-                        source it was made from (provenance)
+                        shapes) plus the scheduler config, the bundle's sampling metadata, the base
+                        source it was made from and its recipe (analysis.recipe: source, config and
+                        calibration, which rebuild it)
     model.safetensors   the quantized transformer (quant.io: low-bit weights bit-packed)
     vae/                the base bundle's VAE when it has one (not quantized)
 The folder is self-contained: loading it never needs the base model, whose weights may have changed since.
@@ -26,8 +27,9 @@ def _bundle_meta(bundle: ModelBundle) -> dict:
 
 
 def save_quantized(bundle_or_model: ModelBundle | nn.Module, config: QuantConfig, folder,
-                   base_source: str | None = None) -> Path:
-    """Write a quantized bundle (or a quantized transformer plus `base_source` for the rest) to `folder`."""
+                   base_source: str | None = None, recipe=None) -> Path:
+    """Write a quantized bundle (or a quantized transformer plus `base_source` for the rest) to `folder`, with
+    the analysis.recipe.Recipe that made it when there is one (analysis.recipe.read_recipe reads it back)."""
     if isinstance(bundle_or_model, ModelBundle):
         bundle = bundle_or_model
     elif isinstance(bundle_or_model, nn.Module):
@@ -39,7 +41,8 @@ def save_quantized(bundle_or_model: ModelBundle | nn.Module, config: QuantConfig
         raise ValueError(f"expected a ModelBundle or an nn.Module, got {type(bundle_or_model).__name__}")
     folder = write_quantized(bundle.transformer, config, folder,
                              meta={"base_source": base_source, "scheduler_config": bundle.scheduler_config,
-                                   "bundle": _bundle_meta(bundle)})
+                                   "bundle": _bundle_meta(bundle),
+                                   "recipe": recipe.to_dict() if recipe is not None else None})
     if bundle.vae is not None:
         bundle.vae.save_pretrained(folder / "vae", safe_serialization=True)
     return folder

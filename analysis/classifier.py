@@ -14,8 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from analysis.digits import RESOLUTION
+from analysis.resources import asset_path
 
-CLASSIFIER_DIR = Path(__file__).resolve().parents[1] / "assets" / "digit-classifier"
+CLASSIFIER_DIR = asset_path("digit-classifier")
 FEATURE_DIM = 128
 
 

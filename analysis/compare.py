@@ -3,9 +3,9 @@
 Three views of the damage quantization does:
 - per image: MSE and PSNR of each variant's image against the FP image of the same (label, seed);
 - per timestep, along the FP trajectory: every variant's transformer gets exactly the inputs the FP model saw
-  at each sampling step, and its noise prediction is compared with FP's (relative MSE). This isolates the
-  error each step adds, without the accumulation;
-- per timestep, along each variant's own trajectory: the drift of x_t from FP's x_t (relative MSE). This is
+  at each sampling step, and its noise prediction is compared with FP's (relative RMS error,
+  quant.measures). This isolates the error each step adds, without the accumulation;
+- per timestep, along each variant's own trajectory: the drift of x_t from FP's x_t (relative RMS). This is
   the accumulated error the final image shows.
 """
 from __future__ import annotations
@@ -16,10 +16,11 @@ from typing import Callable, Mapping
 
 import torch
 
-from analysis.metrics import per_timestep_error, relative_mse, transformer_outputs
+from analysis.metrics import per_timestep_error, transformer_outputs
 from analysis.models import ModelBundle
 from analysis.sampling import sample
 from analysis.speed import forward_profile
+from quant.measures import relative_rms
 
 FP_NAME = "FP"
 
@@ -35,8 +36,8 @@ class Comparison:
     guidance: float
     images: dict[str, torch.Tensor]
     image_errors: list[dict]  # {"variant", "index", "label", "seed", "mse", "psnr"} (variants only)
-    step_error: list[dict]  # {"variant", "step", "t", "rel_mse"} along the FP trajectory
-    drift: list[dict]  # {"variant", "step", "t", "rel_drift"} along each variant's own trajectory
+    step_error: list[dict]  # {"variant", "step", "t", "rel_rms"} along the FP trajectory
+    drift: list[dict]  # {"variant", "step", "t", "rel_rms_drift"} along each variant's own trajectory
     seconds: dict[str, float]
     label_agreement: dict[str, float] | None = None  # bundled digit model only
     speed: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> analysis.speed.forward_profile
@@ -48,13 +49,13 @@ class Comparison:
         for name in self.names:
             errs = [r for r in self.image_errors if r["variant"] == name]
             mse = sum(r["mse"] for r in errs) / len(errs) if errs else 0.0
-            steps = [r["rel_mse"] for r in self.step_error if r["variant"] == name]
-            drift = [r["rel_drift"] for r in self.drift if r["variant"] == name]
+            steps = [r["rel_rms"] for r in self.step_error if r["variant"] == name]
+            drift = [r["rel_rms_drift"] for r in self.drift if r["variant"] == name]
             rows.append({
                 "variant": name,
                 "mse_vs_fp": mse,
                 "psnr_vs_fp": psnr(mse),
-                "mean_step_rel_mse": sum(steps) / len(steps) if steps else 0.0,
+                "mean_step_rel_rms": sum(steps) / len(steps) if steps else 0.0,
                 "final_drift": drift[-1] if drift else 0.0,
                 "label_agreement": (self.label_agreement or {}).get(name),
                 "label_agreement_n": len(self.labels) if self.label_agreement else None,
@@ -140,7 +141,7 @@ def compare(fp: ModelBundle, variants: Mapping[str, object], labels: list[int], 
         errs += [{"variant": name, "index": i, "label": labels[i], "seed": seeds[i], "mse": m, "psnr": p}
                  for i, (m, p) in enumerate(zip(mse, ps))]
         step_rows += [{"variant": name, **r} for r in per_timestep_error(fp_out, b.transformer, calib)]
-        drift_rows += [{"variant": name, "step": i, "t": timesteps[i], "rel_drift": relative_mse(xv, xf)}
+        drift_rows += [{"variant": name, "step": i, "t": timesteps[i], "rel_rms_drift": relative_rms(xv, xf)}
                        for i, (xv, xf) in enumerate(zip(res.trajectory, fp_res.trajectory))]
         advance(f"Scored {name}")
     agreement = None
@@ -157,3 +158,31 @@ def grid_layout(classes: list[int], seeds_per_class: int, seed0: int = 0) -> tup
     """Labels and seeds for a grid with one row per seed and one column per class (seed-major order)."""
     seeds = list(range(seed0, seed0 + seeds_per_class))
     return [c for _ in seeds for c in classes], [s for s in seeds for _ in classes]
+
+
+def comparison_table(comparison: Comparison, scores: list[dict] | None = None) -> tuple[list[dict], dict]:
+    """The Compare page's table and label agreements from one comparison and its FID rows (evaluate.score_row).
+
+    Returns (rows, agreement): one row per model with PSNR as text, the per-step errors, one label agreement
+    with the N it is measured on (the FID samples when scored, a larger N, else the grid), and the FID columns
+    with intervals as text; agreement is {name: (value, N)} for captions."""
+    summary = comparison.summary()
+    agreement = {r["variant"]: (r["label_agreement"], r["label_agreement_n"]) for r in summary}
+    by_name = {s["variant"]: s for s in scores or []}
+    for name, s in by_name.items():
+        if s.get("label_agreement") is not None:
+            agreement[name] = (s["label_agreement"], s["num_samples"])
+    interval = lambda iv: None if not iv else f"[{iv[0]:.2f}, {iv[1]:.2f}]"  # noqa: E731
+    rows = []
+    for r in summary:
+        row = {k: v for k, v in r.items() if k not in ("label_agreement", "label_agreement_n")}
+        row["psnr_vs_fp"] = psnr_text(r["psnr_vs_fp"])
+        row["label_agreement"], row["label_agreement_N"] = agreement[r["variant"]]
+        s = by_name.get(r["variant"])
+        if s is not None:
+            row.update({k: v for k, v in s.items() if k not in ("variant", "label_agreement", "num_samples")})
+            row["fid_N"] = s["num_samples"]
+            row["fid_interval"], row["fid_vs_fp_interval"] = interval(s.get("fid_interval")), \
+                interval(s.get("fid_vs_fp_interval"))
+        rows.append(row)
+    return rows, agreement

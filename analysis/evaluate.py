@@ -28,6 +28,7 @@ from typing import Callable, Mapping
 import torch
 
 from analysis import metrics as M
+from analysis.calibration import CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, CalibrationSpec
 from analysis.distributed import is_main, sample_sharded
 from analysis.models import ModelBundle
 from analysis.sampling import sample
@@ -59,8 +60,14 @@ class EvalOptions:
     inception_weights: str | None = None
     batch_size: int | None = None
     cache_fp: bool = True
-    calib_samples: int | None = None  # None: the quantization pipeline's default
-    calib_seed: int = 1_000_000  # calibration images use other seeds than the evaluated ones
+    calib_samples: int | None = None  # None: the calibration default (analysis.calibration)
+    calib_seed: int = CALIBRATION_SEED  # calibration images use other seeds than the evaluated ones
+
+    def calibration(self, bundle: ModelBundle) -> CalibrationSpec:
+        """The calibration of a variant this evaluation quantizes: at the evaluated steps, guidance and
+        sampler (per-timestep (TPQ) parameters are keyed by the timesteps the sampler will visit)."""
+        return CalibrationSpec(seed=self.calib_seed, images=self.calib_samples or DEFAULT_CAL_SAMPLES,
+                               steps=self.steps, guidance=eval_guidance(bundle, self), scheduler=self.scheduler)
 
 
 @dataclasses.dataclass
@@ -230,6 +237,12 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
         vb = fp if v is None else (v if isinstance(v, ModelBundle) else v.bundle)
         is_fp = vb is fp
         config = _config_dict(v, is_fp)
+        recipe = getattr(v, "recipe", None)
+        if recipe is not None and recipe.calibration.overlaps(seeds):
+            m_warning = (f"the calibration seeds {recipe.calibration.seed}..{recipe.calibration.seed + recipe.calibration.images - 1} "
+                         "overlap the evaluated seeds: this variant is scored partly on its calibration images")
+        else:
+            m_warning = None
         timings = {"fp_sampling": round(fp_wall, 3), "fp_cached": fp_cached,
                    "shared_scoring": round(shared_scoring, 3)}
         t1 = time.perf_counter()
@@ -244,6 +257,8 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
         feats = fp_feats if is_fp else M.extract_features(images, extractor, inception_weights=opts.inception_weights,
                                                           device=fp.device)
         m = _score(images, feats, fp_images, fp_feats, reference, ref_feats, floor, is_fp, extractor, opts, score_kw)
+        if m_warning:
+            m["warning"] = "; ".join(w for w in (m.get("warning"), m_warning) if w)
         if fp.bundled and fp.conditional:
             from analysis.classifier import label_agreement
 
@@ -260,7 +275,8 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
             run_id = store.add(RunRecord(
                 model=fp.name, method=config.get("method", "fp"), label=name, config=config,
                 num_samples=len(images), seeds=seeds, labels=labels, metrics=m, timings=timings,
-                steps=opts.steps, guidance=guidance, scheduler=opts.scheduler, note=note),
+                steps=opts.steps, guidance=guidance, scheduler=opts.scheduler, note=note,
+                recipe=None if recipe is None else recipe.to_dict()),
                 files={"grid.png": _grid(images[:GRID_IMAGES], fp.num_classes),
                        "fp_grid.png": _grid(fp_images[:GRID_IMAGES], fp.num_classes)})
         results.append(EvalResult(name=name, config=config, metrics=m, timings=timings, run_id=run_id, images=images))
@@ -275,22 +291,16 @@ def evaluate(bundle: ModelBundle, config, options: EvalOptions | None = None, st
     from quant.api import QuantConfig
 
     config = config or QuantConfig(method="fp")
-    config.validate()
     opts = options or EvalOptions()
     check_options(bundle, opts)  # fail before the (slow) quantization
     t0 = time.perf_counter()
     if config.method == "fp":
         variants = {FP_NAME: None}
     else:
-        from analysis.quantize_pipeline import calibration_for, quantize_bundle
+        from analysis.quantize_pipeline import quantize_bundle
 
         if calibration is None:
-            # Calibrate at the evaluated steps and guidance: per-timestep (TPQ) parameters are keyed by the
-            # timesteps the sampler will visit.
-            kw = {} if opts.calib_samples is None else {"num_samples": opts.calib_samples}
-            calibration = calibration_for(bundle, steps=opts.steps, guidance=eval_guidance(bundle, opts),
-                                          seed=opts.calib_seed,
-                                          scheduler=opts.scheduler, **kw)
+            calibration = opts.calibration(bundle)
         q_progress = (lambda stage, frac: on_progress(f"Quantizing: {stage}", 0.3 * frac)) if on_progress else None
         variant = quantize_bundle(bundle, config, calibration=calibration, on_progress=q_progress)
         variant.report = dict(variant.report or {}, quantize_seconds=round(time.perf_counter() - t0, 3))

@@ -23,6 +23,8 @@ import torch
 from torch.utils.data import Dataset
 
 from analysis.images import to_uint8_rgb
+from quant.forward import forward_batches
+from quant.measures import relative_rms
 
 DIGITS_EXTRACTOR = "dqlab-digits"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
@@ -529,35 +531,23 @@ def _use_cuda(device) -> bool:
 # Per-timestep output error
 # ---------------------------------------------------------------------------------------------------------
 
-def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """||pred - target||^2 / ||target||^2 over the whole batch: scale-free, so timesteps compare."""
-    pred, target = pred.double(), target.double()
-    return float((pred - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30))
-
-
 @torch.no_grad()
 def transformer_outputs(transformer: torch.nn.Module, calibration, out_channels: int,
                         batch_size: int = 256) -> torch.Tensor:
     """The transformer's noise prediction (first `out_channels` channels; learned-sigma models also output a
     variance half) on every recorded input, on the CPU in float32."""
-    from quant.denoiser import denoise
-
-    device, dtype = next(transformer.parameters()).device, next(transformer.parameters()).dtype
-    outs = []
-    for x, t, y in calibration.batches(batch_size):
-        out = denoise(transformer, x.to(device, dtype), t.to(device), y.to(device))
-        outs.append(out[:, :out_channels].float().cpu())
-    return torch.cat(outs)
+    return forward_batches(transformer, calibration.batches(batch_size), keep_outputs=True)[:, :out_channels]
 
 
 def per_timestep_error(reference_outputs: torch.Tensor, transformer: torch.nn.Module, calibration,
                        batch_size: int = 256) -> list[dict]:
-    """Relative MSE of `transformer`'s noise prediction against `reference_outputs` (the FP model's on the
-    same inputs) at every sampling step recorded in `calibration`. Rows: {"step", "t", "rel_mse"}."""
+    """Relative RMS error (quant.measures.relative_rms) of `transformer`'s noise prediction against
+    `reference_outputs` (the FP model's on the same inputs) at every sampling step recorded in `calibration`.
+    Rows: {"step", "t", "rel_rms"}."""
     outputs = transformer_outputs(transformer, calibration, reference_outputs.shape[1], batch_size)
     rows = []
     for step in torch.unique(calibration.step).tolist():
         mask = calibration.step == step
         rows.append({"step": int(step), "t": int(calibration.t[mask][0]),
-                     "rel_mse": relative_mse(outputs[mask], reference_outputs[mask])})
+                     "rel_rms": relative_rms(outputs[mask], reference_outputs[mask])})
     return rows

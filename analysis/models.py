@@ -23,8 +23,10 @@ from pathlib import Path
 
 import torch
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-BUNDLED = {"bundled:dit-mnist": ASSETS / "dit-mnist", "bundled:unet-mnist": ASSETS / "unet-mnist"}
+from analysis.resources import asset_path
+
+ASSETS = asset_path()
+BUNDLED = {"bundled:dit-mnist": asset_path("dit-mnist"), "bundled:unet-mnist": asset_path("unet-mnist")}
 TRAINING_SCRIPTS = {"bundled:dit-mnist": "scripts/train_dit.py", "bundled:unet-mnist": "scripts/train_unet.py"}
 # Where each family's weights sit in a pipeline folder (DiTPipeline / DDPMPipeline layouts).
 SUBFOLDERS = {"dit": "transformer", "unet": "unet"}

@@ -1,8 +1,8 @@
 """Quantize a bundle end to end: calibration inputs from FP sampling, quantization, and a report.
 
-    cal = calibration_for(bundle)                               # FP sampling with fixed seeds and labels
-    variant = quantize_bundle(bundle, QuantConfig(method="ptq4dit", w_bits=4, a_bits=8), cal)
-    variant.report["rel_error"], variant.bundle                  # the bundle shares scheduler / VAE with the FP one
+    variant = quantize_bundle(bundle, QuantConfig(method="ptq4dit", w_bits=4, a_bits=8), CalibrationSpec())
+    variant.report["rel_rms"], variant.bundle                    # the bundle shares scheduler / VAE with the FP one
+    variant.recipe                                              # source + config + calibration: rebuilds it
 
 The FP bundle is never modified (the app's cached one is shared by every session).
 """
@@ -14,44 +14,33 @@ from typing import Callable
 
 import torch
 
+from analysis.calibration import (CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS,  # noqa: F401
+                                  CalibrationSpec, calibrate, calibration_for)
 from analysis.models import ModelBundle
-from analysis.sampling import CalibrationData, sample
-from quant.api import QuantConfig, calibration_batches, quantize_with_details
-from quant.denoiser import balance_plan, denoise
+from analysis.recipe import Recipe, recipe_of_run
+from analysis.sampling import CalibrationData
+from quant.api import QuantConfig, quantize_with_details
+from quant.forward import calibration_batches, forward
+from quant.denoiser import balance_plan
 from quant.io import fp_weight_bytes, weight_bytes
+from quant.measures import RelRmsByTimestep, rel_rms
 from quant.modules import quant_layers
 from quant.quantizers import is_off
 
-DEFAULT_CAL_SAMPLES = 10
-DEFAULT_CAL_STEPS = 50
+# Share of a quantize_bundle call's progress bar that calibration sampling takes when it samples.
+SAMPLING_SHARE = 0.6
 
 
 @dataclasses.dataclass
 class Variant:
-    """One quantized model: its bundle (new transformer, shared scheduler/VAE), config and measurements."""
+    """One quantized model: its bundle (new transformer, shared scheduler/VAE), config, measurements, and the
+    recipe that rebuilds it (None when it was calibrated on data no spec describes)."""
 
     name: str
     bundle: ModelBundle
     config: QuantConfig
     report: dict
-
-
-def calibration_for(bundle: ModelBundle, steps: int = DEFAULT_CAL_STEPS, num_samples: int = DEFAULT_CAL_SAMPLES,
-                    guidance: float | None = None, seed: int = 0, scheduler: str = "ddim",
-                    on_step: Callable[[int, int], None] | None = None) -> CalibrationData:
-    """The transformer inputs of an FP sampling run: labels cycle through the classes, seeds seed..seed+N-1.
-
-    Every step is recorded, so each calibration set covers all timesteps of the sampler (TPQ needs them).
-    guidance None: the bundle's evaluation guidance, so the calibrated ranges match the evaluated trajectories.
-    """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    labels = [i % bundle.num_classes for i in range(num_samples)] if bundle.conditional else None
-    seeds = [seed + i for i in range(num_samples)]
-    guidance = bundle.eval_guidance if guidance is None else guidance
-    result = sample(bundle, labels, seeds, steps=steps, guidance=guidance, scheduler=scheduler, decode=False,
-                    record="all", on_step=on_step)
-    return result.calibration
+    recipe: Recipe | None = None
 
 
 def _eps(out: torch.Tensor, latent_channels: int) -> torch.Tensor:
@@ -62,74 +51,66 @@ def _eps(out: torch.Tensor, latent_channels: int) -> torch.Tensor:
 def output_errors(fp_model: torch.nn.Module | None, q_model: torch.nn.Module, batches: list, latent_channels: int,
                   per_layer: bool = True, reference: torch.Tensor | None = None
                   ) -> tuple[float, dict[int, float], dict[str, float]]:
-    """Relative error of the noise prediction vs FP, ||eps_q - eps||/||eps||, over all batches and per timestep;
-    and each quantized layer's own relative error (its quantized output vs its FP output on the same input).
+    """Relative RMS error of the noise prediction vs FP, ||eps_q - eps|| / ||eps||, over all batches and per
+    timestep (quant.measures.RelRmsByTimestep); and each quantized layer's own relative RMS error (its
+    quantized output vs its FP output on the same input).
 
     reference: the FP outputs of the batches, concatenated (else fp_model is run on them)."""
     layers = quant_layers(q_model) if per_layer else {}
     for layer in layers.values():
         layer.error_stats = [0.0, 0.0]
-    num, den = 0.0, 0.0
-    per_t: dict[int, list[float]] = {}
+    acc = RelRmsByTimestep()
     try:
-        q_dev = next(q_model.parameters())
         offset = 0
         for x, t, y in batches:
             if reference is not None:
-                ref = _eps(reference[offset:offset + len(x)].float(), latent_channels)
+                ref = reference[offset:offset + len(x)].float()
                 offset += len(x)
             else:
-                fp_dev = next(fp_model.parameters())
-                ref = _eps(denoise(fp_model, x.to(fp_dev.device, fp_dev.dtype), t.to(fp_dev.device),
-                                   y.to(fp_dev.device)).float(), latent_channels)
-            out = _eps(denoise(q_model, x.to(q_dev.device, q_dev.dtype), t.to(q_dev.device),
-                               y.to(q_dev.device)).float(), latent_channels).to(ref.device)
-            e = (out - ref).pow(2).flatten(1).sum(1).cpu()
-            r = ref.pow(2).flatten(1).sum(1).cpu()
-            num, den = num + float(e.sum()), den + float(r.sum())
-            for ti, ei, ri in zip(t.tolist(), e.tolist(), r.tolist()):
-                acc = per_t.setdefault(int(ti), [0.0, 0.0])
-                acc[0] += ei
-                acc[1] += ri
-        layer_err = {n: (s[0] / s[1]) ** 0.5 if s[1] > 0 else 0.0 for n, l in layers.items() for s in [l.error_stats]}
+                ref = forward(fp_model, x, t, y).float()
+            out = forward(q_model, x, t, y).float()
+            acc.add(_eps(out, latent_channels), _eps(ref, latent_channels), t)
+        layer_err = {n: rel_rms(*layer.error_stats) for n, layer in layers.items()}
     finally:
         for layer in layers.values():
             layer.error_stats = None
-    rel = (num / den) ** 0.5 if den > 0 else 0.0
-    per_t_err = {t: (a / b) ** 0.5 if b > 0 else 0.0 for t, (a, b) in sorted(per_t.items(), reverse=True)}
-    return rel, per_t_err, layer_err
+    return acc.total(), acc.per_timestep(), layer_err
 
 
 def _lists(d: dict) -> dict:
     return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
 
 
-def quantize_bundle(bundle: ModelBundle, config: QuantConfig, calibration: CalibrationData | None = None,
+def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
+                    calibration: CalibrationData | CalibrationSpec | None = None,
                     on_progress: Callable[[str, float], None] | None = None, batch_size: int = 64,
                     on_recon: Callable[[int, int, int, float], None] | None = None) -> Variant:
     """Quantize `bundle`'s transformer into a new Variant and measure it on the calibration inputs.
 
+    calibration: a CalibrationSpec (sampled here, and timed), CalibrationData already sampled (by calibrate,
+    which records its spec), or None for the default spec (seeds from CALIBRATION_SEED).
     on_progress(stage, fraction) is called at each stage (calibration sampling, quantizing, block-wise
     optimization, measuring); on_recon(unit index, number of units, iteration, loss) during the block-wise
     optimization (config.recon), for live loss curves.
     report: method, w_bits, a_bits, attn_bits, tpq, label, seconds (quantize + activation calibration, wall
     clock; cpu_seconds: the process's CPU time for the same, which a busy machine does not inflate),
-    calibration_seconds (FP sampling, when done here), layers_quantized, weight_bytes (stored at the
-    bit-width), fp_weight_bytes, rel_error, rel_error_per_timestep, layer_error, and per balanced group:
-    vectors (b), salience (per-channel maxima before / after), ssc (rho, eta per timestep); balance (which
-    layers took a folded scale, which did not and why: quant.denoiser.balance_plan); recon (the
-    block-wise optimization's quant.recon.ReconReport as a dict, or None).
+    calibration_seconds (FP sampling, when done here), total_seconds (the two), calibration (the spec),
+    layers_quantized, weight_bytes (stored at the bit-width), fp_weight_bytes, rel_rms and
+    rel_rms_per_timestep (relative RMS error of the noise prediction vs FP), layer_error (each layer's
+    relative RMS error on its own input), and per balanced group: vectors (b), salience (per-channel maxima
+    before / after), ssc (rho, eta per timestep); balance (which layers took a folded scale, which did
+    not and why: quant.denoiser.balance_plan); recon (quant.recon.ReconReport as a dict, or None).
     """
-    config.validate()
     progress = on_progress or (lambda stage, frac: None)
     cal_seconds = 0.0
-    if calibration is None:
+    if calibration is None or isinstance(calibration, CalibrationSpec):
         progress("sampling calibration inputs", 0.0)
         start = time.perf_counter()
-        calibration = calibration_for(bundle, on_step=lambda d, n: progress("sampling calibration inputs",
-                                                                             0.6 * d / n))
+        calibration = calibrate(bundle, calibration, on_step=lambda d, n: progress(
+            "sampling calibration inputs", SAMPLING_SHARE * d / n))
         cal_seconds = time.perf_counter() - start
-    progress("quantizing", 0.6)
+    spec = getattr(calibration, "spec", None)
+    progress("quantizing", SAMPLING_SHARE)
     start = time.perf_counter()
     cpu_start = time.process_time()
     iters = config.recon_iters
@@ -153,10 +134,12 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig, calibration: Calib
         "method": config.method, "w_bits": config.w_bits, "a_bits": config.a_bits, "attn_bits": config.attn_bits,
         "tpq": config.use_tpq if config.method != "fp" else False, "label": config.label,
         "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3), "calibration_seconds": round(cal_seconds, 3),
+        "total_seconds": round(seconds + cal_seconds, 3),
+        "calibration": spec.to_dict() if spec is not None else None,
         "calibration_rows": len(calibration) if hasattr(calibration, "__len__") else None,
         "layers_quantized": n_quant, "weight_bytes": weight_bytes(result.model),
         "fp_weight_bytes": fp_weight_bytes(bundle.transformer),
-        "rel_error": rel, "rel_error_per_timestep": per_t, "layer_error": layer_err,
+        "rel_rms": rel, "rel_rms_per_timestep": per_t, "layer_error": layer_err,
         "vectors": {g: b.tolist() for g, b in result.vectors.items()},
         "salience": {g: _lists(s) for g, s in result.salience.items()},
         "ssc": {g: _lists(e) for g, e in result.extras.items() if "eta" in e},
@@ -166,7 +149,28 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig, calibration: Calib
     progress("done", 1.0)
     name = config.label
     qbundle = bundle.with_transformer(result.model, name=f"{bundle.name} [{name}]", quant_config=config.to_dict())
-    return Variant(name=name, bundle=qbundle, config=config, report=report)
+    recipe = None if spec is None else Recipe(source=bundle.name, config=config, calibration=spec,
+                                              batch_size=batch_size)
+    return Variant(name=name, bundle=qbundle, config=config, report=report, recipe=recipe)
+
+
+def build(recipe: Recipe, bundle: ModelBundle | None = None,
+          on_progress: Callable[[str, float], None] | None = None) -> Variant:
+    """The recipe's quantized Variant. bundle: the FP bundle of recipe.source when it is already loaded."""
+    from analysis.models import load
+
+    if bundle is None:
+        bundle = load(recipe.source)
+    elif bundle.name != recipe.source:
+        raise ValueError(f"the recipe quantizes {recipe.source}, but the model given is {bundle.name}")
+    return quantize_bundle(bundle, recipe.config, recipe.calibration, on_progress=on_progress,
+                           batch_size=recipe.batch_size)
+
+
+def rebuild(run, bundle: ModelBundle | None = None,
+            on_progress: Callable[[str, float], None] | None = None) -> Variant:
+    """The quantized Variant a stored run (analysis.store.Run) scored, made again from its recipe."""
+    return build(recipe_of_run(run), bundle, on_progress)
 
 
 def unmatched_excludes(model: torch.nn.Module, patterns) -> list[str]:
@@ -189,7 +193,8 @@ def saved_zip(variant: Variant, base_source: str | None = None) -> bytes:
 
     buf = io.BytesIO()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_quantized(variant.bundle, variant.config, Path(tmp) / "model", base_source=base_source)
+        folder = save_quantized(variant.bundle, variant.config, Path(tmp) / "model", base_source=base_source,
+                                recipe=variant.recipe)
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
             for path in sorted(folder.rglob("*")):
                 if path.is_file():

@@ -10,8 +10,8 @@ A channel that is salient in X but not in W (or the reverse) can be balanced by 
 is what PTQ4DiT's CSB and SmoothQuant exploit, and why the timestep matters: s(X) moves as denoising goes on.
 
 `collect(bundle, SalienceConfig(...))` runs ONE sampling pass (analysis.sampling.sample) with forward hooks
-(quant.observers.InputObserver) on every layer the quantizer covers (nn.Linear and nn.Conv2d), and optionally on the attention
-operands q, k, v and the softmax output. The hooks reduce on the model's device; results move to the CPU
+(quant.observers.InputObserver) on every layer the quantizer covers (nn.Linear and nn.Conv2d), and
+optionally on the attention operands q, k, v and the softmax output. The hooks reduce on the model's device; results move to the CPU
 once, after the pass. The guidance batch's halves stay apart: rows are ordered [conditional samples;
 unconditional samples], each with its label (the null label marks the unconditional half). A module that
 runs twice in one forward (block 0's embedding, called again by the final layer) gets a second key "name@2".
@@ -34,6 +34,9 @@ import torch
 
 from analysis.channel_error import activation_quant_mse_bits, weight_quant_mse
 from analysis.models import ModelBundle
+from quant.forward import forward_batches
+from quant.measures import weight_salience
+from quant.observers import LayerInputHooks
 
 FORMAT = "dqlab-salience"
 FORMAT_VERSION = 1
@@ -473,8 +476,6 @@ def collect(bundle: ModelBundle, config: SalienceConfig | None = None,
 
 
 def _weight_salience(linear: torch.nn.Module) -> np.ndarray:
-    from quant.observers import weight_salience
-
     return weight_salience(linear.weight).float().cpu().numpy()
 
 
@@ -537,44 +538,24 @@ def add_quant_error(stats: SalienceStats, model: torch.nn.Module, calibration, b
     model's device until the last timestep (no host copy per hook), and layers fed the very same tensor
     (to_q, to_k, to_v) share one computation.
     """
-    from quant.denoiser import denoise
-
     if calibration is None:
         raise ValueError("no recorded transformer inputs: collect with mse_bits set to get activation errors")
     bits = tuple(int(b) for b in bits)
     modules = dict(model.named_modules())
     keys = [k for k in stats.layers if k in stats.weight_absmax]
     stats.weight_mse = {k: np.stack([weight_quant_mse(modules[base_name(k)].weight, b) for b in bits]) for k in keys}
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     errors: dict[str, list[torch.Tensor]] = {k: [] for k in keys}  # key -> one [len(bits), C] per timestep
-    calls: dict[str, int] = {}
-    last: list = [None, -1, None]  # (input tensor, its version, its errors) of the latest hooked call
-
-    def make_hook(name: str):
-        def hook(module, args):
-            calls[name] = calls.get(name, 0) + 1
-            key = name if calls[name] == 1 else f"{name}@{calls[name]}"
-            if key in errors:
-                x = args[0]
-                if not (last[0] is x and last[1] == x._version):
-                    # a conv's channels are on dim 1: move them last, where the per-channel error is taken
-                    chan_last = x.movedim(1, -1) if isinstance(module, torch.nn.Conv2d) else x
-                    last[:] = [x, x._version, activation_quant_mse_bits(chan_last, bits)]
-                errors[key].append(last[2])
-        return hook
-
     names = sorted({base_name(k) for k in keys})
-    handles = [modules[n].register_forward_pre_hook(make_hook(n)) for n in names]
-    try:
-        for t in stats.timesteps.tolist():
-            mask = calibration.t == t
-            calls.clear()
-            last[:] = [None, -1, None]
-            denoise(model, calibration.x[mask].to(device, dtype), calibration.t[mask].to(device),
-                    calibration.y[mask].to(device))
-    finally:
-        for h in handles:
-            h.remove()
+
+    def on_input(key: str, x: torch.Tensor) -> None:
+        if key in errors:  # layers fed the very same tensor (to_q, to_k, to_v) share one computation
+            errors[key].append(hooks.cached(x, lambda v: activation_quant_mse_bits(v, bits)))
+
+    # one forward per timestep, so each call's error lands in that timestep's row
+    per_step = [(calibration.x[m], calibration.t[m], calibration.y[m])
+                for m in (calibration.t == t for t in stats.timesteps.tolist())]
+    with LayerInputHooks(model, {n: modules[n] for n in names}, on_input) as hooks:
+        forward_batches(model, per_step)
     T = len(stats.timesteps)
     for key, per_step in errors.items():
         if len(per_step) != T:
@@ -583,3 +564,47 @@ def add_quant_error(stats: SalienceStats, model: torch.nn.Module, calibration, b
     stats.derived.clear()
     stats.mse_bits = bits
     return stats
+
+
+def collect_timed(bundle: ModelBundle, config: SalienceConfig, repeats: int = 1, baseline: bool = True,
+                  say: Callable[[str], None] | None = None) -> tuple[SalienceStats, dict]:
+    """collect(), timed against plain sampling with identical settings in the same run: a one-step warm-up,
+    then `repeats` pairs of a plain pass (when `baseline`) and a collecting pass.
+
+    Returns (stats of the last collecting pass, timing): seconds (fastest collecting pass), plain_seconds and
+    collect_seconds (every pass), their process CPU times, overhead_vs_sampling (fastest over fastest, which
+    discounts bursts of load from other processes), cpu_overhead_vs_sampling (the same in CPU time, which a
+    busy machine moves far less) and overhead_paired_median (median over repeats of collecting / the plain
+    pass just before it). Ratios are None without the baseline. The ratios are also put into stats.info."""
+    from analysis.sampling import sample
+
+    say = say or (lambda text: None)
+    labels, seeds = config.sample_labels(bundle.num_classes), config.seeds()
+    # Warm-up: the first forward pays one-off allocation costs that would otherwise bias the first timed pass.
+    sample(bundle, labels and labels[:1], seeds[:1], steps=1, guidance=config.guidance, scheduler=config.scheduler, decode=False)
+    plain, collecting, plain_cpu, collecting_cpu, stats = [], [], [], [], None
+    for r in range(repeats):
+        if baseline:
+            say(f"plain sampling pass {r + 1}/{repeats} ...")
+            t0, c0 = time.perf_counter(), time.process_time()
+            sample(bundle, labels, seeds, steps=config.steps, guidance=config.guidance, scheduler=config.scheduler,
+                   batch_size=config.batch_size, decode=False)
+            plain.append(time.perf_counter() - t0)
+            plain_cpu.append(time.process_time() - c0)
+        say(f"collecting pass {r + 1}/{repeats} ...")
+        stats = collect(bundle, config)
+        collecting.append(stats.info["seconds"])
+        collecting_cpu.append(stats.info["cpu_seconds"])
+    seconds = min(collecting)
+    timing = {
+        "seconds": seconds, "plain_seconds": plain, "collect_seconds": collecting,
+        "plain_cpu_seconds": plain_cpu, "collect_cpu_seconds": collecting_cpu,
+        "overhead_vs_sampling": round(seconds / min(plain), 3) if plain else None,
+        "cpu_overhead_vs_sampling": round(min(collecting_cpu) / min(plain_cpu), 3) if plain_cpu else None,
+        "overhead_paired_median": (round(float(np.median([c / p for c, p in zip(collecting, plain)])), 3)
+                                   if plain else None),
+    }
+    stats.info.update(overhead_vs_sampling=timing["overhead_vs_sampling"],
+                      cpu_overhead_vs_sampling=timing["cpu_overhead_vs_sampling"], plain_seconds=plain,
+                      collect_seconds=collecting)
+    return stats, timing

@@ -15,53 +15,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from analysis.salience import SalienceStats, layer_block, layer_kind
+from analysis.salience import SalienceStats, base_name, layer_block, layer_kind
+from quant import measures
 
 _TINY = 1e-12
 
 
 # ---- rank correlation ---------------------------------------------------------------------------------
 def rankdata(a: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Ranks 1..n along `axis`, ties get the average of their ranks (as scipy.stats.rankdata 'average').
-
-    One sort per slice, in the input's own float precision (float32 salience sorts ~1.5x faster than
-    float64); slices without ties, the usual case for float salience, skip the tie averaging.
-    """
+    """Ranks 1..n along `axis`, ties averaged (scipy's 'average'): quant.measures.rankdata on numpy arrays."""
     a = np.moveaxis(np.asarray(a), axis, -1)
-    if not np.issubdtype(a.dtype, np.floating):
-        a = a.astype(np.float64)
-    n = a.shape[-1]
-    order = np.argsort(a, axis=-1)  # the order inside a tie group does not matter: the group is averaged
-    s = np.take_along_axis(a, order, axis=-1)
-    new = np.ones(s.shape, dtype=bool)  # a tie group starts where the sorted value changes
-    np.not_equal(s[..., 1:], s[..., :-1], out=new[..., 1:])
-    pos = np.broadcast_to(np.arange(1, n + 1, dtype=np.float64), s.shape)
-    if new.all():
-        avg_sorted = pos
-    else:
-        # Average rank of a group = (first position + last position) / 2, found by running max / min.
-        end = np.ones(s.shape, dtype=bool)
-        end[..., :-1] = new[..., 1:]
-        first = np.maximum.accumulate(np.where(new, pos, 0.0), axis=-1)
-        last = np.flip(np.minimum.accumulate(np.flip(np.where(end, pos, np.inf), -1), axis=-1), -1)
-        avg_sorted = (first + last) / 2
-    ranks = np.empty(s.shape, dtype=np.float64)
-    np.put_along_axis(ranks, order, avg_sorted, axis=-1)
-    return np.moveaxis(ranks, -1, axis)
+    return np.moveaxis(measures.rankdata(torch.from_numpy(np.ascontiguousarray(a))).numpy(), -1, axis)
 
 
 def spearman(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Spearman's rho along `axis` for every slice at once (a and b broadcast); NaN where a side is constant."""
-    # Rank each side at its own shape, then broadcast: a weight salience [C] against activations [T, C] is
-    # ranked once, not once per timestep.
-    ra, rb = rankdata(a, axis), rankdata(b, axis)
-    ra = ra - ra.mean(axis=axis, keepdims=True)
-    rb = rb - rb.mean(axis=axis, keepdims=True)
-    ra, rb = np.broadcast_arrays(ra, rb)
-    num = (ra * rb).sum(axis=axis)
-    den = np.sqrt((ra * ra).sum(axis=axis) * (rb * rb).sum(axis=axis))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+    """Spearman's rho along `axis` for every slice at once (a and b broadcast); NaN where a side is constant.
+    quant.measures.spearman (the one definition, also used by PTQ4DiT's SSC) on numpy arrays."""
+    a, b = (torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(v), axis, -1))) for v in (a, b))
+    return measures.spearman(a, b).numpy()
 
 
 def spearman_by_timestep(stats: SalienceStats, layers: list[str] | None = None, per_sample: bool = False,
@@ -130,8 +101,8 @@ def temporal_variability(stats: SalienceStats, layer: str, rows: str = "all"):
 
 # ---- per-layer difficulty -----------------------------------------------------------------------------
 def outlier_ratio(s: np.ndarray, axis: int = -1) -> np.ndarray:
-    """max / median along `axis`: how far the most salient channel stands above a typical one."""
-    return s.max(axis=axis) / np.maximum(np.median(s, axis=axis), _TINY)
+    """max / median along `axis` (quant.measures.outlier_ratio): how far the top channel stands above a typical one."""
+    return measures.outlier_ratio(torch.from_numpy(np.asarray(s)), dim=axis).numpy()
 
 
 def layer_difficulty(stats: SalienceStats, sort_by: str = "act_outlier_ratio"):
@@ -192,3 +163,17 @@ def profile_by_kind(stats: SalienceStats):
                                 temporal_ratio_max=("act_temporal_ratio", "max"),
                                 rho_mean=("rho_mean", "mean"))
     return agg.reset_index()
+
+
+def hardest_layers(stats: SalienceStats, n: int = 5) -> list[dict]:
+    """The n layers with the largest activation max/median, as {layer, kind, act_outlier_ratio,
+    weight_outlier_ratio (None without weights)}. A module's second call in a forward ("name@2", block 0's
+    embedding in diffusers' DiT) repeats its first call's statistics; it is left out when identical, so two
+    places are not spent on one layer."""
+    difficulty = layer_difficulty(stats)
+    repeats_first = [k for k in difficulty["layer"] if base_name(k) != k and base_name(k) in stats.act_absmax
+                     and np.array_equal(stats.act_absmax[k], stats.act_absmax[base_name(k)])]
+    return [{"layer": r.layer, "kind": r.kind, "act_outlier_ratio": round(r.act_outlier_ratio, 3),
+             "weight_outlier_ratio": None if r.weight_outlier_ratio != r.weight_outlier_ratio
+             else round(r.weight_outlier_ratio, 3)}
+            for r in difficulty[~difficulty["layer"].isin(repeats_first)].head(n).itertuples()]

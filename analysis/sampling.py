@@ -31,6 +31,7 @@ class CalibrationData:
     t: torch.Tensor  # [M] integer timesteps
     y: torch.Tensor  # [M] class labels (null label = num_classes for the unconditional half; -1: no class)
     step: torch.Tensor  # [M] index of the sampling step (0 = first, noisiest)
+    spec: object = None  # the analysis.calibration.CalibrationSpec that made it, when calibrate() did
 
     def __len__(self) -> int:
         return self.x.shape[0]

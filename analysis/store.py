@@ -27,7 +27,7 @@ from typing import Callable
 
 DATA_ENV = "DQLAB_HOME"
 DB_NAME = "runs.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the recipe column (source + QuantConfig + calibration spec)
 ORPHAN_MIN_AGE_S = 3600.0  # a folder without a row may belong to a job still committing: sweep only old ones
 
 _SCHEMA = """
@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS runs (
     timings TEXT NOT NULL,
     versions TEXT NOT NULL,
     files TEXT NOT NULL,
-    note TEXT
+    note TEXT,
+    recipe TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_model_method ON runs (model, method);
 """
@@ -102,6 +103,7 @@ class RunRecord:
     scheduler: str | None = None
     label: str | None = None
     note: str | None = None
+    recipe: dict | None = None  # analysis.recipe.Recipe.to_dict(): what rebuilds the scored model
 
 
 @dataclasses.dataclass
@@ -132,6 +134,7 @@ class Run:
     versions: dict
     files: dict[str, Path]  # name -> absolute path
     note: str | None
+    recipe: dict | None = None  # None for FP runs and runs stored before recipes were
 
     def summary(self) -> dict:
         """One flat row for tables and `dqlab runs` (seeds and labels summarised, not listed)."""
@@ -166,6 +169,9 @@ class Store:
         self.db_path = self.data_dir / DB_NAME
         with self._connect() as conn:
             conn.executescript(_SCHEMA)
+            columns = {r["name"] for r in conn.execute("PRAGMA table_info(runs)")}
+            if "recipe" not in columns:  # a store made by schema 1: its runs keep recipe NULL
+                conn.execute("ALTER TABLE runs ADD COLUMN recipe TEXT")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.close()
 
@@ -206,6 +212,7 @@ class Store:
             "label_agreement": m.get("label_agreement"),
             "metrics": json.dumps(m, default=_json_default), "timings": json.dumps(record.timings or {}),
             "versions": json.dumps(versions()), "files": json.dumps(sorted(written)), "note": record.note,
+            "recipe": None if record.recipe is None else json.dumps(record.recipe, sort_keys=True),
         }
         conn = self._connect()
         try:
@@ -338,7 +345,8 @@ class Store:
                    feature_extractor=row["feature_extractor"], fid=row["fid"], fid_vs_fp=row["fid_vs_fp"],
                    label_agreement=row["label_agreement"], metrics=json.loads(row["metrics"]),
                    timings=json.loads(row["timings"]), versions=json.loads(row["versions"]),
-                   files={n: folder / n for n in json.loads(row["files"])}, note=row["note"])
+                   files={n: folder / n for n in json.loads(row["files"])}, note=row["note"],
+                   recipe=json.loads(row["recipe"]) if row["recipe"] else None)
 
 
 def _png_bytes(image) -> bytes:

@@ -15,7 +15,7 @@ Rows per bit-width (each one QuantConfig; "+" switches on):
     TPQ+BKD                    DilateQuant's "BKD without WD"
     WD+TPQ+BKD                 DilateQuant as published
 Each row reports FID vs FP (same labels and seeds as the FP images; with its bootstrap interval), FID vs real,
-label agreement, rel_error (noise prediction vs FP on the calibration inputs), the quantization time (with the
+label agreement, rel_rms (noise prediction vs FP on the calibration inputs), the quantization time (with the
 block-wise optimization's share and its mean time per transformer block) and the peak memory of the
 quantization (CUDA: peak allocated; CPU: peak resident memory above the level before, sampled every 10 ms).
 """
@@ -24,24 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from analysis.cli.quantize import CALIB_SEED  # noqa: E402
-from analysis.evaluate import EvalOptions, eval_guidance, evaluate_variants  # noqa: E402
-from analysis.models import load  # noqa: E402
-from analysis.quantize_pipeline import calibration_for, quantize_bundle  # noqa: E402
-from quant.api import QuantConfig  # noqa: E402
+from analysis.calibration import CALIBRATION_SEED, calibration_for
+from analysis.evaluate import EvalOptions, eval_guidance, evaluate_variants
+from analysis.models import load
+from analysis.quantize_pipeline import quantize_bundle
+from quant.api import QuantConfig
 
 ROWS = {
     "baseline": dict(method="baseline"),
-    "CSB": dict(method="ptq4dit", ssc=False),
+    "CSB": dict(method="ptq4dit", options={"ssc": False}),
     "CSB+SSC": dict(method="ptq4dit"),
     "TPQ": dict(method="baseline", tpq=True),
     "WD": dict(method="dilatequant", tpq=False),
@@ -116,7 +112,7 @@ def main() -> None:
     opts = EvalOptions(num_samples=args.num_samples, steps=args.steps, cache_fp=False)
     start = time.perf_counter()
     cal = calibration_for(bundle, steps=args.steps, num_samples=args.calib_samples,
-                          guidance=eval_guidance(bundle, opts), seed=CALIB_SEED)
+                          guidance=eval_guidance(bundle, opts), seed=CALIBRATION_SEED)
     cal_seconds = time.perf_counter() - start
     recon = dict(recon_iters=args.recon_iters, recon_rows=args.recon_rows, recon_batch=args.recon_batch)
     variants, measured = {}, {}
@@ -124,7 +120,7 @@ def main() -> None:
         w, a = _bits(bits)
         for row in rows:
             fields = dict(ROWS[row], w_bits=w, a_bits=a)
-            config = QuantConfig(**fields, **(recon if fields.get("recon") else {})).validate()
+            config = QuantConfig(**fields, **(recon if fields.get("recon") else {}))
             name = f"W{w}A{a} {row}"
             with PeakMemory(bundle.device) as mem:
                 t0 = time.perf_counter()
@@ -134,15 +130,15 @@ def main() -> None:
             blocks = [u["seconds"] for u in (r["recon"] or {}).get("units", [])
                       if u["name"].startswith("transformer_blocks.") and "emb" not in u["name"]]
             measured[name] = {"row": row, "bits": f"W{w}A{a}", "label": config.label, "config": config.to_dict(),
-                              "rel_error": r["rel_error"],
-                              "rel_error_per_timestep": r["rel_error_per_timestep"], "quantize_seconds": round(seconds, 3),
+                              "rel_rms": r["rel_rms"],
+                              "rel_rms_per_timestep": r["rel_rms_per_timestep"], "quantize_seconds": round(seconds, 3),
                               "recon_seconds": (r["recon"] or {}).get("seconds"),
                               "seconds_per_block": round(sum(blocks) / len(blocks), 3) if blocks else None,
                               "peak_memory_bytes": mem.peak,
                               "recon_cached_bytes": (r["recon"] or {}).get("peak_cached_bytes")}
             variants[name] = variant
             if not args.json:
-                print(f"{name:<24} rel_error {r['rel_error']:.4f}  quantize {seconds:7.1f} s  "
+                print(f"{name:<24} rel_rms {r['rel_rms']:.4f}  quantize {seconds:7.1f} s  "
                       f"peak {mem.peak / 2 ** 20:7.1f} MiB", flush=True)
     results = evaluate_variants(bundle, variants, opts)
     for res in results:
@@ -160,11 +156,11 @@ def main() -> None:
         return
     print(f"\nN = {args.num_samples}, {args.steps} steps, guidance {out['guidance']:g}, "
           f"recon {args.recon_iters} iterations x batch {args.recon_batch} on {args.recon_rows} rows")
-    print(f"{'variant':<24} {'FID vs FP':>10} {'95% interval':>18} {'rel_error':>10} {'time s':>8} {'s/block':>8}"
+    print(f"{'variant':<24} {'FID vs FP':>10} {'95% interval':>18} {'rel_rms':>10} {'time s':>8} {'s/block':>8}"
           f" {'peak MiB':>9}")
     for name, m in measured.items():
         iv = m.get("fid_vs_fp_interval") or [float("nan")] * 2
-        print(f"{name:<24} {m['fid_vs_fp']:>10.2f} {f'[{iv[0]:.1f}, {iv[1]:.1f}]':>18} {m['rel_error']:>10.4f} "
+        print(f"{name:<24} {m['fid_vs_fp']:>10.2f} {f'[{iv[0]:.1f}, {iv[1]:.1f}]':>18} {m['rel_rms']:>10.4f} "
               f"{m['quantize_seconds']:>8.1f} {m['seconds_per_block'] or 0:>8.2f} "
               f"{m['peak_memory_bytes'] / 2 ** 20:>9.1f}")
 

@@ -7,11 +7,8 @@
 The same as `dqlab bench` (see analysis/speed.py for what is measured and how).
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from analysis.cli import main  # noqa: E402
+from analysis.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

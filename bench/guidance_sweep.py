@@ -13,13 +13,10 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from analysis.evaluate import EvalOptions, evaluate  # noqa: E402
-from analysis.models import load  # noqa: E402
-from analysis.store import Store  # noqa: E402
+from analysis.evaluate import EvalOptions, evaluate
+from analysis.models import load
+from analysis.store import Store
 
 
 def main() -> None:

@@ -5,22 +5,18 @@ per-layer errors of the pairs the methods' papers order (PTQ4DiT vs baseline, Di
 
 Each row equals `dqlab quantize --method M --w-bits W --a-bits A [--tpq] --json` (same calibration seeds,
 samples and steps), which samples the calibration set again per call; this script samples it once.
-rel_error = ||eps_q - eps_fp|| / ||eps_fp|| over every calibration input; a layer's error is its quantized
+rel_rms = ||eps_q - eps_fp|| / ||eps_fp|| over every calibration input; a layer's error is its quantized
 output vs its FP output on the same input (the inputs already carry the upstream quantization error).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from analysis.cli.quantize import CALIB_SEED  # noqa: E402
-from analysis.models import load  # noqa: E402
-from analysis.quantize_pipeline import calibration_for, quantize_bundle  # noqa: E402
-from quant.api import QuantConfig  # noqa: E402
+from analysis.calibration import CALIBRATION_SEED, calibration_for
+from analysis.models import load
+from analysis.quantize_pipeline import quantize_bundle
+from quant.api import QuantConfig
 
 CONFIGS = [
     ("baseline", 8, 8, None), ("smoothquant", 8, 8, None), ("ptq4dit", 8, 8, None),
@@ -43,30 +39,30 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     bundle = load(args.model, device="cpu")
-    cal = calibration_for(bundle, steps=args.calib_steps, num_samples=args.calib_samples, seed=CALIB_SEED)
+    cal = calibration_for(bundle, steps=args.calib_steps, num_samples=args.calib_samples, seed=CALIBRATION_SEED)
     reports = {}
     for method, w, a, tpq in CONFIGS:
         v = quantize_bundle(bundle, QuantConfig(method=method, w_bits=w, a_bits=a, tpq=tpq), cal)
         reports[v.name] = v.report
         if not args.json:
-            print(f"{v.name:<26} rel_error {v.report['rel_error']:.5f}   ({v.report['seconds']:.1f} s, "
+            print(f"{v.name:<26} rel_rms {v.report['rel_rms']:.5f}   ({v.report['seconds']:.1f} s, "
                   f"{v.report['cpu_seconds']:.1f} s CPU)", flush=True)
     claims = []
     for text, better, worse, strict in CLAIMS:
-        rb, rw = reports[better]["rel_error"], reports[worse]["rel_error"]
+        rb, rw = reports[better]["rel_rms"], reports[worse]["rel_rms"]
         holds = rb < rw if strict else rb <= rw
         layers = {n: (reports[better]["layer_error"][n], reports[worse]["layer_error"][n])
                   for n in reports[better]["layer_error"] if n.endswith(BALANCED)}
-        claims.append({"claim": text, "better": better, "worse": worse, "rel_error": [rb, rw], "holds": holds,
+        claims.append({"claim": text, "better": better, "worse": worse, "rel_rms": [rb, rw], "holds": holds,
                        "balanced_layers_better": sum(b < w_ for b, w_ in layers.values()),
                        "balanced_layers": len(layers), "layer_error": layers})
     if args.json:
         print(json.dumps({"calibration_rows": len(cal), "reports": {k: {kk: r[kk] for kk in (
-            "rel_error", "rel_error_per_timestep", "layer_error", "seconds", "cpu_seconds")}
+            "rel_rms", "rel_rms_per_timestep", "layer_error", "seconds", "cpu_seconds")}
             for k, r in reports.items()}, "claims": claims}, indent=2))
         return
     for c in claims:
-        rb, rw = c["rel_error"]
+        rb, rw = c["rel_rms"]
         print(f"\n{c['claim']}: {rb:.5f} vs {rw:.5f} -> {'holds' if c['holds'] else 'DOES NOT HOLD'}; balanced "
               f"layers with lower own error: {c['balanced_layers_better']}/{c['balanced_layers']}")
         print(f"  {'layer':<40} {c['better']:>22} {c['worse']:>22}")

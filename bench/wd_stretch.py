@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from analysis.models import load  # noqa: E402
-from quant.denoiser import balance_groups, balance_plan  # noqa: E402
-from quant.methods.dilatequant import dilation_vector  # noqa: E402
-from quant.reparam import group_weight  # noqa: E402
-from quant.wrap import covered_layers  # noqa: E402
+from analysis.models import load
+from quant.denoiser import balance_groups, balance_plan
+from quant.methods.dilatequant import dilation_vector
+from quant.reparam import group_weight
+from quant.wrap import covered_layers
 
 
 def layer_dilation(weight: torch.Tensor) -> torch.Tensor:

@@ -39,16 +39,15 @@ def store():
 
 
 def _quantized_from_run(bundle, run):
-    """A stored run's configuration re-applied to the current FP model (kept for this session)."""
-    from analysis.quantize_pipeline import quantize_bundle
-    from quant.api import QuantConfig
+    """A stored run's model rebuilt from its recipe (config + calibration) on the current FP model, kept for
+    this session: the model whose scores the run shows."""
+    from analysis.quantize_pipeline import rebuild
 
     cache = st.session_state.setdefault("reloaded_variants", {})
     key = (bundle.name, run.id)
     if key not in cache:
-        config = QuantConfig.from_dict(run.config)
-        with st.spinner(f"Quantizing {RUN_PREFIX}{run.id} ({run.label}) again ..."):
-            cache[key] = quantize_bundle(bundle, config)
+        with st.spinner(f"Rebuilding {RUN_PREFIX}{run.id} ({run.label}) from its recipe ..."):
+            cache[key] = rebuild(run, bundle)
     return cache[key]
 
 
@@ -127,27 +126,21 @@ def _run_comparison(bundle, chosen, session_variants, runs, seeds_per_class, ste
 
 
 def _show(result: dict) -> None:
+    from analysis.compare import comparison_table
     from analysis.plots.evaluation import drift_figure, metrics_figure, psnr_figure, step_error_figure
 
-    from analysis.compare import psnr_text
-
     cmp, scores = result["comparison"], result["scores"]
-    summary = {r["variant"]: r for r in cmp.summary()}
-    # One label agreement per variant: on the FID samples when they were scored (larger N), else on the grid.
-    agreement = {name: (s["label_agreement"], s["label_agreement_n"]) for name, s in summary.items()}
-    if scores:
-        agreement.update({s["variant"]: (s["label_agreement"], s["num_samples"]) for s in scores
-                          if s.get("label_agreement") is not None})
+    rows, agreement = comparison_table(cmp, scores)
+    psnr = {r["variant"]: r["psnr_vs_fp"] for r in rows}
     st.subheader(f"Samples: {cmp.steps} DDIM steps, guidance {cmp.guidance}; columns = classes, rows = seeds")
     cols = st.columns(len(cmp.names))
     for col, name in zip(cols, cmp.names):
-        s = summary[name]
         cap = f"{name}"
         value, n = agreement[name]
         if value is not None:
             cap += f" · label agreement {value:.1%} (N={n})"
         if name != cmp.names[0]:
-            cap += f" · PSNR vs FP {psnr_text(s['psnr_vs_fp'])}"
+            cap += f" · PSNR vs FP {psnr[name]}"
         col.image(_grid(cmp.images[name], result["ncol"]), caption=cap, width="stretch")
     if len(cmp.names) > 1:
         c1, c2 = st.columns(2)
@@ -159,23 +152,14 @@ def _show(result: dict) -> None:
         c2.plotly_chart(drift_figure(cmp.drift), width="stretch")
         st.plotly_chart(psnr_figure(cmp.image_errors), width="stretch")
     st.subheader("Metrics")
-    table = pd.DataFrame(cmp.summary()).drop(columns=["label_agreement", "label_agreement_n"])
-    table["psnr_vs_fp"] = table["psnr_vs_fp"].map(psnr_text)
-    table["label_agreement"] = table["variant"].map(lambda v: agreement[v][0])
-    table["label_agreement_N"] = table["variant"].map(lambda v: agreement[v][1])
     if scores:
-        sc = pd.DataFrame(scores).drop(columns=["label_agreement"])
-        sc["fid_N"] = sc.pop("num_samples")
-        for col in ("fid_interval", "fid_vs_fp_interval"):
-            sc[col] = sc[col].map(lambda iv: None if not iv else f"[{iv[0]:.2f}, {iv[1]:.2f}]")
-        table = table.merge(sc, on="variant", how="left")
         for w in {s["warning"] for s in scores if s.get("warning")}:
             st.warning(w)
         st.plotly_chart(metrics_figure(scores), width="stretch")
     else:
         st.caption("FID was not computed (set 'FID samples per model' above). Label agreement and PSNR are on "
                    f"the {len(cmp.labels)} grid images.")
-    st.dataframe(table, hide_index=True, width="stretch")
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     st.caption("forward_ms / forward_peak_mib: each model's transformer forward on the same batch, timed here "
                "(fake-quantized models compute in float, so they are not faster; `dqlab sample --int8` and "
                "`dqlab bench` run W8A8 in real int8). weights_mib: the stored size at the model's bit-width.")

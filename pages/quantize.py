@@ -9,25 +9,9 @@ from __future__ import annotations
 import dataclasses
 
 import streamlit as st
+import torch
 
-from pages._shared import current_bundle, progress_callback
-
-METHOD_HELP = {
-    "baseline": "plain post-training quantization: static min-max (or searched) ranges, no channel balancing",
-    "smoothquant": "SmoothQuant: b_j = s(X_j)^alpha / s(W_j)^(1-alpha), folded into the producing layer",
-    "ptq4dit": "PTQ4DiT: channel salience balancing (CSB) with Spearman-weighted salience over timesteps (SSC)",
-    "dilatequant": "DilateQuant: weight dilation (WD) from the weights alone, with per-timestep activation "
-                   "ranges (TPQ) on by default",
-}
-BITS = [2, 3, 4, 5, 6, 7, 8, 16]
-TPQ_CHOICES = {"method default": None, "on": True, "off": False}
-RECON_HELP = {
-    "none": "no block-wise optimization: the calibrated scales as they are",
-    "adaround": "PTQ4DiT's reconstruction: learn each weight's rounding (AdaRound) and the activation step sizes "
-                "block by block against the FP block (official: 20k iterations per block)",
-    "bkd": "DilateQuant's block-wise distillation: train weights (straight-through rounding), weight steps and "
-           "the per-timestep activation parameters block by block (paper: 5k iterations per block)",
-}
+from pages._shared import current_bundle, option_grid, progress_callback
 
 st.title("Quantize")
 st.caption("Quantize a copy of the model with one method and see what it does to the per-channel maxima "
@@ -35,84 +19,68 @@ st.caption("Quantize a copy of the model with one method and see what it does to
            "error it leaves per layer and per timestep. Results stay in this session for the Compare page.")
 
 
-def _bits_label(b: int) -> str:
-    return "16 (float)" if b == 16 else str(b)
-
-
 def _form(bundle):
-    from quant.config import RHO_MODES
-    from quant.quantizers import SEARCHES
+    """The method picker, then a form with the options that method uses: QuantConfig's common fields and the
+    method's own, both drawn from their declarations (quant.options), and the calibration run."""
+    from analysis.calibration import DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS
+    from quant.config import QuantConfig
+    from quant.methods import REGISTRY
 
+    methods = [m for m in REGISTRY.values() if m.quantizes]
+    names = [m.name for m in methods]
+    method = st.selectbox("Method", names, index=names.index("ptq4dit"), key="q_method",
+                          help="\n\n".join(f"**{m.name}**: {m.help}" for m in methods))
+    st.caption(REGISTRY[method].help)
+    common = [o for o in QuantConfig.describe() if o.name != "method"]
     with st.form("quantize_form"):
-        c1, c2, c3, c4 = st.columns(4)
-        method = c1.selectbox("Method", list(METHOD_HELP), index=2, key="q_method",
-                              help="\n\n".join(f"**{k}**: {v}" for k, v in METHOD_HELP.items()))
-        w_bits = c2.select_slider("Weight bits", BITS, value=8, format_func=_bits_label, key="q_w_bits")
-        a_bits = c3.select_slider("Activation bits", BITS, value=8, format_func=_bits_label, key="q_a_bits")
-        attn = c4.selectbox("Attention operand bits (q, k, v, softmax)", ["float", 8, 6, 4], key="q_attn")
-        c1, c2, c3, c4 = st.columns(4)
-        tpq = c1.selectbox("Per-timestep ranges (TPQ)", list(TPQ_CHOICES), key="q_tpq",
-                           help="method default: on for dilatequant, off for the others")
-        search = c2.selectbox("Range search", list(SEARCHES), key="q_search",
-                              help="minmax, percentile clipping, or an MSE search over clip ratios")
-        alpha = c3.slider("SmoothQuant alpha", 0.0, 1.0, 0.5, step=0.05, key="q_alpha",
-                          help="used by smoothquant only: how much of the activation range moves to the weights")
-        ssc = c4.checkbox("PTQ4DiT salience calibration (SSC)", value=True, key="q_ssc",
-                          help="ptq4dit only: weight timesteps by softmax(-Spearman rho); off = plain max")
-        c1, c2, c3, c4 = st.columns(4)
-        rho_mode = c1.selectbox("SSC rho", list(RHO_MODES), key="q_rho",
-                                help="per_timestep (default): one rho per timestep; per_sample: one per calibration "
-                                     "row, as the official PTQ4DiT code")
-        cal_samples = c2.number_input("Calibration images", 1, 256, 10, key="q_cal_samples",
+        fields = option_grid([o for o in common if o.group == "quantization"], "q_")
+        own = REGISTRY[method].describe_options()
+        if own:
+            st.markdown(f"**{method} options**")
+            options = option_grid(own, "q_")
+        else:
+            options = {}
+        st.markdown("**Calibration** (FP images whose transformer inputs set the ranges; their seeds are kept "
+                    "apart from the seeds Compare evaluates)")
+        c1, c2, c3, _ = st.columns(4)
+        cal_samples = c1.number_input("Calibration images", 1, 256, DEFAULT_CAL_SAMPLES, key="q_cal_samples",
                                       help="FP images sampled to record the transformer's inputs; reused by later "
                                            "runs with the same calibration settings")
-        cal_steps = c3.number_input("Calibration DDIM steps", 2, 250, 50, key="q_cal_steps",
+        cal_steps = c2.number_input("Calibration DDIM steps", 2, 250, DEFAULT_CAL_STEPS, key="q_cal_steps",
                                     help="TPQ keeps one range per step; sampling with another count uses the "
                                          "nearest calibrated timestep")
-        name = c4.text_input("Variant name (optional)", key="q_name", help="default: the method and bits")
-        exclude = st.text_input("Keep in float (comma-separated layer patterns)", key="q_exclude",
-                                placeholder="e.g. pos_embed.proj, *.ff.net.2, transformer_blocks.0",
-                                help="fnmatch patterns or module names; matching layers are not quantized")
+        name = c3.text_input("Variant name (optional)", key="q_name", help="default: the method and bits")
         st.markdown("**Reconstruction** (block-wise optimization after calibration)")
-        c1, c2, c3, c4 = st.columns(4)
-        recon = c1.selectbox("Mode", list(RECON_HELP), key="q_recon",
-                             help="\n\n".join(f"**{k}**: {v}" for k, v in RECON_HELP.items()))
-        recon_iters = c2.number_input("Iterations per block", 1, 20000, 200, key="q_recon_iters",
-                                      help="the default finishes in minutes on a CPU for the bundled model")
-        recon_rows = c3.number_input("Calibration rows", 1, 100000, 256, key="q_recon_rows",
-                                     help="transformer inputs drawn across timesteps from the calibration run")
-        recon_batch = c4.number_input("Batch", 1, 1024, 32, key="q_recon_batch", help="rows per step (papers: 32)")
+        fields.update(option_grid([o for o in common if o.group == "recon"], "q_"))
         go = st.form_submit_button("Quantize", type="primary")
     if not go:
         return None
-    return dict(method=method, w_bits=w_bits, a_bits=a_bits, attn_bits=None if attn == "float" else int(attn),
-                tpq=TPQ_CHOICES[tpq], scale_search=search, alpha=float(alpha), ssc=bool(ssc), ssc_rho=rho_mode,
-                exclude=[p.strip() for p in exclude.split(",") if p.strip()], recon=recon,
-                recon_iters=int(recon_iters), recon_rows=int(recon_rows), recon_batch=int(recon_batch)), \
-        int(cal_samples), int(cal_steps), name.strip()
+    return dict(method=method, options=options, **fields), int(cal_samples), int(cal_steps), name.strip()
 
 
-def _calibration(bundle, samples: int, steps: int):
-    """FP calibration inputs, kept for the latest (model, samples, steps) so other methods reuse them."""
-    from analysis.quantize_pipeline import calibration_for
+def _calibration(bundle, spec):
+    """FP calibration inputs, kept for the latest (model, spec) so other methods reuse them."""
+    from analysis.calibration import calibrate
 
-    key = (bundle.name, samples, steps)
+    key = (bundle.name, spec)
     cached = st.session_state.get("q_calibration")
     if cached is not None and cached[0] == key:
         return cached[1]
     bar, on_step = progress_callback("Sampling calibration inputs: step")
-    cal = calibration_for(bundle, steps=steps, num_samples=samples, on_step=on_step)
+    cal = calibrate(bundle, spec, on_step=on_step)
     bar.empty()
     st.session_state["q_calibration"] = (key, cal)
     return cal
 
 
 def _quantize(bundle, fields: dict, samples: int, steps: int, name: str) -> None:
+    from analysis.calibration import CalibrationSpec
     from analysis.quantize_pipeline import quantize_bundle, unmatched_excludes
     from quant.api import QuantConfig
 
     try:
-        config = QuantConfig(**fields).validate()
+        config = QuantConfig(**fields)
+        spec = CalibrationSpec(images=samples, steps=steps)
     except ValueError as exc:
         st.error(f"Bad option: {exc}")
         return
@@ -122,7 +90,7 @@ def _quantize(bundle, fields: dict, samples: int, steps: int, name: str) -> None
                  "module name such as transformer_blocks.0 (layer names look like transformer_blocks.0.attn1.to_q "
                  "in a DiT, down_blocks.0.resnets.0.conv1 in a UNet).")
         return
-    cal = _calibration(bundle, samples, steps)
+    cal = _calibration(bundle, spec)
     bar = st.progress(0.0, text="Quantizing ...")
     live = st.empty()
     try:
@@ -178,10 +146,10 @@ def _show_recon(recon: dict) -> None:
 
 def _default_group(salience: dict) -> int:
     """The group whose activation maxima are most uneven before folding: where balancing matters most."""
-    import numpy as np
+    from quant.measures import outlier_ratio
 
-    ratios = [float(np.max(s["x_before"]) / max(np.median(s["x_before"]), 1e-12)) for s in salience.values()]
-    return int(np.argmax(ratios)) if ratios else 0
+    ratios = [float(outlier_ratio(torch.as_tensor(s["x_before"]))) for s in salience.values()]
+    return max(range(len(ratios)), key=ratios.__getitem__) if ratios else 0
 
 
 def _show(bundle, variants: dict) -> None:
@@ -197,7 +165,7 @@ def _show(bundle, variants: dict) -> None:
     v = variants[pick]
     r = v.report
     m1, m2, m3, m4 = st.columns(4)
-    m1.metric("Relative error vs FP", f"{r['rel_error']:.4f}",
+    m1.metric("Relative RMS error vs FP", f"{r['rel_rms']:.4f}",
               help="||eps_q - eps|| / ||eps|| of the noise prediction over the calibration inputs")
     m2.metric("Layers quantized", r["layers_quantized"])
     m3.metric("Stored weights", f"{r['weight_bytes'] / 2 ** 20:.2f} MiB",
@@ -205,7 +173,7 @@ def _show(bundle, variants: dict) -> None:
     m4.metric("Quantize time", f"{r['seconds']:.1f} s", help=f"CPU time {r['cpu_seconds']:.1f} s; calibration "
                                                              f"sampling not included")
     st.caption(f"{v.config.label}; calibrated on {r['calibration_rows']} transformer inputs over "
-               f"{len(r['rel_error_per_timestep'])} timesteps.")
+               f"{len(r['rel_rms_per_timestep'])} timesteps.")
     if r.get("balance"):
         _show_balance(r["balance"])
     salience = r["salience"]
@@ -226,7 +194,7 @@ def _show(bundle, variants: dict) -> None:
             c2.plotly_chart(ssc_figure(r["ssc"][group], group), width="stretch")
     st.plotly_chart(layer_error_figure(r["layer_error"], title=f"{pick}: per-layer relative output error"),
                     width="stretch")
-    st.plotly_chart(timestep_error_figure({n: variants[n].report["rel_error_per_timestep"] for n in names}),
+    st.plotly_chart(timestep_error_figure({n: variants[n].report["rel_rms_per_timestep"] for n in names}),
                     width="stretch")
     if r.get("recon"):
         _show_recon(r["recon"])

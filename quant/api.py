@@ -20,13 +20,14 @@ import torch
 import torch.nn as nn
 
 from quant.config import METHODS, QuantConfig
+from quant.forward import calibration_batches, forward_batches
 from quant.io import read_quantized, stored_tensors, weight_bytes, write_quantized
+from quant.measures import weight_salience
 from quant.methods import get_method
 from quant.observers import InputObserver, observe_inputs
 from quant.denoiser import balance_groups
 from quant.reparam import BalanceGroup, apply_scaling, group_weight
 from quant.wrap import calibrate, is_excluded, wrap_model
-from quant.modules import TimestepContext
 
 __all__ = ["QuantConfig", "METHODS", "QuantResult", "quantize", "quantize_with_details", "write_quantized",
            "read_quantized", "weight_bytes", "stored_tensors", "calibration_batches"]
@@ -56,20 +57,6 @@ class QuantResult:
     recon: dict | None = None  # quant.recon.ReconReport.to_dict() when config.recon is not "none"
 
 
-def calibration_batches(calibration, batch_size: int = 64) -> list:
-    """A list of (x, t, y) batches from CalibrationData (anything with .batches) or an iterable of batches."""
-    if hasattr(calibration, "batches"):
-        batches = list(calibration.batches(batch_size))
-    else:
-        batches = [tuple(b) for b in calibration]
-    if not batches:
-        raise ValueError("calibration data is empty: sample with record='all' (or pass (x, t, y) batches)")
-    for b in batches[:1]:
-        if len(b) != 3:
-            raise ValueError("calibration batches must be (x, t, y) triples")
-    return batches
-
-
 def quantize(model: nn.Module, config: QuantConfig, calibration: Iterable, batch_size: int = 64) -> nn.Module:
     """A NEW quantized copy of `model` (never modified), calibrated on (x, t, y) batches."""
     return quantize_with_details(model, config, calibration, batch_size).model
@@ -85,33 +72,29 @@ def quantize_with_details(model: nn.Module, config: QuantConfig, calibration: It
     vectors need activation statistics (SmoothQuant, PTQ4DiT); then, with config.recon, the block-wise
     optimization (quant.recon.reconstruct; on_recon(unit index, units, iteration, loss) reports its progress).
     """
-    config.validate()
     method = get_method(config.method)
     qmodel = copy.deepcopy(model).eval().requires_grad_(False)
-    if not method.QUANTIZES:
+    if not method.quantizes:
         reference = None
         if keep_reference:
-            from quant.wrap import run_model
-
-            reference = run_model(qmodel, calibration_batches(calibration, batch_size), keep_outputs=True)
+            reference = forward_batches(qmodel, calibration_batches(calibration, batch_size), keep_outputs=True)
         return QuantResult(qmodel, config, {}, {}, {}, [], [], reference)
     batches = calibration_batches(calibration, batch_size)
     groups = [g for g in balance_groups(qmodel) if not all(is_excluded(n, config.exclude) for n in g.layers)]
     modules = dict(qmodel.named_modules())
     stats = None
-    if method.NEEDS_ACTIVATIONS:
+    if method.needs_activations:
         stats = observe_inputs(qmodel, batches, layers={g.name: modules[g.layers[0]] for g in groups})
-    computed = method.compute(qmodel, groups, stats, config)
+    computed = method.compute(qmodel, groups, stats, config.method_options)
     vectors, extras, w_before = {}, {}, {}
     for g in groups:
-        w_before[g.name] = group_weight(qmodel, g).abs().amax(dim=0).float().cpu()
-        entry = computed.get(g.name, {})
-        if entry.get("b") is not None:
-            apply_scaling(qmodel, g, entry["b"])
-            vectors[g.name] = entry["b"].float().cpu()
-            extras[g.name] = {k: v for k, v in entry.items() if k != "b"}
-    ctx = TimestepContext()
-    names = wrap_model(qmodel, config, ctx)
+        w_before[g.name] = weight_salience(group_weight(qmodel, g)).float().cpu()
+        entry = computed.get(g.name)
+        if entry is not None:
+            apply_scaling(qmodel, g, entry.b)
+            vectors[g.name] = entry.b.float().cpu()
+            extras[g.name] = dict(entry.extras)
+    names = wrap_model(qmodel, config)
     modules = dict(qmodel.named_modules())
     with InputObserver(qmodel, {g.name: modules[g.layers[0]] for g in groups}) as obs:
         reference = calibrate(qmodel, batches, keep_outputs=keep_reference)
@@ -140,5 +123,5 @@ def _salience(model: nn.Module, group: BalanceGroup, before, after, w_before: to
     x_before = absmax.amax(dim=0)
     steps, per_t = salience_per_timestep(absmax, t)
     return {"x_before": x_before, "x_after": after.absmax[group.name].amax(dim=0), "w_before": w_before,
-            "w_after": group_weight(model, group).abs().amax(dim=0).float().cpu(),
+            "w_after": weight_salience(group_weight(model, group)).float().cpu(),
             "x_per_timestep": per_t, "timesteps": steps, "b": b}

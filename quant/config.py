@@ -1,16 +1,20 @@
-"""QuantConfig: every choice a quantization run makes, serialisable to JSON so a saved model says how it was made."""
+"""QuantConfig: every choice a quantization run makes, serialisable to JSON so a saved model says how it was made.
+
+Fields common to every method are declared here; a method's own knobs (SmoothQuant's alpha, PTQ4DiT's SSC)
+are declared by its file in quant.methods and live in `options`. Every field is an option() (quant.options),
+so the CLI's flags and the Quantize page's form are derived from these declarations. A config checks
+itself when it is made (and dataclasses.replace re-checks): an invalid QuantConfig cannot exist.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 
+from quant.methods import REGISTRY, NAMES, all_options, get_method
+from quant.options import check_all, describe, option
 from quant.quantizers import SEARCHES
 
-METHODS = ("fp", "baseline", "smoothquant", "ptq4dit", "dilatequant")
-RHO_MODES = ("per_timestep", "per_sample")
-# Methods whose default turns on time-step-aware activation quantization (DilateQuant's TPQ).
-TPQ_BY_DEFAULT = ("dilatequant",)
+METHODS = NAMES  # every registered method, in menu order (quant.methods discovers them)
 # Block-wise optimization after the scales are set (quant.recon): none, PTQ4DiT's AdaRound reconstruction, or
 # DilateQuant's block-wise distillation.
 RECON_MODES = ("none", "adaround", "bkd")
@@ -24,58 +28,68 @@ RECON_LRS = {"adaround": (1e-3, 4e-4), "bkd": (1e-4, 1e-3)}
 class QuantConfig:
     """How to quantize a diffusion transformer.
 
-    method: fp (no quantization), baseline (plain PTQ), smoothquant (alpha balancing), ptq4dit (CSB + SSC),
-        dilatequant (weight dilation + TPQ).
-    w_bits / a_bits: weight and activation bit-widths, 2-8; 16 or None leaves them in floating point.
-    attn_bits: bit-width of the attention operands q, k, v and the softmax output (None = not quantized).
-    w_per_channel: one weight scale per output channel (else one per tensor).
-    a_symmetric / w_symmetric: symmetric (no zero point) quantizers.
-    scale_search: clip-range search for weights and activations: minmax, percentile or mse.
-    percentile: the percentile used by the percentile search, in percent.
+    method: a registered method (quant.methods): fp (no quantization), baseline (plain PTQ), smoothquant,
+        ptq4dit (CSB + SSC), dilatequant (weight dilation + TPQ).
+    options: the method's own options by name (its Options dataclass; missing ones take their defaults),
+        e.g. {"alpha": 0.5} for smoothquant, {"ssc": True, "ssc_rho": "per_timestep"} for ptq4dit.
+        `method_options` is the typed, checked object.
     tpq: one activation (scale, zero) per timestep; None = the method's default (on for dilatequant only).
     exclude: layer name patterns left in floating point (fnmatch patterns; a plain name also excludes
         everything under it, e.g. "transformer_blocks.0" or "*.norm1.linear").
-    alpha: SmoothQuant's migration strength.
-    ssc: PTQ4DiT's Spearman-weighted salience calibration (off = salience is the plain max over calibration).
-    ssc_rho: "per_timestep" (default) computes one Spearman rho per timestep from that timestep's salience,
-        as the paper's equations define SSC over timesteps, so the weighting does not depend on how many
-        samples per timestep the calibration set holds; "per_sample" computes one rho per calibration row,
-        as the official code does.
     recon: block-wise optimization after calibration (quant.recon): "none"; "adaround" (PTQ4DiT: learned
         weight rounding + activation step sizes, Lp loss); "bkd" (DilateQuant: weights with straight-through
         rounding, weight steps, activation scale and zero point per timestep, MSE). Any method combines with
         any mode, so e.g. baseline + tpq + bkd is DilateQuant's "BKD without WD" ablation.
-    recon_iters: optimization steps per unit (each block, the patch embedding, each timestep MLP, the final
-        layer). The papers: 20k (PTQ4DiT), 5k (DilateQuant); the default suits the bundled model on a CPU.
-    recon_batch: calibration rows per step (both papers: 32).
-    recon_lr / recon_act_lr: learning rate of the rounding variables (adaround) or weights and weight steps
-        (bkd), and of the activation parameters; None = the mode's default (RECON_LRS).
-    recon_rows: calibration rows drawn across timesteps for the optimization (DilateQuant: 5120 samples).
-    recon_input: "quantized" feeds each unit the output of the already-quantized prefix (the papers');
-        "fp" feeds it the FP prefix's output.
+    The other fields' meanings are in their option() help.
     """
 
-    method: str = "baseline"
-    w_bits: int | None = 8
-    a_bits: int | None = 8
-    attn_bits: int | None = None
-    w_per_channel: bool = True
-    a_symmetric: bool = False
-    w_symmetric: bool = False
-    scale_search: str = "minmax"
-    percentile: float = 99.99
-    tpq: bool | None = None
-    exclude: list[str] = dataclasses.field(default_factory=list)
-    alpha: float = 0.5
-    ssc: bool = True
-    ssc_rho: str = "per_timestep"
-    recon: str = "none"
-    recon_iters: int = 200
-    recon_batch: int = 32
-    recon_lr: float | None = None
-    recon_act_lr: float | None = None
-    recon_rows: int = 256
-    recon_input: str = "quantized"
+    method: str = option("baseline", "Method", "the quantization method", choices=NAMES)
+    w_bits: int | None = option(8, "Weight bits", "weight bit-width, 2-8; 16 or None leaves weights in float",
+                                kind="bits")
+    a_bits: int | None = option(8, "Activation bits", "activation bit-width, 2-8; 16 or None leaves them in float",
+                                kind="bits")
+    attn_bits: int | None = option(None, "Attention operand bits", "bit-width of the attention operands q, k, v "
+                                   "and the softmax output (None = not quantized)", kind="bits")
+    w_per_channel: bool = option(True, "Per-channel weights", "one weight scale per output channel (else one "
+                                 "per tensor)")
+    a_symmetric: bool = option(False, "Symmetric activations", "symmetric activation quantizers (no zero point)")
+    w_symmetric: bool = option(False, "Symmetric weights", "symmetric weight quantizers (no zero point)")
+    scale_search: str = option("minmax", "Range search", "clip-range search for weights and activations: minmax, "
+                               "percentile clipping, or an MSE search over clip ratios", choices=SEARCHES)
+    percentile: float = option(99.99, "Percentile", "the percentile (in percent) of the percentile range search",
+                               low=50.0, high=100.0, low_open=True)
+    tpq: bool | None = option(None, "Per-timestep ranges (TPQ)", "one activation range per timestep; unset = the "
+                              "method's default (on for dilatequant only)", kind="tristate")
+    exclude: list[str] = option([], "Keep in float", "layer name patterns left in floating point: fnmatch "
+                                "patterns such as '*.ff.net.2' or module names such as transformer_blocks.0",
+                                kind="patterns")
+    options: dict = dataclasses.field(default_factory=dict)
+    recon: str = option("none", "Reconstruction", "block-wise optimization after calibration: none, adaround "
+                        "(PTQ4DiT: learned rounding + activation steps) or bkd (DilateQuant: weights, weight steps, "
+                        "per-timestep activation parameters)", choices=RECON_MODES, group="recon")
+    recon_iters: int = option(200, "Iterations per block", "optimization steps per unit (PTQ4DiT: 20000, "
+                              "DilateQuant: 5000); the default suits the bundled model on a CPU", low=1, group="recon")
+    recon_batch: int = option(32, "Batch", "calibration rows per step (both papers: 32)", low=1, group="recon")
+    recon_lr: float | None = option(None, "Learning rate", "lr of the rounding variables (adaround) or weights and "
+                                    "weight steps (bkd); unset = the mode's", kind="optional_float", low=0.0,
+                                    low_open=True, group="recon")
+    recon_act_lr: float | None = option(None, "Activation learning rate", "lr of the activation step sizes (and "
+                                        "zero points in bkd); unset = the mode's", kind="optional_float", low=0.0,
+                                        low_open=True, group="recon")
+    recon_rows: int = option(256, "Calibration rows", "calibration rows drawn across timesteps for the "
+                             "optimization (DilateQuant: 5120 samples)", low=1, group="recon")
+    recon_input: str = option("quantized", "Block input", "quantized (each block sees the quantized prefix's "
+                              "output, the papers') or fp", choices=RECON_INPUTS, group="recon")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.exclude, tuple):
+            self.exclude = list(self.exclude)
+        self.validate()
+
+    @property
+    def method_options(self):
+        """The method's Options dataclass for this config (defaults filled in, checked)."""
+        return get_method(self.method).make_options(self.options)
 
     @property
     def recon_lrs(self) -> tuple[float, float]:
@@ -87,7 +101,7 @@ class QuantConfig:
     @property
     def use_tpq(self) -> bool:
         """TPQ resolved against the method default."""
-        return self.method in TPQ_BY_DEFAULT if self.tpq is None else bool(self.tpq)
+        return get_method(self.method).tpq_default if self.tpq is None else bool(self.tpq)
 
     @property
     def label(self) -> str:
@@ -105,52 +119,23 @@ class QuantConfig:
         return name
 
     def validate(self) -> "QuantConfig":
-        """Raise ValueError naming the first bad field and what it accepts; return self when valid."""
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        for field in ("w_bits", "a_bits", "attn_bits"):
-            v = getattr(self, field)
-            if v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or not (2 <= v <= 8 or v == 16):
-                raise ValueError(f"{field} must be an integer from 2 to 8, or 16 / None for no quantization; "
-                                 f"got {v!r}")
-        if self.scale_search not in SEARCHES:
-            raise ValueError(f"unknown scale_search {self.scale_search!r}; choose one of {', '.join(SEARCHES)}")
-        if not 50.0 < float(self.percentile) <= 100.0:
-            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
-        if not 0.0 <= float(self.alpha) <= 1.0:
-            raise ValueError(f"alpha must be between 0 and 1, got {self.alpha}")
-        if self.ssc_rho not in RHO_MODES:
-            raise ValueError(f"unknown ssc_rho {self.ssc_rho!r}; choose one of {', '.join(RHO_MODES)}")
-        if self.tpq is not None and not isinstance(self.tpq, bool):
-            raise ValueError(f"tpq must be true, false or null, got {self.tpq!r}")
-        if not isinstance(self.exclude, (list, tuple)) or not all(isinstance(p, str) for p in self.exclude):
-            raise ValueError(f"exclude must be a list of layer name patterns, got {self.exclude!r}")
-        self._validate_recon()
-        return self
-
-    def _validate_recon(self) -> None:
-        if self.recon not in RECON_MODES:
-            raise ValueError(f"unknown recon {self.recon!r}; choose one of {', '.join(RECON_MODES)}")
-        if self.recon_input not in RECON_INPUTS:
-            raise ValueError(f"unknown recon_input {self.recon_input!r}; choose one of {', '.join(RECON_INPUTS)}")
-        for field, low in (("recon_iters", 1), ("recon_batch", 1), ("recon_rows", 1)):
-            v = getattr(self, field)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{field} must be an integer >= {low}, got {v!r}")
-        for field in ("recon_lr", "recon_act_lr"):
-            v = getattr(self, field)
-            if v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{field} must be a positive number (or null for the mode's default), got {v!r}")
+        """Raise ValueError naming the first bad field and what it accepts; return self when valid. Runs when
+        the config is made; call it again only after assigning a field directly."""
+        if self.method not in REGISTRY:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(NAMES)}")
+        check_all(self)
+        if not isinstance(self.options, dict):
+            raise ValueError(f"options must be a dict of the method's options, got {self.options!r}")
+        # the full, checked set: a stored config names every value it ran with
+        self.options = dataclasses.asdict(self.method_options)
         if self.recon != "none" and self.method == "fp":
             raise ValueError("recon needs a quantizing method; method 'fp' quantizes nothing")
+        return self
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["exclude"] = list(self.exclude)
+        d["options"] = dict(self.options)
         return d
 
     def to_json(self) -> str:
@@ -158,15 +143,32 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
-        """Build and validate; unknown keys are an error (a typo must not silently fall back to a default)."""
+        """Build and validate; unknown keys are an error (a typo must not silently fall back to a default).
+
+        Method options may also be given flat, beside the common fields ({"method": "smoothquant",
+        "alpha": 0.3}), as configs stored before options had their own field hold them: a flat option of the
+        chosen method goes into `options`, one of another method is ignored (those configs held them all)."""
         names = {f.name for f in dataclasses.fields(cls)}
+        d = dict(d)
+        method = d.get("method", cls.method)
+        own = {o.name for o in get_method(method).describe_options()} if method in REGISTRY else set()
+        others = {o.name for o in all_options()} - own
+        flat = {k: d.pop(k) for k in list(d) if k not in names and k in own}
+        for k in [k for k in d if k not in names and k in others]:
+            d.pop(k)
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown QuantConfig field(s) {unknown}; known fields: {sorted(names)}")
-        d = dict(d)
+        if flat:
+            d["options"] = {**flat, **(d.get("options") or {})}
         if "exclude" in d and d["exclude"] is not None:
             d["exclude"] = list(d["exclude"])
-        return cls(**d).validate()
+        return cls(**d)
+
+    @classmethod
+    def describe(cls):
+        """The common options (quant.options.Option), in declaration order."""
+        return describe(cls)
 
     @classmethod
     def from_json(cls, text: str) -> "QuantConfig":

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from quant.config import QuantConfig
-from quant.modules import TimestepContext, act_quantizers, quant_layers
+from quant.modules import act_quantizers, quant_layers
 from quant.quantizers import is_off, pack_codes, qrange, quantize_codes, unpack_codes
 
 FORMAT = "dqlab-quantized"
@@ -67,7 +67,6 @@ def write_quantized(model: nn.Module, config: QuantConfig, folder, meta: dict | 
     """Write `model` (a quantized copy made by quant.quantize) to `folder`, with `meta` merged into its JSON."""
     from safetensors.torch import save_file
 
-    config.validate()
     if type(model).__name__ not in MODEL_CLASSES:
         raise ValueError(f"cannot save a {type(model).__name__}; supported: {', '.join(MODEL_CLASSES)}")
     folder = Path(folder)
@@ -120,8 +119,8 @@ def read_quantized(folder) -> tuple[nn.Module, QuantConfig, dict]:
         raise QuantizedFolderError(f"{folder / META} names model class {cls_name!r}; supported: "
                                    f"{', '.join(MODEL_CLASSES)}")
     model = getattr(diffusers, cls_name).from_config(meta["transformer_config"])
-    if get_method(config.method).QUANTIZES:
-        wrap_model(model, config, TimestepContext())
+    if get_method(config.method).quantizes:
+        wrap_model(model, config)
     tensors = load_file(str(folder / WEIGHTS))
     for key, info in meta.get("packed", {}).items():
         prefix = key[: -len(".weight")]
@@ -134,6 +133,4 @@ def read_quantized(folder) -> tuple[nn.Module, QuantConfig, dict]:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise QuantizedFolderError(f"{folder / WEIGHTS} does not match its config: {str(exc).splitlines()[0]}") from None
-    for q in act_quantizers(model).values():
-        q.mode = "quant"
     return model.eval().requires_grad_(False), config, meta

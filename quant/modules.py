@@ -10,6 +10,8 @@ the transformer fills from its `timestep=` argument, so the diffusers model runs
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,10 +23,26 @@ SAMPLES_PER_ROW = 512
 
 
 class TimestepContext:
-    """The per-sample timesteps of the forward in progress, shared by every quantizer of one model."""
+    """The per-sample timesteps of the forward in progress, shared by every quantizer of one model.
+
+    attach(model) registers the pre-hook that fills it and keeps the handle, so remove() takes it off again;
+    timestep_context(model) attaches one context per model, however often it is asked.
+    """
 
     def __init__(self) -> None:
         self.t: torch.Tensor | None = None
+        self.handle = None
+
+    def attach(self, model: nn.Module) -> "TimestepContext":
+        self.remove()
+        self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
+        model._dqlab_timestep_context = self  # read back by timestep_context (int8, recon), never a second hook
+        return self
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
 
     def hook(self, module, args, kwargs):
         """Forward pre-hook (with_kwargs=True) on the transformer: read `timestep` per sample."""
@@ -35,6 +53,14 @@ class TimestepContext:
             return
         t = torch.as_tensor(t, device=x.device).reshape(-1).long()
         self.t = t.expand(x.shape[0]) if t.numel() == 1 else t
+
+
+def timestep_context(model: nn.Module) -> TimestepContext:
+    """The model's TimestepContext, attached on first use: wrapping a model twice does not stack two hooks."""
+    ctx = getattr(model, "_dqlab_timestep_context", None)
+    if ctx is None or ctx.handle is None or ctx.handle.id not in model._forward_pre_hooks:
+        ctx = (ctx or TimestepContext()).attach(model)
+    return ctx
 
 
 class ActQuantizer(nn.Module):
@@ -97,6 +123,15 @@ class ActQuantizer(nn.Module):
         return self.scale[idx].reshape(shape), self.zero[idx].reshape(shape)
 
     # --- calibration -------------------------------------------------------------------------------------
+    def start_observing(self) -> None:
+        self._rows = []
+        self.mode = "observe"
+
+    def stop_observing(self) -> None:
+        """Back to quantizing; whatever was recorded and not finalized is dropped."""
+        self._rows = []
+        self.mode = "quant"
+
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
         rows = x.detach().reshape(x.shape[0], -1).float()
@@ -298,3 +333,25 @@ def act_quantizers(model: nn.Module) -> dict[str, ActQuantizer]:
 def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every quantized linear / conv of `model` by name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+
+
+@contextlib.contextmanager
+def calibrating(model: nn.Module):
+    """While open, every enabled activation quantizer of `model` records what it sees and every quantized
+    layer computes with its FP weight (the folded FP model); on a clean exit the quantizers finalize their
+    ranges. On any exit they are back in "quant" mode with nothing recorded and the weights quantized."""
+    quantizers = [q for q in act_quantizers(model).values() if q.enabled]
+    layers = list(quant_layers(model).values())
+    for q in quantizers:
+        q.start_observing()
+    for layer in layers:
+        layer.use_fp_weight = True
+    try:
+        yield quantizers
+        for q in quantizers:
+            q.finalize()
+    finally:
+        for q in quantizers:
+            q.stop_observing()
+        for layer in layers:
+            layer.use_fp_weight = False

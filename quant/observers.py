@@ -1,8 +1,8 @@
 """Forward-hook observers: per-channel statistics of what each linear or conv layer receives, per sample.
 
 For a linear layer Y = X W^T with input X [B, tokens, C], the salience of input channel j for sample b is
-s(X_j) = max over tokens of |X_bj| (PTQ4DiT, Wu et al. 2024, eq. 3); for a convolution with input
-X [B, C, H, W] it is the max over spatial positions of |X_bj|. The observer records that, plus the
+s(X_j) = max over tokens of |X_bj| (PTQ4DiT, Wu et al. 2024, eq. 3); a convolution's input [B, C, H, W] is
+handed on as [B, positions, C], so its tokens are the spatial positions. The observer records that, plus the
 per-channel min and max, for every sample of every forward. Reductions run on the model's device inside
 the hook; results stay there until the observer closes, so a pass makes no per-hook host copies.
 
@@ -29,19 +29,13 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from quant.denoiser import denoise
+from quant.forward import forward_batches
+from quant.measures import weight_salience  # noqa: F401  (s(W), defined once in quant.measures)
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """Every nn.Linear of `model` by qualified name, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-
-
-def weight_salience(weight: torch.Tensor) -> torch.Tensor:
-    """s(W_j) = max over output rows (and kernel positions) of |W_oj|, one value per input channel
-    (weight is [out, in] or a convolution's [out, in, kh, kw])."""
-    w = weight.detach().abs()
-    return w.amax(dim=0) if w.dim() == 2 else w.transpose(0, 1).flatten(1).amax(dim=1)
 
 
 @dataclasses.dataclass
@@ -64,7 +58,67 @@ class InputStats:
         return list(dict.fromkeys(self.t.tolist()))
 
 
-class InputObserver:
+class LayerInputHooks:
+    """Context manager: forward pre-hooks on `layers` that hand each call's input to on_input(key, x).
+
+    The key is the layer name, or "name@2" for a layer's second call in one forward (block 0's embedding in
+    diffusers' DiT). Layers fed the very same tensor (to_q, to_k, to_v) share one computation: cached(x, fn)
+    returns the previous result while x is the same, unmodified tensor (the cache holds a reference to it,
+    so its memory cannot be reused by another tensor meanwhile). Every hook is removed on exit.
+    """
+
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], on_input=None):
+        self.model, self.layers = model, layers
+        self.on_input = on_input
+        self._handles: list = []
+        self._calls: dict[str, int] = {}
+        self._last: tuple | None = None  # (input tensor, its version, result) of the latest computed call
+
+    def __enter__(self):
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(name, module)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._last = None
+
+    def _on_model(self, module, args, kwargs):
+        self._calls.clear()
+        self._last = None
+        self.on_forward(args, kwargs)
+
+    def on_forward(self, args, kwargs) -> None:
+        """Called before every forward of the model (a subclass reads the timesteps here)."""
+
+    def _make_hook(self, name: str, module: nn.Module):
+        channels_first = isinstance(module, nn.Conv2d)
+
+        def hook(module, args):
+            x = args[0]
+            if channels_first:  # [B, C, H, W] -> [B, positions, C] (a view): positions are a conv's tokens
+                x = x.flatten(2).transpose(1, 2)
+            self.on_input(self._key(name), x)
+        return hook
+
+    def _key(self, name: str) -> str:
+        count = self._calls.get(name, 0) + 1
+        self._calls[name] = count
+        return name if count == 1 else f"{name}@{count}"
+
+    def cached(self, x: torch.Tensor, compute):
+        last = self._last
+        if last is not None and last[0] is x and last[1] == x._version:
+            return last[2]
+        value = compute(x)
+        self._last = (x, x._version, value)
+        return value
+
+
+class InputObserver(LayerInputHooks):
     """Context manager: while open, records InputStats for `layers` on every forward of `model`.
 
     with InputObserver(model, linear_layers(model)) as obs:
@@ -74,42 +128,32 @@ class InputObserver:
 
     def __init__(self, model: nn.Module, layers: dict[str, nn.Module],
                  attention: dict[str, nn.Module] | None = None, group_null_label: int | None = None):
-        self.model, self.layers = model, layers
+        super().__init__(model, layers, on_input=self._record)
         self.attention = attention or {}
         self.group_null_label = group_null_label
         self._groups: tuple[torch.Tensor, int] | None = None  # (row -> group index, group count) this forward
         self._pending_q: dict[str, torch.Tensor] = {}
-        self._handles: list = []
-        self._calls: dict[str, int] = {}
         self._t: list[torch.Tensor] = []
         self._y: list[torch.Tensor] = []
         self._rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # key -> [(min, max) per forward]
-        self._last: tuple | None = None  # (input tensor, its version, (min, max), spatial) of the latest call
 
     def __enter__(self) -> "InputObserver":
-        self._handles.append(self.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
-        for name, module in self.layers.items():
-            self._handles.append(module.register_forward_pre_hook(self._make_hook(name, module)))
+        super().__enter__()
         for name, attn in self.attention.items():
             for op in ("q", "k", "v"):
                 self._handles.append(getattr(attn, f"to_{op}").register_forward_hook(self._make_operand_hook(name, op, attn)))
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        super().__exit__(*exc)
         self._pending_q.clear()
-        self._last = None
 
-    def _on_model(self, module, args, kwargs):
+    def on_forward(self, args, kwargs) -> None:
         x = args[0] if args else kwargs["hidden_states"]
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         y = kwargs.get("class_labels", args[2] if len(args) > 2 else None)
         n = x.shape[0]
         t_rows, y_rows = _per_sample(t, n, x.device), _per_sample(y, n, x.device, fill=-1)
-        self._calls.clear()
-        self._last = None
         if self.group_null_label is None:
             self._t.append(t_rows)
             self._y.append(y_rows)
@@ -121,40 +165,19 @@ class InputObserver:
         self._t.append(keys // 2)
         self._y.append(torch.where(keys % 2 == 1, self.group_null_label, -1))
 
-    def _make_hook(self, name: str, module: nn.Module):
-        spatial = isinstance(module, nn.Conv2d)  # channels on dim 1, positions after it
+    def _record(self, key: str, x: torch.Tensor) -> None:
+        self._rows.setdefault(key, []).append(self.cached(x, self._reduce))
 
-        def hook(module, args):
-            key = self._key(name)
-            self._record(key, args[0], spatial)
-        return hook
-
-    def _key(self, name: str) -> str:
-        count = self._calls.get(name, 0) + 1
-        self._calls[name] = count
-        return name if count == 1 else f"{name}@{count}"
-
-    def _record(self, key: str, x: torch.Tensor, spatial: bool = False) -> None:
-        # Layers fed the very same tensor (to_q, to_k, to_v) share one reduction: the identity check holds a
-        # reference to the tensor, so its memory cannot be reused by another while cached.
-        last = self._last
-        if last is not None and last[0] is x and last[1] == x._version and last[3] == spatial:
-            self._rows.setdefault(key, []).append(last[2])
-            return
+    def _reduce(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = x.detach()
-        if spatial:  # [B, C, H, W] -> [B, C, positions], reduced over the last dim
-            flat, dim = flat.flatten(2), 2
-        else:  # [B, tokens, C]; [B, C] inputs get one token
-            flat, dim = flat.reshape(flat.shape[0], -1, flat.shape[-1]), 1
+        flat = flat.reshape(flat.shape[0], -1, flat.shape[-1])  # [B, tokens, C]; [B, C] inputs get one token
         # Only min and max are reduced here; max |x| = max(-min x, max x) is formed once, in stats().
-        kept = self._keep(key, flat.amin(dim).float(), flat.amax(dim).float())
-        self._last = (x, x._version, kept, spatial)
+        return self._group(flat.amin(1).float(), flat.amax(1).float())
 
-    def _keep(self, key: str, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _group(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._groups is not None:  # max(-min, max) commutes with the group max, so min/max suffice
             inverse, n_groups = self._groups
             lo, hi = _group_reduce(lo, inverse, n_groups, "amin"), _group_reduce(hi, inverse, n_groups, "amax")
-        self._rows.setdefault(key, []).append((lo, hi))
         return lo, hi
 
     def _make_operand_hook(self, name: str, op: str, attn: nn.Module):
@@ -178,7 +201,7 @@ class InputObserver:
         if getattr(attn, "norm_k", None) is not None:
             k = attn.norm_k(k)
         p = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)
-        self._keep(key, p.amin(dim=(2, 3)), p.amax(dim=(2, 3)))  # [B, heads]
+        self._rows.setdefault(key, []).append(self._group(p.amin(dim=(2, 3)), p.amax(dim=(2, 3))))  # [B, heads]
 
     def stats(self) -> InputStats:
         """Everything observed so far, moved to the CPU once."""
@@ -210,9 +233,6 @@ def observe_inputs(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
                    layers: dict[str, nn.Module] | None = None) -> InputStats:
     """Run `model` on (x, t, y) batches (e.g. CalibrationData.batches()) and return the inputs' statistics."""
     layers = linear_layers(model) if layers is None else layers
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     with InputObserver(model, layers) as obs:
-        for x, t, y in batches:
-            denoise(model, x.to(device, dtype), t.to(device), y.to(device))
+        forward_batches(model, batches)
     return obs.stats()

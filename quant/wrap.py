@@ -1,7 +1,6 @@
 """Put quantized modules into a model and calibrate their activation ranges.
 
-Covered layers follow the official PTQ4DiT setting: every nn.Linear and nn.Conv2d (in a DiT the patch
-embedding; in a UNet every resnet, sampling, shortcut and in/out conv); with
+Covered layers follow the official PTQ4DiT setting: every nn.Linear and the patch-embedding conv; with
 attn_bits set, each diffusers Attention also quantizes q, k, v and its softmax output. A layer whose name
 matches an `exclude` pattern stays in floating point.
 """
@@ -14,9 +13,9 @@ import torch
 import torch.nn as nn
 
 from quant.config import QuantConfig
-from quant.denoiser import denoise
-from quant.modules import (ActQuantizer, QuantAttnProcessor, QuantConv2d, QuantLinear, TimestepContext,
-                           act_quantizers, quant_layers)
+from quant.forward import forward_batches
+from quant.modules import (ActQuantizer, QuantAttnProcessor, QuantConv2d, QuantLinear, TimestepContext, calibrating,
+                           timestep_context)
 from quant.quantizers import is_off
 
 
@@ -26,7 +25,7 @@ def is_excluded(name: str, patterns: Iterable[str]) -> bool:
 
 
 def covered_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Layers the engine quantizes: every nn.Linear and nn.Conv2d (a DiT's patch embedding, a UNet's convs)."""
+    """Layers the engine quantizes: every nn.Linear and nn.Conv2d (in a DiT, the patch embedding)."""
     return {n: m for n, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, (QuantLinear, QuantConv2d))}
 
@@ -43,14 +42,15 @@ def _act(config: QuantConfig, ctx: TimestepContext, num_timesteps: int, bits=Non
                         config.scale_search, config.percentile, config.use_tpq, ctx, num_timesteps)
 
 
-def wrap_model(model: nn.Module, config: QuantConfig, ctx: TimestepContext, num_timesteps: int = 1) -> list[str]:
+def wrap_model(model: nn.Module, config: QuantConfig, ctx: TimestepContext | None = None,
+               num_timesteps: int = 1) -> list[str]:
     """Replace covered layers by quantized ones in place (call it on a copy); returns their names.
 
     Weights are quantized from their current values (after any folding). Activation quantizers start
-    uncalibrated: run `calibrate` next (or load a state dict that holds their parameters).
+    uncalibrated: run `calibrate` next (or load a state dict that holds their parameters). The quantizers read
+    the timestep from the model's one TimestepContext (attached once; `ctx`, when given, is attached instead).
     """
-    model.register_forward_pre_hook(ctx.hook, with_kwargs=True)
-    model._dqlab_timestep_context = ctx
+    ctx = timestep_context(model) if ctx is None else ctx.attach(model)
     names = []
     for name, mod in covered_layers(model).items():
         if is_excluded(name, config.exclude):
@@ -75,37 +75,10 @@ def wrap_model(model: nn.Module, config: QuantConfig, ctx: TimestepContext, num_
     return names
 
 
-def run_model(model: nn.Module, batches: Iterable, keep_outputs: bool = False) -> torch.Tensor | None:
-    """Forward every (x, t, y) batch; optionally return the outputs concatenated on the CPU."""
-    p = next(model.parameters())
-    outs = []
-    with torch.no_grad():
-        for x, t, y in batches:
-            out = denoise(model, x.to(p.device, p.dtype), t.to(p.device), y.to(p.device))
-            if keep_outputs:
-                outs.append(out.float().cpu())
-    return torch.cat(outs) if keep_outputs else None
-
-
 def calibrate(model: nn.Module, batches: list, keep_outputs: bool = False) -> torch.Tensor | None:
     """Static activation ranges (per timestep with TPQ) from the FP (folded) model's activations.
 
     The pass runs the folded model in floating point, so with keep_outputs its outputs are the FP
     reference (equal to the original model's up to float rounding) at no extra cost."""
-    quantizers = [q for q in act_quantizers(model).values() if q.enabled]
-    layers = list(quant_layers(model).values())
-    for q in quantizers:
-        q.mode = "observe"
-    for layer in layers:
-        layer.use_fp_weight = True
-    try:
-        outputs = run_model(model, batches, keep_outputs=keep_outputs)
-        for q in quantizers:
-            q.finalize()
-    finally:
-        for q in quantizers:
-            q.mode = "quant"
-            q._rows = []
-        for layer in layers:
-            layer.use_fp_weight = False
-    return outputs
+    with calibrating(model):
+        return forward_batches(model, batches, keep_outputs=keep_outputs)

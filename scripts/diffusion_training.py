@@ -10,7 +10,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis.digits import load_digits, random_shift  # noqa: E402
+from analysis.digits import load_digits, random_shift
 
 
 @dataclass

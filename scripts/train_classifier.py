@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis.classifier import DigitClassifier  # noqa: E402
-from analysis.digits import load_digits, random_shift, train_test_split  # noqa: E402
+from analysis.classifier import DigitClassifier
+from analysis.digits import load_digits, random_shift, train_test_split
 
 
 def main(argv=None) -> None:

@@ -13,13 +13,9 @@ command again resumes from the newest one, so a stopped run loses at most that m
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis.digits import NUM_CLASSES, RESOLUTION  # noqa: E402
-from diffusion_training import Family, add_common_arguments, train  # noqa: E402
+from analysis.digits import NUM_CLASSES, RESOLUTION
+from diffusion_training import Family, add_common_arguments, train  # this script's folder is on sys.path
 
 
 def build_model(args):

@@ -113,7 +113,7 @@ def test_salience_quantize_compare_flow(page, tmp_path):
     _set_number(page, "Calibration images", 2)
     _set_number(page, "Calibration DDIM steps", 5)
     page.get_by_role("button", name="Quantize").click()
-    page.get_by_text("Relative error vs FP").first.wait_for()
+    page.get_by_text("Relative RMS error vs FP").first.wait_for()
     page.get_by_text("over 5 timesteps").first.wait_for()
     assert page.locator("[data-testid='stPlotlyChart']").count() >= 3  # before/after, vector, per-layer error
     _no_exception(page)

@@ -35,14 +35,14 @@ def test_compare_aligns_images_and_measures_errors(tiny_bundle):
     # an identical copy reproduces FP exactly (same seeds), at every step
     assert summary["copy"]["mse_vs_fp"] == 0.0 and math.isinf(summary["copy"]["psnr_vs_fp"])
     assert psnr_text(summary["copy"]["psnr_vs_fp"]) == "identical" and psnr_text(summary[FP_NAME]["psnr_vs_fp"]) == "identical"
-    assert all(r["rel_mse"] < 1e-12 for r in cmp.step_error if r["variant"] == "copy")
+    assert all(r["rel_rms"] < 1e-12 for r in cmp.step_error if r["variant"] == "copy")
     # a bigger change gives bigger errors everywhere
     assert 0 < summary["small"]["mse_vs_fp"] < summary["large"]["mse_vs_fp"]
     assert summary["small"]["psnr_vs_fp"] > summary["large"]["psnr_vs_fp"]
-    step = lambda name: [r["rel_mse"] for r in cmp.step_error if r["variant"] == name]  # noqa: E731
+    step = lambda name: [r["rel_rms"] for r in cmp.step_error if r["variant"] == name]  # noqa: E731
     assert len(step("small")) == 4 and all(s < l for s, l in zip(step("small"), step("large")))
     drift = [r for r in cmp.drift if r["variant"] == "large"]
-    assert [r["step"] for r in drift] == [0, 1, 2, 3] and drift[-1]["rel_drift"] > 0
+    assert [r["step"] for r in drift] == [0, 1, 2, 3] and drift[-1]["rel_rms_drift"] > 0
     assert [r["t"] for r in drift] == [r["t"] for r in cmp.step_error if r["variant"] == "large"]
     assert len([r for r in cmp.image_errors if r["variant"] == "small"]) == 6
     assert cmp.label_agreement is None  # only the bundled digit model has a classifier

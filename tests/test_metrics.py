@@ -10,6 +10,7 @@ import scipy.linalg
 import torch
 
 from analysis import metrics as M
+from quant.measures import relative_rms
 
 
 @pytest.fixture(scope="module")
@@ -176,13 +177,13 @@ def test_per_timestep_error_zero_for_fp_and_positive_for_a_changed_model(tiny_bu
     same = M.per_timestep_error(ref, tiny_bundle.transformer, res.calibration)
     assert [r["step"] for r in same] == [0, 1, 2]
     assert [r["t"] for r in same] == res.calibration.timesteps
-    assert all(r["rel_mse"] < 1e-12 for r in same)
+    assert all(r["rel_rms"] < 1e-12 for r in same)
     other = copy.deepcopy(tiny_bundle.transformer)
     with torch.no_grad():
         other.proj_out_2.weight.mul_(1.1)
     changed = M.per_timestep_error(ref, other, res.calibration)
-    assert all(r["rel_mse"] > 1e-4 for r in changed)
-    assert M.relative_mse(torch.ones(3), torch.ones(3) * 2) == pytest.approx(0.25)
+    assert all(r["rel_rms"] > 1e-4 for r in changed)
+    assert relative_rms(torch.ones(3), torch.ones(3) * 2) == pytest.approx(0.5)
 
 
 def test_torch_fidelity_reads_a_verified_copy_of_the_inception_weights(tmp_path):

@@ -106,3 +106,22 @@ def test_non_finite_samples_are_an_error_naming_them(tiny_bundle):
         broken.proj_out_2.bias.fill_(float("inf"))
     with pytest.raises(NonFiniteError, match="sampled latents of images 0-1"):
         sample(tiny_bundle.with_transformer(broken), [1, 2], [0, 0], steps=2)
+
+
+def test_bundled_assets_are_package_data_found_through_importlib_resources():
+    """`pip install .` (not only -e) must find the bundled model: the files are the `assets` package's data,
+    looked up through importlib.resources, never relative to a source file."""
+    import importlib.resources
+    from pathlib import Path
+
+    from analysis.classifier import CLASSIFIER_DIR
+    from analysis.models import BUNDLED
+    from analysis.resources import asset_path
+
+    root = Path(str(importlib.resources.files("assets")))
+    assert asset_path() == root
+    assert BUNDLED["bundled:dit-mnist"] == root / "dit-mnist" and CLASSIFIER_DIR == root / "digit-classifier"
+    assert (root / "dit-mnist" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    source = Path(__file__).resolve().parents[1]
+    for module in ("analysis/models.py", "analysis/classifier.py"):
+        assert "parents[" not in (source / module).read_text(), module

@@ -30,7 +30,7 @@ def test_quantize_page_runs_ptq4dit_and_keeps_the_variant():
     v = variants["ptq4dit W8A8"]
     assert v.config.method == "ptq4dit" and v.report["calibration_rows"] == 2 * 5 * 2  # samples x steps x [c; u]
     assert v.bundle.quant_config["method"] == "ptq4dit"
-    assert any(m.label == "Relative error vs FP" and 0 < float(m.value) < 1 for m in at.metric)
+    assert any(m.label == "Relative RMS error vs FP" and 0 < float(m.value) < 1 for m in at.metric)
     charts = at.get("plotly_chart")
     # salience before/after, CSB vector, SSC weights, per-layer error, per-timestep error
     assert len(charts) == 5
@@ -98,3 +98,34 @@ def test_quantize_page_reconstruction_section():
     titles = " | ".join(c.proto.spec for c in at.get("plotly_chart"))
     assert "training loss per unit" in titles and "per-block output error before vs after" in titles
     assert any("trained units closer to FP" in c.value for c in at.caption)
+
+
+def test_quantize_form_shows_only_the_chosen_methods_options():
+    """The form is drawn from QuantConfig and the method registry: each method's own options appear only
+    when it is chosen, and options no face had before (symmetric, per-channel, percentile) are settable."""
+    from analysis.calibration import CALIBRATION_SEED
+
+    at = AppTest.from_file("../pages/quantize.py", default_timeout=600)
+    at.run()
+    keys = lambda: {w.key for kind in ("checkbox", "selectbox", "number_input", "select_slider", "text_input")  # noqa: E731
+                    for w in at.get(kind) if w.key}
+    shown = keys()
+    assert {"q_ssc", "q_ssc_rho"} <= shown and "q_alpha" not in shown  # ptq4dit first
+    assert {"q_w_symmetric", "q_a_symmetric", "q_w_per_channel", "q_percentile", "q_scale_search"} <= shown
+    at.selectbox(key="q_method").set_value("smoothquant")
+    at.run()
+    shown = keys()
+    assert "q_alpha" in shown and not {"q_ssc", "q_ssc_rho"} & shown
+    at.selectbox(key="q_method").set_value("baseline")
+    at.run()
+    assert not {"q_alpha", "q_ssc", "q_ssc_rho"} & keys()
+    at.selectbox(key="q_method").set_value("smoothquant")
+    at.run()
+    at.number_input(key="q_alpha").set_value(0.25)
+    at.checkbox(key="q_w_symmetric").check()
+    _set_small_calibration(at)
+    _submit(at)
+    assert not at.exception, at.exception
+    v = at.session_state["variants"]["smoothquant W8A8"]
+    assert v.config.options == {"alpha": 0.25} and v.config.w_symmetric
+    assert v.recipe.calibration.seed == CALIBRATION_SEED  # the page calibrates away from the evaluated seeds

@@ -1,4 +1,6 @@
 """quantize(): a new model (input untouched), TPQ routing per sample, config JSON, save/load round trip."""
+import copy
+import dataclasses
 import json
 
 import pytest
@@ -93,15 +95,25 @@ def test_act_quantizer_gathers_per_sample_parameters_directly():
 
 
 def test_config_json_round_trip_and_validation():
-    cfg = QuantConfig(method="ptq4dit", w_bits=4, a_bits=8, attn_bits=8, exclude=["proj_out_*"], ssc_rho="per_sample",
-                      scale_search="mse", tpq=True)
+    cfg = QuantConfig(method="ptq4dit", w_bits=4, a_bits=8, attn_bits=8, exclude=["proj_out_*"],
+                      options={"ssc_rho": "per_sample"}, scale_search="mse", tpq=True)
+    assert cfg.options == {"ssc": True, "ssc_rho": "per_sample"}  # the method's defaults filled in
     assert QuantConfig.from_json(cfg.to_json()) == cfg
     assert QuantConfig.from_dict(json.loads(cfg.to_json())).to_dict() == cfg.to_dict()
     for bad, msg in [(dict(method="gptq"), "unknown method"), (dict(w_bits=1), "w_bits"), (dict(a_bits=9), "a_bits"),
                      (dict(attn_bits=32), "attn_bits"), (dict(scale_search="x"), "scale_search"),
-                     (dict(ssc_rho="x"), "ssc_rho"), (dict(alpha=2.0), "alpha")]:
+                     (dict(method="ptq4dit", options={"ssc_rho": "x"}), "ssc_rho"),
+                     (dict(method="smoothquant", options={"alpha": 2.0}), "alpha"),
+                     (dict(method="baseline", options={"alpha": 0.5}), "baseline has no option"),
+                     (dict(percentile=50.0), "percentile"), (dict(recon_lr=0.0), "recon_lr")]:
         with pytest.raises(ValueError, match=msg):
-            QuantConfig(**bad).validate()
+            QuantConfig(**bad)  # a config checks itself when it is made
+    with pytest.raises(ValueError, match="w_bits"):
+        dataclasses.replace(cfg, w_bits=1)  # and when it is remade
+    # configs stored with the method options flat beside the common fields still load
+    old = {**{k: v for k, v in cfg.to_dict().items() if k != "options"}, "alpha": 0.5, "ssc": False,
+           "ssc_rho": "per_sample"}
+    assert QuantConfig.from_dict(old).options == {"ssc": False, "ssc_rho": "per_sample"}
     with pytest.raises(ValueError, match="unknown QuantConfig field"):
         QuantConfig.from_dict({"metod": "fp"})
     with pytest.raises(ValueError, match="JSON"):
@@ -142,3 +154,31 @@ def test_load_errors_name_the_problem(tmp_path):
     (tmp_path / "quant_config.json").write_text('{"format": "other"}')
     with pytest.raises(ModelLoadError, match="not a dqlab quantized model"):
         load_quantized(tmp_path)
+
+
+def test_timestep_hook_is_held_by_a_handle_and_never_stacks(tiny_bundle):
+    from quant.modules import calibrating, timestep_context
+    from quant.wrap import wrap_model
+
+    model = copy.deepcopy(tiny_bundle.transformer)
+    before = len(model._forward_pre_hooks)
+    wrap_model(model, QuantConfig(method="baseline"))
+    ctx = timestep_context(model)
+    assert len(model._forward_pre_hooks) == before + 1 and ctx.handle.id in model._forward_pre_hooks
+    wrap_model(model, QuantConfig(method="baseline"))  # wrapping again: still one timestep hook
+    assert timestep_context(model) is ctx and len(model._forward_pre_hooks) == before + 1
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 2])
+    model(x, timestep=t, class_labels=y)
+    assert ctx.t.tolist() == [10, 900]
+    ctx.remove()
+    assert len(model._forward_pre_hooks) == before
+    # calibrating(): observe on the FP weights, then finalize; the quantizers are back to quant mode after
+    timestep_context(model)
+    with calibrating(model) as quantizers:
+        assert quantizers and all(q.mode == "observe" for q in quantizers)
+        model(x, timestep=t, class_labels=y)
+    assert all(q.mode == "quant" and not q._rows for q in quantizers)
+    with pytest.raises(RuntimeError, match="boom"):
+        with calibrating(model) as quantizers:
+            raise RuntimeError("boom")
+    assert all(q.mode == "quant" and not q._rows for q in quantizers)

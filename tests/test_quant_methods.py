@@ -6,7 +6,8 @@ import torch
 from scipy.stats import spearmanr
 
 from quant.methods.dilatequant import dilation_vector
-from quant.methods.ptq4dit import calibrated_salience, csb_vector, spearman, ssc_weights
+from quant.measures import outlier_ratio, spearman
+from quant.methods.ptq4dit import calibrated_salience, csb_vector, ssc_weights
 from quant.methods.smoothquant import smoothing_vector
 
 
@@ -38,11 +39,27 @@ def test_weight_dilation_hand_case_and_zero_guard():
     assert torch.allclose(dilation_vector(w), torch.tensor([1.0, 1.0, 1.0, 4.0]))
 
 
-def test_spearman_matches_scipy():
+def test_one_spearman_matches_scipy_with_ties_everywhere_it_is_used():
+    """bf16 statistics hold many equal values: ties share their average rank (scipy), in the method and on the
+    Salience page alike, so the SSC figure and the page cannot disagree for a layer."""
+    from analysis.salience_measures import spearman as page_spearman
+
     torch.manual_seed(0)
-    x, wv = torch.rand(5, 30), torch.rand(30)
-    expected = torch.tensor([spearmanr(x[i].numpy(), wv.numpy()).statistic for i in range(5)], dtype=torch.float32)
-    assert torch.allclose(spearman(x, wv), expected, atol=1e-5)
+    x = torch.rand(6, 64).to(torch.bfloat16).float()  # bf16 rounding: ties in every row
+    w = torch.rand(64).to(torch.bfloat16).float()
+    assert all(len(torch.unique(r)) < 64 for r in x) and len(torch.unique(w)) < 64
+    expected = torch.tensor([spearmanr(x[i].numpy(), w.numpy()).statistic for i in range(6)], dtype=torch.float64)
+    assert torch.allclose(spearman(x, w), expected, atol=1e-12)
+    assert torch.allclose(ssc_weights(x, w)[1].double(), expected, atol=1e-6)  # what SSC weighs timesteps by
+    assert torch.allclose(torch.from_numpy(page_spearman(x.numpy(), w.numpy())), expected, atol=1e-12)
+    # ranked along any axis of the page's [T, C] arrays
+    assert torch.allclose(torch.from_numpy(page_spearman(x.T.numpy(), w[:, None].numpy(), axis=0)), expected,
+                          atol=1e-12)
+
+
+def test_outlier_ratio_is_max_over_numpy_median():
+    v = torch.tensor([[1.0, 2.0, 3.0, 10.0], [2.0, 2.0, 2.0, 2.0]])
+    assert torch.allclose(outlier_ratio(v), torch.tensor([10 / 2.5, 1.0], dtype=torch.float64))
 
 
 def test_ssc_weights_sum_to_one_and_favour_low_rho_timesteps():

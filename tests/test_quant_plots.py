@@ -26,11 +26,11 @@ def test_every_figure_draws_from_a_real_report_and_its_json(report):
         figs = [salience_before_after(r["salience"][group], group),
                 vector_figure(r["vectors"][group], group, "ptq4dit"),
                 ssc_figure(r["ssc"][group], group), layer_error_figure(r["layer_error"]),
-                timestep_error_figure(r["rel_error_per_timestep"])]
+                timestep_error_figure(r["rel_rms_per_timestep"])]
         for fig in figs:
             assert fig.layout.title.text and fig.data
             assert all(t.hovertemplate for t in fig.data)
-        assert len(figs[4].data[0].x) == len(r["rel_error_per_timestep"]) == 3
+        assert len(figs[4].data[0].x) == len(r["rel_rms_per_timestep"]) == 3
 
 
 def test_salience_panels_log_scale_and_sorted_channels():
@@ -79,3 +79,14 @@ def test_timestep_error_one_line_per_variant_noisiest_first():
     assert fig.layout.yaxis.type == "log" and fig.layout.showlegend
     single = timestep_error_figure({999: 0.1, 1: 0.5}, log=False)
     assert single.layout.yaxis.type == "linear" and not single.layout.showlegend
+
+
+def test_ssc_figure_draws_timesteps_in_sampling_order_as_its_axis_says():
+    """The method stores one entry per timestep in ascending t; the axis says noisiest (largest t) left, so
+    the figure reorders them (rho and eta move with their timestep)."""
+    fig = ssc_figure({"timesteps": [1, 500, 999], "rho": [-0.2, 0.1, 0.9], "eta": [0.43, 0.37, 0.2]}, "g")
+    bars = next(t for t in fig.data if t.type == "bar")
+    line = next(t for t in fig.data if t.type == "scatter")
+    assert list(bars.x) == ["999", "500", "1"] and list(bars.y) == [0.2, 0.37, 0.43]
+    assert list(line.y) == [0.9, 0.1, -0.2]
+    assert "noisiest (largest t) left" in fig.layout.xaxis.title.text

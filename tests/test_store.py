@@ -1,6 +1,7 @@
 """The run store: round trip, filters, and consistency when a job dies mid-write."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -117,3 +118,20 @@ def test_data_dir_default_and_env_override(tmp_path, monkeypatch):
     store = Store()
     assert store.data_dir == tmp_path / "elsewhere" and store.db_path.exists()
     assert Store(tmp_path / "arg").data_dir == tmp_path / "arg"  # an argument beats the environment
+
+
+def test_a_store_made_before_recipes_opens_and_gains_the_recipe_column(tmp_path):
+    import sqlite3
+
+    from analysis import store as store_module
+
+    old_schema = store_module._SCHEMA.replace(",\n    recipe TEXT", "")
+    assert "recipe" not in old_schema
+    with sqlite3.connect(tmp_path / store_module.DB_NAME) as conn:
+        conn.executescript(old_schema)
+    store = Store(tmp_path)
+    old = store.get(store.add(_record()))
+    assert old.recipe is None
+    recipe = {"source": "bundled:dit-mnist", "config": {"method": "baseline"}, "calibration": {"seed": 1000000}}
+    new = store.get(store.add(dataclasses.replace(_record(), recipe=recipe)))
+    assert new.recipe == recipe

@@ -3,8 +3,9 @@
     dqlab quantize --method ptq4dit --w-bits 4 --a-bits 8 --out runs/ptq4dit-w4a8 --json
     dqlab sample --model runs/ptq4dit-w4a8 --out grid.png        # the saved folder loads like any model
 
-rel_error is ||eps_q - eps_fp|| / ||eps_fp|| of the noise prediction over the calibration inputs (the FP
-model's own sampling trajectory), so it measures the quantized model on the inputs it was calibrated on.
+rel_rms is the relative RMS error ||eps_q - eps_fp|| / ||eps_fp|| of the noise prediction over the calibration
+inputs (the FP model's own sampling trajectory), so it measures the quantized model on the inputs it was
+calibrated on. The saved folder holds the recipe (source, config, calibration) that rebuilds it.
 """
 from __future__ import annotations
 
@@ -13,68 +14,66 @@ import sys
 import time
 from pathlib import Path
 
-from analysis.cli import CLIError, add_common, add_guidance, emit
+from analysis.cli import CLIError, add_common, add_guidance, emit, finite_float
+from analysis.calibration import CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS
 
-# Calibration images use other seeds than the ones `dqlab eval` scores (it starts at 0), as evaluate does.
-CALIB_SEED = 1_000_000
 REPORT_FILE = "quant_report.json"  # written beside the model; loading ignores it
 
 
 def add_quant_options(p, default_method: str = "ptq4dit"):
-    """The QuantConfig fields as options. Values are checked by QuantConfig.validate (one clear line)."""
-    q = p.add_argument_group("quantization")
-    q.add_argument("--method", default=default_method,
-                   help="fp, baseline, smoothquant, ptq4dit or dilatequant (default: %(default)s)")
-    q.add_argument("--w-bits", type=int, default=8, help="weight bits, 2-8; 16 = float (default: %(default)s)")
-    q.add_argument("--a-bits", type=int, default=8, help="activation bits, 2-8; 16 = float (default: %(default)s)")
-    q.add_argument("--attn-bits", type=int, default=None,
-                   help="bits of the attention operands q, k, v and softmax output (default: float)")
-    q.add_argument("--tpq", action="store_true", default=None,
-                   help="one activation range per timestep (default: on for dilatequant only)")
-    q.add_argument("--no-tpq", dest="tpq", action="store_false", help="one activation range for all timesteps")
-    q.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (default: %(default)s)")
-    q.add_argument("--no-ssc", dest="ssc", action="store_false",
-                   help="PTQ4DiT without Spearman salience calibration (plain max over calibration data)")
-    q.add_argument("--ssc-rho", default="per_timestep",
-                   help="per_timestep or per_sample (the official code's) Spearman rho (default: %(default)s)")
-    q.add_argument("--scale-search", default="minmax",
-                   help="clip-range search: minmax, percentile or mse (default: %(default)s)")
-    q.add_argument("--percentile", type=float, default=99.99,
-                   help="percentile for --scale-search percentile (default: %(default)s)")
-    q.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                   help="leave matching layers in float: an fnmatch pattern such as '*.ff.net.2' or a module "
-                        "name such as transformer_blocks.0 (repeatable)")
-    r = p.add_argument_group("block-wise optimization (after calibration)")
-    r.add_argument("--recon", default="none",
-                   help="none, adaround (PTQ4DiT's reconstruction: learned rounding + activation steps) or bkd "
-                        "(DilateQuant's block-wise distillation: weights, weight steps, per-timestep activation "
-                        "parameters) (default: %(default)s)")
-    # None: QuantConfig's default (one place holds the defaults; the CLI does not import torch to show --help)
-    r.add_argument("--recon-iters", type=int, default=None,
-                   help="optimization steps per block (PTQ4DiT: 20000, DilateQuant: 5000; default: 200)")
-    r.add_argument("--recon-batch", type=int, default=None, help="calibration rows per step (default: 32)")
-    r.add_argument("--recon-rows", type=int, default=None,
-                   help="calibration rows drawn across timesteps for the optimization (default: 256)")
-    r.add_argument("--recon-input", default=None,
-                   help="quantized (each block sees the quantized prefix's output) or fp (default: quantized)")
-    r.add_argument("--recon-lr", type=float, default=None,
-                   help="lr of the rounding variables (adaround) or weights and weight steps (bkd) "
-                        "(default: the mode's)")
-    r.add_argument("--recon-act-lr", type=float, default=None,
-                   help="lr of the activation step sizes (and zero points in bkd) (default: the mode's)")
-    return q
+    """QuantConfig's fields and every method's own options as flags, derived from their declarations
+    (quant.options): nothing here names an option. A method's option defaults to unset, so only the ones
+    given reach the config, and one that the chosen method does not have is refused by name."""
+    import argparse
+
+    from quant.config import QuantConfig
+    from quant.methods import REGISTRY, all_options
+
+    groups = {"quantization": p.add_argument_group("quantization"),
+              "recon": p.add_argument_group("block-wise optimization (after calibration)")}
+    for opt in QuantConfig.describe():
+        default = default_method if opt.name == "method" else opt.default
+        _add_flag(groups[opt.group], opt, default, argparse)
+    groups["quantization"].description = "methods: " + "; ".join(f"{m.name}: {m.help}" for m in REGISTRY.values())
+    for opt in all_options():
+        _add_flag(groups[opt.group], opt, None, argparse)
+    return groups["quantization"]
+
+
+def _add_flag(group, opt, default, argparse) -> None:
+    owner = f"{opt.method} only; " if opt.method else ""
+    shown = "unset" if default is None else ("none" if default == [] else default)
+    text = f"{opt.help} ({owner}default: {shown})".replace("%", "%%")
+    if opt.kind in ("bool", "tristate"):
+        group.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction, default=default, help=text)
+    elif opt.kind == "patterns":
+        group.add_argument(opt.flag, dest=opt.name, action="append", default=None, metavar="PATTERN",
+                           help=text + "; repeatable")
+    else:
+        kind = {"int": int, "bits": int, "float": finite_float(), "optional_float": finite_float()}.get(opt.kind, str)
+        # choices are checked by QuantConfig, so a bad value gets the same message from every face
+        choices = f"; one of {', '.join(map(str, opt.choices))}" if opt.choices else ""
+        group.add_argument(opt.flag, dest=opt.name, type=kind, default=default,
+                           help=text.replace(" (", choices + " (", 1) if choices else text)
 
 
 def config_from_args(args):
-    from quant.api import QuantConfig
+    """The QuantConfig the flags describe; a flag of another method than --method is an error naming both."""
+    from quant.config import QuantConfig
+    from quant.methods import all_options
 
-    recon = {k: v for k, v in (("recon_iters", args.recon_iters), ("recon_batch", args.recon_batch),
-                               ("recon_rows", args.recon_rows), ("recon_input", args.recon_input),
-                               ("recon_lr", args.recon_lr), ("recon_act_lr", args.recon_act_lr)) if v is not None}
-    return QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, attn_bits=args.attn_bits,
-                       tpq=args.tpq, alpha=args.alpha, ssc=args.ssc, ssc_rho=args.ssc_rho,
-                       scale_search=args.scale_search, percentile=args.percentile,
-                       exclude=list(args.exclude), recon=args.recon, **recon).validate()
+    fields = {o.name: getattr(args, o.name) for o in QuantConfig.describe()}
+    fields["exclude"] = list(fields["exclude"] or [])
+    options = {}
+    for opt in all_options():
+        value = getattr(args, opt.name)
+        if value is None:
+            continue
+        if opt.method != args.method:
+            raise CLIError(f"{opt.flag} is an option of {opt.method}, not of {args.method}; drop it or pass "
+                           f"--method {opt.method}")
+        options[opt.name] = value
+    return QuantConfig(**fields, options=options)
 
 
 def check_excludes(bundle, config) -> None:
@@ -92,11 +91,13 @@ def register(sub) -> None:
     add_common(p)
     add_quant_options(p)
     c = p.add_argument_group("calibration")
-    c.add_argument("--calib-samples", type=int, default=None,
-                   help="images sampled with the FP model for calibration (default: the pipeline's, 10)")
-    c.add_argument("--calib-steps", type=int, default=50,
+    c.add_argument("--calib-samples", type=int, default=DEFAULT_CAL_SAMPLES,
+                   help="images sampled with the FP model for calibration (default: %(default)s)")
+    c.add_argument("--calib-steps", type=int, default=DEFAULT_CAL_STEPS,
                    help="sampling steps of the calibration run; TPQ keeps one range per step (default: %(default)s)")
-    c.add_argument("--calib-seed", type=int, default=CALIB_SEED, help="first calibration seed (default: %(default)s)")
+    c.add_argument("--calib-seed", type=int, default=CALIBRATION_SEED,
+                   help="first calibration seed; evaluations sample from seed 0, so the default keeps calibration "
+                        "and evaluation images apart (default: %(default)s)")
     add_guidance(c, "the evaluation guidance (the FID protocol), which calibration should match")
     c.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
     c.add_argument("--batch-size", type=int, default=64, help="calibration rows per forward (default: %(default)s)")
@@ -118,16 +119,20 @@ def _check_out(out: Path | None) -> None:
 
 
 def run(args) -> dict:
-    from analysis.models import load
-    from analysis.quantize_pipeline import DEFAULT_CAL_SAMPLES, calibration_for, quantize_bundle
     from analysis.bundle_io import save_quantized
+    from analysis.calibration import CalibrationSpec
+    from analysis.models import load
+    from analysis.quantize_pipeline import quantize_bundle
 
     config = config_from_args(args)
-    calib_samples = DEFAULT_CAL_SAMPLES if args.calib_samples is None else args.calib_samples
-    if calib_samples < 1:
-        raise CLIError(f"--calib-samples must be at least 1, got {calib_samples}")
-    if not 1 <= args.calib_steps <= 1000:
-        raise CLIError(f"--calib-steps must be between 1 and 1000, got {args.calib_steps}")
+    try:
+        spec = CalibrationSpec(seed=args.calib_seed, images=args.calib_samples, steps=args.calib_steps,
+                               guidance=args.guidance, scheduler=args.scheduler)
+    except ValueError as exc:
+        flags = {"seed": "--calib-seed", "images": "--calib-samples", "steps": "--calib-steps",
+                 "guidance": "--guidance", "scheduler": "--scheduler"}
+        flag = next((f for name, f in flags.items() if str(exc).startswith(f"calibration {name} ")), None)
+        raise CLIError(f"{exc} ({flag})" if flag else str(exc)) from None
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     _check_out(args.out)
@@ -139,36 +144,32 @@ def run(args) -> dict:
     show = None
     if sys.stderr.isatty():
         show = lambda stage, frac: print(f"\r[{frac:6.1%}] {stage[:70]:<70}", end="", file=sys.stderr)  # noqa: E731
-    on_step = (lambda d, n: show("sampling calibration inputs", 0.6 * d / n)) if show else None  # noqa: E731
-    start = time.perf_counter()
-    calibration = calibration_for(bundle, steps=args.calib_steps, num_samples=calib_samples, guidance=args.guidance,
-                                  seed=args.calib_seed, scheduler=args.scheduler, on_step=on_step)
-    cal_seconds = time.perf_counter() - start
-    variant = quantize_bundle(bundle, config, calibration, on_progress=show, batch_size=args.batch_size,
+    variant = quantize_bundle(bundle, config, spec, on_progress=show, batch_size=args.batch_size,
                               on_recon=None if show else recon_lines(config))
     if show:
         print(file=sys.stderr)
     r = variant.report
+    cal = r["calibration"]
     out = {"model": args.model, "method": config.method, "label": config.label, "w_bits": config.w_bits,
            "a_bits": config.a_bits, "attn_bits": config.attn_bits, "tpq": r["tpq"],
            # seconds: the whole job's wall time; its named parts beside it
-           "seconds": round(cal_seconds + r["seconds"], 3), "quantize_seconds": r["seconds"],
-           "cpu_seconds": r["cpu_seconds"], "calibration_seconds": round(cal_seconds, 3),
-           "calibration_rows": r["calibration_rows"], "calibration_steps": args.calib_steps,
-           "calibration_samples": calib_samples, "layers_quantized": r["layers_quantized"],
+           "seconds": r["total_seconds"], "quantize_seconds": r["seconds"],
+           "cpu_seconds": r["cpu_seconds"], "calibration_seconds": r["calibration_seconds"],
+           "calibration_rows": r["calibration_rows"], "calibration_steps": cal["steps"],
+           "calibration_samples": cal["images"], "calibration": cal, "layers_quantized": r["layers_quantized"],
            "weight_bytes": r["weight_bytes"], "fp_weight_bytes": r["fp_weight_bytes"],
-           "rel_error": r["rel_error"], "rel_error_per_timestep": r["rel_error_per_timestep"],
+           "rel_rms": r["rel_rms"], "rel_rms_per_timestep": r["rel_rms_per_timestep"],
            "layer_error": r["layer_error"], "config": config.to_dict(), "recon": recon_summary(r["recon"]),
            "balance": r["balance"],
            "out": None}
     if args.out is not None:
-        folder = save_quantized(variant.bundle, config, args.out, base_source=args.model)
+        folder = save_quantized(variant.bundle, config, args.out, base_source=args.model, recipe=variant.recipe)
         out["out"] = str(folder)
         (folder / REPORT_FILE).write_text(json.dumps(out, indent=2, default=str))
     mb = lambda n: f"{n / 2 ** 20:.2f} MiB"  # noqa: E731
-    human = (f"{config.label}: rel_error {r['rel_error']:.4g} vs FP, {r['layers_quantized']} layers, "
+    human = (f"{config.label}: relative RMS error {r['rel_rms']:.4g} vs FP, {r['layers_quantized']} layers, "
              f"{mb(r['weight_bytes'])} (FP {mb(r['fp_weight_bytes'])}), {out['seconds']:.1f}s "
-             f"({cal_seconds:.1f}s calibration sampling + {r['seconds']:.1f}s quantization)"
+             f"({r['calibration_seconds']:.1f}s calibration sampling + {r['seconds']:.1f}s quantization)"
              + (f" -> {out['out']}" if out["out"] else "") + "\n" + balance_lines(r["balance"]))
     if out["recon"]:
         rs = out["recon"]

@@ -11,7 +11,6 @@ On a contended machine `--threads 1` also avoids torch's worker threads waiting 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 from analysis.cli import CLIError, add_common, add_guidance, emit
@@ -40,13 +39,12 @@ def register(sub) -> None:
 
 
 def run(args) -> dict:
-    import numpy as np
     import torch
 
     from analysis.models import load
-    from analysis.salience import SalienceConfig, base_name, collect
-    from analysis.salience_measures import layer_difficulty, profile_by_kind
-    from analysis.sampling import parse_int_list, sample
+    from analysis.salience import SalienceConfig, collect_timed
+    from analysis.salience_measures import hardest_layers, profile_by_kind
+    from analysis.sampling import parse_int_list
 
     if not 1 <= args.steps <= 1000:
         raise CLIError(f"--steps must be between 1 and 1000, got {args.steps}")
@@ -67,44 +65,15 @@ def run(args) -> dict:
                             per_sample=not args.reduce_samples, attention=args.attention, layers=args.layers,
                             mse_bits=mse_bits)
     config.validate(bundle)
-    labels, seeds = config.sample_labels(bundle.num_classes), config.seeds()
     say = (lambda text: print(text, file=sys.stderr)) if sys.stderr.isatty() else (lambda text: None)  # noqa: E731
 
-    # Warm-up: the first forward pays one-off allocation costs that would otherwise bias the first timed pass.
-    sample(bundle, labels and labels[:1], seeds[:1], steps=1, guidance=config.guidance, scheduler=config.scheduler, decode=False)
-    plain, collecting, plain_cpu, collecting_cpu, stats = [], [], [], [], None
-    for r in range(args.repeats):
-        if not args.no_baseline:
-            say(f"plain sampling pass {r + 1}/{args.repeats} ...")
-            t0, c0 = time.perf_counter(), time.process_time()
-            sample(bundle, labels, seeds, steps=config.steps, guidance=config.guidance, scheduler=config.scheduler,
-                   batch_size=config.batch_size, decode=False)
-            plain.append(time.perf_counter() - t0)
-            plain_cpu.append(time.process_time() - c0)
-        say(f"collecting pass {r + 1}/{args.repeats} ...")
-        stats = collect(bundle, config)
-        collecting.append(stats.info["seconds"])
-        collecting_cpu.append(stats.info["cpu_seconds"])
-    seconds = min(collecting)
-    overhead = round(seconds / min(plain), 3) if plain else None
-    cpu_overhead = round(min(collecting_cpu) / min(plain_cpu), 3) if plain_cpu else None
-    # Each repeat times a plain pass right before a collecting one; the median of those pairs' ratios is less
-    # sensitive than the ratio of the minima to a burst of load from other processes.
-    paired = round(float(np.median([c / p for c, p in zip(collecting, plain)])), 3) if plain else None
-    stats.info.update(overhead_vs_sampling=overhead, cpu_overhead_vs_sampling=cpu_overhead, plain_seconds=plain,
-                      collect_seconds=collecting)
+    stats, timing = collect_timed(bundle, config, repeats=args.repeats, baseline=not args.no_baseline, say=say)
+    seconds, plain = timing["seconds"], timing["plain_seconds"]
+    overhead, cpu_overhead = timing["overhead_vs_sampling"], timing["cpu_overhead_vs_sampling"]
     written = None
     if args.out is not None:
         written = stats.save(args.out)
-    difficulty = layer_difficulty(stats)
-    # A module's second call in a forward ("name@2", block 0's embedding) repeats its first call's statistics
-    # in diffusers' DiT; listing both would spend two of the five places on one layer.
-    repeats_first = [k for k in difficulty["layer"] if base_name(k) != k and base_name(k) in stats.act_absmax
-                     and np.array_equal(stats.act_absmax[k], stats.act_absmax[base_name(k)])]
-    hardest = [{"layer": r.layer, "kind": r.kind, "act_outlier_ratio": round(r.act_outlier_ratio, 3),
-                "weight_outlier_ratio": None if r.weight_outlier_ratio != r.weight_outlier_ratio
-                else round(r.weight_outlier_ratio, 3)}
-               for r in difficulty[~difficulty["layer"].isin(repeats_first)].head(5).itertuples()]
+    hardest = hardest_layers(stats)
     profile = profile_by_kind(stats).round(3).to_dict(orient="records")
     summary = {"model": args.model, "device": str(bundle.device), "threads": torch.get_num_threads(),
                "layers": len(stats.layers), "timesteps": len(stats.timesteps), "samples": args.samples,
@@ -112,11 +81,11 @@ def run(args) -> dict:
                "steps": args.steps, "guidance": stats.info["guidance"], "scheduler": args.scheduler,
                "seconds": round(seconds, 3), "sampling_seconds": round(min(plain), 3) if plain else None,
                "overhead_vs_sampling": overhead, "cpu_overhead_vs_sampling": cpu_overhead,
-               "overhead_paired_median": paired, "repeats": args.repeats,
+               "overhead_paired_median": timing["overhead_paired_median"], "repeats": args.repeats,
                "plain_seconds_all": [round(v, 3) for v in plain],
-               "collect_seconds_all": [round(v, 3) for v in collecting],
-               "plain_cpu_seconds_all": [round(v, 3) for v in plain_cpu],
-               "collect_cpu_seconds_all": [round(v, 3) for v in collecting_cpu],
+               "collect_seconds_all": [round(v, 3) for v in timing["collect_seconds"]],
+               "plain_cpu_seconds_all": [round(v, 3) for v in timing["plain_cpu_seconds"]],
+               "collect_cpu_seconds_all": [round(v, 3) for v in timing["collect_cpu_seconds"]],
                "mse_bits": list(stats.mse_bits), "mse_seconds": round(stats.info.get("mse_seconds", 0.0), 3),
                "hardest_layers": hardest, "profile_by_kind": profile,
                "out": str(written) if written else None,

@@ -24,14 +24,15 @@ def _lines(rows: list[dict], value: str, title: str, ytitle: str, log: bool = Tr
 
 
 def step_error_figure(step_error: list[dict]) -> go.Figure:
-    """Relative MSE of each variant's noise prediction vs FP, on the FP trajectory's inputs."""
-    return _lines(step_error, "rel_mse", "Noise-prediction error vs FP at each step (same inputs)", "relative MSE")
+    """Relative RMS error of each variant's noise prediction vs FP, on the FP trajectory's inputs."""
+    return _lines(step_error, "rel_rms", "Noise-prediction error vs FP at each step (same inputs)",
+                  "relative RMS error ||eps_q - eps|| / ||eps||")
 
 
 def drift_figure(drift: list[dict]) -> go.Figure:
     """Relative distance of each variant's x_t from FP's x_t, along the variant's own trajectory."""
-    return _lines(drift, "rel_drift", "Drift of x_t from FP along each variant's own trajectory",
-                  "||x_t - x_t(FP)||² / ||x_t(FP)||²")
+    return _lines(drift, "rel_rms_drift", "Drift of x_t from FP along each variant's own trajectory",
+                  "relative RMS ||x_t - x_t(FP)|| / ||x_t(FP)||")
 
 
 def metrics_figure(rows: list[dict]) -> go.Figure:

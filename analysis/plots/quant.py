@@ -6,7 +6,7 @@ salience_before_after   per-channel max|X_j| and max|W_j| of a balanced group be
 vector_figure           the balancing (CSB, SmoothQuant) or dilation (WD) vector b per channel
 ssc_figure              PTQ4DiT's Spearman rho and softmax weight eta per timestep for a group
 layer_error_figure      each quantized layer's relative output error on its own (FP) input
-timestep_error_figure   relative noise-prediction error vs FP per timestep, one line per variant
+timestep_error_figure   relative RMS noise-prediction error vs FP per timestep, one line per variant
 
 Channel profiles are single SVG line traces (fine at DiT-XL/2's 1152-4608 channels); layer bars are one trace.
 """
@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import numpy as np
 import plotly.graph_objects as go
+import torch
 from plotly.subplots import make_subplots
+
+from quant.measures import outlier_ratio
 
 _MARGIN = dict(l=10, r=10, t=60, b=10)
 _FLOOR = 1e-12  # log axes cannot show 0; a dead channel is drawn at this floor
 
 # What the folded vector means per method (legend and title wording).
-VECTOR_NAMES = {"ptq4dit": "CSB balancing b_j = sqrt(s~(X_j) / s(W_j))",
-                "smoothquant": "SmoothQuant b_j = s(X_j)^alpha / s(W_j)^(1-alpha)",
-                "dilatequant": "weight dilation s_j (>= 1; 1 on saturated channels)"}
-
-
 def _short(layer: str) -> str:
     return layer.replace("transformer_blocks.", "b").replace("norm1.emb.timestep_embedder.", "temb.")
 
@@ -34,9 +32,11 @@ def _pos(values) -> np.ndarray:
 
 
 def _ratio(values) -> float:
+    """max / median (quant.measures.outlier_ratio); NaN for an empty or all-zero profile."""
     v = np.asarray(values, dtype=float)
-    med = float(np.median(v)) if v.size else 0.0
-    return float(v.max() / med) if med > 0 else float("nan")
+    if not v.size or not np.median(v) > 0:
+        return float("nan")
+    return float(outlier_ratio(torch.from_numpy(v)))
 
 
 def salience_before_after(salience: dict, group: str, sort: bool = False) -> go.Figure:
@@ -74,7 +74,9 @@ def vector_figure(vector, group: str, method: str | None = None) -> go.Figure:
     and its weight column multiplied by b_j."""
     b = np.asarray(vector, dtype=float)
     chan = np.arange(b.size)
-    name = VECTOR_NAMES.get(method or "", "per-channel vector b_j")
+    from quant.methods import REGISTRY
+
+    name = REGISTRY[method].vector if method in REGISTRY else "per-channel vector b_j"
     moved = int(np.sum(np.abs(b - 1.0) > 1e-6))
     fig = go.Figure(go.Scatter(x=chan, y=_pos(b), mode="lines+markers" if b.size <= 256 else "lines",
                                marker=dict(size=3), line=dict(width=1), name="b_j",
@@ -93,9 +95,13 @@ def ssc_figure(ssc: dict, group: str) -> go.Figure:
     and the resulting weight eta = softmax(-rho) (bars, right axis); low rho = complementary = weighs most.
 
     ssc: report["ssc"][group] with timesteps, rho, eta (per timestep, or per calibration row)."""
-    t = [str(int(v)) for v in ssc["timesteps"]]
+    steps = np.asarray(ssc["timesteps"], dtype=np.int64)
     rho, eta = np.asarray(ssc["rho"], dtype=float), np.asarray(ssc["eta"], dtype=float)
-    per_sample = len(set(t)) < len(t)
+    per_sample = len(set(steps.tolist())) < len(steps)
+    if not per_sample:  # one entry per timestep, stored in ascending t: draw them in sampling order instead
+        order = np.argsort(-steps, kind="stable")
+        steps, rho, eta = steps[order], rho[order], eta[order]
+    t = [str(int(v)) for v in steps]
     x = list(range(len(t))) if per_sample else t
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(go.Bar(x=x, y=eta, name="eta (weight)", marker_color="#9ecae1", customdata=t,
@@ -105,8 +111,8 @@ def ssc_figure(ssc: dict, group: str) -> go.Figure:
                              hovertemplate="t=%{customdata}<br>rho = %{y:.3f}<extra></extra>"), secondary_y=False)
     fig.update_yaxes(title_text="Spearman rho (-1 to 1)", secondary_y=False)
     fig.update_yaxes(title_text="eta = softmax(-rho), sums to 1", secondary_y=True, rangemode="tozero")
-    fig.update_xaxes(title_text="calibration row (timestep in hover)" if per_sample
-                     else "timestep t (sampling order, noisiest left)", type="category")
+    fig.update_xaxes(title_text="calibration row in recording order (timestep in hover)" if per_sample
+                     else "timestep t, in sampling order: noisiest (largest t) left", type="category")
     fig.update_layout(title=f"{group}: salience calibration (SSC) weights", height=380, margin=_MARGIN,
                       legend=dict(orientation="h", y=-0.2))
     return fig
@@ -141,18 +147,18 @@ def layer_error_figure(layer_error: dict, title: str = "Per-layer relative outpu
 
 
 def timestep_error_figure(per_timestep: dict, log: bool = True) -> go.Figure:
-    """Relative noise-prediction error vs FP at each calibrated timestep.
+    """Relative RMS error of the noise prediction vs FP at each calibrated timestep (report["rel_rms_per_timestep"]).
 
     per_timestep: {t: error} for one run, or {variant name: {t: error}} for several (one line each);
     timestep keys may be int or str (JSON)."""
     first = next(iter(per_timestep.values()), None)
-    series = per_timestep if isinstance(first, dict) else {"rel_error": per_timestep}
+    series = per_timestep if isinstance(first, dict) else {"rel_rms": per_timestep}
     fig = go.Figure()
     for name, errs in series.items():
         pts = sorted(((int(t), float(e)) for t, e in errs.items()), reverse=True)  # noisiest first
         fig.add_trace(go.Scatter(x=[str(t) for t, _ in pts], y=[max(e, _FLOOR) for _, e in pts], name=name,
                                  mode="lines+markers",
-                                 hovertemplate="t=%{x}<br>rel. error %{y:.4g}<extra>" + name + "</extra>"))
+                                 hovertemplate="t=%{x}<br>rel. RMS error %{y:.4g}<extra>" + name + "</extra>"))
     fig.update_layout(title="Noise-prediction error vs FP per timestep (calibration inputs)",
                       xaxis=dict(title="timestep t (sampling order, noisiest left)", type="category"),
                       yaxis_title="||eps_q - eps|| / ||eps||", yaxis_type="log" if log else "linear",

@@ -1,8 +1,10 @@
 """baseline: plain post-training quantization (min-max / percentile / MSE ranges), no channel balancing."""
-NAME = "baseline"
-QUANTIZES = True
-NEEDS_ACTIVATIONS = False  # vectors from weights only: no extra FP pass
+from quant.methods import Method
 
 
-def compute(model, groups, stats, config) -> dict:
+def compute(model, groups, stats, options) -> dict:
     return {}
+
+
+METHOD = Method(name="baseline", compute=compute, order=1,
+                help="plain post-training quantization: static min-max (or searched) ranges, no channel balancing")

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from quant.methods import GroupVector, Method
 from quant.reparam import group_weight
-
-NAME = "dilatequant"
-QUANTIZES = True
-NEEDS_ACTIVATIONS = False  # vectors from weights only: no extra FP pass
 
 
 def dilation_vector(w: torch.Tensor) -> torch.Tensor:
@@ -35,8 +32,11 @@ def dilation_vector(w: torch.Tensor) -> torch.Tensor:
     return s.clamp_min(1.0).float()
 
 
-def compute(model, groups, stats, config) -> dict:
-    out = {}
-    for g in groups:
-        out[g.name] = {"b": dilation_vector(group_weight(model, g).float().cpu())}
-    return out
+def compute(model, groups, stats, options) -> dict[str, GroupVector]:
+    return {g.name: GroupVector(dilation_vector(group_weight(model, g).float().cpu())) for g in groups}
+
+
+METHOD = Method(name="dilatequant", compute=compute, tpq_default=True, order=4,
+                help="DilateQuant: weight dilation (WD) from the weights alone, with per-timestep activation "
+                     "ranges (TPQ) on by default",
+                vector="weight dilation s_j (>= 1; 1 on saturated channels)")

@@ -1,8 +1,10 @@
 """fp: no quantization; the engine returns an unmodified copy (the reference every variant is compared with)."""
-NAME = "fp"
-QUANTIZES = False
-NEEDS_ACTIVATIONS = False  # vectors from weights only: no extra FP pass
+from quant.methods import Method
 
 
-def compute(model, groups, stats, config) -> dict:
+def compute(model, groups, stats, options) -> dict:
     return {}
+
+
+METHOD = Method(name="fp", help="no quantization: the floating-point reference", compute=compute, quantizes=False,
+                order=0)

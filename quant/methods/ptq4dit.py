@@ -12,32 +12,34 @@ weight salience is over the concatenated q, k, v weights; to_out.0; fc1 (ff.net.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from quant.measures import spearman, weight_salience
+from quant.methods import GroupVector, Method, checked
 from quant.methods.common import safe_ratio_vector, salience_over_all, salience_per_timestep
+from quant.options import option
 from quant.reparam import group_weight
 
-NAME = "ptq4dit"
-QUANTIZES = True
-NEEDS_ACTIVATIONS = True  # needs s(X) from an FP pass before folding
+RHO_MODES = ("per_timestep", "per_sample")
 
 
-def ranks(x: torch.Tensor) -> torch.Tensor:
-    """Rank of every entry along the last dim (0 = smallest), ties broken by position."""
-    return x.argsort(dim=-1).argsort(dim=-1).to(torch.float64)
+@dataclasses.dataclass
+class Options:
+    ssc: bool = option(True, "Salience calibration (SSC)", "weight timesteps by softmax(-Spearman rho) of "
+                       "activation vs weight salience; off = plain max over the calibration data")
+    ssc_rho: str = option("per_timestep", "SSC rho", "per_timestep (the paper's equations: one rho per timestep) "
+                          "or per_sample (the official code: one rho per calibration row)", choices=RHO_MODES)
 
-
-def spearman(x_sal: torch.Tensor, w_sal: torch.Tensor) -> torch.Tensor:
-    """Spearman rho between each row of x_sal [R, C] and w_sal [C]: Pearson correlation of the ranks."""
-    rx, rw = ranks(x_sal), ranks(w_sal)[None, :]
-    rx, rw = rx - rx.mean(-1, keepdim=True), rw - rw.mean(-1, keepdim=True)
-    den = rx.norm(dim=-1) * rw.norm(dim=-1)
-    return ((rx * rw).sum(-1) / den.clamp_min(1e-12)).float()
+    def __post_init__(self):
+        checked(self)
 
 
 def ssc_weights(x_sal: torch.Tensor, w_sal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eta, rho): eta = softmax(-rho) over the rows of x_sal [R, C] (timesteps or samples); sums to 1."""
-    rho = spearman(x_sal, w_sal)
+    """(eta, rho): eta = softmax(-rho) over the rows of x_sal [R, C] (timesteps or samples); sums to 1.
+    A row whose salience is constant has no ranking (rho NaN) and counts as uncorrelated (rho 0)."""
+    rho = torch.nan_to_num(spearman(x_sal, w_sal), nan=0.0).float()
     return torch.softmax(-rho, dim=0), rho
 
 
@@ -61,10 +63,15 @@ def csb_vector(x_tilde: torch.Tensor, w_sal: torch.Tensor) -> torch.Tensor:
     return safe_ratio_vector(torch.sqrt(x_tilde / w_sal))
 
 
-def compute(model, groups, stats, config) -> dict:
+def compute(model, groups, stats, options: Options) -> dict[str, GroupVector]:
     out = {}
     for g in groups:
-        w_sal = group_weight(model, g).abs().amax(dim=0).float().cpu()
-        x_tilde, extras = calibrated_salience(stats.absmax[g.name], stats.t, w_sal, config.ssc, config.ssc_rho)
-        out[g.name] = {"b": csb_vector(x_tilde, w_sal), "x_tilde": x_tilde, **extras}
+        w_sal = weight_salience(group_weight(model, g)).float().cpu()
+        x_tilde, extras = calibrated_salience(stats.absmax[g.name], stats.t, w_sal, options.ssc, options.ssc_rho)
+        out[g.name] = GroupVector(csb_vector(x_tilde, w_sal), {"x_tilde": x_tilde, **extras})
     return out
+
+
+METHOD = Method(name="ptq4dit", compute=compute, options=Options, needs_activations=True, order=3,
+                help="PTQ4DiT: channel salience balancing (CSB) with Spearman-weighted salience over timesteps (SSC)",
+                vector="CSB balancing b_j = sqrt(s~(X_j) / s(W_j))")

@@ -5,22 +5,37 @@ rows of |W_oj|. Applied to the same foldable groups as PTQ4DiT so the comparison
 """
 from __future__ import annotations
 
+import dataclasses
+
+from quant.measures import weight_salience
+from quant.methods import GroupVector, Method, checked
 from quant.methods.common import safe_ratio_vector, salience_over_all
+from quant.options import option
 from quant.reparam import group_weight
 
-NAME = "smoothquant"
-QUANTIZES = True
-NEEDS_ACTIVATIONS = True  # needs s(X) from an FP pass before folding
+
+@dataclasses.dataclass
+class Options:
+    alpha: float = option(0.5, "SmoothQuant alpha", "migration strength: how much of the activation range moves "
+                          "to the weights", low=0.0, high=1.0)
+
+    def __post_init__(self):
+        checked(self)
 
 
 def smoothing_vector(x_sal, w_sal, alpha: float):
     return safe_ratio_vector(x_sal.pow(alpha) / w_sal.pow(1 - alpha))
 
 
-def compute(model, groups, stats, config) -> dict:
+def compute(model, groups, stats, options: Options) -> dict[str, GroupVector]:
     out = {}
     for g in groups:
         x_sal = salience_over_all(stats.absmax[g.name])
-        w_sal = group_weight(model, g).abs().amax(dim=0).float().cpu()
-        out[g.name] = {"b": smoothing_vector(x_sal, w_sal, config.alpha)}
+        w_sal = weight_salience(group_weight(model, g)).float().cpu()
+        out[g.name] = GroupVector(smoothing_vector(x_sal, w_sal, options.alpha))
     return out
+
+
+METHOD = Method(name="smoothquant", compute=compute, options=Options, needs_activations=True, order=2,
+                help="SmoothQuant: b_j = s(X_j)^alpha / s(W_j)^(1-alpha), folded into the producing layer",
+                vector="SmoothQuant b_j = s(X_j)^alpha / s(W_j)^(1-alpha)")

@@ -69,7 +69,6 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches, config: QuantCo
     """(optimized model, report). qmodel: a calibrated quantized model (quant.quantize); fp_model: its FP
     original (same module names); batches: (x, t, y) calibration batches. With copy_model the result is a new
     model and qmodel is left as it was. autocast: bfloat16 autocast for the quantized forward on CUDA."""
-    config.validate()
     if config.recon not in TRAINERS:
         raise ValueError(f"recon {config.recon!r} is not an optimization mode; choose one of {', '.join(TRAINERS)}")
     model = copy.deepcopy(qmodel) if copy_model else qmodel
