@@ -24,13 +24,15 @@ from pathlib import Path
 import torch
 
 from analysis.resources import asset_path
+from quant.denoiser import CLASS_FAMILIES
 
 ASSETS = asset_path()
 BUNDLED = {"bundled:dit-mnist": asset_path("dit-mnist"), "bundled:unet-mnist": asset_path("unet-mnist")}
 TRAINING_SCRIPTS = {"bundled:dit-mnist": "scripts/train_dit.py", "bundled:unet-mnist": "scripts/train_unet.py"}
 # Where each family's weights sit in a pipeline folder (DiTPipeline / DDPMPipeline layouts).
 SUBFOLDERS = {"dit": "transformer", "unet": "unet"}
-MODEL_CLASSES = {"DiTTransformer2DModel": "dit", "Transformer2DModel": "dit", "UNet2DModel": "unet"}
+# A bare model folder's config names its class; the hub's DiT configs name the generic Transformer2DModel.
+MODEL_CLASSES = {**CLASS_FAMILIES, "Transformer2DModel": "dit"}
 HUB_EXAMPLES = ["facebook/DiT-XL-2-256", "facebook/DiT-XL-2-512", "google/ddpm-cifar10-32"]
 
 

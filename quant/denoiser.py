@@ -15,22 +15,22 @@ import torch
 import torch.nn as nn
 
 FAMILIES = ("dit", "unet")
-_CLASSES = {"DiTTransformer2DModel": "dit", "UNet2DModel": "unet"}
+CLASS_FAMILIES = {"DiTTransformer2DModel": "dit", "UNet2DModel": "unet"}
 
 
 def family_of(model: nn.Module) -> str:
     """'dit' or 'unet' from the diffusers class; ValueError naming the class otherwise."""
     name = type(model).__name__
-    if name not in _CLASSES:
+    if name not in CLASS_FAMILIES:
         raise ValueError(f"unsupported denoiser class {name}; the lab quantizes diffusers "
-                         f"{' and '.join(_CLASSES)} models")
-    return _CLASSES[name]
+                         f"{' and '.join(CLASS_FAMILIES)} models")
+    return CLASS_FAMILIES[name]
 
 
 def takes_labels(model: nn.Module) -> bool:
     """Whether the model is class-conditional (a DiT always is; a UNet when it has a class embedding). Any other
     module is called with its labels, as the engine always did."""
-    if _CLASSES.get(type(model).__name__) != "unet":
+    if CLASS_FAMILIES.get(type(model).__name__) != "unet":
         return True
     return getattr(model, "class_embedding", None) is not None
 
