@@ -6,7 +6,7 @@
 DilateQuant (Liu et al. 2024) argues that unsaturated input channels (those holding no output row's max or
 min) are common, so WD can stretch them without changing any weight step size. Per model this prints:
 - the balance plan: quantized layers, those whose input scale folds exactly into an affine producer, and
-  their share (quant.denoiser.balance_plan);
+  their share (quant.graph.balance_plan);
 - over the foldable groups (where WD is applied): the fraction of input channels with s > 1, and the median
   and maximum stretch;
 - over every quantized layer (what WD could do if the scale were applied online where it cannot fold): the
@@ -20,7 +20,7 @@ import json
 import torch
 
 from analysis.models import load
-from quant.denoiser import balance_groups, balance_plan
+from quant.graph import balance_groups, balance_plan
 from quant.methods.dilatequant import dilation_vector
 from quant.reparam import group_weight
 from quant.wrap import covered_layers

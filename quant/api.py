@@ -25,7 +25,7 @@ from quant.io import read_quantized, stored_tensors, weight_bytes, write_quantiz
 from quant.measures import weight_salience
 from quant.methods import get_method
 from quant.observers import InputObserver, observe_inputs
-from quant.denoiser import balance_groups
+from quant.graph import balance_groups
 from quant.reparam import BalanceGroup, apply_scaling, group_weight
 from quant.wrap import calibrate, is_excluded, wrap_model
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 from quant.config import QuantConfig
 from quant.recon.cache import ActivationCache
 from quant.recon.trainers import TRAINERS
-from quant.denoiser import recon_units
+from quant.graph import recon_units
 from quant.recon.units import Unit
 
 ProgressFn = Callable[[int, int, int, float], None]  # (unit index, number of units, iteration, loss)
