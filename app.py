@@ -1,9 +1,8 @@
 """dqlab: a lab for quantizing diffusion transformers. Run with `streamlit run app.py`."""
 import streamlit as st
 
-from analysis.quiet import configure_logging
-
-configure_logging()
+# Library logging is configured where the model is loaded (pages/_shared.get_bundle): configuring it here
+# would import diffusers (seconds) before the first page draws anything.
 st.set_page_config(page_title="dqlab", page_icon=":material/tune:", layout="wide")
 
 # Each page is its own file (so tests can drive it with AppTest); this list is the app's menu.
@@ -11,6 +10,7 @@ PAGES = [
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
     st.Page("pages/salience.py", title="Salience", icon=":material/insights:"),
     st.Page("pages/quantize.py", title="Quantize", icon=":material/memory:"),
+    st.Page("pages/sweep.py", title="Sweep", icon=":material/scatter_plot:"),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
 ]
 st.navigation(PAGES).run()

@@ -186,3 +186,79 @@ def comparison_table(comparison: Comparison, scores: list[dict] | None = None) -
                 interval(s.get("fid_vs_fp_interval"))
         rows.append(row)
     return rows, agreement
+
+
+# ---- the table a reader sees, and comparisons kept in the run store --------------------------------------
+COLUMN_NAMES = {"variant": "model", "psnr_vs_fp": "PSNR vs FP (grid)", "mse_vs_fp": "MSE vs FP (grid)",
+                "mean_step_rel_rms": "mean per-step rel. RMS error vs FP", "final_drift": "final rel. RMS drift of x_t",
+                "label_agreement": "label agreement", "label_agreement_N": "label agreement N",
+                "fid": "FID vs real", "fid_interval": "FID vs real 95% CI", "fid_floor": "real-vs-real floor",
+                "fid_vs_fp": "FID vs FP", "fid_vs_fp_interval": "FID vs FP 95% CI", "fid_N": "FID N",
+                "seconds": "sampling s", "forward_ms": "forward ms", "forward_peak_mib": "forward peak MiB",
+                "weights_mib": "weights MiB", "feature_extractor": "FID features", "run_id": "run"}
+STORE_NOTE = "comparison"  # stored runs of a comparison carry this note and a shared comparison id
+
+
+def metrics_rows(comparison: Comparison, scores: list[dict] | None = None) -> list[dict]:
+    """comparison_table's rows with readable column names (COLUMN_NAMES), for the page's table and its CSV."""
+    rows, _ = comparison_table(comparison, scores)
+    return [{COLUMN_NAMES.get(k, k): v for k, v in row.items() if k != "warning"} for row in rows]
+
+
+def comparison_view(cmp: Comparison, scores: list[dict] | None, ncol: int) -> dict:
+    """Everything the Compare page draws, in plain data (grids as PIL images): the same form whether the
+    comparison was just computed or read back from the store (latest_comparison)."""
+    from analysis.images import make_grid
+
+    return {"names": list(cmp.names), "steps": cmp.steps, "guidance": cmp.guidance, "n_images": len(cmp.labels),
+            "grids": {name: make_grid(cmp.images[name], ncol=ncol) for name in cmp.names},
+            "rows": metrics_rows(cmp, scores), "step_error": cmp.step_error, "drift": cmp.drift,
+            "image_errors": cmp.image_errors, "scores": scores}
+
+
+def store_comparison(store, model: str, view: dict, cmp: Comparison, variants: Mapping[str, object]) -> str:
+    """Keep a comparison in the run store, one run per model (note "comparison", its grid as grid.png, each
+    variant's config and recipe), so the variants and their results survive a page reload and rebuild from
+    the store. Returns the comparison's id."""
+    import uuid
+
+    from analysis.store import RunRecord
+
+    cid = uuid.uuid4().hex[:12]
+    for name, row in zip(view["names"], view["rows"]):
+        v = variants.get(name)
+        config = v.config.to_dict() if hasattr(v, "config") else {"method": "fp" if v is None else "custom"}
+        recipe = getattr(v, "recipe", None)
+        metrics = {"comparison": cid, "position": view["names"].index(name), "row": row,
+                   "label_agreement": row.get("label agreement"),
+                   "step_error": [r for r in view["step_error"] if r["variant"] == name],
+                   "drift": [r for r in view["drift"] if r["variant"] == name],
+                   "score": next((x for x in view["scores"] or [] if x["variant"] == name), None),
+                   "psnr": [None if math.isinf(r["psnr"]) else r["psnr"] for r in view["image_errors"]
+                            if r["variant"] == name]}
+        store.add(RunRecord(model=model, method=config.get("method", "custom"), label=name, config=config,
+                            num_samples=view["n_images"], seeds=cmp.seeds, labels=cmp.labels, metrics=metrics,
+                            timings={"total": cmp.seconds.get(name)}, steps=cmp.steps, guidance=cmp.guidance,
+                            note=STORE_NOTE, recipe=None if recipe is None else recipe.to_dict()),
+                  files={"grid.png": view["grids"][name]})
+    return cid
+
+
+def latest_comparison(store, model: str) -> dict | None:
+    """The newest comparison of `model` kept in the store, in comparison_view's form (grids as file paths),
+    or None."""
+    runs = [r for r in store.list(model=model) if r.note == STORE_NOTE and "comparison" in r.metrics]
+    if not runs:
+        return None
+    cid = runs[0].metrics["comparison"]
+    group = sorted((r for r in runs if r.metrics["comparison"] == cid), key=lambda r: r.metrics.get("position", 0))
+    first = group[0]
+    names = [r.label for r in group]
+    return {"names": names, "steps": first.steps, "guidance": first.guidance, "n_images": first.num_samples,
+            "grids": {r.label: r.files.get("grid.png") for r in group}, "rows": [r.metrics["row"] for r in group],
+            "step_error": [e for r in group for e in r.metrics.get("step_error", [])],
+            "drift": [e for r in group for e in r.metrics.get("drift", [])],
+            "image_errors": [{"variant": r.label, "psnr": math.inf if p is None else p}
+                             for r in group[1:] for p in r.metrics.get("psnr", [])],
+            "scores": [r.metrics["score"] for r in group if r.metrics.get("score")] or None,
+            "run_ids": [r.id for r in group], "created": first.created}

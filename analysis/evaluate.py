@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import time
@@ -187,11 +188,12 @@ def _sample_images(bundle: ModelBundle, labels, seeds, opts: EvalOptions, guidan
 
 def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: EvalOptions | None = None,
                       store: Store | None = None, on_progress: Callable[[str, float], None] | None = None,
-                      note: str | None = None) -> list[EvalResult]:
+                      note: str | None = None, extra_metrics: Mapping[str, dict] | None = None) -> list[EvalResult]:
     """Score several variants (name -> Variant or ModelBundle; the FP bundle itself or None means FP) at the
     same labels and seeds. FP is sampled once (or read from the cache). Each result is stored when a store is
-    given. Returns one EvalResult per variant, in order (none on ranks other than 0 of a torchrun job, which
-    only sample their share)."""
+    given. extra_metrics: name -> entries stored with that variant's metrics (the recipe key of a sweep point).
+    Returns one EvalResult per variant, in order (none on ranks other than 0 of a torchrun job, which only
+    sample their share)."""
     opts = options or EvalOptions()
     extractor, reference = check_options(fp, opts)
     guidance = eval_guidance(fp, opts)
@@ -259,6 +261,8 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
         m = _score(images, feats, fp_images, fp_feats, reference, ref_feats, floor, is_fp, extractor, opts, score_kw)
         if m_warning:
             m["warning"] = "; ".join(w for w in (m.get("warning"), m_warning) if w)
+        m.update(_variant_measures(v, fp, is_fp))
+        m.update((extra_metrics or {}).get(name, {}))
         if fp.bundled and fp.conditional:
             from analysis.classifier import label_agreement
 
@@ -283,24 +287,54 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
     return results
 
 
+def recipe_key(fingerprint: str, config: dict, opts: EvalOptions, guidance: float, calibration: dict | None) -> str:
+    """A hash of everything that decides a result: the model's weights, the quantization config, the
+    calibration set, the evaluated labels and seeds, sampling and scoring. Equal keys mean a stored result
+    can stand in for a new measurement."""
+    what = {"model": fingerprint, "config": config, "calibration": calibration if config.get("method") != "fp" else None,
+            "num_samples": opts.num_samples, "seed": opts.seed, "steps": opts.steps, "guidance": float(guidance),
+            "scheduler": opts.scheduler, "extractor": opts.extractor, "reference": str(opts.reference or "")}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def find_stored(store: Store, model: str, key: str):
+    """The newest stored run of `model` whose recipe key is `key`, or None."""
+    for run in store.list(model=model):
+        if run.metrics.get("recipe_key") == key:
+            return run
+    return None
+
+
 def evaluate(bundle: ModelBundle, config, options: EvalOptions | None = None, store: Store | None = None,
              calibration=None, on_progress: Callable[[str, float], None] | None = None,
-             note: str | None = None) -> EvalResult | None:
+             note: str | None = None, fingerprint: str | None = None) -> EvalResult | None:
     """The whole evaluation of one configuration (a quant.api.QuantConfig, or None for FP): validate, quantize
-    (skipped for method "fp"), sample FP and the variant at the same seeds, score, and store."""
+    (skipped for method "fp"), sample FP and the variant at the same seeds, score, and store.
+
+    calibration: a CalibrationSpec, CalibrationData sampled by analysis.calibration.calibrate (it carries its
+    spec), or None for the evaluation's own (opts.calibration). The run is stored with its recipe key, so a
+    later sweep finds it (fingerprint: model_fingerprint(bundle), when the caller has it already)."""
     from quant.api import QuantConfig
 
     config = config or QuantConfig(method="fp")
     opts = options or EvalOptions()
     check_options(bundle, opts)  # fail before the (slow) quantization
     t0 = time.perf_counter()
+    guidance = eval_guidance(bundle, opts)
+    if calibration is None and config.method != "fp":
+        calibration = opts.calibration(bundle)
+    spec = calibration if isinstance(calibration, CalibrationSpec) else getattr(calibration, "spec", None)
+    calib = None if config.method == "fp" or spec is None else spec.resolved(bundle).to_dict()
+    extra = {}
+    # Only a known calibration set can be matched later (data sampled without a spec cannot).
+    if store is not None and (calib is not None or config.method == "fp"):
+        extra["recipe_key"] = recipe_key(fingerprint or model_fingerprint(bundle), config.to_dict(), opts, guidance,
+                                         calib)
     if config.method == "fp":
         variants = {FP_NAME: None}
     else:
         from analysis.quantize_pipeline import quantize_bundle
 
-        if calibration is None:
-            calibration = opts.calibration(bundle)
         q_progress = (lambda stage, frac: on_progress(f"Quantizing: {stage}", 0.3 * frac)) if on_progress else None
         variant = quantize_bundle(bundle, config, calibration=calibration, on_progress=q_progress)
         variant.report = dict(variant.report or {}, quantize_seconds=round(time.perf_counter() - t0, 3))
@@ -309,7 +343,8 @@ def evaluate(bundle: ModelBundle, config, options: EvalOptions | None = None, st
     if on_progress is not None:
         offset = 0.0 if config.method == "fp" else 0.3
         e_progress = lambda stage, frac: on_progress(stage, offset + (1 - offset) * frac)  # noqa: E731
-    results = evaluate_variants(bundle, variants, opts, store=store, on_progress=e_progress, note=note)
+    results = evaluate_variants(bundle, variants, opts, store=store, on_progress=e_progress, note=note,
+                                extra_metrics={name: extra for name in variants})
     return results[0] if results else None  # None on the other ranks of a torchrun job
 
 
@@ -358,6 +393,21 @@ def _config_dict(v, is_fp: bool) -> dict:
         qc = v.quant_config if isinstance(v, ModelBundle) else None
         return dict(qc) if qc else {"method": "custom"}
     return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def _variant_measures(v, fp: ModelBundle, is_fp: bool) -> dict:
+    """What the quantization measured (error vs FP on the calibration inputs, stored size), kept with the run so
+    a stored result answers the same questions as a fresh one."""
+    if is_fp:
+        from quant.io import fp_weight_bytes
+
+        size = fp_weight_bytes(fp.transformer)
+        return {"rel_rms": 0.0, "weight_bytes": size, "fp_weight_bytes": size}
+    report = getattr(v, "report", None) or {}
+    out = {k: report[k] for k in ("rel_rms", "weight_bytes", "fp_weight_bytes") if k in report}
+    if "rel_rms_per_timestep" in report:  # JSON object keys are strings: keep the timesteps as numbers
+        out["rel_rms_per_timestep"] = [[int(t), float(e)] for t, e in report["rel_rms_per_timestep"].items()]
+    return out
 
 
 def _variant_timings(v) -> dict:

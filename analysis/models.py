@@ -37,7 +37,12 @@ HUB_EXAMPLES = ["facebook/DiT-XL-2-256", "facebook/DiT-XL-2-512", "google/ddpm-c
 
 
 class ModelLoadError(RuntimeError):
-    """A model source could not be loaded; the message says why and what to do."""
+    """A model source could not be loaded; the message says why and what to do. `ui` says the same in the
+    app's words (its sidebar instead of command-line flags) where the two differ."""
+
+    def __init__(self, message: str, ui: str | None = None):
+        super().__init__(message)
+        self.ui = ui or message
 
 
 class NonFiniteError(ValueError):
@@ -156,7 +161,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+        raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu",
+                             ui="No CUDA GPU is available on this machine: choose **auto** or **cpu** as the device "
+                                "in the sidebar.")
     return device
 
 
@@ -289,16 +296,22 @@ def _load_hub(repo_id: str) -> ModelBundle:
         folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
     except Exception:
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
-            raise ModelLoadError(_hub_hint(repo_id, "HF_HUB_OFFLINE is set and it is not in the local cache"))
+            raise ModelLoadError(*_hub_hint(repo_id, "HF_HUB_OFFLINE is set and it is not in the local cache"))
         os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
         try:
             folder = snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=5)
         except Exception as exc:
-            raise ModelLoadError(_hub_hint(repo_id, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")) from None
+            raise ModelLoadError(*_hub_hint(repo_id, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")) from None
     return _load_folder(Path(folder), name=repo_id)
 
 
-def _hub_hint(repo_id: str, reason: str) -> str:
-    return (f"could not load {repo_id!r} from the Hugging Face hub ({reason}). Without network access, download "
-            f"it where you have access (`hf download {repo_id}`), copy the folder here, and pass its path "
-            f"instead, e.g. --model ./{repo_id.split('/')[-1]}; or use bundled:dit-mnist or bundled:unet-mnist")
+def _hub_hint(repo_id: str, reason: str) -> tuple[str, str]:
+    """(command-line message, app message) for a hub model that could not be fetched."""
+    cli = (f"could not load {repo_id!r} from the Hugging Face hub ({reason}). Without network access, download "
+           f"it where you have access (`hf download {repo_id}`), copy the folder here, and pass its path "
+           f"instead, e.g. --model ./{repo_id.split('/')[-1]}; or use bundled:dit-mnist or bundled:unet-mnist")
+    ui = (f"**{repo_id}** could not be loaded from the Hugging Face hub: this machine cannot reach it and it is not "
+          f"in the local cache ({reason}). Download the model where you have network access (`hf download "
+          f"{repo_id}`), copy the folder to this machine, then pick **Local folder** in the sidebar and enter its "
+          "path; or pick **Bundled** to use one of the small digit models that ship with the lab.")
+    return cli, ui

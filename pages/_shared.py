@@ -1,4 +1,4 @@
-"""Streamlit helpers shared by the pages: the cached FP model and the model picker.
+"""Streamlit helpers shared by the pages: the sidebar (model, device, dtype), the cached FP model, the run store.
 
 st.cache_resource hands the SAME bundle to every session, so no page may modify it; quantization
 returns new models. This module is not a page (app.py lists the pages with st.navigation).
@@ -9,29 +9,109 @@ import streamlit as st
 
 from analysis.app_state import DEFAULT_MODEL
 
+SOURCES = {"Bundled": "a model that ships with the lab", "Local folder": "a diffusers folder on this machine",
+           "Hub id": "a Hugging Face hub id such as facebook/DiT-XL-2-256 (needs network or a cached copy)"}
+DEVICES = ["auto", "cpu", "cuda"]
+DTYPES = ["float32", "float16", "bfloat16"]
+
 
 @st.cache_resource(show_spinner="Loading the model ...")
-def get_bundle(source: str = DEFAULT_MODEL, device: str = "auto"):
-    """One FP bundle per (source, device), shared by every session: never modify it."""
+def get_bundle(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32"):
+    """One FP bundle per (source, device, dtype), shared by every session: never modify it."""
     from analysis.models import load
+    from analysis.quiet import configure_logging
 
-    return load(source, device=device)
+    configure_logging()  # before diffusers logs anything about the model it loads
+    return load(source, device=device, dtype=dtype)
+
+
+@st.cache_resource
+def _detected_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    return "cpu (no CUDA GPU found)"
+
+
+def _remembered(key: str, default):
+    """A sidebar choice kept across pages: each page draws its own widgets, so the value lives apart from them."""
+    return st.session_state.get(key, default)
+
+
+def sidebar_choice() -> tuple[str, str, str]:
+    """(model source, device, dtype) as chosen in the sidebar; every page draws the same sidebar."""
+    from analysis.models import available_models
+
+    sb = st.sidebar
+    sb.subheader("Model")
+    kinds = list(SOURCES)
+    kind = sb.radio("Source", kinds, index=kinds.index(_remembered("model_kind", "Bundled")),
+                    captions=list(SOURCES.values()), key="_sb_kind")
+    if kind == "Bundled":
+        names = [m["name"] for m in available_models() if m["kind"] == "bundled"]
+        prev = _remembered("model_bundled", DEFAULT_MODEL)
+        source = sb.selectbox("Bundled model", names, index=names.index(prev) if prev in names else 0, key="_sb_bundled")
+        st.session_state["model_bundled"] = source
+    elif kind == "Local folder":
+        source = sb.text_input("Folder", value=_remembered("model_folder", ""), key="_sb_folder",
+                               placeholder="e.g. ./DiT-XL-2-256 or a folder saved by the Quantize page")
+        st.session_state["model_folder"] = source
+    else:
+        source = sb.text_input("Hub id", value=_remembered("model_hub", "facebook/DiT-XL-2-256"), key="_sb_hub")
+        st.session_state["model_hub"] = source
+    device = sb.selectbox("Device", DEVICES, index=DEVICES.index(_remembered("model_device", "auto")), key="_sb_device",
+                          help=f"auto picks a CUDA GPU when there is one; detected here: {_detected_device()}")
+    sb.caption(f"Detected: {_detected_device()}")
+    dtype = sb.selectbox("Precision of the FP model", DTYPES, index=DTYPES.index(_remembered("model_dtype", "float32")),
+                         key="_sb_dtype", help="float16 / bfloat16 halve memory on a GPU; on a CPU keep float32")
+    st.session_state.update(model_kind=kind, model_device=device, model_dtype=dtype, model_source=source.strip())
+    return source.strip(), device, dtype
 
 
 def current_bundle():
-    """The FP bundle chosen in the sidebar (bundled model by default), or None after showing the error."""
+    """The FP bundle chosen in the sidebar (bundled model by default), or None after showing why not."""
     from analysis.models import ModelLoadError
 
-    source = st.sidebar.text_input("Model", value=st.session_state.get("model_source", DEFAULT_MODEL),
-                                   help="bundled:dit-mnist, bundled:unet-mnist, a local diffusers folder (DiT or "
-                                        "UNet, pipeline layout or bare model), or a hub id such as "
-                                        "facebook/DiT-XL-2-256 (needs network or a cached copy)")
-    st.session_state["model_source"] = source
-    try:
-        return get_bundle(source)
-    except ModelLoadError as exc:
-        st.error(str(exc))
+    source, device, dtype = sidebar_choice()
+    if not source:
+        st.info("Enter the model's folder in the sidebar.")
         return None
+    try:
+        bundle = get_bundle(source, device, dtype)
+    except ModelLoadError as exc:
+        st.error(exc.ui)
+        return None
+    st.sidebar.caption(f"Loaded `{bundle.name}` on {bundle.device}, {str(bundle.dtype).removeprefix('torch.')}")
+    return bundle
+
+
+def intro(text: str, why: str, math: list[str] | None = None, links: dict[str, str] | None = None) -> None:
+    """The opening every page shares: two or three sentences, then a collapsible 'why' with the formulas
+    rendered as math and links to the papers."""
+    st.markdown(text)
+    with st.expander("Why, and the math behind it"):
+        st.markdown(why)
+        for formula in math or []:
+            st.latex(formula)
+        if links:
+            st.markdown("Read more: " + " · ".join(f"[{name}]({url})" for name, url in links.items()))
+
+
+@st.cache_resource
+def _store(data_dir: str | None):
+    """The run store (one per data folder). Reads and writes are transactional, so sharing it is safe."""
+    from analysis.store import Store
+
+    return Store(data_dir)
+
+
+def store():
+    import os
+
+    from analysis.store import DATA_ENV
+
+    return _store(os.environ.get(DATA_ENV) or None)
 
 
 def progress_callback(text: str):

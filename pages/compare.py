@@ -4,38 +4,28 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from pages._shared import current_bundle
+from pages._shared import current_bundle, intro, store
 
 MAX_VARIANTS = 3  # plus FP: four grids side by side
 RUN_PREFIX = "run #"
 
 st.title("Compare variants")
-st.caption("The FP model and quantized variants generate the same classes from the same seeds. Differences are "
-           "measured per image (PSNR vs FP), per sampling step (noise-prediction error on FP's inputs, and the "
-           "drift of each variant's own x_t), and over many samples with FID.")
-with st.expander("Which FID answers what"):
-    st.markdown("**FID vs real** asks whether the images still look like the data: read it against the "
-                "real-vs-real floor at the same N (the dashed line; two disjoint sets of real images), which is "
-                "what a perfect model would score. **FID vs FP** asks how far quantization moved the model from "
-                "its own FP images at the same seeds; it is 0 for FP by construction. Bars carry 95% bootstrap "
-                "intervals: variants whose intervals overlap are not told apart at this N. FID is sampled at the "
-                "model's evaluation guidance (the FID protocol), not at the stronger guidance of the grids.")
-
-
-@st.cache_resource
-def _store(data_dir: str | None):
-    """The run store (one per data folder). Reads and writes are transactional, so sharing it is safe."""
-    from analysis.store import Store
-
-    return Store(data_dir)
-
-
-def store():
-    import os
-
-    from analysis.store import DATA_ENV
-
-    return _store(os.environ.get(DATA_ENV) or None)
+intro(
+    "The FP model and up to three quantized variants draw the same classes from the same seeds, side by side. "
+    "Differences are measured per image (PSNR vs FP), per sampling step (noise-prediction error on FP's inputs, "
+    "and the drift of each variant's own x_t), and over many samples with FID; comparisons are kept in the run "
+    "store, so they are still here after a reload.",
+    why="**FID vs real** asks whether the images still look like the data: read it against the real-vs-real floor "
+        "at the same N (the dashed line), what a perfect model would score. **FID vs FP** asks how far "
+        "quantization moved the model from its own FP images at the same seeds; it is 0 for FP by construction. "
+        "Bars carry 95% bootstrap intervals: variants whose intervals overlap are not told apart at this N. FID "
+        "is sampled at the model's evaluation guidance (the FID protocol), not at the stronger guidance of the "
+        "grids. PSNR of an image identical to FP's is infinite and reads *identical*.",
+    math=[r"\mathrm{FID} = \lVert \mu_1 - \mu_2 \rVert^2 + \operatorname{tr}\big(\Sigma_1 + \Sigma_2 - "
+          r"2 (\Sigma_1 \Sigma_2)^{1/2}\big)",
+          r"\mathrm{PSNR} = 10 \log_{10} \frac{1}{\mathrm{MSE}(x_q, x_{\mathrm{FP}})} \;\text{dB}"],
+    links={"FID (Heusel et al., NeurIPS 2017)": "https://arxiv.org/abs/1706.08500",
+           "PTQ4DiT's evaluation protocol": "https://arxiv.org/abs/2405.16005"})
 
 
 def _quantized_from_run(bundle, run):
@@ -51,17 +41,17 @@ def _quantized_from_run(bundle, run):
     return cache[key]
 
 
-def _grid(images, ncol):
-    from analysis.images import make_grid
-
-    return make_grid(images, ncol=ncol)
-
-
 def compare_view(bundle) -> None:
     session_variants = {name: v for name, v in st.session_state.get("variants", {}).items()}
-    runs = [r for r in store().list(model=bundle.name) if r.method not in ("fp", "custom")]
-    options = list(session_variants) + [f"{RUN_PREFIX}{r.id} {r.label}" for r in runs]
     pending = st.session_state.pop("compare_add", None)
+    kept = {*st.session_state.get("compare_pick", []), pending}
+    runs, seen = [], set()
+    for r in store().list(model=bundle.name):  # newest first: one entry per configuration, plus any picked one
+        key = repr(sorted(r.config.items()))
+        if r.method not in ("fp", "custom") and (key not in seen or f"{RUN_PREFIX}{r.id} {r.label}" in kept):
+            seen.add(key)
+            runs.append(r)
+    options = list(session_variants) + [f"{RUN_PREFIX}{r.id} {r.label}" for r in runs]
     if pending and pending in options:
         picked = [p for p in st.session_state.get("compare_pick", []) if p in options]
         st.session_state["compare_pick"] = (picked + [pending])[-MAX_VARIANTS:]
@@ -88,12 +78,20 @@ def compare_view(bundle) -> None:
                         int(fid_n), float(fid_guidance), save, n_classes)
     result = st.session_state.get("comparison")
     if result is not None and result["model"] == bundle.name:
-        _show(result)
+        _show(result["view"])
+        return
+    from analysis.compare import latest_comparison
+
+    stored = latest_comparison(store(), bundle.name)  # after a reload: the last comparison kept in the store
+    if stored is not None:
+        st.info(f"The last comparison, kept in the run store ({stored['created']}, runs "
+                f"{', '.join(f'#{i}' for i in stored['run_ids'])}). Press **Compare** for a new one.")
+        _show(stored)
 
 
 def _run_comparison(bundle, chosen, session_variants, runs, seeds_per_class, steps, guidance, fid_n, fid_guidance,
                     save, n_classes) -> None:
-    from analysis.compare import compare, grid_layout
+    from analysis.compare import compare, comparison_view, grid_layout, store_comparison
     from analysis.evaluate import EvalOptions, evaluate_variants, score_row
 
     by_label = {f"{RUN_PREFIX}{r.id} {r.label}": r for r in runs}
@@ -121,48 +119,72 @@ def _run_comparison(bundle, chosen, session_variants, runs, seeds_per_class, ste
         except ValueError as exc:
             st.error(str(exc))
     bar.empty()
-    st.session_state["comparison"] = {"model": bundle.name, "comparison": comparison, "scores": scores,
-                                      "ncol": len(classes)}
+    view = comparison_view(comparison, scores, ncol=len(classes))
+    if save:  # kept in the run store, so the variants and this result survive a reload of the page
+        store_comparison(store(), bundle.name, view, comparison, variants)
+    st.session_state["comparison"] = {"model": bundle.name, "view": view}
 
 
-def _show(result: dict) -> None:
-    from analysis.compare import comparison_table
+def _png(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _show(view: dict) -> None:
+    from PIL import Image
+
     from analysis.plots.evaluation import drift_figure, metrics_figure, psnr_figure, step_error_figure
 
-    cmp, scores = result["comparison"], result["scores"]
-    rows, agreement = comparison_table(cmp, scores)
-    psnr = {r["variant"]: r["psnr_vs_fp"] for r in rows}
-    st.subheader(f"Samples: {cmp.steps} DDIM steps, guidance {cmp.guidance}; columns = classes, rows = seeds")
-    cols = st.columns(len(cmp.names))
-    for col, name in zip(cols, cmp.names):
-        cap = f"{name}"
-        value, n = agreement[name]
-        if value is not None:
-            cap += f" · label agreement {value:.1%} (N={n})"
-        if name != cmp.names[0]:
-            cap += f" · PSNR vs FP {psnr[name]}"
-        col.image(_grid(cmp.images[name], result["ncol"]), caption=cap, width="stretch")
-    if len(cmp.names) > 1:
+    rows = {r["model"]: r for r in view["rows"]}
+    st.subheader(f"Samples: {view['steps']} DDIM steps, guidance {view['guidance']}; columns = classes, rows = seeds")
+    st.caption("Hover a grid and press its fullscreen button to enlarge it; each grid downloads as a PNG.")
+    names = view["names"]
+    for start in range(0, len(names), 2):  # two grids a row: large enough to read the digits
+        cols = st.columns(2)
+        for col, name in zip(cols, names[start:start + 2]):
+            r = rows[name]
+            cap = name
+            if r.get("label agreement") is not None:
+                cap += f" · label agreement {r['label agreement']:.1%} (N={r['label agreement N']})"
+            if name != names[0]:
+                cap += f" · PSNR vs FP {r['PSNR vs FP (grid)']}"
+            grid = view["grids"][name]
+            image = grid if not isinstance(grid, (str, bytes)) and hasattr(grid, "save") else Image.open(grid)
+            col.image(image, caption=cap, width="stretch")
+            col.download_button(f"{name} grid (PNG)", _png(image), file_name=f"grid_{_file_name(name)}.png",
+                                mime="image/png", key=f"grid_dl_{start}_{name}")
+    if len(names) > 1 and view["step_error"]:
         c1, c2 = st.columns(2)
-        c1.plotly_chart(step_error_figure(cmp.step_error), width="stretch")
+        c1.plotly_chart(step_error_figure(view["step_error"]), width="stretch")
         c1.caption("The error rises toward the last steps: near t = 0 the noise left in x_t has std "
                    "sqrt(1 - alpha_bar_t), 0.006-0.01 at t = 0 for the usual schedules, less than one activation "
                    "quantization step, so the noise prediction there is mostly lost. It costs little: at those "
                    "steps the sampler scales the noise prediction by that same small factor.")
-        c2.plotly_chart(drift_figure(cmp.drift), width="stretch")
-        st.plotly_chart(psnr_figure(cmp.image_errors), width="stretch")
+        c2.plotly_chart(drift_figure(view["drift"]), width="stretch")
+        st.plotly_chart(psnr_figure(view["image_errors"]), width="stretch")
     st.subheader("Metrics")
+    scores = view.get("scores")
     if scores:
         for w in {s["warning"] for s in scores if s.get("warning")}:
             st.warning(w)
         st.plotly_chart(metrics_figure(scores), width="stretch")
     else:
         st.caption("FID was not computed (set 'FID samples per model' above). Label agreement and PSNR are on "
-                   f"the {len(cmp.labels)} grid images.")
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-    st.caption("forward_ms / forward_peak_mib: each model's transformer forward on the same batch, timed here "
+                   f"the {view['n_images']} grid images.")
+    table = pd.DataFrame(view["rows"])
+    st.dataframe(table, hide_index=True, width="stretch")
+    st.download_button("Metrics as CSV", table.to_csv(index=False), file_name="comparison_metrics.csv",
+                       mime="text/csv", key="cmp_csv")
+    st.caption("forward ms / forward peak MiB: each model's transformer forward on the same batch, timed here "
                "(fake-quantized models compute in float, so they are not faster; `dqlab sample --int8` and "
-               "`dqlab bench` run W8A8 in real int8). weights_mib: the stored size at the model's bit-width.")
+               "`dqlab bench` run W8A8 in real int8). weights MiB: the stored size at the model's bit-width.")
+
+
+def _file_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
 def history_view(bundle) -> None:

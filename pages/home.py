@@ -5,20 +5,23 @@ import streamlit as st
 
 from analysis.app_state import HOME_CLASSES
 from analysis.sampling import NO_CLASS
-from pages._shared import current_bundle, progress_callback
+from pages._shared import current_bundle, intro, progress_callback
 
-st.title("dqlab: quantizing diffusion models")
-st.markdown(
-    "Diffusion transformers (DiT) are expensive to run. Quantizing their weights and activations to 8 or 4 bits "
-    "makes them cheaper, but a few **outlier channels** stretch the quantization range and drown every other "
-    "channel in rounding error, and in a diffusion model the outliers move as the denoising **timestep** changes. "
-    "This lab lets you\n"
-    "- **Salience**: see, per layer and timestep, which channels carry extreme values (PTQ4DiT, Wu et al., 2024);\n"
-    "- **Quantize**: apply plain PTQ, SmoothQuant, PTQ4DiT's channel salience balancing, or DilateQuant's weight "
-    "dilation with per-timestep quantizers, at the bit-widths you choose;\n"
-    "- **Compare**: generate the same seeds with each variant side by side, with FID.\n\n"
-    "The bundled models are a small DiT and a small UNet trained on MNIST digits (`bundled:dit-mnist`, "
-    "`bundled:unet-mnist`: pick one in the sidebar), so everything runs on a CPU in seconds.")
+st.title("dqlab: quantizing diffusion transformers")
+intro(
+    "Diffusion transformers (DiT) and UNets are expensive to run; quantizing their weights and activations to 8 "
+    "or 4 bits makes them cheaper, but a few **outlier channels** stretch the quantization range, and in a diffusion model "
+    "they move with the denoising **timestep**. This lab lets you look at the outliers (**Salience**), quantize "
+    "with plain PTQ, SmoothQuant, PTQ4DiT or DilateQuant (**Quantize**), find the setting worth shipping "
+    "(**Sweep**) and compare variants side by side with FID (**Compare**).",
+    why="A $b$-bit quantizer has $2^b$ levels spread over the range it must cover. One channel twenty times "
+        "larger than the rest spends most of those levels on itself, and every other channel rounds coarsely. "
+        "The bundled models, a small DiT and a small UNet trained on MNIST digits, run on a CPU in seconds; "
+        "pick another model (a local folder or a hub id) and a device in the sidebar.",
+    math=[r"\Delta = \frac{\max X - \min X}{2^b - 1}, \qquad \mathbb{E}\big[(x - \hat x)^2\big] "
+          r"\approx \frac{\Delta^2}{12}"],
+    links={"DiT (Peebles & Xie, ICCV 2023)": "https://arxiv.org/abs/2212.09748",
+           "PTQ4DiT (Wu et al., NeurIPS 2024)": "https://arxiv.org/abs/2405.16005"})
 
 bundle = current_bundle()
 if bundle is not None:
@@ -26,11 +29,12 @@ if bundle is not None:
     st.caption(f"Model `{bundle.name}` on {bundle.device}: {n_params / 1e6:.1f}M parameters, {bundle.describe()}")
     with st.form("home_sample"):
         c1, c2, c3 = st.columns(3)
-        steps = c1.slider("DDIM steps", 10, 100, 50, step=10)
+        # The first grid is drawn as the page opens: small defaults keep the first page quick on a CPU.
+        steps = c1.slider("DDIM steps", 10, 100, 20, step=10)
         # an unconditional model has no guidance: the slider is pinned at 1
         guidance = c2.slider("Guidance", 1.0, 8.0 if bundle.conditional else 1.0, float(bundle.default_guidance),
                              step=0.5, disabled=not bundle.conditional)
-        n_seeds = c3.number_input("Seeds per class" if bundle.conditional else "Rows of seeds", 1, 8, 3)
+        n_seeds = c3.number_input("Seeds per class" if bundle.conditional else "Rows of seeds", 1, 8, 2)
         go = st.form_submit_button("Generate")
     # an unconditional model fills each row with 10 seeds instead of 10 classes
     classes = HOME_CLASSES[:bundle.num_classes] if bundle.conditional else [NO_CLASS] * len(HOME_CLASSES)

@@ -11,12 +11,27 @@ import dataclasses
 import streamlit as st
 import torch
 
-from pages._shared import current_bundle, option_grid, progress_callback
+from pages._shared import current_bundle, intro, option_grid, progress_callback
 
 st.title("Quantize")
-st.caption("Quantize a copy of the model with one method and see what it does to the per-channel maxima "
-           "(the outliers that stretch a quantizer's range), which vector it folds into the model, and the "
-           "error it leaves per layer and per timestep. Results stay in this session for the Compare page.")
+intro(
+    "Quantize a copy of the model with one method and see what it does to the per-channel maxima (the outliers "
+    "that stretch a quantizer's range), which vector it folds into the model, and the error it leaves per layer "
+    "and per timestep. Results stay in this session for the Compare page.",
+    why="Weights and activations are rounded to a uniform grid of $2^b$ levels. PTQ4DiT and SmoothQuant move "
+        "range between a layer's input and its weights with a per-channel vector $b$, folded exactly into the "
+        "layer that produces the input (the adaLN modulation, or V for the attention output), so inference pays "
+        "nothing for it. DilateQuant stretches weight columns that hold no row's extreme, which keeps the weight "
+        "step and shrinks the activation range, and gives every timestep its own activation range (TPQ). "
+        "Block-wise reconstruction then tunes rounding (AdaRound) or weights (BKD) against the FP block.",
+    math=[r"q = \operatorname{clamp}\big(\lfloor x / \Delta \rceil + z,\, 0,\, 2^b - 1\big), \qquad "
+          r"\hat x = (q - z)\,\Delta",
+          r"b_j^{\text{CSB}} = \sqrt{\tilde s(X_j) / s(W_j)}, \qquad "
+          r"b_j^{\text{SQ}} = s(X_j)^{\alpha} / s(W_j)^{1-\alpha}"],
+    links={"PTQ4DiT (Wu et al., NeurIPS 2024)": "https://arxiv.org/abs/2405.16005",
+           "DilateQuant (Liu et al., 2024)": "https://arxiv.org/abs/2409.14307",
+           "SmoothQuant (Xiao et al., ICML 2023)": "https://arxiv.org/abs/2211.10438",
+           "AdaRound (Nagel et al., ICML 2020)": "https://arxiv.org/abs/2004.10568"})
 
 
 def _form(bundle):

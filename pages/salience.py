@@ -3,35 +3,121 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages._shared import current_bundle, progress_callback
+from pages._shared import current_bundle, intro, progress_callback
 
 KEEP_COLLECTIONS = 3  # collected statistics kept per session, newest last (each key: model + settings)
 BIT_CHOICES = [2, 3, 4, 5, 6, 8]
-MAX_CSV_ROWS = 3_000_000  # ~300 MB of CSV; larger statistics are better read from the .npz file
+MAX_CSV_ROWS = 3_000_000
+MAX_CACHED_FIGURES = 300  # figures kept per session (a few MB of plotly JSON)  # ~300 MB of CSV; larger statistics are better read from the .npz file
 
 st.title("Salience")
-st.markdown(
-    "A linear layer computes Y = X W^T. For each **input channel j** the lab records the **activation salience** "
-    "s(X_j) = max over tokens of |X_j| (per sample and timestep) and the **weight salience** s(W_j) = max over "
-    "output rows of |W_j| (PTQ4DiT, Wu et al., NeurIPS 2024). A convolution (a UNet's resnets, samplers and "
-    "shortcuts) is read the same way: tokens are its spatial positions, and s(W_j) is the max over output channels "
-    "and kernel positions.")
-with st.expander("Why this matters for quantization", expanded=False):
-    st.markdown(
-        "- A uniform quantizer with b bits splits its range into 2^b - 1 steps. Activations are quantized per "
-        "tensor, so **one outlier channel** 20x larger than a typical channel leaves the typical channels only a "
-        "handful of steps: their rounding error grows although they are harmless themselves. Figure (a) shows "
-        "this as the per-channel error next to the salience.\n"
-        "- In a diffusion model the outliers **move with the timestep** (figures b and c): a range calibrated at "
-        "one timestep clips or wastes resolution at another, which is why time-step-aware quantizers keep one "
-        "range per timestep.\n"
-        "- **Complementarity**: if the channels with extreme activations are not the ones with extreme weights "
-        "(low or negative Spearman rho, figures d and e), a per-channel factor b_j can move range from X to W: "
-        "X_j / b_j and W_j * b_j leave Y unchanged. PTQ4DiT's channel salience balancing takes "
-        "b_j = sqrt(s(X_j) / s(W_j)), so both sides of channel j peak at the geometric mean, and weighs the "
-        "timesteps where rho is lowest most. SmoothQuant uses s(X_j)^alpha / s(W_j)^(1 - alpha).\n"
-        "- Figure (f) ranks all layers by how far their most salient channel stands above the median one: the "
-        "layers at the top are where a low bit-width hurts first.")
+intro(
+    "Quantization fails first where a few **outlier channels** stretch a layer's range. Collect one sampling pass "
+    "and see, for every linear and conv layer and timestep, which input channels carry extreme activations and "
+    "weights and how that moves over the denoising; the page opens on the layer the ranking finds hardest.",
+    why="A uniform quantizer with $b$ bits splits its range into $2^b - 1$ steps. Activations are quantized per "
+        "tensor, so **one outlier channel** 20x larger than a typical one leaves the typical channels only a "
+        "handful of steps (figure a shows the error per channel). In a diffusion model the outliers **move with "
+        "the timestep** (b, c): one static range clips or wastes resolution somewhere, hence per-timestep "
+        "quantizers. If extreme activations sit on channels with ordinary weights (low Spearman $\\rho$, d and e), "
+        "a per-channel factor $b_j$ moves range from $X$ to $W$ without changing $Y$; PTQ4DiT's channel salience "
+        "balancing picks $b_j$ so both sides peak at their geometric mean, weighting timesteps by how "
+        "complementary they are. Figure (f) ranks layers by how far the largest channel stands above the median. "
+        "A convolution (a UNet's resnets, samplers and shortcuts) is read the same way: its tokens are the spatial "
+        "positions, and $s(W_j)$ is the max over output channels and kernel positions.",
+    math=[r"s(X_j) = \max_{\text{tokens}} |X_j|, \qquad s(W_j) = \max_{o} |W_{oj}|",
+          r"Y = X W^\top = \big(X \operatorname{diag}(b)^{-1}\big)\big(W \operatorname{diag}(b)\big)^\top, \qquad "
+          r"b_j = \sqrt{\tilde s(X_j) / s(W_j)}",
+          r"\eta_t = \operatorname{softmax}_t(-\rho_t), \qquad \tilde s(X_j) = \sum_t \eta_t\, s(X_j^{(t)})"],
+    links={"PTQ4DiT (Wu et al., NeurIPS 2024)": "https://arxiv.org/abs/2405.16005",
+           "SmoothQuant (Xiao et al., ICML 2023)": "https://arxiv.org/abs/2211.10438"})
+
+def _figure(make, stats, *args, **kwargs):
+    """A figure built once per collection and arguments: going back to a layer or timestep, and the figures
+    that do not depend on the layer (d over every layer, f), cost nothing on a rerun."""
+    cache = st.session_state.setdefault("salience_figures", {})
+    key = (st.session_state.get("salience_current"), make.__name__, args, tuple(sorted(kwargs.items())))
+    if key not in cache:
+        if len(cache) > MAX_CACHED_FIGURES:
+            cache.clear()
+        cache[key] = make(stats, *[list(a) if isinstance(a, tuple) else a for a in args], **kwargs)
+    return cache[key]
+
+
+@st.fragment
+def viewer(stats, current) -> None:
+    """Layer, timestep and figures: a change here reruns this part only, not the sidebar and the form."""
+    from analysis.plots import salience as figs
+    from analysis.plots.axes import readable_layer
+    from analysis.salience import layer_menu
+    from analysis.salience_measures import layer_difficulty
+
+    menu = layer_menu(stats.layers)
+    if st.session_state.get("salience_opened") != current:
+        # a new collection opens on the layer the ranking (figure f) finds hardest, not on the first one
+        hardest = layer_difficulty(stats)["layer"].iloc[0]
+        st.session_state["sal_group"] = next(g for g, keys in menu.items() if hardest in keys)
+        st.session_state["sal_layer"] = hardest
+        st.session_state["salience_opened"] = current
+    if st.session_state.get("sal_group") not in menu:
+        st.session_state["sal_group"] = next(iter(menu))
+    v1, v2, v3, v4 = st.columns([1, 2, 2, 1])
+    group = v1.selectbox("Block", list(menu), key="sal_group")
+    if st.session_state.get("sal_layer") not in menu[group]:
+        st.session_state["sal_layer"] = menu[group][0]
+    layer = v2.selectbox("Layer", menu[group], format_func=readable_layer, key="sal_layer",
+                         help="the page opens on the hardest layer of the ranking (tab f)")
+    t = v3.select_slider("Timestep (noisiest first)", options=stats.timesteps.tolist(),
+                         value=int(stats.timesteps[len(stats.timesteps) // 2]))
+    bit = v4.radio("Bit-width", list(stats.mse_bits), horizontal=True) if stats.mse_bits else None
+    if len(stats.halves) == 2:
+        rows = st.radio("Rows", ["all", "cond", "uncond"], horizontal=True,
+                        format_func={"all": "both halves", "cond": "conditional",
+                                     "uncond": "unconditional"}.get,
+                        help="classifier-free guidance runs each step on a conditional and an "
+                             "unconditional batch; their activations differ")
+    else:
+        rows = "all"
+    step = stats.step_of(t)
+    has_weight = layer in stats.weight_absmax
+
+    tab_a, tab_bc, tab_de, tab_f = st.tabs(["(a) Channels", "(b, c) Over timesteps", "(d, e) Complementarity",
+                                            "(f) All layers"])
+    with tab_a:
+        st.plotly_chart(_figure(figs.channel_profile, stats, layer, step, bits=bit, rows=rows))
+    with tab_bc:
+        st.plotly_chart(_figure(figs.timestep_boxplot, stats, layer, split_halves=rows != "all"))
+        st.plotly_chart(_figure(figs.channel_timestep_heatmap, stats, layer, rows=rows))
+    with tab_de:
+        scope = st.radio("Rank correlation for", ["this block", "every linear layer"], horizontal=True)
+        chosen = [k for k in menu[group] if k in stats.weight_absmax] if scope == "this block" else None
+        if chosen == []:
+            st.info("This block has no linear layer (only attention operands were recorded for it).")
+        else:
+            st.plotly_chart(_figure(figs.spearman_over_timesteps, stats, tuple(chosen) if chosen else None))
+        if has_weight:
+            st.plotly_chart(_figure(figs.complementarity_scatter, stats, layer, step))
+        else:
+            st.info(f"{layer} is an attention operand, not a linear layer's input: it has no weight to "
+                    "compare with.")
+    with tab_f:
+        st.plotly_chart(_figure(figs.layer_overview, stats))
+
+
+    d1, d2, d3 = st.columns(3)
+    # Deferred: the CSV is built when the button is pressed, not on every rerun.
+    d1.download_button("This layer as CSV", data=lambda key=layer: stats.to_csv([key]),
+                       file_name=f"salience_{layer}.csv", mime="text/csv", on_click="ignore")
+    n_rows = len(stats.timesteps) * sum(a.shape[-1] for a in stats.act_absmax.values())
+    too_big = n_rows > MAX_CSV_ROWS
+    d2.download_button("All layers as CSV", data=lambda: stats.to_csv(), file_name="salience_all_layers.csv",
+                       mime="text/csv", on_click="ignore", disabled=too_big,
+                       help=f"one row per layer, timestep and channel: {n_rows:,} rows" + (
+                           " - too many for a CSV; use `dqlab salience --out stats.npz` and "
+                           "analysis.salience.SalienceStats.load instead" if too_big else ""))
+    d3.download_button("Layer ranking as CSV", data=lambda: layer_difficulty(stats).to_csv(index=False),
+                       file_name="salience_layer_ranking.csv", mime="text/csv", on_click="ignore")
+
 
 bundle = current_bundle()
 if bundle is not None:
@@ -78,65 +164,9 @@ if bundle is not None:
         st.info("Choose the settings above and press **Collect**: one sampling pass records every layer's "
                 "input channels at every timestep (the bundled model takes seconds).")
     else:
-        from analysis.plots import salience as figs
-        from analysis.salience import layer_kind, layer_menu
-        from analysis.salience_measures import layer_difficulty
-
         info = stats.info
         st.caption(f"`{stats.model}`: {len(stats.layers)} layers x {len(stats.timesteps)} timesteps, "
                    f"{info['samples']} samples, guidance {info['guidance']}, collected in {info['seconds']:.1f} s "
                    f"(plain sampling {info['sampling_seconds']:.1f} s)"
                    + (f", quantization error in {info['mse_seconds']:.1f} s" if "mse_seconds" in info else ""))
-        menu = layer_menu(stats.layers)
-        v1, v2, v3, v4 = st.columns([1, 2, 2, 1])
-        group = v1.selectbox("Block", list(menu))
-        layer = v2.selectbox("Layer", menu[group], format_func=lambda k: f"{layer_kind(k)} · {k}")
-        t = v3.select_slider("Timestep (noisiest first)", options=stats.timesteps.tolist(),
-                             value=int(stats.timesteps[len(stats.timesteps) // 2]))
-        bit = v4.radio("Bit-width", list(stats.mse_bits), horizontal=True) if stats.mse_bits else None
-        if len(stats.halves) == 2:
-            rows = st.radio("Rows", ["all", "cond", "uncond"], horizontal=True,
-                            format_func={"all": "both halves", "cond": "conditional",
-                                         "uncond": "unconditional"}.get,
-                            help="classifier-free guidance runs each step on a conditional and an "
-                                 "unconditional batch; their activations differ")
-        else:
-            rows = "all"
-        step = stats.step_of(t)
-        has_weight = layer in stats.weight_absmax
-
-        tab_a, tab_bc, tab_de, tab_f = st.tabs(["(a) Channels", "(b, c) Over timesteps", "(d, e) Complementarity",
-                                                "(f) All layers"])
-        with tab_a:
-            st.plotly_chart(figs.channel_profile(stats, layer, step, bits=bit, rows=rows))
-        with tab_bc:
-            st.plotly_chart(figs.timestep_boxplot(stats, layer, split_halves=rows != "all"))
-            st.plotly_chart(figs.channel_timestep_heatmap(stats, layer, rows=rows))
-        with tab_de:
-            scope = st.radio("Rank correlation for", ["this block", "every linear layer"], horizontal=True)
-            chosen = [k for k in menu[group] if k in stats.weight_absmax] if scope == "this block" else None
-            if chosen == []:
-                st.info("This block has no linear layer (only attention operands were recorded for it).")
-            else:
-                st.plotly_chart(figs.spearman_over_timesteps(stats, chosen))
-            if has_weight:
-                st.plotly_chart(figs.complementarity_scatter(stats, layer, step))
-            else:
-                st.info(f"{layer} is an attention operand, not a linear layer's input: it has no weight to "
-                        "compare with.")
-        with tab_f:
-            st.plotly_chart(figs.layer_overview(stats))
-
-        d1, d2, d3 = st.columns(3)
-        # Deferred: the CSV is built when the button is pressed, not on every rerun.
-        d1.download_button("This layer as CSV", data=lambda key=layer: stats.to_csv([key]),
-                           file_name=f"salience_{layer}.csv", mime="text/csv", on_click="ignore")
-        n_rows = len(stats.timesteps) * sum(a.shape[-1] for a in stats.act_absmax.values())
-        too_big = n_rows > MAX_CSV_ROWS
-        d2.download_button("All layers as CSV", data=lambda: stats.to_csv(), file_name="salience_all_layers.csv",
-                           mime="text/csv", on_click="ignore", disabled=too_big,
-                           help=f"one row per layer, timestep and channel: {n_rows:,} rows" + (
-                               " - too many for a CSV; use `dqlab salience --out stats.npz` and "
-                               "analysis.salience.SalienceStats.load instead" if too_big else ""))
-        d3.download_button("Layer ranking as CSV", data=lambda: layer_difficulty(stats).to_csv(index=False),
-                           file_name="salience_layer_ranking.csv", mime="text/csv", on_click="ignore")
+        viewer(stats, current)

@@ -8,7 +8,9 @@ itself when it is made (and dataclasses.replace re-checks): an invalid QuantConf
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
+from typing import Iterable
 
 from quant.methods import REGISTRY, NAMES, all_options, get_method
 from quant.options import check_all, describe, option
@@ -24,6 +26,11 @@ RECON_INPUTS = ("quantized", "fp")
 RECON_LRS = {"adaround": (1e-3, 4e-4), "bkd": (1e-4, 1e-3)}
 
 
+def is_excluded(name: str, patterns: Iterable[str]) -> bool:
+    """fnmatch pattern, or a plain module name that is the layer itself or one of its parents."""
+    return any(fnmatch.fnmatchcase(name, p) or name == p or name.startswith(p + ".") for p in patterns)
+
+
 @dataclasses.dataclass
 class QuantConfig:
     """How to quantize a diffusion transformer.
@@ -36,6 +43,10 @@ class QuantConfig:
     tpq: one activation (scale, zero) per timestep; None = the method's default (on for dilatequant only).
     exclude: layer name patterns left in floating point (fnmatch patterns; a plain name also excludes
         everything under it, e.g. "transformer_blocks.0" or "*.norm1.linear").
+    layer_bits: mixed precision: layer name pattern (as in exclude) -> [w_bits, a_bits] for the matching
+        layers instead of w_bits / a_bits; the first matching pattern wins. E.g. the layers a sensitivity
+        analysis ranks hardest kept at 8 bits while the rest run at 4 (analysis.sensitivity). A per-layer
+        table, not a form field: it comes from a sweep or a config file.
     recon: block-wise optimization after calibration (quant.recon): "none"; "adaround" (PTQ4DiT: learned
         weight rounding + activation step sizes, Lp loss); "bkd" (DilateQuant: weights with straight-through
         rounding, weight steps, activation scale and zero point per timestep, MSE). Any method combines with
@@ -64,6 +75,7 @@ class QuantConfig:
                                 "patterns such as '*.ff.net.2' or module names such as transformer_blocks.0",
                                 kind="patterns")
     options: dict = dataclasses.field(default_factory=dict)
+    layer_bits: dict = dataclasses.field(default_factory=dict)
     recon: str = option("none", "Reconstruction", "block-wise optimization after calibration: none, adaround "
                         "(PTQ4DiT: learned rounding + activation steps) or bkd (DilateQuant: weights, weight steps, "
                         "per-timestep activation parameters)", choices=RECON_MODES, group="recon")
@@ -112,6 +124,9 @@ class QuantConfig:
         name = f"{self.method} W{bits(self.w_bits)}A{bits(self.a_bits)}"
         if self.attn_bits is not None:
             name += f" attn{self.attn_bits}"
+        if self.layer_bits:
+            kept = sorted({f"W{bits(w)}A{bits(a)}" for w, a in self.layer_bits.values()})
+            name += f" +{len(self.layer_bits)} at {'/'.join(kept)}"
         if self.use_tpq:
             name += " TPQ"
         if self.recon != "none":
@@ -128,14 +143,35 @@ class QuantConfig:
             raise ValueError(f"options must be a dict of the method's options, got {self.options!r}")
         # the full, checked set: a stored config names every value it ran with
         self.options = dataclasses.asdict(self.method_options)
+        self._check_layer_bits()
         if self.recon != "none" and self.method == "fp":
             raise ValueError("recon needs a quantizing method; method 'fp' quantizes nothing")
         return self
+
+    def _check_layer_bits(self) -> None:
+        if not isinstance(self.layer_bits, dict):
+            raise ValueError(f"layer_bits must map layer name patterns to [w_bits, a_bits], got {self.layer_bits!r}")
+        for pattern, pair in self.layer_bits.items():
+            if not isinstance(pattern, str) or not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(f"layer_bits[{pattern!r}] must be [w_bits, a_bits], got {pair!r}")
+            for v in pair:
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not (2 <= v <= 8 or v == 16)):
+                    raise ValueError(f"layer_bits[{pattern!r}] holds {v!r}; bits are integers from 2 to 8, "
+                                     "or 16 / null for no quantization")
+        self.layer_bits = {k: list(v) for k, v in self.layer_bits.items()}
+
+    def bits_for(self, layer: str) -> tuple[int | None, int | None]:
+        """(w_bits, a_bits) of one layer: its layer_bits entry if a pattern matches, else the global ones."""
+        for pattern, (w, a) in self.layer_bits.items():
+            if is_excluded(layer, [pattern]):
+                return w, a
+        return self.w_bits, self.a_bits
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["exclude"] = list(self.exclude)
         d["options"] = dict(self.options)
+        d["layer_bits"] = {k: list(v) for k, v in self.layer_bits.items()}
         return d
 
     def to_json(self) -> str:

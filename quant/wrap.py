@@ -6,22 +6,15 @@ matches an `exclude` pattern stays in floating point.
 """
 from __future__ import annotations
 
-import fnmatch
-from typing import Iterable
 
 import torch
 import torch.nn as nn
 
-from quant.config import QuantConfig
+from quant.config import QuantConfig, is_excluded  # noqa: F401 (is_excluded is imported from here too)
 from quant.forward import forward_batches
 from quant.modules import (ActQuantizer, QuantAttnProcessor, QuantConv2d, QuantLinear, TimestepContext, calibrating,
                            timestep_context)
 from quant.quantizers import is_off
-
-
-def is_excluded(name: str, patterns: Iterable[str]) -> bool:
-    """fnmatch pattern, or a plain module name that is the layer itself or one of its parents."""
-    return any(fnmatch.fnmatchcase(name, p) or name == p or name.startswith(p + ".") for p in patterns)
 
 
 def covered_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -57,9 +50,10 @@ def wrap_model(model: nn.Module, config: QuantConfig, ctx: TimestepContext | Non
             continue
         kw = dict(per_channel=config.w_per_channel, w_symmetric=config.w_symmetric, search=config.scale_search,
                   percentile=config.percentile)
-        act = _act(config, ctx, num_timesteps)
-        new = QuantLinear(mod, config.w_bits, act, **kw) if isinstance(mod, nn.Linear) else \
-            QuantConv2d(mod, config.w_bits, act, **kw)
+        w_bits, a_bits = config.bits_for(name)  # mixed precision: a layer_bits pattern may override
+        act = _act(config, ctx, num_timesteps, bits=a_bits)
+        new = QuantLinear(mod, w_bits, act, **kw) if isinstance(mod, nn.Linear) else \
+            QuantConv2d(mod, w_bits, act, **kw)
         model.set_submodule(name, new)
         names.append(name)
     if not is_off(config.attn_bits):

@@ -52,17 +52,32 @@ def test_compare_page_side_by_side_and_history(store_dir, w8a8_variant):
     assert len(charts) == 4  # per-step error, drift, PSNR, metric bars
     assert any("2048" in w.value for w in at.warning)  # N=16 is flagged
     table = at.dataframe[0].value
-    assert list(table["variant"]) == ["FP", "W8A8 baseline"]
-    assert set(table["fid_N"]) == {16} and table["fid"].notna().all()
-    assert table.loc[table.variant == "FP", "fid_vs_fp"].item() == 0.0
-    # both scored runs went to the store; History lists them and reloads one
+    assert list(table["model"]) == ["FP", "W8A8 baseline"]
+    assert set(table["FID N"]) == {16} and table["FID vs real"].notna().all()
+    assert table.loc[table.model == "FP", "FID vs FP"].item() == 0.0
+    # one label agreement per model, with its N (the FID samples'), and no number standing in for "identical"
+    assert [c for c in table.columns if "agreement" in c] == ["label agreement", "label agreement N"]
+    assert set(table["label agreement N"]) == {16}
+    assert table.loc[table.model == "FP", "PSNR vs FP (grid)"].item() == "identical"
+    labels = [d.proto.label for d in at.get("download_button")]
+    assert labels == ["FP grid (PNG)", "W8A8 baseline grid (PNG)", "Metrics as CSV"]
+    # the scored runs and the comparison went to the store; History lists them and reloads one
     from analysis.store import Store
 
-    runs = Store(store_dir).list()
+    runs = [r for r in Store(store_dir).list() if r.note != "comparison"]
     assert [r.label for r in runs] == ["W8A8 baseline", "FP"]
+    assert [r.label for r in Store(store_dir).list() if r.note == "comparison"] == ["W8A8 baseline", "FP"]
+    # a reload (a new session) shows the last comparison from the store, grids included
+    fresh = AppTest.from_file(PAGE, default_timeout=600)
+    fresh.run()
+    assert not fresh.exception, fresh.exception
+    assert any("kept in the run store" in i.value for i in fresh.info)
+    assert len(fresh.get("image") or fresh.get("imgs")) == 2
+    assert list(fresh.dataframe[0].value["model"]) == ["FP", "W8A8 baseline"]
+    assert any(o.startswith("run #") and "W8A8 baseline" in o for o in fresh.multiselect[0].options)
     at.run()
     hist = at.dataframe[-1].value
-    assert set(hist["run_id"]) == {r.id for r in runs}
+    assert {r.id for r in runs} <= set(hist["run_id"])
     at.selectbox(key="hist_pick").set_value(runs[0].id)
     at.button(key="hist_reload").click()
     at.run()

@@ -10,14 +10,14 @@ def test_home_page_shows_digits():
     at = AppTest.from_file("../pages/home.py", default_timeout=180)
     at.run()
     assert not at.exception, at.exception
-    assert "quantizing diffusion models" in at.title[0].value
+    assert "quantizing diffusion transformers" in at.title[0].value
     grids = _images(at)
     assert len(grids) == 1  # the digit grid
-    assert "50 DDIM steps" in grids[0].proto.imgs[0].caption
+    assert "20 DDIM steps" in grids[0].proto.imgs[0].caption
     assert any("parameters" in c.value for c in at.caption)
     # a new guidance value through the form regenerates
-    at.slider[0].set_value(20)
+    at.slider[0].set_value(30)
     at.button[0].click()
     at.run()
     assert not at.exception
-    assert "20 DDIM steps" in _images(at)[0].proto.imgs[0].caption
+    assert "30 DDIM steps" in _images(at)[0].proto.imgs[0].caption

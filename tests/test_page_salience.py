@@ -54,6 +54,13 @@ def test_salience_page_figures_selection_download_and_errors():
     assert len(stats) == 1
     collected = next(iter(stats.values()))
     assert len(collected.timesteps) == 5 and collected.mse_bits == (4,)
+    # the page opens on the hardest layer of the ranking, and its error axes never reach below zero
+    from analysis.salience_measures import layer_difficulty
+
+    hardest = layer_difficulty(collected)["layer"].iloc[0]
+    assert [s for s in at.selectbox if s.label == "Layer"][0].value == hardest
+    assert hardest in titles[0]
+    assert all(figs[0]["layout"][ax]["rangemode"] == "nonnegative" for ax in ("yaxis", "yaxis2", "yaxis3", "yaxis4"))
 
     # choose another block and layer: the figures follow, nothing is collected again
     [s for s in at.selectbox if s.label == "Block"][0].set_value("block 2")

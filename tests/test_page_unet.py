@@ -11,7 +11,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _page(name: str) -> AppTest:
     at = AppTest.from_file(f"../pages/{name}.py", default_timeout=600)
-    at.session_state["model_source"] = UNET
+    at.session_state["model_bundled"] = UNET  # the sidebar's bundled-model choice
     return at
 
 

@@ -13,7 +13,7 @@ import sys
 
 # Subcommand modules, in help order. Each defines register(subparsers) and sets `func` on its parser;
 # func(args) returns a JSON-able dict (printed with --json) and prints its own human-readable summary.
-SUBCOMMANDS = ["models", "sample", "quantize", "eval", "runs", "salience", "bench"]
+SUBCOMMANDS = ["models", "sample", "quantize", "eval", "sweep", "sensitivity", "runs", "salience", "bench"]
 
 
 class CLIError(Exception):

@@ -101,6 +101,9 @@ def register(sub) -> None:
     add_guidance(c, "the evaluation guidance (the FID protocol), which calibration should match")
     c.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
     c.add_argument("--batch-size", type=int, default=64, help="calibration rows per forward (default: %(default)s)")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="a QuantConfig as JSON (the Sweep page's download, dqlab sweep --config-out); it replaces "
+                        "the quantization options above")
     p.add_argument("--out", type=Path, default=None,
                    help="folder to save the quantized model in (safetensors + quant_config.json); "
                         "without it the model is only measured")
@@ -118,13 +121,27 @@ def _check_out(out: Path | None) -> None:
                        "name a new or empty folder")
 
 
+def config_from_file(path: Path):
+    """The QuantConfig in a JSON file, or a one-line error naming the file and what is wrong with it."""
+    from quant.api import QuantConfig
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CLIError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        return QuantConfig.from_json(text)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"--config {path}: {exc}") from None
+
+
 def run(args) -> dict:
     from analysis.bundle_io import save_quantized
     from analysis.calibration import CalibrationSpec
     from analysis.models import load
     from analysis.quantize_pipeline import quantize_bundle
 
-    config = config_from_args(args)
+    config = config_from_file(args.config) if args.config is not None else config_from_args(args)
     try:
         spec = CalibrationSpec(seed=args.calib_seed, images=args.calib_samples, steps=args.calib_steps,
                                guidance=args.guidance, scheduler=args.scheduler)

@@ -19,17 +19,23 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from analysis.plots.axes import log_ticks, readable_layer
 from analysis.salience import SalienceStats
 from analysis.salience_measures import layer_difficulty, quant_error, spearman, spearman_by_timestep
 
-_MARGIN = dict(l=10, r=10, t=60, b=10)
+_MARGIN = dict(l=10, r=10, t=90, b=10)  # room for a title and its subtitle line
 _T_AXIS = "timestep t (sampling order, noisiest left)"
 ACT_UNITS = "activation units"
 
 
 def _short(layer: str) -> str:
-    """'transformer_blocks.3.attn1.to_q' -> 'b3.attn1.to_q' (axis labels; hovers keep the full name)."""
-    return layer.replace("transformer_blocks.", "b").replace("norm1.emb.timestep_embedder.", "temb.")
+    """'transformer_blocks.3.attn1.to_q' -> 'block 3 · attn q' (axis labels; hovers keep the full name)."""
+    return readable_layer(layer)
+
+
+def _title(main: str, detail: str) -> dict:
+    """A title in two lines, so a long layer name and its settings are never cut at the figure's edge."""
+    return dict(text=f"{main}<br><sup>{detail}</sup>", x=0.01, xanchor="left")
 
 
 def _t_labels(stats: SalienceStats) -> list[str]:
@@ -74,13 +80,16 @@ def channel_profile(stats: SalienceStats, layer: str, step: int, bits: int | Non
                            xref="x2 domain", yref="y3 domain", x=0.5, y=0.5)
     err = f", quantization MSE at {bits} bits" if act_mse is not None else (
         f" (no {bits}-bit error collected)" if bits is not None else "")
-    fig.update_layout(title=f"{layer}: per-channel salience at t={t}{err}", height=520, margin=_MARGIN,
-                      legend=dict(orientation="h", y=-0.12), hovermode="closest")
+    fig.update_layout(title=_title(f"{_short(layer)}: per-channel salience at t={t}", f"{layer}{err}"), height=540,
+                      margin=_MARGIN, legend=dict(orientation="h", y=-0.12), hovermode="closest")
     fig.update_xaxes(title_text="input channel j", row=2, col=1)
     fig.update_yaxes(title_text=f"max|X_j| ({ACT_UNITS})", row=1, col=1, secondary_y=False)
-    fig.update_yaxes(title_text="MSE (squared activation units)", row=1, col=1, secondary_y=True)
+    fig.update_yaxes(title_text="MSE (squared activation units)", row=1, col=1, secondary_y=True,
+                     rangemode="nonnegative", showgrid=False)
     fig.update_yaxes(title_text="max|W_j| (weight units)", row=2, col=1, secondary_y=False)
-    fig.update_yaxes(title_text="MSE (squared weight units)", row=2, col=1, secondary_y=True)
+    fig.update_yaxes(title_text="MSE (squared weight units)", row=2, col=1, secondary_y=True,
+                     rangemode="nonnegative", showgrid=False)
+    fig.update_yaxes(rangemode="nonnegative", secondary_y=False)  # salience is a maximum of |x|: never below 0
     return fig
 
 
@@ -103,7 +112,9 @@ def timestep_boxplot(stats: SalienceStats, layer: str, split_halves: bool = Fals
                                  marker=dict(symbol="triangle-up", size=6), customdata=top,
                                  hovertemplate=f"layer {layer}<br>timestep %{{x}}<br>channel %{{customdata}}"
                                                "<br>max|X_j| = %{y:.4g}<extra></extra>"))
-    fig.update_layout(title=f"{layer}: channel maxima across timesteps", xaxis_title=_T_AXIS,
+    fig.update_layout(title=_title(f"{_short(layer)}: channel maxima across timesteps",
+                                   f"{layer}; box = quartiles over channels, whiskers = min / max channel"),
+                      xaxis_title=_T_AXIS,
                       yaxis_title=f"max|X_j| over tokens ({ACT_UNITS})", boxmode="group", height=420,
                       margin=_MARGIN, xaxis=dict(type="category", nticks=20))
     return fig
@@ -128,7 +139,8 @@ def channel_timestep_heatmap(stats: SalienceStats, layer: str, max_channels: int
                                hovertemplate=f"layer {layer}<br>%{{y}}<br>timestep %{{x}}<br>max|X_j| = "
                                              "%{customdata[0]:.4g}<extra></extra>"))
     shown = f" (top {len(keep)} of {C} channels by peak)" if len(keep) < C else ""
-    fig.update_layout(title=f"{layer}: salience per channel and timestep{shown}", xaxis_title=_T_AXIS,
+    fig.update_layout(title=_title(f"{_short(layer)}: salience per channel and timestep", f"{layer}{shown}"),
+                      xaxis_title=_T_AXIS,
                       yaxis_title="input channel j", height=520, margin=_MARGIN,
                       xaxis=dict(type="category", nticks=20), yaxis=dict(type="category", nticks=30))
     return fig
@@ -143,7 +155,8 @@ def spearman_over_timesteps(stats: SalienceStats, layers: list[str] | None = Non
     if not rho:
         raise ValueError("no layer with a weight among those asked; rho needs a linear layer")
     x = _t_labels(stats)
-    title = "Spearman rho between activation and weight salience (low = complementary)"
+    title = _title("Spearman rho between activation and weight salience", "low or negative = complementary: "
+                   "extreme activations sit on channels with ordinary weights")
     if len(rho) <= max_lines:
         fig = go.Figure()
         for key, r in rho.items():
@@ -187,10 +200,11 @@ def complementarity_scatter(stats: SalienceStats, layer: str, step: int, label_t
                              marker=dict(size=9, symbol="circle-open", color="black"), customdata=top,
                              hovertemplate=f"layer {layer}<br>channel %{{customdata}}<br>timestep {t}<br>"
                                            "max|X_j| = %{x:.4g}<br>max|W_j| = %{y:.4g}<extra></extra>"))
-    fig.update_layout(title=f"{layer}: activation vs weight salience at t={t} (Spearman rho = {rho:.3f})",
-                      xaxis_title=f"max|X_j| ({ACT_UNITS}, log)", yaxis_title="max|W_j| (weight units, log)",
-                      xaxis_type="log", yaxis_type="log", height=480, margin=_MARGIN,
-                      legend=dict(orientation="h", y=-0.15))
+    fig.update_layout(title=_title(f"{_short(layer)}: activation vs weight salience at t={t}",
+                                   f"{layer}; Spearman rho = {rho:.3f}"),
+                      xaxis=dict(title=f"max|X_j| ({ACT_UNITS}, log)", type="log", **log_ticks(sal)),
+                      yaxis=dict(title="max|W_j| (weight units, log)", type="log", **log_ticks(w)),
+                      height=500, margin=_MARGIN, legend=dict(orientation="h", y=-0.15))
     return fig
 
 
@@ -215,11 +229,14 @@ def layer_overview(stats: SalienceStats, sort_by: str = "act_outlier_ratio", top
     fig.add_trace(go.Scatter(x=wd["label"], y=wd["weight_outlier_ratio"], mode="markers", name="weight (all kinds)",
                              marker=dict(symbol="diamond", size=7, color="black"),
                              customdata=wd[custom_cols].to_numpy(), hovertemplate=hover))
-    fig.update_layout(title=f"Layers ranked by {sort_by.replace('_', ' ')} (hardest first; {len(d)} layers)",
-                      xaxis_title="layer (rank. name)", yaxis_title="channel max / median (ratio, log)",
-                      yaxis_type="log", height=480, margin=_MARGIN, barmode="overlay",
+    ratios = list(d["act_outlier_ratio"]) + list(wd["weight_outlier_ratio"])
+    fig.update_layout(title=_title("Layers ranked by how hard they are to quantize",
+                                   f"by {sort_by.replace('_', ' ')}, hardest first; {len(d)} layers"),
+                      xaxis_title="layer (rank. block · role)",
+                      yaxis=dict(title="channel max / median (ratio, log)", type="log", **log_ticks(ratios)),
+                      height=560, margin=dict(l=10, r=10, t=90, b=10), barmode="overlay",
                       xaxis=dict(type="category", categoryorder="array", categoryarray=list(d["label"]),
-                                 tickangle=-60, nticks=60))
+                                 tickangle=-60, nticks=60, automargin=True))
     return fig
 
 

@@ -1,0 +1,109 @@
+"""dqlab sweep: methods x bit-widths x options on one footing; the Pareto front and a recommendation.
+
+    dqlab sweep --methods baseline,dilatequant --bits W8A8,W4A4 --num-samples 512 --steps 25 --json
+    dqlab sweep ... --tolerance fid_vs_fp=10 --tolerance rel_rms=0.3 --config-out pick.json
+    dqlab quantize --config pick.json --out q/           # the recommended setting, as a model folder
+
+Points already in the run store (same model, config, calibration, seeds, N) are read back, not measured
+again: an interrupted sweep resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from analysis.calibration import CALIBRATION_SEED
+from analysis.cli import CLIError, add_common, add_guidance, emit
+
+DEFAULT_TOLERANCES = ["fid_vs_fp=10", "rel_rms=0.2"]
+
+
+def parse_tolerance(text: str) -> dict:
+    from analysis.sweep import QUALITY
+
+    name, sep, value = text.partition("=")
+    if not sep or name.strip() not in QUALITY:
+        raise CLIError(f"--tolerance {text!r}: write MEASURE=VALUE with MEASURE one of {', '.join(QUALITY)}")
+    try:
+        limit = float(value)
+    except ValueError:
+        raise CLIError(f"--tolerance {text!r}: {value!r} is not a number") from None
+    return {name.strip(): limit}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sweep", help="a grid of methods x bit-widths x options: table, Pareto front, recommendation")
+    add_common(p)
+    p.add_argument("--methods", default="baseline,ptq4dit,dilatequant", help="comma-separated (default: %(default)s)")
+    p.add_argument("--bits", default="W8A8,W4A8,W4A4", help="comma-separated W<w>A<a> (default: %(default)s)")
+    p.add_argument("--options", default="default",
+                   help="comma-separated: default, tpq, adaround, bkd, float-io, keep8:K (default: %(default)s)")
+    p.add_argument("--num-samples", type=int, default=512, help="images per point for FID (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps, calibration and evaluation (default: %(default)s)")
+    add_guidance(p, "the model's evaluation guidance, the FID protocol")
+    p.add_argument("--seed", type=int, default=0, help="first evaluation seed (default: %(default)s)")
+    p.add_argument("--calib-samples", type=int, default=10, help="FP images for the shared calibration set")
+    p.add_argument("--calib-seed", type=int, default=CALIBRATION_SEED, help="first calibration seed (default: %(default)s)")
+    p.add_argument("--recon-iters", type=int, default=None, help="iterations per unit for adaround / bkd points")
+    p.add_argument("--tolerance", action="append", default=None, metavar="MEASURE=VALUE",
+                   help="fid_vs_fp=X, rel_rms=Y or label_agreement_drop=Z; repeatable "
+                        f"(default: {' and '.join(DEFAULT_TOLERANCES)})")
+    p.add_argument("--config-out", type=Path, default=None,
+                   help="write the first recommendation's QuantConfig here (for dqlab quantize --config)")
+    p.add_argument("--data-dir", default=None, help="run store folder (default: $DQLAB_HOME or ~/.dqlab)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> dict:
+    from analysis.models import load
+    from analysis.store import Store
+    from analysis.sweep import SweepSpec, run_sweep
+
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+    spec = SweepSpec(methods=split(args.methods), bits=[b.upper() for b in split(args.bits)], options=split(args.options),
+                     num_samples=args.num_samples, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                     calib_samples=args.calib_samples, calib_seed=args.calib_seed, recon_iters=args.recon_iters)
+    spec.validate()
+    if args.num_samples < 2:
+        raise CLIError(f"--num-samples must be at least 2 for FID, got {args.num_samples}")
+    tolerances = [parse_tolerance(t) for t in (args.tolerance or DEFAULT_TOLERANCES)]
+    if args.config_out is not None and args.config_out.is_dir():
+        raise CLIError(f"--config-out {args.config_out} is a folder; name a .json file")
+    store = Store(args.data_dir)
+    bundle = load(args.model, device=args.device, dtype=args.dtype)
+
+    def on_point(i: int, n: int, point: dict) -> None:
+        how = "from the store" if point["reused"] else f"measured in {point['seconds']:.0f}s"
+        fid = "n/a" if point["fid_vs_fp"] is None else f"{point['fid_vs_fp']:.2f}"
+        print(f"[{i}/{n}] {point['label']}: FID vs FP {fid}, {how}", file=sys.stderr, flush=True)
+
+    show = None
+    if sys.stderr.isatty():
+        show = lambda stage, frac: print(f"\r[{frac:6.1%}] {stage[:70]:<70}", end="", file=sys.stderr)  # noqa: E731
+    result = run_sweep(bundle, spec, store=store, on_progress=show, on_point=on_point)
+    if show:
+        print(file=sys.stderr)
+    out = result.to_json(tolerances)
+    if args.config_out is not None and out["recommendation"] and out["recommendation"]["config"]:
+        args.config_out.parent.mkdir(parents=True, exist_ok=True)
+        args.config_out.write_text(json.dumps(out["recommendation"]["config"], indent=2, sort_keys=True))
+        out["config_out"] = str(args.config_out)
+    emit(args, out, _human(out))
+    return out
+
+
+def _human(out: dict) -> str:
+    front = set(out["front"])
+    lines = [f"{'point':<34} {'FID vs FP':>22} {'rel_rms':>9} {'agree':>6} {'MiB':>6} {'GBOPs':>7} {'s':>6}  front"]
+    for p in out["points"]:
+        iv = p["fid_vs_fp_interval"]
+        fid = "n/a" if p["fid_vs_fp"] is None else (f"{p['fid_vs_fp']:.2f}" + (f" [{iv[0]:.1f}, {iv[1]:.1f}]" if iv else ""))
+        agree = "" if p["label_agreement"] is None else f"{p['label_agreement']:.3f}"
+        lines.append(f"{p['label']:<34} {fid:>22} {p['rel_rms'] or 0:>9.4f} {agree:>6} "
+                     f"{p['weight_bytes'] / 2 ** 20:>6.2f} {p['bops'] / 1e9:>7.2f} {p['seconds']:>6.0f}  "
+                     + ("*" if p["label"] in front else ""))
+    lines.append(f"N={out['spec']['num_samples']}, {out['spec']['steps']} steps, guidance {out['guidance']:g}; "
+                 f"{out['measured']} measured, {out['reused']} from the store, {out['seconds']:.0f}s")
+    lines += [f"tolerance {r['tolerance']}: {r['reason']}" for r in out["recommendations"]]
+    return "\n".join(lines)

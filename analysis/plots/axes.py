@@ -1,0 +1,41 @@
+"""Axis helpers shared by the figures: readable layer names and log axes with labelled 1-2-5 ticks."""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+# The role of each layer of a diffusers DiT block, in words a reader knows from the paper's figure.
+_ROLES = [(r"attn\d*\.to_q$", "attn q"), (r"attn\d*\.to_k$", "attn k"), (r"attn\d*\.to_v$", "attn v"),
+          (r"attn\d*\.to_out\.0$", "attn out"), (r"ff\.net\.0\.proj$", "MLP fc1"), (r"ff\.net\.2$", "MLP fc2"),
+          (r"norm1\.linear$", "adaLN"), (r"timestep_embedder\.linear_1$", "t-embed 1"),
+          (r"timestep_embedder\.linear_2$", "t-embed 2"), (r"^proj_out_1$", "final adaLN"),
+          (r"^proj_out_2$", "final out"), (r"^pos_embed\.proj$", "patch embed"), (r"attn\d*\.q$", "q"),
+          (r"attn\d*\.k$", "k"), (r"attn\d*\.v$", "v"), (r"attn\d*\.softmax$", "softmax"),
+          (r"attn\d*\.qkv_softmax$", "attn q k v softmax")]
+
+
+def readable_layer(key: str) -> str:
+    """'transformer_blocks.3.ff.net.0.proj' -> 'block 3 · MLP fc1'; top-level layers keep their role alone.
+    A second call in one forward ('name@2') is marked as such; unknown names come back unchanged."""
+    name, _, call = key.partition("@")
+    role = next((r for pattern, r in _ROLES if re.search(pattern, name)), None)
+    m = re.match(r"transformer_blocks\.(\d+)\.", name)
+    if role is None:
+        return key
+    text = f"block {m.group(1)} · {role}" if m else role
+    return text + (f" (call {call})" if call else "")
+
+
+def log_ticks(values, per_decade=(1, 2, 5)) -> dict:
+    """tickvals / ticktext for a log axis spanning `values`: 1-2-5 per decade, written plainly (0.02, 5, 200),
+    so short ranges get several labelled ticks and long ones stay readable. Non-positive values are ignored."""
+    v = np.asarray([x for x in np.ravel(np.asarray(values, dtype=float)) if np.isfinite(x) and x > 0])
+    if v.size == 0:
+        return {}
+    lo, hi = math.floor(math.log10(v.min())), math.ceil(math.log10(v.max()))
+    steps = per_decade if hi - lo <= 4 else (1,)
+    ticks = [m * 10.0 ** e for e in range(lo, hi + 1) for m in steps]
+    ticks = [t for t in ticks if v.min() / 1.5 <= t <= v.max() * 1.5] or [10.0 ** lo, 10.0 ** hi]
+    return {"tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks]}

@@ -1,0 +1,326 @@
+"""Sweep: a grid of methods x bit-widths x options, measured on one shared footing, its Pareto front, and
+the cheapest setting within a quality tolerance.
+
+    spec = SweepSpec(methods=["baseline", "dilatequant"], bits=["W8A8", "W4A8", "W4A4"], options=["default"])
+    result = run_sweep(bundle, spec, store=Store())
+    result.front("bops")                                      # labels on the quality-vs-BOPs front
+    recommend(result.points, {"fid_vs_fp": 10.0})             # the cheapest point within the tolerance
+
+Every point shares one FP calibration set (the same seeds, steps and guidance) and is scored against one FP
+reference sample set (same labels and seeds; FP is sampled once and cached). Each point is stored in the run
+store with a recipe key (analysis.evaluate.recipe_key); a point whose key is already stored is read back
+instead of measured, so an interrupted sweep resumes where it stopped and a repeated one costs seconds.
+
+Per point: FID vs FP with its 95% interval, FID vs real, label agreement (bundled model), rel_rms (relative RMS error of the noise prediction) and its
+per-timestep profile (noise prediction vs FP on the calibration inputs), stored weight bytes, BOPs
+(analysis.bops) and the time it took.
+
+Options (one per point, combined with every method and bit-width):
+    default      the method's own setting (TPQ on for dilatequant only)
+    tpq          one activation range per timestep (DilateQuant's TPQ)
+    adaround     + block-wise AdaRound reconstruction (PTQ4DiT)
+    bkd          + block-wise distillation (DilateQuant)
+    float-io     the patch embedding and the final layer kept in floating point
+    keep8:K      mixed precision: the K layers the sensitivity analysis ranks hardest at W8A8 (points whose
+                 bits are already 8 skip it)
+    keep8-least:K  the control: the K layers ranked easiest at W8A8 (the same size as keep8:K)
+The sensitivity ranking (analysis.sensitivity, plain PTQ at the point's bits, on the shared calibration set)
+is cached beside the store.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
+from typing import Callable
+
+from analysis.bops import bops, float_bits_of, mac_table
+from analysis.calibration import CALIBRATION_SEED, calibrate
+from analysis.evaluate import EvalOptions, eval_guidance, evaluate, find_stored, model_fingerprint, recipe_key
+from analysis.models import ModelBundle
+from analysis.sensitivity import mixed_config, top_layers
+from analysis.store import Store
+from quant.config import METHODS, QuantConfig
+
+OPTIONS = {"default": {}, "tpq": {"tpq": True}, "adaround": {"recon": "adaround"}, "bkd": {"recon": "bkd"},
+           "float-io": {"exclude": ["pos_embed.proj", "proj_out_1", "proj_out_2"]}}
+MIXED = re.compile(r"keep8(-least)?:(\d+)$")
+QUALITY = {"fid_vs_fp": "FID vs FP", "rel_rms": "relative RMS error", "label_agreement_drop": "label agreement drop"}
+COSTS = {"bops": "BOPs", "weight_bytes": "weight bytes"}
+
+
+def parse_bits(text: str) -> tuple[int | None, int | None]:
+    """'W4A8' -> (4, 8); 16 (or F) means floating point for that operand."""
+    m = re.fullmatch(r"\s*[wW](\d+|[fF])[aA](\d+|[fF])\s*", text)
+    if not m:
+        raise ValueError(f"cannot read bit-width {text!r}; write it as W8A8, W4A8, W4A4 (16 = float)")
+    w, a = (None if g.lower() in ("f", "16") else int(g) for g in m.groups())
+    for v in (w, a):
+        if v is not None and not 2 <= v <= 8:
+            raise ValueError(f"bit-width {text!r}: bits must be 2 to 8, or 16 for float")
+    return w, a
+
+
+def bits_text(w: int | None, a: int | None) -> str:
+    return f"W{w or 16}A{a or 16}"
+
+
+def check_option(option: str) -> None:
+    if option not in OPTIONS and not MIXED.match(option):
+        raise ValueError(f"unknown sweep option {option!r}; choose from {', '.join(OPTIONS)}, keep8:K "
+                         "(the K most sensitive layers at W8A8) or keep8-least:K")
+
+
+@dataclasses.dataclass
+class SweepSpec:
+    """The grid and the shared measurement setting. recon_iters: iterations per unit for the adaround / bkd
+    options (None: QuantConfig's default)."""
+
+    methods: list[str]
+    bits: list[str]
+    options: list[str] = dataclasses.field(default_factory=lambda: ["default"])
+    num_samples: int = 512
+    steps: int = 25
+    guidance: float | None = None
+    seed: int = 0
+    calib_samples: int = 10
+    calib_seed: int = CALIBRATION_SEED
+    scheduler: str = "ddim"
+    recon_iters: int | None = None
+
+    def validate(self) -> "SweepSpec":
+        if not self.methods or not self.bits or not self.options:
+            raise ValueError("a sweep needs at least one method, one bit-width and one option")
+        for m in self.methods:
+            if m not in METHODS or m == "fp":
+                raise ValueError(f"unknown method {m!r} for a sweep; choose from "
+                                 f"{', '.join(x for x in METHODS if x != 'fp')} (FP is always measured)")
+        for b in self.bits:
+            parse_bits(b)
+        for o in self.options:
+            check_option(o)
+        if self.calib_samples < 1:
+            raise ValueError(f"calibration samples must be >= 1, got {self.calib_samples}")
+        if self.recon_iters is not None and self.recon_iters < 1:
+            raise ValueError(f"recon iterations must be >= 1, got {self.recon_iters}")
+        return self
+
+    def eval_options(self) -> EvalOptions:
+        return EvalOptions(num_samples=self.num_samples, steps=self.steps, guidance=self.guidance,
+                           scheduler=self.scheduler, seed=self.seed, calib_samples=self.calib_samples,
+                           calib_seed=self.calib_seed)
+
+    def grid(self) -> list[tuple[str, str, str]]:
+        """(method, bits, option) of every point, in order. Mixed precision needs bits below 8 to mix with."""
+        def lower(bits):
+            return any(v is not None and v < 8 for v in parse_bits(bits))
+        return [(m, b, o) for b in self.bits for m in self.methods for o in self.options
+                if not MIXED.match(o) or lower(b)]
+
+    def size(self) -> int:
+        return len(self.grid())
+
+
+def point_config(method: str, bits: str, option: str, spec: SweepSpec, layers: list[str] | None = None) -> QuantConfig:
+    """The QuantConfig of one grid point (keep8:K needs the layers the sensitivity ranking picked)."""
+    w, a = parse_bits(bits)
+    fields = dict(method=method, w_bits=w, a_bits=a)
+    if MIXED.match(option):
+        return mixed_config(QuantConfig(**fields), layers or [])
+    fields.update(OPTIONS[option])
+    if fields.get("recon") and spec.recon_iters is not None:
+        fields["recon_iters"] = spec.recon_iters
+    return QuantConfig(**fields).validate()
+
+
+@dataclasses.dataclass
+class SweepResult:
+    spec: SweepSpec
+    model: str
+    guidance: float
+    points: list[dict]  # FP first
+    seconds: float
+    measured: int  # points measured in this run (the others came from the store)
+    sensitivity: dict  # bits -> the ranking used for keep8:K points (Sensitivity.to_json())
+
+    def front(self, cost: str = "bops", quality: str = "fid_vs_fp") -> list[str]:
+        return pareto_front(self.points, cost, quality)
+
+    def to_json(self, tolerances: list[dict] | None = None) -> dict:
+        recs = [recommend(self.points, t) for t in (tolerances or [])]
+        return {"model": self.model, "spec": dataclasses.asdict(self.spec), "guidance": self.guidance,
+                "points": self.points, "front": self.front("bops"), "front_by_size": self.front("weight_bytes"),
+                "recommendations": recs, "recommendation": recs[0] if recs else None,
+                "seconds": round(self.seconds, 3), "measured": self.measured,
+                "reused": len(self.points) - self.measured,
+                "sensitivity": {b: s["ranking"][:10] for b, s in self.sensitivity.items()}}
+
+
+def _quality(point: dict, quality: str) -> float | None:
+    value = point.get(quality)
+    return None if value is None else float(value)
+
+
+def pareto_front(points: list[dict], cost: str = "bops", quality: str = "fid_vs_fp") -> list[str]:
+    """Labels of the points no other point beats on both `cost` and `quality` (lower is better for both),
+    cheapest first."""
+    pts = [p for p in points if p.get(cost) is not None and _quality(p, quality) is not None]
+    pts.sort(key=lambda p: (p[cost], _quality(p, quality)))
+    front, best = [], float("inf")
+    for p in pts:
+        q = _quality(p, quality)
+        if q < best:
+            front.append(p["label"])
+            best = q
+    return front
+
+
+def recommend(points: list[dict], tolerance: dict, cost: str = "bops") -> dict:
+    """The cheapest point whose quality is within `tolerance` ({"fid_vs_fp": x} or {"rel_rms": y} or
+    {"label_agreement_drop": z}), with one sentence saying why. It is on the front by construction."""
+    if len(tolerance) != 1:
+        raise ValueError(f"a tolerance names one measure, e.g. {{'fid_vs_fp': 10}}; got {tolerance}")
+    (quality, limit), = tolerance.items()
+    if quality not in QUALITY:
+        raise ValueError(f"unknown tolerance measure {quality!r}; choose from {', '.join(QUALITY)}")
+    ok = [p for p in points if _quality(p, quality) is not None and _quality(p, quality) <= limit]
+    fp = next((p for p in points if p["method"] == "fp"), None)
+    if not ok:
+        return {"tolerance": tolerance, "label": None, "config": None,
+                "reason": f"No setting in this sweep has {QUALITY[quality]} <= {limit:g}; keep FP or widen the grid."}
+    best = min(ok, key=lambda p: (p[cost], _quality(p, quality)))  # equal cost: the better one (as the front)
+    cheaper = [p for p in points if p[cost] < best[cost] and p is not best]
+    # the nearest cheaper point, the better one of equal cost: what a step down would give up
+    nearest = max(cheaper, key=lambda p: (p[cost], -(_quality(p, quality) or 0))) if cheaper else None
+    value = _format_quality(best, quality)
+    reason = f"{best['label']} is the cheapest setting with {QUALITY[quality]} <= {limit:g} ({value}, N={best['num_samples']})"
+    if fp is not None and best is not fp:
+        reason += (f": {best[cost] / fp[cost]:.2f}x FP's {COSTS[cost]} and {best['weight_bytes'] / fp['weight_bytes']:.2f}x "
+                   "its weight bytes")
+    if nearest is not None:
+        reason += f"; the next cheaper point, {nearest['label']}, has {_format_quality(nearest, quality)}"
+    return {"tolerance": tolerance, "label": best["label"], "config": best["config"], "reason": reason + "."}
+
+
+def _format_quality(point: dict, quality: str) -> str:
+    value = _quality(point, quality)
+    if quality == "fid_vs_fp" and point.get("fid_vs_fp_interval"):
+        lo, hi = point["fid_vs_fp_interval"]
+        return f"{value:.2f} [{lo:.2f}, {hi:.2f}]"
+    return f"{value:.3g}"
+
+
+def _point(label: str, method: str, bits: str, option: str, config: dict, run, table: dict, float_bits: int,
+           reused: bool, fp_agreement: float | None) -> dict:
+    m = run.metrics
+    qc = None if method == "fp" else QuantConfig.from_dict(config)
+    agreement = m.get("label_agreement")
+    t = run.timings
+    return {
+        "label": label, "method": method, "bits": bits, "option": option, "config": config,
+        "fid_vs_fp": m.get("fid_vs_fp"), "fid_vs_fp_interval": m.get("fid_vs_fp_interval"),
+        "fid": m.get("fid"), "fid_interval": m.get("fid_interval"), "fid_floor": m.get("fid_floor"),
+        "label_agreement": agreement,
+        "label_agreement_drop": None if agreement is None or fp_agreement is None else fp_agreement - agreement,
+        "rel_rms": m.get("rel_rms"), "rel_rms_per_timestep": m.get("rel_rms_per_timestep"),
+        "weight_bytes": m.get("weight_bytes"), "bops": bops(table, qc, float_bits),
+        "num_samples": run.num_samples, "feature_extractor": run.feature_extractor,
+        # this point's own work: FP's is its sampling; a variant's its quantization, sampling and scoring
+        "seconds": round(sum(t.get(k, 0.0) for k in ("quantize_seconds", "sampling", "scoring")
+                             + (("fp_sampling",) if method == "fp" else ())), 3),
+        "run_id": run.id, "reused": reused,
+    }
+
+
+def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
+              on_progress: Callable[[str, float], None] | None = None,
+              on_point: Callable[[int, int, dict], None] | None = None) -> SweepResult:
+    """Measure every point of the grid (plus FP), reading points already in the store. on_progress(stage,
+    fraction of the whole sweep) reports within points; on_point(index, total, point) after each one."""
+    spec.validate()
+    store = store or Store()
+    start = time.perf_counter()
+    opts = spec.eval_options()
+    guidance = eval_guidance(bundle, opts)
+    fingerprint = model_fingerprint(bundle)
+    calib_spec = opts.calibration(bundle).resolved(bundle)  # one FP calibration set for every point
+    table, fbits = mac_table(bundle.transformer), float_bits_of(bundle.transformer)
+    progress = on_progress or (lambda stage, frac: None)
+    grid = [("fp", "FP", "default")] + spec.grid()
+    total = len(grid)
+    calibration: list = []  # drawn once, on the first point that needs measuring
+    rankings: dict[str, dict] = {}
+    points, seen, measured = [], set(), 0
+
+    def get_calibration():
+        if not calibration:
+            progress("sampling the shared FP calibration set", len(points) / total)
+            calibration.append(calibrate(bundle, calib_spec))
+        return calibration[0]
+
+    fp_agreement = None
+    for i, (method, bits, option) in enumerate(grid):
+        mixed = MIXED.match(option)
+        if method == "fp":
+            config, label = QuantConfig(method="fp"), "FP"
+        else:
+            top = None
+            if mixed:
+                if bits not in rankings:
+                    rankings[bits] = _ranking(bundle, bits, get_calibration, calib_spec, fingerprint, store,
+                                              lambda s, f: progress(f"sensitivity {bits}: {s}", (i + f / 2) / total))
+                k = int(mixed.group(2))
+                top = top_layers(rankings[bits]["ranking"], k, least=bool(mixed.group(1)))
+            config = point_config(method, bits, option, spec, top)
+            label = config.label + (f" (least sensitive {k})" if mixed and mixed.group(1) else "")
+        cfg = config.to_dict()
+        ident = json.dumps(cfg, sort_keys=True)
+        if ident in seen:  # e.g. dilatequant's default already has TPQ
+            continue
+        seen.add(ident)
+        key = recipe_key(fingerprint, cfg, opts, guidance, calib_spec.to_dict() if method != "fp" else None)
+        run = find_stored(store, bundle.name, key)
+        reused = run is not None
+        if run is None:
+            progress(f"{label}: measuring", i / total)
+            result = evaluate(bundle, config, opts, store=store,
+                              calibration=None if method == "fp" else get_calibration(),
+                              fingerprint=fingerprint,
+                              on_progress=lambda s, f: progress(f"{label}: {s}", (i + f) / total))
+            run = store.get(result.run_id)
+            measured += 1
+        point = _point(label, method, bits, option, cfg, run, table, fbits, reused, fp_agreement)
+        if method == "fp":
+            fp_agreement = point["label_agreement"]
+            point["label_agreement_drop"] = 0.0 if fp_agreement is not None else None
+        points.append(point)
+        progress(f"{label}: done", (i + 1) / total)
+        if on_point is not None:
+            on_point(i + 1, total, point)
+    return SweepResult(spec=spec, model=bundle.name, guidance=guidance, points=points,
+                       seconds=time.perf_counter() - start, measured=measured, sensitivity=rankings)
+
+
+def _ranking(bundle: ModelBundle, bits: str, get_calibration, calib_spec, fingerprint: str, store: Store,
+             on_progress) -> dict:
+    """The per-layer sensitivity ranking at `bits` on the shared calibration set, cached beside the store (it
+    is deterministic for a model and calibration set, and a resumed sweep must rebuild the same mixed configs)."""
+    from analysis.sensitivity import sensitivity
+
+    w, a = parse_bits(bits)
+    key = hashlib.sha256(json.dumps([fingerprint, bits, calib_spec.to_dict()], sort_keys=True).encode()).hexdigest()[:20]
+    path = store.data_dir / "sensitivity" / f"{key}.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):  # a damaged cache file is recomputed
+            path.unlink(missing_ok=True)
+    out = sensitivity(bundle, w, a, get_calibration(), on_progress=on_progress).to_json()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, path)  # a reader sees the whole file or none
+    return out

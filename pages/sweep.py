@@ -1,0 +1,224 @@
+"""Sweep: which setting should I ship? A grid of methods x bits x options, its Pareto front, a recommendation,
+and per-layer sensitivity for mixed precision.
+
+Sweep points are stored in the run store as they finish, so a repeated or interrupted sweep reads them back.
+"""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from pages._shared import current_bundle, intro, store
+
+METHODS = ["baseline", "smoothquant", "ptq4dit", "dilatequant"]
+BITS = ["W8A8", "W6A6", "W4A8", "W4A6", "W4A4"]
+OPTION_HELP = {"default": "the method's own setting", "tpq": "one activation range per timestep (TPQ)",
+               "adaround": "+ AdaRound reconstruction (PTQ4DiT), minutes per point on a CPU",
+               "bkd": "+ block-wise distillation (DilateQuant), minutes per point on a CPU",
+               "float-io": "patch embedding and final layer kept in float",
+               "keep8": "mixed precision: the K most sensitive layers at W8A8"}
+QUALITY_LABELS = {"fid_vs_fp": "FID vs FP", "rel_rms": "relative RMS error of the noise prediction vs FP",
+                  "label_agreement_drop": "label agreement drop vs FP"}
+TABLE_COLUMNS = {"label": "setting", "on_front": "on front", "fid_vs_fp": "FID vs FP", "fid_vs_fp_ci": "FID vs FP 95% CI",
+                 "fid": "FID vs real", "label_agreement": "label agreement", "rel_rms": "rel_rms",
+                 "weight_mib": "weights (MiB)", "gbops": "GBOPs", "num_samples": "N", "seconds": "time (s)",
+                 "source": "source", "run_id": "run"}
+
+st.title("Sweep")
+intro(
+    "Which quantization setting should you ship? This page measures a grid of methods, bit-widths and options "
+    "on one footing (one FP calibration set, one FP reference sample set at the same seeds), draws quality "
+    "against cost with the **Pareto front**, and recommends the cheapest setting within the quality you can "
+    "accept. The **Sensitivity** tab ranks layers by the damage each does when quantized, which builds "
+    "mixed-precision settings.",
+    why="A setting is worth shipping only if no other is both cheaper and better: those settings form the Pareto "
+        "front, and the answer to *which one* is the cheapest point on it that meets your tolerance. Cost is "
+        "counted in **bit-operations** (BOPs): a multiply-accumulate of a $b_w$-bit weight with a $b_a$-bit "
+        "activation costs $b_w b_a$, summed over every layer's MACs (from its shape and the tokens it sees); and "
+        "in stored weight bytes. Quality is **FID vs FP** (same labels and seeds, so it measures only what "
+        "quantization moved), with its 95% bootstrap interval; the output error per timestep shows where in "
+        "the denoising it goes wrong. Per-layer sensitivity (AIMET's QuantAnalyzer, here per timestep) "
+        "quantizes one layer at a time with the rest in float, and the converse.",
+    math=[r"\mathrm{BOPs} = \sum_{\ell} \mathrm{MACs}_\ell \; b_w^{(\ell)} \, b_a^{(\ell)}",
+          r"p \text{ on the front} \iff \nexists\, q:\; \mathrm{cost}(q) \le \mathrm{cost}(p),\;"
+          r"\mathrm{err}(q) \le \mathrm{err}(p),\; q \ne p",
+          r"e_t = \frac{\lVert \epsilon_q(x_t, t) - \epsilon(x_t, t) \rVert}{\lVert \epsilon(x_t, t) \rVert}"],
+    links={"PTQ4DiT (Wu et al., NeurIPS 2024)": "https://arxiv.org/abs/2405.16005",
+           "DilateQuant (Liu et al., 2024)": "https://arxiv.org/abs/2409.14307",
+           "Bayesian Bits (BOPs, van Baalen et al., 2020)": "https://arxiv.org/abs/2005.07093",
+           "AIMET QuantAnalyzer": "https://quic.github.io/aimet-pages/releases/latest/featureguide/analysis%20tools/quant_analyzer.html"})
+
+
+def _table(points: list[dict], front: list[str]) -> pd.DataFrame:
+    rows = []
+    for p in points:
+        iv = p.get("fid_vs_fp_interval")
+        rows.append({"label": p["label"], "on_front": "yes" if p["label"] in front else "",
+                     "fid_vs_fp": p["fid_vs_fp"], "fid_vs_fp_ci": f"[{iv[0]:.2f}, {iv[1]:.2f}]" if iv else "",
+                     "fid": p["fid"], "label_agreement": p["label_agreement"], "rel_rms": p["rel_rms"],
+                     "weight_mib": p["weight_bytes"] / 2 ** 20, "gbops": p["bops"] / 1e9,
+                     "num_samples": p["num_samples"], "seconds": p["seconds"],
+                     "source": "run store" if p["reused"] else "measured now", "run_id": p["run_id"]})
+    return pd.DataFrame(rows).rename(columns=TABLE_COLUMNS)
+
+
+def sweep_tab(bundle) -> None:
+    with st.form("sweep_form"):
+        c1, c2, c3 = st.columns(3)
+        methods = c1.multiselect("Methods", METHODS, default=["baseline", "dilatequant"], key="sw_methods")
+        bits = c2.multiselect("Bit-widths", BITS, default=["W8A8", "W4A8", "W4A4"], key="sw_bits")
+        options = c3.multiselect("Options", list(OPTION_HELP), default=["default"], key="sw_options",
+                                 help="\n\n".join(f"**{k}**: {v}" for k, v in OPTION_HELP.items()))
+        c1, c2, c3, c4, c5 = st.columns(5)
+        n = c1.number_input("Samples per point (N)", 16, 50000, 512, step=64, key="sw_n",
+                            help="FID below 2048 samples is biased upwards; compare only equal N")
+        steps = c2.number_input("DDIM steps", 2, 250, 25, key="sw_steps")
+        calib = c3.number_input("Calibration images", 1, 256, 10, key="sw_calib")
+        k = c4.number_input("K for keep8 (layers at W8A8)", 1, 64, 4, key="sw_k")
+        recon_iters = c5.number_input("Reconstruction iterations", 1, 20000, 200, key="sw_recon_iters",
+                                      help="per unit, for the adaround and bkd options")
+        go = st.form_submit_button("Run sweep")
+    if go:
+        from analysis.sweep import SweepSpec, run_sweep
+
+        opts = [f"keep8:{int(k)}" if o == "keep8" else o for o in options]
+        spec = SweepSpec(methods=methods, bits=bits, options=opts, num_samples=int(n), steps=int(steps),
+                         calib_samples=int(calib), recon_iters=int(recon_iters))
+        try:
+            spec.validate()
+        except ValueError as exc:
+            st.error(f"Cannot run this sweep: {exc}")
+            return
+        total = spec.size() + 1
+        overall = st.progress(0.0, text=f"Sweep: 0 of {total} points")
+        within = st.empty()
+        done = []
+
+        def on_point(i, n_points, point):
+            done.append(point)
+            how = "read from the run store" if point["reused"] else f"measured in {point['seconds']:.0f} s"
+            overall.progress(i / n_points, text=f"Sweep: {i} of {n_points} points ({point['label']}: {how})")
+
+        def on_progress(stage, frac):
+            within.caption(f"Now: {stage}")
+
+        result = run_sweep(bundle, spec, store=store(), on_progress=on_progress, on_point=on_point)
+        overall.empty()
+        within.empty()
+        st.session_state["sweep_result"] = {"model": bundle.name, **result.to_json()}
+    res = st.session_state.get("sweep_result")
+    if res is None or res["model"] != bundle.name:
+        st.info("Pick the grid above and press **Run sweep**. On the bundled model a point takes about a minute at "
+                "N = 512 on a CPU; points measured before with the same settings come from the run store at once.")
+        return
+    show_result(res)
+
+
+def show_result(res: dict) -> None:
+    from analysis.plots.sweep import pareto_figure, sweep_timestep_figure
+    from analysis.sweep import pareto_front, recommend
+
+    points = res["points"]
+    st.caption(f"{len(points)} points (FP included) on `{res['model']}`: N = {res['spec']['num_samples']}, "
+               f"{res['spec']['steps']} DDIM steps, guidance {res['guidance']:g}, calibration "
+               f"{res['spec']['calib_samples']} images; {res['measured']} measured now, {res['reused']} read from "
+               f"the run store, {res['seconds']:.0f} s.")
+    c1, c2, c3, c4 = st.columns([2, 2, 2, 3])
+    cost = c1.radio("Cost", ["bops", "weight_bytes"], format_func={"bops": "BOPs", "weight_bytes": "weight bytes"}.get,
+                    horizontal=True, key="sw_cost")
+    quality = c2.selectbox("Quality measure", list(QUALITY_LABELS), format_func=QUALITY_LABELS.get, key="sw_quality")
+    default_tol = {"fid_vs_fp": 10.0, "rel_rms": 0.2, "label_agreement_drop": 0.02}[quality]
+    tol = c3.number_input(f"Tolerance: {QUALITY_LABELS[quality]} at most", 0.0, 1e6, default_tol, key=f"sw_tol_{quality}",
+                          format="%.3f")
+    front = pareto_front(points, cost, quality)
+    rec = recommend(points, {quality: float(tol)}, cost=cost)
+    with c4:
+        st.markdown("**Recommendation**")
+        if rec["label"] is None:
+            st.warning(rec["reason"])
+        else:
+            st.success(rec["reason"])
+            st.download_button("Download this config (JSON)", json.dumps(rec["config"], indent=2, sort_keys=True),
+                               file_name=f"{rec['label'].replace(' ', '_').replace('/', '-')}.json",
+                               mime="application/json", key="sw_dl_config",
+                               help="pass it to `dqlab quantize --config FILE --out q/`")
+    st.plotly_chart(pareto_figure(points, front, cost, quality, rec["label"]), key="sw_pareto")
+    st.dataframe(_table(points, front), hide_index=True, width="stretch",
+                 column_config={"FID vs FP": st.column_config.NumberColumn(format="%.2f"),
+                                "FID vs real": st.column_config.NumberColumn(format="%.2f"),
+                                "label agreement": st.column_config.NumberColumn(format="%.3f"),
+                                "rel_rms": st.column_config.NumberColumn(format="%.4f"),
+                                "weights (MiB)": st.column_config.NumberColumn(format="%.2f"),
+                                "GBOPs": st.column_config.NumberColumn(format="%.2f"),
+                                "time (s)": st.column_config.NumberColumn(format="%.0f")})
+    st.download_button("Sweep as JSON", json.dumps(res, indent=2, default=str), file_name="sweep.json",
+                       mime="application/json", key="sw_dl_json")
+    st.plotly_chart(sweep_timestep_figure(points), key="sw_timesteps")
+
+
+def sensitivity_tab(bundle) -> None:
+    with st.form("sens_form"):
+        c1, c2, c3, c4, c5, c6 = st.columns(6)
+        method = c1.selectbox("Method", METHODS, key="se_method")
+        w_bits = c2.selectbox("Weight bits", [2, 3, 4, 5, 6, 8], index=2, key="se_w")
+        a_bits = c3.selectbox("Activation bits", [2, 3, 4, 5, 6, 8], index=2, key="se_a")
+        gran = c4.selectbox("Unit", ["layer", "kind", "block"], key="se_gran",
+                            help="one layer, all layers of one kind (e.g. every fc1), or one transformer block")
+        steps = c5.number_input("DDIM steps", 2, 250, 25, key="se_steps")
+        samples = c6.number_input("Calibration images", 1, 64, 4, key="se_samples")
+        go = st.form_submit_button("Analyse")
+    if go:
+        from analysis.calibration import calibration_for
+        from analysis.sensitivity import sensitivity
+
+        bar = st.progress(0.0, text="Sampling the FP calibration set ...")
+        cal = calibration_for(bundle, steps=int(steps), num_samples=int(samples))  # seeds apart from evaluation's
+        sens = sensitivity(bundle, int(w_bits), int(a_bits), cal, method=method, granularity=gran,
+                           on_progress=lambda stage, f: bar.progress(min(1.0, f), text=f"Sensitivity: {stage}"))
+        bar.empty()
+        st.session_state["sensitivity"] = {"model": bundle.name, **sens.to_json()}
+    sens = st.session_state.get("sensitivity")
+    if sens is None or sens["model"] != bundle.name:
+        st.info("Pick the bits and press **Analyse**: the model is quantized once, then each unit is switched "
+                "alone (the rest in float) and the converse (all quantized but it), on the FP calibration inputs.")
+        return
+    show_sensitivity(sens)
+
+
+def show_sensitivity(sens: dict) -> None:
+    from analysis.plots.sweep import sensitivity_bars, sensitivity_heatmap
+
+    st.caption(f"{len(sens['ranking'])} {sens['granularity']} units at W{sens['w_bits']}A{sens['a_bits']} "
+               f"({sens['method']}) on {sens['calibration_rows']} calibration rows over {len(sens['timesteps'])} "
+               f"timesteps, {sens['seconds']:.0f} s. All quantized: mean error {sens['all_quantized_mean']:.4f}.")
+    ts = ["mean"] + [str(t) for t in sens["timesteps"]]
+    pick = st.select_slider("Timestep (noisiest first)", ts, value="mean", key="se_t")
+    st.plotly_chart(sensitivity_bars(sens, None if pick == "mean" else int(pick)), key="se_bars")
+    st.plotly_chart(sensitivity_heatmap(sens), key="se_heat")
+    table = pd.DataFrame([{k: r[k] for k in ("rank", "unit", "layers", "error_only_this_quantized",
+                                             "error_all_but_this_quantized", "error_removed_if_kept_float",
+                                             "worst_timestep")} for r in sens["ranking"]])
+    st.dataframe(table.rename(columns=lambda c: c.replace("_", " ")), hide_index=True, width="stretch")
+    if sens["granularity"] == "layer":
+        k = st.slider("Mixed precision: keep the K hardest layers at W8A8", 0, min(16, len(sens["ranking"])), 4,
+                      key="se_k")
+        from analysis.sensitivity import mixed_config, top_layers
+        from quant.api import QuantConfig
+
+        base = QuantConfig(method=sens["method"], w_bits=sens["w_bits"], a_bits=sens["a_bits"])
+        config = mixed_config(base, top_layers(sens["ranking"], int(k))).to_dict()
+        st.download_button(f"Download W{sens['w_bits']}A{sens['a_bits']} with {k} layers at W8A8 (JSON config)",
+                           json.dumps(config, indent=2, sort_keys=True), file_name=f"mixed_k{k}.json",
+                           mime="application/json", key="se_dl",
+                           help="pass it to `dqlab quantize --config FILE`, or add keep8:K to a sweep to measure it")
+
+
+bundle = current_bundle()
+if bundle is not None:
+    tab_sweep, tab_sens = st.tabs(["Sweep", "Sensitivity"])
+    with tab_sweep:
+        sweep_tab(bundle)
+    with tab_sens:
+        sensitivity_tab(bundle)

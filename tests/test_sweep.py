@@ -1,0 +1,153 @@
+"""Sweep and sensitivity: BOPs from layer shapes, the Pareto front, the recommendation, mixed precision, and
+`dqlab sweep` / `dqlab sensitivity` / `dqlab quantize --config` on the bundled model with tiny settings."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from analysis.sweep import pareto_front, parse_bits, recommend
+from tests.conftest import run_cli
+
+
+def _pt(label, bops, fid, size=1, method="baseline"):
+    return {"label": label, "method": method, "bops": bops, "weight_bytes": size, "fid_vs_fp": fid,
+            "fid_vs_fp_interval": [fid * 0.8, fid * 1.2], "rel_rms": fid / 100, "num_samples": 64,
+            "config": {"method": method}}
+
+
+POINTS = [_pt("FP", 100, 0.0, 8, "fp"), _pt("W8A8", 25, 3.0, 2), _pt("W6A6", 20, 9.0, 2),
+          _pt("W4A8 worse", 22, 12.0, 1), _pt("W4A4", 12, 60.0, 1)]
+
+
+def test_pareto_front_keeps_points_no_other_beats_on_both():
+    assert pareto_front(POINTS) == ["W4A4", "W6A6", "W8A8", "FP"]  # W4A8 costs more than W6A6 and is worse
+
+
+def test_recommend_picks_the_cheapest_point_within_the_tolerance():
+    rec = recommend(POINTS, {"fid_vs_fp": 10})
+    assert rec["label"] == "W6A6"
+    assert "0.20x FP's BOPs" in rec["reason"] and "W4A4" in rec["reason"]
+    assert recommend(POINTS, {"fid_vs_fp": 100})["label"] == "W4A4"
+    assert recommend(POINTS, {"rel_rms": 0.05})["label"] == "W8A8"
+    assert recommend([p for p in POINTS if p["method"] != "fp"], {"fid_vs_fp": 1})["label"] is None
+    with pytest.raises(ValueError, match="unknown tolerance measure"):
+        recommend(POINTS, {"psnr": 3})
+
+
+def test_parse_bits():
+    assert parse_bits("W4A8") == (4, 8) and parse_bits("w8a16") == (8, None)
+    for bad in ("4/8", "W9A8", "W4"):
+        with pytest.raises(ValueError):
+            parse_bits(bad)
+
+
+def test_bops_follow_the_layer_bits(bundled):
+    from analysis.bops import bops, mac_table
+    from quant.config import QuantConfig
+
+    table = mac_table(bundled.transformer)
+    fc1 = table["transformer_blocks.0.ff.net.0.proj"]
+    # 16x16 image, patch 2 -> 64 tokens; fc1 maps width 128 to 512
+    assert fc1 == {"kind": "linear", "macs": 64 * 128 * 512}
+    assert table["transformer_blocks.0.attn1.qkv_softmax"]["macs"] == 2 * 64 * 64 * 128
+    # the final layer calls block 0's embedding again: two rows per forward instead of one
+    assert table["transformer_blocks.0.norm1.emb.timestep_embedder.linear_2"]["macs"] == 2 * 128 * 128
+    fp = bops(table, None)
+    w8 = bops(table, QuantConfig(method="baseline", w_bits=8, a_bits=8))
+    mixed = bops(table, QuantConfig(method="baseline", w_bits=4, a_bits=4,
+                                    layer_bits={"transformer_blocks.0.ff.net.0.proj": [8, 8]}))
+    w4 = bops(table, QuantConfig(method="baseline", w_bits=4, a_bits=4))
+    assert fp > w8 > mixed > w4
+    assert mixed - w4 == fc1["macs"] * (64 - 16)
+
+
+def test_layer_bits_quantize_the_named_layers_at_their_bits(bundled):
+    from analysis.quantize_pipeline import calibration_for
+    from quant.api import QuantConfig, quantize
+    from quant.modules import quant_layers
+
+    cal = calibration_for(bundled, steps=2, num_samples=1)
+    config = QuantConfig(method="baseline", w_bits=4, a_bits=4, layer_bits={"*.ff.net.2": [8, 6]})
+    q = quant_layers(quantize(bundled.transformer, config, cal))
+    assert (q["transformer_blocks.3.ff.net.2"].w_bits, q["transformer_blocks.3.ff.net.2"].act.bits) == (8, 6)
+    assert (q["transformer_blocks.3.ff.net.0.proj"].w_bits, q["transformer_blocks.3.ff.net.0.proj"].act.bits) == (4, 4)
+    assert QuantConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="layer_bits"):
+        QuantConfig(layer_bits={"*": [9, 4]}).validate()
+
+
+def test_sensitivity_ranks_units_per_timestep(bundled, one_torch_thread):
+    from analysis.quantize_pipeline import calibration_for
+    from analysis.sensitivity import sensitivity
+
+    cal = calibration_for(bundled, steps=3, num_samples=1)
+    before = {k: v.clone() for k, v in bundled.transformer.state_dict().items()}
+    sens = sensitivity(bundled, 4, 4, cal, granularity="kind")
+    assert all((before[k] == v).all() for k, v in bundled.transformer.state_dict().items())  # not modified
+    assert sens.only.shape == sens.all_but.shape == (len(sens.units), 3) and len(sens.timesteps) == 3
+    ranking = sens.ranking()
+    assert ranking["error_only_this_quantized"].is_monotonic_decreasing
+    # every unit alone does less damage than all of them together, on average over units
+    assert sens.only.mean() < sens.all_quantized.mean()
+    assert (sens.all_but <= sens.all_quantized.max() * 1.5).all()
+
+
+def test_cli_sweep_2x2_then_resumes_from_the_store(capsys, tmp_path, one_torch_thread):
+    args = ["sweep", "--methods", "baseline,dilatequant", "--bits", "W8A8,W4A4", "--num-samples", "16",
+            "--steps", "3", "--calib-samples", "1", "--device", "cpu", "--data-dir", str(tmp_path / "store"),
+            "--tolerance", "fid_vs_fp=1000", "--config-out", str(tmp_path / "pick.json"), "--json"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    res = json.loads(out)
+    labels = [p["label"] for p in res["points"]]
+    assert labels == ["FP", "baseline W8A8", "dilatequant W8A8 TPQ", "baseline W4A4", "dilatequant W4A4 TPQ"]
+    assert res["measured"] == 5 and res["reused"] == 0
+    for p in res["points"]:
+        assert p["num_samples"] == 16 and p["weight_bytes"] > 0 and p["bops"] > 0
+        assert p["fid_vs_fp"] is not None and p["rel_rms"] is not None
+    assert set(res["front"]) <= set(labels) and "FP" in res["front"]
+    rec = res["recommendation"]
+    assert rec["label"] in res["front"] and "cheapest" in rec["reason"]
+    assert json.loads((tmp_path / "pick.json").read_text()) == rec["config"]
+    assert "[5/5]" in err  # progress over points
+    code, out, _ = run_cli(capsys, *args)
+    again = json.loads(out)
+    assert code == 0 and again["measured"] == 0 and again["reused"] == 5
+    assert [p["fid_vs_fp"] for p in again["points"]] == [p["fid_vs_fp"] for p in res["points"]]
+    # the recommended config quantizes through dqlab quantize --config
+    code, out, err = run_cli(capsys, "quantize", "--config", str(tmp_path / "pick.json"), "--calib-samples", "1",
+                             "--calib-steps", "2", "--device", "cpu", "--json")
+    assert code == 0, err
+    assert json.loads(out)["config"] == rec["config"]
+
+
+@pytest.mark.parametrize("argv, reason", [
+    (["sweep", "--bits", "W9A8"], "bit-width"),
+    (["sweep", "--methods", "fp"], "unknown method"),
+    (["sweep", "--options", "keep8"], "unknown sweep option"),
+    (["sweep", "--tolerance", "psnr=3"], "--tolerance"),
+    (["sensitivity", "--granularity", "head"], "--granularity"),
+])
+def test_cli_sweep_bad_arguments_exit_2_with_one_line(capsys, argv, reason):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == ""
+    assert reason in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_quantize_config_file_errors(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"method": "baseline", "w_bits": 4, "colour": "red"}')
+    code, _, err = run_cli(capsys, "quantize", "--config", str(bad))
+    assert code == 2 and "colour" in err and str(bad) in err
+    code, _, err = run_cli(capsys, "quantize", "--config", str(tmp_path / "missing.json"))
+    assert code == 2 and "cannot read" in err
+
+
+def test_cli_sensitivity_json(capsys, one_torch_thread):
+    code, out, err = run_cli(capsys, "sensitivity", "--w-bits", "4", "--a-bits", "4", "--steps", "2", "--samples", "1",
+                             "--granularity", "block", "--device", "cpu", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert [r["rank"] for r in res["ranking"]] == list(range(1, 8))
+    assert len(res["timesteps"]) == 2 and all(len(r["only_per_timestep"]) == 2 for r in res["ranking"])
