@@ -197,3 +197,11 @@ def test_a_quantized_unet_saves_and_loads_again(cond, cond_calib, tmp_path):
     a = sample(variant.bundle, [1, 2], [0, 1], steps=3, guidance=2.0).images
     b = sample(again, [1, 2], [0, 1], steps=3, guidance=2.0).images
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_unet_layers_read_by_stage_and_role():
+    from analysis.plots.axes import readable_layer
+
+    assert readable_layer("down_blocks.1.resnets.0.conv1") == "down 1 · resnet 0 conv1"
+    assert readable_layer("mid_block.attentions.0.to_out.0") == "middle · attn 0 out"
+    assert readable_layer("conv_out") == "output · conv out"
