@@ -57,8 +57,9 @@ class CalibrationSpec:
     def seeds(self) -> range:
         return range(self.seed, self.seed + self.images)
 
-    def labels(self, num_classes: int) -> list[int]:
-        return [i % num_classes for i in range(self.images)]
+    def labels(self, num_classes: int) -> list[int] | None:
+        """Image i asks for class i mod K; None for an unconditional model (K = 0), which samples from seeds."""
+        return [i % num_classes for i in range(self.images)] if num_classes else None
 
     def resolved(self, bundle: ModelBundle) -> "CalibrationSpec":
         """The same spec with the guidance the run will use written down."""

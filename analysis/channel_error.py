@@ -11,9 +11,11 @@ from quant.quantizers import fake_quant, fake_quantize, quant_params
 
 
 def weight_quant_mse(weight: torch.Tensor, bits: int) -> np.ndarray:
-    """[in] MSE per input channel of W quantized per output channel (axis 0) at `bits`, averaged over rows."""
+    """[in] MSE per input channel of W quantized per output channel (axis 0) at `bits`, averaged over rows
+    (and, for a convolution's [out, in, kh, kw], over kernel positions)."""
     w = weight.detach().float()
-    return (fake_quantize(w, bits, axis=0) - w).pow(2).mean(dim=0).cpu().numpy()
+    err = (fake_quantize(w, bits, axis=0) - w).pow(2)
+    return err.transpose(0, 1).flatten(1).mean(dim=1).cpu().numpy()
 
 
 def activation_quant_mse(x: torch.Tensor, bits: int) -> torch.Tensor:

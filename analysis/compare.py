@@ -145,7 +145,7 @@ def compare(fp: ModelBundle, variants: Mapping[str, object], labels: list[int], 
                        for i, (xv, xf) in enumerate(zip(res.trajectory, fp_res.trajectory))]
         advance(f"Scored {name}")
     agreement = None
-    if fp.bundled:
+    if fp.bundled and fp.conditional:
         from analysis.classifier import label_agreement
 
         agreement = {name: label_agreement(imgs, labels) for name, imgs in images.items()}

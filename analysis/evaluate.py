@@ -86,8 +86,12 @@ class EvalResult:
 
 
 def eval_labels_seeds(num_classes: int, n: int, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Balanced classes (image i asks for class i mod K) with consecutive seeds from `seed`."""
-    return [i % num_classes for i in range(n)], list(range(seed, seed + n))
+    """Balanced classes (image i asks for class i mod K) with consecutive seeds from `seed`; an unconditional
+    model (K = 0) gets the no-class label on every image."""
+    from analysis.sampling import NO_CLASS
+
+    labels = [i % num_classes for i in range(n)] if num_classes else [NO_CLASS] * n
+    return labels, list(range(seed, seed + n))
 
 
 def sampling_batch_size(bundle: ModelBundle) -> int:
@@ -259,7 +263,7 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
             m["warning"] = "; ".join(w for w in (m.get("warning"), m_warning) if w)
         m.update(_variant_measures(v, fp, is_fp))
         m.update((extra_metrics or {}).get(name, {}))
-        if fp.bundled:
+        if fp.bundled and fp.conditional:
             from analysis.classifier import label_agreement
 
             m["label_agreement"] = label_agreement(images, labels)

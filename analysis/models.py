@@ -1,8 +1,16 @@
-"""Model bundles: a diffusion transformer with what it needs to sample, from any of three sources.
+"""Model bundles: a diffusion denoiser (a DiT or a UNet) with what it needs to sample, from any of three sources.
 
     load("bundled:dit-mnist")            the small DiT trained by scripts/train_dit.py, shipped in assets/
-    load("/path/to/folder")              a local diffusers folder (DiTPipeline layout, or a bare transformer)
+    load("bundled:unet-mnist")           the small UNet trained by scripts/train_unet.py, shipped in assets/
+    load("/path/to/folder")              a local diffusers folder: DiTPipeline layout (transformer/, scheduler/,
+                                         vae/), DDPMPipeline layout (unet/, scheduler/), or a bare
+                                         DiTTransformer2DModel / UNet2DModel folder
     load("facebook/DiT-XL-2-256")        the hub, when this machine has network access or a cached copy
+
+The family (dit / unet) is decided here from the model class (quant.denoiser); everything downstream asks
+the bundle. A class-conditional UNet2DModel keeps its null class for guidance as the last row of its class
+embedding (num_class_embeds = classes + 1, as diffusers' DiT label table does); an unconditional one
+(no class embedding) samples from seeds alone.
 
 Weights load from safetensors only, and no remote code ever runs.
 """
@@ -16,10 +24,16 @@ from pathlib import Path
 import torch
 
 from analysis.resources import asset_path
+from quant.denoiser import CLASS_FAMILIES
 
 ASSETS = asset_path()
-BUNDLED = {"bundled:dit-mnist": asset_path("dit-mnist")}
-HUB_EXAMPLES = ["facebook/DiT-XL-2-256", "facebook/DiT-XL-2-512"]
+BUNDLED = {"bundled:dit-mnist": asset_path("dit-mnist"), "bundled:unet-mnist": asset_path("unet-mnist")}
+TRAINING_SCRIPTS = {"bundled:dit-mnist": "scripts/train_dit.py", "bundled:unet-mnist": "scripts/train_unet.py"}
+# Where each family's weights sit in a pipeline folder (DiTPipeline / DDPMPipeline layouts).
+SUBFOLDERS = {"dit": "transformer", "unet": "unet"}
+# A bare model folder's config names its class; the hub's DiT configs name the generic Transformer2DModel.
+MODEL_CLASSES = {**CLASS_FAMILIES, "Transformer2DModel": "dit"}
+HUB_EXAMPLES = ["facebook/DiT-XL-2-256", "facebook/DiT-XL-2-512", "google/ddpm-cifar10-32"]
 
 
 class ModelLoadError(RuntimeError):
@@ -46,7 +60,7 @@ def check_finite(tensor: torch.Tensor, what: str, hint: str = "") -> None:
 def check_weights_finite(bundle: "ModelBundle", source: str) -> None:
     """A NaN in a weight file samples black images without a word (and a classifier may still 'read' them):
     refuse such a model at load time, naming the first bad tensor."""
-    for part, module in (("transformer", bundle.transformer), ("vae", bundle.vae)):
+    for part, module in ((SUBFOLDERS[bundle.family], bundle.transformer), ("vae", bundle.vae)):
         if module is None:
             continue
         for name, tensor in module.state_dict().items():
@@ -57,7 +71,11 @@ def check_weights_finite(bundle: "ModelBundle", source: str) -> None:
 
 @dataclasses.dataclass
 class ModelBundle:
-    """Everything the sampler needs: a transformer, its scheduler config, and how to turn latents to images."""
+    """Everything the sampler needs: a denoiser, its scheduler config, and how to turn latents to images.
+
+    `transformer` holds the denoiser whatever its family (the name predates UNets); `family` says which.
+    num_classes is 0 for an unconditional model: it samples from seeds alone and has no guidance.
+    """
 
     name: str
     transformer: torch.nn.Module
@@ -70,6 +88,26 @@ class ModelBundle:
     eval_guidance: float = 1.5  # the FID protocol's guidance (PTQ4DiT evaluates DiT-XL/2 at 1.5)
     bundled: bool = False
     quant_config: dict | None = None  # set when the transformer is a quantized copy
+
+    @property
+    def family(self) -> str:
+        """'dit' or 'unet', from the denoiser's class (quant.denoiser.family_of)."""
+        from quant.denoiser import family_of
+
+        return family_of(self.transformer)
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def describe(self) -> str:
+        """One line: family, size and classes, e.g. 'DiT, 6 blocks, classes 0-9'."""
+        m = self.transformer
+        if self.family == "unet":
+            shape = f"UNet, {len(m.down_blocks)} resolutions ({', '.join(map(str, m.config.block_out_channels))} channels)"
+        else:
+            shape = f"DiT, {len(m.transformer_blocks)} blocks"
+        return shape + (f", classes 0-{self.num_classes - 1}" if self.conditional else ", unconditional")
 
     @property
     def null_label(self) -> int:
@@ -111,8 +149,8 @@ class ModelBundle:
 
 def available_models() -> list[dict]:
     """What `load` accepts: the bundled models (with whether their weights are present) and hub examples."""
-    rows = [{"name": name, "kind": "bundled", "path": str(path),
-             "available": (path / "transformer" / "config.json").exists()} for name, path in BUNDLED.items()]
+    rows = [{"name": name, "kind": "bundled", "path": str(path), "available": _bundled_present(path)}
+            for name, path in BUNDLED.items()]
     rows += [{"name": hub_id, "kind": "hub", "path": None, "available": None} for hub_id in HUB_EXAMPLES]
     return rows
 
@@ -150,15 +188,15 @@ def load(source: str, device: str | torch.device | None = "cpu", dtype: str | to
         if source not in BUNDLED:
             raise ModelLoadError(f"unknown bundled model {source!r}; available: {', '.join(BUNDLED)}")
         folder = BUNDLED[source]
-        if not (folder / "transformer" / "config.json").exists():
+        if not _bundled_present(folder):
             raise ModelLoadError(f"the weights of {source} are missing from {folder}; "
-                                 "train them with scripts/train_dit.py")
+                                 f"train them with {TRAINING_SCRIPTS[source]}")
         bundle = _load_folder(folder, name=source, bundled=True)
     elif Path(source).expanduser().exists():
         bundle = _load_folder(Path(source).expanduser(), name=source)
     elif _looks_like_path(source):
         raise ModelLoadError(f"model folder {source!r} does not exist; pass an existing diffusers folder, "
-                             "'bundled:dit-mnist', or a hub id such as facebook/DiT-XL-2-256")
+                             f"{' or '.join(repr(b) for b in BUNDLED)}, or a hub id such as facebook/DiT-XL-2-256")
     else:
         bundle = _load_hub(source)
     bundle.transformer.eval().requires_grad_(False)
@@ -177,9 +215,28 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _bundled_present(folder: Path) -> bool:
+    return any((folder / sub / "config.json").exists() for sub in SUBFOLDERS.values())
+
+
+def _denoiser_dir(folder: Path) -> tuple[Path, str]:
+    """(folder holding the denoiser's config and weights, its family) for a pipeline or a bare model folder."""
+    for family, sub in SUBFOLDERS.items():
+        if (folder / sub / "config.json").exists():
+            return folder / sub, family
+    if not (folder / "config.json").exists():
+        raise ModelLoadError(f"{folder} is not a diffusers model folder: no transformer/config.json, "
+                             "unet/config.json or config.json")
+    cls = _read_json(folder / "config.json").get("_class_name", "")
+    if cls not in MODEL_CLASSES:
+        raise ModelLoadError(f"{folder / 'config.json'} describes a {cls or 'model without _class_name'}; "
+                             f"this lab loads {', '.join(sorted(MODEL_CLASSES))}")
+    return folder, MODEL_CLASSES[cls]
+
+
 def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
-    """A DiTPipeline-style folder (transformer/, scheduler/, optional vae/) or a bare transformer folder."""
-    from diffusers import AutoencoderKL, DiTTransformer2DModel
+    """A pipeline-style folder (transformer/ or unet/, scheduler/, optional vae/) or a bare model folder."""
+    from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel
 
     quantized = folder / "quant_config.json"
     if quantized.exists():
@@ -187,16 +244,15 @@ def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
         from analysis.bundle_io import load_quantized
 
         return load_quantized(folder)
-    tdir = folder / "transformer" if (folder / "transformer").is_dir() else folder
-    if not (tdir / "config.json").exists():
-        raise ModelLoadError(f"{folder} is not a diffusers model folder: no transformer/config.json or config.json")
-    if not list(tdir.glob("*.safetensors")):
-        raise ModelLoadError(f"{tdir} has no .safetensors weights; this project loads safetensors only "
+    mdir, family = _denoiser_dir(folder)
+    if not list(mdir.glob("*.safetensors")):
+        raise ModelLoadError(f"{mdir} has no .safetensors weights; this project loads safetensors only "
                              "(convert .bin weights with diffusers' save_pretrained(safe_serialization=True))")
+    cls = UNet2DModel if family == "unet" else DiTTransformer2DModel
     try:
-        transformer = DiTTransformer2DModel.from_pretrained(tdir, use_safetensors=True)
+        denoiser = cls.from_pretrained(mdir, use_safetensors=True)
     except Exception as exc:  # diffusers raises several types for malformed folders
-        raise ModelLoadError(f"could not load the transformer in {tdir}: {exc}") from exc
+        raise ModelLoadError(f"could not load the {SUBFOLDERS[family]} in {mdir}: {exc}") from exc
     vae = None
     if (folder / "vae" / "config.json").exists():
         vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
@@ -204,20 +260,38 @@ def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
     scheduler_config = _read_json(sched_path) if sched_path.exists() else {"num_train_timesteps": 1000}
     meta_path = folder / "bundle.json"
     meta = _read_json(meta_path) if meta_path.exists() else {}
-    cfg = transformer.config
+    cfg = denoiser.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    num_classes = _num_classes(family, cfg)
+    guidance = 1.0 if num_classes == 0 else 1.5  # an unconditional model has no guidance
     return ModelBundle(
-        name=name, transformer=transformer, scheduler_config=scheduler_config, vae=vae,
-        num_classes=cfg.num_embeds_ada_norm,
-        latent_shape=(cfg.in_channels, cfg.sample_size, cfg.sample_size),
-        default_guidance=meta.get("default_guidance", 4.0 if bundled else 1.5),
-        eval_guidance=meta.get("eval_guidance", 1.5), bundled=bundled)
+        name=name, transformer=denoiser, scheduler_config=scheduler_config, vae=vae, num_classes=num_classes,
+        latent_shape=(cfg.in_channels, size, size),
+        default_guidance=meta.get("default_guidance", 4.0 if bundled else guidance),
+        eval_guidance=meta.get("eval_guidance", guidance), bundled=bundled)
+
+
+def _num_classes(family: str, cfg) -> int:
+    """Classes a user may ask for. The label table's last row is the null class for guidance (diffusers'
+    DiT reserves it itself; a UNet2DModel's num_class_embeds counts it, see the module docstring)."""
+    if family == "dit":
+        return cfg.num_embeds_ada_norm
+    if cfg.num_class_embeds is None:
+        if cfg.class_embed_type is not None:
+            raise ModelLoadError(f"UNet2DModel class_embed_type {cfg.class_embed_type!r} is not supported; the lab "
+                                 "samples unconditional UNets and class tables (num_class_embeds)")
+        return 0
+    if cfg.num_class_embeds < 2:
+        raise ModelLoadError(f"UNet2DModel num_class_embeds = {cfg.num_class_embeds}: a class-conditional UNet needs "
+                             "its classes plus one null class for guidance")
+    return cfg.num_class_embeds - 1
 
 
 def _load_hub(repo_id: str) -> ModelBundle:
-    """Load a DiTPipeline repo from the local hub cache, or download it when the network allows."""
+    """Load a DiTPipeline or DDPMPipeline repo from the local hub cache, or download it when the network allows."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "transformer/*", "vae/*", "scheduler/*"]
+    patterns = ["model_index.json", "transformer/*", "unet/*", "vae/*", "scheduler/*"]
     try:
         folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
     except Exception:
@@ -235,9 +309,9 @@ def _hub_hint(repo_id: str, reason: str) -> tuple[str, str]:
     """(command-line message, app message) for a hub model that could not be fetched."""
     cli = (f"could not load {repo_id!r} from the Hugging Face hub ({reason}). Without network access, download "
            f"it where you have access (`hf download {repo_id}`), copy the folder here, and pass its path "
-           "instead, e.g. --model ./DiT-XL-2-256; or use bundled:dit-mnist")
+           f"instead, e.g. --model ./{repo_id.split('/')[-1]}; or use bundled:dit-mnist or bundled:unet-mnist")
     ui = (f"**{repo_id}** could not be loaded from the Hugging Face hub: this machine cannot reach it and it is not "
           f"in the local cache ({reason}). Download the model where you have network access (`hf download "
           f"{repo_id}`), copy the folder to this machine, then pick **Local folder** in the sidebar and enter its "
-          "path; or pick **Bundled** to use the small digit model that ships with the lab.")
+          "path; or pick **Bundled** to use one of the small digit models that ship with the lab.")
     return cli, ui

@@ -21,6 +21,7 @@ from analysis.recipe import Recipe, recipe_of_run
 from analysis.sampling import CalibrationData
 from quant.api import QuantConfig, quantize_with_details
 from quant.forward import calibration_batches, forward
+from quant.graph import balance_plan
 from quant.io import fp_weight_bytes, weight_bytes
 from quant.measures import RelRmsByTimestep, rel_rms
 from quant.modules import quant_layers
@@ -97,7 +98,8 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
     layers_quantized, weight_bytes (stored at the bit-width), fp_weight_bytes, rel_rms and
     rel_rms_per_timestep (relative RMS error of the noise prediction vs FP), layer_error (each layer's
     relative RMS error on its own input), and per balanced group: vectors (b), salience (per-channel maxima
-    before / after), ssc (rho, eta per timestep); recon (quant.recon.ReconReport as a dict, or None).
+    before / after), ssc (rho, eta per timestep); balance (which layers took a folded scale, which did
+    not and why: quant.graph.balance_plan); recon (quant.recon.ReconReport as a dict, or None).
     """
     progress = on_progress or (lambda stage, frac: None)
     cal_seconds = 0.0
@@ -142,6 +144,7 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
         "salience": {g: _lists(s) for g, s in result.salience.items()},
         "ssc": {g: _lists(e) for g, e in result.extras.items() if "eta" in e},
         "config": config.to_dict(), "recon": result.recon,
+        "balance": balance_plan(bundle.transformer, set(result.vectors), config.method),
     }
     progress("done", 1.0)
     name = config.label

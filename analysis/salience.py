@@ -1,15 +1,17 @@
-"""Salience: which input channels of each linear layer carry extreme values, per timestep and per sample.
+"""Salience: which input channels of each linear or conv layer carry extreme values, per timestep and sample.
 
 For a linear layer Y = X W^T (W is [out, in]) and input channel j (DESIGN.md section 4; PTQ4DiT, Wu et al.
 2024, eq. 3):
     activation salience  s(X_j) = max over tokens of |X_j|   (one value per sample and timestep)
     weight salience      s(W_j) = max over output rows of |W_oj|
+For a convolution (a UNet's convs, a DiT's patch embedding) the tokens are the spatial positions and the
+weight's rows are its output channels and kernel positions: s(W_j) = max over o, kh, kw of |W[o, j, kh, kw]|.
 A channel that is salient in X but not in W (or the reverse) can be balanced by a per-channel scale; that
 is what PTQ4DiT's CSB and SmoothQuant exploit, and why the timestep matters: s(X) moves as denoising goes on.
 
 `collect(bundle, SalienceConfig(...))` runs ONE sampling pass (analysis.sampling.sample) with forward hooks
-(quant.observers.InputObserver) on every nn.Linear of the transformer, and optionally on the attention
-operands q, k, v and the softmax output. The hooks reduce on the model's device; results move to the CPU
+(quant.observers.InputObserver) on every layer the quantizer covers (nn.Linear and nn.Conv2d), and
+optionally on the attention operands q, k, v and the softmax output. The hooks reduce on the model's device; results move to the CPU
 once, after the pass. The guidance batch's halves stay apart: rows are ordered [conditional samples;
 unconditional samples], each with its label (the null label marks the unconditional half). A module that
 runs twice in one forward (block 0's embedding, called again by the final layer) gets a second key "name@2".
@@ -39,20 +41,30 @@ from quant.observers import LayerInputHooks
 FORMAT = "dqlab-salience"
 FORMAT_VERSION = 1
 
-# Layer kinds by the module name's tail (diffusers DiTTransformer2DModel naming, DESIGN.md section 3).
+# Layer kinds by the module name's tail: diffusers DiTTransformer2DModel naming (DESIGN.md section 3), then
+# UNet2DModel naming (resnets, attentions, samplers, shortcut; a UNet's attention is "attentions.i").
 _KIND_PATTERNS = [
-    (r"attn\d*\.to_[qkv]$", "qkv"),
-    (r"attn\d*\.to_out\.0$", "to_out"),
+    (r"(attn\d*|attentions\.\d+)\.to_[qkv]$", "qkv"),
+    (r"(attn\d*|attentions\.\d+)\.to_out\.0$", "to_out"),
     (r"ff\.net\.0\.proj$", "fc1"),
     (r"ff\.net\.2$", "fc2"),
     (r"norm1\.linear$", "adaLN"),
-    (r"timestep_embedder\.linear_[12]$", "t_embed"),
+    (r"(timestep_embedder|time_embedding)\.linear_[12]$", "t_embed"),
     (r"^proj_out_1$", "final_adaLN"),
     (r"^proj_out_2$", "final"),
-    (r"attn\d*\.q$", "q"),
-    (r"attn\d*\.k$", "k"),
-    (r"attn\d*\.v$", "v"),
-    (r"attn\d*\.softmax$", "softmax"),
+    (r"^pos_embed\.proj$", "patch_embed"),
+    (r"resnets\.\d+\.conv1$", "conv1"),
+    (r"resnets\.\d+\.conv2$", "conv2"),
+    (r"resnets\.\d+\.time_emb_proj$", "t_proj"),
+    (r"resnets\.\d+\.conv_shortcut$", "shortcut"),
+    (r"downsamplers\.\d+\.conv$", "downsample"),
+    (r"upsamplers\.\d+\.conv$", "upsample"),
+    (r"^conv_in$", "conv_in"),
+    (r"^conv_out$", "conv_out"),
+    (r"(attn\d*|attentions\.\d+)\.q$", "q"),
+    (r"(attn\d*|attentions\.\d+)\.k$", "k"),
+    (r"(attn\d*|attentions\.\d+)\.v$", "v"),
+    (r"(attn\d*|attentions\.\d+)\.softmax$", "softmax"),
 ]
 KINDS = [kind for _, kind in _KIND_PATTERNS] + ["other"]
 
@@ -63,7 +75,9 @@ def base_name(key: str) -> str:
 
 
 def layer_kind(key: str) -> str:
-    """qkv, to_out, fc1, fc2, adaLN, t_embed, final_adaLN, final, q, k, v, softmax, or other."""
+    """DiT: qkv, to_out, fc1, fc2, adaLN, t_embed, final_adaLN, final, patch_embed; UNet: conv1, conv2, t_proj,
+    shortcut, downsample, upsample, conv_in, conv_out, qkv, to_out, t_embed; attention operands q, k, v,
+    softmax; or other."""
     name = base_name(key)
     for pattern, kind in _KIND_PATTERNS:
         if re.search(pattern, name):
@@ -72,25 +86,53 @@ def layer_kind(key: str) -> str:
 
 
 def layer_block(key: str) -> int:
-    """The transformer block index in the name, or -1 for top-level layers (patch embedding, final layer)."""
+    """The DiT block index in the name, or -1 for top-level layers and for UNet layers (see layer_stage)."""
     m = re.search(r"transformer_blocks\.(\d+)\.", key)
     return int(m.group(1)) if m else -1
 
 
+def layer_stage(key: str) -> tuple[int, str]:
+    """(forward position, label) of the part of the network a layer is in: a DiT's "patch embedding",
+    "block i", "final layer"; a UNet's "input" (time embedding, conv_in), "down i", "middle", "up i", "output".
+    A second call of a module in one forward ("name@2": a DiT's block-0 embedding, called again by diffusers'
+    final layer) belongs to the final layer."""
+    if "@" in key:
+        return 1 << 20, "final layer"
+    name = base_name(key)
+    if (m := re.match(r"transformer_blocks\.(\d+)\.", name)) is not None:
+        return 1 + int(m.group(1)), f"block {m.group(1)}"
+    if (m := re.match(r"down_blocks\.(\d+)\.", name)) is not None:
+        return 1 + int(m.group(1)), f"down {m.group(1)}"
+    if name.startswith("mid_block."):
+        return 1 << 10, "middle"
+    if (m := re.match(r"up_blocks\.(\d+)\.", name)) is not None:
+        return (1 << 10) + 1 + int(m.group(1)), f"up {m.group(1)}"
+    if name.startswith("pos_embed"):
+        return 0, "patch embedding"
+    if name.startswith(("time_embedding", "conv_in", "class_embedding")):
+        return 0, "input"
+    if name.startswith(("conv_norm_out", "conv_out")):
+        return 1 << 20, "output"
+    return 1 << 20, "final layer"
+
+
+# Within a stage, layers in the order data flows through it.
+_MENU_ORDER = ["patch_embed", "conv_in", "t_embed", "adaLN", "t_proj", "conv1", "conv2", "shortcut", "qkv", "q", "k",
+               "v", "softmax", "to_out", "fc1", "fc2", "downsample", "upsample", "final_adaLN", "final", "conv_out",
+               "other"]
+
+
 def layer_menu(layers: list[str]) -> dict[str, list[str]]:
-    """Layers grouped for a picker: {"block 0": [...], ..., "final layer": [...]}, each group in the order
-    data flows through a block (embedding, adaLN, attention, MLP). A second call of a module in one forward
-    ("name@2": block 0's embedding, called again by diffusers' final layer) goes to the final layer.
-    Within a kind, layers keep the order of `layers` (module order for SalienceStats.layers)."""
-    order = {kind: i for i, kind in enumerate(["t_embed", "adaLN", "qkv", "q", "k", "v", "softmax", "to_out", "fc1",
-                                               "fc2", "final_adaLN", "final", "other"])}
-    groups: dict[int, list[str]] = {}
+    """Layers grouped for a picker by layer_stage ({"block 0": [...], ..., "final layer": [...]} for a DiT,
+    {"input", "down 0", ..., "middle", "up 0", ..., "output"} for a UNet), stages in forward order, each in
+    the order data flows through it. Within a kind, layers keep the order of `layers` (module order for
+    SalienceStats.layers)."""
+    order = {kind: i for i, kind in enumerate(_MENU_ORDER)}
+    groups: dict[tuple[int, str], list[str]] = {}
     for key in layers:
-        block = -1 if "@" in key else layer_block(key)
-        groups.setdefault(block, []).append(key)
-    label = lambda b: "final layer" if b < 0 else f"block {b}"  # noqa: E731
-    return {label(b): sorted(keys, key=lambda k: order[layer_kind(k)])  # stable: module order within a kind
-            for b, keys in sorted(groups.items(), key=lambda item: (item[0] < 0, item[0]))}
+        groups.setdefault(layer_stage(key), []).append(key)
+    return {label: sorted(keys, key=lambda k: order[layer_kind(k)])  # stable: module order within a kind
+            for (_, label), keys in sorted(groups.items())}
 
 
 @dataclasses.dataclass
@@ -134,7 +176,10 @@ class SalienceConfig:
             except re.error as exc:
                 raise ValueError(f"layers {self.layers!r} is not a valid regular expression: {exc}") from None
 
-    def sample_labels(self, num_classes: int) -> list[int]:
+    def sample_labels(self, num_classes: int) -> list[int] | None:
+        """Sample i's class (i mod num_classes unless given); None for an unconditional model (num_classes 0)."""
+        if num_classes == 0:
+            return None
         return list(self.labels) if self.labels is not None else [i % num_classes for i in range(self.samples)]
 
     def seeds(self) -> list[int]:
@@ -353,17 +398,18 @@ class SalienceStats:
 # ---- collection ----------------------------------------------------------------------------------------
 def observed_modules(transformer: torch.nn.Module, pattern: str | None = None,
                      attention: bool = False) -> tuple[dict[str, torch.nn.Module], dict[str, torch.nn.Module]]:
-    """(linear layers, attention modules) of the transformer whose names match `pattern`."""
-    from quant.observers import linear_layers
+    """(linear and conv layers, attention modules) of the denoiser whose names match `pattern`."""
+    from quant.wrap import covered_layers
 
     match = (lambda name: True) if pattern is None else (lambda name: re.search(pattern, name) is not None)  # noqa: E731
-    linears = {n: m for n, m in linear_layers(transformer).items() if match(n)}
+    linears = {n: m for n, m in covered_layers(transformer).items() if match(n)}
     attns = {}
     if attention:
         attns = {n: m for n, m in transformer.named_modules()
                  if all(hasattr(m, a) for a in ("to_q", "to_k", "to_v", "heads")) and match(n)}
     if not linears and not attns:
-        raise ValueError(f"no layer of the transformer matches {pattern!r}; try e.g. 'transformer_blocks\\.0\\.'")
+        raise ValueError(f"no layer of the model matches {pattern!r}; try e.g. 'transformer_blocks\\.0\\.' "
+                         "(a DiT) or 'down_blocks\\.0\\.' (a UNet)")
     return linears, attns
 
 
@@ -398,6 +444,7 @@ def collect(bundle: ModelBundle, config: SalienceConfig | None = None,
     halves = ["cond", "uncond"] if guided else ["cond"]
     timesteps = np.array(list(dict.fromkeys(raw.t.tolist())), dtype=np.int64)
     if config.per_sample:
+        labels = result.labels  # the sampler's labels (-1 for every row of an unconditional model)
         row_labels = np.array(labels + ([bundle.null_label] * len(labels) if guided else []), dtype=np.int64)
         row_seeds = np.array(seeds * len(halves), dtype=np.int64)
         place = _per_sample_places(raw.t.numpy(), raw.y.numpy(), timesteps, row_labels, len(labels),
@@ -412,7 +459,7 @@ def collect(bundle: ModelBundle, config: SalienceConfig | None = None,
                                                                place, len(timesteps), len(row_labels), len(halves))
     modules = dict(model.named_modules())
     weight_absmax = {key: _weight_salience(modules[base_name(key)]) for key in act_absmax
-                     if isinstance(modules.get(base_name(key)), torch.nn.Linear)}
+                     if isinstance(modules.get(base_name(key)), (torch.nn.Linear, torch.nn.Conv2d))}
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     info = {"steps": config.steps, "samples": config.samples, "guidance": guidance, "scheduler": config.scheduler,
             "batch_size": config.batch_size, "per_sample": config.per_sample, "attention": config.attention,
@@ -428,7 +475,7 @@ def collect(bundle: ModelBundle, config: SalienceConfig | None = None,
     return stats
 
 
-def _weight_salience(linear: torch.nn.Linear) -> np.ndarray:
+def _weight_salience(linear: torch.nn.Module) -> np.ndarray:
     return weight_salience(linear.weight).float().cpu().numpy()
 
 
@@ -534,7 +581,7 @@ def collect_timed(bundle: ModelBundle, config: SalienceConfig, repeats: int = 1,
     say = say or (lambda text: None)
     labels, seeds = config.sample_labels(bundle.num_classes), config.seeds()
     # Warm-up: the first forward pays one-off allocation costs that would otherwise bias the first timed pass.
-    sample(bundle, labels[:1], seeds[:1], steps=1, guidance=config.guidance, scheduler=config.scheduler, decode=False)
+    sample(bundle, labels and labels[:1], seeds[:1], steps=1, guidance=config.guidance, scheduler=config.scheduler, decode=False)
     plain, collecting, plain_cpu, collecting_cpu, stats = [], [], [], [], None
     for r in range(repeats):
         if baseline:

@@ -1,4 +1,5 @@
-"""Class-conditional sampling with classifier-free guidance, driven step by step with diffusers schedulers.
+"""Sampling (class-conditional with classifier-free guidance, or unconditional), driven step by step with
+diffusers schedulers, for DiTs and UNets alike (quant.denoiser.denoise calls either).
 
 DiTPipeline takes no initial latents, so this loop uses the bundle's components directly. That gives:
 - fixed seeds per image: image i starts from noise drawn by its own generator seeded with seeds[i], and DDPM's
@@ -16,8 +17,10 @@ from typing import Callable, Iterable
 import torch
 
 from analysis.models import ModelBundle, check_finite
+from quant.denoiser import denoise
 
 SCHEDULERS = ("ddim", "ddpm")
+NO_CLASS = -1  # the label rows of an unconditional model carry (the model never sees it)
 
 
 @dataclasses.dataclass
@@ -26,7 +29,7 @@ class CalibrationData:
 
     x: torch.Tensor  # [M, C, H, W] noisy latents as fed to the transformer
     t: torch.Tensor  # [M] integer timesteps
-    y: torch.Tensor  # [M] class labels (null label = num_classes for the unconditional half)
+    y: torch.Tensor  # [M] class labels (null label = num_classes for the unconditional half; -1: no class)
     step: torch.Tensor  # [M] index of the sampling step (0 = first, noisiest)
     spec: object = None  # the analysis.calibration.CalibrationSpec that made it, when calibrate() did
 
@@ -100,7 +103,7 @@ def guided_eps(transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y
         t_in = torch.cat([t, t])
     else:
         x_in, y_in, t_in = x, y, t
-    out = transformer(x_in, timestep=t_in, class_labels=y_in).sample
+    out = denoise(transformer, x_in, t_in, y_in)
     eps = out[:, :latent_c]  # learned-sigma models (DiT-XL/2) also output a variance half, unused here
     if guidance > 1.0:
         cond, uncond = eps.chunk(2)
@@ -109,23 +112,30 @@ def guided_eps(transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y
 
 
 @torch.no_grad()
-def sample(bundle: ModelBundle, labels: Iterable[int], seeds: Iterable[int], steps: int = 50,
+def sample(bundle: ModelBundle, labels: Iterable[int] | None, seeds: Iterable[int], steps: int = 50,
            guidance: float | None = None, scheduler: str = "ddim", batch_size: int | None = None,
            on_step: Callable[[int, int], None] | None = None, decode: bool = True,
            record: str | Iterable[int] | None = None, keep_trajectory: bool = False) -> SampleResult:
-    """Sample one image per (label, seed) pair.
+    """Sample one image per (label, seed) pair; for an unconditional model, one per seed (labels None).
 
     guidance: classifier-free guidance scale (1 = off); None uses the bundle's default.
     on_step(done, total): called after every denoising step of every batch.
     record: None, "all", or step indices (0 = first step) at which to record the transformer inputs.
     keep_trajectory: keep x_t after every step (for drift measurements).
     """
-    labels, seeds = [int(v) for v in labels], [int(v) for v in seeds]
+    seeds = [int(v) for v in seeds]
+    if labels is None:
+        if bundle.conditional:
+            raise ValueError(f"{bundle.name} is class-conditional: give one class label per seed")
+        labels = [NO_CLASS] * len(seeds)
+    labels = [int(v) for v in labels]
+    if not bundle.conditional and any(v != NO_CLASS for v in labels):
+        raise ValueError(f"{bundle.name} is unconditional: sample it from seeds alone, without classes")
     if len(labels) != len(seeds):
         raise ValueError(f"got {len(labels)} labels but {len(seeds)} seeds; give one seed per image")
     if not labels:
         raise ValueError("nothing to sample: no labels given")
-    bad = [c for c in labels if not 0 <= c < bundle.num_classes]
+    bad = [c for c in labels if bundle.conditional and not 0 <= c < bundle.num_classes]
     if bad:
         raise ValueError(f"class {bad[0]} is out of range: {bundle.name} has classes 0-{bundle.num_classes - 1}")
     if steps < 1:
@@ -133,6 +143,9 @@ def sample(bundle: ModelBundle, labels: Iterable[int], seeds: Iterable[int], ste
     guidance = bundle.default_guidance if guidance is None else float(guidance)
     if not (math.isfinite(guidance) and guidance >= 0):
         raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
+    if guidance > 1.0 and not bundle.conditional:
+        raise ValueError(f"{bundle.name} is unconditional: classifier-free guidance needs a class-conditional "
+                         "model; use guidance 1")
     n = len(labels)
     batch_size = batch_size or n
     record_steps = _record_set(record, steps)

@@ -152,18 +152,23 @@ def random_batch(model, rows: int, timesteps=(999, 750, 500, 250, 20), seed: int
     """(x, t, y): Gaussian latents at a spread of timesteps, random classes (inputs for shapes and ranges)."""
     g = torch.Generator().manual_seed(seed)
     c, s = model.config.in_channels, model.config.sample_size
+    s = (s, s) if isinstance(s, int) else tuple(s)
     t = torch.tensor(timesteps).repeat(rows // len(timesteps) + 1)[:rows]
-    y = torch.randint(0, model.config.num_embeds_ada_norm, (rows,), generator=g)
-    return torch.randn(rows, c, s, s, generator=g), t, y
+    # a DiT's label table, or a UNet's class embedding (an unconditional UNet ignores the labels)
+    classes = getattr(model.config, "num_embeds_ada_norm", None) or getattr(model.config, "num_class_embeds", None) or 1
+    y = torch.randint(0, classes, (rows,), generator=g)
+    return torch.randn(rows, c, *s, generator=g), t, y
 
 
 def _forward(model, batch, device, dtype=torch.float32) -> Callable[[], object]:
+    from quant.denoiser import denoise
+
     x, t, y = (v.to(device) for v in batch)
     x = x.to(dtype)
 
     @torch.no_grad()
     def run():
-        return model(x, timestep=t, class_labels=y).sample
+        return denoise(model, x, t, y)
     return run
 
 

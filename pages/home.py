@@ -4,18 +4,19 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis.app_state import HOME_CLASSES
+from analysis.sampling import NO_CLASS
 from pages._shared import current_bundle, intro, progress_callback
 
 st.title("dqlab: quantizing diffusion transformers")
 intro(
-    "Diffusion transformers (DiT) are expensive to run; quantizing their weights and activations to 8 or 4 bits "
-    "makes them cheaper, but a few **outlier channels** stretch the quantization range, and in a diffusion model "
+    "Diffusion transformers (DiT) and UNets are expensive to run; quantizing their weights and activations to 8 "
+    "or 4 bits makes them cheaper, but a few **outlier channels** stretch the quantization range, and in a diffusion model "
     "they move with the denoising **timestep**. This lab lets you look at the outliers (**Salience**), quantize "
     "with plain PTQ, SmoothQuant, PTQ4DiT or DilateQuant (**Quantize**), find the setting worth shipping "
     "(**Sweep**) and compare variants side by side with FID (**Compare**).",
     why="A $b$-bit quantizer has $2^b$ levels spread over the range it must cover. One channel twenty times "
         "larger than the rest spends most of those levels on itself, and every other channel rounds coarsely. "
-        "The bundled model is a small DiT trained on MNIST digits, so everything here runs on a CPU in seconds; "
+        "The bundled models, a small DiT and a small UNet trained on MNIST digits, run on a CPU in seconds; "
         "pick another model (a local folder or a hub id) and a device in the sidebar.",
     math=[r"\Delta = \frac{\max X - \min X}{2^b - 1}, \qquad \mathbb{E}\big[(x - \hat x)^2\big] "
           r"\approx \frac{\Delta^2}{12}"],
@@ -25,16 +26,18 @@ intro(
 bundle = current_bundle()
 if bundle is not None:
     n_params = sum(p.numel() for p in bundle.transformer.parameters())
-    st.caption(f"Model `{bundle.name}` on {bundle.device}: {n_params / 1e6:.1f}M parameters, "
-               f"{len(bundle.transformer.transformer_blocks)} blocks, classes 0-{bundle.num_classes - 1}")
+    st.caption(f"Model `{bundle.name}` on {bundle.device}: {n_params / 1e6:.1f}M parameters, {bundle.describe()}")
     with st.form("home_sample"):
         c1, c2, c3 = st.columns(3)
         # The first grid is drawn as the page opens: small defaults keep the first page quick on a CPU.
         steps = c1.slider("DDIM steps", 10, 100, 20, step=10)
-        guidance = c2.slider("Guidance", 1.0, 8.0, float(bundle.default_guidance), step=0.5)
-        n_seeds = c3.number_input("Seeds per class", 1, 8, 2)
+        # an unconditional model has no guidance: the slider is pinned at 1
+        guidance = c2.slider("Guidance", 1.0, 8.0 if bundle.conditional else 1.0, float(bundle.default_guidance),
+                             step=0.5, disabled=not bundle.conditional)
+        n_seeds = c3.number_input("Seeds per class" if bundle.conditional else "Rows of seeds", 1, 8, 2)
         go = st.form_submit_button("Generate")
-    classes = HOME_CLASSES[:bundle.num_classes]
+    # an unconditional model fills each row with 10 seeds instead of 10 classes
+    classes = HOME_CLASSES[:bundle.num_classes] if bundle.conditional else [NO_CLASS] * len(HOME_CLASSES)
     key = ("home_grid", bundle.name)
     if go or key not in st.session_state:
         from analysis.images import make_grid
@@ -43,10 +46,10 @@ if bundle is not None:
         seeds = list(range(int(n_seeds)))
         bar, on_step = progress_callback("Sampling: step")
         # Seed-major order so each row of the grid is one seed and each column one class.
-        result = sample(bundle, classes * len(seeds), [s for s in seeds for _ in classes], steps=steps,
-                        guidance=guidance, on_step=on_step)
+        seed_list = [s for s in seeds for _ in classes] if bundle.conditional else list(range(len(classes) * len(seeds)))
+        result = sample(bundle, classes * len(seeds), seed_list, steps=steps, guidance=guidance, on_step=on_step)
         bar.empty()
         st.session_state[key] = (make_grid(result.images, ncol=len(classes)), result.seconds, steps, guidance)
     grid, seconds, steps_used, guidance_used = st.session_state[key]
-    st.image(grid, caption=f"Columns: classes {classes[0]}-{classes[-1]}; rows: seeds. {steps_used} DDIM steps, "
-                           f"guidance {guidance_used}, {seconds:.1f} s")
+    layout = f"Columns: classes {classes[0]}-{classes[-1]}; rows: seeds" if bundle.conditional else "Seeds 0, 1, ..."
+    st.image(grid, caption=f"{layout}. {steps_used} DDIM steps, guidance {guidance_used}, {seconds:.1f} s")

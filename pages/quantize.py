@@ -102,7 +102,8 @@ def _quantize(bundle, fields: dict, samples: int, steps: int, name: str) -> None
     unmatched = unmatched_excludes(bundle.transformer, config.exclude)
     if unmatched:
         st.error(f"'{unmatched[0]}' in 'Keep in float' matches no layer. Use a pattern such as *.ff.net.2 or a "
-                 "module name such as transformer_blocks.0 (layer names look like transformer_blocks.0.attn1.to_q).")
+                 "module name such as transformer_blocks.0 (layer names look like transformer_blocks.0.attn1.to_q "
+                 "in a DiT, down_blocks.0.resnets.0.conv1 in a UNet).")
         return
     cal = _calibration(bundle, spec)
     bar = st.progress(0.0, text="Quantizing ...")
@@ -188,6 +189,8 @@ def _show(bundle, variants: dict) -> None:
                                                              f"sampling not included")
     st.caption(f"{v.config.label}; calibrated on {r['calibration_rows']} transformer inputs over "
                f"{len(r['rel_rms_per_timestep'])} timesteps.")
+    if r.get("balance"):
+        _show_balance(r["balance"])
     salience = r["salience"]
     if salience:
         groups = list(salience)
@@ -211,6 +214,19 @@ def _show(bundle, variants: dict) -> None:
     if r.get("recon"):
         _show_recon(r["recon"])
     _download(v)
+
+
+def _show_balance(plan: dict) -> None:
+    """Which layers took a folded per-channel scale, and why every other layer did not."""
+    import pandas as pd
+
+    n_bal = sum(len(g["layers"]) for g in plan["balanced"])
+    with st.expander(f"Balanced layers: {n_bal} of {plan['layers']} ({plan['foldable_layers']} can take a scale "
+                     f"that folds exactly into the layer producing their input, {plan['foldable_share']:.0%})"):
+        rows = [{"layer": name, "balanced": True, "why": f"scale folds into {g['producer']} ({g['group']})"}
+                for g in plan["balanced"] for name in g["layers"]]
+        rows += [{"layer": name, "balanced": False, "why": why} for name, why in plan["unbalanced"].items()]
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
 
 def _download(v) -> None:

@@ -13,8 +13,8 @@ MAX_CACHED_FIGURES = 300  # figures kept per session (a few MB of plotly JSON)  
 st.title("Salience")
 intro(
     "Quantization fails first where a few **outlier channels** stretch a layer's range. Collect one sampling pass "
-    "and see, for every linear layer and timestep, which input channels carry extreme activations and weights "
-    "and how that moves over the denoising; the page opens on the layer the ranking finds hardest.",
+    "and see, for every linear and conv layer and timestep, which input channels carry extreme activations and "
+    "weights and how that moves over the denoising; the page opens on the layer the ranking finds hardest.",
     why="A uniform quantizer with $b$ bits splits its range into $2^b - 1$ steps. Activations are quantized per "
         "tensor, so **one outlier channel** 20x larger than a typical one leaves the typical channels only a "
         "handful of steps (figure a shows the error per channel). In a diffusion model the outliers **move with "
@@ -22,7 +22,9 @@ intro(
         "quantizers. If extreme activations sit on channels with ordinary weights (low Spearman $\\rho$, d and e), "
         "a per-channel factor $b_j$ moves range from $X$ to $W$ without changing $Y$; PTQ4DiT's channel salience "
         "balancing picks $b_j$ so both sides peak at their geometric mean, weighting timesteps by how "
-        "complementary they are. Figure (f) ranks layers by how far the largest channel stands above the median.",
+        "complementary they are. Figure (f) ranks layers by how far the largest channel stands above the median. "
+        "A convolution (a UNet's resnets, samplers and shortcuts) is read the same way: its tokens are the spatial "
+        "positions, and $s(W_j)$ is the max over output channels and kernel positions.",
     math=[r"s(X_j) = \max_{\text{tokens}} |X_j|, \qquad s(W_j) = \max_{o} |W_{oj}|",
           r"Y = X W^\top = \big(X \operatorname{diag}(b)^{-1}\big)\big(W \operatorname{diag}(b)\big)^\top, \qquad "
           r"b_j = \sqrt{\tilde s(X_j) / s(W_j)}",
@@ -129,7 +131,7 @@ if bundle is not None:
         bits = c4.multiselect("Bit-widths for the quantization error", BIT_CHOICES, default=[4, 8],
                               help="adds one forward per timestep after the sampling pass")
         pattern = c5.text_input("Only layers matching (regular expression, optional)", "",
-                                placeholder=r"e.g. transformer_blocks\.(0|5)\.")
+                                placeholder=r"e.g. transformer_blocks\.(0|5)\. or down_blocks\.1\.")
         attention = c6.checkbox("Also record q, k, v and the softmax output", value=False)
         go = st.form_submit_button("Collect")
 
@@ -159,7 +161,7 @@ if bundle is not None:
     current = st.session_state.get("salience_current")
     stats = cache.get(current) if current is not None and current[0] == bundle.name else None
     if stats is None:
-        st.info("Choose the settings above and press **Collect**: one sampling pass records every linear layer's "
+        st.info("Choose the settings above and press **Collect**: one sampling pass records every layer's "
                 "input channels at every timestep (the bundled model takes seconds).")
     else:
         info = stats.info

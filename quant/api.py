@@ -25,7 +25,8 @@ from quant.io import read_quantized, stored_tensors, weight_bytes, write_quantiz
 from quant.measures import weight_salience
 from quant.methods import get_method
 from quant.observers import InputObserver, observe_inputs
-from quant.reparam import BalanceGroup, apply_scaling, balance_groups, group_weight
+from quant.graph import balance_groups
+from quant.reparam import BalanceGroup, apply_scaling, group_weight
 from quant.wrap import calibrate, is_excluded, wrap_model
 
 __all__ = ["QuantConfig", "METHODS", "QuantResult", "quantize", "quantize_with_details", "write_quantized",

@@ -11,6 +11,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from quant.denoiser import denoise
+
 
 def calibration_batches(calibration, batch_size: int = 64) -> list:
     """A list of (x, t, y) batches from CalibrationData (anything with .batches) or an iterable of batches."""
@@ -27,9 +29,10 @@ def calibration_batches(calibration, batch_size: int = 64) -> list:
 
 
 def forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """One transformer call on a batch, moved to the model's device and dtype; returns its `.sample`."""
+    """One denoiser call on a batch (a DiT or a UNet, quant.denoiser.denoise), moved to the model's device and
+    dtype; returns its `.sample`."""
     p = next(model.parameters())
-    return model(x.to(p.device, p.dtype), timestep=t.to(p.device), class_labels=y.to(p.device)).sample
+    return denoise(model, x.to(p.device, p.dtype), t.to(p.device), y.to(p.device))
 
 
 @torch.no_grad()

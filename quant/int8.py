@@ -35,6 +35,7 @@ import weakref
 import torch
 import torch.nn as nn
 
+from quant.denoiser import denoise
 from quant.modules import ActQuantizer, QuantLinear, quant_layers
 from quant.quantizers import qrange, quantize_codes
 
@@ -236,7 +237,7 @@ def layer_input_shapes(model: nn.Module, example: tuple) -> dict[str, tuple[int,
     p = next(model.parameters())
     try:
         with torch.no_grad():
-            model(x.to(p.device, p.dtype), timestep=t.to(p.device), class_labels=y.to(p.device))
+            denoise(model, x.to(p.device, p.dtype), t.to(p.device), y.to(p.device))
     finally:
         for h in hooks:
             h.remove()

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from quant.config import QuantConfig
+from quant.denoiser import CLASS_FAMILIES
 from quant.modules import act_quantizers, quant_layers
 from quant.quantizers import is_off, pack_codes, qrange, quantize_codes, unpack_codes
 
@@ -56,7 +57,7 @@ def fp_weight_bytes(model: nn.Module) -> int:
 
 # Model classes a saved folder may name: diffusers classes only, looked up by name (no code is loaded from
 # the folder itself).
-MODEL_CLASSES = ("DiTTransformer2DModel",)
+MODEL_CLASSES = tuple(CLASS_FAMILIES)
 
 
 class QuantizedFolderError(ValueError):

@@ -1,6 +1,7 @@
 """The lab's measures, each defined once: every method, page and command uses these definitions.
 
-- weight salience s(W_j) = max over output rows of |W_oj| (PTQ4DiT eq. 3), one value per input channel;
+- weight salience s(W_j) = max over output rows of |W_oj| (PTQ4DiT eq. 3), one value per input channel (a
+  convolution's rows are its output channels and kernel positions);
 - outlier ratio max / median over channels: how far the most salient channel stands above a typical one;
 - Spearman's rho with scipy's tie handling (tied values share the average of their ranks), vectorized over
   rows; bf16 statistics hold many ties, so breaking them by position would change rho;
@@ -15,8 +16,10 @@ TINY = 1e-12
 
 
 def weight_salience(weight: torch.Tensor) -> torch.Tensor:
-    """s(W_j) = max over output rows of |W_oj| for a weight [out, in, ...] -> [in] (convs: [in, kh, kw])."""
-    return weight.detach().abs().amax(dim=0)
+    """s(W_j) = max over output rows of |W_oj| for a weight [out, in] -> [in]; for a convolution's
+    [out, in, kh, kw], the max over output channels and kernel positions -> [in]."""
+    w = weight.detach().abs()
+    return w.amax(dim=0) if w.dim() == 2 else w.transpose(0, 1).flatten(1).amax(dim=1)
 
 
 def outlier_ratio(s: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -257,7 +257,8 @@ class QuantLinear(_WeightQuant, nn.Linear):
 
 
 class QuantConv2d(_WeightQuant, nn.Conv2d):
-    """The patch-embedding convolution with weights per output channel and its input per tensor."""
+    """A convolution (a DiT's patch embedding, a UNet's convs) with weights per output channel and its input
+    per tensor."""
 
     def __init__(self, conv: nn.Conv2d, w_bits: int | None, act: ActQuantizer, per_channel: bool = True,
                  w_symmetric: bool = False, search: str = "minmax", percentile: float = 99.99):
@@ -290,12 +291,14 @@ class QuantAttnProcessor:
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
         residual = hidden_states
-        if attn.spatial_norm is not None or attn.group_norm is not None:
-            raise NotImplementedError("QuantAttnProcessor supports DiT self-attention (no spatial/group norm)")
+        if attn.spatial_norm is not None:
+            raise NotImplementedError("QuantAttnProcessor supports self-attention without a spatial norm")
         input_ndim = hidden_states.ndim
         if input_ndim == 4:
             b, c, h, w = hidden_states.shape
             hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:  # a UNet attention normalises its input itself (diffusers' order)
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         batch = hidden_states.shape[0]
         query = attn.to_q(hidden_states)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states

@@ -1,7 +1,8 @@
-"""Forward-hook observers: per-channel statistics of what each linear layer receives, per sample.
+"""Forward-hook observers: per-channel statistics of what each linear or conv layer receives, per sample.
 
 For a linear layer Y = X W^T with input X [B, tokens, C], the salience of input channel j for sample b is
-s(X_j) = max over tokens of |X_bj| (PTQ4DiT, Wu et al. 2024, eq. 3). The observer records that, plus the
+s(X_j) = max over tokens of |X_bj| (PTQ4DiT, Wu et al. 2024, eq. 3); a convolution's input [B, C, H, W] is
+handed on as [B, positions, C], so its tokens are the spatial positions. The observer records that, plus the
 per-channel min and max, for every sample of every forward. Reductions run on the model's device inside
 the hook; results stay there until the observer closes, so a pass makes no per-hook host copies.
 
@@ -76,7 +77,7 @@ class LayerInputHooks:
     def __enter__(self):
         self._handles.append(self.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
         for name, module in self.layers.items():
-            self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(name, module)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -93,9 +94,14 @@ class LayerInputHooks:
     def on_forward(self, args, kwargs) -> None:
         """Called before every forward of the model (a subclass reads the timesteps here)."""
 
-    def _make_hook(self, name: str):
+    def _make_hook(self, name: str, module: nn.Module):
+        channels_first = isinstance(module, nn.Conv2d)
+
         def hook(module, args):
-            self.on_input(self._key(name), args[0])
+            x = args[0]
+            if channels_first:  # [B, C, H, W] -> [B, positions, C] (a view): positions are a conv's tokens
+                x = x.flatten(2).transpose(1, 2)
+            self.on_input(self._key(name), x)
         return hook
 
     def _key(self, name: str) -> str:

@@ -10,7 +10,9 @@ The division is folded into whatever produces X:
   (1 + scale)/b and shift/b; both are affine in the adaLN input, so: shift rows /= b, shift bias /= b,
   scale rows /= b, scale bias -> (bias + 1)/b - 1;
 - input of to_out.0 = softmax(QK^T) V with V's channels (heads concatenated in order): dividing V's output
-  channels by b divides to_out.0's input channels by b, so to_v's rows and bias /= b.
+  channels by b divides to_out.0's input channels by b, so to_v's rows and bias /= b;
+- input of q/k/v after an affine norm (a UNet attention's GroupNorm, X = gamma * norm(h) + beta): gamma /= b
+  and beta /= b (quant.unet_graph finds these sites).
 The folds are exact in real arithmetic; tests check the folded model against the original to 1e-4.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 import torch.nn as nn
 
 ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
-KINDS = ("attn_in", "attn_out", "mlp_in")
+KINDS = ("attn_in", "attn_out", "mlp_in", "norm_in")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,13 +33,16 @@ class BalanceGroup:
     attn_in: to_q, to_k, to_v of block i (one shared b, PTQ4DiT's setting), folded into adaLN msa chunks.
     attn_out: to_out.0 of block i, folded into to_v.
     mlp_in: ff.net.0.proj (fc1) of block i, folded into adaLN mlp chunks.
+    norm_in: linears fed by an affine norm (a UNet attention's group_norm -> to_q/k/v), folded into the
+        norm's weight and bias.
     fc2 follows a GELU, which does not commute with scaling, so it is never balanced.
     """
 
     name: str  # e.g. "transformer_blocks.0.attn1.qkv"
     kind: str
-    block: int
+    block: int  # the DiT block (-1 where the family has none)
     layers: tuple[str, ...]  # qualified names of the linears whose columns are scaled by b
+    producer: str = ""  # the module 1/b folds into (adaLN linear, to_v, a norm)
 
 
 def balance_groups(model: nn.Module) -> list[BalanceGroup]:
@@ -48,11 +53,29 @@ def balance_groups(model: nn.Module) -> list[BalanceGroup]:
             continue
         p = f"transformer_blocks.{i}"
         groups += [
-            BalanceGroup(f"{p}.attn1.qkv", "attn_in", i, (f"{p}.attn1.to_q", f"{p}.attn1.to_k", f"{p}.attn1.to_v")),
-            BalanceGroup(f"{p}.attn1.to_out.0", "attn_out", i, (f"{p}.attn1.to_out.0",)),
-            BalanceGroup(f"{p}.ff.net.0.proj", "mlp_in", i, (f"{p}.ff.net.0.proj",)),
+            BalanceGroup(f"{p}.attn1.qkv", "attn_in", i, (f"{p}.attn1.to_q", f"{p}.attn1.to_k", f"{p}.attn1.to_v"),
+                         f"{p}.norm1.linear"),
+            BalanceGroup(f"{p}.attn1.to_out.0", "attn_out", i, (f"{p}.attn1.to_out.0",), f"{p}.attn1.to_v"),
+            BalanceGroup(f"{p}.ff.net.0.proj", "mlp_in", i, (f"{p}.ff.net.0.proj",), f"{p}.norm1.linear"),
         ]
     return groups
+
+
+# Why the other quantized layers of a DiT keep their input scale (first matching pattern wins).
+_UNBALANCED = (
+    ("ff.net.2", "input is GELU(fc1 output): a per-channel scale does not pass through GELU"),
+    ("norm1.linear", "input is SiLU(conditioning): a per-channel scale does not pass through SiLU"),
+    ("linear_1", "input is the fixed sinusoidal timestep projection: no parameters to fold into"),
+    ("linear_2", "input is SiLU(linear_1 output): a per-channel scale does not pass through SiLU"),
+    ("pos_embed", "input is the noisy latent itself: no producer inside the model"),
+    ("proj_out_1", "input is SiLU(conditioning): a per-channel scale does not pass through SiLU"),
+    ("proj_out_2", "foldable into proj_out_1's shift/scale rows, but outside PTQ4DiT's balanced set"),
+)
+
+
+def unbalanced_reason(name: str) -> str:
+    """Why the DiT layer `name` is not balanced."""
+    return next((why for key, why in _UNBALANCED if key in name), "no affine producer of its input")
 
 
 def group_weight(model: nn.Module, group: BalanceGroup) -> torch.Tensor:
@@ -85,6 +108,16 @@ def fold_rows(linear: nn.Linear, b: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def fold_norm(norm: nn.Module, b: torch.Tensor) -> None:
+    """Divide an affine norm's output channels by b: gamma /= b, beta /= b (GroupNorm / LayerNorm affine)."""
+    if getattr(norm, "weight", None) is None or getattr(norm, "bias", None) is None:
+        raise ValueError(f"cannot fold into a norm without affine parameters ({norm})")
+    b = b.to(norm.weight)
+    norm.weight /= b
+    norm.bias /= b
+
+
+@torch.no_grad()
 def scale_columns(linear: nn.Module, b: torch.Tensor) -> None:
     """W' = W diag(b): scale a linear's input columns by b."""
     linear.weight *= b.to(linear.weight)[None, :]
@@ -94,18 +127,20 @@ def scale_columns(linear: nn.Module, b: torch.Tensor) -> None:
 def apply_scaling(model: nn.Module, group: BalanceGroup, b: torch.Tensor) -> None:
     """Fold X' = X diag(1/b) into X's producer and W' = W diag(b) into the group's linears, in place."""
     mods = dict(model.named_modules())
-    block = model.transformer_blocks[group.block]
+    producer = mods[group.producer]
     if b.shape != (mods[group.layers[0]].in_features,):
         raise ValueError(f"vector for {group.name} has shape {tuple(b.shape)}, expected "
                          f"({mods[group.layers[0]].in_features},)")
     if not torch.isfinite(b).all() or (b <= 0).any():
         raise ValueError(f"vector for {group.name} must be finite and positive")
     if group.kind == "attn_in":
-        fold_adaln(block.norm1.linear, ADALN_CHUNKS.index("shift_msa"), ADALN_CHUNKS.index("scale_msa"), b)
+        fold_adaln(producer, ADALN_CHUNKS.index("shift_msa"), ADALN_CHUNKS.index("scale_msa"), b)
     elif group.kind == "mlp_in":
-        fold_adaln(block.norm1.linear, ADALN_CHUNKS.index("shift_mlp"), ADALN_CHUNKS.index("scale_mlp"), b)
+        fold_adaln(producer, ADALN_CHUNKS.index("shift_mlp"), ADALN_CHUNKS.index("scale_mlp"), b)
     elif group.kind == "attn_out":
-        fold_rows(block.attn1.to_v, b)
+        fold_rows(producer, b)
+    elif group.kind == "norm_in":
+        fold_norm(producer, b)
     else:
         raise ValueError(f"unknown group kind {group.kind!r}")
     for name in group.layers:

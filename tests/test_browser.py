@@ -64,7 +64,7 @@ def test_salience_quantize_sweep_compare_flow(page, tmp_path):
     _slider_to_min(page, "DDIM steps")  # 5 steps keep the flow quick; the pages are the same at 50
     _set_number(page, "Calibration samples (classes cycle 0, 1, ...)", 2)
     page.get_by_role("button", name="Collect").click()
-    page.get_by_text("58 layers x 5 timesteps").first.wait_for()
+    page.get_by_text("59 layers x 5 timesteps").first.wait_for()  # 56 linears, the patch conv, 2 second calls
     for tab in ["(a) Channels", "(b, c) Over timesteps", "(d, e) Complementarity", "(f) All layers"]:
         page.get_by_role("tab", name=tab).click()
         page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot").locator("visible=true").first.wait_for()

@@ -88,7 +88,7 @@ def test_salience_page_figures_selection_download_and_errors():
     assert any("regular expression" in e.value for e in at.error)
     assert len(_figures(at)) == 6
     _collect(at, pattern="no_such_layer")
-    assert any("no layer of the transformer matches" in e.value for e in at.error)
+    assert any("no layer of the model matches" in e.value for e in at.error)
     assert len(at.session_state["salience_stats"]) == 1
 
 

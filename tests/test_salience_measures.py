@@ -168,7 +168,7 @@ def test_channel_table_csv_and_layer_menu(tiny_bundle):
     assert text.splitlines()[0].startswith("layer,block,kind,step,timestep,channel,absmax")
     assert len(text.splitlines()) == 2 * C + 1
     menu = layer_menu(st.layers)
-    assert list(menu) == ["block 0", "block 1", "final layer"]
+    assert list(menu) == ["patch embedding", "block 0", "block 1", "final layer"]  # the patch conv first
     assert menu["block 0"][0].endswith("timestep_embedder.linear_1")
     assert [k.rsplit(".", 1)[-1] for k in menu["block 0"] if ".attn1.to_" in k] == ["to_q", "to_k", "to_v", "0"]
     # the embedding's second call in a forward belongs to the final layer

@@ -62,7 +62,8 @@ def add_common(p: argparse.ArgumentParser, model: bool = True) -> None:
     """Options shared by subcommands that load a model."""
     if model:
         p.add_argument("--model", default="bundled:dit-mnist",
-                       help="bundled:dit-mnist, a local diffusers folder, or a hub id (default: %(default)s)")
+                       help="bundled:dit-mnist, bundled:unet-mnist, a local diffusers folder (DiT or UNet), or a hub "
+                            "id (default: %(default)s)")
         p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda (default: %(default)s)")
         p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")

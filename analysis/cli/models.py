@@ -16,7 +16,8 @@ def run(args) -> dict:
     rows = available_models()
     lines = [f"{r['name']:28s} {r['kind']:8s} " + ("ready" if r["available"] else
              "weights missing" if r["available"] is False else "needs network or a local copy") for r in rows]
-    lines.append("Any local diffusers folder (DiTPipeline layout or a bare transformer) works too: --model PATH")
+    lines.append("Any local diffusers folder (DiTPipeline or DDPMPipeline layout, or a bare DiT or UNet2DModel) works "
+                 "too: --model PATH")
     result = {"models": rows}
     emit(args, result, "\n".join(lines))
     return result

@@ -177,6 +177,7 @@ def run(args) -> dict:
            "weight_bytes": r["weight_bytes"], "fp_weight_bytes": r["fp_weight_bytes"],
            "rel_rms": r["rel_rms"], "rel_rms_per_timestep": r["rel_rms_per_timestep"],
            "layer_error": r["layer_error"], "config": config.to_dict(), "recon": recon_summary(r["recon"]),
+           "balance": r["balance"],
            "out": None}
     if args.out is not None:
         folder = save_quantized(variant.bundle, config, args.out, base_source=args.model, recipe=variant.recipe)
@@ -186,7 +187,7 @@ def run(args) -> dict:
     human = (f"{config.label}: relative RMS error {r['rel_rms']:.4g} vs FP, {r['layers_quantized']} layers, "
              f"{mb(r['weight_bytes'])} (FP {mb(r['fp_weight_bytes'])}), {out['seconds']:.1f}s "
              f"({r['calibration_seconds']:.1f}s calibration sampling + {r['seconds']:.1f}s quantization)"
-             + (f" -> {out['out']}" if out["out"] else ""))
+             + (f" -> {out['out']}" if out["out"] else "") + "\n" + balance_lines(r["balance"]))
     if out["recon"]:
         rs = out["recon"]
         human += (f"\n{config.recon}: {len(rs['units'])} units x {config.recon_iters} iterations on {rs['rows']} rows "
@@ -195,6 +196,20 @@ def run(args) -> dict:
                               f"{u['error_after']:.3g}" for u in rs["units"] if "emb" not in u["name"]))
     emit(args, out, human)
     return out
+
+
+def balance_lines(plan: dict) -> str:
+    """Which layers took a folded per-channel scale, and why the others did not (one line per reason)."""
+    n_bal = sum(len(g["layers"]) for g in plan["balanced"])
+    lines = [f"balanced {n_bal} of {plan['layers']} layers ({plan['foldable_layers']} can fold exactly, "
+             f"{plan['foldable_share']:.0%}): " + (", ".join(g["group"] for g in plan["balanced"]) or "none")]
+    by_reason: dict[str, list[str]] = {}
+    for layer, why in plan["unbalanced"].items():
+        by_reason.setdefault(why, []).append(layer)
+    for why, layers in by_reason.items():
+        lines.append(f"not balanced, {len(layers)} layer{'s' if len(layers) > 1 else ''} ({layers[0]}"
+                     f"{', ...' if len(layers) > 1 else ''}): {why}")
+    return "\n".join(lines)
 
 
 def recon_lines(config):

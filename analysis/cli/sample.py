@@ -1,4 +1,5 @@
-"""dqlab sample: a grid (or one PNG per image) of every listed class with every listed seed."""
+"""dqlab sample: a grid (or one PNG per image) of every listed class with every listed seed; an unconditional
+model (a UNet without a class embedding) samples one image per seed."""
 from __future__ import annotations
 
 import sys
@@ -11,7 +12,8 @@ from analysis.cli import CLIError, add_common, add_guidance, emit
 def register(sub) -> None:
     p = sub.add_parser("sample", help="generate images for classes x seeds")
     add_common(p)
-    p.add_argument("--classes", default="0-9", help="e.g. 0,1,2 or 0-9 (default: %(default)s)")
+    p.add_argument("--classes", default=None,
+                   help="e.g. 0,1,2 or 0-9 (default: 0-9; not for an unconditional model, which takes --seeds alone)")
     p.add_argument("--seeds", default="0-7", help="e.g. 0-15 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=50)
     add_guidance(p)
@@ -31,10 +33,10 @@ def register(sub) -> None:
 def run(args) -> dict:
     from analysis.images import make_grid, save_images
     from analysis.models import load
-    from analysis.sampling import parse_int_list, sample
+    from analysis.sampling import NO_CLASS, parse_int_list, sample
 
     start = time.perf_counter()
-    classes, seeds = parse_int_list(args.classes), parse_int_list(args.seeds)
+    seeds = parse_int_list(args.seeds)
     if args.steps < 1 or args.steps > 1000:
         raise CLIError(f"--steps must be between 1 and 1000, got {args.steps}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -43,6 +45,9 @@ def run(args) -> dict:
         if path.suffix.lower() != ".png":
             raise CLIError(f"--out must name a .png file, got {path}")
     bundle = load(args.model, device=args.device, dtype=args.dtype)
+    if not bundle.conditional and args.classes is not None:
+        raise CLIError(f"{args.model} is unconditional: sample it with --seeds alone, without --classes")
+    classes = parse_int_list(args.classes or "0-9") if bundle.conditional else [NO_CLASS]
     plan = None
     if args.int8:
         from analysis.speed import int8_bundle
@@ -64,16 +69,17 @@ def run(args) -> dict:
         make_grid(result.images, ncol=len(seeds)).save(args.out)
         written = [str(args.out)]
     elif args.out_dir:
-        names = [f"class{c}_seed{s}" for c, s in zip(labels, seed_list)]
+        names = [f"class{c}_seed{s}" if c != NO_CLASS else f"seed{s}" for c, s in zip(labels, seed_list)]
         written = [str(p) for p in save_images(result.images, names, args.out_dir)]
-    summary = {"model": args.model, "images": len(labels), "classes": classes, "seeds": seeds,
+    summary = {"model": args.model, "images": len(labels), "classes": classes if bundle.conditional else None,
+               "seeds": seeds,
                "steps": args.steps, "scheduler": args.scheduler,
                "guidance": bundle.default_guidance if args.guidance is None else args.guidance,
                "device": str(bundle.device), "sampling_seconds": round(result.seconds, 3), "files": written}
     if plan is not None:
         summary["int8_layers"] = sum(e["int8"] for e in plan.values())
         summary["int8_eligible_layers"] = len(plan)
-    if bundle.bundled:
+    if bundle.bundled and bundle.conditional:
         from analysis.classifier import label_agreement
 
         summary["label_agreement"] = round(label_agreement(result.images, labels), 4)

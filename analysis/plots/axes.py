@@ -16,16 +16,36 @@ _ROLES = [(r"attn\d*\.to_q$", "attn q"), (r"attn\d*\.to_k$", "attn k"), (r"attn\
           (r"attn\d*\.qkv_softmax$", "attn q k v softmax")]
 
 
+# A diffusers UNet2DModel's layers: the role within its stage (analysis.salience.layer_stage names the stage).
+_UNET_ROLES = [(r"resnets\.(\d+)\.conv1$", "resnet {} conv1"), (r"resnets\.(\d+)\.conv2$", "resnet {} conv2"),
+               (r"resnets\.(\d+)\.time_emb_proj$", "resnet {} t-proj"),
+               (r"resnets\.(\d+)\.conv_shortcut$", "resnet {} shortcut"), (r"attentions\.(\d+)\.to_q$", "attn {} q"),
+               (r"attentions\.(\d+)\.to_k$", "attn {} k"), (r"attentions\.(\d+)\.to_v$", "attn {} v"),
+               (r"attentions\.(\d+)\.to_out\.0$", "attn {} out"), (r"downsamplers\.(\d+)\.conv$", "downsample {}"),
+               (r"upsamplers\.(\d+)\.conv$", "upsample {}"), (r"^time_embedding\.linear_(\d)$", "t-embed {}"),
+               (r"^conv_(in)$", "conv {}"), (r"^conv_(out)$", "conv {}")]
+
+
 def readable_layer(key: str) -> str:
-    """'transformer_blocks.3.ff.net.0.proj' -> 'block 3 · MLP fc1'; top-level layers keep their role alone.
-    A second call in one forward ('name@2') is marked as such; unknown names come back unchanged."""
+    """'transformer_blocks.3.ff.net.0.proj' -> 'block 3 · MLP fc1', 'down_blocks.1.resnets.0.conv1' ->
+    'down 1 · resnet 0 conv1'; top-level DiT layers keep their role alone. A second call in one forward
+    ('name@2') is marked as such; unknown names come back unchanged."""
     name, _, call = key.partition("@")
     role = next((r for pattern, r in _ROLES if re.search(pattern, name)), None)
     m = re.match(r"transformer_blocks\.(\d+)\.", name)
     if role is None:
-        return key
+        return _unet_layer(name) or key
     text = f"block {m.group(1)} · {role}" if m else role
     return text + (f" (call {call})" if call else "")
+
+
+def _unet_layer(name: str) -> str | None:
+    from analysis.salience import layer_stage
+
+    for pattern, role in _UNET_ROLES:
+        if (hit := re.search(pattern, name)) is not None:
+            return f"{layer_stage(name)[1]} · {role.format(hit.group(1))}"
+    return None
 
 
 def log_ticks(values, per_decade=(1, 2, 5)) -> dict:

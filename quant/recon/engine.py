@@ -1,4 +1,4 @@
-"""Block-wise optimization of a quantized DiT against its FP model, one unit at a time (quant.recon.units).
+"""Block-wise optimization of a quantized DiT or UNet against its FP model, one unit at a time (quant.recon.units).
 
 For unit k, with x_fp the FP prefix's output and x_q the quantized prefix's output on the same rows:
 
@@ -25,7 +25,8 @@ import torch.nn as nn
 from quant.config import QuantConfig
 from quant.recon.cache import ActivationCache
 from quant.recon.trainers import TRAINERS
-from quant.recon.units import Unit, dit_units
+from quant.graph import recon_units
+from quant.recon.units import Unit
 
 ProgressFn = Callable[[int, int, int, float], None]  # (unit index, number of units, iteration, loss)
 LOSS_POINTS = 50  # losses recorded (and progress calls made) per unit
@@ -87,7 +88,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches, config: QuantCo
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if autocast and device.type == "cuda" \
         else contextlib.nullcontext
     gen = torch.Generator().manual_seed(seed)
-    units = dit_units(model)
+    units = recon_units(model)
     cache = ActivationCache()
     cache.put("fp_in", x)
     cache.put("q_in", x)
@@ -159,11 +160,12 @@ def _run_and_compare(model, unit, ctx, q_in, target, t, y, keep: bool):
         sl = slice(i, i + EVAL_ROWS)
         ctx.t = t[sl]
         out = unit.run(model, q_in[sl], t[sl], y[sl])
-        ref = target[sl]
-        num += float((out.float() - ref.float()).pow(2).sum())
-        den += float(ref.float().pow(2).sum())
+        ref = unit.part(target[sl])
         if keep:
             outs.append(out)
+        out = unit.part(out)
+        num += float((out.float() - ref.float()).pow(2).sum())
+        den += float(ref.float().pow(2).sum())
     return (math.sqrt(num / den) if den > 0 else 0.0), (torch.cat(outs) if keep else None)
 
 
@@ -184,7 +186,7 @@ def _optimize(model, unit, ctx, trainer, q_in, target, t, y, config: QuantConfig
             ctx.t = t[idx]
             with amp():
                 out = unit.run(model, q_in[idx], t[idx], y[idx])
-            loss, rec = trainer.loss(out.float(), target[idx].float(), it, iters)
+            loss, rec = trainer.loss(unit.part(out).float(), unit.part(target[idx]).float(), it, iters)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

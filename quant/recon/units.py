@@ -33,6 +33,8 @@ class Unit:
     skip: module names inside `owns` trained by an earlier unit (a block's embedding MLP).
     run: (model, stream, t, y) -> output; works on the FP model and on its quantized copy alike.
     advances: True if the output replaces the hidden stream (False for embedding units).
+    output_part: what of the output the unit produced, for its loss and error (None: all of it). A UNet's
+        stream also carries skip tensors a unit passes through unchanged (quant.unet_graph).
     """
 
     name: str
@@ -40,6 +42,10 @@ class Unit:
     skip: list[str]
     run: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     advances: bool = True
+    output_part: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def part(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.output_part is None else self.output_part(out)
 
 
 def _patch_embed(model, x, t, y):

@@ -1,0 +1,209 @@
+"""What the engine must know about a diffusers UNet2DModel: where scales fold, why elsewhere they do not, and
+the units block-wise reconstruction walks through.
+
+Fold sites. A per-input-channel scale X' = X diag(1/b) folds exactly only into an affine producer of X. In a
+UNet2DModel (the DDPM architecture, Ho et al. 2020) most layers see SiLU(GroupNorm(.)), and SiLU(x / b) is
+not SiLU(x) / b, so:
+    attention to_q / to_k / to_v   X = GroupNorm(h) with affine (gamma, beta): gamma /= b, beta /= b  -> folds
+    attention to_out.0             X = softmax(q k^T) V: to_v's rows and bias /= b                      -> folds
+    resnet conv1, conv2, conv_out  X = SiLU(GroupNorm(.))                                               -> no
+    resnet time_emb_proj           X = SiLU(time embedding)                                             -> no
+    resnet conv_shortcut, down/up-sampling convs   X = the residual stream (a sum of two branches)     -> no
+    time_embedding.linear_1 / linear_2   sinusoidal projection (no parameters) / SiLU(linear_1)        -> no
+    conv_in                        X = the noisy image
+Those layers are quantized with their input as it is (unbalanced); DESIGN and the pages say so.
+
+Units (block-wise reconstruction, quant.recon): the timestep/label embedding, conv_in, every down block, the
+middle block, every up block, and the output head (conv_norm_out, SiLU, conv_out), in forward order. A UNet
+carries skip connections from the down path to the up path, so the stream between units is not one tensor:
+it is packed into one [rows, features] tensor (the current feature map followed by the skip tensors still
+waiting), which each unit unpacks with the layout traced once from the model's config. A unit's loss and
+error are measured on what it produced (its feature map, and for a down block its new skip tensors), not on
+the skip tensors it passes through untouched.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from quant.reparam import BalanceGroup
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    from diffusers.models.attention_processor import Attention
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, Attention)}
+
+
+def balance_groups(model: nn.Module) -> list[BalanceGroup]:
+    """Per self-attention: q/k/v (one shared b, folded into its affine GroupNorm) and to_out.0 (into to_v)."""
+    groups = []
+    for name, attn in attention_modules(model).items():
+        if attn.is_cross_attention or attn.spatial_norm is not None:
+            continue  # the input of k and v is not the normed hidden state
+        norm = attn.group_norm
+        if norm is not None and getattr(norm, "affine", False):
+            groups.append(BalanceGroup(f"{name}.qkv", "norm_in", -1,
+                                       (f"{name}.to_q", f"{name}.to_k", f"{name}.to_v"), f"{name}.group_norm"))
+        groups.append(BalanceGroup(f"{name}.to_out.0", "attn_out", -1, (f"{name}.to_out.0",), f"{name}.to_v"))
+    return groups
+
+
+# Why the other quantized layers keep their input scale (first matching pattern wins).
+_UNBALANCED = (
+    ("time_emb_proj", "input is SiLU(time embedding): a per-channel scale does not pass through SiLU"),
+    ("conv_shortcut", "input is the residual stream (a sum of two branches): no single affine producer"),
+    ("downsamplers", "input is a resnet's output on the residual stream: no single affine producer"),
+    ("upsamplers", "input is the upsampled residual stream: no single affine producer"),
+    ("conv1", "input is SiLU(GroupNorm(h)): a per-channel scale does not pass through SiLU"),
+    ("conv2", "input is SiLU(GroupNorm(h + time embedding)): a per-channel scale does not pass through SiLU"),
+    ("conv_out", "input is SiLU(GroupNorm(h)): a per-channel scale does not pass through SiLU"),
+    ("linear_1", "input is the fixed sinusoidal timestep projection: no parameters to fold into"),
+    ("linear_2", "input is SiLU(linear_1 output): a per-channel scale does not pass through SiLU"),
+    ("conv_in", "input is the noisy image itself: no producer inside the model"),
+    ("to_", "attention without an affine norm before it: no producer to fold into"),
+)
+
+
+def unbalanced_reason(name: str) -> str:
+    """Why the UNet layer `name` is not balanced."""
+    return next((why for key, why in _UNBALANCED if key in name), "no affine producer of its input")
+
+
+# ---- reconstruction units ----------------------------------------------------------------------------------
+def embedding(model: nn.Module, t: torch.Tensor, y: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The conditioning vector UNet2DModel.forward adds to every resnet: time MLP (+ class embedding)."""
+    emb = model.time_embedding(model.time_proj(t).to(dtype))
+    if model.class_embedding is not None:
+        labels = model.time_proj(y) if model.config.class_embed_type == "timestep" else y
+        emb = emb + model.class_embedding(labels).to(dtype)
+    return emb
+
+
+def _pack(h: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([h.flatten(1)] + [s.flatten(1) for s in skips], dim=1)
+
+
+def _unpack(stream: torch.Tensor, layout: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    sizes = [math.prod(shape) for shape in layout]
+    return [part.reshape(-1, *shape) for part, shape in zip(stream.split(sizes, dim=1), layout)]
+
+
+def _layouts(model: nn.Module) -> list[list[tuple[int, ...]]]:
+    """The stream's layout (shapes of [h, skip...] without the row dimension) after conv_in, each down
+    block, the middle block and each up block, traced on one zero image."""
+    size = model.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    p = next(model.parameters())
+    x = torch.zeros(1, model.config.in_channels, *size, device=p.device, dtype=p.dtype)
+    t = torch.zeros(1, dtype=torch.long, device=p.device)
+    y = torch.zeros(1, dtype=torch.long, device=p.device)
+    shapes = lambda h, skips: [tuple(h.shape[1:])] + [tuple(s.shape[1:]) for s in skips]  # noqa: E731
+    ctx = getattr(model, "_dqlab_timestep_context", None)  # a quantized copy's quantizers read the timestep
+    saved = ctx.t if ctx is not None else None
+    if ctx is not None:
+        ctx.t = t
+    try:
+        return _trace(model, x, t, y, p.dtype, shapes)
+    finally:
+        if ctx is not None:
+            ctx.t = saved
+
+
+def _trace(model, x, t, y, dtype, shapes) -> list[list[tuple[int, ...]]]:
+    with torch.no_grad():
+        emb = embedding(model, t, y, dtype)
+        h = model.conv_in(x)
+        skips = [h]
+        out = [shapes(h, skips)]
+        for block in model.down_blocks:
+            h, res = block(hidden_states=h, temb=emb)
+            skips += list(res)
+            out.append(shapes(h, skips))
+        if model.mid_block is not None:
+            h = model.mid_block(h, emb)
+            out.append(shapes(h, skips))
+        for block in model.up_blocks:
+            n = len(block.resnets)
+            h, skips = block(h, tuple(skips[-n:]), emb), skips[:-n]
+            out.append(shapes(h, skips))
+    return out
+
+
+def _check_supported(model: nn.Module) -> None:
+    cfg = model.config
+    if cfg.time_embedding_type != "positional" or cfg.center_input_sample:
+        raise ValueError("block-wise reconstruction of a UNet2DModel supports positional time embeddings without "
+                         "input centering")
+    for block in list(model.down_blocks) + list(model.up_blocks):
+        if hasattr(block, "skip_conv"):
+            raise ValueError(f"block-wise reconstruction does not support {type(block).__name__} (skip-sample blocks)")
+
+
+def unet_units(model: nn.Module) -> list:
+    """The units of a diffusers UNet2DModel, in forward order (see the module docstring)."""
+    from quant.recon.units import Unit
+
+    _check_supported(model)
+    layouts = _layouts(model)
+    emb_owners = ["time_embedding"] + (["class_embedding"] if model.class_embedding is not None else [])
+    cond = lambda m, t, y, h: embedding(m, t, y, h.dtype)  # noqa: E731
+
+    def run_embedding(m, stream, t, y):
+        return cond(m, t, y, stream)
+
+    def run_conv_in(m, x, t, y):
+        h = m.conv_in(x)
+        return _pack(h, [h])
+
+    def new_parts(old: int, new: int):
+        """The stream's parts a unit produced: its feature map (part 0) and skips old..new-1 (down blocks)."""
+        def select(stream: torch.Tensor, layout) -> torch.Tensor:
+            parts = _unpack(stream, layout)
+            return torch.cat([parts[0].flatten(1)] + [p.flatten(1) for p in parts[1 + old:1 + new]], dim=1)
+        return select
+
+    units = [Unit("time_embedding", emb_owners, [], run_embedding, advances=False),
+             Unit("conv_in", ["conv_in"], [], run_conv_in)]
+    stage = 0  # index into layouts of the unit's input layout
+
+    def run_block(kind: str, i: int, layout_in, layout_out):
+        def run(m, stream, t, y):
+            h, *skips = _unpack(stream, layout_in)
+            emb = cond(m, t, y, h)
+            if kind == "down":
+                h, res = m.down_blocks[i](hidden_states=h, temb=emb)
+                skips += list(res)
+            elif kind == "mid":
+                h = m.mid_block(h, emb)
+            else:
+                n = len(m.up_blocks[i].resnets)
+                h, skips = m.up_blocks[i](h, tuple(skips[-n:]), emb), skips[:-n]
+            return _pack(h, skips)
+        return run
+
+    def add(name: str, kind: str, i: int):
+        nonlocal stage
+        layout_in, layout_out = layouts[stage], layouts[stage + 1]
+        old, new = len(layout_in) - 1, len(layout_out) - 1
+        pick = new_parts(old, new) if kind == "down" else new_parts(0, 0)
+        units.append(Unit(name, [name], [], run_block(kind, i, layout_in, layout_out),
+                          output_part=lambda s, pick=pick, lo=layout_out: pick(s, lo)))
+        stage += 1
+
+    for i in range(len(model.down_blocks)):
+        add(f"down_blocks.{i}", "down", i)
+    if model.mid_block is not None:
+        add("mid_block", "mid", 0)
+    for i in range(len(model.up_blocks)):
+        add(f"up_blocks.{i}", "up", i)
+    final_layout = layouts[stage]
+
+    def run_final(m, stream, t, y):
+        (h,) = _unpack(stream, final_layout)
+        return m.conv_out(m.conv_act(m.conv_norm_out(h)))
+
+    units.append(Unit("final", ["conv_norm_out", "conv_out"], [], run_final))
+    return units
