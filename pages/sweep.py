@@ -43,7 +43,7 @@ intro(
         "quantizes one layer at a time with the rest in float, and the converse.",
     math=[r"\mathrm{BOPs} = \sum_{\ell} \mathrm{MACs}_\ell \; b_w^{(\ell)} \, b_a^{(\ell)}",
           r"p \text{ on the front} \iff \nexists\, q:\; \mathrm{cost}(q) \le \mathrm{cost}(p),\;"
-          r"\mathrm{err}(q) \le \mathrm{err}(p),\; q \ne p",
+          r"\mathrm{err}(q) \le \mathrm{err}(p),\; \text{one of them strict}",
           r"e_t = \frac{\lVert \epsilon_q(x_t, t) - \epsilon(x_t, t) \rVert}{\lVert \epsilon(x_t, t) \rVert}"],
     links={"PTQ4DiT (Wu et al., NeurIPS 2024)": "https://arxiv.org/abs/2405.16005",
            "DilateQuant (Liu et al., 2024)": "https://arxiv.org/abs/2409.14307",
