@@ -24,7 +24,7 @@ CONFIGS = [
     ("baseline", 4, 4, None), ("baseline", 4, 4, True), ("smoothquant", 4, 4, None), ("ptq4dit", 4, 4, None),
     ("dilatequant", 4, 4, None), ("dilatequant", 4, 4, False),
 ]
-# (claim, better, worse, strict): the orderings the issue asks about
+# (claim, better, worse, strict): the orderings the papers claim
 CLAIMS = [("W8A8 ptq4dit <= baseline", "ptq4dit W8A8", "baseline W8A8", False),
           ("W4A8 ptq4dit < baseline", "ptq4dit W4A8", "baseline W4A8", True),
           ("W4A4 dilatequant (TPQ) < baseline", "dilatequant W4A4 TPQ", "baseline W4A4", True)]
