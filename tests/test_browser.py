@@ -77,7 +77,9 @@ def test_salience_quantize_sweep_compare_flow(page, tmp_path):
     page.get_by_role("button", name="Quantize").click()
     page.get_by_text("Relative RMS error vs FP").first.wait_for()
     page.get_by_text("over 5 timesteps").first.wait_for()
-    assert page.locator("[data-testid='stPlotlyChart']").count() >= 3  # before/after, vector, per-layer error
+    # before/after, vector, per-layer error: the texts above can arrive before the last chart is drawn
+    page.wait_for_function("document.querySelectorAll(\"[data-testid='stPlotlyChart']\").length >= 3",
+                           timeout=120_000)
     _no_exception(page)
     page.screenshot(path=str(tmp_path / "quantize.png"), full_page=True)
 
