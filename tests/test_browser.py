@@ -92,7 +92,9 @@ def test_salience_quantize_sweep_compare_flow(page, tmp_path):
     page.get_by_role("button", name="Run sweep").click()
     pareto = page.locator("[data-testid='stPlotlyChart']", has_text="vs BOPs").first
     pareto.wait_for()
-    assert pareto.locator(".scatterlayer .trace").count() >= 2  # the method's points and the front line
+    traces = pareto.locator(".scatterlayer .trace")
+    traces.nth(1).wait_for(state="attached")  # plotly draws its traces after the chart's element appears
+    assert traces.count() >= 2  # the method's points and the front line
     recommendation = page.locator("[data-testid='stAlert']", has_text="is the cheapest setting").first
     recommendation.wait_for()
     assert recommendation.is_visible() and pareto.is_visible()
