@@ -11,6 +11,7 @@ the only rank that scores and stores. Outside torchrun (WORLD_SIZE unset or 1) e
 """
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -34,7 +35,18 @@ def init_from_env() -> tuple[int, int]:
         if backend == "nccl":
             torch.cuda.set_device(local_device())
         dist.init_process_group(backend)
+        atexit.register(_leave_together)
     return world()
+
+
+def _leave_together() -> None:
+    """At exit, wait for every rank, then close the group. A rank that exited while another was still
+    finishing a collective with it (gather_object's last messages) made that rank abort."""
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def local_device() -> torch.device:
