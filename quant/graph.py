@@ -23,11 +23,13 @@ def balance_groups(model: nn.Module):
 def unbalanced_layers(model: nn.Module) -> dict[str, str]:
     """Quantized layers outside every balance group, each with why its input scale cannot fold."""
     if family_of(model) == "unet":
-        from quant.unet_graph import unbalanced_reason
+        from quant.unet_graph import UNBALANCED as reasons
     else:
-        from quant.reparam import unbalanced_reason
+        from quant.reparam import UNBALANCED as reasons
     balanced = {name for g in balance_groups(model) for name in g.layers}
-    return {name: unbalanced_reason(name) for name in covered_layers(model) if name not in balanced}
+    # each family's table: (name pattern, why); the first pattern found in the layer's name wins
+    return {name: next((why for key, why in reasons if key in name), "no affine producer of its input")
+            for name in covered_layers(model) if name not in balanced}
 
 
 def recon_units(model: nn.Module):

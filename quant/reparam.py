@@ -62,7 +62,7 @@ def balance_groups(model: nn.Module) -> list[BalanceGroup]:
 
 
 # Why the other quantized layers of a DiT keep their input scale (first matching pattern wins).
-_UNBALANCED = (
+UNBALANCED = (
     ("ff.net.2", "input is GELU(fc1 output): a per-channel scale does not pass through GELU"),
     ("norm1.linear", "input is SiLU(conditioning): a per-channel scale does not pass through SiLU"),
     ("linear_1", "input is the fixed sinusoidal timestep projection: no parameters to fold into"),
@@ -72,10 +72,6 @@ _UNBALANCED = (
     ("proj_out_2", "foldable into proj_out_1's shift/scale rows, but outside PTQ4DiT's balanced set"),
 )
 
-
-def unbalanced_reason(name: str) -> str:
-    """Why the DiT layer `name` is not balanced."""
-    return next((why for key, why in _UNBALANCED if key in name), "no affine producer of its input")
 
 
 def group_weight(model: nn.Module, group: BalanceGroup) -> torch.Tensor:

@@ -52,7 +52,7 @@ def balance_groups(model: nn.Module) -> list[BalanceGroup]:
 
 
 # Why the other quantized layers keep their input scale (first matching pattern wins).
-_UNBALANCED = (
+UNBALANCED = (
     ("time_emb_proj", "input is SiLU(time embedding): a per-channel scale does not pass through SiLU"),
     ("conv_shortcut", "input is the residual stream (a sum of two branches): no single affine producer"),
     ("downsamplers", "input is a resnet's output on the residual stream: no single affine producer"),
@@ -66,10 +66,6 @@ _UNBALANCED = (
     ("to_", "attention without an affine norm before it: no producer to fold into"),
 )
 
-
-def unbalanced_reason(name: str) -> str:
-    """Why the UNet layer `name` is not balanced."""
-    return next((why for key, why in _UNBALANCED if key in name), "no affine producer of its input")
 
 
 # ---- reconstruction units ----------------------------------------------------------------------------------
