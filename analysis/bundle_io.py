@@ -7,6 +7,7 @@ Folder layout:
                         calibration, which rebuild it)
     model.safetensors   the quantized transformer (quant.io: low-bit weights bit-packed)
     vae/                the base bundle's VAE when it has one (not quantized)
+    text_encoder/, tokenizer/   a text-to-image model's FP text encoder and tokenizer (not quantized)
 The folder is self-contained: loading it never needs the base model, whose weights may have changed since.
 """
 from __future__ import annotations
@@ -21,9 +22,13 @@ from quant.io import QuantizedFolderError, read_quantized, write_quantized
 
 
 def _bundle_meta(bundle: ModelBundle) -> dict:
-    return {"name": bundle.name, "num_classes": bundle.num_classes, "latent_shape": list(bundle.latent_shape),
+    meta = {"name": bundle.name, "num_classes": bundle.num_classes, "latent_shape": list(bundle.latent_shape),
             "vae_scale_factor": bundle.vae_scale_factor, "default_guidance": bundle.default_guidance,
             "eval_guidance": bundle.eval_guidance, "bundled": bundle.bundled}
+    if bundle.text is not None:
+        meta["text"] = {"kind": bundle.text.kind, "max_length": bundle.text.max_length,
+                        "use_mask": bundle.text.use_mask, "negative_prompt": bundle.negative_prompt}
+    return meta
 
 
 def save_quantized(bundle_or_model: ModelBundle | nn.Module, config: QuantConfig, folder,
@@ -45,6 +50,9 @@ def save_quantized(bundle_or_model: ModelBundle | nn.Module, config: QuantConfig
                                    "recipe": recipe.to_dict() if recipe is not None else None})
     if bundle.vae is not None:
         bundle.vae.save_pretrained(folder / "vae", safe_serialization=True)
+    if bundle.text is not None:
+        bundle.text.model.save_pretrained(folder / "text_encoder", safe_serialization=True)
+        bundle.text.tokenizer.save_pretrained(folder / "tokenizer")
     return folder
 
 
@@ -62,8 +70,30 @@ def load_quantized(folder) -> ModelBundle:
         vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
     b = meta["bundle"]
     name = b["name"] if config.label in b["name"] else f"{b['name']} [{config.label}]"
+    text, negative = _load_text(folder, b.get("text"))
     return ModelBundle(name=name, transformer=transformer, scheduler_config=meta["scheduler_config"],
                        num_classes=b["num_classes"], latent_shape=tuple(b["latent_shape"]), vae=vae,
                        vae_scale_factor=b["vae_scale_factor"], default_guidance=b["default_guidance"],
                        eval_guidance=b.get("eval_guidance", b["default_guidance"]), bundled=b["bundled"],
-                       quant_config=config.to_dict())
+                       quant_config=config.to_dict(), text=text, negative_prompt=negative)
+
+
+def _load_text(folder: Path, info: dict | None):
+    """(TextEncoder, negative prompt) of a saved text-to-image model, (None, "") for other models."""
+    if info is None:
+        return None, ""
+    from analysis.models import MAX_TOKENS, _load_text_encoder, _load_tokenizer
+    from analysis.prompts import TextEncoder, check_prompt
+
+    if not isinstance(info, dict) or info.get("kind") not in ("t5", "clip") or \
+            not isinstance(info.get("max_length"), int) or not 1 <= info["max_length"] <= MAX_TOKENS:
+        raise ModelLoadError(f"{folder / 'quant_config.json'}: bad text encoder record {str(info)[:200]}")
+    encoder, kind = _load_text_encoder(folder / "text_encoder")
+    tokenizer = _load_tokenizer(folder / "tokenizer")
+    text = TextEncoder.build(tokenizer, encoder.eval().requires_grad_(False), info["max_length"],
+                             bool(info.get("use_mask")), kind)
+    try:
+        negative = check_prompt(info.get("negative_prompt") or "", "negative prompt")
+    except ValueError as exc:
+        raise ModelLoadError(f"{folder / 'quant_config.json'}: {exc}") from None
+    return text, negative

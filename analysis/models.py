@@ -5,7 +5,13 @@
     load("/path/to/folder")              a local diffusers folder: DiTPipeline layout (transformer/, scheduler/,
                                          vae/), DDPMPipeline layout (unet/, scheduler/), or a bare
                                          DiTTransformer2DModel / UNet2DModel folder
+    load("/path/to/pipeline")            a text-to-image pipeline folder: PixArtAlphaPipeline / PixArtSigmaPipeline
+                                         (transformer/, text_encoder/ T5, tokenizer/, vae/, scheduler/) or
+                                         StableDiffusionPipeline (unet/, text_encoder/ CLIP, tokenizer/, vae/, ...)
     load("facebook/DiT-XL-2-256")        the hub, when this machine has network access or a cached copy
+
+A text-to-image bundle is sampled from prompts instead of classes (analysis.prompts): its text encoder and VAE
+stay in the model's FP precision and are never quantized; only the denoiser is.
 
 The family (dit / unet) is decided here from the model class (quant.denoiser); everything downstream asks
 the bundle. A class-conditional UNet2DModel keeps its null class for guidance as the last row of its class
@@ -24,7 +30,8 @@ from pathlib import Path
 import torch
 
 from analysis.resources import asset_path
-from quant.denoiser import CLASS_FAMILIES
+from quant.conditioning import attach_prompts
+from quant.denoiser import CLASS_FAMILIES, TEXT_FAMILIES
 
 ASSETS = asset_path()
 BUNDLED = {"bundled:dit-mnist": asset_path("dit-mnist"), "bundled:unet-mnist": asset_path("unet-mnist")}
@@ -33,7 +40,17 @@ TRAINING_SCRIPTS = {"bundled:dit-mnist": "scripts/train_dit.py", "bundled:unet-m
 SUBFOLDERS = {"dit": "transformer", "unet": "unet"}
 # A bare model folder's config names its class; the hub's DiT configs name the generic Transformer2DModel.
 MODEL_CLASSES = {**CLASS_FAMILIES, "Transformer2DModel": "dit"}
-HUB_EXAMPLES = ["facebook/DiT-XL-2-256", "facebook/DiT-XL-2-512", "google/ddpm-cifar10-32"]
+HUB_EXAMPLES = ["facebook/DiT-XL-2-256", "facebook/DiT-XL-2-512", "google/ddpm-cifar10-32",
+                "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "stable-diffusion-v1-5/stable-diffusion-v1-5"]
+# Text-to-image pipelines (model_index.json's _class_name): (family, denoiser folder, tokens per prompt, default
+# guidance). Tokens: PixArt-sigma's T5 context is 300, PixArt-alpha's 120; Stable Diffusion uses the tokenizer's 77.
+TEXT_PIPELINES = {"PixArtSigmaPipeline": ("pixart", "transformer", 300, 4.5),
+                  "PixArtAlphaPipeline": ("pixart", "transformer", 120, 4.5),
+                  "StableDiffusionPipeline": ("sd", "unet", None, 7.5)}
+TEXT_ENCODERS = {"T5EncoderModel": "t5", "CLIPTextModel": "clip"}  # classes loaded, by the config's architectures
+MAX_TOKENS = 512
+MAX_TOKENIZER_BYTES = 64 << 20  # a tokenizer folder (T5's spiece.model is 0.8 MB, CLIP's vocab + merges 2 MB)
+FAMILY_SUBFOLDER = {**SUBFOLDERS, "pixart": "transformer", "sd": "unet"}
 
 
 class ModelLoadError(RuntimeError):
@@ -60,7 +77,9 @@ def check_finite(tensor: torch.Tensor, what: str, hint: str = "") -> None:
 def check_weights_finite(bundle: "ModelBundle", source: str) -> None:
     """A NaN in a weight file samples black images without a word (and a classifier may still 'read' them):
     refuse such a model at load time, naming the first bad tensor."""
-    for part, module in ((SUBFOLDERS[bundle.family], bundle.transformer), ("vae", bundle.vae)):
+    text = bundle.text.model if bundle.text is not None else None
+    for part, module in ((FAMILY_SUBFOLDER[bundle.family], bundle.transformer), ("vae", bundle.vae),
+                         ("text_encoder", text)):
         if module is None:
             continue
         for name, tensor in module.state_dict().items():
@@ -75,6 +94,9 @@ class ModelBundle:
 
     `transformer` holds the denoiser whatever its family (the name predates UNets); `family` says which.
     num_classes is 0 for an unconditional model: it samples from seeds alone and has no guidance.
+    A text-to-image bundle (PixArt, Stable Diffusion) has `text` (analysis.prompts.TextEncoder: tokenizer, FP
+    text encoder, prompt table) and num_classes 0; its labels are prompt ids, and its null label is the id of
+    `negative_prompt` (the empty prompt by default), the unconditional branch of classifier-free guidance.
     """
 
     name: str
@@ -88,6 +110,29 @@ class ModelBundle:
     eval_guidance: float = 1.5  # the FID protocol's guidance (PTQ4DiT evaluates DiT-XL/2 at 1.5)
     bundled: bool = False
     quant_config: dict | None = None  # set when the transformer is a quantized copy
+    text: object | None = None  # analysis.prompts.TextEncoder of a text-to-image model
+    negative_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        if self.text is not None:
+            attach_prompts(self.transformer, self.text.table)  # its y are rows of this table
+
+    @property
+    def text_conditioned(self) -> bool:
+        return self.text is not None
+
+    def prompt_ids(self, prompts, on_encode=None) -> list[int]:
+        """Row ids of `prompts` in the prompt table (each encoded once, by the FP text encoder)."""
+        if self.text is None:
+            raise ValueError(f"{self.name} is not a text-to-image model: it takes "
+                             + ("classes" if self.num_classes else "seeds alone") + ", not prompts")
+        return self.text.ids(prompts, on_encode)
+
+    def with_negative_prompt(self, negative_prompt: str | None) -> "ModelBundle":
+        """The same bundle with another negative prompt for guidance (None or '' : the empty prompt)."""
+        from analysis.prompts import check_prompt
+
+        return dataclasses.replace(self, negative_prompt=check_prompt(negative_prompt or "", "negative prompt"))
 
     @property
     def family(self) -> str:
@@ -98,11 +143,18 @@ class ModelBundle:
 
     @property
     def conditional(self) -> bool:
-        return self.num_classes > 0
+        return self.num_classes > 0 or self.text is not None
 
     def describe(self) -> str:
         """One line: family, size and classes, e.g. 'DiT, 6 blocks, classes 0-9'."""
         m = self.transformer
+        if self.text is not None:
+            kind = {"t5": "T5", "clip": "CLIP"}[self.text.kind]
+            if self.family == "pixart":
+                shape = f"PixArt, {len(m.transformer_blocks)} blocks"
+            else:
+                shape = f"Stable Diffusion UNet, {len(m.down_blocks)} resolutions"
+            return shape + f", prompts ({kind} text encoder, {self.text.max_length} tokens; text encoder and VAE stay FP)"
         if self.family == "unet":
             shape = f"UNet, {len(m.down_blocks)} resolutions ({', '.join(map(str, m.config.block_out_channels))} channels)"
         else:
@@ -111,6 +163,8 @@ class ModelBundle:
 
     @property
     def null_label(self) -> int:
+        if self.text is not None:  # the negative (by default empty) prompt's row
+            return self.prompt_ids([self.negative_prompt])[0]
         # diffusers' LabelEmbedding keeps one extra row after the classes for the dropped (unconditional) label
         return self.num_classes
 
@@ -141,7 +195,7 @@ class ModelBundle:
         kwargs = {"device": device} if device is not None else {}
         if dtype is not None and dtype != self.dtype:
             kwargs["dtype"] = dtype
-        for module in (self.transformer, self.vae):
+        for module in (self.transformer, self.vae, self.text.model if self.text is not None else None):
             if module is not None and kwargs:
                 module.to(**kwargs)
         return self
@@ -200,8 +254,9 @@ def load(source: str, device: str | torch.device | None = "cpu", dtype: str | to
     else:
         bundle = _load_hub(source)
     bundle.transformer.eval().requires_grad_(False)
-    if bundle.vae is not None:
-        bundle.vae.eval().requires_grad_(False)
+    for part in (bundle.vae, bundle.text.model if bundle.text is not None else None):
+        if part is not None:
+            part.eval().requires_grad_(False)
     check_weights_finite(bundle, source)
     return bundle.to(device, dtype)
 
@@ -228,6 +283,9 @@ def _denoiser_dir(folder: Path) -> tuple[Path, str]:
         raise ModelLoadError(f"{folder} is not a diffusers model folder: no transformer/config.json, "
                              "unet/config.json or config.json")
     cls = _read_json(folder / "config.json").get("_class_name", "")
+    if MODEL_CLASSES.get(cls) in TEXT_FAMILIES:
+        raise ModelLoadError(f"{folder} holds a bare {cls}: a text-to-image denoiser needs its pipeline folder "
+                             "(model_index.json with text_encoder/, tokenizer/, vae/, scheduler/ beside it)")
     if cls not in MODEL_CLASSES:
         raise ModelLoadError(f"{folder / 'config.json'} describes a {cls or 'model without _class_name'}; "
                              f"this lab loads {', '.join(sorted(MODEL_CLASSES))}")
@@ -244,6 +302,9 @@ def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
         from analysis.bundle_io import load_quantized
 
         return load_quantized(folder)
+    pipeline = _text_pipeline(folder)
+    if pipeline is not None:
+        return _load_text_pipeline(folder, name, pipeline)
     mdir, family = _denoiser_dir(folder)
     if not list(mdir.glob("*.safetensors")):
         raise ModelLoadError(f"{mdir} has no .safetensors weights; this project loads safetensors only "
@@ -291,7 +352,8 @@ def _load_hub(repo_id: str) -> ModelBundle:
     """Load a DiTPipeline or DDPMPipeline repo from the local hub cache, or download it when the network allows."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "transformer/*", "unet/*", "vae/*", "scheduler/*"]
+    patterns = ["model_index.json", "transformer/*", "unet/*", "vae/*", "scheduler/*", "tokenizer/*",
+                "text_encoder/*.json", "text_encoder/*.safetensors"]
     try:
         folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
     except Exception:
@@ -315,3 +377,109 @@ def _hub_hint(repo_id: str, reason: str) -> tuple[str, str]:
           f"{repo_id}`), copy the folder to this machine, then pick **Local folder** in the sidebar and enter its "
           "path; or pick **Bundled** to use one of the small digit models that ship with the lab.")
     return cli, ui
+
+
+# ---- text-to-image pipelines ---------------------------------------------------------------------------------
+def _text_pipeline(folder: Path) -> str | None:
+    """The text-to-image pipeline class a folder holds (model_index.json, or the denoiser's class), else None."""
+    index = folder / "model_index.json"
+    if index.exists():
+        cls = _read_json(index).get("_class_name", "")
+        if cls in TEXT_PIPELINES:
+            return cls
+        if "Pipeline" in cls and (folder / "text_encoder").exists():
+            raise ModelLoadError(f"{folder} holds a {cls}; this lab loads text-to-image pipelines "
+                                 f"{', '.join(TEXT_PIPELINES)} (and DiTPipeline / DDPMPipeline folders)")
+    for cls, (family, sub, _, _) in TEXT_PIPELINES.items():
+        cfg = folder / sub / "config.json"
+        if cfg.exists() and MODEL_CLASSES.get(_read_json(cfg).get("_class_name", "")) == family:
+            return cls
+    return None
+
+
+def _safetensors_only(part: Path, what: str) -> None:
+    if not (part / "config.json").exists():
+        raise ModelLoadError(f"{part} is missing: a text-to-image pipeline folder needs its {what} "
+                             f"({part.name}/config.json and safetensors weights)")
+    if not list(part.glob("*.safetensors")):
+        raise ModelLoadError(f"{part} has no .safetensors weights; this project loads safetensors only "
+                             "(convert .bin weights with save_pretrained(safe_serialization=True))")
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder} is missing: a text-to-image pipeline folder needs its tokenizer")
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    if size > MAX_TOKENIZER_BYTES:
+        raise ModelLoadError(f"{folder} holds {size} bytes; a tokenizer folder is read only up to "
+                             f"{MAX_TOKENIZER_BYTES} bytes")
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+    except Exception as exc:  # transformers raises several types for malformed or unsupported folders
+        raise ModelLoadError(f"could not load the tokenizer in {folder}: {str(exc).splitlines()[0][:300]} (T5's "
+                             "spiece.model needs the sentencepiece package; a tokenizer.json needs nothing more)") from None
+
+
+def _load_text_encoder(folder: Path):
+    import transformers
+
+    _safetensors_only(folder, "text encoder")
+    archs = _read_json(folder / "config.json").get("architectures") or []
+    cls = next((a for a in archs if a in TEXT_ENCODERS), None)
+    if cls is None:
+        raise ModelLoadError(f"{folder / 'config.json'} describes a {', '.join(archs) or 'model without architectures'}; "
+                             f"this lab loads text encoders {', '.join(TEXT_ENCODERS)}")
+    try:
+        model = getattr(transformers, cls).from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the text encoder in {folder}: {str(exc).splitlines()[0][:300]}") from None
+    return model, TEXT_ENCODERS[cls]
+
+
+def _load_text_pipeline(folder: Path, name: str, pipeline: str) -> ModelBundle:
+    """A PixArt-alpha / PixArt-sigma or Stable Diffusion pipeline folder: the denoiser (to be quantized), and the
+    FP text encoder, tokenizer, VAE and scheduler around it."""
+    import diffusers
+    from diffusers import AutoencoderKL
+
+    from analysis.prompts import TextEncoder
+
+    family, sub, tokens, guidance = TEXT_PIPELINES[pipeline]
+    mdir = folder / sub
+    _safetensors_only(mdir, sub)
+    cls = {"pixart": "PixArtTransformer2DModel", "sd": "UNet2DConditionModel"}[family]
+    found = _read_json(mdir / "config.json").get("_class_name")
+    if found != cls:
+        raise ModelLoadError(f"{mdir / 'config.json'} describes a {found}; a {pipeline} holds a {cls}")
+    try:
+        denoiser = getattr(diffusers, cls).from_pretrained(mdir, use_safetensors=True)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the {sub} in {mdir}: {str(exc).splitlines()[0][:300]}") from None
+    encoder, kind = _load_text_encoder(folder / "text_encoder")
+    tokenizer = _load_tokenizer(folder / "tokenizer")
+    meta_path = folder / "bundle.json"
+    meta = _read_json(meta_path) if meta_path.exists() else {}
+    tokens = int(meta.get("max_sequence_length") or tokens or tokenizer.model_max_length)
+    if not 1 <= tokens <= MAX_TOKENS:
+        raise ModelLoadError(f"{folder}: {tokens} tokens per prompt; between 1 and {MAX_TOKENS} are supported")
+    width = encoder.config.d_model if kind == "t5" else encoder.config.hidden_size
+    want = denoiser.config.caption_channels if family == "pixart" else denoiser.config.cross_attention_dim
+    if want != width:
+        raise ModelLoadError(f"{folder}: the text encoder outputs {width} channels but the {sub} reads {want}")
+    vae = None
+    if (folder / "vae").exists():
+        _safetensors_only(folder / "vae", "VAE")
+        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler_config = _read_json(sched_path) if sched_path.exists() else {"num_train_timesteps": 1000}
+    cfg = denoiser.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    text = TextEncoder.build(tokenizer, encoder, tokens, use_mask=family == "pixart", kind=kind)
+    return ModelBundle(
+        name=name, transformer=denoiser, scheduler_config=scheduler_config, vae=vae, num_classes=0,
+        latent_shape=(cfg.in_channels, size, size),
+        vae_scale_factor=float(vae.config.scaling_factor) if vae is not None else 1.0,
+        default_guidance=meta.get("default_guidance", guidance), eval_guidance=meta.get("eval_guidance", guidance),
+        text=text)

@@ -1,5 +1,7 @@
-"""Sampling (class-conditional with classifier-free guidance, or unconditional), driven step by step with
-diffusers schedulers, for DiTs and UNets alike (quant.denoiser.denoise calls either).
+"""Sampling (class- or prompt-conditional with classifier-free guidance, or unconditional), driven step by step
+with diffusers schedulers, for DiTs, UNets, PixArt and Stable Diffusion alike (quant.denoiser.denoise calls any).
+A text-to-image model samples from prompts: each is encoded once into the model's prompt table and travels as
+its row id, like a class label; the unconditional branch of guidance is the bundle's negative prompt.
 
 DiTPipeline takes no initial latents, so this loop uses the bundle's components directly. That gives:
 - fixed seeds per image: image i starts from noise drawn by its own generator seeded with seeds[i], and DDPM's
@@ -59,6 +61,7 @@ class SampleResult:
     latents: torch.Tensor | None = None  # final latents before decoding, [N, C, h, w]
     calibration: CalibrationData | None = None
     trajectory: list[torch.Tensor] | None = None  # x_t after each step, [N, C, h, w] on the CPU
+    prompts: list[str] | None = None  # a text-to-image model's prompt per image (labels hold their table ids)
 
 
 def make_scheduler(bundle: ModelBundle, kind: str = "ddim"):
@@ -115,8 +118,10 @@ def guided_eps(transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y
 def sample(bundle: ModelBundle, labels: Iterable[int] | None, seeds: Iterable[int], steps: int = 50,
            guidance: float | None = None, scheduler: str = "ddim", batch_size: int | None = None,
            on_step: Callable[[int, int], None] | None = None, decode: bool = True,
-           record: str | Iterable[int] | None = None, keep_trajectory: bool = False) -> SampleResult:
-    """Sample one image per (label, seed) pair; for an unconditional model, one per seed (labels None).
+           record: str | Iterable[int] | None = None, keep_trajectory: bool = False,
+           prompts: Iterable[str] | None = None) -> SampleResult:
+    """Sample one image per (label, seed) pair; for an unconditional model, one per seed (labels None); for a
+    text-to-image model, one per (prompt, seed) pair (labels None; or labels = prompt table ids).
 
     guidance: classifier-free guidance scale (1 = off); None uses the bundle's default.
     on_step(done, total): called after every denoising step of every batch.
@@ -124,6 +129,12 @@ def sample(bundle: ModelBundle, labels: Iterable[int] | None, seeds: Iterable[in
     keep_trajectory: keep x_t after every step (for drift measurements).
     """
     seeds = [int(v) for v in seeds]
+    if prompts is not None:
+        if labels is not None:
+            raise ValueError("give prompts or labels, not both")
+        labels = bundle.prompt_ids(list(prompts))  # raises for a model that takes no prompts
+    elif labels is None and bundle.text_conditioned:
+        raise ValueError(f"{bundle.name} is a text-to-image model: give one prompt per seed")
     if labels is None:
         if bundle.conditional:
             raise ValueError(f"{bundle.name} is class-conditional: give one class label per seed")
@@ -135,7 +146,7 @@ def sample(bundle: ModelBundle, labels: Iterable[int] | None, seeds: Iterable[in
         raise ValueError(f"got {len(labels)} labels but {len(seeds)} seeds; give one seed per image")
     if not labels:
         raise ValueError("nothing to sample: no labels given")
-    bad = [c for c in labels if bundle.conditional and not 0 <= c < bundle.num_classes]
+    bad = [c for c in labels if bundle.num_classes and not 0 <= c < bundle.num_classes]
     if bad:
         raise ValueError(f"class {bad[0]} is out of range: {bundle.name} has classes 0-{bundle.num_classes - 1}")
     if steps < 1:
@@ -148,6 +159,8 @@ def sample(bundle: ModelBundle, labels: Iterable[int] | None, seeds: Iterable[in
                          "model; use guidance 1")
     n = len(labels)
     batch_size = batch_size or n
+    null_label = bundle.null_label  # a text model's negative prompt, encoded once here
+    prompt_texts = [bundle.text.table.prompt(i) for i in labels] if bundle.text_conditioned else None
     record_steps = _record_set(record, steps)
     device, dtype = bundle.device, bundle.dtype
     total = steps * ((n + batch_size - 1) // batch_size)
@@ -167,7 +180,7 @@ def sample(bundle: ModelBundle, labels: Iterable[int] | None, seeds: Iterable[in
         for i, t in enumerate(sched.timesteps):
             t_batch = torch.full((len(bl),), int(t), device=device, dtype=torch.long)
             eps, (x_in, t_in, y_in) = guided_eps(bundle.transformer, sched.scale_model_input(x, t), t_batch, y,
-                                                 bundle.null_label, guidance)
+                                                 null_label, guidance)
             if i in record_steps:
                 rec.append((x_in.float().cpu(), t_in.cpu(), y_in.cpu(), torch.full((len(t_in),), i)))
             x = _step(sched, eps, t, x, gens)
@@ -189,7 +202,7 @@ def sample(bundle: ModelBundle, labels: Iterable[int] | None, seeds: Iterable[in
     trajectory = list(torch.cat(traj_batches, dim=1)) if keep_trajectory else None
     return SampleResult(images=torch.cat(images), labels=labels, seeds=seeds,
                         seconds=time.perf_counter() - start, latents=torch.cat(latents_out),
-                        calibration=calibration, trajectory=trajectory)
+                        calibration=calibration, trajectory=trajectory, prompts=prompt_texts)
 
 
 def _record_set(record, steps: int) -> set[int]:

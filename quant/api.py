@@ -25,7 +25,7 @@ from quant.io import read_quantized, stored_tensors, weight_bytes, write_quantiz
 from quant.measures import weight_salience
 from quant.methods import get_method
 from quant.observers import InputObserver, observe_inputs
-from quant.graph import balance_groups
+from quant.graph import balance_groups, group_input_layers, merge_group_stats
 from quant.reparam import BalanceGroup, apply_scaling, group_weight
 from quant.wrap import calibrate, is_excluded, wrap_model
 
@@ -81,10 +81,9 @@ def quantize_with_details(model: nn.Module, config: QuantConfig, calibration: It
         return QuantResult(qmodel, config, {}, {}, {}, [], [], reference)
     batches = calibration_batches(calibration, batch_size)
     groups = [g for g in balance_groups(qmodel) if not all(is_excluded(n, config.exclude) for n in g.layers)]
-    modules = dict(qmodel.named_modules())
     stats = None
     if method.needs_activations:
-        stats = observe_inputs(qmodel, batches, layers={g.name: modules[g.layers[0]] for g in groups})
+        stats = merge_group_stats(observe_inputs(qmodel, batches, layers=group_input_layers(qmodel, groups)), groups)
     computed = method.compute(qmodel, groups, stats, config.method_options)
     vectors, extras, w_before = {}, {}, {}
     for g in groups:
@@ -95,10 +94,9 @@ def quantize_with_details(model: nn.Module, config: QuantConfig, calibration: It
             vectors[g.name] = entry.b.float().cpu()
             extras[g.name] = dict(entry.extras)
     names = wrap_model(qmodel, config)
-    modules = dict(qmodel.named_modules())
-    with InputObserver(qmodel, {g.name: modules[g.layers[0]] for g in groups}) as obs:
+    with InputObserver(qmodel, group_input_layers(qmodel, groups)) as obs:
         reference = calibrate(qmodel, batches, keep_outputs=keep_reference)
-    after = obs.stats()
+    after = merge_group_stats(obs.stats(), groups)
     salience = {g.name: _salience(qmodel, g, stats, after, w_before[g.name], vectors.get(g.name)) for g in groups}
     timesteps = sorted({int(t) for _, ts, _ in batches for t in ts.reshape(-1).tolist()})
     recon = None

@@ -13,8 +13,13 @@ from quant.wrap import covered_layers
 
 def balance_groups(model: nn.Module):
     """The layer groups whose per-channel scales fold exactly into an affine producer (quant.reparam.BalanceGroup)."""
-    if family_of(model) == "unet":
+    family = family_of(model)
+    if family == "unet":
         from quant.unet_graph import balance_groups as groups
+    elif family == "pixart":
+        from quant.t2i_graph import pixart_balance_groups as groups
+    elif family == "sd":
+        from quant.t2i_graph import sd_balance_groups as groups
     else:
         from quant.reparam import balance_groups as groups
     return groups(model)
@@ -22,8 +27,15 @@ def balance_groups(model: nn.Module):
 
 def unbalanced_layers(model: nn.Module) -> dict[str, str]:
     """Quantized layers outside every balance group, each with why its input scale cannot fold."""
-    if family_of(model) == "unet":
+    family = family_of(model)
+    if family == "unet":
         from quant.unet_graph import UNBALANCED as reasons
+    elif family == "pixart":
+        from quant.t2i_graph import PIXART_UNBALANCED as reasons
+    elif family == "sd":
+        from quant.t2i_graph import sd_unbalanced
+
+        reasons = sd_unbalanced()
     else:
         from quant.reparam import UNBALANCED as reasons
     balanced = {name for g in balance_groups(model) for name in g.layers}
@@ -34,8 +46,11 @@ def unbalanced_layers(model: nn.Module) -> dict[str, str]:
 
 def recon_units(model: nn.Module):
     """The units of block-wise reconstruction, in forward order (quant.recon.units.Unit)."""
-    if family_of(model) == "unet":
+    family = family_of(model)
+    if family in ("unet", "sd"):
         from quant.unet_graph import unet_units as units
+    elif family == "pixart":
+        from quant.t2i_graph import pixart_units as units
     else:
         from quant.recon.units import dit_units as units
     return units(model)
@@ -62,3 +77,33 @@ def balance_plan(model: nn.Module, applied: set[str] | None = None, method: str 
     return {"family": family_of(model), "balanced": balanced, "unbalanced": unbalanced,
             "foldable_layers": n_foldable, "layers": n_layers,
             "foldable_share": n_foldable / n_layers if n_layers else 0.0}
+
+
+def group_input_layers(model: nn.Module, groups) -> dict[str, nn.Module]:
+    """The modules to observe for the groups' input statistics: key = group name, or "group|i" for the i-th of a
+    group whose layers read different inputs (merge_group_stats folds those keys back into the group's)."""
+    modules = dict(model.named_modules())
+    out = {}
+    for g in groups:
+        names = g.observed
+        for i, name in enumerate(names):
+            out[g.name if len(names) == 1 else f"{g.name}|{i}"] = modules[name]
+    return out
+
+
+def merge_group_stats(stats, groups):
+    """InputStats keyed by group: a group observed at several inputs gets their elementwise max |X| (min / max
+    alike), row for row (every forward records each input once, in the same rows)."""
+    import torch
+
+    for g in groups:
+        parts = [f"{g.name}|{i}" for i in range(len(g.observed))] if len(g.observed) > 1 else []
+        if not parts or parts[0] not in stats.absmax:
+            continue
+        for field, op in (("absmax", torch.maximum), ("cmax", torch.maximum), ("cmin", torch.minimum)):
+            table = getattr(stats, field)
+            merged = table.pop(parts[0])
+            for key in parts[1:]:
+                merged = op(merged, table.pop(key))
+            table[g.name] = merged
+    return stats

@@ -29,6 +29,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from quant.conditioning import current_prompt_ids
 from quant.forward import forward_batches
 from quant.measures import weight_salience  # noqa: F401  (s(W), defined once in quant.measures)
 
@@ -152,6 +153,8 @@ class InputObserver(LayerInputHooks):
         x = args[0] if args else kwargs["hidden_states"]
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         y = kwargs.get("class_labels", args[2] if len(args) > 2 else None)
+        if y is None:  # a text-to-image denoiser: the prompt ids of this forward (quant.conditioning)
+            y = current_prompt_ids(self.model)
         n = x.shape[0]
         t_rows, y_rows = _per_sample(t, n, x.device), _per_sample(y, n, x.device, fill=-1)
         if self.group_null_label is None:

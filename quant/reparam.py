@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
-KINDS = ("attn_in", "attn_out", "mlp_in", "norm_in")
+KINDS = ("attn_in", "attn_out", "mlp_in", "norm_in", "adaln_single_attn", "adaln_single_mlp", "cross_kv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,13 @@ class BalanceGroup:
     block: int  # the DiT block (-1 where the family has none)
     layers: tuple[str, ...]  # qualified names of the linears whose columns are scaled by b
     producer: str = ""  # the module 1/b folds into (adaLN linear, to_v, a norm)
+    inputs: tuple[str, ...] = ()  # one layer per distinct input b divides, when they differ (PixArt's blocks
+    # share one vector through adaLN-single): s(X) is their max. Empty: every layer reads layers[0]'s input.
+
+    @property
+    def observed(self) -> tuple[str, ...]:
+        """The layers whose inputs make the group's activation statistics."""
+        return self.inputs or self.layers[:1]
 
 
 def balance_groups(model: nn.Module) -> list[BalanceGroup]:
@@ -75,9 +82,11 @@ UNBALANCED = (
 
 
 def group_weight(model: nn.Module, group: BalanceGroup) -> torch.Tensor:
-    """The group's weights stacked by rows, [sum of out, in]: q, k, v concatenated for attn_in."""
+    """The group's weights stacked by rows, [sum of out, in]: q, k, v concatenated for attn_in. A convolution's
+    [out, in, kh, kw] counts as out * kh * kw rows of its input channels (a 1x1 proj_in of a UNet attention)."""
     mods = dict(model.named_modules())
-    return torch.cat([mods[name].weight.detach() for name in group.layers], dim=0)
+    rows = lambda w: w if w.dim() == 2 else w.transpose(0, 1).flatten(1).T  # noqa: E731
+    return torch.cat([rows(mods[name].weight.detach()) for name in group.layers], dim=0)
 
 
 @torch.no_grad()
@@ -115,8 +124,9 @@ def fold_norm(norm: nn.Module, b: torch.Tensor) -> None:
 
 @torch.no_grad()
 def scale_columns(linear: nn.Module, b: torch.Tensor) -> None:
-    """W' = W diag(b): scale a linear's input columns by b."""
-    linear.weight *= b.to(linear.weight)[None, :]
+    """W' = W diag(b): scale a linear's input columns (a convolution's input channels) by b."""
+    w = linear.weight
+    w *= b.to(w).reshape(1, -1, *([1] * (w.dim() - 2)))
 
 
 @torch.no_grad()
@@ -124,17 +134,21 @@ def apply_scaling(model: nn.Module, group: BalanceGroup, b: torch.Tensor) -> Non
     """Fold X' = X diag(1/b) into X's producer and W' = W diag(b) into the group's linears, in place."""
     mods = dict(model.named_modules())
     producer = mods[group.producer]
-    if b.shape != (mods[group.layers[0]].in_features,):
-        raise ValueError(f"vector for {group.name} has shape {tuple(b.shape)}, expected "
-                         f"({mods[group.layers[0]].in_features},)")
+    in_channels = mods[group.layers[0]].weight.shape[1]
+    if b.shape != (in_channels,):
+        raise ValueError(f"vector for {group.name} has shape {tuple(b.shape)}, expected ({in_channels},)")
     if not torch.isfinite(b).all() or (b <= 0).any():
         raise ValueError(f"vector for {group.name} must be finite and positive")
     if group.kind == "attn_in":
         fold_adaln(producer, ADALN_CHUNKS.index("shift_msa"), ADALN_CHUNKS.index("scale_msa"), b)
     elif group.kind == "mlp_in":
         fold_adaln(producer, ADALN_CHUNKS.index("shift_mlp"), ADALN_CHUNKS.index("scale_mlp"), b)
-    elif group.kind == "attn_out":
+    elif group.kind in ("attn_out", "cross_kv"):
         fold_rows(producer, b)
+    elif group.kind in ("adaln_single_attn", "adaln_single_mlp"):
+        from quant.t2i_graph import fold_adaln_single
+
+        fold_adaln_single(model, group, b)
     elif group.kind == "norm_in":
         fold_norm(producer, b)
     else:

@@ -70,9 +70,10 @@ UNBALANCED = (
 
 # ---- reconstruction units ----------------------------------------------------------------------------------
 def embedding(model: nn.Module, t: torch.Tensor, y: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The conditioning vector UNet2DModel.forward adds to every resnet: time MLP (+ class embedding)."""
+    """The conditioning vector UNet2DModel.forward adds to every resnet: time MLP (+ class embedding). A
+    UNet2DConditionModel's y are prompt ids (its text enters through cross-attention, not here)."""
     emb = model.time_embedding(model.time_proj(t).to(dtype))
-    if model.class_embedding is not None:
+    if getattr(model, "class_embedding", None) is not None:
         labels = model.time_proj(y) if model.config.class_embed_type == "timestep" else y
         emb = emb + model.class_embedding(labels).to(dtype)
     return emb
@@ -108,22 +109,38 @@ def _layouts(model: nn.Module) -> list[list[tuple[int, ...]]]:
             ctx.t = saved
 
 
+def text_kwargs(model: nn.Module, block: nn.Module, y: torch.Tensor | None, dtype: torch.dtype,
+                text: torch.Tensor | None = None) -> dict:
+    """The prompt embedding a cross-attention block of a UNet2DConditionModel reads (Stable Diffusion), from
+    the rows' prompt ids (or `text` as given); nothing for other blocks."""
+    if not getattr(block, "has_cross_attention", False):
+        return {}
+    if text is None:
+        from quant.t2i_graph import text_inputs
+
+        text, _ = text_inputs(model, y, dtype)
+    return {"encoder_hidden_states": text}
+
+
 def _trace(model, x, t, y, dtype, shapes) -> list[list[tuple[int, ...]]]:
+    # one token of zeros stands in for the prompt: the stream's shapes do not depend on it
+    dim = getattr(model.config, "cross_attention_dim", None)
+    text = torch.zeros(1, 1, dim, device=x.device, dtype=dtype) if isinstance(dim, int) else None
     with torch.no_grad():
         emb = embedding(model, t, y, dtype)
         h = model.conv_in(x)
         skips = [h]
         out = [shapes(h, skips)]
         for block in model.down_blocks:
-            h, res = block(hidden_states=h, temb=emb)
+            h, res = block(hidden_states=h, temb=emb, **text_kwargs(model, block, y, dtype, text))
             skips += list(res)
             out.append(shapes(h, skips))
         if model.mid_block is not None:
-            h = model.mid_block(h, emb)
+            h = model.mid_block(h, emb, **text_kwargs(model, model.mid_block, y, dtype, text))
             out.append(shapes(h, skips))
         for block in model.up_blocks:
             n = len(block.resnets)
-            h, skips = block(h, tuple(skips[-n:]), emb), skips[:-n]
+            h, skips = block(h, tuple(skips[-n:]), emb, **text_kwargs(model, block, y, dtype, text)), skips[:-n]
             out.append(shapes(h, skips))
     return out
 
@@ -133,6 +150,10 @@ def _check_supported(model: nn.Module) -> None:
     if cfg.time_embedding_type != "positional" or cfg.center_input_sample:
         raise ValueError("block-wise reconstruction of a UNet2DModel supports positional time embeddings without "
                          "input centering")
+    for key in ("addition_embed_type", "class_embed_type", "time_embedding_act_fn", "encoder_hid_dim_type"):
+        if getattr(cfg, key, None) is not None:
+            raise ValueError(f"block-wise reconstruction of a UNet supports no {key} (this model has "
+                             f"{getattr(cfg, key)!r})")
     for block in list(model.down_blocks) + list(model.up_blocks):
         if hasattr(block, "skip_conv"):
             raise ValueError(f"block-wise reconstruction does not support {type(block).__name__} (skip-sample blocks)")
@@ -170,13 +191,15 @@ def unet_units(model: nn.Module) -> list:
             h, *skips = _unpack(stream, layout_in)
             emb = cond(m, t, y, h)
             if kind == "down":
-                h, res = m.down_blocks[i](hidden_states=h, temb=emb)
+                block = m.down_blocks[i]
+                h, res = block(hidden_states=h, temb=emb, **text_kwargs(m, block, y, h.dtype))
                 skips += list(res)
             elif kind == "mid":
-                h = m.mid_block(h, emb)
+                h = m.mid_block(h, emb, **text_kwargs(m, m.mid_block, y, h.dtype))
             else:
-                n = len(m.up_blocks[i].resnets)
-                h, skips = m.up_blocks[i](h, tuple(skips[-n:]), emb), skips[:-n]
+                block = m.up_blocks[i]
+                n = len(block.resnets)
+                h, skips = block(h, tuple(skips[-n:]), emb, **text_kwargs(m, block, y, h.dtype)), skips[:-n]
             return _pack(h, skips)
         return run
 

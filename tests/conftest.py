@@ -71,3 +71,19 @@ def bundled():
     from analysis.models import load
 
     return load("bundled:dit-mnist", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def pixart_folder(tmp_path_factory):
+    """A tiny random PixArtSigmaPipeline folder (tests/tiny_t2i.py)."""
+    from tests.tiny_t2i import save_pixart_sigma
+
+    return save_pixart_sigma(tmp_path_factory.mktemp("tiny_pixart") / "pixart-sigma")
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory):
+    """A tiny random StableDiffusionPipeline folder (tests/tiny_t2i.py)."""
+    from tests.tiny_t2i import save_stable_diffusion
+
+    return save_stable_diffusion(tmp_path_factory.mktemp("tiny_sd") / "sd")
