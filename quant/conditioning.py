@@ -122,3 +122,9 @@ def current_prompt_ids(model: nn.Module) -> torch.Tensor | None:
     """The prompt ids of the forward `model` is running in this thread (None for other models)."""
     table = getattr(model, ATTRIBUTE, None)
     return table.current() if table is not None else None
+
+
+def text_inputs(model: nn.Module, y: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings [B, tokens, width], mask [B, tokens]) of the rows' prompt ids, on the model's device."""
+    p = next(model.parameters())
+    return prompt_table(model).lookup(y, device=p.device, dtype=dtype)

@@ -12,7 +12,10 @@ The division is folded into whatever produces X:
 - input of to_out.0 = softmax(QK^T) V with V's channels (heads concatenated in order): dividing V's output
   channels by b divides to_out.0's input channels by b, so to_v's rows and bias /= b;
 - input of q/k/v after an affine norm (a UNet attention's GroupNorm, X = gamma * norm(h) + beta): gamma /= b
-  and beta /= b (quant.unet_graph finds these sites).
+  and beta /= b (quant.unet_graph finds these sites);
+- PixArt's adaLN-single: the modulation is a per-block table plus one linear shared by all blocks, so only a
+  vector shared by all blocks folds, into both summands (quant.t2i_graph finds these sites);
+- cross-attention k / v of PixArt read the caption projection's output: its last linear's rows /= b.
 The folds are exact in real arithmetic; tests check the folded model against the original to 1e-4.
 """
 from __future__ import annotations
@@ -104,6 +107,26 @@ def fold_adaln(linear: nn.Linear, chunk_shift: int, chunk_scale: int, b: torch.T
 
 
 @torch.no_grad()
+def fold_adaln_single(model: nn.Module, group: "BalanceGroup", b: torch.Tensor) -> None:
+    """Divide every block's modulated input (attention or MLP, by the group's kind) by the shared vector b: the
+    shared linear's shift / scale rows and bias /= b; each block's table shift /= b, scale -> (1 + scale)/b - 1."""
+    linear = model.adaln_single.linear
+    d = linear.out_features // len(ADALN_CHUNKS)
+    part = "msa" if group.kind == "adaln_single_attn" else "mlp"
+    sh, sc = ADALN_CHUNKS.index(f"shift_{part}"), ADALN_CHUNKS.index(f"scale_{part}")
+    b = b.to(linear.weight)
+    rows_sh, rows_sc = slice(sh * d, (sh + 1) * d), slice(sc * d, (sc + 1) * d)
+    linear.weight[rows_sh] /= b[:, None]
+    linear.weight[rows_sc] /= b[:, None]
+    linear.bias[rows_sh] /= b
+    linear.bias[rows_sc] /= b  # the "+1" goes to each block's table, which is the other summand
+    for block in model.transformer_blocks:
+        table = block.scale_shift_table  # [6, D]
+        table[sh] /= b.to(table)
+        table[sc] = (table[sc] + 1) / b.to(table) - 1
+
+
+@torch.no_grad()
 def fold_rows(linear: nn.Linear, b: torch.Tensor) -> None:
     """Divide a linear's output channels by b (rows and bias): the producer side of to_out.0's input."""
     b = b.to(linear.weight)
@@ -146,8 +169,6 @@ def apply_scaling(model: nn.Module, group: BalanceGroup, b: torch.Tensor) -> Non
     elif group.kind in ("attn_out", "cross_kv"):
         fold_rows(producer, b)
     elif group.kind in ("adaln_single_attn", "adaln_single_mlp"):
-        from quant.t2i_graph import fold_adaln_single
-
         fold_adaln_single(model, group, b)
     elif group.kind == "norm_in":
         fold_norm(producer, b)

@@ -40,8 +40,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from quant.conditioning import prompt_table
-from quant.reparam import ADALN_CHUNKS, BalanceGroup
+from quant.conditioning import prompt_table, text_inputs
+from quant.reparam import BalanceGroup
 
 # PixArt pipelines decode latents with a VAE of scale factor 8; PixArt-alpha's size conditions are image pixels.
 PIXART_VAE_FACTOR = 8
@@ -107,26 +107,6 @@ PIXART_UNBALANCED = (
 )
 
 
-@torch.no_grad()
-def fold_adaln_single(model: nn.Module, group: BalanceGroup, b: torch.Tensor) -> None:
-    """Divide every block's modulated input (attention or MLP, by the group's kind) by the shared vector b: the
-    shared linear's shift / scale rows and bias /= b; each block's table shift /= b, scale -> (1 + scale)/b - 1."""
-    linear = model.adaln_single.linear
-    d = linear.out_features // len(ADALN_CHUNKS)
-    part = "msa" if group.kind == "adaln_single_attn" else "mlp"
-    sh, sc = ADALN_CHUNKS.index(f"shift_{part}"), ADALN_CHUNKS.index(f"scale_{part}")
-    b = b.to(linear.weight)
-    rows_sh, rows_sc = slice(sh * d, (sh + 1) * d), slice(sc * d, (sc + 1) * d)
-    linear.weight[rows_sh] /= b[:, None]
-    linear.weight[rows_sc] /= b[:, None]
-    linear.bias[rows_sh] /= b
-    linear.bias[rows_sc] /= b  # the "+1" goes to each block's table, which is the other summand
-    for block in model.transformer_blocks:
-        table = block.scale_shift_table  # [6, D]
-        table[sh] /= b.to(table)
-        table[sc] = (table[sc] + 1) / b.to(table) - 1
-
-
 def size_conditions(model: nn.Module, x: torch.Tensor) -> dict:
     """PixArt-alpha's micro-conditions (image resolution and aspect ratio) when the model uses them."""
     if not getattr(model, "use_additional_conditions", False):
@@ -135,12 +115,6 @@ def size_conditions(model: nn.Module, x: torch.Tensor) -> dict:
     res = torch.tensor([[h, w]], device=x.device, dtype=x.dtype).repeat(x.shape[0], 1)
     ar = torch.tensor([[h / w]], device=x.device, dtype=x.dtype).repeat(x.shape[0], 1)
     return {"resolution": res, "aspect_ratio": ar}
-
-
-def text_inputs(model: nn.Module, y: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embeddings [B, tokens, width], mask [B, tokens]) of the rows' prompt ids, on the model's device."""
-    p = next(model.parameters())
-    return prompt_table(model).lookup(y, device=p.device, dtype=dtype)
 
 
 def pixart_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ import math
 import torch
 import torch.nn as nn
 
+from quant.conditioning import text_inputs
 from quant.reparam import BalanceGroup
 
 
@@ -116,8 +117,6 @@ def text_kwargs(model: nn.Module, block: nn.Module, y: torch.Tensor | None, dtyp
     if not getattr(block, "has_cross_attention", False):
         return {}
     if text is None:
-        from quant.t2i_graph import text_inputs
-
         text, _ = text_inputs(model, y, dtype)
     return {"encoder_hidden_states": text}
 
