@@ -30,6 +30,8 @@ class CalibrationSpec:
     Image i asks for class i mod K with seed `seed + i`; every step of the sampler is recorded, so the set
     covers all timesteps (TPQ keeps one range per timestep). guidance None: the bundle's evaluation guidance,
     so the calibrated ranges match the trajectories that are scored (resolved() fills it in).
+    A text-to-image model's image i asks for prompt i mod P of `prompts` (None: the bundled calibration set,
+    analysis.prompts), with `negative_prompt` as guidance's unconditional branch (None: the bundle's).
     """
 
     seed: int = CALIBRATION_SEED
@@ -37,8 +39,20 @@ class CalibrationSpec:
     steps: int = DEFAULT_CAL_STEPS
     guidance: float | None = None
     scheduler: str = "ddim"
+    prompts: tuple[str, ...] | None = None
+    negative_prompt: str | None = None
 
     def __post_init__(self) -> None:
+        if self.prompts is not None:
+            from analysis.prompts import check_prompt
+
+            if isinstance(self.prompts, str) or not self.prompts:
+                raise ValueError("calibration prompts must be a non-empty list of prompts")
+            object.__setattr__(self, "prompts", tuple(check_prompt(p, "calibration prompt") for p in self.prompts))
+        if self.negative_prompt is not None:
+            from analysis.prompts import check_prompt
+
+            check_prompt(self.negative_prompt, "negative prompt")
         for name, low in (("seed", 0), ("images", 1), ("steps", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -62,16 +76,31 @@ class CalibrationSpec:
         return [i % num_classes for i in range(self.images)] if num_classes else None
 
     def resolved(self, bundle: ModelBundle) -> "CalibrationSpec":
-        """The same spec with the guidance the run will use written down."""
+        """The same spec with the guidance (and a text model's negative prompt) the run will use written down."""
         g = bundle.eval_guidance if self.guidance is None else float(self.guidance)
-        return dataclasses.replace(self, guidance=float(g))
+        spec = dataclasses.replace(self, guidance=float(g))
+        if bundle.text_conditioned and self.negative_prompt is None:
+            spec = dataclasses.replace(spec, negative_prompt=bundle.negative_prompt)
+        return spec
+
+    def prompt_list(self) -> list[str]:
+        """The prompt of every calibration image (text-to-image models)."""
+        from analysis.prompts import cycle, read_prompt_set
+
+        return cycle(list(self.prompts) if self.prompts else read_prompt_set("calibration"), self.images)
 
     def overlaps(self, seeds) -> bool:
         """Whether any of these (evaluation) seeds is also a calibration seed."""
         return any(self.seed <= s < self.seed + self.images for s in seeds)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for key in ("prompts", "negative_prompt"):  # only text-to-image specs carry them (stable recipe keys)
+            if d[key] is None:
+                del d[key]
+            elif key == "prompts":
+                d[key] = list(d[key])
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "CalibrationSpec":
@@ -88,6 +117,14 @@ def calibrate(bundle: ModelBundle, spec: CalibrationSpec | None = None,
     from analysis.sampling import sample
 
     spec = (spec or CalibrationSpec()).resolved(bundle)
+    if bundle.text_conditioned:
+        result = sample(bundle.with_negative_prompt(spec.negative_prompt), None, list(spec.seeds), steps=spec.steps, guidance=spec.guidance,
+                        scheduler=spec.scheduler, decode=False, record="all", on_step=on_step,
+                        prompts=spec.prompt_list())
+        result.calibration.spec = spec
+        return result.calibration
+    if spec.prompts is not None:
+        raise ValueError(f"{bundle.name} is not a text-to-image model: calibrate it without prompts")
     result = sample(bundle, spec.labels(bundle.num_classes), list(spec.seeds), steps=spec.steps,
                     guidance=spec.guidance, scheduler=spec.scheduler, decode=False, record="all", on_step=on_step)
     result.calibration.spec = spec

@@ -19,6 +19,7 @@ import torch
 from analysis.metrics import per_timestep_error, transformer_outputs
 from analysis.models import ModelBundle
 from analysis.sampling import sample
+from analysis.similarity import psnr
 from analysis.speed import forward_profile
 from quant.measures import relative_rms
 
@@ -63,12 +64,6 @@ class Comparison:
                 **self.speed.get(name, {}),
             })
         return rows
-
-
-def psnr(mse: float, peak: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB for images in [0, peak]: infinite for identical images (shown as
-    "identical", never as a made-up finite number)."""
-    return math.inf if mse <= 0 else 10 * math.log10(peak ** 2 / mse)
 
 
 def psnr_text(value: float) -> str:

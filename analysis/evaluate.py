@@ -4,8 +4,10 @@
     result.metrics["fid"], result.metrics["fid_vs_fp"], result.run_id
 
 Scores per variant: FID against real images (the bundled digits, or a folder the user names), FID against
-the FP model's images at the same labels and seeds, label agreement (bundled digit model), and on request
-IS / KID / precision-recall. FP images for a given model and sampling setting are cached on disk, so a
+the FP model's images at the same labels and seeds, PSNR / SSIM against the FP image of the same seed and
+label or prompt, label agreement (bundled digit model), for a text-to-image model the CLIP score when a CLIP
+model is available locally, and on request IS / KID / precision-recall. A text-to-image model is evaluated on
+prompts (the bundled evaluation set unless given), never on its calibration prompts. FP images for a given model and sampling setting are cached on disk, so a
 sweep over many configurations samples FP once.
 
 The FID protocol: images are sampled at the model's evaluation guidance (`bundle.eval_guidance`: the value
@@ -63,12 +65,15 @@ class EvalOptions:
     cache_fp: bool = True
     calib_samples: int | None = None  # None: the calibration default (analysis.calibration)
     calib_seed: int = CALIBRATION_SEED  # calibration images use other seeds than the evaluated ones
+    prompts: list[str] | None = None  # text-to-image: evaluated prompts (None: the bundled evaluation set)
+    clip_model: str | None = None  # a local CLIP folder for the CLIP score (None: $DQLAB_CLIP_MODEL, else none)
 
     def calibration(self, bundle: ModelBundle) -> CalibrationSpec:
         """The calibration of a variant this evaluation quantizes: at the evaluated steps, guidance and
         sampler (per-timestep (TPQ) parameters are keyed by the timesteps the sampler will visit)."""
         return CalibrationSpec(seed=self.calib_seed, images=self.calib_samples or DEFAULT_CAL_SAMPLES,
                                steps=self.steps, guidance=eval_guidance(bundle, self), scheduler=self.scheduler)
+        # a text model calibrates on the bundled calibration prompts, never on the evaluated ones
 
 
 @dataclasses.dataclass
@@ -92,6 +97,17 @@ def eval_labels_seeds(num_classes: int, n: int, seed: int = 0) -> tuple[list[int
 
     labels = [i % num_classes for i in range(n)] if num_classes else [NO_CLASS] * n
     return labels, list(range(seed, seed + n))
+
+
+def eval_prompts(bundle: ModelBundle, opts: EvalOptions) -> list[str] | None:
+    """The prompt of every evaluated image of a text-to-image model (prompt i mod P), None for other models."""
+    if not bundle.text_conditioned:
+        if opts.prompts:
+            raise ValueError(f"{bundle.name} is not a text-to-image model: evaluate it without prompts")
+        return None
+    from analysis.prompts import cycle, read_prompt_set
+
+    return cycle(list(opts.prompts) if opts.prompts else read_prompt_set("evaluation"), opts.num_samples)
 
 
 def sampling_batch_size(bundle: ModelBundle) -> int:
@@ -133,6 +149,10 @@ def check_options(bundle: ModelBundle, opts: EvalOptions) -> tuple[str, M.Refere
     if extractor == M.INCEPTION_EXTRACTOR:
         M.resolve_inception_weights(opts.inception_weights)
     reference = resolve_reference(bundle, opts.reference)
+    if bundle.text_conditioned:
+        from analysis.clip_score import clip_model_path
+
+        clip_model_path(opts.clip_model)  # a named folder that is not a CLIP model fails now
     if opts.kid and reference is not None and opts.kid_subset_size is not None and opts.kid_subset_size > len(reference):
         raise ValueError(f"KID subset size {opts.kid_subset_size} exceeds the {len(reference)} reference images")
     return extractor, reference
@@ -152,7 +172,10 @@ def _fp_images(bundle: ModelBundle, labels, seeds, opts: EvalOptions, guidance: 
     """FP images for these labels/seeds, from the disk cache when the same model and setting ran before."""
     path = None
     if cache_dir is not None and opts.cache_fp:
-        key = hashlib.sha256(repr((model_fingerprint(bundle), labels, seeds, opts.steps, guidance, opts.scheduler,
+        # a text model's labels are prompt table ids, which mean something only in this process: key its texts
+        what = labels if not bundle.text_conditioned else \
+            ([bundle.text.table.prompt(i) for i in labels], bundle.negative_prompt)
+        key = hashlib.sha256(repr((model_fingerprint(bundle), what, seeds, opts.steps, guidance, opts.scheduler,
                                    str(bundle.dtype))).encode()).hexdigest()[:20]
         path = cache_dir / f"{key}.pt"
         if path.exists():
@@ -198,6 +221,14 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
     extractor, reference = check_options(fp, opts)
     guidance = eval_guidance(fp, opts)
     labels, seeds = eval_labels_seeds(fp.num_classes, opts.num_samples, opts.seed)
+    prompts = eval_prompts(fp, opts)
+    if prompts is not None:
+        labels = fp.prompt_ids(prompts)  # each encoded once by the FP text encoder; every variant shares the table
+    clip_folder = None
+    if prompts is not None:
+        from analysis.clip_score import clip_model_path
+
+        clip_folder = clip_model_path(opts.clip_model)
     cache_dir = store.cache_dir if store is not None else None
     names = list(variants)
     total = 2 * (1 + len(names))
@@ -262,6 +293,11 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
         if m_warning:
             m["warning"] = "; ".join(w for w in (m.get("warning"), m_warning) if w)
         m.update(_variant_measures(v, fp, is_fp))
+        from analysis.similarity import similarity_vs_fp
+
+        m.update(similarity_vs_fp(images, fp_images))
+        if prompts is not None:
+            m.update(_clip_measures(images, prompts, clip_folder, fp.device))
         m.update((extra_metrics or {}).get(name, {}))
         if fp.bundled and fp.conditional:
             from analysis.classifier import label_agreement
@@ -380,6 +416,7 @@ def score_row(result: EvalResult) -> dict:
     return {"variant": result.name, "fid": m.get("fid"), "fid_interval": m.get("fid_interval"),
             "fid_floor": m.get("fid_floor"), "fid_vs_fp": m.get("fid_vs_fp"),
             "fid_vs_fp_interval": m.get("fid_vs_fp_interval"), "label_agreement": m.get("label_agreement"),
+            "clip_score": m.get("clip_score"),
             "num_samples": m["num_samples"], "feature_extractor": m.get("feature_extractor"),
             "run_id": result.run_id, "warning": m.get("warning")}
 
@@ -415,6 +452,17 @@ def _variant_timings(v) -> dict:
     report = getattr(v, "report", None) or {}
     value = report.get("quantize_seconds")
     return {"quantize_seconds": value} if isinstance(value, (int, float)) else {}
+
+
+def _clip_measures(images: torch.Tensor, prompts: list[str], folder, device) -> dict:
+    """The CLIP score of a text-to-image variant, or why there is none (no local CLIP model)."""
+    if folder is None:
+        from analysis.clip_score import MISSING
+
+        return {"clip_score": None, "clip_score_note": MISSING}
+    from analysis.clip_score import clip_score
+
+    return {"clip_score": round(clip_score(images, prompts, folder, device=device), 4), "clip_model": str(folder)}
 
 
 def _grid(images: torch.Tensor, num_classes: int):
