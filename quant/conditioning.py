@@ -2,7 +2,7 @@
 
 Everything in the engine passes a batch as (x, t, y) with y one integer per row: a class label for a DiT or a
 class-conditional UNet. For a text-to-image denoiser (PixArt, Stable Diffusion) y is a row of a PromptTable,
-the text encoder's output for one prompt, computed once (analysis.prompts encodes, this module only stores).
+the text encoder's output for one prompt, computed once (analysis.models.prompts encodes, this module only stores).
 So calibration data, the reconstruction stream and the sampler's recorded inputs hold one integer per row,
 never a [tokens, width] embedding per row (PixArt-sigma's T5 context is 300 x 4096 floats: 4.9 MB a row).
 

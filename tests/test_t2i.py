@@ -8,8 +8,10 @@ import copy
 import pytest
 import torch
 
-from analysis.models import ModelLoadError, load
-from analysis.sampling import sample
+from analysis.models.bundle import ModelLoadError
+
+from analysis.models.loading import load
+from analysis.models.sampling import sample
 from quant.api import QuantConfig, quantize_with_details
 from quant.forward import forward
 from quant.graph import balance_groups, balance_plan, recon_units
@@ -101,7 +103,7 @@ def _random_b(n: int, gen) -> torch.Tensor:
 
 def test_every_fold_site_is_exact(t2i, calib):
     """Every declared group folded at once with random positive vectors: same output to 1e-4 relative."""
-    model = t2i.transformer
+    model = t2i.denoiser
     folded = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(0)
     groups = balance_groups(folded)
@@ -119,7 +121,7 @@ def test_every_fold_site_is_exact(t2i, calib):
 
 
 def test_fold_site_table_names_every_refused_layer(t2i):
-    plan = balance_plan(t2i.transformer)
+    plan = balance_plan(t2i.denoiser)
     reasons = plan["unbalanced"]
     assert plan["foldable_layers"] + len(reasons) == plan["layers"]
     if t2i.family == "pixart":
@@ -136,7 +138,7 @@ def test_fold_site_table_names_every_refused_layer(t2i):
 
 @torch.no_grad()
 def test_reconstruction_units_chain_to_the_full_forward(t2i, calib):
-    model = t2i.transformer
+    model = t2i.denoiser
     x, t, y = next(iter(calib.batches(64)))
     stream = x
     for unit in recon_units(model):
@@ -154,35 +156,35 @@ def test_reconstruction_units_chain_to_the_full_forward(t2i, calib):
 @pytest.mark.parametrize("method", ["baseline", "smoothquant", "ptq4dit", "dilatequant"])
 @pytest.mark.parametrize("bits", [(8, 8), (4, 8)])
 def test_every_method_quantizes_both_families(t2i, calib, method, bits):
-    result = quantize_with_details(t2i.transformer, QuantConfig(method=method, w_bits=bits[0], a_bits=bits[1]),
+    result = quantize_with_details(t2i.denoiser, QuantConfig(method=method, w_bits=bits[0], a_bits=bits[1]),
                                    calib)
     x, t, y = next(iter(calib.batches(64)))
-    ref, out = forward(t2i.transformer, x, t, y), forward(result.model, x, t, y)
+    ref, out = forward(t2i.denoiser, x, t, y), forward(result.model, x, t, y)
     err = float((out - ref).norm() / ref.norm())
     assert 0 < err < (0.2 if bits == (8, 8) else 1.0)
     if method != "baseline":
-        assert set(result.vectors) == {g.name for g in balance_groups(t2i.transformer)}
+        assert set(result.vectors) == {g.name for g in balance_groups(t2i.denoiser)}
 
 
 @pytest.mark.parametrize("recon", ["adaround", "bkd"])
 def test_blockwise_optimization_runs_over_every_unit(t2i, calib, recon):
     cfg = QuantConfig(method="baseline", w_bits=4, a_bits=8, recon=recon, recon_iters=2, recon_rows=16,
                       recon_batch=4)
-    result = quantize_with_details(t2i.transformer, cfg, calib)
+    result = quantize_with_details(t2i.denoiser, cfg, calib)
     names = [u["name"] for u in result.recon["units"]]
-    assert names == [u.name for u in recon_units(t2i.transformer)]
+    assert names == [u.name for u in recon_units(t2i.denoiser)]
     assert all(u["error_after"] == u["error_after"] for u in result.recon["units"])  # finite, not NaN
 
 
 def test_quantized_model_saves_and_loads_with_its_text_encoder(t2i, calib, tmp_path):
-    from analysis.bundle_io import save_quantized
+    from analysis.models.saved import save_quantized
 
     cfg = QuantConfig(method="ptq4dit", w_bits=4, a_bits=8)
-    q = quantize_with_details(t2i.transformer, cfg, calib).model
-    folder = save_quantized(t2i.with_transformer(q), cfg, tmp_path / "q", base_source=t2i.name)
+    q = quantize_with_details(t2i.denoiser, cfg, calib).model
+    folder = save_quantized(t2i.with_denoiser(q), cfg, tmp_path / "q", base_source=t2i.name)
     assert (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir()
     again = load(str(folder))
     assert again.family == t2i.family and again.text.max_length == t2i.text.max_length
-    a = sample(t2i.with_transformer(q), None, [0], steps=3, prompts=PROMPTS[:1])
+    a = sample(t2i.with_denoiser(q), None, [0], steps=3, prompts=PROMPTS[:1])
     b = sample(again, None, [0], steps=3, prompts=PROMPTS[:1])
     assert torch.allclose(a.images, b.images, atol=1e-5)

@@ -22,7 +22,7 @@ EXTRA_WORDS = "a photo of an the cat dog red blue green tree house car on in wit
 
 
 def _vocabulary() -> list[str]:
-    from analysis.prompts import read_prompt_set
+    from analysis.models.prompts import read_prompt_set
 
     words = set(EXTRA_WORDS)
     for name in ("calibration", "evaluation"):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from analysis.resources import asset_path
+from analysis.models.resources import asset_path
 from quant.conditioning import PromptTable
 
 PROMPT_SETS = ("calibration", "evaluation")

@@ -1,4 +1,4 @@
-"""Model bundles: a diffusion denoiser (a DiT or a UNet) with what it needs to sample, from any of three sources.
+"""Loading model bundles (analysis.models.bundle) from any of three sources.
 
     load("bundled:dit-mnist")            the small DiT trained by scripts/train_dit.py, shipped in assets/
     load("bundled:unet-mnist")           the small UNet trained by scripts/train_unet.py, shipped in assets/
@@ -10,7 +10,7 @@
                                          StableDiffusionPipeline (unet/, text_encoder/ CLIP, tokenizer/, vae/, ...)
     load("facebook/DiT-XL-2-256")        the hub, when this machine has network access or a cached copy
 
-A text-to-image bundle is sampled from prompts instead of classes (analysis.prompts): its text encoder and VAE
+A text-to-image bundle is sampled from prompts instead of classes (analysis.models.prompts): its text encoder and VAE
 stay in the model's FP precision and are never quantized; only the denoiser is.
 
 The family (dit / unet) is decided here from the model class (quant.denoiser); everything downstream asks
@@ -22,15 +22,15 @@ Weights load from safetensors only, and no remote code ever runs.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from analysis.resources import asset_path
-from quant.conditioning import attach_prompts
+from analysis.models.bundle import ModelBundle, ModelLoadError, resolve_device, resolve_dtype
+from analysis.models.resources import asset_path
+from analysis.models.saved import load_quantized
 from quant.denoiser import CLASS_FAMILIES, TEXT_FAMILIES
 
 ASSETS = asset_path()
@@ -47,38 +47,14 @@ HUB_EXAMPLES = ["facebook/DiT-XL-2-256", "facebook/DiT-XL-2-512", "google/ddpm-c
 TEXT_PIPELINES = {"PixArtSigmaPipeline": ("pixart", "transformer", 300, 4.5),
                   "PixArtAlphaPipeline": ("pixart", "transformer", 120, 4.5),
                   "StableDiffusionPipeline": ("sd", "unet", None, 7.5)}
-TEXT_ENCODERS = {"T5EncoderModel": "t5", "CLIPTextModel": "clip"}  # classes loaded, by the config's architectures
-MAX_TOKENS = 512
-MAX_TOKENIZER_BYTES = 64 << 20  # a tokenizer folder (T5's spiece.model is 0.8 MB, CLIP's vocab + merges 2 MB)
 FAMILY_SUBFOLDER = {**SUBFOLDERS, "pixart": "transformer", "sd": "unet"}
-
-
-class ModelLoadError(RuntimeError):
-    """A model source could not be loaded; the message says why and what to do. `ui` says the same in the
-    app's words (its sidebar instead of command-line flags) where the two differ."""
-
-    def __init__(self, message: str, ui: str | None = None):
-        super().__init__(message)
-        self.ui = ui or message
-
-
-class NonFiniteError(ValueError):
-    """A tensor that must hold numbers holds NaN or inf; the message names the tensor."""
-
-
-def check_finite(tensor: torch.Tensor, what: str, hint: str = "") -> None:
-    """Raise NonFiniteError naming `what` when `tensor` holds NaN or inf (one reduction, no host copy)."""
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise NonFiniteError(f"{what} hold{'s' if bad == 1 else ''} {bad} NaN/inf value{'s' if bad > 1 else ''}"
-                             + (f"; {hint}" if hint else ""))
 
 
 def check_weights_finite(bundle: "ModelBundle", source: str) -> None:
     """A NaN in a weight file samples black images without a word (and a classifier may still 'read' them):
     refuse such a model at load time, naming the first bad tensor."""
     text = bundle.text.model if bundle.text is not None else None
-    for part, module in ((FAMILY_SUBFOLDER[bundle.family], bundle.transformer), ("vae", bundle.vae),
+    for part, module in ((FAMILY_SUBFOLDER[bundle.family], bundle.denoiser), ("vae", bundle.vae),
                          ("text_encoder", text)):
         if module is None:
             continue
@@ -88,151 +64,12 @@ def check_weights_finite(bundle: "ModelBundle", source: str) -> None:
                                      "damaged or was saved from a diverged run; re-export or re-train it")
 
 
-@dataclasses.dataclass
-class ModelBundle:
-    """Everything the sampler needs: a denoiser, its scheduler config, and how to turn latents to images.
-
-    `transformer` holds the denoiser whatever its family (the name predates UNets); `family` says which.
-    num_classes is 0 for an unconditional model: it samples from seeds alone and has no guidance.
-    A text-to-image bundle (PixArt, Stable Diffusion) has `text` (analysis.prompts.TextEncoder: tokenizer, FP
-    text encoder, prompt table) and num_classes 0; its labels are prompt ids, and its null label is the id of
-    `negative_prompt` (the empty prompt by default), the unconditional branch of classifier-free guidance.
-    """
-
-    name: str
-    transformer: torch.nn.Module
-    scheduler_config: dict
-    num_classes: int
-    latent_shape: tuple[int, int, int]  # (C, H, W) the transformer denoises
-    vae: torch.nn.Module | None = None
-    vae_scale_factor: float = 0.18215  # DiT's latent scaling (Peebles & Xie, 2023)
-    default_guidance: float = 1.5  # for sample grids
-    eval_guidance: float = 1.5  # the FID protocol's guidance (PTQ4DiT evaluates DiT-XL/2 at 1.5)
-    bundled: bool = False
-    quant_config: dict | None = None  # set when the transformer is a quantized copy
-    text: object | None = None  # analysis.prompts.TextEncoder of a text-to-image model
-    negative_prompt: str = ""
-
-    def __post_init__(self) -> None:
-        if self.text is not None:
-            attach_prompts(self.transformer, self.text.table)  # its y are rows of this table
-
-    @property
-    def text_conditioned(self) -> bool:
-        return self.text is not None
-
-    def prompt_ids(self, prompts, on_encode=None) -> list[int]:
-        """Row ids of `prompts` in the prompt table (each encoded once, by the FP text encoder)."""
-        if self.text is None:
-            raise ValueError(f"{self.name} is not a text-to-image model: it takes "
-                             + ("classes" if self.num_classes else "seeds alone") + ", not prompts")
-        return self.text.ids(prompts, on_encode)
-
-    def with_negative_prompt(self, negative_prompt: str | None) -> "ModelBundle":
-        """The same bundle with another negative prompt for guidance (None or '' : the empty prompt)."""
-        from analysis.prompts import check_prompt
-
-        return dataclasses.replace(self, negative_prompt=check_prompt(negative_prompt or "", "negative prompt"))
-
-    @property
-    def family(self) -> str:
-        """'dit' or 'unet', from the denoiser's class (quant.denoiser.family_of)."""
-        from quant.denoiser import family_of
-
-        return family_of(self.transformer)
-
-    @property
-    def conditional(self) -> bool:
-        return self.num_classes > 0 or self.text is not None
-
-    def describe(self) -> str:
-        """One line: family, size and classes, e.g. 'DiT, 6 blocks, classes 0-9'."""
-        m = self.transformer
-        if self.text is not None:
-            kind = {"t5": "T5", "clip": "CLIP"}[self.text.kind]
-            if self.family == "pixart":
-                shape = f"PixArt, {len(m.transformer_blocks)} blocks"
-            else:
-                shape = f"Stable Diffusion UNet, {len(m.down_blocks)} resolutions"
-            return shape + f", prompts ({kind} text encoder, {self.text.max_length} tokens; text encoder and VAE stay FP)"
-        if self.family == "unet":
-            shape = f"UNet, {len(m.down_blocks)} resolutions ({', '.join(map(str, m.config.block_out_channels))} channels)"
-        else:
-            shape = f"DiT, {len(m.transformer_blocks)} blocks"
-        return shape + (f", classes 0-{self.num_classes - 1}" if self.conditional else ", unconditional")
-
-    @property
-    def null_label(self) -> int:
-        if self.text is not None:  # the negative (by default empty) prompt's row
-            return self.prompt_ids([self.negative_prompt])[0]
-        # diffusers' LabelEmbedding keeps one extra row after the classes for the dropped (unconditional) label
-        return self.num_classes
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        if self.vae is None:
-            return self.latent_shape
-        c = self.vae.config.out_channels
-        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return (c, self.latent_shape[1] * f, self.latent_shape[2] * f)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
-    def with_transformer(self, transformer: torch.nn.Module, name: str | None = None,
-                         quant_config: dict | None = None) -> "ModelBundle":
-        """A bundle that shares scheduler and VAE but samples with another transformer (e.g. a quantized copy)."""
-        return dataclasses.replace(self, transformer=transformer, name=name or self.name, quant_config=quant_config)
-
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ModelBundle":
-        """Move in place (the bundle owns its modules) and return self."""
-        # diffusers warns whenever a dtype is passed, even a no-op one: pass only what changes.
-        kwargs = {"device": device} if device is not None else {}
-        if dtype is not None and dtype != self.dtype:
-            kwargs["dtype"] = dtype
-        for module in (self.transformer, self.vae, self.text.model if self.text is not None else None):
-            if module is not None and kwargs:
-                module.to(**kwargs)
-        return self
-
-
 def available_models() -> list[dict]:
     """What `load` accepts: the bundled models (with whether their weights are present) and hub examples."""
     rows = [{"name": name, "kind": "bundled", "path": str(path), "available": _bundled_present(path)}
             for name, path in BUNDLED.items()]
     rows += [{"name": hub_id, "kind": "hub", "path": None, "available": None} for hub_id in HUB_EXAMPLES]
     return rows
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' or None picks CUDA when there is one, else the CPU; a CUDA request without a GPU is an error."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu",
-                             ui="No CUDA GPU is available on this machine: choose **auto** or **cpu** as the device "
-                                "in the sidebar.")
-    return device
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def load(source: str, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None) -> ModelBundle:
@@ -253,7 +90,7 @@ def load(source: str, device: str | torch.device | None = "cpu", dtype: str | to
                              f"{' or '.join(repr(b) for b in BUNDLED)}, or a hub id such as facebook/DiT-XL-2-256")
     else:
         bundle = _load_hub(source)
-    bundle.transformer.eval().requires_grad_(False)
+    bundle.denoiser.eval().requires_grad_(False)
     for part in (bundle.vae, bundle.text.model if bundle.text is not None else None):
         if part is not None:
             part.eval().requires_grad_(False)
@@ -298,10 +135,7 @@ def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
 
     quantized = folder / "quant_config.json"
     if quantized.exists():
-        # A model saved by `dqlab quantize` (analysis.bundle_io imports this module, hence the late import).
-        from analysis.bundle_io import load_quantized
-
-        return load_quantized(folder)
+        return load_quantized(folder)  # a model saved by `dqlab quantize`
     pipeline = _text_pipeline(folder)
     if pipeline is not None:
         return _load_text_pipeline(folder, name, pipeline)
@@ -326,7 +160,7 @@ def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
     num_classes = _num_classes(family, cfg)
     guidance = 1.0 if num_classes == 0 else 1.5  # an unconditional model has no guidance
     return ModelBundle(
-        name=name, transformer=denoiser, scheduler_config=scheduler_config, vae=vae, num_classes=num_classes,
+        name=name, denoiser=denoiser, scheduler_config=scheduler_config, vae=vae, num_classes=num_classes,
         latent_shape=(cfg.in_channels, size, size),
         default_guidance=meta.get("default_guidance", 4.0 if bundled else guidance),
         eval_guidance=meta.get("eval_guidance", guidance), bundled=bundled)
@@ -397,58 +231,18 @@ def _text_pipeline(folder: Path) -> str | None:
     return None
 
 
-def _safetensors_only(part: Path, what: str) -> None:
-    if not (part / "config.json").exists():
-        raise ModelLoadError(f"{part} is missing: a text-to-image pipeline folder needs its {what} "
-                             f"({part.name}/config.json and safetensors weights)")
-    if not list(part.glob("*.safetensors")):
-        raise ModelLoadError(f"{part} has no .safetensors weights; this project loads safetensors only "
-                             "(convert .bin weights with save_pretrained(safe_serialization=True))")
-
-
-def _load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    if not folder.is_dir():
-        raise ModelLoadError(f"{folder} is missing: a text-to-image pipeline folder needs its tokenizer")
-    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    if size > MAX_TOKENIZER_BYTES:
-        raise ModelLoadError(f"{folder} holds {size} bytes; a tokenizer folder is read only up to "
-                             f"{MAX_TOKENIZER_BYTES} bytes")
-    try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
-    except Exception as exc:  # transformers raises several types for malformed or unsupported folders
-        raise ModelLoadError(f"could not load the tokenizer in {folder}: {str(exc).splitlines()[0][:300]} (T5's "
-                             "spiece.model needs the sentencepiece package; a tokenizer.json needs nothing more)") from None
-
-
-def _load_text_encoder(folder: Path):
-    import transformers
-
-    _safetensors_only(folder, "text encoder")
-    archs = _read_json(folder / "config.json").get("architectures") or []
-    cls = next((a for a in archs if a in TEXT_ENCODERS), None)
-    if cls is None:
-        raise ModelLoadError(f"{folder / 'config.json'} describes a {', '.join(archs) or 'model without architectures'}; "
-                             f"this lab loads text encoders {', '.join(TEXT_ENCODERS)}")
-    try:
-        model = getattr(transformers, cls).from_pretrained(folder, use_safetensors=True, local_files_only=True)
-    except Exception as exc:
-        raise ModelLoadError(f"could not load the text encoder in {folder}: {str(exc).splitlines()[0][:300]}") from None
-    return model, TEXT_ENCODERS[cls]
-
-
 def _load_text_pipeline(folder: Path, name: str, pipeline: str) -> ModelBundle:
     """A PixArt-alpha / PixArt-sigma or Stable Diffusion pipeline folder: the denoiser (to be quantized), and the
     FP text encoder, tokenizer, VAE and scheduler around it."""
     import diffusers
     from diffusers import AutoencoderKL
 
-    from analysis.prompts import TextEncoder
+    from analysis.models.prompts import TextEncoder
+    from analysis.models.text_encoders import MAX_TOKENS, load_text_encoder, load_tokenizer, safetensors_only
 
     family, sub, tokens, guidance = TEXT_PIPELINES[pipeline]
     mdir = folder / sub
-    _safetensors_only(mdir, sub)
+    safetensors_only(mdir, sub)
     cls = {"pixart": "PixArtTransformer2DModel", "sd": "UNet2DConditionModel"}[family]
     found = _read_json(mdir / "config.json").get("_class_name")
     if found != cls:
@@ -457,8 +251,8 @@ def _load_text_pipeline(folder: Path, name: str, pipeline: str) -> ModelBundle:
         denoiser = getattr(diffusers, cls).from_pretrained(mdir, use_safetensors=True)
     except Exception as exc:
         raise ModelLoadError(f"could not load the {sub} in {mdir}: {str(exc).splitlines()[0][:300]}") from None
-    encoder, kind = _load_text_encoder(folder / "text_encoder")
-    tokenizer = _load_tokenizer(folder / "tokenizer")
+    encoder, kind = load_text_encoder(folder / "text_encoder")
+    tokenizer = load_tokenizer(folder / "tokenizer")
     meta_path = folder / "bundle.json"
     meta = _read_json(meta_path) if meta_path.exists() else {}
     tokens = int(meta.get("max_sequence_length") or tokens or tokenizer.model_max_length)
@@ -470,7 +264,7 @@ def _load_text_pipeline(folder: Path, name: str, pipeline: str) -> ModelBundle:
         raise ModelLoadError(f"{folder}: the text encoder outputs {width} channels but the {sub} reads {want}")
     vae = None
     if (folder / "vae").exists():
-        _safetensors_only(folder / "vae", "VAE")
+        safetensors_only(folder / "vae", "VAE")
         vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
     sched_path = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = _read_json(sched_path) if sched_path.exists() else {"num_train_timesteps": 1000}
@@ -478,7 +272,7 @@ def _load_text_pipeline(folder: Path, name: str, pipeline: str) -> ModelBundle:
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     text = TextEncoder.build(tokenizer, encoder, tokens, use_mask=family == "pixart", kind=kind)
     return ModelBundle(
-        name=name, transformer=denoiser, scheduler_config=scheduler_config, vae=vae, num_classes=0,
+        name=name, denoiser=denoiser, scheduler_config=scheduler_config, vae=vae, num_classes=0,
         latent_shape=(cfg.in_channels, size, size),
         vae_scale_factor=float(vae.config.scaling_factor) if vae is not None else 1.0,
         default_guidance=meta.get("default_guidance", guidance), eval_guidance=meta.get("eval_guidance", guidance),

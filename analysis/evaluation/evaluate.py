@@ -30,12 +30,12 @@ from typing import Callable, Mapping
 
 import torch
 
-from analysis import metrics as M
-from analysis.calibration import CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, CalibrationSpec
-from analysis.distributed import is_main, sample_sharded
-from analysis.models import ModelBundle
-from analysis.sampling import sample
-from analysis.store import RunRecord, Store
+from analysis.evaluation import metrics as M
+from analysis.evaluation.distributed import is_main, sample_sharded
+from analysis.evaluation.store import RunRecord, Store
+from analysis.models.bundle import ModelBundle
+from analysis.models.sampling import sample
+from analysis.quantization.calibration import CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, CalibrationSpec
 
 FP_NAME = "FP"
 # The named parts of a result's wall time; "total" is their sum. quantize_seconds includes the calibration
@@ -47,7 +47,7 @@ GRID_IMAGES = 100  # images in a stored grid (10 classes x 10 seeds for the digi
 @dataclasses.dataclass
 class EvalOptions:
     """What to measure and how. reference: None (bundled digits for the bundled model; none otherwise), a
-    folder path, or an analysis.metrics.Reference. extractor: auto | digits | inception."""
+    folder path, or an analysis.evaluation.metrics.Reference. extractor: auto | digits | inception."""
 
     num_samples: int = 2048
     steps: int = 50
@@ -63,7 +63,7 @@ class EvalOptions:
     inception_weights: str | None = None
     batch_size: int | None = None
     cache_fp: bool = True
-    calib_samples: int | None = None  # None: the calibration default (analysis.calibration)
+    calib_samples: int | None = None  # None: the calibration default (analysis.quantization.calibration)
     calib_seed: int = CALIBRATION_SEED  # calibration images use other seeds than the evaluated ones
     prompts: list[str] | None = None  # text-to-image: evaluated prompts (None: the bundled evaluation set)
     clip_model: str | None = None  # a local CLIP folder for the CLIP score (None: $DQLAB_CLIP_MODEL, else none)
@@ -93,7 +93,7 @@ class EvalResult:
 def eval_labels_seeds(num_classes: int, n: int, seed: int = 0) -> tuple[list[int], list[int]]:
     """Balanced classes (image i asks for class i mod K) with consecutive seeds from `seed`; an unconditional
     model (K = 0) gets the no-class label on every image."""
-    from analysis.sampling import NO_CLASS
+    from analysis.models.sampling import NO_CLASS
 
     labels = [i % num_classes for i in range(n)] if num_classes else [NO_CLASS] * n
     return labels, list(range(seed, seed + n))
@@ -105,7 +105,7 @@ def eval_prompts(bundle: ModelBundle, opts: EvalOptions) -> list[str] | None:
         if opts.prompts:
             raise ValueError(f"{bundle.name} is not a text-to-image model: evaluate it without prompts")
         return None
-    from analysis.prompts import cycle, read_prompt_set
+    from analysis.models.prompts import cycle, read_prompt_set
 
     return cycle(list(opts.prompts) if opts.prompts else read_prompt_set("evaluation"), opts.num_samples)
 
@@ -150,7 +150,7 @@ def check_options(bundle: ModelBundle, opts: EvalOptions) -> tuple[str, M.Refere
         M.resolve_inception_weights(opts.inception_weights)
     reference = resolve_reference(bundle, opts.reference)
     if bundle.text_conditioned:
-        from analysis.clip_score import clip_model_path
+        from analysis.evaluation.clip_score import clip_model_path
 
         clip_model_path(opts.clip_model)  # a named folder that is not a CLIP model fails now
     if opts.kid and reference is not None and opts.kid_subset_size is not None and opts.kid_subset_size > len(reference):
@@ -161,7 +161,7 @@ def check_options(bundle: ModelBundle, opts: EvalOptions) -> tuple[str, M.Refere
 def model_fingerprint(bundle: ModelBundle) -> str:
     """A hash of the transformer's weights: the FP sample cache must not outlive a retrained model."""
     h = hashlib.sha256(bundle.name.encode())
-    for name, tensor in bundle.transformer.state_dict().items():
+    for name, tensor in bundle.denoiser.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
@@ -226,7 +226,7 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
         labels = fp.prompt_ids(prompts)  # each encoded once by the FP text encoder; every variant shares the table
     clip_folder = None
     if prompts is not None:
-        from analysis.clip_score import clip_model_path
+        from analysis.evaluation.clip_score import clip_model_path
 
         clip_folder = clip_model_path(opts.clip_model)
     cache_dir = store.cache_dir if store is not None else None
@@ -293,14 +293,14 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
         if m_warning:
             m["warning"] = "; ".join(w for w in (m.get("warning"), m_warning) if w)
         m.update(_variant_measures(v, fp, is_fp))
-        from analysis.similarity import similarity_vs_fp
+        from analysis.evaluation.similarity import similarity_vs_fp
 
         m.update(similarity_vs_fp(images, fp_images))
         if prompts is not None:
             m.update(_clip_measures(images, prompts, clip_folder, fp.device))
         m.update((extra_metrics or {}).get(name, {}))
         if fp.bundled and fp.conditional:
-            from analysis.classifier import label_agreement
+            from analysis.evaluation.classifier import label_agreement
 
             m["label_agreement"] = label_agreement(images, labels)
         timings["scoring"] = round(time.perf_counter() - t2, 3)
@@ -347,7 +347,7 @@ def evaluate(bundle: ModelBundle, config, options: EvalOptions | None = None, st
     """The whole evaluation of one configuration (a quant.api.QuantConfig, or None for FP): validate, quantize
     (skipped for method "fp"), sample FP and the variant at the same seeds, score, and store.
 
-    calibration: a CalibrationSpec, CalibrationData sampled by analysis.calibration.calibrate (it carries its
+    calibration: a CalibrationSpec, CalibrationData sampled by analysis.quantization.calibration.calibrate (it carries its
     spec), or None for the evaluation's own (opts.calibration). The run is stored with its recipe key, so a
     later sweep finds it (fingerprint: model_fingerprint(bundle), when the caller has it already)."""
     from quant.api import QuantConfig
@@ -369,7 +369,7 @@ def evaluate(bundle: ModelBundle, config, options: EvalOptions | None = None, st
     if config.method == "fp":
         variants = {FP_NAME: None}
     else:
-        from analysis.quantize_pipeline import quantize_bundle
+        from analysis.quantization.pipeline import quantize_bundle
 
         q_progress = (lambda stage, frac: on_progress(f"Quantizing: {stage}", 0.3 * frac)) if on_progress else None
         variant = quantize_bundle(bundle, config, calibration=calibration, on_progress=q_progress)
@@ -438,7 +438,7 @@ def _variant_measures(v, fp: ModelBundle, is_fp: bool) -> dict:
     if is_fp:
         from quant.io import fp_weight_bytes
 
-        size = fp_weight_bytes(fp.transformer)
+        size = fp_weight_bytes(fp.denoiser)
         return {"rel_rms": 0.0, "weight_bytes": size, "fp_weight_bytes": size}
     report = getattr(v, "report", None) or {}
     out = {k: report[k] for k in ("rel_rms", "weight_bytes", "fp_weight_bytes") if k in report}
@@ -457,15 +457,15 @@ def _variant_timings(v) -> dict:
 def _clip_measures(images: torch.Tensor, prompts: list[str], folder, device) -> dict:
     """The CLIP score of a text-to-image variant, or why there is none (no local CLIP model)."""
     if folder is None:
-        from analysis.clip_score import MISSING
+        from analysis.evaluation.clip_score import MISSING
 
         return {"clip_score": None, "clip_score_note": MISSING}
-    from analysis.clip_score import clip_score
+    from analysis.evaluation.clip_score import clip_score
 
     return {"clip_score": round(clip_score(images, prompts, folder, device=device), 4), "clip_model": str(folder)}
 
 
 def _grid(images: torch.Tensor, num_classes: int):
-    from analysis.images import make_grid
+    from analysis.evaluation.images import make_grid
 
     return make_grid(images, ncol=min(num_classes, 10) if num_classes else 10)
