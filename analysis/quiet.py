@@ -17,3 +17,11 @@ def configure_logging() -> None:
 
     if "DIFFUSERS_VERBOSITY" not in os.environ:
         diffusers_logging.set_verbosity_error()
+    # transformers (text encoders of text-to-image pipelines) reads these when first imported: set them without
+    # importing it, so commands that load no text encoder do not pay for its import. Its per-file "Loading
+    # weights" bars follow huggingface_hub's switch.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()

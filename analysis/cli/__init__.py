@@ -50,6 +50,39 @@ def add_guidance(p, default_help: str = "the model's default for sample grids") 
                    help=f"classifier-free guidance scale, 1 = off (default: {default_help})")
 
 
+def add_prompts(p, what: str) -> None:
+    """--prompt / --prompts FILE / --negative-prompt for a text-to-image model (PixArt, Stable Diffusion)."""
+    g = p.add_argument_group("prompts (text-to-image models)")
+    g.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help=f"a prompt {what}; repeat for several")
+    g.add_argument("--prompts", default=None, metavar="FILE", help=f"a text file, one prompt a line, {what}")
+    g.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="the unconditional branch of classifier-free guidance (default: the empty prompt)")
+
+
+def read_prompts(args, bundle=None) -> list[str] | None:
+    """The prompts given on the command line (None when none were); checks they fit the model."""
+    from analysis.models.prompts import check_prompt, read_prompts_file
+
+    if args.prompt and args.prompts:
+        raise CLIError("give --prompt (repeatable) or --prompts FILE, not both")
+    try:
+        if args.prompts:
+            prompts = read_prompts_file(args.prompts)
+        elif args.prompt:
+            prompts = [check_prompt(p, "--prompt") for p in args.prompt]
+        else:
+            prompts = None
+        if args.negative_prompt is not None:
+            check_prompt(args.negative_prompt, "--negative-prompt")
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    if bundle is not None and not bundle.text_conditioned and (prompts or args.negative_prompt is not None):
+        raise CLIError(f"{bundle.name} is not a text-to-image model: it takes "
+                       + ("--classes" if bundle.num_classes else "--seeds alone") + ", not prompts")
+    return prompts
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="dqlab", description="Quantize diffusion transformers and measure the damage.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -62,8 +95,8 @@ def add_common(p: argparse.ArgumentParser, model: bool = True) -> None:
     """Options shared by subcommands that load a model."""
     if model:
         p.add_argument("--model", default="bundled:dit-mnist",
-                       help="bundled:dit-mnist, bundled:unet-mnist, a local diffusers folder (DiT or UNet), or a hub "
-                            "id (default: %(default)s)")
+                       help="bundled:dit-mnist, bundled:unet-mnist, a local diffusers folder (DiT, UNet, PixArt or "
+                            "Stable Diffusion pipeline), or a hub id (default: %(default)s)")
         p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda (default: %(default)s)")
         p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from analysis.cli import CLIError, add_common, add_guidance, emit
+from analysis.cli import CLIError, add_common, add_guidance, add_prompts, emit, read_prompts
 from analysis.cli.quantize import add_quant_options, check_excludes, config_from_args
 
 
@@ -29,6 +29,11 @@ def register(sub) -> None:
     s.add_argument("--kid", action="store_true", help="also KID")
     s.add_argument("--prc", action="store_true", help="also precision and recall")
     s.add_argument("--kid-subset-size", type=int, default=None, help="KID subset size (default: min(1000, N))")
+    s.add_argument("--clip-model", default=None, metavar="FOLDER",
+                   help="a local CLIPModel folder (safetensors) for the CLIP score of a text-to-image model "
+                        "(default: $DQLAB_CLIP_MODEL; without one the score is skipped, never downloaded)")
+    add_prompts(p, "to evaluate on, image i gets prompt i mod P (default: the bundled evaluation set of 32 "
+                   "prompts; calibration always uses other prompts)")
     st = p.add_argument_group("run store")
     st.add_argument("--data-dir", default=None, help="run store folder (default: $DQLAB_HOME or ~/.dqlab)")
     st.add_argument("--no-store", action="store_true", help="do not record the run")
@@ -45,13 +50,15 @@ def run(args) -> dict:
     from analysis.models.loading import load
 
     config = config_from_args(args)
+    prompts = read_prompts(args)
     if args.calib_samples is not None and args.calib_samples < 1:
         raise CLIError(f"--calib-samples must be at least 1, got {args.calib_samples}")
     opts = EvalOptions(num_samples=args.num_samples, steps=args.steps, guidance=args.guidance,
                        scheduler=args.scheduler, seed=args.seed, reference=args.reference,
                        extractor=args.feature_extractor, isc=args.isc, kid=args.kid, prc=args.prc,
                        kid_subset_size=args.kid_subset_size, inception_weights=args.inception_weights,
-                       batch_size=args.batch_size, cache_fp=not args.no_fp_cache, calib_samples=args.calib_samples)
+                       batch_size=args.batch_size, cache_fp=not args.no_fp_cache, calib_samples=args.calib_samples,
+                       prompts=prompts, clip_model=args.clip_model)
     rank, size = init_from_env()  # under torchrun: join the group, each rank samples a share of the images
     store = None if args.no_store or rank != 0 else Store(args.data_dir)
     if args.reference is not None and not args.reference.is_dir():
@@ -60,6 +67,9 @@ def run(args) -> dict:
     if size > 1 and device in ("auto", "cuda"):
         device = str(local_device())  # one GPU per rank
     bundle = load(args.model, device=device, dtype=args.dtype)
+    read_prompts(args, bundle)  # prompts for a model that takes none: refused by name
+    if bundle.text_conditioned:
+        bundle = bundle.with_negative_prompt(args.negative_prompt)
     check_excludes(bundle, config)
     check_options(bundle, opts)  # bad reference folder, missing Inception weights, KID sizes: before any work
     show = None
@@ -81,6 +91,11 @@ def run(args) -> dict:
            "guidance": eval_guidance(bundle, opts), "warning": m.get("warning"), "processes": size}
     if "label_agreement" in m:
         out["label_agreement"] = m["label_agreement"]
+    for key in ("psnr_vs_fp", "ssim_vs_fp", "clip_score", "clip_score_note"):
+        if key in m:
+            out[key] = m[key]
+    if bundle.text_conditioned:
+        out["prompts"] = "bundled evaluation set" if prompts is None else len(prompts)
     for key in ("isc_mean", "isc_std", "kid_mean", "kid_std", "kid_subset_size", "precision", "recall", "f_score"):
         if key in m:
             out[key] = m[key]
@@ -91,6 +106,8 @@ def run(args) -> dict:
              + f", FID vs FP {fid_text(out['fid_vs_fp'], out['fid_vs_fp_interval'])}"
              f" (N={out['num_samples']}, guidance {out['guidance']:g}, {out['feature_extractor']})"
              + (f", label agreement {out['label_agreement']:.1%} (N={out['num_samples']})" if "label_agreement" in out else "")
+             + (f", PSNR vs FP {out['psnr_vs_fp']:.1f} dB, SSIM {out['ssim_vs_fp']:.3f}" if out.get("psnr_vs_fp") else "")
+             + (f", CLIP score {out['clip_score']:.2f}" if out.get("clip_score") is not None else "")
              + f", {out['seconds']:.1f}s" + (f", run {result.run_id}" if result.run_id else "")
              + (f"\nwarning: {out['warning']}" if out["warning"] else ""))
     emit(args, out, human)

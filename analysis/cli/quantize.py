@@ -101,6 +101,10 @@ def register(sub) -> None:
     add_guidance(c, "the evaluation guidance (the FID protocol), which calibration should match")
     c.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
     c.add_argument("--batch-size", type=int, default=64, help="calibration rows per forward (default: %(default)s)")
+    from analysis.cli import add_prompts
+
+    add_prompts(p, "to calibrate on, cycled over the calibration images (default: the bundled calibration set of "
+                   "64 prompts)")
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="a QuantConfig as JSON (the Sweep page's download, dqlab sweep --config-out); it replaces "
                         "the quantization options above")
@@ -141,10 +145,14 @@ def run(args) -> dict:
     from analysis.quantization.calibration import CalibrationSpec
     from analysis.quantization.pipeline import quantize_bundle
 
+    from analysis.cli import read_prompts
+
     config = config_from_file(args.config) if args.config is not None else config_from_args(args)
+    prompts = read_prompts(args)
     try:
         spec = CalibrationSpec(seed=args.calib_seed, images=args.calib_samples, steps=args.calib_steps,
-                               guidance=args.guidance, scheduler=args.scheduler)
+                               guidance=args.guidance, scheduler=args.scheduler, prompts=prompts,
+                               negative_prompt=args.negative_prompt)
     except ValueError as exc:
         flags = {"seed": "--calib-seed", "images": "--calib-samples", "steps": "--calib-steps",
                  "guidance": "--guidance", "scheduler": "--scheduler"}
@@ -154,6 +162,7 @@ def run(args) -> dict:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     _check_out(args.out)
     bundle = load(args.model, device=args.device, dtype=args.dtype)
+    read_prompts(args, bundle)  # prompts for a model that takes none: refused by name
     if bundle.quant_config:
         raise CLIError(f"{args.model} is already quantized ({bundle.name}); quantize its FP model instead")
     check_excludes(bundle, config)

@@ -35,6 +35,10 @@ def register(sub) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the plain sampling pass (no overhead ratio)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=None, help="where to save the statistics (.npz)")
+    from analysis.cli import add_prompts
+
+    add_prompts(p, "to sample, sample i gets prompt i mod P (default: the bundled calibration set); the summary "
+                   "adds the per-token salience of cross-attention's k/v input")
     p.set_defaults(func=run)
 
 
@@ -59,9 +63,15 @@ def run(args) -> dict:
             raise CLIError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     mse_bits = tuple(parse_int_list(args.mse_bits)) if args.mse_bits.strip() else ()
+    from analysis.cli import read_prompts
+
     bundle = load(args.model, device=args.device, dtype=args.dtype)
+    prompts = read_prompts(args, bundle)
+    if bundle.text_conditioned:
+        bundle = bundle.with_negative_prompt(args.negative_prompt)
     config = SalienceConfig(steps=args.steps, samples=args.samples, guidance=args.guidance, scheduler=args.scheduler,
                             batch_size=args.batch_size, first_seed=args.first_seed,
+                            prompts=tuple(prompts) if prompts else None,
                             per_sample=not args.reduce_samples, attention=args.attention, layers=args.layers,
                             mse_bits=mse_bits)
     config.validate(bundle)
@@ -96,5 +106,13 @@ def run(args) -> dict:
                                       if overhead else "")
              + (f" -> {written}" if written else "") + "\nhardest layers (activation max/median):\n"
              + "\n".join(f"  {h['act_outlier_ratio']:8.2f}  {h['layer']}" for h in hardest))
+    if bundle.text_conditioned:
+        from analysis.salience.tokens import token_salience
+
+        tokens = token_salience(bundle, list(dict.fromkeys(config.prompt_list()))).summary()
+        summary["token_salience"] = tokens
+        top = tokens["top"][0]
+        human += (f"\ncross-attention k/v input ({tokens['source']}): largest token {top['token']!r} at position "
+                  f"{top['position']} ({top['absmax']:.3g}, {tokens['max_over_median'] or 0:.1f}x the median)")
     emit(args, summary, human)
     return summary

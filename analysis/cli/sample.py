@@ -1,12 +1,13 @@
 """dqlab sample: a grid (or one PNG per image) of every listed class with every listed seed; an unconditional
-model (a UNet without a class embedding) samples one image per seed."""
+model (a UNet without a class embedding) samples one image per seed; a text-to-image model (PixArt, Stable
+Diffusion) every listed prompt with every seed."""
 from __future__ import annotations
 
 import sys
 import time
 from pathlib import Path
 
-from analysis.cli import CLIError, add_common, add_guidance, emit
+from analysis.cli import CLIError, add_common, add_guidance, add_prompts, emit, read_prompts
 
 
 def register(sub) -> None:
@@ -15,6 +16,7 @@ def register(sub) -> None:
     p.add_argument("--classes", default=None,
                    help="e.g. 0,1,2 or 0-9 (default: 0-9; not for an unconditional model, which takes --seeds alone)")
     p.add_argument("--seeds", default="0-7", help="e.g. 0-15 (default: %(default)s)")
+    add_prompts(p, "to sample (default: the first 4 of the bundled evaluation prompts)")
     p.add_argument("--steps", type=int, default=50)
     add_guidance(p)
     p.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
@@ -45,9 +47,19 @@ def run(args) -> dict:
         if path.suffix.lower() != ".png":
             raise CLIError(f"--out must name a .png file, got {path}")
     bundle = load(args.model, device=args.device, dtype=args.dtype)
+    prompts = read_prompts(args, bundle)
     if not bundle.conditional and args.classes is not None:
         raise CLIError(f"{args.model} is unconditional: sample it with --seeds alone, without --classes")
-    classes = parse_int_list(args.classes or "0-9") if bundle.conditional else [NO_CLASS]
+    if bundle.text_conditioned:
+        if args.classes is not None:
+            raise CLIError(f"{args.model} is a text-to-image model: give --prompt or --prompts FILE, not --classes")
+        from analysis.models.prompts import read_prompt_set
+
+        prompts = prompts or read_prompt_set("evaluation")[:4]
+        bundle = bundle.with_negative_prompt(args.negative_prompt)
+        classes = bundle.prompt_ids(prompts)  # one grid row per prompt, as one per class
+    else:
+        classes = parse_int_list(args.classes or "0-9") if bundle.conditional else [NO_CLASS]
     plan = None
     if args.int8:
         from analysis.evaluation.speed import int8_bundle
@@ -69,9 +81,15 @@ def run(args) -> dict:
         make_grid(result.images, ncol=len(seeds)).save(args.out)
         written = [str(args.out)]
     elif args.out_dir:
-        names = [f"class{c}_seed{s}" if c != NO_CLASS else f"seed{s}" for c, s in zip(labels, seed_list)]
+        if prompts is not None:
+            row = {c: i for i, c in enumerate(classes)}
+            names = [f"prompt{row[c]}_seed{s}" for c, s in zip(labels, seed_list)]
+        else:
+            names = [f"class{c}_seed{s}" if c != NO_CLASS else f"seed{s}" for c, s in zip(labels, seed_list)]
         written = [str(p) for p in save_images(result.images, names, args.out_dir)]
-    summary = {"model": args.model, "images": len(labels), "classes": classes if bundle.conditional else None,
+    summary = {"model": args.model, "images": len(labels),
+               "classes": classes if bundle.conditional and prompts is None else None,
+               "prompts": prompts, "negative_prompt": bundle.negative_prompt if prompts is not None else None,
                "seeds": seeds,
                "steps": args.steps, "scheduler": args.scheduler,
                "guidance": bundle.default_guidance if args.guidance is None else args.guidance,

@@ -37,13 +37,14 @@ from analysis.salience.channel_error import activation_quant_mse_bits, weight_qu
 from quant.forward import forward_batches
 from quant.measures import weight_salience
 from quant.observers import LayerInputHooks
+from quant.t2i_graph import KIND_PATTERNS as T2I_KIND_PATTERNS
 
 FORMAT = "dqlab-salience"
 FORMAT_VERSION = 1
 
 # Layer kinds by the module name's tail: diffusers DiTTransformer2DModel naming (DESIGN.md section 3), then
 # UNet2DModel naming (resnets, attentions, samplers, shortcut; a UNet's attention is "attentions.i").
-_KIND_PATTERNS = [
+_KIND_PATTERNS = T2I_KIND_PATTERNS + [  # PixArt / Stable Diffusion kinds first: cross-attention is also attn\d*
     (r"(attn\d*|attentions\.\d+)\.to_[qkv]$", "qkv"),
     (r"(attn\d*|attentions\.\d+)\.to_out\.0$", "to_out"),
     (r"ff\.net\.0\.proj$", "fc1"),
@@ -66,7 +67,7 @@ _KIND_PATTERNS = [
     (r"(attn\d*|attentions\.\d+)\.v$", "v"),
     (r"(attn\d*|attentions\.\d+)\.softmax$", "softmax"),
 ]
-KINDS = [kind for _, kind in _KIND_PATTERNS] + ["other"]
+KINDS = list(dict.fromkeys([kind for _, kind in _KIND_PATTERNS] + ["other"]))
 
 
 def base_name(key: str) -> str:
@@ -109,7 +110,7 @@ def layer_stage(key: str) -> tuple[int, str]:
         return (1 << 10) + 1 + int(m.group(1)), f"up {m.group(1)}"
     if name.startswith("pos_embed"):
         return 0, "patch embedding"
-    if name.startswith(("time_embedding", "conv_in", "class_embedding")):
+    if name.startswith(("time_embedding", "conv_in", "class_embedding", "adaln_single", "caption_projection")):
         return 0, "input"
     if name.startswith(("conv_norm_out", "conv_out")):
         return 1 << 20, "output"
@@ -117,9 +118,10 @@ def layer_stage(key: str) -> tuple[int, str]:
 
 
 # Within a stage, layers in the order data flows through it.
-_MENU_ORDER = ["patch_embed", "conv_in", "t_embed", "adaLN", "t_proj", "conv1", "conv2", "shortcut", "qkv", "q", "k",
-               "v", "softmax", "to_out", "fc1", "fc2", "downsample", "upsample", "final_adaLN", "final", "conv_out",
-               "other"]
+_MENU_ORDER = ["patch_embed", "conv_in", "t_embed", "adaLN_single", "caption_proj", "adaLN", "t_proj", "conv1", "conv2",
+               "shortcut", "proj_in", "qkv", "q", "k", "v", "softmax", "to_out", "cross_q", "cross_kv", "cross_k",
+               "cross_v", "cross_out", "fc1", "fc2", "proj_out", "downsample", "upsample", "final_adaLN", "final",
+               "conv_out", "other"]
 
 
 def layer_menu(layers: list[str]) -> dict[str, list[str]]:
@@ -155,6 +157,8 @@ class SalienceConfig:
     batch_size: int | None = None
     first_seed: int = 0  # sample i uses seed first_seed + i
     labels: tuple[int, ...] | None = None  # None: sample i gets class i mod num_classes
+    prompts: tuple[str, ...] | None = None  # a text-to-image model: sample i gets prompt i mod P (None: the
+    # bundled calibration set)
     per_sample: bool = True
     attention: bool = False
     layers: str | None = None
@@ -184,6 +188,12 @@ class SalienceConfig:
 
     def seeds(self) -> list[int]:
         return [self.first_seed + i for i in range(self.samples)]
+
+    def prompt_list(self) -> list[str]:
+        """Sample i's prompt (a text-to-image model)."""
+        from analysis.models.prompts import cycle, read_prompt_set
+
+        return cycle(list(self.prompts) if self.prompts else read_prompt_set("calibration"), self.samples)
 
 
 @dataclasses.dataclass
@@ -429,7 +439,13 @@ def collect(bundle: ModelBundle, config: SalienceConfig | None = None,
     config = config or SalienceConfig()
     config.validate(bundle)
     model = bundle.denoiser
-    labels, seeds = config.sample_labels(bundle.num_classes), config.seeds()
+    seeds = config.seeds()
+    if bundle.text_conditioned:  # prompt ids stand where class labels do (each prompt encoded once)
+        labels = bundle.prompt_ids(config.prompt_list())
+    elif config.prompts:
+        raise ValueError(f"{bundle.name} is not a text-to-image model: collect its salience without prompts")
+    else:
+        labels = config.sample_labels(bundle.num_classes)
     guidance = bundle.default_guidance if config.guidance is None else float(config.guidance)
     linears, attns = observed_modules(model, config.layers, config.attention)
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -465,6 +481,9 @@ def collect(bundle: ModelBundle, config: SalienceConfig | None = None,
             "batch_size": config.batch_size, "per_sample": config.per_sample, "attention": config.attention,
             "layers_pattern": config.layers, "device": str(bundle.device), "dtype": str(bundle.dtype).replace("torch.", ""),
             "seconds": seconds, "cpu_seconds": cpu_seconds, "sampling_seconds": result.seconds}
+    if result.prompts is not None:
+        info["prompts"] = list(dict.fromkeys(result.prompts))
+        info["negative_prompt"] = bundle.negative_prompt
     stats = SalienceStats(model=bundle.name, timesteps=timesteps, row_labels=row_labels, row_seeds=row_seeds,
                           halves=halves, null_label=bundle.null_label, act_absmax=act_absmax, act_min=act_min,
                           act_max=act_max, weight_absmax=weight_absmax, info=info)
@@ -579,7 +598,13 @@ def collect_timed(bundle: ModelBundle, config: SalienceConfig, repeats: int = 1,
     from analysis.models.sampling import sample
 
     say = say or (lambda text: None)
-    labels, seeds = config.sample_labels(bundle.num_classes), config.seeds()
+    seeds = config.seeds()
+    if bundle.text_conditioned:  # prompt ids stand where class labels do (each prompt encoded once)
+        labels = bundle.prompt_ids(config.prompt_list())
+    elif config.prompts:
+        raise ValueError(f"{bundle.name} is not a text-to-image model: collect its salience without prompts")
+    else:
+        labels = config.sample_labels(bundle.num_classes)
     # Warm-up: the first forward pays one-off allocation costs that would otherwise bias the first timed pass.
     sample(bundle, labels and labels[:1], seeds[:1], steps=1, guidance=config.guidance, scheduler=config.scheduler, decode=False)
     plain, collecting, plain_cpu, collecting_cpu, stats = [], [], [], [], None
