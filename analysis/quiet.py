@@ -7,6 +7,7 @@ are noise. Errors still show. Set DQLAB_VERBOSE=1 to see every library message.
 from __future__ import annotations
 
 import os
+import sys
 
 
 def configure_logging() -> None:
@@ -25,3 +26,8 @@ def configure_logging() -> None:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
+        if "transformers" in sys.modules:  # imported already: its switches were read then
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.set_verbosity_error()
+            transformers_logging.disable_progress_bar()

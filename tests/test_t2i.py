@@ -188,3 +188,98 @@ def test_quantized_model_saves_and_loads_with_its_text_encoder(t2i, calib, tmp_p
     a = sample(t2i.with_denoiser(q), None, [0], steps=3, prompts=PROMPTS[:1])
     b = sample(again, None, [0], steps=3, prompts=PROMPTS[:1])
     assert torch.allclose(a.images, b.images, atol=1e-5)
+
+
+def test_token_salience_covers_every_prompt_and_position(t2i):
+    from analysis.plots.tokens import token_salience_figure
+    from analysis.salience.tokens import token_salience
+
+    ts = token_salience(t2i, PROMPTS)
+    assert ts.absmax.shape == (2, t2i.text.max_length) and ts.mask.shape == ts.absmax.shape
+    assert ts.tokens[1][:4] == ["a", "photo", "of", "a"] or ts.tokens[1][1:5] == ["a", "photo", "of", "a"]
+    assert ts.source == ("caption_projection output" if t2i.family == "pixart" else "text encoder output")
+    s = ts.summary()
+    assert s["top"][0]["absmax"] == pytest.approx(float(ts.absmax[ts.mask].max() if not ts.attended else ts.absmax.max()))
+    fig = token_salience_figure(ts)
+    assert len(fig.data) == 2 and fig.data[0].z.shape[0] == 2
+
+
+def test_salience_pass_takes_prompts_and_names_the_new_layer_kinds(t2i):
+    from analysis.salience.collect import SalienceConfig, collect, layer_kind, layer_menu
+
+    stats = collect(t2i, SalienceConfig(steps=2, samples=2, prompts=tuple(PROMPTS)))
+    assert stats.info["prompts"] == PROMPTS and stats.act_absmax
+    kinds = {layer_kind(k) for k in stats.layers}
+    assert {"cross_q", "cross_kv", "cross_out"} <= kinds
+    assert ("adaLN_single" in kinds and "caption_proj" in kinds) if t2i.family == "pixart" else "proj_in" in kinds
+    assert sum(len(v) for v in layer_menu(stats.layers).values()) == len(stats.layers)
+
+
+def test_calibration_spec_carries_prompts_and_evaluation_uses_other_prompts(t2i):
+    from analysis.evaluation.evaluate import EvalOptions, eval_prompts
+    from analysis.models.prompts import read_prompt_set
+    from analysis.quantization.calibration import CalibrationSpec, calibrate
+
+    spec = CalibrationSpec(images=3, steps=2, prompts=["a red car"])
+    cal = calibrate(t2i, spec)
+    assert cal.spec.negative_prompt == "" and cal.spec.to_dict()["prompts"] == ["a red car"]
+    assert set(cal.y.tolist()) == set(t2i.prompt_ids(["a red car", ""]))
+    assert "prompts" not in CalibrationSpec().to_dict()  # class models keep their recipe keys
+    assert not set(eval_prompts(t2i, EvalOptions(num_samples=40))) & set(read_prompt_set("calibration"))
+
+
+def test_evaluation_reports_similarity_vs_fp_and_says_why_no_clip_score(t2i, tmp_path):
+    from analysis.evaluation.evaluate import EvalOptions, evaluate
+
+    r = evaluate(t2i, QuantConfig(method="baseline", w_bits=4, a_bits=8),
+                 EvalOptions(num_samples=4, steps=2, extractor="digits", calib_samples=2))
+    m = r.metrics
+    assert m["fid_vs_fp"] >= 0 and 0 < m["psnr_vs_fp"] < 100 and 0 < m["ssim_vs_fp"] <= 1
+    assert m["clip_score"] is None and "local CLIP model" in m["clip_score_note"]
+
+
+def test_clip_score_with_a_local_clip_model(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from analysis.evaluation.clip_score import clip_model_path, clip_score
+    from tests.tiny_t2i import make_tokenizer
+
+    tok = make_tokenizer("clip", 16)
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
+                                      eos_token_id=1, pad_token_id=1),
+                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        image_size=32, patch_size=8), projection_dim=8)
+    CLIPModel(cfg).save_pretrained(tmp_path / "clip")
+    tok.save_pretrained(tmp_path / "clip")
+    folder = clip_model_path(tmp_path / "clip")
+    score = clip_score(torch.rand(3, 3, 16, 16), ["a red car", "a cat", "a tree"], folder)
+    assert 0 <= score <= 100
+    with pytest.raises(ValueError, match="CLIPModel|config.json"):
+        clip_model_path(tmp_path)
+
+
+def test_cli_samples_quantizes_and_evaluates_with_prompts(capsys, pixart_folder, tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# calibration\na red car\n\na blue tree\n")
+    code, out, _ = run_cli(capsys, "sample", "--model", pixart_folder, "--prompt", "a red car", "--prompt", "a cat",
+                           "--seeds", "0-1", "--steps", "2", "--out-dir", tmp_path / "png", "--json")
+    assert code == 0 and json.loads(out)["prompts"] == ["a red car", "a cat"]
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [f"prompt{i}_seed{s}.png" for i in (0, 1) for s in (0, 1)]
+    code, out, _ = run_cli(capsys, "quantize", "--model", pixart_folder, "--method", "smoothquant", "--w-bits", "8",
+                           "--a-bits", "8", "--calib-samples", "2", "--calib-steps", "2", "--prompts", prompts,
+                           "--out", tmp_path / "q", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["calibration"]["prompts"] == ["a red car", "a blue tree"]
+    code, out, _ = run_cli(capsys, "sample", "--model", tmp_path / "q", "--prompt", "a red car", "--seeds", "0",
+                           "--steps", "2", "--out", tmp_path / "q.png", "--json")
+    assert code == 0
+    code, _, err = run_cli(capsys, "sample", "--model", pixart_folder, "--classes", "1", "--seeds", "0")
+    assert code == 2 and "--prompt" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "quantize", "--model", pixart_folder, "--prompts", tmp_path / "missing.txt")
+    assert code == 2 and "does not exist" in err

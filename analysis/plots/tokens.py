@@ -25,7 +25,7 @@ def token_salience_figure(ts: TokenSalience, max_prompts: int = 32) -> go.Figure
                              colorbar=dict(title="max |X|", len=0.7, y=0.64),
                              hovertemplate="prompt %{y}<br>position %{x}: %{text}<br>max |X| %{z:.3g}<extra></extra>"),
                   row=1, col=1)
-    fig.add_trace(go.Bar(x=list(range(width)), y=np.nanmax(z, axis=0), name="max over prompts",
+    fig.add_trace(go.Bar(x=list(range(width)), y=z.max(axis=0), name="max over prompts",
                          marker_color="#d62728", hovertemplate="position %{x}: %{y:.3g}<extra></extra>"),
                   row=2, col=1)
     s = ts.summary()

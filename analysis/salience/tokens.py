@@ -41,7 +41,7 @@ class TokenSalience:
         return {"source": self.source, "prompts": len(self.prompts), "tokens_per_prompt": int(self.absmax.shape[1]),
                 "median": med, "max_over_median": (flat[0][0] / med) if flat and med > 0 else None,
                 "top": [{"prompt": i, "position": j, "token": self.tokens[i][j], "absmax": v} for v, i, j in flat[:top]],
-                "by_position": [float(v) for v in np.nanmax(live, axis=0)]}
+                "by_position": [float(np.nanmax(c)) if np.isfinite(c).any() else None for c in live.T]}
 
 
 @torch.no_grad()
