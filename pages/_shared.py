@@ -83,7 +83,40 @@ def current_bundle():
         st.error(exc.ui)
         return None
     st.sidebar.caption(f"Loaded `{bundle.name}` on {bundle.device}, {str(bundle.dtype).removeprefix('torch.')}")
+    if bundle.text_conditioned:
+        bundle = _prompt_controls(bundle)
     return bundle
+
+
+def _prompt_controls(bundle):
+    """A text-to-image model takes prompts where a class model takes classes: the sidebar holds them (one a line)
+    and the negative prompt, for every page. Returns the bundle with that negative prompt (a new bundle object
+    sharing the cached model's modules, which stay unchanged)."""
+    from analysis.models.prompts import parse_prompts, read_prompt_set
+
+    sb = st.sidebar
+    sb.subheader("Prompts")
+    text = sb.text_area("Prompts, one a line", value=_remembered("prompts_text", "\n".join(read_prompt_set("evaluation")[:4])),
+                        key="_sb_prompts", height=120,
+                        help="sampled on every page where a class model shows classes; quantization calibrates on the "
+                             "bundled calibration prompts, evaluations score on the bundled evaluation prompts")
+    negative = sb.text_input("Negative prompt", value=_remembered("negative_prompt", ""), key="_sb_negative",
+                             help="guidance's unconditional branch; empty = the empty prompt, as the pipelines do")
+    st.session_state.update(prompts_text=text, negative_prompt=negative)
+    try:
+        st.session_state["prompts"] = parse_prompts(text, "the prompt box")
+        bundle = bundle.with_negative_prompt(negative)
+    except ValueError as exc:
+        sb.error(str(exc))
+        st.session_state["prompts"] = read_prompt_set("evaluation")[:4]
+    sb.caption(f"{bundle.text.kind.upper()} text encoder and VAE stay in FP and are never quantized; "
+               "only the denoiser is.")
+    return bundle
+
+
+def current_prompts() -> list[str]:
+    """The sidebar's prompts (a text-to-image model; current_bundle draws them)."""
+    return list(st.session_state.get("prompts") or [])
 
 
 def intro(text: str, why: str, math: list[str] | None = None, links: dict[str, str] | None = None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from pages._shared import current_bundle, intro, store
+from pages._shared import current_bundle, current_prompts, intro, store
 
 MAX_VARIANTS = 3  # plus FP: four grids side by side
 RUN_PREFIX = "run #"
@@ -63,7 +63,7 @@ def compare_view(bundle) -> None:
                                 key="compare_pick", max_selections=MAX_VARIANTS)
         c1, c2, c3, c4, c5 = st.columns(5)
         n_classes = min(bundle.num_classes, 10)
-        seeds_per_class = c1.number_input("Seeds per class", 1, 8, 2)
+        seeds_per_class = c1.number_input("Seeds per prompt" if bundle.text_conditioned else "Seeds per class", 1, 8, 2)
         steps = c2.slider("DDIM steps", 5, 100, 50, step=5)
         guidance = c3.slider("Grid guidance", 1.0, 8.0, float(bundle.default_guidance), step=0.5)
         fid_n = c4.number_input("FID samples per model (0 = skip)", 0, 50000, 0, step=256,
@@ -103,7 +103,8 @@ def _run_comparison(bundle, chosen, session_variants, runs, seeds_per_class, ste
     except Exception as exc:  # the engine's errors are messages for the user
         st.error(f"Could not rebuild {name}: {exc}")
         return
-    classes = list(range(n_classes))
+    # a text-to-image model: one column per sidebar prompt (its table id stands where a class does)
+    classes = bundle.prompt_ids(current_prompts()) if bundle.text_conditioned else list(range(n_classes))
     labels, seeds = grid_layout(classes, seeds_per_class)
     bar = st.progress(0.0, text="Sampling ...")
     share = 0.5 if fid_n else 1.0
@@ -139,7 +140,7 @@ def _show(view: dict) -> None:
     from analysis.plots.evaluation import drift_figure, metrics_figure, psnr_figure, step_error_figure
 
     rows = {r["model"]: r for r in view["rows"]}
-    st.subheader(f"Samples: {view['steps']} DDIM steps, guidance {view['guidance']}; columns = classes, rows = seeds")
+    st.subheader(f"Samples: {view['steps']} DDIM steps, guidance {view['guidance']}; columns = classes (prompts for a text-to-image model), rows = seeds")
     st.caption("Hover a grid and press its fullscreen button to enlarge it; each grid downloads as a PNG.")
     names = view["names"]
     for start in range(0, len(names), 2):  # two grids a row: large enough to read the digits

@@ -5,7 +5,7 @@ import streamlit as st
 
 from analysis.app_state import HOME_CLASSES
 from analysis.models.sampling import NO_CLASS
-from pages._shared import current_bundle, intro, progress_callback
+from pages._shared import current_bundle, current_prompts, intro, progress_callback
 
 st.title("dqlab: quantizing diffusion transformers")
 intro(
@@ -34,11 +34,15 @@ if bundle is not None:
         # an unconditional model has no guidance: the slider is pinned at 1
         guidance = c2.slider("Guidance", 1.0, 8.0 if bundle.conditional else 1.0, float(bundle.default_guidance),
                              step=0.5, disabled=not bundle.conditional)
-        n_seeds = c3.number_input("Seeds per class" if bundle.conditional else "Rows of seeds", 1, 8, 2)
+        per = "prompt" if bundle.text_conditioned else "class"
+        n_seeds = c3.number_input(f"Seeds per {per}" if bundle.conditional else "Rows of seeds", 1, 8, 2)
         go = st.form_submit_button("Generate")
-    # an unconditional model fills each row with 10 seeds instead of 10 classes
-    classes = HOME_CLASSES[:bundle.num_classes] if bundle.conditional else [NO_CLASS] * len(HOME_CLASSES)
-    key = ("home_grid", bundle.name)
+    prompts = current_prompts() if bundle.text_conditioned else None
+    if prompts is not None:  # one column per prompt (the sidebar's), as one per class
+        classes = bundle.prompt_ids(prompts)
+    else:  # an unconditional model fills each row with 10 seeds instead of 10 classes
+        classes = HOME_CLASSES[:bundle.num_classes] if bundle.conditional else [NO_CLASS] * len(HOME_CLASSES)
+    key = ("home_grid", bundle.name, tuple(prompts or ()), bundle.negative_prompt)
     if go or key not in st.session_state:
         from analysis.evaluation.images import make_grid
         from analysis.models.sampling import sample
@@ -51,5 +55,8 @@ if bundle is not None:
         bar.empty()
         st.session_state[key] = (make_grid(result.images, ncol=len(classes)), result.seconds, steps, guidance)
     grid, seconds, steps_used, guidance_used = st.session_state[key]
-    layout = f"Columns: classes {classes[0]}-{classes[-1]}; rows: seeds" if bundle.conditional else "Seeds 0, 1, ..."
+    if prompts is not None:
+        layout = "Columns: " + "; ".join(f"“{p}”" for p in prompts) + "; rows: seeds"
+    else:
+        layout = f"Columns: classes {classes[0]}-{classes[-1]}; rows: seeds" if bundle.conditional else "Seeds 0, 1, ..."
     st.image(grid, caption=f"{layout}. {steps_used} DDIM steps, guidance {guidance_used}, {seconds:.1f} s")

@@ -11,7 +11,7 @@ import dataclasses
 import streamlit as st
 import torch
 
-from pages._shared import current_bundle, intro, option_grid, progress_callback
+from pages._shared import current_bundle, current_prompts, intro, option_grid, progress_callback
 
 st.title("Quantize")
 intro(
@@ -65,12 +65,19 @@ def _form(bundle):
                                     help="TPQ keeps one range per step; sampling with another count uses the "
                                          "nearest calibrated timestep")
         name = c3.text_input("Variant name (optional)", key="q_name", help="default: the method and bits")
+        own_prompts = False
+        if bundle.text_conditioned:
+            own_prompts = st.checkbox("Calibrate on the sidebar's prompts", value=False, key="q_own_prompts",
+                                      help="default: the bundled calibration set (64 prompts written for it, cycled "
+                                           "over the calibration images); evaluations use other prompts")
+            st.caption("The text encoder and the VAE stay in FP: only the denoiser is quantized.")
         st.markdown("**Reconstruction** (block-wise optimization after calibration)")
         fields.update(option_grid([o for o in common if o.group == "recon"], "q_"))
         go = st.form_submit_button("Quantize", type="primary")
     if not go:
         return None
-    return dict(method=method, options=options, **fields), int(cal_samples), int(cal_steps), name.strip()
+    prompts = tuple(current_prompts()) if own_prompts else None
+    return dict(method=method, options=options, **fields), int(cal_samples), int(cal_steps), name.strip(), prompts
 
 
 def _calibration(bundle, spec):
@@ -88,14 +95,15 @@ def _calibration(bundle, spec):
     return cal
 
 
-def _quantize(bundle, fields: dict, samples: int, steps: int, name: str) -> None:
+def _quantize(bundle, fields: dict, samples: int, steps: int, name: str, prompts: tuple | None = None) -> None:
     from analysis.quantization.calibration import CalibrationSpec
     from analysis.quantization.pipeline import quantize_bundle, unmatched_excludes
     from quant.api import QuantConfig
 
     try:
         config = QuantConfig(**fields)
-        spec = CalibrationSpec(images=samples, steps=steps)
+        spec = CalibrationSpec(images=samples, steps=steps, prompts=prompts,
+                               negative_prompt=bundle.negative_prompt if bundle.text_conditioned else None)
     except ValueError as exc:
         st.error(f"Bad option: {exc}")
         return
