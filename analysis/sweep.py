@@ -20,7 +20,9 @@ Options (one per point, combined with every method and bit-width):
     tpq          one activation range per timestep (DilateQuant's TPQ)
     adaround     + block-wise AdaRound reconstruction (PTQ4DiT)
     bkd          + block-wise distillation (DilateQuant)
-    float-io     the patch embedding and the final layer kept in floating point
+    float-io     the ends of the network kept in floating point: the layers that read the noisy input and
+                 write the prediction, as the model's family declares them (a DiT's patch embedding and final
+                 layer, a UNet's conv_in and conv_out); a point label says float-io
     keep8:K      mixed precision: the K layers the sensitivity analysis ranks hardest at W8A8 (points whose
                  bits are already 8 skip it)
     keep8-least:K  the control: the K layers ranked easiest at W8A8 (the same size as keep8:K)
@@ -44,9 +46,12 @@ from analysis.models import ModelBundle
 from analysis.sensitivity import mixed_config, top_layers
 from analysis.store import Store
 from quant.config import METHODS, QuantConfig
+from quant.families import FAMILIES
 
+# float-io's layers are the family's (quant.families: FAMILY.float_io), filled in per model by point_config.
 OPTIONS = {"default": {}, "tpq": {"tpq": True}, "adaround": {"recon": "adaround"}, "bkd": {"recon": "bkd"},
-           "float-io": {"exclude": ["pos_embed.proj", "proj_out_1", "proj_out_2"]}}
+           "float-io": {"exclude": "float_io"}}
+SWEEP_METHODS = tuple(m for m in METHODS if m != "fp")  # every registered method; FP is always measured
 MIXED = re.compile(r"keep8(-least)?:(\d+)$")
 QUALITY = {"fid_vs_fp": "FID vs FP", "rel_rms": "relative RMS error", "label_agreement_drop": "label agreement drop"}
 COSTS = {"bops": "BOPs", "weight_bytes": "weight bytes"}
@@ -95,9 +100,9 @@ class SweepSpec:
         if not self.methods or not self.bits or not self.options:
             raise ValueError("a sweep needs at least one method, one bit-width and one option")
         for m in self.methods:
-            if m not in METHODS or m == "fp":
+            if m not in SWEEP_METHODS:
                 raise ValueError(f"unknown method {m!r} for a sweep; choose from "
-                                 f"{', '.join(x for x in METHODS if x != 'fp')} (FP is always measured)")
+                                 f"{', '.join(SWEEP_METHODS)} (FP is always measured)")
         for b in self.bits:
             parse_bits(b)
         for o in self.options:
@@ -124,13 +129,17 @@ class SweepSpec:
         return len(self.grid())
 
 
-def point_config(method: str, bits: str, option: str, spec: SweepSpec, layers: list[str] | None = None) -> QuantConfig:
-    """The QuantConfig of one grid point (keep8:K needs the layers the sensitivity ranking picked)."""
+def point_config(method: str, bits: str, option: str, spec: SweepSpec, layers: list[str] | None = None,
+                 family: str = "dit") -> QuantConfig:
+    """The QuantConfig of one grid point (keep8:K needs the layers the sensitivity ranking picked; float-io
+    keeps the ends the model's family declares in float)."""
     w, a = parse_bits(bits)
     fields = dict(method=method, w_bits=w, a_bits=a)
     if MIXED.match(option):
         return mixed_config(QuantConfig(**fields), layers or [])
     fields.update(OPTIONS[option])
+    if fields.get("exclude") == "float_io":
+        fields["exclude"] = list(FAMILIES[family].float_io)
     if fields.get("recon") and spec.recon_iters is not None:
         fields["recon_iters"] = spec.recon_iters
     return QuantConfig(**fields).validate()
@@ -241,6 +250,7 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
     """Measure every point of the grid (plus FP), reading points already in the store. on_progress(stage,
     fraction of the whole sweep) reports within points; on_point(index, total, point) after each one."""
     spec.validate()
+    check_float_io(bundle, spec)
     store = store or Store()
     start = time.perf_counter()
     opts = spec.eval_options()
@@ -274,8 +284,10 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
                                               lambda s, f: progress(f"sensitivity {bits}: {s}", (i + f / 2) / total))
                 k = int(mixed.group(2))
                 top = top_layers(rankings[bits]["ranking"], k, least=bool(mixed.group(1)))
-            config = point_config(method, bits, option, spec, top)
+            config = point_config(method, bits, option, spec, top, bundle.family)
             label = config.label + (f" (least sensitive {k})" if mixed and mixed.group(1) else "")
+            if option == "float-io":
+                label += " float-io"
         cfg = config.to_dict()
         ident = json.dumps(cfg, sort_keys=True)
         if ident in seen:  # e.g. dilatequant's default already has TPQ
@@ -302,6 +314,20 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
             on_point(i + 1, total, point)
     return SweepResult(spec=spec, model=bundle.name, guidance=guidance, points=points,
                        seconds=time.perf_counter() - start, measured=measured, sensitivity=rankings)
+
+
+def check_float_io(bundle: ModelBundle, spec: SweepSpec) -> list[str]:
+    """The layers float-io keeps in float on this model; ValueError when the spec asks for float-io and the
+    family's patterns match none of them (a float-io point would silently equal its default point)."""
+    from analysis.quantize_pipeline import unmatched_excludes
+
+    patterns = list(FAMILIES[bundle.family].float_io)
+    missing = unmatched_excludes(bundle.transformer, patterns)
+    kept = [p for p in patterns if p not in missing]
+    if "float-io" in spec.options and not kept:
+        raise ValueError(f"float-io keeps no layer of {bundle.name} in float: the {bundle.family} family's patterns "
+                         f"{', '.join(patterns) or '(none)'} match no quantized layer; drop the option")
+    return kept
 
 
 def _ranking(bundle: ModelBundle, bits: str, get_calibration, calib_spec, fingerprint: str, store: Store,

@@ -20,12 +20,12 @@ import torch
 import torch.nn as nn
 
 from quant.config import METHODS, QuantConfig
+from quant.families import balance_groups
 from quant.forward import calibration_batches, forward_batches
 from quant.io import read_quantized, stored_tensors, weight_bytes, write_quantized
 from quant.measures import weight_salience
 from quant.methods import get_method
 from quant.observers import InputObserver, observe_inputs
-from quant.graph import balance_groups
 from quant.reparam import BalanceGroup, apply_scaling, group_weight
 from quant.wrap import calibrate, is_excluded, wrap_model
 

@@ -67,9 +67,10 @@ def test_layer_error_bars_keep_model_order_and_name_the_worst():
     err = {"pos_embed.proj": 0.01, "transformer_blocks.0.attn1.to_q": 0.05, "transformer_blocks.0.ff.net.2": 0.2,
            "proj_out_2": 0.03}
     fig = layer_error_figure(err)
-    assert list(fig.layout.xaxis.categoryarray) == ["pos_embed.proj", "b0.attn1.to_q", "b0.ff.net.2", "proj_out_2"]
+    # readable names and kinds from the family table (quant.families)
+    assert list(fig.layout.xaxis.categoryarray) == ["patch embed", "block 0 · attn q", "block 0 · MLP fc2", "final out"]
     assert "worst: transformer_blocks.0.ff.net.2" in fig.layout.title.text
-    assert {t.name for t in fig.data} == {"embedding / output", "attention", "MLP"}
+    assert [t.name for t in fig.data] == ["patch_embed", "qkv", "fc2", "final"]
     assert fig.layout.yaxis.title.text == "||Y_q - Y|| / ||Y||"
 
 

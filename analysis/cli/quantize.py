@@ -140,6 +140,7 @@ def run(args) -> dict:
     from analysis.calibration import CalibrationSpec
     from analysis.models import load
     from analysis.quantize_pipeline import quantize_bundle
+    from quant.families import readable_layer
 
     config = config_from_file(args.config) if args.config is not None else config_from_args(args)
     try:
@@ -192,8 +193,8 @@ def run(args) -> dict:
         rs = out["recon"]
         human += (f"\n{config.recon}: {len(rs['units'])} units x {config.recon_iters} iterations on {rs['rows']} rows "
                   f"in {rs['seconds']:.1f}s; output error per unit before -> after: "
-                  + ", ".join(f"{u['name'].replace('transformer_blocks.', 'block ')} {u['error_before']:.3g} -> "
-                              f"{u['error_after']:.3g}" for u in rs["units"] if "emb" not in u["name"]))
+                  + ", ".join(f"{readable_layer(u['name'], bundle.family)} {u['error_before']:.3g} -> "
+                              f"{u['error_after']:.3g}" for u in rs["units"]))
     emit(args, out, human)
     return out
 
