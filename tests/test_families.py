@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import quant.families as families
-from analysis.sensitivity import sensitivity, units_of
-from analysis.sweep import SweepSpec, check_float_io, point_config
+from analysis.quantization.sensitivity import sensitivity, units_of
+from analysis.evaluation.sweep import SweepSpec, check_float_io, point_config
 from quant.api import QuantConfig, quantize_with_details
 from quant.families import family_of, float_io, layer_kind, layer_stage, readable_layer, stage_of
 from quant.graph import balance_plan
@@ -23,7 +23,7 @@ STAGES = {"dit": ["patch embedding"] + [f"block {i}" for i in range(6)] + ["fina
 
 @pytest.fixture(scope="module")
 def unet():
-    from analysis.models import load
+    from analysis.models.loading import load
 
     return load("bundled:unet-mnist", device="cpu")
 
@@ -34,7 +34,7 @@ def model_bundle(request, bundled, unet):
 
 
 def test_every_layer_of_both_bundled_models_has_a_kind_a_stage_and_a_unique_readable_name(model_bundle):
-    model, family = model_bundle.transformer, model_bundle.family
+    model, family = model_bundle.denoiser, model_bundle.family
     layers = list(covered_layers(model))
     assert all(layer_kind(n, family) != "other" for n in layers), [n for n in layers if layer_kind(n) == "other"]
     assert list(dict.fromkeys(stage_of(n) for n in sorted(layers, key=lambda n: layer_stage(n)))) == STAGES[family]
@@ -44,7 +44,7 @@ def test_every_layer_of_both_bundled_models_has_a_kind_a_stage_and_a_unique_read
 
 def test_sensitivity_blocks_follow_the_family(model_bundle):
     # before the table, every UNet layer fell into one "input / output" block
-    layers = list(covered_layers(model_bundle.transformer))
+    layers = list(covered_layers(model_bundle.denoiser))
     blocks = units_of(layers, "block", model_bundle.family)
     assert list(blocks) == STAGES[model_bundle.family]  # in forward order
     assert sum(len(v) for v in blocks.values()) == len(layers)
@@ -53,7 +53,7 @@ def test_sensitivity_blocks_follow_the_family(model_bundle):
 
 
 def test_unet_sensitivity_by_block_runs_end_to_end(unet):
-    from analysis.sampling import sample
+    from analysis.models.sampling import sample
 
     cal = sample(unet, [0, 1], [5, 6], steps=2, guidance=1.5, record="all", decode=False).calibration
     sens = sensitivity(unet, 4, 8, cal, granularity="block")
@@ -64,10 +64,10 @@ def test_unet_sensitivity_by_block_runs_end_to_end(unet):
 def test_float_io_keeps_each_familys_ends_in_float(model_bundle):
     spec = SweepSpec(methods=["baseline"], bits=["W8A8"], options=["default", "float-io"]).validate()
     kept = check_float_io(model_bundle, spec)
-    assert kept == list(float_io(model_bundle.transformer))
+    assert kept == list(float_io(model_bundle.denoiser))
     default = point_config("baseline", "W8A8", "default", spec, family=model_bundle.family)
     config = point_config("baseline", "W8A8", "float-io", spec, family=model_bundle.family)
-    model = model_bundle.transformer
+    model = model_bundle.denoiser
     wrapped = wrap_model(copy.deepcopy(model), config)
     everything = wrap_model(copy.deepcopy(model), default)
     # before the table, the UNet's float-io point excluded nothing and equalled the default point

@@ -5,6 +5,8 @@ is declared once, in one file of quant/families/, as a `Family`:
 
     classes       the diffusers class names that are this family (how a model is recognised)
     subfolder     where a pipeline folder keeps the denoiser ("transformer", "unet")
+    num_classes(config)    classes a user may ask for (0: unconditional); the label table's last row is the null
+                  class for guidance
     kinds         LayerKind(pattern, kind, role): what each quantized layer is, in data-flow order within a stage
     stages        Stage(pattern, label): the parts of the network in forward order ("block 3", "down 1", ...);
                   sensitivity's "block" granularity and the layer menus group by them
@@ -129,6 +131,8 @@ class Family:
     unbalanced: tuple[tuple[str, str], ...]
     recon_units: Callable[[nn.Module], list[Unit]]
     float_io: tuple[str, ...]
+    config_classes: tuple[str, ...] = ()  # other _class_name values a saved config may give for this family
+    num_classes: Callable[[object], int] = lambda config: 0  # from the model's config; ValueError if unsupported
     describe: Callable[[nn.Module], str] = lambda model: type(model).__name__
     takes_labels: Callable[[nn.Module], bool] = lambda model: True
     call: Callable = class_labels_call  # (model, x, t, y or None) -> the prediction tensor

@@ -123,6 +123,8 @@ FAMILY = Family(
     name="dit", title="DiT", classes=("DiTTransformer2DModel",), subfolder="transformer",
     kinds=KINDS, stages=STAGES, balance_groups=balance_groups, unbalanced=UNBALANCED, recon_units=recon_units,
     float_io=("pos_embed.proj", "proj_out_1", "proj_out_2"),
+    config_classes=("Transformer2DModel",),  # the hub's DiT configs name the generic class; diffusers remaps it
+    num_classes=lambda config: config.num_embeds_ada_norm,  # diffusers' label table adds the null row itself
     describe=lambda model: f"DiT, {len(model.transformer_blocks)} blocks",
     block_pattern=r"transformer_blocks\.(\d+)(\.|$)",
 )

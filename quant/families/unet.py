@@ -98,6 +98,20 @@ def call(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | N
     return model(x, timestep=t, class_labels=y if takes_labels(model) else None).sample
 
 
+def num_classes(config) -> int:
+    """A class-conditional UNet2DModel keeps its null class for guidance as the last row of its class embedding
+    (num_class_embeds = classes + 1, as diffusers' DiT label table does); without one it is unconditional."""
+    if config.num_class_embeds is None:
+        if config.class_embed_type is not None:
+            raise ValueError(f"UNet2DModel class_embed_type {config.class_embed_type!r} is not supported; the lab "
+                             "samples unconditional UNets and class tables (num_class_embeds)")
+        return 0
+    if config.num_class_embeds < 2:
+        raise ValueError(f"UNet2DModel num_class_embeds = {config.num_class_embeds}: a class-conditional UNet needs "
+                         "its classes plus one null class for guidance")
+    return config.num_class_embeds - 1
+
+
 def describe(model: nn.Module) -> str:
     channels = ", ".join(map(str, model.config.block_out_channels))
     return f"UNet, {len(model.down_blocks)} resolutions ({channels} channels)"
@@ -241,5 +255,6 @@ def recon_units(model: nn.Module) -> list[Unit]:
 FAMILY = Family(
     name="unet", title="UNet", classes=("UNet2DModel",), subfolder="unet",
     kinds=KINDS, stages=STAGES, balance_groups=balance_groups, unbalanced=UNBALANCED, recon_units=recon_units,
-    float_io=("conv_in", "conv_out"), describe=describe, takes_labels=takes_labels, call=call,
+    float_io=("conv_in", "conv_out"), num_classes=num_classes, describe=describe, takes_labels=takes_labels,
+    call=call,
 )

@@ -22,8 +22,8 @@ from typing import Callable
 
 import numpy as np
 
-from analysis.models import ModelBundle
-from analysis.quantize_pipeline import output_errors
+from analysis.models.bundle import ModelBundle
+from analysis.quantization.pipeline import output_errors
 from quant.api import QuantConfig, quantize_with_details
 from quant.families import family_of, layer_kind, layer_stage, stage_of
 from quant.forward import calibration_batches
@@ -123,12 +123,12 @@ def sensitivity(bundle: ModelBundle, w_bits: int | None, a_bits: int | None, cal
     progress = on_progress or (lambda stage, frac: None)
     start = time.perf_counter()
     progress("quantizing", 0.0)
-    result = quantize_with_details(bundle.transformer, config, calibration, batch_size=batch_size, keep_reference=True)
+    result = quantize_with_details(bundle.denoiser, config, calibration, batch_size=batch_size, keep_reference=True)
     model, reference = result.model, result.reference
     batches = calibration_batches(calibration, batch_size)
     channels = bundle.latent_shape[0]
     layers = quant_layers(model)
-    units = units_of(list(layers), granularity, family_of(bundle.transformer))
+    units = units_of(list(layers), granularity, family_of(bundle.denoiser))
 
     def errors() -> list[float]:
         _, per_t, _ = output_errors(None, model, batches, channels, per_layer=False, reference=reference)
