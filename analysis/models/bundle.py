@@ -78,8 +78,8 @@ class ModelBundle:
 
     @property
     def family(self) -> str:
-        """'dit', 'unet', 'pixart' or 'sd', from the denoiser's class (quant.denoiser.family_of)."""
-        from quant.denoiser import family_of
+        """'dit', 'unet', 'pixart' or 'sd', from the denoiser's class (the family table, quant.families)."""
+        from quant.families import family_of
 
         return family_of(self.denoiser)
 
@@ -89,18 +89,12 @@ class ModelBundle:
 
     def describe(self) -> str:
         """One line: family, size and classes, e.g. 'DiT, 6 blocks, classes 0-9'."""
-        m = self.denoiser
+        from quant.families import family_for
+
+        shape = family_for(self.denoiser).describe(self.denoiser)
         if self.text is not None:
             kind = {"t5": "T5", "clip": "CLIP"}[self.text.kind]
-            if self.family == "pixart":
-                shape = f"PixArt, {len(m.transformer_blocks)} blocks"
-            else:
-                shape = f"Stable Diffusion UNet, {len(m.down_blocks)} resolutions"
             return shape + f", prompts ({kind} text encoder, {self.text.max_length} tokens; text encoder and VAE stay FP)"
-        if self.family == "unet":
-            shape = f"UNet, {len(m.down_blocks)} resolutions ({', '.join(map(str, m.config.block_out_channels))} channels)"
-        else:
-            shape = f"DiT, {len(m.transformer_blocks)} blocks"
         return shape + (f", classes 0-{self.num_classes - 1}" if self.conditional else ", unconditional")
 
     @property

@@ -1,6 +1,5 @@
-"""What the engine must know about the text-to-image denoisers: diffusers PixArtTransformer2DModel (PixArt-alpha /
-sigma) and UNet2DConditionModel (Stable Diffusion). Fold sites, why the other layers have none, reconstruction
-units, layer kinds. (quant.unet_graph holds what SD shares with UNet2DModel: resnets, samplers, the stream.)
+"""The PixArt family: diffusers PixArtTransformer2DModel (PixArt-alpha, Chen et al. 2023; PixArt-sigma, Chen et al.
+2024): adaLN-single, self-attention, cross-attention to T5 embeddings through a caption projection.
 
 PixArt block i (norm_type "ada_norm_single", LayerNorms without affine parameters):
     modulation  (shift, scale, gate)_{msa, mlp} = scale_shift_table_i + adaln_single.linear(SiLU(e_t)), chunked
@@ -22,18 +21,6 @@ PixArt block i (norm_type "ada_norm_single", LayerNorms without affine parameter
     timestep embedding e_t itself, which also feeds the shared linear through SiLU): no
 Units: pos_embed, adaln_single (t -> modulation), caption_projection (prompt -> text tokens), each block with
 the text embedding streamed beside the tokens (recomputed from the prompt ids of the rows), final layer.
-
-Stable Diffusion (UNet2DConditionModel): the UNet2DModel table of quant.unet_graph, plus each attention
-block's Transformer2DModel:
-    proj_in         X = GroupNorm(h) with affine: gamma, beta /= b (a 1x1 conv or a linear)
-    attn1 q/k/v     X = norm1(h), LayerNorm with affine: gamma, beta /= b;  attn1 to_out.0 into to_v
-    attn2 to_q      X = norm2(h): into norm2;  attn2 to_out.0 into attn2.to_v
-    attn2 to_k/to_v X = the CLIP text embedding, produced outside the denoiser (the text encoder stays FP and
-                    unchanged): no producer
-    ff.net.0.proj   X = norm3(h): into norm3;  ff.net.2: X = GEGLU output (h * GELU(gate)): no
-    proj_out        X = the block's residual stream: no
-Units: the time embedding, conv_in, each down block, the middle block, each up block, the output head
-(quant.unet_graph), cross-attention blocks reading the prompt's embedding by row id.
 """
 from __future__ import annotations
 
@@ -41,34 +28,45 @@ import torch
 import torch.nn as nn
 
 from quant.conditioning import prompt_table, text_inputs
-from quant.reparam import BalanceGroup
+from quant.families.base import BalanceGroup, Family, LayerKind, Stage, Unit
 
 # PixArt pipelines decode latents with a VAE of scale factor 8; PixArt-alpha's size conditions are image pixels.
 PIXART_VAE_FACTOR = 8
 
+KINDS = (  # in data-flow order within a stage
+    LayerKind(r"^pos_embed\.proj$", "patch_embed", "patch embed"),
+    LayerKind(r"^adaln_single\.emb\.timestep_embedder\.linear_([12])$", "t_embed", "t-embed {0}"),
+    LayerKind(r"^adaln_single\.linear$", "adaLN_single", "adaLN-single (shared)"),
+    LayerKind(r"^caption_projection\.linear_([12])$", "caption_proj", "caption proj {0}"),
+    LayerKind(r"attn1\.to_([qkv])$", "qkv", "self-attn {0}"),
+    LayerKind(r"attn1\.q$", "q", "self-attn q operand"),
+    LayerKind(r"attn1\.k$", "k", "self-attn k operand"),
+    LayerKind(r"attn1\.v$", "v", "self-attn v operand"),
+    LayerKind(r"attn1\.softmax$", "softmax", "self-attn softmax"),
+    LayerKind(r"attn1\.to_out\.0$", "to_out", "self-attn out"),
+    LayerKind(r"attn2\.to_q$", "cross_q", "cross-attn q"),
+    LayerKind(r"attn2\.to_([kv])$", "cross_kv", "cross-attn {0}"),
+    LayerKind(r"attn2\.q$", "cross_q_operand", "cross-attn q operand"),
+    LayerKind(r"attn2\.([kv])$", "cross_kv_operand", "cross-attn {0} operand (text tokens)"),
+    LayerKind(r"attn2\.softmax$", "cross_softmax", "cross-attn softmax"),
+    LayerKind(r"attn2\.to_out\.0$", "cross_out", "cross-attn out"),
+    LayerKind(r"ff\.net\.0\.proj$", "fc1", "MLP fc1"),
+    LayerKind(r"ff\.net\.2$", "fc2", "MLP fc2"),
+    LayerKind(r"^proj_out$", "final", "final out"),
+)
 
-# ---- layer kinds (salience menus, sensitivity by kind) -------------------------------------------------------
-KIND_PATTERNS = [
-    (r"attn2\.to_q$", "cross_q"),
-    (r"attn2\.to_[kv]$", "cross_kv"),
-    (r"attn2\.to_out\.0$", "cross_out"),
-    (r"^adaln_single\.linear$", "adaLN_single"),
-    (r"^adaln_single\.emb\.timestep_embedder\.linear_[12]$", "t_embed"),
-    (r"^caption_projection\.linear_[12]$", "caption_proj"),
-    (r"attentions\.\d+\.proj_in$", "proj_in"),
-    (r"attentions\.\d+\.proj_out$", "proj_out"),
-    (r"^proj_out$", "final"),
-    (r"attn2\.k$", "cross_k"),
-    (r"attn2\.v$", "cross_v"),
-]
+STAGES = (
+    Stage(r"pos_embed(\.|$)", "patch embedding", named=False),
+    Stage(r"(adaln_single|caption_projection)(\.|$)", "conditioning"),
+    Stage(r"transformer_blocks\.(\d+)(\.|$)", "block {0}"),
+    Stage(r"(proj_out|norm_out|scale_shift_table)", "final layer", named=False),
+)
 
-
-# ---- PixArt -------------------------------------------------------------------------------------------------
 def _pixart_blocks(model: nn.Module) -> list[str]:
     return [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
 
 
-def pixart_balance_groups(model: nn.Module) -> list[BalanceGroup]:
+def balance_groups(model: nn.Module) -> list[BalanceGroup]:
     """Shared self-attention input and MLP input (into adaln_single.linear + every block's table), shared
     cross-attention k/v (into caption_projection.linear_2), each block's to_out.0 of both attentions (into its
     to_v)."""
@@ -93,7 +91,7 @@ def pixart_balance_groups(model: nn.Module) -> list[BalanceGroup]:
     return groups
 
 
-PIXART_UNBALANCED = (
+UNBALANCED = (
     ("attn2.to_q", "input is the residual stream (PixArt applies no norm before cross-attention): no producer"),
     ("ff.net.2", "input is GELU(fc1 output): a per-channel scale does not pass through GELU"),
     ("adaln_single.linear", "input is SiLU(timestep embedding): a per-channel scale does not pass through SiLU"),
@@ -117,7 +115,7 @@ def size_conditions(model: nn.Module, x: torch.Tensor) -> dict:
     return {"resolution": res, "aspect_ratio": ar}
 
 
-def pixart_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def call(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     emb, mask = text_inputs(model, y, x.dtype)
     with prompt_table(model).rows(y):
         return model(x, encoder_hidden_states=emb, encoder_attention_mask=mask.to(x.dtype), timestep=t,
@@ -139,10 +137,8 @@ def _pixart_conditioning(model, t, y, h):
     return mod, e_t, text.reshape(len(t), -1, model.inner_dim), _pixart_mask_bias(mask, h.dtype)
 
 
-def pixart_units(model: nn.Module) -> list:
+def recon_units(model: nn.Module) -> list:
     """The units of a PixArtTransformer2DModel, in forward order (see the module docstring)."""
-    from quant.recon.units import Unit
-
     def patch_embed(m, x, t, y):
         return m.pos_embed(x)
 
@@ -175,52 +171,13 @@ def pixart_units(model: nn.Module) -> list:
     return units
 
 
-# ---- Stable Diffusion ---------------------------------------------------------------------------------------
-def sd_balance_groups(model: nn.Module) -> list[BalanceGroup]:
-    """Per attention block: proj_in (into its GroupNorm), and per transformer block attn1 q/k/v (into norm1),
-    attn2 to_q (into norm2), fc1 (into norm3), each attention's to_out.0 (into its to_v)."""
-    from diffusers.models.attention import BasicTransformerBlock
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
-
-    groups = []
-    affine = lambda norm: norm is not None and getattr(norm, "weight", None) is not None \
-        and getattr(norm, "bias", None) is not None  # noqa: E731
-    for name, mod in model.named_modules():
-        if isinstance(mod, Transformer2DModel) and affine(getattr(mod, "norm", None)):
-            groups.append(BalanceGroup(f"{name}.proj_in", "norm_in", -1, (f"{name}.proj_in",), f"{name}.norm"))
-        if not isinstance(mod, BasicTransformerBlock) or mod.norm_type != "layer_norm":
-            continue
-        if affine(mod.norm1) and not mod.only_cross_attention:
-            groups.append(BalanceGroup(f"{name}.attn1.qkv", "norm_in", -1,
-                                       tuple(f"{name}.attn1.to_{c}" for c in "qkv"), f"{name}.norm1"))
-        groups.append(BalanceGroup(f"{name}.attn1.to_out.0", "attn_out", -1, (f"{name}.attn1.to_out.0",),
-                                   f"{name}.attn1.to_v"))
-        if mod.attn2 is not None:
-            if affine(mod.norm2):
-                groups.append(BalanceGroup(f"{name}.attn2.to_q", "norm_in", -1, (f"{name}.attn2.to_q",),
-                                           f"{name}.norm2"))
-            groups.append(BalanceGroup(f"{name}.attn2.to_out.0", "attn_out", -1, (f"{name}.attn2.to_out.0",),
-                                       f"{name}.attn2.to_v"))
-        if affine(mod.norm3):
-            groups.append(BalanceGroup(f"{name}.ff.net.0.proj", "norm_in", -1, (f"{name}.ff.net.0.proj",),
-                                       f"{name}.norm3"))
-    return groups
+def describe(model: nn.Module) -> str:
+    return f"PixArt, {len(model.transformer_blocks)} blocks"
 
 
-def sd_unbalanced() -> tuple:
-    from quant.unet_graph import UNBALANCED
-
-    return (
-        ("attn2.to_k", "input is the CLIP text embedding, made outside the denoiser (the text encoder stays FP "
-                       "and unchanged): no producer"),
-        ("attn2.to_v", "input is the CLIP text embedding, made outside the denoiser (the text encoder stays FP "
-                       "and unchanged): no producer"),
-        ("ff.net.2", "input is GEGLU(fc1 output) = h * GELU(gate): a per-channel scale does not pass through it"),
-        ("proj_out", "input is the transformer blocks' residual stream: no single affine producer"),
-    ) + UNBALANCED
-
-
-def sd_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    emb, _ = text_inputs(model, y, x.dtype)  # Stable Diffusion attends to all 77 CLIP tokens (no mask)
-    with prompt_table(model).rows(y):
-        return model(x, t, encoder_hidden_states=emb).sample
+FAMILY = Family(
+    name="pixart", title="PixArt", classes=("PixArtTransformer2DModel",), subfolder="transformer",
+    kinds=KINDS, stages=STAGES, balance_groups=balance_groups, unbalanced=UNBALANCED, recon_units=recon_units,
+    float_io=("pos_embed.proj", "proj_out"), describe=describe, takes_labels=lambda model: False, call=call,
+    block_pattern=r"transformer_blocks\.(\d+)(\.|$)", text_conditioned=True,
+)
