@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -74,6 +75,17 @@ def available_models() -> list[dict]:
 def load(source: str, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None) -> ModelBundle:
     """Load a model bundle from 'bundled:NAME', a local folder, or a hub id, onto `device` in `dtype`."""
     device, dtype = resolve_device(device), resolve_dtype(dtype)
+    with _LOAD_LOCK:
+        return _load(source, device, dtype)
+
+
+# diffusers (with accelerate) builds a model under a process-wide patch that puts new parameters on the meta
+# device; a text encoder built by another thread meanwhile (two app sessions, or a rerun that starts while the
+# interrupted one still loads) would get meta parameters. One load at a time.
+_LOAD_LOCK = threading.RLock()
+
+
+def _load(source: str, device, dtype) -> ModelBundle:
     if source.startswith("bundled:"):
         if source not in BUNDLED:
             raise ModelLoadError(f"unknown bundled model {source!r}; available: {', '.join(BUNDLED)}")
