@@ -14,6 +14,10 @@ import json
 import sys
 import time
 
+from analysis.threads import configure
+
+configure()  # the lab's thread policy, before torch makes its pool (see analysis.threads)
+
 from analysis.evaluate import EvalOptions, evaluate
 from analysis.models import load
 from analysis.store import Store

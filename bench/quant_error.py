@@ -13,6 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from analysis.threads import configure
+
+configure()  # the lab's thread policy, before torch makes its pool (see analysis.threads)
+
 from analysis.calibration import CALIBRATION_SEED, calibration_for
 from analysis.models import load
 from analysis.quantize_pipeline import quantize_bundle
