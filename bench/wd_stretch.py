@@ -23,7 +23,7 @@ configure()  # the lab's thread policy, before torch makes its pool (see analysi
 
 import torch
 
-from analysis.models import load
+from analysis.models.loading import load
 from quant.graph import balance_groups, balance_plan
 from quant.methods.dilatequant import dilation_vector
 from quant.reparam import group_weight
@@ -50,7 +50,7 @@ def summary(vectors: list[torch.Tensor]) -> dict:
 
 
 def measure(source: str) -> dict:
-    model = load(source).transformer
+    model = load(source).denoiser
     plan = balance_plan(model)
     foldable = [dilation_vector(group_weight(model, g).float()) for g in balance_groups(model)]
     every = [layer_dilation(m.weight) for m in covered_layers(model).values()]

@@ -71,7 +71,7 @@ def test_a_fresh_process_sets_the_policy_before_torch_makes_its_pool():
 
 
 def test_busy_load_processes_are_stopped_also_on_error():
-    from analysis.contention import BusyLoad
+    from analysis.evaluation.contention import BusyLoad
 
     pids = []
     with pytest.raises(RuntimeError):
@@ -86,7 +86,7 @@ def test_busy_load_processes_are_stopped_also_on_error():
 
 
 def test_policy_environments_differ_only_in_the_openmp_variables():
-    from analysis.contention import policy_env
+    from analysis.evaluation.contention import policy_env
 
     assert "OMP_NUM_THREADS" not in policy_env("default", 4) and "OMP_WAIT_POLICY" not in policy_env("lab", 4)
     assert policy_env("1 thread", 4)["OMP_NUM_THREADS"] == "1"

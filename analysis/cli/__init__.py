@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a bad --threads or OMP_NUM_THREADS
         print(f"dqlab: error: {exc}", file=sys.stderr)
         return 2
-    from analysis.models import ModelLoadError
+    from analysis.models.bundle import ModelLoadError
     from analysis.quiet import configure_logging
 
     configure_logging()

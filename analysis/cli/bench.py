@@ -1,4 +1,4 @@
-"""dqlab bench: the lab's speed and memory benchmark (analysis.speed), ratios measured in one run."""
+"""dqlab bench: the lab's speed and memory benchmark (analysis.evaluation.speed), ratios measured in one run."""
 from __future__ import annotations
 
 import sys
@@ -21,7 +21,7 @@ def register(sub) -> None:
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per sampling run (default: %(default)s)")
     p.add_argument("--contention", action="store_true",
                    help="the contention section: sampling, salience, calibrate + quantize and BKD quiet and beside a "
-                        "busy process per CPU, for each thread policy (see analysis.contention)")
+                        "busy process per CPU, for each thread policy (see analysis.evaluation.contention)")
     p.add_argument("--contention-steps", type=int, default=10, help="DDIM steps of the contention jobs "
                    "(default: %(default)s)")
     p.add_argument("--contention-repeats", type=int, default=1, help="timed runs per contention job and setting "
@@ -34,15 +34,15 @@ def register(sub) -> None:
 def run(args) -> dict:
     import torch
 
-    from analysis.speed import BenchOptions, markdown, run_benchmark
+    from analysis.evaluation.speed import BenchOptions, markdown, run_benchmark
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device not in ("cpu", "cuda"):
         raise CLIError(f"--device must be auto, cpu or cuda, got {args.device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is visible to torch here; use --device cpu")
-    from analysis.contention import ContentionOptions, run_contention
-    from analysis.contention import markdown as contention_markdown
+    from analysis.evaluation.contention import ContentionOptions, run_contention
+    from analysis.evaluation.contention import markdown as contention_markdown
 
     gpu = device == "cuda"
     shapes = args.shapes if args.shapes is not None else ("" if args.contention else "bundled,dit-xl2")

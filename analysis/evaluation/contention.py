@@ -2,7 +2,7 @@
 thread policy, every figure a ratio of timings taken in this one run.
 
 A thread pool's wait policy is fixed when the pool is created, so each policy runs in its own process
-(`python -m analysis.contention JOB,...`), which loads the bundled model, runs each job once untimed (warm-up)
+(`python -m analysis.evaluation.contention JOB,...`), which loads the bundled model, runs each job once untimed (warm-up)
 and then `repeats` timed runs, and prints one JSON line. Each policy runs twice: quiet (no load of ours) and
 busy, beside one CPU-bound process per usable CPU that this module starts and always stops (they also end by
 themselves after `busy_limit` seconds, so a killed benchmark leaves nothing behind for long). "Quiet" means
@@ -85,7 +85,7 @@ class BusyLoad:
 
 
 def _run_policy(policy: str, opts: ContentionOptions, cpus: int) -> dict:
-    cmd = [sys.executable, "-m", "analysis.contention", ",".join(opts.jobs), "--steps", str(opts.steps),
+    cmd = [sys.executable, "-m", "analysis.evaluation.contention", ",".join(opts.jobs), "--steps", str(opts.steps),
            "--repeats", str(opts.repeats)] + (["--lab"] if policy == "lab" else [])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     try:
@@ -163,9 +163,9 @@ def markdown(result: dict) -> str:
 
 def _jobs(bundle, steps: int) -> dict:
     """name -> a callable running that job once on the bundled model."""
-    from analysis.calibration import calibration_for
-    from analysis.salience import SalienceConfig, collect
-    from analysis.sampling import sample
+    from analysis.quantization.calibration import calibration_for
+    from analysis.salience.collect import SalienceConfig, collect
+    from analysis.models.sampling import sample
     from quant.api import quantize
     from quant.config import QuantConfig
 
@@ -177,18 +177,18 @@ def _jobs(bundle, steps: int) -> dict:
 
     def quantize_job():
         data = calibration_for(bundle, steps=steps, num_samples=4)
-        quantize(bundle.transformer, QuantConfig(method="ptq4dit", w_bits=8, a_bits=8), list(data.batches(64)))
+        quantize(bundle.denoiser, QuantConfig(method="ptq4dit", w_bits=8, a_bits=8), list(data.batches(64)))
 
     return {"sampling": lambda: sample(bundle, digits, [0] * 10, steps=steps, decode=False),
             "salience": lambda: collect(bundle, SalienceConfig(steps=steps, samples=4)),
             "quantize": quantize_job,
-            "bkd": lambda: quantize(bundle.transformer, bkd, batches)}
+            "bkd": lambda: quantize(bundle.denoiser, bkd, batches)}
 
 
 def _child(argv: list[str]) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m analysis.contention")
+    p = argparse.ArgumentParser(prog="python -m analysis.evaluation.contention")
     p.add_argument("jobs")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=1)
@@ -201,7 +201,7 @@ def _child(argv: list[str]) -> None:
         policy = configure().to_dict()
     import torch
 
-    from analysis.models import load
+    from analysis.models.loading import load
     from analysis.quiet import configure_logging
 
     configure_logging()
