@@ -10,9 +10,9 @@ can change later (torch.set_num_threads).
 
 The policy, unless the user chose (OMP_NUM_THREADS / OMP_WAIT_POLICY in the environment, or `--threads`):
     wait      PASSIVE: a worker with nothing to do sleeps instead of holding a core
-    threads   the CPUs this process may use (its affinity mask, capped by a cgroup CPU quota), less the cores
-              other processes keep busy (the 1-minute load average, the cheapest reading of sustained load),
-              at least 1; then, once the job is known, no more threads than its matmuls can feed (`fit_to_job`)
+    threads   the CPUs this process may use (its affinity mask, capped by a cgroup CPU quota); then, once the
+              job is known, no more threads than its matmuls can feed (`fit_to_job`). The 1-minute load average
+              is recorded with the decision but takes no thread away (see automatic_threads: measured)
 Nothing here imports torch: importing this module is safe before the decision.
 """
 from __future__ import annotations
@@ -76,13 +76,12 @@ def load_average() -> float | None:
 
 
 def automatic_threads(cpus: int, load: float | None) -> tuple[int, str]:
-    """(threads, why) from the usable CPUs and the load other processes put on them."""
-    if load is None:
-        return cpus, f"{cpus} usable CPUs, load unknown"
-    free = max(1, min(cpus, math.floor(cpus - load + 0.5)))
-    if free == cpus:
-        return cpus, f"{cpus} usable CPUs, load {load:.1f}"
-    return free, f"{cpus} usable CPUs, {load:.1f} kept busy by other processes"
+    """(threads, why): one per usable CPU. The load is read and reported but takes no thread away: Linux
+    shares a busy CPU per thread, so with sleeping (PASSIVE) workers each thread is one more share of it. On 2
+    cores with ~14 other runnable processes, sampling took 2.7 s with 2 PASSIVE threads and 8.0 s with 1
+    (`dqlab bench --contention`); a count cut by the load lost that."""
+    seen = "load unknown" if load is None else f"load {load:.1f}"
+    return cpus, f"{cpus} usable CPUs, {seen}"
 
 
 def _parse_threads(text: str | None, where: str) -> int | None:

@@ -17,11 +17,16 @@ from tests.conftest import run_cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_automatic_count_leaves_the_cores_others_keep_busy():
+def test_automatic_count_is_one_thread_per_usable_cpu_and_small_jobs_take_fewer():
     assert threads.automatic_threads(8, 0.2)[0] == 8
-    assert threads.automatic_threads(8, 3.0)[0] == 5
-    assert threads.automatic_threads(2, 7.5)[0] == 1  # never below one
+    assert threads.automatic_threads(2, 7.5)[0] == 2  # sleeping workers: each thread is a share of a busy CPU
     assert threads.automatic_threads(4, None)[0] == 4
+    assert 1 <= threads.usable_cpus() <= os.cpu_count()
+
+    class DiT:  # a diffusers DiT config's fields
+        num_attention_heads, attention_head_dim, sample_size, patch_size = 2, 64, 16, 2
+    assert threads.dit_macs_per_matmul(DiT, 2) == 2 * 64 * 128 * 128
+    assert threads.dit_macs_per_matmul(object(), 2) is None
 
 
 def test_user_choices_win_over_the_automatic_one():

@@ -22,6 +22,10 @@ def register(sub) -> None:
     p.add_argument("--contention", action="store_true",
                    help="the contention section: sampling, salience, calibrate + quantize and BKD quiet and beside a "
                         "busy process per CPU, for each thread policy (see analysis.evaluation.contention)")
+    p.add_argument("--contention-jobs", default=None, help="comma-separated, of sampling, salience, quantize, bkd, "
+                   "app-first-grid, app-salience (default: the first four)")
+    p.add_argument("--contention-policies", default=None, help="comma-separated, of default, '1 thread', "
+                   "'N threads + PASSIVE', lab (default: all)")
     p.add_argument("--contention-steps", type=int, default=10, help="DDIM steps of the contention jobs "
                    "(default: %(default)s)")
     p.add_argument("--contention-repeats", type=int, default=1, help="timed runs per contention job and setting "
@@ -50,7 +54,12 @@ def run(args) -> dict:
                         sample_steps=args.sample_steps,
                         xl2_blocks=args.xl2_blocks or (28 if gpu else 2), xl2_batch=args.xl2_batch or (32 if gpu else 4),
                         shapes=tuple(s.strip() for s in shapes.split(",") if s.strip()))
+    listed = lambda text: tuple(v.strip() for v in text.split(",") if v.strip())  # noqa: E731
     contention = ContentionOptions(steps=args.contention_steps, repeats=args.contention_repeats)
+    if args.contention_jobs is not None:
+        contention.jobs = listed(args.contention_jobs)
+    if args.contention_policies is not None:
+        contention.policies = listed(args.contention_policies)
     try:
         if opts.shapes or not args.contention:
             opts.validate()

@@ -23,6 +23,9 @@ import sys
 import time
 
 JOBS = ("sampling", "salience", "quantize", "bkd")
+# The app's first answers at its default settings (Home: 10 digits x 2 seeds, 20 steps; Salience: 16 samples,
+# 50 steps, error at 4 and 8 bits): not in the default set, they take longer
+APP_JOBS = ("app-first-grid", "app-salience")
 POLICIES = ("default", "1 thread", "N threads + PASSIVE", "lab")
 GOALS = {"busy_vs_quiet": 2.5, "quiet_vs_best": 1.05}
 _OMP = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS")
@@ -35,13 +38,13 @@ class ContentionOptions:
     steps: int = 10  # DDIM steps of sampling, salience and calibration
     repeats: int = 1  # timed runs per job and setting, median kept
     busy_limit: float = 900.0  # seconds a busy process lives at most, whatever happens to this one
-    job_timeout: float = 600.0  # seconds one policy's process may take before it is stopped and marked
+    job_timeout: float = 300.0  # seconds one policy's process may take before it is stopped and marked
 
     def validate(self) -> "ContentionOptions":
-        bad = [j for j in self.jobs if j not in JOBS] + [p for p in self.policies if p not in POLICIES]
+        bad = [j for j in self.jobs if j not in JOBS + APP_JOBS] + [p for p in self.policies if p not in POLICIES]
         if bad or not self.jobs or not self.policies:
             raise ValueError(f"unknown contention job or policy {bad[0] if bad else '(none)'}; jobs: "
-                             f"{', '.join(JOBS)}; policies: {', '.join(POLICIES)}")
+                             f"{', '.join(JOBS + APP_JOBS)}; policies: {', '.join(POLICIES)}")
         if self.steps < 1 or self.repeats < 1:
             raise ValueError("contention steps and repeats must be at least 1")
         return self
@@ -182,7 +185,9 @@ def _jobs(bundle, steps: int) -> dict:
     return {"sampling": lambda: sample(bundle, digits, [0] * 10, steps=steps, decode=False),
             "salience": lambda: collect(bundle, SalienceConfig(steps=steps, samples=4)),
             "quantize": quantize_job,
-            "bkd": lambda: quantize(bundle.denoiser, bkd, batches)}
+            "bkd": lambda: quantize(bundle.denoiser, bkd, batches),
+            "app-first-grid": lambda: sample(bundle, digits * 2, [0] * 10 + [1] * 10, steps=20),
+            "app-salience": lambda: collect(bundle, SalienceConfig(steps=50, samples=16, mse_bits=(4, 8)))}
 
 
 def _child(argv: list[str]) -> None:
