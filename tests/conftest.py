@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from analysis.threads import configure
 
-# The lab's thread policy (idle OpenMP workers sleep, no more threads than free cores), set before torch makes
+# The lab's thread policy (idle OpenMP workers sleep, one thread per usable CPU), set before torch makes
 # its pool: the suite then takes about the same time on a machine other jobs keep busy (see analysis.threads).
 configure()
 

@@ -6,7 +6,7 @@ the fastest of each is compared, which discounts interference from other process
 `overhead_paired_median` is the median over repeats of collecting / the plain pass just before it).
 The same ratio in process CPU time (`cpu_overhead_vs_sampling`) is reported beside it: on a machine shared
 with other jobs the wall time swings with their load, while the CPU time this process spends moves far less.
-Threads follow the lab's policy (analysis.threads: idle workers sleep, no more threads than free cores);
+Threads follow the lab's policy (analysis.threads: idle workers sleep, one thread per usable CPU);
 `--threads N` sets the count.
 """
 from __future__ import annotations
