@@ -230,12 +230,14 @@ def test_calibration_spec_carries_prompts_and_evaluation_uses_other_prompts(t2i)
 
 def test_evaluation_reports_similarity_vs_fp_and_says_why_no_clip_score(t2i, tmp_path):
     from analysis.evaluation.evaluate import EvalOptions, evaluate
+    from analysis.models.prompts import read_prompt_set
 
     r = evaluate(t2i, QuantConfig(method="baseline", w_bits=4, a_bits=8),
                  EvalOptions(num_samples=4, steps=2, extractor="digits", calib_samples=2))
     m = r.metrics
     assert m["fid_vs_fp"] >= 0 and 0 < m["psnr_vs_fp"] < 100 and 0 < m["ssim_vs_fp"] <= 1
     assert m["clip_score"] is None and "local CLIP model" in m["clip_score_note"]
+    assert m["prompts"] == read_prompt_set("evaluation")[:4] and m["negative_prompt"] == ""
 
 
 def test_clip_score_with_a_local_clip_model(tmp_path):

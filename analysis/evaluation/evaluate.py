@@ -295,8 +295,9 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, Variant | ModelBun
         from analysis.evaluation.similarity import similarity_vs_fp
 
         m.update(similarity_vs_fp(images, fp_images))
-        if prompts is not None:
-            m.update(_clip_measures(images, prompts, clip_folder, fp.device))
+        if prompts is not None:  # a stored run's labels are table ids: keep the prompts themselves
+            m.update(_clip_measures(images, prompts, clip_folder, fp.device),
+                     prompts=list(dict.fromkeys(prompts)), negative_prompt=fp.negative_prompt)
         m.update((extra_metrics or {}).get(name, {}))
         if fp.bundled and fp.conditional:
             from analysis.evaluation.classifier import label_agreement
