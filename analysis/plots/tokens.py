@@ -4,7 +4,6 @@ Two traces whatever the number of prompts; positions past the longest prompt's l
 cut when the denoiser masks padding, since it never reads them."""
 from __future__ import annotations
 
-import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
