@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from analysis.resources import asset_path
+from quant import guards
 from quant.denoiser import CLASS_FAMILIES
 
 ASSETS = asset_path()
@@ -155,11 +156,21 @@ def available_models() -> list[dict]:
     return rows
 
 
+DEVICE_TYPES = ("cpu", "cuda")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """'auto' or None picks CUDA when there is one, else the CPU; a CUDA request without a GPU is an error."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise ModelLoadError(f"unknown device {str(device) if device is not None else device!r}; choose auto, cpu or "
+                             "cuda (cuda:N for one GPU of several)",
+                             ui="Choose **auto**, **cpu** or **cuda** as the device in the sidebar.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu",
                              ui="No CUDA GPU is available on this machine: choose **auto** or **cpu** as the device "
@@ -176,7 +187,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
@@ -184,6 +195,20 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 def load(source: str, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None) -> ModelBundle:
     """Load a model bundle from 'bundled:NAME', a local folder, or a hub id, onto `device` in `dtype`."""
     device, dtype = resolve_device(device), resolve_dtype(dtype)
+    try:
+        bundle = _load_source(source)
+    except guards.UntrustedFileError as exc:
+        raise ModelLoadError(str(exc)) from None
+    bundle.transformer.eval().requires_grad_(False)
+    if bundle.vae is not None:
+        bundle.vae.eval().requires_grad_(False)
+    check_weights_finite(bundle, source)
+    return bundle.to(device, dtype)
+
+
+def _load_source(source: str) -> ModelBundle:
+    if not isinstance(source, str) or not source.strip():
+        raise ModelLoadError("no model given; pass bundled:dit-mnist, bundled:unet-mnist, a folder or a hub id")
     if source.startswith("bundled:"):
         if source not in BUNDLED:
             raise ModelLoadError(f"unknown bundled model {source!r}; available: {', '.join(BUNDLED)}")
@@ -199,11 +224,7 @@ def load(source: str, device: str | torch.device | None = "cpu", dtype: str | to
                              f"{' or '.join(repr(b) for b in BUNDLED)}, or a hub id such as facebook/DiT-XL-2-256")
     else:
         bundle = _load_hub(source)
-    bundle.transformer.eval().requires_grad_(False)
-    if bundle.vae is not None:
-        bundle.vae.eval().requires_grad_(False)
-    check_weights_finite(bundle, source)
-    return bundle.to(device, dtype)
+    return bundle
 
 
 def _looks_like_path(source: str) -> bool:
@@ -212,7 +233,8 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+    """A config file of a model folder: size and depth bounded, an object (quant.guards)."""
+    return guards.read_json(path)
 
 
 def _bundled_present(folder: Path) -> bool:
@@ -223,15 +245,90 @@ def _denoiser_dir(folder: Path) -> tuple[Path, str]:
     """(folder holding the denoiser's config and weights, its family) for a pipeline or a bare model folder."""
     for family, sub in SUBFOLDERS.items():
         if (folder / sub / "config.json").exists():
+            cls = _read_json(folder / sub / "config.json").get("_class_name")
+            if cls is not None and MODEL_CLASSES.get(cls) != family:
+                raise ModelLoadError(f"{folder / sub / 'config.json'} describes a {cls}, but a {sub}/ folder holds a "
+                                     f"{'UNet2DModel' if family == 'unet' else 'DiT'}; the folder was assembled from "
+                                     "two models: re-export it")
             return folder / sub, family
     if not (folder / "config.json").exists():
         raise ModelLoadError(f"{folder} is not a diffusers model folder: no transformer/config.json, "
                              "unet/config.json or config.json")
     cls = _read_json(folder / "config.json").get("_class_name", "")
-    if cls not in MODEL_CLASSES:
+    if not isinstance(cls, str) or cls not in MODEL_CLASSES:
         raise ModelLoadError(f"{folder / 'config.json'} describes a {cls or 'model without _class_name'}; "
                              f"this lab loads {', '.join(sorted(MODEL_CLASSES))}")
     return folder, MODEL_CLASSES[cls]
+
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what diffusers' from_pretrained reads
+
+
+def _weight_headers(mdir: Path) -> dict:
+    """{name: (dtype, shape)} of the weight file(s) diffusers will read from `mdir` (one file, or the shards an
+    index names, each proven to lie inside `mdir`), from their headers alone."""
+    single = mdir / WEIGHTS_NAME
+    index = mdir / f"{WEIGHTS_NAME}.index.json"
+    if single.is_file():
+        return guards.safetensors_header(single)
+    if index.is_file():
+        shards = _read_json(index).get("weight_map")
+        if not isinstance(shards, dict) or not all(isinstance(v, str) for v in shards.values()):
+            raise ModelLoadError(f"{index} has no weight_map of tensor -> shard file")
+        headers = {}
+        for shard in sorted(set(shards.values())):
+            headers.update(guards.safetensors_header(guards.inside(mdir, shard)))
+        return headers
+    found = sorted(p.name for p in mdir.glob("*.safetensors"))
+    raise ModelLoadError(f"{mdir} has no {WEIGHTS_NAME}" + (f" (found {', '.join(found[:3])})" if found else "")
+                         + "; this project loads diffusers' safetensors weights only (save them with "
+                         "save_pretrained(safe_serialization=True))")
+
+
+def _checked_module(cls, mdir: Path, what: str) -> torch.nn.Module:
+    """`cls` from the diffusers folder `mdir`, after its config's sizes are bounded (quant.guards), the model is
+    built on the meta device and counted, and the weight file's keys and shapes match it exactly: a folder that
+    would allocate gigabytes, or hold another model's or incomplete weights, is refused naming what differs."""
+    config_path = mdir / "config.json"
+    config = _read_json(config_path)
+    guards.check_sizes(config, str(config_path))
+    expected = guards.check_parameter_count(lambda: cls.from_config(config), str(config_path))
+    guards.check_state_keys(expected, _weight_headers(mdir), str(mdir / WEIGHTS_NAME))
+    try:
+        module = cls.from_pretrained(mdir, use_safetensors=True)
+    except Exception as exc:  # diffusers raises several types for malformed folders
+        raise ModelLoadError(f"could not load the {what} in {mdir}: {str(exc).splitlines()[0][:300]}") from None
+    return module
+
+
+def _check_scheduler_config(cfg: dict, where: str) -> dict:
+    """The training schedule's fields the samplers read (analysis.sampling.make_scheduler), checked by type and
+    range so that a damaged file fails here, naming itself, and not inside a sampler later."""
+    g = guards
+    g.check_int(cfg.get("num_train_timesteps", 1000), "num_train_timesteps", where, 2, 100_000)
+    for key in ("beta_start", "beta_end"):
+        if key in cfg:
+            g.check_number(cfg[key], key, where, 1e-8, 0.999)
+    if "beta_schedule" in cfg and cfg["beta_schedule"] not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+        raise g.UntrustedFileError(f"{where}: beta_schedule {cfg['beta_schedule']!r} is not one of linear, "
+                                   "scaled_linear, squaredcos_cap_v2")
+    if "prediction_type" in cfg and cfg["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
+        raise g.UntrustedFileError(f"{where}: prediction_type {cfg['prediction_type']!r} is not one of epsilon, "
+                                   "v_prediction, sample")
+    betas = cfg.get("trained_betas")
+    if betas is not None:
+        if not isinstance(betas, list) or len(betas) != cfg.get("num_train_timesteps", 1000) \
+                or not all(g.is_number(b) and 0 < b < 1 for b in betas):
+            raise g.UntrustedFileError(f"{where}: trained_betas must be num_train_timesteps numbers in (0, 1)")
+    return cfg
+
+
+def _check_bundle_meta(meta: dict, where: str) -> dict:
+    """bundle.json's sampling defaults: guidance values are finite numbers in [0, 100]."""
+    for key in ("default_guidance", "eval_guidance"):
+        if key in meta:
+            guards.check_number(meta[key], key, where, 0.0, 100.0)
+    return meta
 
 
 def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
@@ -245,21 +342,16 @@ def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
 
         return load_quantized(folder)
     mdir, family = _denoiser_dir(folder)
-    if not list(mdir.glob("*.safetensors")):
-        raise ModelLoadError(f"{mdir} has no .safetensors weights; this project loads safetensors only "
-                             "(convert .bin weights with diffusers' save_pretrained(safe_serialization=True))")
     cls = UNet2DModel if family == "unet" else DiTTransformer2DModel
-    try:
-        denoiser = cls.from_pretrained(mdir, use_safetensors=True)
-    except Exception as exc:  # diffusers raises several types for malformed folders
-        raise ModelLoadError(f"could not load the {SUBFOLDERS[family]} in {mdir}: {exc}") from exc
+    denoiser = _checked_module(cls, mdir, SUBFOLDERS[family])
     vae = None
     if (folder / "vae" / "config.json").exists():
-        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
+        vae = _checked_module(AutoencoderKL, folder / "vae", "VAE")
     sched_path = folder / "scheduler" / "scheduler_config.json"
-    scheduler_config = _read_json(sched_path) if sched_path.exists() else {"num_train_timesteps": 1000}
+    scheduler_config = _check_scheduler_config(_read_json(sched_path), str(sched_path)) if sched_path.exists() \
+        else {"num_train_timesteps": 1000}
     meta_path = folder / "bundle.json"
-    meta = _read_json(meta_path) if meta_path.exists() else {}
+    meta = _check_bundle_meta(_read_json(meta_path), str(meta_path)) if meta_path.exists() else {}
     cfg = denoiser.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     num_classes = _num_classes(family, cfg)
@@ -275,6 +367,9 @@ def _num_classes(family: str, cfg) -> int:
     """Classes a user may ask for. The label table's last row is the null class for guidance (diffusers'
     DiT reserves it itself; a UNet2DModel's num_class_embeds counts it, see the module docstring)."""
     if family == "dit":
+        if not guards.is_int(cfg.num_embeds_ada_norm) or cfg.num_embeds_ada_norm < 1:
+            raise ModelLoadError(f"DiT config num_embeds_ada_norm = {cfg.num_embeds_ada_norm!r}: a class-conditional "
+                                 "DiT needs its class count there")
         return cfg.num_embeds_ada_norm
     if cfg.num_class_embeds is None:
         if cfg.class_embed_type is not None:

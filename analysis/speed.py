@@ -51,9 +51,13 @@ class BenchOptions:
     shapes: tuple[str, ...] = ("bundled", "dit-xl2")
 
     def validate(self) -> "BenchOptions":
-        for name in ("repeats", "xl2_blocks", "xl2_batch", "bundled_batch", "sample_images", "sample_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        # upper bounds: DiT-XL/2's real depth, and sizes that fit one GPU; beyond them a typo allocates gigabytes
+        highs = {"repeats": 100, "xl2_blocks": 28, "xl2_batch": 512, "bundled_batch": 4096, "sample_images": 4096,
+                 "sample_steps": 1000}
+        for name, high in highs.items():
+            value = getattr(self, name)
+            if not 1 <= value <= high:
+                raise ValueError(f"{name.replace('_', '-')} must be between 1 and {high}, got {value}")
         bad = [s for s in self.shapes if s not in ("bundled", "dit-xl2")]
         if bad or not self.shapes:
             raise ValueError(f"unknown shape set {bad[0] if bad else '(none)'}; choose bundled and/or dit-xl2")

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from analysis.cli import CLIError, add_common, add_guidance, emit
+from analysis.cli import CLIError, add_common, add_guidance, check_output_file, check_output_folder, emit
 
 
 def register(sub) -> None:
@@ -41,9 +41,8 @@ def run(args) -> dict:
         raise CLIError(f"--steps must be between 1 and 1000, got {args.steps}")
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    for path in [args.out] if args.out else []:
-        if path.suffix.lower() != ".png":
-            raise CLIError(f"--out must name a .png file, got {path}")
+    check_output_file(args.out, "--out", (".png",))
+    check_output_folder(args.out_dir, "--out-dir")
     bundle = load(args.model, device=args.device, dtype=args.dtype)
     if not bundle.conditional and args.classes is not None:
         raise CLIError(f"{args.model} is unconditional: sample it with --seeds alone, without --classes")
@@ -65,8 +64,11 @@ def run(args) -> dict:
     if args.out_dir is None and args.out is None:
         args.out = _free_name(Path("samples.png"))
     if args.out:
+        from analysis.images import png_bytes
+        from quant.guards import write_bytes_atomic
+
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        make_grid(result.images, ncol=len(seeds)).save(args.out)
+        write_bytes_atomic(args.out, png_bytes(make_grid(result.images, ncol=len(seeds))))
         written = [str(args.out)]
     elif args.out_dir:
         names = [f"class{c}_seed{s}" if c != NO_CLASS else f"seed{s}" for c, s in zip(labels, seed_list)]
