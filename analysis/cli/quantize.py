@@ -74,12 +74,13 @@ def config_from_args(args):
             raise CLIError(f"{opt.flag} is an option of {opt.method}, not of {args.method}; drop it or pass "
                            f"--method {opt.method}")
         options[opt.name] = value
+    config = QuantConfig(**fields, options=options)
     if args.method == "fp":
         given = [o.flag for o in QuantConfig.describe() if o.name != "method" and fields[o.name] != o.default]
         if given:
             raise CLIError(f"{given[0]} has no effect with --method fp, which quantizes nothing; drop it or choose "
                            "a quantizing method")
-    return QuantConfig(**fields, options=options)
+    return config
 
 
 def flags_beside_config(args, default_method: str) -> list[str]:
