@@ -163,13 +163,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """'auto' or None picks CUDA when there is one, else the CPU; a CUDA request without a GPU is an error."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    text = str(device)
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         device = None
     if device is None or device.type not in DEVICE_TYPES:
-        raise ModelLoadError(f"unknown device {str(device) if device is not None else device!r}; choose auto, cpu or "
-                             "cuda (cuda:N for one GPU of several)",
+        raise ModelLoadError(f"unknown device {text!r}; choose auto, cpu or cuda (cuda:N for one GPU of several)",
                              ui="Choose **auto**, **cpu** or **cuda** as the device in the sidebar.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu",

@@ -181,13 +181,14 @@ def int8_bundle(bundle: ModelBundle, batch_images: int = 16, guidance: bool = Tr
     measured faster in int8 here, on a forward of `batch_images` images (doubled by classifier-free
     guidance) at a mid timestep. Raises ValueError when the bundle holds no W8A8 layer."""
     model = bundle.transformer
-    rows = batch_images * (2 if guidance else 1)
-    c, h, w = bundle.latent_shape
-    g = torch.Generator().manual_seed(0)
-    example = (torch.randn(rows, c, h, w, generator=g), torch.full((rows,), 500),
-               torch.arange(rows) % bundle.num_classes)
     if not any(int8_eligible(m) for m in quant_layers(model).values()):
         raise ValueError(f"{bundle.name} has no W8A8 layer to run in int8; quantize with --w-bits 8 --a-bits 8")
+    rows = batch_images * (2 if guidance and bundle.conditional else 1)
+    c, h, w = bundle.latent_shape
+    g = torch.Generator().manual_seed(0)
+    # an unconditional model ignores its labels (quant.denoiser.denoise): any value will do
+    labels = torch.arange(rows) % bundle.num_classes if bundle.conditional else torch.zeros(rows, dtype=torch.long)
+    example = (torch.randn(rows, c, h, w, generator=g), torch.full((rows,), 500), labels)
     plan = plan_int8(model, tuple(v.to(bundle.device) for v in example))
     return bundle.with_transformer(to_int8(model, plan), name=f"{bundle.name} [int8]",
                                    quant_config=bundle.quant_config), plan

@@ -71,6 +71,7 @@ class Context:
         self.saved = self._saved("saved-w4a8", "ptq4dit", 4, 8)
         self.saved_w8 = self._saved("saved-w8a8", "baseline", 8, 8)
         self.uncond = self._uncond_unet()
+        self.uncond_w8 = self._saved("uncond-w8a8", "baseline", 8, 8, source=self.uncond)
         self.reference = self._reference()
 
     def _tiny_pipeline(self) -> Path:
@@ -81,7 +82,7 @@ class Context:
             save_pipeline_folder(folder, with_vae=True)
         return folder
 
-    def _saved(self, name: str, method: str, w: int, a: int) -> Path:
+    def _saved(self, name: str, method: str, w: int, a: int, source: Path | None = None) -> Path:
         from analysis.bundle_io import save_quantized
         from analysis.calibration import CalibrationSpec
         from analysis.models import load
@@ -90,10 +91,11 @@ class Context:
 
         folder = self.templates / name
         if not folder.exists():
-            fp = load(str(self.tiny), device="cpu")
+            fp = load(str(source or self.tiny), device="cpu")
             variant = quantize_bundle(fp, QuantConfig(method=method, w_bits=w, a_bits=a, tpq=True),
                                       CalibrationSpec(images=2, steps=2))
-            save_quantized(variant.bundle, variant.config, folder, base_source=str(self.tiny), recipe=variant.recipe)
+            save_quantized(variant.bundle, variant.config, folder, base_source=str(source or self.tiny),
+                           recipe=variant.recipe)
         return folder
 
     def _uncond_unet(self) -> Path:
@@ -595,7 +597,7 @@ OUTPUT_CASES = [
 # ---------------------------------------------------------------------------------------------------------
 
 def _arg_case(name, argv, needle, check=None):
-    return Case("CLI arguments", name, lambda ctx, d: argv(ctx, d), needle, check=check)
+    return Case("CLI arguments", name, lambda ctx, d: argv(ctx, d), needle, check=check, outputs=("o.png",))
 
 
 def _note_stored(ctx, d, result):
@@ -617,7 +619,8 @@ ARG_CASES = [
     _arg_case("--classes 0-99999999", lambda ctx, d: ["sample", "--model", str(ctx.tiny), "--classes", "0-99999999",
                                                       "--device", "cpu"], "--classes", check=_quick(20)),
     _arg_case("eval --num-samples 10^8", lambda ctx, d: ["eval", "--model", str(ctx.tiny), "--num-samples", "100000000",
-                                                         "--device", "cpu", "--no-store"], "num_samples",
+                                                         "--device", "cpu", "--no-store", "--feature-extractor",
+                                                         "digits"], "num_samples",
               check=_quick(20)),
     _arg_case("eval --seed -1", lambda ctx, d: ["eval", "--model", str(ctx.tiny), "--seed", "-1", "--no-store"],
               "--seed must be >= 0"),
@@ -633,7 +636,10 @@ ARG_CASES = [
               "xl2-blocks"),
     _arg_case("bench --xl2-batch 10^6", lambda ctx, d: ["bench", "--device", "cpu", "--xl2-batch", "1000000"],
               "xl2-batch"),
-    _arg_case("--int8 on an unconditional UNet", lambda ctx, d: [
+    _arg_case("--int8 on a W8A8 unconditional UNet", lambda ctx, d: [
+        "sample", "--model", str(ctx.uncond_w8), "--seeds", "0", "--steps", "1", "--device", "cpu", "--int8",
+        "--out", str(d / "o.png")], None),
+    _arg_case("--int8 on an FP unconditional UNet", lambda ctx, d: [
         "sample", "--model", str(ctx.uncond), "--seeds", "0", "--steps", "1", "--device", "cpu", "--int8",
         "--out", str(d / "o.png")], "--int8"),
     _arg_case("--int8 on an FP model", lambda ctx, d: sample_argv(ctx.tiny, out=str(d / "o.png")) + ["--int8"],
@@ -643,7 +649,8 @@ ARG_CASES = [
     _arg_case("--steps 0", lambda ctx, d: sample_argv(ctx.tiny) + ["--steps", "0"], "--steps"),
     _arg_case("eval --note is stored", lambda ctx, d: [
         "eval", "--model", str(ctx.tiny), "--num-samples", "2", "--steps", "1", "--device", "cpu",
-        "--reference", str(ctx.reference), "--note", "kept"], None, check=_note_stored),
+        "--reference", str(ctx.reference), "--feature-extractor", "digits", "--note", "kept"], None,
+        check=_note_stored),
 ]
 
 

@@ -89,8 +89,11 @@ def flags_beside_config(args, default_method: str) -> list[str]:
     from quant.config import QuantConfig
     from quant.methods import all_options
 
-    given = [o.flag for o in QuantConfig.describe()
-             if getattr(args, o.name) != (default_method if o.name == "method" else o.default)]
+    def unset(o):
+        value = getattr(args, o.name)
+        return value == (default_method if o.name == "method" else o.default) or (o.kind == "patterns" and not value)
+
+    given = [o.flag for o in QuantConfig.describe() if not unset(o)]
     return given + [o.flag for o in all_options() if getattr(args, o.name) is not None]
 
 

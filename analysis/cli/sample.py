@@ -36,7 +36,15 @@ def run(args) -> dict:
     from analysis.sampling import NO_CLASS, parse_int_list, sample
 
     start = time.perf_counter()
-    seeds = parse_int_list(args.seeds)
+    from analysis.sampling import MAX_LIST
+
+    def int_list(flag: str, text: str) -> list[int]:
+        try:
+            return parse_int_list(text)
+        except ValueError as exc:
+            raise CLIError(f"{flag}: {exc}") from None
+
+    seeds = int_list("--seeds", args.seeds)
     if args.steps < 1 or args.steps > 1000:
         raise CLIError(f"--steps must be between 1 and 1000, got {args.steps}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -46,7 +54,10 @@ def run(args) -> dict:
     bundle = load(args.model, device=args.device, dtype=args.dtype)
     if not bundle.conditional and args.classes is not None:
         raise CLIError(f"{args.model} is unconditional: sample it with --seeds alone, without --classes")
-    classes = parse_int_list(args.classes or "0-9") if bundle.conditional else [NO_CLASS]
+    classes = int_list("--classes", args.classes or "0-9") if bundle.conditional else [NO_CLASS]
+    if len(classes) * len(seeds) > MAX_LIST:
+        raise CLIError(f"--classes x --seeds asks for {len(classes) * len(seeds)} images, more than {MAX_LIST}; "
+                       "ask for fewer")
     plan = None
     if args.int8:
         from analysis.speed import int8_bundle
@@ -54,7 +65,7 @@ def run(args) -> dict:
         try:
             bundle, plan = int8_bundle(bundle, batch_images=min(args.batch_size or 16, len(classes) * len(seeds)))
         except ValueError as exc:
-            raise CLIError(str(exc)) from None
+            raise CLIError(f"--int8: {exc}") from None
     labels = [c for c in classes for _ in seeds]
     seed_list = [s for _ in classes for s in seeds]
     show = (lambda d, n: print(f"\rstep {d}/{n}", end="" if d < n else "\n", file=sys.stderr)) if sys.stderr.isatty() else None
