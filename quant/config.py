@@ -204,6 +204,8 @@ class QuantConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown QuantConfig field(s) {unknown}; known fields: {sorted(names)}")
+        if d.get("options") is not None and not isinstance(d["options"], dict):
+            raise ValueError(f"options must be a dict of the method's options, got {d['options']!r}")
         if flat:
             d["options"] = {**flat, **(d.get("options") or {})}
         if "exclude" in d and d["exclude"] is not None:

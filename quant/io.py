@@ -184,6 +184,10 @@ def read_quantized(folder) -> tuple[nn.Module, QuantConfig, dict]:
         if q.enabled:
             _check_grid(tensors[name + ".scale"], tensors[name + ".zero"], q.bits, q.symmetric,
                         f"activation quantizer {name}", folder)
+        elif not (bool((tensors[name + ".scale"] == 1).all()) and bool((tensors[name + ".zero"] == 0).all())):
+            # a quantizer the config leaves off is never calibrated: parameters there mean the config was edited
+            raise _fail(folder, f"activation quantizer {name} holds calibrated parameters but the config leaves "
+                                "it in float")
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise _fail(folder, f"tensor {name} holds NaN or inf values")
@@ -237,6 +241,10 @@ def _check_header(model: nn.Module, meta: dict, header: dict, folder: Path) -> N
                             + (f"missing {', '.join(missing[:3])}" if missing else "")
                             + ("; " if missing and unexpected else "")
                             + (f"unexpected {', '.join(unexpected[:3])}" if unexpected else ""))
+    floats = sorted({header[n][0] for n, (dtype, _) in expected.items() if dtype == "F"})
+    if len(floats) > 1:  # write_quantized stores every float tensor in the model's one dtype
+        odd = next(n for n, (dtype, _) in expected.items() if dtype == "F" and header[n][0] != floats[0])
+        raise _fail(folder, f"{WEIGHTS} mixes float dtypes ({', '.join(floats)}; e.g. {odd} is {header[odd][0]})")
     for name, (dtype, shape) in expected.items():
         f_dtype, f_shape = header[name]
         ok_dtype = f_dtype in FLOAT_DTYPES if dtype == "F" else f_dtype == dtype

@@ -38,6 +38,7 @@ class Case:
     needle: str | None = None  # None: the command must succeed; else its one-line error must contain this
     check: Callable | None = None  # (ctx, dir, result) -> (outcome, why) or None: security / data-loss checks
     outputs: tuple = ()  # names (relative to dir) the command may write; everything else in dir stays as it was
+    run: Callable | None = None  # (ctx, dir) -> (outcome, why): a case that is not one dqlab command (the app)
 
 
 @dataclasses.dataclass
@@ -701,7 +702,102 @@ STORE_CASES += [
 ]
 
 
-ALL_CASES = MODEL_FOLDER_CASES + SAVED_FOLDER_CASES + CONFIG_CASES + STORE_CASES + OUTPUT_CASES + ARG_CASES
+# ---------------------------------------------------------------------------------------------------------
+# The app (library calls the pages make; the page files themselves are covered by the AppTest suites)
+# ---------------------------------------------------------------------------------------------------------
+
+def _app_model_cache(ctx, d):
+    """The model cache is bounded: with room for 2, a third model evicts the least recently used one, and the log
+    the sidebar reads says which."""
+    os.environ["DQLAB_MODEL_CACHE"] = "2"
+    import importlib
+
+    import pages._shared as shared
+
+    shared = importlib.reload(shared)  # picks up the capacity
+    try:
+        keys = [(str(ctx.tiny), "cpu", "float32"), ("bundled:unet-mnist", "cpu", "float32"),
+                (str(ctx.tiny), "cpu", "bfloat16")]
+        log = shared._model_cache_log()
+        for key in keys:
+            shared.get_bundle(*key)
+            log.touched(key)
+        if log.evicted != [keys[0]]:
+            return "unclear", f"expected the first model evicted, log says {log.evicted}"
+        shared.get_bundle(*keys[0])  # evicted: loads again
+        if log.reloads != 1 or keys[1] not in log.evicted:
+            return "unclear", "the reload of an evicted model was not recorded"
+        return "clean", ""
+    finally:
+        shared.get_bundle.clear()
+        shared._model_cache_log.clear()
+        os.environ.pop("DQLAB_MODEL_CACHE", None)
+        importlib.reload(shared)
+
+
+def _app_salience_isolated(ctx, d):
+    """Salience collection on a session's view while another session samples the shared model at the same
+    moment: neither sees the other's hooks, and both get what they get alone."""
+    import threading
+
+    from analysis.app_state import session_view
+    from analysis.models import load
+    from analysis.salience import SalienceConfig, collect
+    from analysis.sampling import sample
+
+    shared = load("bundled:dit-mnist", device="cpu")
+    config = SalienceConfig(steps=3, samples=2, per_sample=False)
+    alone = collect(session_view(shared), config)
+    solo = sample(shared, [0, 1], [0, 1], steps=3).images
+    got, errors = {}, []
+
+    def other_session():
+        try:
+            for _ in range(3):
+                got.setdefault("images", []).append(sample(shared, [0, 1], [0, 1], steps=3).images)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    thread = threading.Thread(target=other_session)
+    thread.start()
+    together = collect(session_view(shared), config)
+    thread.join()
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in shared.transformer.modules())
+    if errors:
+        return "traceback", f"the other session's sampling failed: {errors[0]!r}"
+    if hooks:
+        return "silent-wrong", f"{hooks} hooks left on the shared model"
+    if not all(torch.equal(x, solo) for x in got["images"]):
+        return "silent-wrong", "the other session's images changed while salience was collected"
+    key = alone.layers[0]
+    if not torch.equal(torch.as_tensor(alone.act_absmax[key]), torch.as_tensor(together.act_absmax[key])):
+        return "silent-wrong", "collected statistics differ when another session samples"
+    return "clean", ""
+
+
+def _app_orphans_swept(ctx, d):
+    """The app's store sweeps run folders orphaned by killed jobs (older than an hour) when it opens the store."""
+    import pages._shared as shared
+
+    home = d / "home"
+    (home / "runs" / ".tmp-deadbeef").mkdir(parents=True)
+    old = time.time() - 7200
+    os.utime(home / "runs" / ".tmp-deadbeef", (old, old))
+    (home / "runs" / "fresh").mkdir()  # a job committing right now: kept
+    shared._store.clear()
+    shared._store(str(home))
+    left = sorted(p.name for p in (home / "runs").iterdir())
+    return ("clean", "") if left == ["fresh"] else ("data loss", f"runs/ holds {left}")
+
+
+APP_CASES = [
+    Case("app", "model cache bounded, evictions recorded for the sidebar", None, run=_app_model_cache),
+    Case("app", "salience on a session view while another session samples", None, run=_app_salience_isolated),
+    Case("app", "orphaned run folders swept when the app opens the store", None, run=_app_orphans_swept),
+]
+
+
+ALL_CASES = MODEL_FOLDER_CASES + SAVED_FOLDER_CASES + CONFIG_CASES + STORE_CASES + OUTPUT_CASES + ARG_CASES + APP_CASES
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -744,6 +840,13 @@ def run_case(ctx: Context, case: Case, index: int) -> Result:
     cwd = os.getcwd()
     os.chdir(d)
     try:
+        if case.run is not None:
+            start = time.perf_counter()
+            try:
+                outcome, why = case.run(ctx, d)
+            except Exception as exc:  # noqa: BLE001
+                outcome, why = "traceback", f"{type(exc).__name__}: {exc}"
+            return Result(case, outcome, why, None, "", time.perf_counter() - start)
         try:
             argv = [str(a) for a in case.make(ctx, d)]
         except Exception as exc:  # a broken case is the suite's bug: show it
@@ -815,3 +918,232 @@ def table(results: list[Result], extra: list[Result] = ()) -> str:
         counts = [sum(r.outcome == o for r in got) for o in OUTCOMES]
         lines.append(f"| {surface} | {len(got)} | " + " | ".join(map(str, counts)) + " |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fuzz: random mutations of a valid saved folder and of configs, bounded in count and time
+# ---------------------------------------------------------------------------------------------------------
+
+FUZZ_VALUES = [None, -1, 0, 1, 3, 7, 16, 10 ** 9, 2 ** 63, -1e308, 1e308, 0.5, "", "x", "8", True, False, [], {},
+               [4, 100_000, 100_000], {"a": [1]}, [[[[]]]]]
+# Fields of the saved record a mutation aims at: each one must agree with the tensors or with the model's config.
+SAVED_TARGETS = [("config", "w_bits"), ("config", "a_bits"), ("config", "attn_bits"), ("config", "w_symmetric"),
+                 ("config", "a_symmetric"), ("config", "w_per_channel"), ("config", "tpq"), ("config", "exclude"),
+                 ("config", "layer_bits"), ("config", "method"), ("transformer_class",), ("transformer_config",),
+                 ("transformer_config", "num_layers"), ("transformer_config", "in_channels"),
+                 ("transformer_config", "sample_size"), ("transformer_config", "num_attention_heads"),
+                 ("transformer_config", "attention_head_dim"), ("transformer_config", "num_embeds_ada_norm"),
+                 ("transformer_config", "patch_size"), ("transformer_config", "out_channels"), ("packed",),
+                 ("tpq_timesteps",), ("bundle", "latent_shape"), ("bundle", "num_classes"), ("bundle",),
+                 ("scheduler_config", "num_train_timesteps"), ("scheduler_config", "beta_schedule"),
+                 ("scheduler_config",), ("format",), ("version",)]
+
+
+def _outputs(bundle) -> torch.Tensor:
+    """The denoiser's output on a fixed input: what a silent load would change."""
+    from quant.denoiser import denoise
+
+    c, h, w = bundle.latent_shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c, h, w, generator=g)
+    with torch.no_grad():
+        return denoise(bundle.transformer, x, torch.tensor([10, 500]), torch.tensor([0, 1]))
+
+
+def _try_load(folder: Path, reference: torch.Tensor, ref_bundle, valid_edit: bool = False) -> tuple[str, str]:
+    """refused | benign (loads and behaves exactly as the original) | silent-wrong | traceback. `valid_edit`: the
+    mutation touched only sampling settings (scheduler, guidance), which a re-signed folder may change: a load that
+    keeps the denoiser's outputs and quantization record is then benign."""
+    from analysis.models import ModelLoadError, load
+
+    try:
+        bundle = load(str(folder), device="cpu")
+    except ModelLoadError as exc:
+        msg = str(exc)
+        if "\n" in msg.strip() or not msg:
+            return "unclear", msg[:200]
+        return "refused", msg[:160]
+    except Exception as exc:  # noqa: BLE001 - what the fuzz looks for
+        return "traceback", f"{type(exc).__name__}: {str(exc)[:200]}"
+    try:
+        same = (torch.equal(_outputs(bundle), reference) and bundle.latent_shape == ref_bundle.latent_shape
+                and (valid_edit or bundle.scheduler_config == ref_bundle.scheduler_config)
+                and bundle.num_classes == ref_bundle.num_classes and bundle.quant_config == ref_bundle.quant_config)
+    except Exception as exc:  # noqa: BLE001 - it loaded, then failed: a silent load of a broken model
+        return "silent-wrong", f"loaded, then {type(exc).__name__}: {str(exc)[:160]}"
+    return ("benign", "") if same else ("silent-wrong", "loaded a model that behaves differently")
+
+
+def _mutate_tensors(tensors: dict, rng) -> str:
+    """One structural damage: a tensor dropped, shortened, lengthened, retyped or renamed, or a value no valid
+    folder holds (a step size <= 0 or not finite, a zero point off its integer grid, a NaN weight). Changing a
+    value to another valid one makes a different valid model, which no loader can tell apart: not tried."""
+    names = sorted(tensors)
+    name = names[int(rng.integers(len(names)))]
+    t = tensors[name]
+    kind = int(rng.integers(6))
+    if kind == 0:
+        del tensors[name]
+        return f"drop {name}"
+    if kind == 1 and t.numel() > 1:
+        tensors[name] = t.reshape(-1)[:-1].clone()
+        return f"shorten {name}"
+    if kind == 2:
+        tensors[name] = torch.cat([t.reshape(-1), t.reshape(-1)[:1]])
+        return f"lengthen {name}"
+    if kind == 3 and t.is_floating_point() and not name.endswith(".timesteps"):
+        if name.endswith(("scale", ".w_scale")):
+            choices = [0.0, -1.0, float("nan"), float("inf")]
+        elif name.endswith(("zero", ".w_zero")):
+            choices = [0.5, -1.0, 1e6, float("nan")]
+        else:
+            choices = [float("nan"), float("inf"), float("-inf")]
+        value = choices[int(rng.integers(len(choices)))]
+        flat = t.clone().reshape(-1)
+        flat[int(rng.integers(flat.numel()))] = value
+        tensors[name] = flat.reshape(t.shape)
+        return f"set one value of {name} to {value}"
+    if kind == 4:
+        tensors[name] = t.to(torch.float16 if t.dtype != torch.float16 else torch.int32)
+        return f"retype {name}"
+    tensors[name + "x"] = tensors.pop(name)
+    return f"rename {name}"
+
+
+def _mutate_json(meta: dict, rng) -> str:
+    path = SAVED_TARGETS[int(rng.integers(len(SAVED_TARGETS)))]
+    parent = meta
+    for key in path[:-1]:
+        parent = parent.get(key) if isinstance(parent, dict) else None
+    if not isinstance(parent, dict):
+        return "no-op"
+    if rng.random() < 0.2:
+        parent.pop(path[-1], None)
+        return f"delete {'.'.join(path)}"
+    value = FUZZ_VALUES[int(rng.integers(len(FUZZ_VALUES)))]
+    if path == ("packed",) and isinstance(parent.get("packed"), dict) and parent["packed"] and rng.random() < 0.7:
+        entry = parent["packed"][sorted(parent["packed"])[int(rng.integers(len(parent["packed"])))]]
+        field = ["bits", "symmetric", "shape"][int(rng.integers(3))]
+        entry[field] = value
+        return f"packed entry {field} = {value!r}"[:80]
+    parent[path[-1]] = value
+    return f"{'.'.join(path)} = {value!r}"[:80]
+
+
+def fuzz_saved(ctx: Context, count: int = 120, seconds: float = 40.0, seed: int = 0) -> dict:
+    """Random mutations of a valid saved folder, each loaded once: unsigned (random damage, the checksum stands)
+    and re-signed (what a hostile author who recomputes the checksum can do: the structural checks alone must
+    refuse it). Outcomes: refused / benign / silent-wrong / traceback / unclear, with examples of the bad ones."""
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from analysis.models import load
+    from quant.io import META, WEIGHTS
+
+    rng = np.random.default_rng(seed)
+    src = ctx.saved
+    work = ctx.base / "fuzz-saved"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(src, work)
+    meta_text, weight_bytes = (src / META).read_text(), (src / WEIGHTS).read_bytes()
+    ref_bundle = load(str(src), device="cpu")
+    reference = _outputs(ref_bundle)
+    counts = {k: 0 for k in ("refused", "benign", "silent-wrong", "traceback", "unclear")}
+    examples: list[str] = []
+    start, tried = time.perf_counter(), 0
+    while tried < count and time.perf_counter() - start < seconds:
+        (work / META).write_text(meta_text)
+        (work / WEIGHTS).write_bytes(weight_bytes)
+        mode = ["bytes", "json-unsigned", "tensors-signed", "json-signed"][tried % 4]
+        if mode == "bytes":
+            data = bytearray(weight_bytes)
+            for _ in range(int(rng.integers(1, 4))):
+                data[int(rng.integers(len(data)))] ^= int(rng.integers(1, 256))
+            if rng.random() < 0.3:
+                data = data[: int(rng.integers(len(data)))]
+            (work / WEIGHTS).write_bytes(bytes(data))
+            what = "weight bytes flipped or cut"
+        elif mode == "json-unsigned":
+            text = bytearray(meta_text.encode())
+            pos = int(rng.integers(len(text)))
+            text[pos] = int(rng.choice(list(b'0123456789{}[]",:ae-')))
+            (work / META).write_bytes(bytes(text))
+            what = f"quant_config.json byte {pos} changed"
+        elif mode == "tensors-signed":
+            tensors = load_file(str(src / WEIGHTS))
+            what = _mutate_tensors(tensors, rng)
+            save_file(tensors, str(work / WEIGHTS))
+            resign(work)
+        else:
+            meta = json.loads(meta_text)
+            what = _mutate_json(meta, rng)
+            (work / META).write_text(json.dumps(meta))
+            resign(work)
+        outcome, why = _try_load(work, reference, ref_bundle,
+                                 valid_edit=mode == "json-signed" and what.startswith(("scheduler_config", "delete scheduler_config")))
+        counts[outcome] += 1
+        tried += 1
+        if outcome in ("silent-wrong", "traceback", "unclear") and len(examples) < 10:
+            examples.append(f"{mode}: {what} -> {outcome}: {why}")
+    shutil.rmtree(work, ignore_errors=True)
+    return {"tried": tried, "seconds": round(time.perf_counter() - start, 1), **counts, "examples": examples}
+
+
+def _config_json_equal(a, b) -> bool:
+    norm = lambda v: [norm(x) for x in v] if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def fuzz_configs(count: int = 2000, seconds: float = 15.0, seed: int = 0) -> dict:
+    """Random mutations of valid QuantConfig dicts (and of their JSON text), read as `dqlab quantize --config` reads
+    them: each must be refused with a ValueError, or accepted holding exactly what the file says (no field dropped,
+    split or coerced)."""
+    import numpy as np
+
+    from quant.config import QuantConfig
+    from quant.methods import NAMES, all_options
+
+    rng = np.random.default_rng(seed)
+    bases = [QuantConfig(method=m).to_dict() for m in NAMES] + [
+        QuantConfig(method="smoothquant", options={"alpha": 0.3}, exclude=["*.ff.net.2"], layer_bits={"*.to_q": [8, 8]},
+                    tpq=True, attn_bits=8).to_dict()]
+    fields = sorted({k for b in bases for k in b} | {o.name for o in all_options()} | {"unknown_field"})
+    counts = {k: 0 for k in ("refused", "accepted", "silent-wrong", "traceback")}
+    examples: list[str] = []
+    start, tried = time.perf_counter(), 0
+    while tried < count and time.perf_counter() - start < seconds:
+        d = json.loads(json.dumps(bases[int(rng.integers(len(bases)))]))
+        for _ in range(int(rng.integers(1, 4))):
+            key = fields[int(rng.integers(len(fields)))]
+            if rng.random() < 0.2:
+                d.pop(key, None)
+            else:
+                d[key] = FUZZ_VALUES[int(rng.integers(len(FUZZ_VALUES)))]
+        text = json.dumps(d)
+        if tried % 5 == 4:  # damage the text itself
+            raw = bytearray(text.encode())
+            raw[int(rng.integers(len(raw)))] = int(rng.choice(list(b'0123456789{}[]",:ae-')))
+            text = raw.decode("utf-8", "replace")
+        tried += 1
+        try:
+            cfg = QuantConfig.from_json(text)
+        except ValueError:
+            counts["refused"] += 1
+            continue
+        except Exception as exc:  # noqa: BLE001
+            counts["traceback"] += 1
+            if len(examples) < 10:
+                examples.append(f"{text[:120]} -> {type(exc).__name__}: {exc}")
+            continue
+        given = json.loads(text)
+        got = cfg.to_dict()
+        wrong = [k for k, v in given.items() if k in got and k != "options" and not _config_json_equal(got[k], v)]
+        opts = given.get("options") or {}
+        wrong += [f"options.{k}" for k, v in opts.items() if not _config_json_equal(got["options"].get(k, object()), v)]
+        if wrong or QuantConfig.from_dict(got) != cfg:
+            counts["silent-wrong"] += 1
+            if len(examples) < 10:
+                examples.append(f"{text[:160]} -> accepted with {wrong[:3]} different")
+        else:
+            counts["accepted"] += 1
+    return {"tried": tried, "seconds": round(time.perf_counter() - start, 1), **counts, "examples": examples}

@@ -93,7 +93,8 @@ def test_reference_features_are_cached(tmp_path, digits):
     ref = M.Reference("some digits", M.to_uint8_rgb(digits[1]), cache_name="test-ref")
     first = M.fid(a, ref, cache_dir=tmp_path)
     cached = sorted(p.name for p in tmp_path.iterdir())
-    assert any("test-ref" in name and "stat-fid" in name for name in cached), cached
+    # the lab's own feature cache (read back with weights_only=True); torch-fidelity's pickle cache is never used
+    assert any("test-ref" in name and "fid-features" in name for name in cached), cached
     assert M.fid(a, ref, cache_dir=tmp_path) == pytest.approx(first, rel=1e-9)
 
 

@@ -26,6 +26,7 @@ def run(args) -> dict:
     if args.limit is not None and args.limit < 1:
         raise CLIError(f"--limit must be at least 1, got {args.limit}")
     store = Store(args.data_dir)
+    store.sweep_orphans()  # run folders of jobs killed before their row committed, older than an hour
     if args.show is not None:
         r = store.get(args.show)
         out = {**r.summary(), "config": r.config, "metrics": r.metrics, "timings": r.timings,
