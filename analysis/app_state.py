@@ -23,7 +23,7 @@ def session_view(bundle):
 
     import dataclasses
 
-    return dataclasses.replace(bundle, transformer=view(bundle.transformer), vae=view(bundle.vae))
+    return dataclasses.replace(bundle, denoiser=view(bundle.denoiser), vae=view(bundle.vae))
 
 
 class ModelCacheLog:

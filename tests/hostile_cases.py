@@ -56,7 +56,7 @@ class Context:
     store. Built once (about a minute on one CPU thread)."""
 
     def __init__(self, base: Path):
-        from analysis.models import BUNDLED
+        from analysis.models.loading import BUNDLED
 
         self.base = Path(base)
         self.home = self.base / "home"
@@ -84,10 +84,10 @@ class Context:
         return folder
 
     def _saved(self, name: str, method: str, w: int, a: int, source: Path | None = None) -> Path:
-        from analysis.bundle_io import save_quantized
-        from analysis.calibration import CalibrationSpec
-        from analysis.models import load
-        from analysis.quantize_pipeline import quantize_bundle
+        from analysis.models.saved import save_quantized
+        from analysis.quantization.calibration import CalibrationSpec
+        from analysis.models.loading import load
+        from analysis.quantization.pipeline import quantize_bundle
         from quant.api import QuantConfig
 
         folder = self.templates / name
@@ -441,7 +441,7 @@ CONFIG_CASES = [
 # ---------------------------------------------------------------------------------------------------------
 
 def _store_with_runs(home: Path, n: int = 2) -> list[int]:
-    from analysis.store import RunRecord, Store
+    from analysis.evaluation.store import RunRecord, Store
 
     store = Store(home)
     return [store.add(RunRecord(model="m", method="fp", config={"method": "fp"}, num_samples=2, seeds=[0, 1],
@@ -537,7 +537,7 @@ def _untouched(rel: str, content: str):
 
 
 def _stale_vae_gone(ctx, d, result):
-    from analysis.models import load
+    from analysis.models.loading import load
 
     if (d / "q" / "vae" / "stale.txt").exists():
         return "data loss", "a stale vae/ of the older model survived"
@@ -602,7 +602,7 @@ def _arg_case(name, argv, needle, check=None):
 
 
 def _note_stored(ctx, d, result):
-    from analysis.store import Store
+    from analysis.evaluation.store import Store
 
     runs = Store(ctx.home).list()
     if not runs or runs[0].note != "kept":
@@ -672,7 +672,7 @@ class _Payload:
 def _plant_pickles(ctx, d) -> None:
     """A pickle at every cache path torch-fidelity (as the lab called it before) or the lab reads for this
     evaluation's reference: under $DQLAB_HOME and under the torch home."""
-    from analysis.metrics import DIGITS_EXTRACTOR, _extractor_tag, folder_reference
+    from analysis.evaluation.metrics import DIGITS_EXTRACTOR, _extractor_tag, folder_reference
 
     key = f"{folder_reference(ctx.reference, size=(16, 16)).cache_name}-{_extractor_tag(DIGITS_EXTRACTOR)}"
     names = [f"{key}-{DIGITS_EXTRACTOR}-features-{layer}.pt" for layer in ("128", "logits")]
@@ -741,9 +741,9 @@ def _app_salience_isolated(ctx, d):
     import threading
 
     from analysis.app_state import session_view
-    from analysis.models import load
-    from analysis.salience import SalienceConfig, collect
-    from analysis.sampling import sample
+    from analysis.models.loading import load
+    from analysis.salience.collect import SalienceConfig, collect
+    from analysis.models.sampling import sample
 
     shared = load("bundled:dit-mnist", device="cpu")
     config = SalienceConfig(steps=3, samples=2, per_sample=False)
@@ -762,7 +762,7 @@ def _app_salience_isolated(ctx, d):
     thread.start()
     together = collect(session_view(shared), config)
     thread.join()
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in shared.transformer.modules())
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in shared.denoiser.modules())
     if errors:
         return "traceback", f"the other session's sampling failed: {errors[0]!r}"
     if hooks:
@@ -947,14 +947,15 @@ def _outputs(bundle) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, c, h, w, generator=g)
     with torch.no_grad():
-        return denoise(bundle.transformer, x, torch.tensor([10, 500]), torch.tensor([0, 1]))
+        return denoise(bundle.denoiser, x, torch.tensor([10, 500]), torch.tensor([0, 1]))
 
 
 def _try_load(folder: Path, reference: torch.Tensor, ref_bundle, valid_edit: bool = False) -> tuple[str, str]:
     """refused | benign (loads and behaves exactly as the original) | silent-wrong | traceback. `valid_edit`: the
     mutation touched only sampling settings (scheduler, guidance), which a re-signed folder may change: a load that
     keeps the denoiser's outputs and quantization record is then benign."""
-    from analysis.models import ModelLoadError, load
+    from analysis.models.bundle import ModelLoadError
+    from analysis.models.loading import load
 
     try:
         bundle = load(str(folder), device="cpu")
@@ -1037,7 +1038,7 @@ def fuzz_saved(ctx: Context, count: int = 120, seconds: float = 40.0, seed: int 
     import numpy as np
     from safetensors.torch import load_file, save_file
 
-    from analysis.models import load
+    from analysis.models.loading import load
     from quant.io import META, WEIGHTS
 
     rng = np.random.default_rng(seed)

@@ -43,8 +43,7 @@ def test_metrics_from_the_labs_features_equal_torch_fidelitys():
     used) agree with torch-fidelity's own calculate_metrics on the same images."""
     import torch_fidelity
 
-    from analysis import metrics as M
-
+    from analysis.evaluation import metrics as M
     g = torch.Generator().manual_seed(0)
     a = torch.rand(40, 1, 16, 16, generator=g)
     b = torch.rand(48, 1, 16, 16, generator=g) ** 2

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from analysis.cli import CLIError, add_common, add_guidance, emit, finite_float
-from analysis.calibration import CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS
+from analysis.quantization.calibration import CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS
 
 REPORT_FILE = "quant_report.json"  # written beside the model; loading ignores it
 
@@ -100,22 +100,22 @@ def flags_beside_config(args, default_method: str) -> list[str]:
 def check_excludes(bundle, config) -> None:
     """An --exclude or layer_bits pattern that matches no layer is almost always a typo, and a config that keeps
     every layer in float quantizes nothing under a quantized label: refuse both before any work."""
-    from analysis.quantize_pipeline import unmatched_excludes
+    from analysis.quantization.pipeline import unmatched_excludes
     from quant.methods import get_method
     from quant.quantizers import is_off
     from quant.wrap import covered_layers, is_excluded
 
-    unmatched = unmatched_excludes(bundle.transformer, config.exclude)
+    unmatched = unmatched_excludes(bundle.denoiser, config.exclude)
     if unmatched:
         raise CLIError(f"--exclude {unmatched[0]!r} matches no layer; use an fnmatch pattern such as "
                        "'*.attn1.to_q' or a module name such as transformer_blocks.0")
-    unmatched = unmatched_excludes(bundle.transformer, list(config.layer_bits))
+    unmatched = unmatched_excludes(bundle.denoiser, list(config.layer_bits))
     if unmatched:
         raise CLIError(f"layer_bits pattern {unmatched[0]!r} matches no layer of {bundle.name}; use an fnmatch "
                        "pattern such as '*.attn1.to_q' or a module name such as transformer_blocks.0")
     if not get_method(config.method).quantizes:
         return
-    layers = [n for n in covered_layers(bundle.transformer) if not is_excluded(n, config.exclude)]
+    layers = [n for n in covered_layers(bundle.denoiser) if not is_excluded(n, config.exclude)]
     if not any(not (is_off(w) and is_off(a)) for w, a in map(config.bits_for, layers)) and is_off(config.attn_bits):
         raise CLIError(f"the config quantizes no layer of {bundle.name} (exclude {config.exclude} and the bit-widths "
                        f"leave every layer in float), yet it would be labelled {config.label!r}; exclude fewer layers "
@@ -151,7 +151,7 @@ def register(sub) -> None:
 
 def _check_out(out: Path | None, force: bool = False) -> None:
     """Before any work: refuse to write over a file, or over a folder that holds something other than a saved
-    model (unless --force); the folder is replaced whole (analysis.bundle_io.save_quantized writes it beside and
+    model (unless --force); the folder is replaced whole (analysis.models.saved.save_quantized writes it beside and
     renames it into place)."""
     from analysis.cli import check_output_folder
     from quant.io import META
@@ -180,10 +180,11 @@ def config_from_file(path: Path):
 
 
 def run(args) -> dict:
-    from analysis.bundle_io import save_quantized
-    from analysis.calibration import CalibrationSpec
-    from analysis.models import load
-    from analysis.quantize_pipeline import quantize_bundle
+    from analysis.models.loading import load
+    from analysis.models.saved import save_quantized
+    from analysis.quantization.calibration import CalibrationSpec
+    from analysis.quantization.pipeline import quantize_bundle
+    from quant.families import readable_layer
 
     if args.config is not None:
         beside = flags_beside_config(args, "ptq4dit")
@@ -243,8 +244,8 @@ def run(args) -> dict:
         rs = out["recon"]
         human += (f"\n{config.recon}: {len(rs['units'])} units x {config.recon_iters} iterations on {rs['rows']} rows "
                   f"in {rs['seconds']:.1f}s; output error per unit before -> after: "
-                  + ", ".join(f"{u['name'].replace('transformer_blocks.', 'block ')} {u['error_before']:.3g} -> "
-                              f"{u['error_after']:.3g}" for u in rs["units"] if "emb" not in u["name"]))
+                  + ", ".join(f"{readable_layer(u['name'], bundle.family)} {u['error_before']:.3g} -> "
+                              f"{u['error_after']:.3g}" for u in rs["units"]))
     emit(args, out, human)
     return out
 

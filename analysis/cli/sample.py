@@ -31,12 +31,12 @@ def register(sub) -> None:
 
 
 def run(args) -> dict:
-    from analysis.images import make_grid, save_images
-    from analysis.models import load
-    from analysis.sampling import NO_CLASS, parse_int_list, sample
+    from analysis.evaluation.images import make_grid, save_images
+    from analysis.models.loading import load
+    from analysis.models.sampling import NO_CLASS, parse_int_list, sample
 
     start = time.perf_counter()
-    from analysis.sampling import MAX_LIST
+    from analysis.models.sampling import MAX_LIST
 
     def int_list(flag: str, text: str) -> list[int]:
         try:
@@ -60,7 +60,7 @@ def run(args) -> dict:
                        "ask for fewer")
     plan = None
     if args.int8:
-        from analysis.speed import int8_bundle
+        from analysis.evaluation.speed import int8_bundle
 
         try:
             bundle, plan = int8_bundle(bundle, batch_images=min(args.batch_size or 16, len(classes) * len(seeds)))
@@ -75,7 +75,7 @@ def run(args) -> dict:
     if args.out_dir is None and args.out is None:
         args.out = _free_name(Path("samples.png"))
     if args.out:
-        from analysis.images import png_bytes
+        from analysis.evaluation.images import png_bytes
         from quant.guards import write_bytes_atomic
 
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,7 @@ def run(args) -> dict:
         summary["int8_layers"] = sum(e["int8"] for e in plan.values())
         summary["int8_eligible_layers"] = len(plan)
     if bundle.bundled and bundle.conditional:
-        from analysis.classifier import label_agreement
+        from analysis.evaluation.classifier import label_agreement
 
         summary["label_agreement"] = round(label_agreement(result.images, labels), 4)
     # seconds: the whole command's wall time (loading, sampling, writing, scoring); sampling_seconds a part

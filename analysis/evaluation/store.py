@@ -3,7 +3,7 @@
 Layout under the data directory (default ~/.dqlab; override with an argument or $DQLAB_HOME):
     runs.sqlite            one row per finished run
     runs/<uid>/*.png       the run's image files (grids)
-    fidelity_cache/        reference features cached by analysis.metrics (read back with weights_only=True)
+    fidelity_cache/        reference features cached by analysis.evaluation.metrics (read back with weights_only=True)
 
 Crash safety, in order: (1) the run's files are written into a hidden temporary folder, which is then renamed
 to runs/<uid> in one atomic step; (2) the row is inserted in one SQLite transaction. A job killed before (2)
@@ -114,7 +114,7 @@ class RunRecord:
     scheduler: str | None = None
     label: str | None = None
     note: str | None = None
-    recipe: dict | None = None  # analysis.recipe.Recipe.to_dict(): what rebuilds the scored model
+    recipe: dict | None = None  # analysis.quantization.recipe.Recipe.to_dict(): what rebuilds the scored model
 
 
 @dataclasses.dataclass
