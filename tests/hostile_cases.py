@@ -847,6 +847,10 @@ def run_case(ctx: Context, case: Case, index: int) -> Result:
             except Exception as exc:  # noqa: BLE001
                 outcome, why = "traceback", f"{type(exc).__name__}: {exc}"
             return Result(case, outcome, why, None, "", time.perf_counter() - start)
+        ctx.marker.unlink(missing_ok=True)
+        if not (ctx.victim / "keep.txt").is_file():  # restored for the next case if an old version deleted it
+            ctx.victim.mkdir(parents=True, exist_ok=True)
+            (ctx.victim / "keep.txt").write_text("must survive")
         try:
             argv = [str(a) for a in case.make(ctx, d)]
         except Exception as exc:  # a broken case is the suite's bug: show it
@@ -869,9 +873,11 @@ def run_case(ctx: Context, case: Case, index: int) -> Result:
                                      d / "out.png"])
         outcome, why = _classify(case, run)
         touched = sorted(set(before) ^ set(after) | {k for k in before if k in after and before[k] != after[k]})
-        if outcome == "clean" and ctx.marker.exists():
+        if ctx.marker.exists():  # security outranks every other outcome
             outcome, why = "security", "a planted pickle ran"
-        if outcome == "clean" and touched:
+        elif not (ctx.victim / "keep.txt").is_file():
+            outcome, why = "security", "a folder outside the store was deleted"
+        elif outcome == "clean" and touched:
             leftover = [t for t in touched if ".tmp-" in t]
             outcome, why = ("data loss", f"half-written file left: {leftover[0]}") if leftover else \
                 ("security", f"a file outside the store and the named outputs changed: {touched[0]}")
