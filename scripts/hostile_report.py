@@ -18,12 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 HUGE_CASES = ["num_layers 100000", "attention_head_dim 10^6", "sample_size 10^5",
               "width x depth past the parameter bound", "num_layers 100000 in transformer_config",
               "a huge latent shape"]
+# VmHWM (peak resident set of this process image; unlike ru_maxrss it is not inherited across exec), in KiB
 CHILD = """
-import resource, sys
+import sys
 sys.path.insert(0, {root!r})
 from analysis.cli import main
 rc = main({argv!r})
-print("RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "RC", rc)
+hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")]
+print("RSS", hwm[0] if hwm else "nan", "RC", rc)
 """
 
 
@@ -41,7 +43,7 @@ def peak_memory(ctx, cases) -> list[dict]:
         out = subprocess.run([sys.executable, "-c", CHILD.format(root=root, argv=argv)], capture_output=True,
                              text=True, timeout=600)
         line = [x for x in out.stdout.splitlines() if x.startswith("RSS")]
-        return (int(line[0].split()[1]) / 1024 if line else float("nan")), out.stderr.strip().splitlines()[-1:]
+        return (float(line[0].split()[1]) / 1024 if line else float("nan")), out.stderr.strip().splitlines()[-1:]
 
     base_mib, _ = rss(["sample", "--model", str(ctx.dit), "--classes", "0", "--seeds", "0", "--steps", "1",
                        "--device", "cpu", "--out", str(ctx.base / "base.png")])
