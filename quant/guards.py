@@ -84,7 +84,7 @@ def read_json(path, expect: type | None = dict, max_bytes: int = MAX_JSON_BYTES,
     path = Path(path)
     try:
         if not path.is_file():
-            raise UntrustedFileError(f"{path} is missing or not a file")
+            raise UntrustedFileError(f"cannot read {path}: it is missing or not a file")
         size = path.stat().st_size
         if size > max_bytes:
             raise UntrustedFileError(f"{path} is {size / 2 ** 20:.1f} MiB, more than the {max_bytes // 2 ** 20} MiB "

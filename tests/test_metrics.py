@@ -191,7 +191,7 @@ def test_torch_fidelity_reads_a_verified_copy_of_the_inception_weights(tmp_path)
     """torch-fidelity unpickles its weights file unguarded, so it is given a copy written from checked tensors."""
     ok = tmp_path / "ok.pth"
     torch.save({"fc.weight": torch.arange(3.0)}, ok)
-    kwargs = M._fidelity_kwargs(M.INCEPTION_EXTRACTOR, False, ok, None, 4)
+    kwargs = M._fidelity_kwargs(M.INCEPTION_EXTRACTOR, False, ok, 4)
     handed = Path(kwargs["feature_extractor_weights_path"])
     assert handed != ok and handed.parent != tmp_path
     assert torch.equal(torch.load(handed, weights_only=True)["fc.weight"], torch.arange(3.0))
