@@ -75,7 +75,7 @@ def config_from_args(args):
                            f"--method {opt.method}")
         options[opt.name] = value
     config = QuantConfig(**fields, options=options)
-    if args.method == "fp":
+    if not config.quantizes:
         given = [o.flag for o in QuantConfig.describe() if o.name != "method" and fields[o.name] != o.default]
         if given:
             raise CLIError(f"{given[0]} has no effect with --method fp, which quantizes nothing; drop it or choose "
@@ -101,7 +101,6 @@ def check_excludes(bundle, config) -> None:
     """An --exclude or layer_bits pattern that matches no layer is almost always a typo, and a config that keeps
     every layer in float quantizes nothing under a quantized label: refuse both before any work."""
     from analysis.quantization.pipeline import unmatched_excludes
-    from quant.methods import get_method
     from quant.quantizers import is_off
     from quant.wrap import covered_layers, is_excluded
 
@@ -113,7 +112,7 @@ def check_excludes(bundle, config) -> None:
     if unmatched:
         raise CLIError(f"layer_bits pattern {unmatched[0]!r} matches no layer of {bundle.name}; use an fnmatch "
                        "pattern such as '*.attn1.to_q' or a module name such as transformer_blocks.0")
-    if not get_method(config.method).quantizes:
+    if not config.quantizes:
         return
     layers = [n for n in covered_layers(bundle.denoiser) if not is_excluded(n, config.exclude)]
     if not any(not (is_off(w) and is_off(a)) for w, a in map(config.bits_for, layers)) and is_off(config.attn_bits):
@@ -218,28 +217,28 @@ def run(args) -> dict:
     if show:
         print(file=sys.stderr)
     r = variant.report
-    cal = r["calibration"]
+    cal = r.calibration
     out = {"model": args.model, "method": config.method, "label": config.label, "w_bits": config.w_bits,
-           "a_bits": config.a_bits, "attn_bits": config.attn_bits, "tpq": r["tpq"],
+           "a_bits": config.a_bits, "attn_bits": config.attn_bits, "tpq": r.tpq,
            # seconds: the whole job's wall time; its named parts beside it
-           "seconds": r["total_seconds"], "quantize_seconds": r["seconds"],
-           "cpu_seconds": r["cpu_seconds"], "calibration_seconds": r["calibration_seconds"],
-           "calibration_rows": r["calibration_rows"], "calibration_steps": cal["steps"],
-           "calibration_samples": cal["images"], "calibration": cal, "layers_quantized": r["layers_quantized"],
-           "weight_bytes": r["weight_bytes"], "fp_weight_bytes": r["fp_weight_bytes"],
-           "rel_rms": r["rel_rms"], "rel_rms_per_timestep": r["rel_rms_per_timestep"],
-           "layer_error": r["layer_error"], "config": config.to_dict(), "recon": recon_summary(r["recon"]),
-           "balance": r["balance"],
+           "seconds": r.total_seconds, "quantize_seconds": r.seconds,
+           "cpu_seconds": r.cpu_seconds, "calibration_seconds": r.calibration_seconds,
+           "calibration_rows": r.calibration_rows, "calibration_steps": cal["steps"],
+           "calibration_samples": cal["images"], "calibration": cal, "layers_quantized": r.layers_quantized,
+           "weight_bytes": r.weight_bytes, "fp_weight_bytes": r.fp_weight_bytes,
+           "rel_rms": r.rel_rms, "rel_rms_per_timestep": r.rel_rms_per_timestep,
+           "layer_error": r.layer_error, "config": config.to_dict(), "recon": recon_summary(r.recon),
+           "balance": r.balance,
            "out": None}
     if args.out is not None:
         out["out"] = str(args.out)
         save_quantized(variant.bundle, config, args.out, base_source=args.model, recipe=variant.recipe,
                        extra_files={REPORT_FILE: json.dumps(out, indent=2, default=str)})
     mb = lambda n: f"{n / 2 ** 20:.2f} MiB"  # noqa: E731
-    human = (f"{config.label}: relative RMS error {r['rel_rms']:.4g} vs FP, {r['layers_quantized']} layers, "
-             f"{mb(r['weight_bytes'])} (FP {mb(r['fp_weight_bytes'])}), {out['seconds']:.1f}s "
-             f"({r['calibration_seconds']:.1f}s calibration sampling + {r['seconds']:.1f}s quantization)"
-             + (f" -> {out['out']}" if out["out"] else "") + "\n" + balance_lines(r["balance"]))
+    human = (f"{config.label}: relative RMS error {r.rel_rms:.4g} vs FP, {r.layers_quantized} layers, "
+             f"{mb(r.weight_bytes)} (FP {mb(r.fp_weight_bytes)}), {out['seconds']:.1f}s "
+             f"({r.calibration_seconds:.1f}s calibration sampling + {r.seconds:.1f}s quantization)"
+             + (f" -> {out['out']}" if out["out"] else "") + "\n" + balance_lines(r.balance))
     if out["recon"]:
         rs = out["recon"]
         human += (f"\n{config.recon}: {len(rs['units'])} units x {config.recon_iters} iterations on {rs['rows']} rows "

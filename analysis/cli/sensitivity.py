@@ -50,8 +50,8 @@ def run(args) -> dict:
     if args.calib_seed < 0:
         raise CLIError(f"--calib-seed must be >= 0, got {args.calib_seed}")
     config = QuantConfig(method=args.method, w_bits=w, a_bits=a).validate()
-    if config.method == "fp":
-        raise CLIError("--method fp quantizes nothing; pick a quantizing method")
+    if not config.quantizes:
+        raise CLIError(f"--method {config.method} quantizes nothing; pick a quantizing method")
     bundle = load(args.model, device=args.device, dtype=args.dtype)
     cal = calibration_for(bundle, steps=args.steps, num_samples=args.samples, guidance=args.guidance,
                           seed=args.calib_seed)
