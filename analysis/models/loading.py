@@ -15,7 +15,6 @@ Weights load from safetensors only, and no remote code ever runs.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
