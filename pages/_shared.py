@@ -112,6 +112,10 @@ def current_bundle():
     if pushed:
         st.sidebar.caption(f":orange[Loading it evicted {', '.join(f'`{k[0]}` ({k[1]}, {k[2]})' for k in pushed)} "
                            f"from memory: the app keeps {MODEL_CACHE_ENTRIES} models loaded across all sessions.]")
+    if bundle.device.type == "cpu":
+        from analysis.threads import current
+
+        st.sidebar.caption(f"CPU: {current().describe()}")
     return bundle
 
 
