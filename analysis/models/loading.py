@@ -21,16 +21,17 @@ Weights load from safetensors only, and no remote code ever runs.
 """
 from __future__ import annotations
 
-import json
 import os
 import threading
 from pathlib import Path
 
 import torch
 
+from analysis.models import checks
 from analysis.models.bundle import ModelBundle, ModelLoadError, resolve_device, resolve_dtype
 from analysis.models.resources import asset_path
 from analysis.models.saved import load_quantized
+from quant import guards
 from quant.denoiser import TEXT_FAMILIES
 from quant.families import CLASS_FAMILIES, FAMILIES
 
@@ -76,7 +77,16 @@ def load(source: str, device: str | torch.device | None = "cpu", dtype: str | to
     """Load a model bundle from 'bundled:NAME', a local folder, or a hub id, onto `device` in `dtype`."""
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     with _LOAD_LOCK:
-        return _load(source, device, dtype)
+        try:
+            bundle = _load_source(source)
+        except guards.UntrustedFileError as exc:
+            raise ModelLoadError(str(exc)) from None
+    bundle.denoiser.eval().requires_grad_(False)
+    for part in (bundle.vae, bundle.text.model if bundle.text is not None else None):
+        if part is not None:
+            part.eval().requires_grad_(False)
+    check_weights_finite(bundle, source)
+    return bundle.to(device, dtype)
 
 
 # diffusers (with accelerate) builds a model under a process-wide patch that puts new parameters on the meta
@@ -85,7 +95,9 @@ def load(source: str, device: str | torch.device | None = "cpu", dtype: str | to
 _LOAD_LOCK = threading.RLock()
 
 
-def _load(source: str, device, dtype) -> ModelBundle:
+def _load_source(source: str) -> ModelBundle:
+    if not isinstance(source, str) or not source.strip():
+        raise ModelLoadError("no model given; pass bundled:dit-mnist, bundled:unet-mnist, a folder or a hub id")
     if source.startswith("bundled:"):
         if source not in BUNDLED:
             raise ModelLoadError(f"unknown bundled model {source!r}; available: {', '.join(BUNDLED)}")
@@ -101,12 +113,7 @@ def _load(source: str, device, dtype) -> ModelBundle:
                              f"{' or '.join(repr(b) for b in BUNDLED)}, or a hub id such as facebook/DiT-XL-2-256")
     else:
         bundle = _load_hub(source)
-    bundle.denoiser.eval().requires_grad_(False)
-    for part in (bundle.vae, bundle.text.model if bundle.text is not None else None):
-        if part is not None:
-            part.eval().requires_grad_(False)
-    check_weights_finite(bundle, source)
-    return bundle.to(device, dtype)
+    return bundle
 
 
 def _looks_like_path(source: str) -> bool:
@@ -114,8 +121,7 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") != 1
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+_read_json = checks.read_json
 
 
 def _bundled_present(folder: Path) -> bool:
@@ -125,7 +131,12 @@ def _bundled_present(folder: Path) -> bool:
 def _denoiser_dir(folder: Path) -> tuple[Path, str]:
     """(folder holding the denoiser's config and weights, its family) for a pipeline or a bare model folder."""
     for family, sub in SUBFOLDERS.items():
-        if family not in TEXT_FAMILIES and (folder / sub / "config.json").exists():  # text pipelines: _text_pipeline
+        if family not in TEXT_FAMILIES and (folder / sub / "config.json").exists():  # text: _text_pipeline
+            cls = _read_json(folder / sub / "config.json").get("_class_name")
+            if cls is not None and MODEL_CLASSES.get(cls) != family:
+                raise ModelLoadError(f"{folder / sub / 'config.json'} describes a {cls}, but a {sub}/ folder holds a "
+                                     f"{' or '.join(FAMILIES[family].classes)}; the folder was assembled from two "
+                                     "models: re-export it")
             return folder / sub, family
     if not (folder / "config.json").exists():
         raise ModelLoadError(f"{folder} is not a diffusers model folder: no transformer/config.json, "
@@ -134,7 +145,7 @@ def _denoiser_dir(folder: Path) -> tuple[Path, str]:
     if MODEL_CLASSES.get(cls) in TEXT_FAMILIES:
         raise ModelLoadError(f"{folder} holds a bare {cls}: a text-to-image denoiser needs its pipeline folder "
                              "(model_index.json with text_encoder/, tokenizer/, vae/, scheduler/ beside it)")
-    if cls not in MODEL_CLASSES:
+    if not isinstance(cls, str) or cls not in MODEL_CLASSES:
         raise ModelLoadError(f"{folder / 'config.json'} describes a {cls or 'model without _class_name'}; "
                              f"this lab loads {', '.join(sorted(MODEL_CLASSES))}")
     return folder, MODEL_CLASSES[cls]
@@ -152,21 +163,16 @@ def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
     if pipeline is not None:
         return _load_text_pipeline(folder, name, pipeline)
     mdir, family = _denoiser_dir(folder)
-    if not list(mdir.glob("*.safetensors")):
-        raise ModelLoadError(f"{mdir} has no .safetensors weights; this project loads safetensors only "
-                             "(convert .bin weights with diffusers' save_pretrained(safe_serialization=True))")
     cls = getattr(diffusers, FAMILIES[family].classes[0])  # a diffusers class by name: no code from the folder
-    try:
-        denoiser = cls.from_pretrained(mdir, use_safetensors=True)
-    except Exception as exc:  # diffusers raises several types for malformed folders
-        raise ModelLoadError(f"could not load the {SUBFOLDERS[family]} in {mdir}: {exc}") from exc
+    denoiser = checks.checked_module(cls, mdir, SUBFOLDERS[family])
     vae = None
     if (folder / "vae" / "config.json").exists():
-        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
+        vae = checks.checked_module(AutoencoderKL, folder / "vae", "VAE")
     sched_path = folder / "scheduler" / "scheduler_config.json"
-    scheduler_config = _read_json(sched_path) if sched_path.exists() else {"num_train_timesteps": 1000}
+    scheduler_config = checks.check_scheduler_config(_read_json(sched_path), str(sched_path)) \
+        if sched_path.exists() else {"num_train_timesteps": 1000}
     meta_path = folder / "bundle.json"
-    meta = _read_json(meta_path) if meta_path.exists() else {}
+    meta = checks.check_bundle_meta(_read_json(meta_path), str(meta_path)) if meta_path.exists() else {}
     cfg = denoiser.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     num_classes = _num_classes(family, cfg)
@@ -178,12 +184,7 @@ def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
         eval_guidance=meta.get("eval_guidance", guidance), bundled=bundled)
 
 
-def _num_classes(family: str, cfg) -> int:
-    """Classes a user may ask for, as the family declares them (quant.families: FAMILY.num_classes)."""
-    try:
-        return FAMILIES[family].num_classes(cfg)
-    except ValueError as exc:
-        raise ModelLoadError(str(exc)) from None
+_num_classes = checks.num_classes
 
 
 def _load_hub(repo_id: str) -> ModelBundle:
@@ -251,15 +252,14 @@ def _load_text_pipeline(folder: Path, name: str, pipeline: str) -> ModelBundle:
     found = _read_json(mdir / "config.json").get("_class_name")
     if found != cls:
         raise ModelLoadError(f"{mdir / 'config.json'} describes a {found}; a {pipeline} holds a {cls}")
-    try:
-        denoiser = getattr(diffusers, cls).from_pretrained(mdir, use_safetensors=True)
-    except Exception as exc:
-        raise ModelLoadError(f"could not load the {sub} in {mdir}: {str(exc).splitlines()[0][:300]}") from None
+    denoiser = checks.checked_module(getattr(diffusers, cls), mdir, sub)  # bounded config, exact weight keys
     encoder, kind = load_text_encoder(folder / "text_encoder")
     tokenizer = load_tokenizer(folder / "tokenizer")
     meta_path = folder / "bundle.json"
-    meta = _read_json(meta_path) if meta_path.exists() else {}
-    tokens = int(meta.get("max_sequence_length") or tokens or tokenizer.model_max_length)
+    meta = checks.check_bundle_meta(_read_json(meta_path), str(meta_path)) if meta_path.exists() else {}
+    tokens = meta.get("max_sequence_length") or tokens or tokenizer.model_max_length
+    if not isinstance(tokens, int):
+        raise ModelLoadError(f"{folder}: tokens per prompt {tokens!r} is not a whole number")
     if not 1 <= tokens <= MAX_TOKENS:
         raise ModelLoadError(f"{folder}: {tokens} tokens per prompt; between 1 and {MAX_TOKENS} are supported")
     width = encoder.config.d_model if kind == "t5" else encoder.config.hidden_size
@@ -269,9 +269,9 @@ def _load_text_pipeline(folder: Path, name: str, pipeline: str) -> ModelBundle:
     vae = None
     if (folder / "vae").exists():
         safetensors_only(folder / "vae", "VAE")
-        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
+        vae = checks.checked_module(AutoencoderKL, folder / "vae", "VAE")
     sched_path = folder / "scheduler" / "scheduler_config.json"
-    scheduler_config = _read_json(sched_path) if sched_path.exists() else {"num_train_timesteps": 1000}
+    scheduler_config = _training_schedule(sched_path) if sched_path.exists() else {"num_train_timesteps": 1000}
     cfg = denoiser.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     text = TextEncoder.build(tokenizer, encoder, tokens, use_mask=family == "pixart", kind=kind)
@@ -281,3 +281,16 @@ def _load_text_pipeline(folder: Path, name: str, pipeline: str) -> ModelBundle:
         vae_scale_factor=float(vae.config.scaling_factor) if vae is not None else 1.0,
         default_guidance=meta.get("default_guidance", guidance), eval_guidance=meta.get("eval_guidance", guidance),
         text=text)
+
+
+def _training_schedule(path: Path) -> dict:
+    """The training-schedule fields of a pipeline's scheduler config, checked. PixArt-sigma ships a DPM-Solver
+    config holding lambda_min_clipped = -Infinity (not JSON, refused by the strict reader): it is read with
+    non-finite numbers allowed, then only the fields the samplers use are kept (all finite, checked)."""
+    from analysis.models.sampling import SCHEDULE_KEYS
+
+    if path.stat().st_size > guards.MAX_JSON_BYTES:
+        raise ModelLoadError(f"{path} is larger than a scheduler config may be")
+    raw = guards.loads_json(path.read_bytes().decode("utf-8", errors="replace"), str(path), allow_nan=True)
+    kept = {k: v for k, v in raw.items() if k in SCHEDULE_KEYS}
+    return checks.check_scheduler_config(kept, str(path))

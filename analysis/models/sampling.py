@@ -22,6 +22,8 @@ from analysis.models.bundle import ModelBundle, check_finite
 from quant.denoiser import denoise
 
 SCHEDULERS = ("ddim", "ddpm")
+# the training schedule's fields a sampler is built from (the rest of a pipeline's scheduler config is not read)
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
 NO_CLASS = -1  # the label rows of an unconditional model carry (the model never sees it)
 
 
@@ -70,14 +72,18 @@ def make_scheduler(bundle: ModelBundle, kind: str = "ddim"):
 
     if kind not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {kind!r}; choose one of {SCHEDULERS}")
-    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
-    cfg = {k: v for k, v in bundle.scheduler_config.items() if k in keep}
+    cfg = {k: v for k, v in bundle.scheduler_config.items() if k in SCHEDULE_KEYS}
     cfg.update(clip_sample=False)
     return DDIMScheduler(**cfg) if kind == "ddim" else DDPMScheduler(**cfg)
 
 
-def parse_int_list(text: str) -> list[int]:
-    """'0,1,5-7' -> [0, 1, 5, 6, 7] (non-negative integers); raises ValueError naming the bad part."""
+MAX_LIST = 100_000  # seeds or classes one command may list: 100k images already take hours on a GPU
+MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed's range
+
+
+def parse_int_list(text: str, limit: int = MAX_LIST) -> list[int]:
+    """'0,1,5-7' -> [0, 1, 5, 6, 7] (non-negative integers up to 2^63 - 1, at most `limit` of them); raises
+    ValueError naming the bad part before anything is allocated for a range."""
     out: list[int] = []
     for part in str(text).split(","):
         part = part.strip()
@@ -90,6 +96,10 @@ def parse_int_list(text: str) -> list[int]:
             raise ValueError(f"cannot read {part!r} as a non-negative integer or a range like 0-9") from None
         if sep and not values:
             raise ValueError(f"range {part!r} is empty: write the smaller number first")
+        if values and values[-1] > MAX_SEED:
+            raise ValueError(f"{part!r} is beyond {MAX_SEED} (2^63 - 1), the largest seed torch takes")
+        if len(out) + len(values) > limit:
+            raise ValueError(f"{text!r} lists more than {limit} values; ask for fewer")
         out.extend(values)
     if not out:
         raise ValueError(f"no integers in {text!r}")

@@ -11,6 +11,12 @@ from analysis.models.bundle import ModelLoadError
 TEXT_ENCODERS = {"T5EncoderModel": "t5", "CLIPTextModel": "clip"}  # classes loaded, by the config's architectures
 MAX_TOKENS = 512
 MAX_TOKENIZER_BYTES = 64 << 20  # a tokenizer folder (T5's spiece.model is 0.8 MB, CLIP's vocab + merges 2 MB)
+# Sizes a text encoder's config may give, checked before anything is allocated (T5-XXL: d_model 4096, d_ff 10240,
+# 24 layers, 64 heads, vocabulary 32128; CLIP ViT-L/14's text tower: width 768, 12 layers, 77 positions).
+CONFIG_BOUNDS = {"vocab_size": (1, 1 << 20), "d_model": (1, 1 << 14), "d_kv": (1, 1 << 12), "d_ff": (1, 1 << 16),
+                 "num_layers": (1, 256), "num_heads": (1, 1024), "hidden_size": (1, 1 << 14),
+                 "intermediate_size": (1, 1 << 16), "num_hidden_layers": (1, 256), "num_attention_heads": (1, 1024),
+                 "max_position_embeddings": (1, 1 << 16)}
 
 
 def _read_json(path: Path) -> dict:
@@ -46,7 +52,18 @@ def load_text_encoder(folder: Path):
     import transformers
 
     safetensors_only(folder, "text encoder")
-    archs = _read_json(folder / "config.json").get("architectures") or []
+    from quant import guards
+
+    config = _read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{folder / 'config.json'} must hold an object")
+    for key, (low, high) in CONFIG_BOUNDS.items():
+        if key in config:
+            try:
+                guards.check_int(config[key], key, str(folder / "config.json"), low, high)
+            except guards.UntrustedFileError as exc:
+                raise ModelLoadError(str(exc)) from None
+    archs = config.get("architectures") or []
     cls = next((a for a in archs if a in TEXT_ENCODERS), None)
     if cls is None:
         raise ModelLoadError(f"{folder / 'config.json'} describes a {', '.join(archs) or 'model without architectures'}; "
