@@ -29,6 +29,7 @@ from quant.quantizers import is_off
 
 # Share of a quantize_bundle call's progress bar that calibration sampling takes when it samples.
 SAMPLING_SHARE = 0.6
+HELD_OUT_IMAGES = 10  # FP images (one per class of the digit models) the held-out error is measured on
 
 
 @dataclasses.dataclass
@@ -81,10 +82,18 @@ def _lists(d: dict) -> dict:
     return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
 
 
+def held_out_spec(spec: CalibrationSpec, images: int = HELD_OUT_IMAGES) -> CalibrationSpec:
+    """The FP sampling run a variant's error is measured on: the calibration's setting (steps, guidance,
+    sampler) on the `images` seeds right after the calibration seeds, so no image of it was trained or
+    calibrated on, and none is an evaluation seed (those start at 0)."""
+    return dataclasses.replace(spec, seed=spec.seed + spec.images, images=images)
+
+
 def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
                     calibration: CalibrationData | CalibrationSpec | None = None,
                     on_progress: Callable[[str, float], None] | None = None, batch_size: int = 64,
-                    on_recon: Callable[[int, int, int, float], None] | None = None) -> Variant:
+                    on_recon: Callable[[int, int, int, float], None] | None = None,
+                    held_out: CalibrationData | CalibrationSpec | bool | None = None) -> Variant:
     """Quantize `bundle`'s transformer into a new Variant and measure it on the calibration inputs.
 
     calibration: a CalibrationSpec (sampled here, and timed), CalibrationData already sampled (by calibrate,
@@ -96,8 +105,13 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
     clock; cpu_seconds: the process's CPU time for the same, which a busy machine does not inflate),
     calibration_seconds (FP sampling, when done here), total_seconds (the two), calibration (the spec),
     layers_quantized, weight_bytes (stored at the bit-width), fp_weight_bytes, rel_rms and
-    rel_rms_per_timestep (relative RMS error of the noise prediction vs FP), layer_error (each layer's
-    relative RMS error on its own input), and per balanced group: vectors (b), salience (per-channel maxima
+    rel_rms_per_timestep (relative RMS error of the noise prediction vs FP on held-out seeds: inputs of an FP
+    sampling run on seeds that neither calibration nor the block-wise optimization saw, held_out_spec),
+    rel_rms_in_sample and rel_rms_per_timestep_in_sample (the same on the calibration inputs themselves: the
+    gap to the held-out error is over-fitting), rel_rms_basis ("held_out", or "in_sample" when the
+    calibration data has no spec to derive held-out seeds from and none was given), held_out (its spec),
+    layer_error (each layer's relative RMS error on its own input, calibration inputs), and per balanced
+    group: vectors (b), salience (per-channel maxima
     before / after), ssc (rho, eta per timestep); balance (which layers took a folded scale, which did
     not and why: quant.graph.balance_plan); recon (quant.recon.ReconReport as a dict, or None).
     """
@@ -128,6 +142,17 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
     batches = calibration_batches(calibration, batch_size)
     rel, per_t, layer_err = output_errors(None, result.model, batches, bundle.latent_shape[0],
                                           reference=result.reference)
+    if held_out is None or held_out is True:
+        held_out = held_out_spec(spec) if spec is not None else None
+    if isinstance(held_out, CalibrationSpec):
+        progress("measuring the error vs FP on held-out seeds", 0.85)
+        held_out = calibrate(bundle, held_out)
+    held_rel = held_per_t = None
+    if held_out is not None and held_out is not False:
+        held_rel, held_per_t, _ = output_errors(bundle.transformer, result.model,
+                                                calibration_batches(held_out, batch_size), bundle.latent_shape[0],
+                                                per_layer=False)
+    held_spec = getattr(held_out, "spec", None) if held_rel is not None else None
     n_quant = sum(1 for m in quant_layers(result.model).values()
                   if not is_off(m.w_bits) or m.act.enabled)
     report = {
@@ -139,7 +164,11 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
         "calibration_rows": len(calibration) if hasattr(calibration, "__len__") else None,
         "layers_quantized": n_quant, "weight_bytes": weight_bytes(result.model),
         "fp_weight_bytes": fp_weight_bytes(bundle.transformer),
-        "rel_rms": rel, "rel_rms_per_timestep": per_t, "layer_error": layer_err,
+        "rel_rms": rel if held_rel is None else held_rel,
+        "rel_rms_per_timestep": per_t if held_per_t is None else held_per_t,
+        "rel_rms_basis": "in_sample" if held_rel is None else "held_out",
+        "rel_rms_held_out": held_rel, "rel_rms_in_sample": rel, "rel_rms_per_timestep_in_sample": per_t,
+        "held_out": None if held_spec is None else held_spec.to_dict(), "layer_error": layer_err,
         "vectors": {g: b.tolist() for g, b in result.vectors.items()},
         "salience": {g: _lists(s) for g, s in result.salience.items()},
         "ssc": {g: _lists(e) for g, e in result.extras.items() if "eta" in e},
