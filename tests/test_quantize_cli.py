@@ -39,7 +39,12 @@ def test_quantize_json_save_and_reload_round_trip(tiny_folder, tmp_path, capsys)
     cal = calibration_for(fp, steps=3, num_samples=2)  # the default seeds are the CLI's
     rel, _, _ = output_errors(fp.transformer, q.transformer, list(cal.batches(64)), fp.latent_shape[0],
                               per_layer=False)
-    assert rel == pytest.approx(res["rel_rms"], rel=1e-3)
+    assert rel == pytest.approx(res["rel_rms_in_sample"], rel=1e-3)
+    held = res["held_out"]  # the headline: the seeds right after the calibration's, which it never saw
+    cal = calibration_for(fp, steps=3, num_samples=held["images"], seed=held["seed"])
+    rel, _, _ = output_errors(fp.transformer, q.transformer, list(cal.batches(64)), fp.latent_shape[0],
+                              per_layer=False)
+    assert res["rel_rms_basis"] == "held_out" and rel == pytest.approx(res["rel_rms"], rel=1e-3)
     # quantizing it again is refused; saving over the earlier output is allowed
     rc, _, err = run_cli(capsys, "quantize", "--model", out_dir, *SMALL)
     assert rc == 2 and "already quantized" in err and len(err.strip().splitlines()) == 1
