@@ -55,9 +55,9 @@ def main(argv=None) -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    from analysis.evaluate import EvalOptions, evaluate
-    from analysis.models import load
-    from analysis.store import Store
+    from analysis.evaluation.evaluate import EvalOptions, evaluate
+    from analysis.models.loading import load
+    from analysis.evaluation.store import Store
     from quant.config import QuantConfig
 
     names = [n.strip() for n in args.variants.split(",") if n.strip()]

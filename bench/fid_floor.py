@@ -1,6 +1,6 @@
 """The real-vs-real FID floor of the bundled digits at several N, by the current and the earlier definition.
 
-Current (analysis.metrics.fid_floor): N real images from one half of the 5000 digits against the other half,
+Current (analysis.evaluation.metrics.fid_floor): N real images from one half of the 5000 digits against the other half,
 the reference part every FID vs real compares with, so a perfect model and the floor are measured alike.
 Earlier: N real images against the other 5000 - N, a reference of another size than the model's FID used.
 
@@ -17,7 +17,7 @@ import torch
 
 def earlier_floor(features: torch.Tensor, n: int, splits: int = 3, seed: int = 0) -> float:
     """The definition the lab used before: N against the other M - N real images."""
-    from analysis.metrics import fid_from_features
+    from analysis.evaluation.metrics import fid_from_features
 
     gen = torch.Generator().manual_seed(seed)
     values = []
@@ -32,8 +32,8 @@ def main(argv=None) -> None:
     ap.add_argument("--n", default="512,2048")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    from analysis import metrics as M
-    from analysis.store import Store
+    from analysis.evaluation import metrics as M
+    from analysis.evaluation.store import Store
 
     feats = M.reference_features(M.bundled_reference(), cache_dir=Store().cache_dir)
     rows = []

@@ -1,4 +1,4 @@
-"""Coverage of the FID bootstrap intervals (analysis.metrics.fid_interval), measured on simulated features.
+"""Coverage of the FID bootstrap intervals (analysis.evaluation.metrics.fid_interval), measured on simulated features.
 
 Real and generated "features" are Gaussian with a known shift, so the quantity the interval claims to cover,
 the expected FID at this N, is known to simulation accuracy (the mean FID over many independent draws). Each
@@ -33,7 +33,7 @@ def _draw(gen: torch.Generator, dims: int, n: int, m: int, paired: bool, shift: 
 
 def expected_fid(dims: int, n: int, m: int, paired: bool, shift: float, draws: int = 2000, seed: int = 1) -> float:
     """E[FID] at these sizes, the mean over independent draws (batched: one Frechet distance per draw)."""
-    from analysis.metrics import frechet_distance, weighted_statistics
+    from analysis.evaluation.metrics import frechet_distance, weighted_statistics
 
     gen = torch.Generator().manual_seed(seed)
     values = []
@@ -47,7 +47,7 @@ def expected_fid(dims: int, n: int, m: int, paired: bool, shift: float, draws: i
 def coverage(trials: int = 200, dims: int = 3, n: int = 150, m: int = 300, paired: bool = False, shift: float = 0.3,
              method: str = "percentile", replicates: int | None = None, level: float = 0.95, seed: int = 0) -> dict:
     """The share of `trials` simulated measurements whose interval holds the expected FID."""
-    from analysis.metrics import fid_interval
+    from analysis.evaluation.metrics import fid_interval
 
     target = expected_fid(dims, n, m, paired, shift)
     gen = torch.Generator().manual_seed(seed + 100)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from analysis.calibration import CALIBRATION_SEED, calibration_for
-from analysis.models import load
-from analysis.quantize_pipeline import quantize_bundle
+from analysis.models.loading import load
+from analysis.quantization.calibration import CALIBRATION_SEED, calibration_for
+from analysis.quantization.pipeline import quantize_bundle
 from quant.api import QuantConfig
 
 CONFIGS = [
@@ -43,10 +43,10 @@ def main() -> None:
     reports = {}
     for method, w, a, tpq in CONFIGS:
         v = quantize_bundle(bundle, QuantConfig(method=method, w_bits=w, a_bits=a, tpq=tpq), cal)
-        reports[v.name] = v.report
+        reports[v.name] = v.report.to_dict()
         if not args.json:
-            print(f"{v.name:<26} rel_rms {v.report['rel_rms']:.5f}   ({v.report['seconds']:.1f} s, "
-                  f"{v.report['cpu_seconds']:.1f} s CPU)", flush=True)
+            print(f"{v.name:<26} rel_rms {v.report.rel_rms:.5f}   ({v.report.seconds:.1f} s, "
+                  f"{v.report.cpu_seconds:.1f} s CPU)", flush=True)
     claims = []
     for text, better, worse, strict in CLAIMS:
         rb, rw = reports[better]["rel_rms"], reports[worse]["rel_rms"]

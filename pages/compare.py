@@ -5,6 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from pages._shared import current_bundle, intro, store
+from quant.config import quantizes
 
 MAX_VARIANTS = 3  # plus FP: four grids side by side
 RUN_PREFIX = "run #"
@@ -31,7 +32,7 @@ intro(
 def _quantized_from_run(bundle, run):
     """A stored run's model rebuilt from its recipe (config + calibration) on the current FP model, kept for
     this session: the model whose scores the run shows."""
-    from analysis.quantize_pipeline import rebuild
+    from analysis.quantization.pipeline import rebuild
 
     cache = st.session_state.setdefault("reloaded_variants", {})
     key = (bundle.name, run.id)
@@ -48,7 +49,7 @@ def compare_view(bundle) -> None:
     runs, seen = [], set()
     for r in store().list(model=bundle.name):  # newest first: one entry per configuration, plus any picked one
         key = repr(sorted(r.config.items()))
-        if r.method not in ("fp", "custom") and (key not in seen or f"{RUN_PREFIX}{r.id} {r.label}" in kept):
+        if quantizes(r.method) and r.method != "custom" and (key not in seen or f"{RUN_PREFIX}{r.id} {r.label}" in kept):
             seen.add(key)
             runs.append(r)
     options = list(session_variants) + [f"{RUN_PREFIX}{r.id} {r.label}" for r in runs]
@@ -80,7 +81,7 @@ def compare_view(bundle) -> None:
     if result is not None and result["model"] == bundle.name:
         _show(result["view"])
         return
-    from analysis.compare import latest_comparison
+    from analysis.evaluation.compare import latest_comparison
 
     stored = latest_comparison(store(), bundle.name)  # after a reload: the last comparison kept in the store
     if stored is not None:
@@ -91,8 +92,8 @@ def compare_view(bundle) -> None:
 
 def _run_comparison(bundle, chosen, session_variants, runs, seeds_per_class, steps, guidance, fid_n, fid_guidance,
                     save, n_classes) -> None:
-    from analysis.compare import compare, comparison_view, grid_layout, store_comparison
-    from analysis.evaluate import EvalOptions, evaluate_variants, score_row
+    from analysis.evaluation.compare import compare, comparison_view, grid_layout, store_comparison
+    from analysis.evaluation.evaluate import EvalOptions, evaluate_variants, score_row
 
     by_label = {f"{RUN_PREFIX}{r.id} {r.label}": r for r in runs}
     variants = {}
@@ -223,7 +224,7 @@ def history_view(bundle) -> None:
         return
     st.subheader(f"Run #{run.id}: {run.label} on {run.model}")
     m1, m2, m3, m4 = st.columns(4)
-    from analysis.metrics import fid_text
+    from analysis.evaluation.metrics import fid_text
 
     s = run.summary()
     m1.metric(f"FID vs real (N={run.num_samples})", fid_text(run.fid, s["fid_interval"]),
@@ -233,7 +234,7 @@ def history_view(bundle) -> None:
               "n/a" if run.label_agreement is None else f"{run.label_agreement:.1%}")
     m4.metric("Seconds (whole job)", f"{run.timings.get('total', 0):.0f}")
     if s.get("ssim_vs_fp") is not None:
-        from analysis.per_seed import per_seed_text
+        from analysis.evaluation.per_seed import per_seed_text
 
         st.caption(f"Per seed vs FP (N={run.num_samples}, 95% intervals): {per_seed_text(s)}")
     if run.metrics.get("warning"):
@@ -245,7 +246,7 @@ def history_view(bundle) -> None:
     with st.expander("Configuration, timings and versions"):
         st.json({"config": run.config, "metrics": run.metrics, "timings": run.timings, "versions": run.versions,
                  "steps": run.steps, "guidance": run.guidance, "scheduler": run.scheduler})
-    if run.model == bundle.name and run.method not in ("fp", "custom"):
+    if run.model == bundle.name and quantizes(run.method) and run.method != "custom":
         if st.button("Add to comparison", key="hist_add"):
             st.session_state["compare_add"] = f"{RUN_PREFIX}{run.id} {run.label}"
             st.rerun()

@@ -1,6 +1,6 @@
 """Quantize: pick a method and bit-widths, quantize a copy of the model, and see what the method did.
 
-Each result is kept in st.session_state["variants"] (name -> analysis.quantize_pipeline.Variant), which the
+Each result is kept in st.session_state["variants"] (name -> analysis.quantization.pipeline.Variant), which the
 Compare page reads. The cached FP bundle is shared by every session and is never modified: quantize_bundle
 works on a copy.
 """
@@ -37,7 +37,7 @@ intro(
 def _form(bundle):
     """The method picker, then a form with the options that method uses: QuantConfig's common fields and the
     method's own, both drawn from their declarations (quant.options), and the calibration run."""
-    from analysis.calibration import DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS
+    from analysis.quantization.calibration import DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS
     from quant.config import QuantConfig
     from quant.methods import REGISTRY
 
@@ -75,7 +75,7 @@ def _form(bundle):
 
 def _calibration(bundle, spec):
     """FP calibration inputs, kept for the latest (model, spec) so other methods reuse them."""
-    from analysis.calibration import calibrate
+    from analysis.quantization.calibration import calibrate
 
     key = (bundle.name, spec)
     cached = st.session_state.get("q_calibration")
@@ -89,8 +89,8 @@ def _calibration(bundle, spec):
 
 
 def _quantize(bundle, fields: dict, samples: int, steps: int, name: str) -> None:
-    from analysis.calibration import CalibrationSpec
-    from analysis.quantize_pipeline import quantize_bundle, unmatched_excludes
+    from analysis.quantization.calibration import CalibrationSpec
+    from analysis.quantization.pipeline import quantize_bundle, unmatched_excludes
     from quant.api import QuantConfig
 
     try:
@@ -99,7 +99,7 @@ def _quantize(bundle, fields: dict, samples: int, steps: int, name: str) -> None
     except ValueError as exc:
         st.error(f"Bad option: {exc}")
         return
-    unmatched = unmatched_excludes(bundle.transformer, config.exclude)
+    unmatched = unmatched_excludes(bundle.denoiser, config.exclude)
     if unmatched:
         st.error(f"'{unmatched[0]}' in 'Keep in float' matches no layer. Use a pattern such as *.ff.net.2 or a "
                  "module name such as transformer_blocks.0 (layer names look like transformer_blocks.0.attn1.to_q "
@@ -168,8 +168,13 @@ def _default_group(salience: dict) -> int:
 
 
 def _show(bundle, variants: dict) -> None:
-    from analysis.plots.quant import (layer_error_figure, salience_before_after, ssc_figure, timestep_error_figure,
-                                      vector_figure)
+    from analysis.plots.quant import (
+        layer_error_figure,
+        salience_before_after,
+        ssc_figure,
+        timestep_error_figure,
+        vector_figure,
+    )
 
     names = [n for n, v in variants.items() if v.bundle.name.startswith(bundle.name)]
     if not names:
@@ -180,23 +185,23 @@ def _show(bundle, variants: dict) -> None:
     v = variants[pick]
     r = v.report
     m1, m2, m3, m4 = st.columns(4)
-    held = r.get("rel_rms_basis") == "held_out"
+    held = r.rel_rms_basis == "held_out"
     m1.metric("Relative RMS error vs FP" + (" (held-out seeds)" if held else " (calibration inputs)"),
-              f"{r['rel_rms']:.4f}",
-              delta=None if not held else f"in sample {r['rel_rms_in_sample']:.4f}", delta_color="off",
+              f"{r.rel_rms:.4f}",
+              delta=None if not held else f"in sample {r.rel_rms_in_sample:.4f}", delta_color="off",
               help="||eps_q - eps|| / ||eps|| of the noise prediction vs FP, on an FP sampling run from seeds that "
                    "calibration never saw; the in-sample value (on the calibration inputs the optimization "
                    "trained on) beside it: a gap means over-fitting")
-    m2.metric("Layers quantized", r["layers_quantized"])
-    m3.metric("Stored weights", f"{r['weight_bytes'] / 2 ** 20:.2f} MiB",
-              delta=f"{r['weight_bytes'] / r['fp_weight_bytes'] - 1:+.0%} vs FP", delta_color="inverse")
-    m4.metric("Quantize time", f"{r['seconds']:.1f} s", help=f"CPU time {r['cpu_seconds']:.1f} s; calibration "
+    m2.metric("Layers quantized", r.layers_quantized)
+    m3.metric("Stored weights", f"{r.weight_bytes / 2 ** 20:.2f} MiB",
+              delta=f"{r.weight_bytes / r.fp_weight_bytes - 1:+.0%} vs FP", delta_color="inverse")
+    m4.metric("Quantize time", f"{r.seconds:.1f} s", help=f"CPU time {r.cpu_seconds:.1f} s; calibration "
                                                              f"sampling not included")
-    st.caption(f"{v.config.label}; calibrated on {r['calibration_rows']} transformer inputs over "
-               f"{len(r['rel_rms_per_timestep'])} timesteps.")
-    if r.get("balance"):
-        _show_balance(r["balance"])
-    salience = r["salience"]
+    st.caption(f"{v.config.label}; calibrated on {r.calibration_rows} transformer inputs over "
+               f"{len(r.rel_rms_per_timestep)} timesteps.")
+    if r.balance:
+        _show_balance(r.balance)
+    salience = r.salience
     if salience:
         groups = list(salience)
         c1, c2 = st.columns([3, 1])
@@ -206,18 +211,18 @@ def _show(bundle, variants: dict) -> None:
         sort = c2.checkbox("Sort channels by salience", key="q_sort")
         st.plotly_chart(salience_before_after(salience[group], group, sort=sort), width="stretch")
         c1, c2 = st.columns(2)
-        if group in r["vectors"]:
-            c1.plotly_chart(vector_figure(r["vectors"][group], group, v.config.method), width="stretch")
+        if group in r.vectors:
+            c1.plotly_chart(vector_figure(r.vectors[group], group, v.config.method), width="stretch")
         else:
             c1.info("This method folds no vector: channel maxima are unchanged (plain PTQ).")
-        if group in r["ssc"]:
-            c2.plotly_chart(ssc_figure(r["ssc"][group], group), width="stretch")
-    st.plotly_chart(layer_error_figure(r["layer_error"], title=f"{pick}: per-layer relative output error"),
+        if group in r.ssc:
+            c2.plotly_chart(ssc_figure(r.ssc[group], group), width="stretch")
+    st.plotly_chart(layer_error_figure(r.layer_error, title=f"{pick}: per-layer relative output error"),
                     width="stretch")
-    st.plotly_chart(timestep_error_figure({n: variants[n].report["rel_rms_per_timestep"] for n in names}),
+    st.plotly_chart(timestep_error_figure({n: variants[n].report.rel_rms_per_timestep for n in names}),
                     width="stretch")
-    if r.get("recon"):
-        _show_recon(r["recon"])
+    if r.recon:
+        _show_recon(r.recon)
     _download(v)
 
 
@@ -235,7 +240,7 @@ def _show_balance(plan: dict) -> None:
 
 
 def _download(v) -> None:
-    from analysis.quantize_pipeline import saved_zip
+    from analysis.quantization.pipeline import saved_zip
 
     key = ("q_zip", v.name, id(v))
     if st.button("Prepare the model for download", key="q_prepare",

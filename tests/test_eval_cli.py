@@ -34,7 +34,7 @@ def test_eval_fp_json_and_runs_listing(data_dir, capsys):
     # per-seed identity with FP: FP against itself
     assert res["same_digit_vs_fp"] == 1.0 and res["psnr_vs_fp"] is None and res["ssim_vs_fp"] == pytest.approx(1.0)
     assert res["same_digit_vs_fp_interval"][1] == 1.0 and res["label_agreement_interval"][0] <= res["label_agreement"]
-    from analysis.models import load
+    from analysis.models.loading import load
 
     assert res["guidance"] == load("bundled:dit-mnist").eval_guidance
     rc, out, err = run_cli(capsys, "runs", "--data-dir", data, "--json")
@@ -56,8 +56,7 @@ def test_eval_fp_json_and_runs_listing(data_dir, capsys):
 
 def test_eval_quantized_variant(data_dir, capsys):
     """A real W8A8 baseline quantization through the engine, scored against FP at the same seeds."""
-    from analysis import quantize_pipeline
-
+    from analysis.quantization import pipeline as quantize_pipeline
     data = data_dir
     try:
         rc, out, err = run_cli(capsys, "eval", "--method", "baseline", "--w-bits", "8", "--a-bits", "8",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import per_seed as P
+from analysis.evaluation import per_seed as P
 
 
 def _ssim_by_hand(x: np.ndarray, y: np.ndarray, win: int = 11, sigma: float = 1.5) -> float:

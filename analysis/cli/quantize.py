@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from analysis.cli import CLIError, add_common, add_guidance, emit, finite_float
-from analysis.calibration import CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS
+from analysis.quantization.calibration import CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS
 
 REPORT_FILE = "quant_report.json"  # written beside the model; loading ignores it
 
@@ -79,9 +79,9 @@ def config_from_args(args):
 
 def check_excludes(bundle, config) -> None:
     """An --exclude pattern that matches no layer is almost always a typo: refuse it before any work."""
-    from analysis.quantize_pipeline import unmatched_excludes
+    from analysis.quantization.pipeline import unmatched_excludes
 
-    unmatched = unmatched_excludes(bundle.transformer, config.exclude)
+    unmatched = unmatched_excludes(bundle.denoiser, config.exclude)
     if unmatched:
         raise CLIError(f"--exclude {unmatched[0]!r} matches no layer; use an fnmatch pattern such as "
                        "'*.attn1.to_q' or a module name such as transformer_blocks.0")
@@ -137,10 +137,11 @@ def config_from_file(path: Path):
 
 
 def run(args) -> dict:
-    from analysis.bundle_io import save_quantized
-    from analysis.calibration import CalibrationSpec
-    from analysis.models import load
-    from analysis.quantize_pipeline import quantize_bundle
+    from analysis.models.loading import load
+    from analysis.models.saved import save_quantized
+    from analysis.quantization.calibration import CalibrationSpec
+    from analysis.quantization.pipeline import quantize_bundle
+    from quant.families import readable_layer
 
     config = config_from_file(args.config) if args.config is not None else config_from_args(args)
     try:
@@ -167,38 +168,38 @@ def run(args) -> dict:
     if show:
         print(file=sys.stderr)
     r = variant.report
-    cal = r["calibration"]
+    cal = r.calibration
     out = {"model": args.model, "method": config.method, "label": config.label, "w_bits": config.w_bits,
-           "a_bits": config.a_bits, "attn_bits": config.attn_bits, "tpq": r["tpq"],
+           "a_bits": config.a_bits, "attn_bits": config.attn_bits, "tpq": r.tpq,
            # seconds: the whole job's wall time; its named parts beside it
-           "seconds": r["total_seconds"], "quantize_seconds": r["seconds"],
-           "cpu_seconds": r["cpu_seconds"], "calibration_seconds": r["calibration_seconds"],
-           "calibration_rows": r["calibration_rows"], "calibration_steps": cal["steps"],
-           "calibration_samples": cal["images"], "calibration": cal, "layers_quantized": r["layers_quantized"],
-           "weight_bytes": r["weight_bytes"], "fp_weight_bytes": r["fp_weight_bytes"],
-           "rel_rms": r["rel_rms"], "rel_rms_per_timestep": r["rel_rms_per_timestep"],
-           "rel_rms_basis": r.get("rel_rms_basis"), "rel_rms_in_sample": r.get("rel_rms_in_sample"),
-           "rel_rms_per_timestep_in_sample": r.get("rel_rms_per_timestep_in_sample"), "held_out": r.get("held_out"),
-           "layer_error": r["layer_error"], "config": config.to_dict(), "recon": recon_summary(r["recon"]),
-           "balance": r["balance"],
+           "seconds": r.total_seconds, "quantize_seconds": r.seconds,
+           "cpu_seconds": r.cpu_seconds, "calibration_seconds": r.calibration_seconds,
+           "calibration_rows": r.calibration_rows, "calibration_steps": cal["steps"],
+           "calibration_samples": cal["images"], "calibration": cal, "layers_quantized": r.layers_quantized,
+           "weight_bytes": r.weight_bytes, "fp_weight_bytes": r.fp_weight_bytes,
+           "rel_rms": r.rel_rms, "rel_rms_per_timestep": r.rel_rms_per_timestep,
+           "rel_rms_basis": r.rel_rms_basis, "rel_rms_in_sample": r.rel_rms_in_sample,
+           "rel_rms_per_timestep_in_sample": r.rel_rms_per_timestep_in_sample, "held_out": r.held_out,
+           "layer_error": r.layer_error, "config": config.to_dict(), "recon": recon_summary(r.recon),
+           "balance": r.balance,
            "out": None}
     if args.out is not None:
         folder = save_quantized(variant.bundle, config, args.out, base_source=args.model, recipe=variant.recipe)
         out["out"] = str(folder)
         (folder / REPORT_FILE).write_text(json.dumps(out, indent=2, default=str))
     mb = lambda n: f"{n / 2 ** 20:.2f} MiB"  # noqa: E731
-    basis = ("held-out seeds; in sample " + f"{r['rel_rms_in_sample']:.4g}") if r.get("rel_rms_basis") == "held_out" \
+    basis = f"held-out seeds; in sample {r.rel_rms_in_sample:.4g}" if r.rel_rms_basis == "held_out" \
         else "calibration inputs"
-    human = (f"{config.label}: relative RMS error {r['rel_rms']:.4g} vs FP ({basis}), {r['layers_quantized']} layers, "
-             f"{mb(r['weight_bytes'])} (FP {mb(r['fp_weight_bytes'])}), {out['seconds']:.1f}s "
-             f"({r['calibration_seconds']:.1f}s calibration sampling + {r['seconds']:.1f}s quantization)"
-             + (f" -> {out['out']}" if out["out"] else "") + "\n" + balance_lines(r["balance"]))
+    human = (f"{config.label}: relative RMS error {r.rel_rms:.4g} vs FP ({basis}), {r.layers_quantized} layers, "
+             f"{mb(r.weight_bytes)} (FP {mb(r.fp_weight_bytes)}), {out['seconds']:.1f}s "
+             f"({r.calibration_seconds:.1f}s calibration sampling + {r.seconds:.1f}s quantization)"
+             + (f" -> {out['out']}" if out["out"] else "") + "\n" + balance_lines(r.balance))
     if out["recon"]:
         rs = out["recon"]
         human += (f"\n{config.recon}: {len(rs['units'])} units x {config.recon_iters} iterations on {rs['rows']} rows "
                   f"in {rs['seconds']:.1f}s; output error per unit before -> after: "
-                  + ", ".join(f"{u['name'].replace('transformer_blocks.', 'block ')} {u['error_before']:.3g} -> "
-                              f"{u['error_after']:.3g}" for u in rs["units"] if "emb" not in u["name"]))
+                  + ", ".join(f"{readable_layer(u['name'], bundle.family)} {u['error_before']:.3g} -> "
+                              f"{u['error_after']:.3g}" for u in rs["units"]))
     emit(args, out, human)
     return out
 

@@ -20,9 +20,9 @@ def register(sub) -> None:
 
 
 def run(args) -> dict:
-    from analysis.metrics import fid_text
-    from analysis.per_seed import per_seed_text
-    from analysis.store import Store
+    from analysis.evaluation.metrics import fid_text
+    from analysis.evaluation.per_seed import per_seed_text
+    from analysis.evaluation.store import Store
 
     if args.limit is not None and args.limit < 1:
         raise CLIError(f"--limit must be at least 1, got {args.limit}")

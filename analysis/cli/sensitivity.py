@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from analysis.calibration import CALIBRATION_SEED
 from analysis.cli import CLIError, add_common, add_guidance, emit
+from analysis.quantization.calibration import CALIBRATION_SEED
 
 
 def register(sub) -> None:
@@ -31,9 +31,9 @@ def register(sub) -> None:
 
 
 def run(args) -> dict:
-    from analysis.models import load
-    from analysis.calibration import calibration_for
-    from analysis.sensitivity import GRANULARITIES, sensitivity
+    from analysis.models.loading import load
+    from analysis.quantization.calibration import calibration_for
+    from analysis.quantization.sensitivity import GRANULARITIES, sensitivity
     from quant.api import QuantConfig
 
     if args.granularity not in GRANULARITIES:
@@ -45,8 +45,8 @@ def run(args) -> dict:
     w = None if args.w_bits == 16 else args.w_bits
     a = None if args.a_bits == 16 else args.a_bits
     config = QuantConfig(method=args.method, w_bits=w, a_bits=a).validate()
-    if config.method == "fp":
-        raise CLIError("--method fp quantizes nothing; pick a quantizing method")
+    if not config.quantizes:
+        raise CLIError(f"--method {config.method} quantizes nothing; pick a quantizing method")
     bundle = load(args.model, device=args.device, dtype=args.dtype)
     cal = calibration_for(bundle, steps=args.steps, num_samples=args.samples, guidance=args.guidance,
                           seed=args.calib_seed)

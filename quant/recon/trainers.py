@@ -19,7 +19,7 @@ from quant.quantizers import is_off
 from quant.recon.act_range import LearnedActRange
 from quant.recon.adaround import REG_WEIGHT, AdaRoundWeight, beta_at
 from quant.recon.bkd import DistilledWeight
-from quant.recon.units import Unit, unit_modules
+from quant.families.base import Unit, unit_modules
 
 
 def lp_loss(out: torch.Tensor, target: torch.Tensor, p: float, sum_over: str = "dim1") -> torch.Tensor:

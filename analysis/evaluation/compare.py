@@ -16,11 +16,12 @@ from typing import Callable, Mapping
 
 import torch
 
-from analysis.metrics import per_timestep_error, transformer_outputs
-from analysis.models import ModelBundle
-from analysis.per_seed import mse_per_image, psnr, ssim_per_image  # noqa: F401  (psnr: part of this module's API)
-from analysis.sampling import sample
-from analysis.speed import forward_profile
+from analysis.evaluation.metrics import per_timestep_error, transformer_outputs
+from analysis.evaluation.per_seed import mse_per_image, psnr, ssim_per_image  # noqa: F401  (psnr: this module's API)
+from analysis.evaluation.speed import forward_profile
+from analysis.models.bundle import ModelBundle
+from analysis.models.sampling import sample
+from analysis.quantization.pipeline import Variant
 from quant.measures import relative_rms
 
 FP_NAME = "FP"
@@ -41,7 +42,7 @@ class Comparison:
     drift: list[dict]  # {"variant", "step", "t", "rel_rms_drift"} along each variant's own trajectory
     seconds: dict[str, float]
     label_agreement: dict[str, float] | None = None  # bundled digit model only
-    speed: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> analysis.speed.forward_profile
+    speed: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> analysis.evaluation.speed.forward_profile
 
     def summary(self) -> list[dict]:
         """One row per model: mean MSE vs FP and its PSNR (infinite for images identical to FP, FP's own row
@@ -82,23 +83,18 @@ def image_errors(reference: torch.Tensor, images: torch.Tensor) -> tuple[list[fl
     return mse, [psnr(m) for m in mse]
 
 
-def _as_bundle(variant) -> ModelBundle:
-    """Accept a ModelBundle or anything with a .bundle (analysis.quantize_pipeline.Variant)."""
-    return variant if isinstance(variant, ModelBundle) else variant.bundle
-
-
 @torch.no_grad()
-def compare(fp: ModelBundle, variants: Mapping[str, object], labels: list[int], seeds: list[int],
+def compare(fp: ModelBundle, variants: Mapping[str, Variant | ModelBundle], labels: list[int], seeds: list[int],
             steps: int = 50, guidance: float | None = None, scheduler: str = "ddim", batch_size: int | None = None,
             on_progress: Callable[[str, float], None] | None = None) -> Comparison:
-    """Sample `labels` x `seeds` (one image per pair) with the FP bundle and every variant (name -> ModelBundle
-    or Variant), and measure how far each variant is from FP per image and per timestep.
+    """Sample `labels` x `seeds` (one image per pair) with the FP bundle and every variant (name -> Variant, or
+    a ModelBundle: analysis.quantization.pipeline.Variant.of), and measure how far each variant is from FP per image and per timestep.
 
     on_progress(stage, fraction) is called as sampling and scoring advance (fraction of the whole job).
     """
     if FP_NAME in variants:
         raise ValueError(f"the name {FP_NAME!r} is reserved for the FP model; rename that variant")
-    bundles = {name: _as_bundle(v) for name, v in variants.items()}
+    bundles = {name: Variant.of(name, v, fp).bundle for name, v in variants.items()}
     for name, b in bundles.items():
         if b.latent_shape != fp.latent_shape or b.num_classes != fp.num_classes:
             raise ValueError(f"variant {name!r} does not match the FP model (latents {b.latent_shape} vs "
@@ -124,25 +120,25 @@ def compare(fp: ModelBundle, variants: Mapping[str, object], labels: list[int], 
     fp_res = sample(fp, labels, seeds, record="all", on_step=stage_cb(f"Sampling {FP_NAME}"), **kw)
     advance(f"Sampled {FP_NAME}")
     calib = fp_res.calibration
-    fp_out = transformer_outputs(fp.transformer, calib, fp.latent_shape[0])
+    fp_out = transformer_outputs(fp.denoiser, calib, fp.latent_shape[0])
     advance(f"{FP_NAME} outputs")
     timesteps = calib.timesteps
     images, seconds = {FP_NAME: fp_res.images}, {FP_NAME: fp_res.seconds}
     # Speed beside quality: every model's forward on the same batch (the FP trajectory's inputs of one step,
     # guidance included), timed here, with the stored size of its weights.
     speed_batch = next(calib.batches(2 * len(labels)))
-    speed = {FP_NAME: forward_profile(fp.transformer, speed_batch)}
+    speed = {FP_NAME: forward_profile(fp.denoiser, speed_batch)}
     errs, step_rows, drift_rows = [], [], []
     fp_digits = None
     if fp.bundled and fp.conditional:
-        from analysis.classifier import predict
+        from analysis.evaluation.classifier import predict
 
         fp_digits = predict(fp_res.images)
     for name, b in bundles.items():
         res = sample(b, labels, seeds, on_step=stage_cb(f"Sampling {name}"), **kw)
         advance(f"Sampled {name}")
         images[name], seconds[name] = res.images, res.seconds
-        speed[name] = forward_profile(b.transformer, speed_batch)
+        speed[name] = forward_profile(b.denoiser, speed_batch)
         mse, ps = image_errors(fp_res.images, res.images)
         ssim = ssim_per_image(res.images, fp_res.images).tolist()
         same = [None] * len(mse)
@@ -150,13 +146,13 @@ def compare(fp: ModelBundle, variants: Mapping[str, object], labels: list[int], 
             same = (predict(res.images) == fp_digits).tolist()
         errs += [{"variant": name, "index": i, "label": labels[i], "seed": seeds[i], "mse": m, "psnr": p,
                   "ssim": q, "same_digit": d} for i, (m, p, q, d) in enumerate(zip(mse, ps, ssim, same))]
-        step_rows += [{"variant": name, **r} for r in per_timestep_error(fp_out, b.transformer, calib)]
+        step_rows += [{"variant": name, **r} for r in per_timestep_error(fp_out, b.denoiser, calib)]
         drift_rows += [{"variant": name, "step": i, "t": timesteps[i], "rel_rms_drift": relative_rms(xv, xf)}
                        for i, (xv, xf) in enumerate(zip(res.trajectory, fp_res.trajectory))]
         advance(f"Scored {name}")
     agreement = None
     if fp.bundled and fp.conditional:
-        from analysis.classifier import label_agreement
+        from analysis.evaluation.classifier import label_agreement
 
         agreement = {name: label_agreement(imgs, labels) for name, imgs in images.items()}
     return Comparison(names=[FP_NAME, *bundles], labels=list(labels), seeds=list(seeds), steps=steps,
@@ -183,7 +179,7 @@ def comparison_table(comparison: Comparison, scores: list[dict] | None = None) -
         if s.get("label_agreement") is not None:
             agreement[name] = (s["label_agreement"], s["num_samples"])
     interval = lambda iv: None if not iv else f"[{iv[0]:.2f}, {iv[1]:.2f}]"  # noqa: E731
-    from analysis.evaluate import PER_SEED_KEYS
+    from analysis.evaluation.evaluate import PER_SEED_KEYS
 
     rows = []
     for r in summary:
@@ -239,7 +235,7 @@ def metrics_rows(comparison: Comparison, scores: list[dict] | None = None) -> li
 def comparison_view(cmp: Comparison, scores: list[dict] | None, ncol: int) -> dict:
     """Everything the Compare page draws, in plain data (grids as PIL images): the same form whether the
     comparison was just computed or read back from the store (latest_comparison)."""
-    from analysis.images import make_grid
+    from analysis.evaluation.images import make_grid
 
     return {"names": list(cmp.names), "steps": cmp.steps, "guidance": cmp.guidance, "n_images": len(cmp.labels),
             "grids": {name: make_grid(cmp.images[name], ncol=ncol) for name in cmp.names},
@@ -247,19 +243,20 @@ def comparison_view(cmp: Comparison, scores: list[dict] | None, ncol: int) -> di
             "image_errors": cmp.image_errors, "scores": scores}
 
 
-def store_comparison(store, model: str, view: dict, cmp: Comparison, variants: Mapping[str, object]) -> str:
+def store_comparison(store, model: str, view: dict, cmp: Comparison,
+                     variants: Mapping[str, Variant | ModelBundle | None]) -> str:
     """Keep a comparison in the run store, one run per model (note "comparison", its grid as grid.png, each
     variant's config and recipe), so the variants and their results survive a page reload and rebuild from
     the store. Returns the comparison's id."""
     import uuid
 
-    from analysis.store import RunRecord
+    from analysis.evaluation.store import RunRecord
 
     cid = uuid.uuid4().hex[:12]
     for name, row in zip(view["names"], view["rows"]):
         v = variants.get(name)
-        config = v.config.to_dict() if hasattr(v, "config") else {"method": "fp" if v is None else "custom"}
-        recipe = getattr(v, "recipe", None)
+        v = None if v is None else Variant.of(name, v, None)  # FP rows have no entry
+        config, recipe = ({"method": "fp"}, None) if v is None else (v.config_dict(), v.recipe)
         metrics = {"comparison": cid, "position": view["names"].index(name), "row": row,
                    "label_agreement": row.get("label agreement"),
                    "step_error": [r for r in view["step_error"] if r["variant"] == name],
@@ -267,7 +264,7 @@ def store_comparison(store, model: str, view: dict, cmp: Comparison, variants: M
                    "score": next((x for x in view["scores"] or [] if x["variant"] == name), None),
                    "psnr": [None if math.isinf(r["psnr"]) else r["psnr"] for r in view["image_errors"]
                             if r["variant"] == name]}
-        store.add(RunRecord(model=model, method=config.get("method", "custom"), label=name, config=config,
+        store.add(RunRecord(model=model, method=config["method"], label=name, config=config,
                             num_samples=view["n_images"], seeds=cmp.seeds, labels=cmp.labels, metrics=metrics,
                             timings={"total": cmp.seconds.get(name)}, steps=cmp.steps, guidance=cmp.guidance,
                             note=STORE_NOTE, recipe=None if recipe is None else recipe.to_dict()),

@@ -1,7 +1,7 @@
 """Quantize a bundle end to end: calibration inputs from FP sampling, quantization, and a report.
 
     variant = quantize_bundle(bundle, QuantConfig(method="ptq4dit", w_bits=4, a_bits=8), CalibrationSpec())
-    variant.report["rel_rms"], variant.bundle                    # the bundle shares scheduler / VAE with the FP one
+    variant.report.rel_rms, variant.bundle                      # the bundle shares scheduler / VAE with the FP one
     variant.recipe                                              # source + config + calibration: rebuilds it
 
 The FP bundle is never modified (the app's cached one is shared by every session).
@@ -14,11 +14,18 @@ from typing import Callable
 
 import torch
 
-from analysis.calibration import (CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS,  # noqa: F401
-                                  CalibrationSpec, calibrate, calibration_for)
-from analysis.models import ModelBundle
-from analysis.recipe import Recipe, recipe_of_run
-from analysis.sampling import CalibrationData
+from analysis.models.bundle import ModelBundle
+from analysis.models.sampling import CalibrationData
+from analysis.quantization.calibration import (  # noqa: F401
+    CALIBRATION_SEED,
+    DEFAULT_CAL_SAMPLES,
+    DEFAULT_CAL_STEPS,
+    CalibrationSpec,
+    calibrate,
+    calibration_for,
+)
+from analysis.quantization.recipe import Recipe, recipe_of_run
+from analysis.quantization.report import QuantReport
 from quant.api import QuantConfig, quantize_with_details
 from quant.forward import calibration_batches, forward
 from quant.graph import balance_plan
@@ -34,14 +41,44 @@ HELD_OUT_IMAGES = 10  # FP images (one per class of the digit models) the held-o
 
 @dataclasses.dataclass
 class Variant:
-    """One quantized model: its bundle (new transformer, shared scheduler/VAE), config, measurements, and the
-    recipe that rebuilds it (None when it was calibrated on data no spec describes)."""
+    """A model to evaluate or compare beside FP, the one type evaluation and comparison take (Variant.of reads
+    what callers pass): the FP model itself (config None: no quantization), a quantized copy made here (new
+    denoiser, shared scheduler/VAE; its config, report and the recipe that rebuilds it, None when it was
+    calibrated on data no spec describes), or a bundle made elsewhere (custom: a loaded quantized folder, a
+    perturbed copy)."""
 
     name: str
     bundle: ModelBundle
-    config: QuantConfig
-    report: dict
+    config: QuantConfig | None = None
+    report: QuantReport | None = None
     recipe: Recipe | None = None
+    custom: bool = False  # a bundle made elsewhere whose setting is not known
+
+    @property
+    def is_fp(self) -> bool:
+        """The FP model itself: the reference, sampled once and never scored against itself."""
+        return self.config is None and not self.custom
+
+    def config_dict(self) -> dict:
+        """The setting as stored with a run: the config's dict (a loaded quantized folder's saved one), else
+        {"method": "fp"} for FP or {"method": "custom"}."""
+        if self.config is not None:
+            return self.config.to_dict()
+        if self.bundle.quant_config:
+            return dict(self.bundle.quant_config)
+        return {"method": "custom" if self.custom else "fp"}
+
+    @classmethod
+    def of(cls, name: str, value, fp: ModelBundle) -> "Variant":
+        """`value` as a Variant: None or the FP bundle itself is FP; a Variant stays as it is; another bundle
+        is custom (its saved quantization config, analysis.models.saved, is what config_dict() reports)."""
+        if isinstance(value, Variant):
+            return value
+        if value is None or value is fp:
+            return cls(name, fp)
+        if isinstance(value, ModelBundle):
+            return cls(name, value, custom=True)
+        raise TypeError(f"variant {name!r} is a {type(value).__name__}; pass a Variant, a ModelBundle or None (FP)")
 
 
 def _eps(out: torch.Tensor, latent_channels: int) -> torch.Tensor:
@@ -101,19 +138,9 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
     on_progress(stage, fraction) is called at each stage (calibration sampling, quantizing, block-wise
     optimization, measuring); on_recon(unit index, number of units, iteration, loss) during the block-wise
     optimization (config.recon), for live loss curves.
-    report: method, w_bits, a_bits, attn_bits, tpq, label, seconds (quantize + activation calibration, wall
-    clock; cpu_seconds: the process's CPU time for the same, which a busy machine does not inflate),
-    calibration_seconds (FP sampling, when done here), total_seconds (the two), calibration (the spec),
-    layers_quantized, weight_bytes (stored at the bit-width), fp_weight_bytes, rel_rms and
-    rel_rms_per_timestep (relative RMS error of the noise prediction vs FP on held-out seeds: inputs of an FP
-    sampling run on seeds that neither calibration nor the block-wise optimization saw, held_out_spec),
-    rel_rms_in_sample and rel_rms_per_timestep_in_sample (the same on the calibration inputs themselves: the
-    gap to the held-out error is over-fitting), rel_rms_basis ("held_out", or "in_sample" when the
-    calibration data has no spec to derive held-out seeds from and none was given), held_out (its spec),
-    layer_error (each layer's relative RMS error on its own input, calibration inputs), and per balanced
-    group: vectors (b), salience (per-channel maxima
-    before / after), ssc (rho, eta per timestep); balance (which layers took a folded scale, which did
-    not and why: quant.graph.balance_plan); recon (quant.recon.ReconReport as a dict, or None).
+    The Variant's report is a QuantReport (analysis.quantization.report: every field named there). Its
+    rel_rms is measured on held-out seeds (held_out_spec: an FP sampling run on seeds neither calibration nor
+    the block-wise optimization saw), rel_rms_in_sample on the calibration inputs (the gap is over-fitting).
     """
     progress = on_progress or (lambda stage, frac: None)
     cal_seconds = 0.0
@@ -135,7 +162,7 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
         if on_recon is not None:
             on_recon(k, n, it, loss)
 
-    result = quantize_with_details(bundle.transformer, config, calibration, batch_size=batch_size,
+    result = quantize_with_details(bundle.denoiser, config, calibration, batch_size=batch_size,
                                    keep_reference=True, on_recon=recon_progress)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     progress("measuring the error vs FP", 0.8)
@@ -149,35 +176,34 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
         held_out = calibrate(bundle, held_out)
     held_rel = held_per_t = None
     if held_out is not None and held_out is not False:
-        held_rel, held_per_t, _ = output_errors(bundle.transformer, result.model,
+        held_rel, held_per_t, _ = output_errors(bundle.denoiser, result.model,
                                                 calibration_batches(held_out, batch_size), bundle.latent_shape[0],
                                                 per_layer=False)
     held_spec = getattr(held_out, "spec", None) if held_rel is not None else None
     n_quant = sum(1 for m in quant_layers(result.model).values()
                   if not is_off(m.w_bits) or m.act.enabled)
-    report = {
-        "method": config.method, "w_bits": config.w_bits, "a_bits": config.a_bits, "attn_bits": config.attn_bits,
-        "tpq": config.use_tpq if config.method != "fp" else False, "label": config.label,
-        "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3), "calibration_seconds": round(cal_seconds, 3),
-        "total_seconds": round(seconds + cal_seconds, 3),
-        "calibration": spec.to_dict() if spec is not None else None,
-        "calibration_rows": len(calibration) if hasattr(calibration, "__len__") else None,
-        "layers_quantized": n_quant, "weight_bytes": weight_bytes(result.model),
-        "fp_weight_bytes": fp_weight_bytes(bundle.transformer),
-        "rel_rms": rel if held_rel is None else held_rel,
-        "rel_rms_per_timestep": per_t if held_per_t is None else held_per_t,
-        "rel_rms_basis": "in_sample" if held_rel is None else "held_out",
-        "rel_rms_held_out": held_rel, "rel_rms_in_sample": rel, "rel_rms_per_timestep_in_sample": per_t,
-        "held_out": None if held_spec is None else held_spec.to_dict(), "layer_error": layer_err,
-        "vectors": {g: b.tolist() for g, b in result.vectors.items()},
-        "salience": {g: _lists(s) for g, s in result.salience.items()},
-        "ssc": {g: _lists(e) for g, e in result.extras.items() if "eta" in e},
-        "config": config.to_dict(), "recon": result.recon,
-        "balance": balance_plan(bundle.transformer, set(result.vectors), config.method),
-    }
+    report = QuantReport(
+        method=config.method, w_bits=config.w_bits, a_bits=config.a_bits, attn_bits=config.attn_bits,
+        tpq=config.quantizes and config.use_tpq, label=config.label, config=config.to_dict(),
+        seconds=round(seconds, 3), cpu_seconds=round(cpu_seconds, 3), calibration_seconds=round(cal_seconds, 3),
+        total_seconds=round(seconds + cal_seconds, 3),
+        calibration=spec.to_dict() if spec is not None else None,
+        calibration_rows=len(calibration) if hasattr(calibration, "__len__") else None,
+        layers_quantized=n_quant, weight_bytes=weight_bytes(result.model),
+        fp_weight_bytes=fp_weight_bytes(bundle.denoiser),
+        rel_rms=rel if held_rel is None else held_rel,
+        rel_rms_per_timestep=per_t if held_per_t is None else held_per_t,
+        rel_rms_basis="in_sample" if held_rel is None else "held_out",
+        rel_rms_held_out=held_rel, rel_rms_in_sample=rel, rel_rms_per_timestep_in_sample=per_t,
+        held_out=None if held_spec is None else held_spec.to_dict(), layer_error=layer_err,
+        vectors={g: b.tolist() for g, b in result.vectors.items()},
+        salience={g: _lists(s) for g, s in result.salience.items()},
+        ssc={g: _lists(e) for g, e in result.extras.items() if "eta" in e},
+        recon=result.recon, balance=balance_plan(bundle.denoiser, set(result.vectors), config.method),
+    )
     progress("done", 1.0)
     name = config.label
-    qbundle = bundle.with_transformer(result.model, name=f"{bundle.name} [{name}]", quant_config=config.to_dict())
+    qbundle = bundle.with_denoiser(result.model, name=f"{bundle.name} [{name}]", quant_config=config.to_dict())
     recipe = None if spec is None else Recipe(source=bundle.name, config=config, calibration=spec,
                                               batch_size=batch_size)
     return Variant(name=name, bundle=qbundle, config=config, report=report, recipe=recipe)
@@ -186,7 +212,7 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
 def build(recipe: Recipe, bundle: ModelBundle | None = None,
           on_progress: Callable[[str, float], None] | None = None) -> Variant:
     """The recipe's quantized Variant. bundle: the FP bundle of recipe.source when it is already loaded."""
-    from analysis.models import load
+    from analysis.models.loading import load
 
     if bundle is None:
         bundle = load(recipe.source)
@@ -198,7 +224,7 @@ def build(recipe: Recipe, bundle: ModelBundle | None = None,
 
 def rebuild(run, bundle: ModelBundle | None = None,
             on_progress: Callable[[str, float], None] | None = None) -> Variant:
-    """The quantized Variant a stored run (analysis.store.Run) scored, made again from its recipe."""
+    """The quantized Variant a stored run (analysis.evaluation.store.Run) scored, made again from its recipe."""
     return build(recipe_of_run(run), bundle, on_progress)
 
 
@@ -211,14 +237,14 @@ def unmatched_excludes(model: torch.nn.Module, patterns) -> list[str]:
 
 
 def saved_zip(variant: Variant, base_source: str | None = None) -> bytes:
-    """The variant saved as a model folder (analysis.bundle_io layout) in a zip archive, for downloading; unzip it and
+    """The variant saved as a model folder (analysis.models.saved layout) in a zip archive, for downloading; unzip it and
     pass the folder as --model to load it again."""
     import io
     import tempfile
     import zipfile
     from pathlib import Path
 
-    from analysis.bundle_io import save_quantized
+    from analysis.models.saved import save_quantized
 
     buf = io.BytesIO()
     with tempfile.TemporaryDirectory() as tmp:
