@@ -4,9 +4,15 @@ This module knows modules and tensors only. It writes and reads two files of a f
     quant_config.json   format tag, QuantConfig, the model's class and config, the shapes of the packed
                         weights, and whatever metadata the caller adds (analysis.bundle_io adds the
                         scheduler config, the bundle's sampling metadata and the base source)
-    model.safetensors   every tensor of the quantized model; quantized weights as bit-packed integer
-                        codes ("<layer>.weight.packed", `bits` bits per code) beside their per-channel
-                        w_scale / w_zero, everything else (biases, embeddings, norms, activation ranges) fp32
+    model.safetensors   every tensor of the quantized model; quantized weights as bit-packed codes
+                        ("<layer>.weight.packed", `bits` bits per code: integer codes, or an FP element's
+                        bit pattern) beside their scales, everything else (biases, embeddings, norms,
+                        activation ranges) fp32
+
+Scales are stored as the format holds them, so the file's size is the real size: per channel / per tensor
+fp32 (with an int grid's zero points), block scales of MX formats as one E8M0 byte (the exponent + 127), of
+NVFP4 as one FP8 E4M3 byte (its bit pattern) plus the fp32 tensor scale, of int groups as fp16 with one uint8
+zero point per block (none when symmetric). An FP grid has no zero point and stores none.
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ import torch.nn as nn
 from quant.config import QuantConfig
 from quant.denoiser import CLASS_FAMILIES
 from quant.modules import act_quantizers, quant_layers
-from quant.quantizers import is_off, pack_codes, qrange, quantize_codes, unpack_codes
+from quant.formats import element_codes, element_values, round_to_element
+from quant.quantizers import is_off, pack_codes, qrange, unpack_codes
 
 FORMAT = "dqlab-quantized"
 VERSION = 1
@@ -36,12 +43,38 @@ def stored_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
         if is_off(layer.w_bits):
             continue
         key = f"{name}.weight"
-        qmin, _ = qrange(layer.w_bits, layer.w_symmetric)
-        codes = quantize_codes(layer.weight.detach(), layer.w_scale, layer.w_zero, layer.w_bits, layer.w_symmetric)
-        tensors[key + ".packed"] = pack_codes(codes - qmin, layer.w_bits)
+        tensors[key + ".packed"] = pack_codes(layer.weight_codes(), layer.w_bits)
         del tensors[key]
         packed[key] = {"shape": list(layer.weight.shape), "bits": layer.w_bits, "symmetric": layer.w_symmetric}
+        fmt = layer.w_fmt
+        if fmt.is_float or fmt.blocked:
+            packed[key].update(element=fmt.element, group=fmt.group, block_scale=fmt.block_scale)
+            tensors[f"{name}.w_scale"] = _encode_scale(layer.w_scale.detach(), fmt.block_scale if fmt.blocked else "fp32")
+            if fmt.is_float or layer.w_symmetric:
+                del tensors[f"{name}.w_zero"]  # all zeros
+            elif fmt.blocked:
+                tensors[f"{name}.w_zero"] = layer.w_zero.detach().to(torch.uint8)
     return {k: v.contiguous().cpu() for k, v in tensors.items()}, packed
+
+
+def _encode_scale(s: torch.Tensor, scale_format: str) -> torch.Tensor:
+    """A scale tensor in its storage format: E8M0 as the biased exponent byte, E4M3 as its bit pattern."""
+    if scale_format == "e8m0":
+        _, exp = torch.frexp(s.float())
+        return (exp - 1 + 127).to(torch.uint8)
+    if scale_format == "e4m3":
+        return element_codes(round_to_element(s.float(), "fp8_e4m3"), "fp8_e4m3").to(torch.uint8)
+    if scale_format == "fp16":
+        return s.half()
+    return s.float()
+
+
+def _decode_scale(s: torch.Tensor, scale_format: str) -> torch.Tensor:
+    if scale_format == "e8m0":
+        return torch.ldexp(torch.ones(s.shape), s.to(torch.int32) - 127)
+    if scale_format == "e4m3":
+        return element_values(s.to(torch.int64), "fp8_e4m3")
+    return s.float()
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -123,13 +156,32 @@ def read_quantized(folder) -> tuple[nn.Module, QuantConfig, dict]:
     if get_method(config.method).quantizes:
         wrap_model(model, config)
     tensors = load_file(str(folder / WEIGHTS))
+    modules = dict(model.named_modules())
     for key, info in meta.get("packed", {}).items():
         prefix = key[: -len(".weight")]
-        qmin, _ = qrange(info["bits"], info["symmetric"])
         numel = math.prod(info["shape"])
-        codes = unpack_codes(tensors.pop(key + ".packed"), info["bits"], numel).reshape(info["shape"]) + qmin
-        scale, zero = tensors[prefix + ".w_scale"], tensors[prefix + ".w_zero"]
-        tensors[key] = ((codes.float() - zero) * scale).float()
+        codes = unpack_codes(tensors.pop(key + ".packed"), info["bits"], numel).reshape(info["shape"])
+        if "element" not in info:  # an int grid per channel / per tensor (and every folder saved before formats)
+            qmin, _ = qrange(info["bits"], info["symmetric"])
+            scale, zero = tensors[prefix + ".w_scale"], tensors[prefix + ".w_zero"]
+            tensors[key] = ((codes + qmin).float() - zero) * scale
+            continue
+        layer = modules.get(prefix)
+        if layer is None or not hasattr(layer, "w_fmt") or layer.w_fmt.element != info["element"]:
+            raise QuantizedFolderError(f"{folder / META}: {key} is stored as {info['element']} but the config "
+                                       "quantizes that layer otherwise")
+        scale = _decode_scale(tensors[prefix + ".w_scale"], info["block_scale"] if info["group"] else "fp32")
+        zero = tensors[prefix + ".w_zero"].float() if prefix + ".w_zero" in tensors else torch.zeros_like(scale)
+        tensors[prefix + ".w_scale"], tensors[prefix + ".w_zero"] = scale, zero
+        layer.w_scale, layer.w_zero = scale.reshape(layer.w_scale.shape), zero.reshape(layer.w_zero.shape)
+        if prefix + ".w_tscale" in tensors:
+            layer.w_tscale = tensors[prefix + ".w_tscale"].float().reshape(layer.w_tscale.shape)
+        s, z = layer.weight_qparams()
+        if layer.w_fmt.is_float:
+            tensors[key] = element_values(codes, info["element"]).reshape(info["shape"]) * s
+        else:
+            qmin, _ = qrange(info["bits"], info["symmetric"])
+            tensors[key] = ((codes + qmin).float() - z) * s
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
