@@ -307,11 +307,13 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
         else:
             top = None
             if mixed:
-                if bits not in rankings:
-                    rankings[bits] = _ranking(bundle, bits, get_calibration, calib_spec, fingerprint, store,
-                                              lambda s, f: progress(f"sensitivity {bits}: {s}", (i + f / 2) / total))
+                rkey = bits if fmt == "int" else f"{bits} {fmt}"
+                if rkey not in rankings:
+                    rankings[rkey] = _ranking(bundle, bits, get_calibration, calib_spec, fingerprint, store,
+                                              lambda s, f: progress(f"sensitivity {rkey}: {s}", (i + f / 2) / total),
+                                              fmt)
                 k = int(mixed.group(2))
-                top = top_layers(rankings[bits]["ranking"], k, least=bool(mixed.group(1)))
+                top = top_layers(rankings[rkey]["ranking"], k, least=bool(mixed.group(1)))
             config = point_config(method, bits, option, spec, top, fmt)
             label = config.label + (f" (least sensitive {k})" if mixed and mixed.group(1) else "")
         cfg = config.to_dict()
@@ -343,20 +345,22 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
 
 
 def _ranking(bundle: ModelBundle, bits: str, get_calibration, calib_spec, fingerprint: str, store: Store,
-             on_progress) -> dict:
+             on_progress, fmt: str = "int") -> dict:
     """The per-layer sensitivity ranking at `bits` on the shared calibration set, cached beside the store (it
     is deterministic for a model and calibration set, and a resumed sweep must rebuild the same mixed configs)."""
     from analysis.sensitivity import sensitivity
 
     w, a = parse_bits(bits)
-    key = hashlib.sha256(json.dumps([fingerprint, bits, calib_spec.to_dict()], sort_keys=True).encode()).hexdigest()[:20]
+    ident = [fingerprint, bits, calib_spec.to_dict()] + ([fmt] if fmt != "int" else [])  # int keys as before
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
     path = store.data_dir / "sensitivity" / f"{key}.json"
     if path.exists():
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError):  # a damaged cache file is recomputed
             path.unlink(missing_ok=True)
-    out = sensitivity(bundle, w, a, get_calibration(), on_progress=on_progress).to_json()
+    base = QuantConfig(method="baseline", w_bits=w, a_bits=a, **(format_fields(fmt, bits) or {}))
+    out = sensitivity(bundle, w, a, get_calibration(), base=base, on_progress=on_progress).to_json()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(out))

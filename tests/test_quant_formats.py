@@ -217,3 +217,43 @@ def test_scale_bytes_are_counted_in_the_stored_size():
     # uint8 zero point per 32 (4.75 bits)
     assert weights == {"fp4_e2m1": 8192 + 256, "mxfp4": 8192 * 4.25 / 4, "nvfp4": 8192 * 4.5 / 4 + 4,
                        "int4-g32": 8192 * 4.75 / 4}
+
+
+@pytest.mark.parametrize("recon", ["adaround", "bkd"])
+def test_block_wise_optimization_on_float_grids_ends_on_the_grid(recon):
+    from quant.api import QuantConfig, quantize_with_details
+    from quant.modules import quant_layers
+    from quant.recon.bkd import on_grid
+    from tests.conftest import make_tiny_dit
+    from tests.test_quant_api import _batches
+
+    model = make_tiny_dit()
+    for fmt in ("fp4_e2m1", "nvfp4"):
+        cfg = QuantConfig(method="baseline", w_bits=4, a_bits=4, w_format=fmt, a_format=fmt, tpq=True, recon=recon,
+                          recon_iters=30, recon_rows=12)
+        res = quantize_with_details(model, cfg, _batches(model))
+        assert all(on_grid(layer) for layer in quant_layers(res.model).values())
+        units = res.recon["units"]
+        assert sum(u["error_after"] < u["error_before"] for u in units) >= len(units) // 2
+        key = "codes_changed" if recon == "bkd" else "rounding_flipped"
+        assert any(u[key] for u in units)  # the optimization moved some weights to the other grid neighbour
+
+
+def test_sweep_formats_axis_and_bops_count_scale_bits():
+    from analysis.bops import bops
+    from analysis.sweep import SweepSpec, point_config
+    from quant.config import QuantConfig
+
+    spec = SweepSpec(methods=["baseline"], bits=["W8A8", "W4A4", "W4A8"],
+                     formats=["int", "fp8_e4m3", "mxfp4", "nvfp4/fp8_e4m3"]).validate()
+    labels = [point_config(m, b, o, spec, None, f).label for m, b, f, o in spec.grid()]
+    assert labels == ["baseline W8A8", "baseline W8A8 fp8_e4m3", "baseline W4A4", "baseline W4A4 mxfp4",
+                      "baseline W4A8", "baseline W4A8 w:mxfp4", "baseline W4A8 w:nvfp4 a:fp8_e4m3"]
+    with pytest.raises(ValueError, match="unknown format"):
+        SweepSpec(methods=["baseline"], bits=["W4A4"], formats=["fp5"]).validate()
+    with pytest.raises(ValueError, match="no format"):
+        SweepSpec(methods=["baseline"], bits=["W8A8"], formats=["mxfp4"]).validate()
+    table = {"l": {"kind": "linear", "macs": 1000}}
+    assert bops(table, QuantConfig(w_bits=4, a_bits=4)) == 16000
+    assert bops(table, QuantConfig(w_bits=4, a_bits=4, w_format="mxfp4", a_format="mxfp4")) == int(1000 * 4.25 * 4.25)
+    assert bops(table, QuantConfig(w_bits=4, a_bits=8, w_format="nvfp4")) == int(1000 * 4.5 * 8)
