@@ -30,6 +30,14 @@ from quant.int8 import int8_eligible, int8_layers, plan_int8, to_int8
 from quant.modules import quant_layers
 
 W8A8 = QuantConfig(method="baseline", w_bits=8, a_bits=8)
+# Number formats whose fake-quant forward is timed against FP32 (the CPU simulation's cost); FP8 W8A8 also runs
+# in real FP8 (quant.fp8) on a GPU that has it, against BF16.
+FORMAT_CONFIGS = {"fake_quant_fp8_e4m3": QuantConfig(method="baseline", w_bits=8, a_bits=8, w_format="fp8_e4m3",
+                                                     a_format="fp8_e4m3"),
+                  "fake_quant_mxfp4": QuantConfig(method="baseline", w_bits=4, a_bits=4, w_format="mxfp4",
+                                                  a_format="mxfp4"),
+                  "fake_quant_nvfp4": QuantConfig(method="baseline", w_bits=4, a_bits=4, w_format="nvfp4",
+                                                  a_format="nvfp4")}
 METHOD_CONFIGS = (QuantConfig(method="baseline", w_bits=8, a_bits=8),
                   QuantConfig(method="smoothquant", w_bits=8, a_bits=8),
                   QuantConfig(method="ptq4dit", w_bits=8, a_bits=8),
@@ -207,6 +215,7 @@ def forward_speed(fp_model, calibration: list, batch: tuple, opts: BenchOptions)
         for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
             half = _copy_to(fp, dtype)
             out[name] = measure(_forward(half, batch, device, dtype), opts.repeats, device)
+    out.update(format_speed(fp, calibration, batch, opts))
     eligible = sum(int8_eligible(m) for m in quant_layers(q).values())
     ratios = {"int8_speedup_vs_fp32": out["fp32"]["seconds"] / out["int8_w8a8"]["seconds"],
               "int8_planned_speedup_vs_fp32": out["fp32"]["seconds"] / out["int8_w8a8_planned"]["seconds"],
@@ -215,10 +224,32 @@ def forward_speed(fp_model, calibration: list, batch: tuple, opts: BenchOptions)
     for name in ("fp16", "bf16"):
         if name in out:
             ratios[f"int8_speedup_vs_{name}"] = out[name]["seconds"] / out["int8_w8a8"]["seconds"]
+    for name in FORMAT_CONFIGS:  # > 1: the simulation costs more than FP32
+        ratios[f"{name}_forward_vs_fp32"] = out[name]["seconds"] / out["fp32"]["seconds"]
+    if "fp8_w8a8" in out and "bf16" in out:
+        ratios["fp8_speedup_vs_bf16"] = out["bf16"]["seconds"] / out["fp8_w8a8"]["seconds"]
     return {"forward": out, "ratios": ratios, "rows": int(batch[0].shape[0]),
             "plan": {"int8_layers": len(int8_layers(int8_planned)), "eligible_layers": eligible,
                      "shapes": sorted({(e["rows"], e["in_features"], e["out_features"], round(e["speedup"], 2))
                                        for e in plan.values()})}}
+
+
+def format_speed(fp_model, calibration: list, batch: tuple, opts: BenchOptions) -> dict:
+    """The forward under each of FORMAT_CONFIGS (fake-quant), and on a GPU with FP8 matmuls the FP8 W8A8 model
+    with its linears in real FP8 (quant.fp8.to_fp8), BF16 activations."""
+    from quant.fp8 import fp8_supported, to_fp8
+
+    device = torch.device(opts.device)
+    cal = [tuple(v.to(device) for v in b) for b in calibration]
+    out = {}
+    for name, cfg in FORMAT_CONFIGS.items():
+        q = quantize(fp_model, cfg, cal)
+        out[name] = measure(_forward(q, batch, device), opts.repeats, device)
+        if name == "fake_quant_fp8_e4m3" and fp8_supported(device):
+            real, names = to_fp8(_copy_to(q, torch.bfloat16))  # the FP8 buffers made after the cast stay FP8
+            out["fp8_w8a8"] = {**measure(_forward(real, batch, device, torch.bfloat16), opts.repeats, device),
+                               "layers": len(names)}
+    return out
 
 
 def _copy_to(model, dtype):

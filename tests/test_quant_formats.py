@@ -1,6 +1,8 @@
 """Number formats: OCP MX element grids, rounding, saturation, MX and NVFP4 scales, blocks, configs, save/load."""
 import dataclasses
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -257,3 +259,24 @@ def test_sweep_formats_axis_and_bops_count_scale_bits():
     assert bops(table, QuantConfig(w_bits=4, a_bits=4)) == 16000
     assert bops(table, QuantConfig(w_bits=4, a_bits=4, w_format="mxfp4", a_format="mxfp4")) == int(1000 * 4.25 * 4.25)
     assert bops(table, QuantConfig(w_bits=4, a_bits=8, w_format="nvfp4")) == int(1000 * 4.5 * 8)
+
+
+def test_teaching_view_isolates_an_outlier_to_its_block():
+    from analysis.format_view import compare_formats
+    from analysis.plots.formats import format_channel_error, format_histogram
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 96)
+    x[:, 40] *= 50  # one outlier channel, in block 1 of 32 (and block 2 of 16)
+    view = compare_formats(x, channel=40)
+    err = view.channel_error
+    assert set(err) == {"int4", "fp4_e2m1", "mxfp4", "nvfp4"}
+    ordinary = [j for j in range(96) if j // 32 != 1]
+    # a per-tensor scale crushes every ordinary channel; MXFP4 leaves the blocks without the outlier alone
+    assert err["int4"][ordinary].mean() > 0.5 and err["mxfp4"][ordinary].mean() < 0.2
+    assert err["mxfp4"][32:64].mean() > 2 * err["mxfp4"][ordinary].mean()
+    assert err["nvfp4"][[j for j in range(96) if j // 16 != 2]].mean() < 0.2
+    # FP4 grid points crowd near zero: the smallest gap is 1/4 of the largest (E2M1: 0.5 vs 2)
+    g = np.diff(view.grids["fp4_e2m1"])
+    assert g.max() / g.min() == pytest.approx(4.0, rel=1e-4)
+    assert len(format_histogram(view).data) == 5 and len(format_channel_error(view).data) == 4
