@@ -66,22 +66,22 @@ class QuantConfig:
                                 kind="bits")
     attn_bits: int | None = option(None, "Attention operand bits", "bit-width of the attention operands q, k, v "
                                    "and the softmax output (None = not quantized)", kind="bits")
-    w_format: str = option("int", "Weight format", "weight number format: int (uniform grid), an OCP float element "
-                           "(fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1), or a block-scaled preset (mxfp8, "
-                           "mxfp6, mxfp4: blocks of 32 with a power-of-two scale; nvfp4: blocks of 16 with an FP8 scale "
-                           "and a tensor scale; int4-g32/g64/g128); its element bits must equal w_bits",
-                           choices=FORMAT_NAMES)
-    a_format: str = option("int", "Activation format", "activation number format (the same names as the weight "
-                           "format); block formats compute their block scales from each tensor at run time",
+    w_format: str = option("int", "Weight format", "weight number format: int is the uniform grid; fp8_e4m3, "
+                           "fp8_e5m2, fp6_e3m2, fp6_e2m3 and fp4_e2m1 are OCP MX float elements; mxfp8, mxfp6 and "
+                           "mxfp4 share a power-of-two scale per 32 values, nvfp4 an FP8 scale per 16 under a tensor "
+                           "scale, int4-g32/g64/g128 an fp16 scale and zero point per group; the element bits must "
+                           "equal w_bits", choices=FORMAT_NAMES)
+    a_format: str = option("int", "Activation format", "activation number format, the same names as the weight "
+                           "format; block formats compute their block scales from each tensor at run time",
                            choices=FORMAT_NAMES)
     w_group: int | None = option(None, "Weight block size", "elements per block along the input dimension, each "
-                                 "block with its own scale (unset: per channel or per tensor; presets fix their own)",
+                                 "block with its own scale; unset: per channel or per tensor, presets fix their own",
                                  kind="optional_int", low=2, high=4096)
-    a_group: int | None = option(None, "Activation block size", "elements per block along the input dimension "
-                                 "(dynamic block scales; unset: per tensor, or per token)", kind="optional_int",
+    a_group: int | None = option(None, "Activation block size", "elements per block along the input dimension, "
+                                 "scales computed at run time; unset: per tensor, or per token", kind="optional_int",
                                  low=2, high=4096)
-    a_per_token: bool = option(False, "Per-token activations", "one activation scale per token (row), computed at "
-                               "run time, instead of one calibrated scale per tensor")
+    a_per_token: bool = option(False, "Per-token activations", "one activation scale per token, computed at run "
+                               "time, instead of one calibrated scale per tensor")
     w_per_channel: bool = option(True, "Per-channel weights", "one weight scale per output channel (else one "
                                  "per tensor)")
     a_symmetric: bool = option(False, "Symmetric activations", "symmetric activation quantizers (no zero point)")

@@ -265,7 +265,7 @@ def parse_format(name: str, bits: int, group: int | None = None, side: str = "w"
     need = format_bits(name)
     if need is not None and bits != need:
         raise ValueError(f"{side}_format {name} holds {need}-bit elements but {side}_bits is {bits}; "
-                         f"set {side}_bits to {need}")
+                         f"set {side}_bits to {need} (--{side}-bits {need})")
     if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 2):
         raise ValueError(f"{side}_group must be an integer >= 2 (elements per block), got {group!r}")
     if name in PRESETS:

@@ -143,3 +143,23 @@ def test_quantization_flags_come_from_the_config_and_the_methods():
     for flag in ("--w-symmetric", "--a-symmetric", "--w-per-channel", "--percentile", "--alpha", "--ssc-rho",
                  "--recon-rows"):
         assert flag in help_text, flag
+
+
+def test_quantize_format_flags_save_reload_and_refuse_nonsense(tiny_folder, tmp_path, capsys):
+    from analysis.models import load
+
+    out_dir = tmp_path / "q"
+    rc, out, err = run_cli(capsys, "quantize", "--model", tiny_folder, "--method", "dilatequant", "--w-bits", 4,
+                           "--a-bits", 4, "--w-format", "nvfp4", "--a-format", "mxfp4", *SMALL, "--out", out_dir,
+                           "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["label"] == "dilatequant W4A4 w:nvfp4 a:mxfp4 TPQ"
+    q = load(str(out_dir))
+    assert q.quant_config["w_format"] == "nvfp4" and q.quant_config["a_format"] == "mxfp4"
+    for bad, words in ((["--w-format", "fp4_e2m1"], "holds 4-bit elements but w_bits is 8"),
+                       (["--a-format", "fp6"], "unknown a_format 'fp6'"),
+                       (["--w-group", "0"], "w_group must be an integer in [2, 4096]"),
+                       (["--a-per-token", "--a-group", "32"], "per-token or per-block")):
+        rc, _, err = run_cli(capsys, "quantize", "--model", tiny_folder, "--method", "baseline", *bad, *SMALL)
+        assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
