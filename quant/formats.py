@@ -35,6 +35,8 @@ import dataclasses
 
 import torch
 
+from quant.quantizers import (_as_rows, _broadcast, fake_quant, fake_quantize, quant_params, search_range)
+
 
 @dataclasses.dataclass(frozen=True)
 class ElementFormat:
@@ -289,8 +291,6 @@ def fake_quant_elements(x: torch.Tensor, spec: FormatSpec, scale: torch.Tensor, 
 
     ste: straight-through gradients to x (inside the range) and s, for BKD and learned step sizes."""
     if not spec.is_float:
-        from quant.quantizers import fake_quant
-
         return fake_quant(x, scale, torch.zeros_like(scale) if zero is None else zero, spec.bits, symmetric)
     scale = scale.to(x.dtype)
     if ste or (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
@@ -324,8 +324,6 @@ def block_params(blocks: torch.Tensor, spec: FormatSpec, tensor_scale: torch.Ten
     With a tensor scale (NVFP4) the returned block scale is the E4M3 value; the effective scale is it times
     the tensor scale."""
     if not spec.is_float:
-        from quant.quantizers import quant_params
-
         scale, zero = quant_params(blocks.amin(dim=-1), blocks.amax(dim=-1), spec.bits, symmetric)
         scale = round_scale(scale, spec.block_scale).clamp_min(torch.finfo(torch.float16).tiny)
         if not symmetric:  # the zero point from the rounded scale, so the range still holds 0 exactly
@@ -380,8 +378,6 @@ def fake_quantize_format(x: torch.Tensor, spec: FormatSpec, axis: int | None = -
         moved = x.movedim(axis, -1)
         return fake_quant_blocks(moved, spec, symmetric=symmetric).movedim(-1, axis)
     if not spec.is_float:
-        from quant.quantizers import fake_quantize
-
         if granularity == "token":
             return fake_quantize(x, spec.bits, axis=None if x.dim() < 2 else 0, symmetric=symmetric) \
                 if x.dim() < 2 else _per_row_int(x, spec, symmetric)
@@ -397,11 +393,26 @@ def fake_quantize_format(x: torch.Tensor, spec: FormatSpec, axis: int | None = -
 
 
 def _per_row_int(x: torch.Tensor, spec: FormatSpec, symmetric: bool) -> torch.Tensor:
-    from quant.quantizers import fake_quant, quant_params
-
     scale, zero = quant_params(x.detach().amin(dim=-1, keepdim=True), x.detach().amax(dim=-1, keepdim=True),
                                spec.bits, symmetric)
     return fake_quant(x, scale, zero, spec.bits, symmetric)
+
+
+def fp_range_quantizer(spec: FormatSpec):
+    """quantize(rows, lo, hi) for quant.quantizers.search_range: rows on the FP grid with scale max(|lo|, hi) / max."""
+    def quantize(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        scale = (torch.maximum(-lo, hi) / spec.qmax).clamp_min(1e-8)
+        return fake_quant_elements(rows, spec, scale[:, None])
+    return quantize
+
+
+def fp_scale_search(x: torch.Tensor, spec: FormatSpec, axis: int | None = None, search: str = "minmax",
+                    percentile: float = 99.99) -> torch.Tensor:
+    """FP32 scale of an FP element format per tensor (axis None) or per index along `axis`: the searched clip
+    amax over the format's largest value, shaped to broadcast against x."""
+    lo, hi = search_range(_as_rows(x, axis), spec.bits, True, search, percentile, quantize=fp_range_quantizer(spec))
+    scale = (torch.maximum(-lo, hi) / spec.qmax).clamp_min(1e-8)
+    return _broadcast(scale, x, axis).to(x.device)
 
 
 def bits_per_element(spec: FormatSpec, symmetric: bool = True) -> float:

@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.formats import (FormatSpec, block_params, int_format, effective_scale, element_codes, expand_blocks,
-                           fake_quant_blocks, fake_quant_elements, fake_quantize_format, pad_blocks, round_to_element,
-                           tensor_scale_for)
-from quant.quantizers import (fake_quant, fp_scale_search, is_off, qrange, quant_params, quantize_codes,
+from quant.formats import (FormatSpec, block_params, effective_scale, element_codes, expand_blocks, fake_quant_blocks,
+                           fake_quant_elements, fake_quantize_format, fp_range_quantizer, fp_scale_search, int_format,
+                           pad_blocks, round_to_element, tensor_scale_for)
+from quant.quantizers import (fake_quant, is_off, qrange, quant_params, quantize_codes,
                               search_params, search_range)
 
 # Values kept per observed row for percentile / MSE activation search (with the exact min and max).
@@ -211,8 +211,8 @@ class ActQuantizer(nn.Module):
             for k in range(g):  # loop over timestep groups (tens), each search vectorized
                 v = values[inv == k].reshape(1, -1)
                 v = torch.cat([v, g_lo[k].reshape(1, 1), g_hi[k].reshape(1, 1)], dim=1)  # keep exact extremes
-                c_lo, c_hi = search_range(v, self.bits, self.symmetric, self.search, self.percentile,
-                                          fmt=None if self.dynamic else self.fmt)
+                grid = fp_range_quantizer(self.fmt) if self.fmt.is_float and not self.dynamic else None
+                c_lo, c_hi = search_range(v, self.bits, self.symmetric, self.search, self.percentile, quantize=grid)
                 g_lo[k], g_hi[k] = c_lo[0], c_hi[0]
         scale, zero = self._params_from_range(g_lo, g_hi)
         self.scale = scale.to(self.scale.device)

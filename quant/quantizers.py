@@ -106,11 +106,11 @@ def _broadcast(v: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tens
 
 
 def search_range(rows: torch.Tensor, bits: int, symmetric: bool = False, search: str = "minmax",
-                 percentile: float = 99.99, fmt=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 percentile: float = 99.99, quantize=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip range (lo, hi) per row of `rows` [C, N] by min-max, percentile or MSE search, all rows at once.
 
-    fmt: an FP element format (quant.formats.FormatSpec) makes the MSE search measure its error on that grid
-    (scale amax / elem_max, symmetric); None or an int format uses the integer grid."""
+    quantize(rows, lo, hi) -> rows quantized with clip range (lo, hi) [C] per row: the grid the MSE search measures
+    its error on (quant.formats passes an FP element grid's); None: the integer grid at `bits`."""
     if search not in SEARCHES:
         raise ValueError(f"unknown scale search {search!r}; choose one of {SEARCHES}")
     rows = rows.float()
@@ -128,11 +128,8 @@ def search_range(rows: torch.Tensor, bits: int, symmetric: bool = False, search:
         best_lo, best_hi = lo.clone(), hi.clone()
         for ratio in MSE_GRID:  # the grid of clip ratios, each evaluated for every row at once
             c_lo, c_hi = lo * ratio, hi * ratio
-            if fmt is not None and fmt.is_float:
-                from quant.formats import fake_quant_elements
-
-                scale = (torch.maximum(-c_lo, c_hi) / fmt.qmax).clamp_min(_EPS)
-                err = (fake_quant_elements(rows, fmt, scale[:, None]) - rows).pow(2).mean(dim=1)
+            if quantize is not None:
+                err = (quantize(rows, c_lo, c_hi) - rows).pow(2).mean(dim=1)
             else:
                 scale, zero = quant_params(c_lo, c_hi, bits, symmetric)
                 err = (fake_quant(rows, scale[:, None], zero[:, None], bits, symmetric) - rows).pow(2).mean(dim=1)
@@ -149,15 +146,6 @@ def search_params(x: torch.Tensor, bits: int, axis: int | None = None, symmetric
     lo, hi = search_range(_as_rows(x, axis), bits, symmetric, search, percentile)
     scale, zero = quant_params(lo, hi, bits, symmetric)
     return _broadcast(scale, x, axis).to(x.device), _broadcast(zero, x, axis).to(x.device)
-
-
-def fp_scale_search(x: torch.Tensor, fmt, axis: int | None = None, search: str = "minmax",
-                    percentile: float = 99.99) -> torch.Tensor:
-    """FP32 scale of an FP element format per tensor (axis None) or per index along `axis`: the searched clip
-    amax over the format's largest value, shaped to broadcast against x."""
-    lo, hi = search_range(_as_rows(x, axis), fmt.bits, True, search, percentile, fmt=fmt)
-    scale = (torch.maximum(-lo, hi) / fmt.qmax).clamp_min(_EPS)
-    return _broadcast(scale, x, axis).to(x.device)
 
 
 def fake_quantize(x: torch.Tensor, bits: int | None, axis: int | None = None, symmetric: bool = False,
