@@ -180,19 +180,19 @@ FORMAT_CONFIGS = [
 
 @pytest.mark.parametrize("fields", FORMAT_CONFIGS, ids=lambda f: f"{f['w_format']}-{f.get('a_format', 'int')}")
 def test_a_saved_folder_in_every_format_reloads_bit_identically(tiny_bundle, tmp_path, fields):
-    from analysis.bundle_io import save_quantized
-    from analysis.models import load
+    from analysis.models.saved import save_quantized
+    from analysis.models.loading import load
     from quant.api import QuantConfig, quantize, weight_bytes
     from quant.modules import quant_layers
     from tests.test_quant_api import _batches
 
     cfg = QuantConfig(method="baseline", **fields)
-    batches = _batches(tiny_bundle.transformer)
-    q = quantize(tiny_bundle.transformer, cfg, batches)
+    batches = _batches(tiny_bundle.denoiser)
+    q = quantize(tiny_bundle.denoiser, cfg, batches)
     assert all(layer.w_fmt == cfg.w_spec for layer in quant_layers(q).values())
-    folder = save_quantized(tiny_bundle.with_transformer(q, name="q", quant_config=cfg.to_dict()), cfg,
+    folder = save_quantized(tiny_bundle.with_denoiser(q, name="q", quant_config=cfg.to_dict()), cfg,
                             tmp_path / "q", base_source="tiny")
-    loaded = load(str(folder)).transformer
+    loaded = load(str(folder)).denoiser
     x, t, y = (torch.cat([b[i] for b in batches]) for i in range(3))
     out = q(x, timestep=t, class_labels=y).sample
     assert torch.equal(loaded(x, timestep=t, class_labels=y).sample, out)
@@ -242,8 +242,8 @@ def test_block_wise_optimization_on_float_grids_ends_on_the_grid(recon):
 
 
 def test_sweep_formats_axis_and_bops_count_scale_bits():
-    from analysis.bops import bops
-    from analysis.sweep import SweepSpec, point_config
+    from analysis.quantization.sizes import bops
+    from analysis.evaluation.sweep import SweepSpec, point_config
     from quant.config import QuantConfig
 
     spec = SweepSpec(methods=["baseline"], bits=["W8A8", "W4A4", "W4A8"],
@@ -262,7 +262,7 @@ def test_sweep_formats_axis_and_bops_count_scale_bits():
 
 
 def test_teaching_view_isolates_an_outlier_to_its_block():
-    from analysis.format_view import compare_formats
+    from analysis.quantization.format_view import compare_formats
     from analysis.plots.formats import format_channel_error, format_histogram
 
     torch.manual_seed(0)

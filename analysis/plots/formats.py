@@ -1,4 +1,4 @@
-"""Figures of the number-format teaching view (analysis.format_view.FormatView), plotly, no Streamlit:
+"""Figures of the number-format teaching view (analysis.quantization.format_view.FormatView), plotly, no Streamlit:
 
 format_histogram       channel j's values as a histogram, and under it one row per format with the values
                        that channel can take: FP grids crowd their codes near zero, an int grid spaces them evenly

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from analysis.models import ModelBundle
+from analysis.models.bundle import ModelBundle
 from quant.formats import element_grid, expand_blocks, fake_quantize_format, pad_blocks, parse_format, block_params, \
     effective_scale, tensor_scale_for
 
@@ -107,9 +107,9 @@ def format_view(bundle: ModelBundle, layer: str, timestep: int | None = None, ch
     """The teaching view of `layer` of the bundle's FP denoiser at the recorded timestep nearest `timestep` (None:
     the middle one): one FP sampling run of `samples` images records the inputs; channel None picks the
     channel with the largest |value| (the outlier)."""
-    from analysis.calibration import calibration_for
+    from analysis.quantization.calibration import calibration_for
 
-    model = bundle.transformer
+    model = bundle.denoiser
     module = dict(model.named_modules()).get(layer)
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         raise ValueError(f"{layer!r} is not a linear or conv layer of the model; pick one from the layer menu "
