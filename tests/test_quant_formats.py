@@ -248,7 +248,7 @@ def test_sweep_formats_axis_and_bops_count_scale_bits():
 
     spec = SweepSpec(methods=["baseline"], bits=["W8A8", "W4A4", "W4A8"],
                      formats=["int", "fp8_e4m3", "mxfp4", "nvfp4/fp8_e4m3"]).validate()
-    labels = [point_config(m, b, o, spec, None, f).label for m, b, f, o in spec.grid()]
+    labels = [point_config(m, b, o, spec, None, fmt=f).label for m, b, f, o in spec.grid()]
     assert labels == ["baseline W8A8", "baseline W8A8 fp8_e4m3", "baseline W4A4", "baseline W4A4 mxfp4",
                       "baseline W4A8", "baseline W4A8 w:mxfp4", "baseline W4A8 w:nvfp4 a:fp8_e4m3"]
     with pytest.raises(ValueError, match="unknown format"):
