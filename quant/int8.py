@@ -58,7 +58,8 @@ def int8_eligible(layer: nn.Module) -> bool:
 def _int_grids(layer) -> bool:
     """Per-channel / per-tensor int grids on both sides (an FP8 layer runs through quant.fp8 instead)."""
     w, a = getattr(layer, "w_fmt", None), getattr(layer.act, "fmt", None)
-    return (w is None or (not w.is_float and not w.blocked)) and (a is None or (not a.is_float and not layer.act.dynamic))
+    weights_int = w is None or (not w.is_float and not w.blocked)
+    return weights_int and (a is None or (not a.is_float and not layer.act.dynamic))
 
 
 def onednn_available() -> bool:

@@ -49,7 +49,8 @@ def stored_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
         fmt = layer.w_fmt
         if fmt.is_float or fmt.blocked:
             packed[key].update(element=fmt.element, group=fmt.group, block_scale=fmt.block_scale)
-            tensors[f"{name}.w_scale"] = _encode_scale(layer.w_scale.detach(), fmt.block_scale if fmt.blocked else "fp32")
+            stored_as = fmt.block_scale if fmt.blocked else "fp32"
+            tensors[f"{name}.w_scale"] = _encode_scale(layer.w_scale.detach(), stored_as)
             if fmt.is_float or layer.w_symmetric:
                 del tensors[f"{name}.w_zero"]  # all zeros
             elif fmt.blocked:

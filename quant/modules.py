@@ -117,7 +117,8 @@ class ActQuantizer(nn.Module):
     def extra_repr(self) -> str:
         fmt = "" if self.fmt.name == "int" and not self.fmt.blocked else f", format={self.fmt.describe()}"
         tok = ", per_token" if self.per_token else ""
-        return f"bits={self.bits}{fmt}{tok}, symmetric={self.symmetric}, tpq={self.per_timestep}, T={self.scale.numel()}"
+        return (f"bits={self.bits}{fmt}{tok}, symmetric={self.symmetric}, tpq={self.per_timestep}, "
+                f"T={self.scale.numel()}")
 
     def _sample_t(self, batch: int, device) -> torch.Tensor:
         t = self.ctx.t if self.ctx is not None else None

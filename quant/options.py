@@ -95,7 +95,8 @@ def check_all(obj, method: str | None = None) -> None:
 
 def _accepts(opt: Option) -> str:
     what = {"bool": "true or false", "tristate": "true, false or null (the method's default)",
-            "int": "an integer", "optional_int": "an integer", "float": "a finite number", "optional_float": "a finite number",
+            "int": "an integer", "optional_int": "an integer", "float": "a finite number",
+            "optional_float": "a finite number",
             "str": "a string", "patterns": "a list of layer name patterns",
             "bits": "an integer from 2 to 8, or 16 / None for no quantization"}[opt.kind]
     low = None if opt.low is None else f"{'>' if opt.low_open else '>='} {opt.low:g}"
