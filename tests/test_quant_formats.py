@@ -280,3 +280,23 @@ def test_teaching_view_isolates_an_outlier_to_its_block():
     g = np.diff(view.grids["fp4_e2m1"])
     assert g.max() / g.min() == pytest.approx(4.0, rel=1e-4)
     assert len(format_histogram(view).data) == 5 and len(format_channel_error(view).data) == 4
+
+
+def test_tpq_keeps_a_per_timestep_tensor_scale_under_the_block_scales():
+    from quant.modules import ActQuantizer, TimestepContext
+
+    ctx = TimestepContext()
+    q = ActQuantizer(4, per_timestep=True, ctx=ctx, num_timesteps=2, fmt=PRESETS["nvfp4"])
+    x = torch.randn(4, 8, 64)
+    x[2:] *= 100  # timestep 900 is 100x louder than timestep 10
+    ctx.t = torch.tensor([10, 10, 900, 900])
+    q.start_observing()
+    q(x)
+    q.finalize()
+    assert q.timesteps.tolist() == [10, 900] and q.dynamic and q.uses_tensor_scale
+    amax = [x[:2].abs().amax(), x[2:].abs().amax()]
+    assert torch.allclose(q.scale, torch.stack(amax) / (448 * 6))  # NVFP4's tensor scale, one per timestep
+    out = q(x)
+    # each sample is quantized with its own timestep's tensor scale: the same as quantizing it alone
+    for rows, ts in ((slice(0, 2), q.scale[0]), (slice(2, 4), q.scale[1])):
+        assert torch.equal(out[rows], fake_quant_blocks(x[rows], PRESETS["nvfp4"], ts))
