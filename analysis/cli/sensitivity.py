@@ -48,16 +48,10 @@ def run(args) -> dict:
         raise CLIError(f"--samples must be >= 1, got {args.samples}")
     w = None if args.w_bits == 16 else args.w_bits
     a = None if args.a_bits == 16 else args.a_bits
-<<<<<<< HEAD
     config = QuantConfig(method=args.method, w_bits=w, a_bits=a, w_format=args.w_format, a_format=args.a_format,
                          w_group=args.w_group, a_group=args.a_group).validate()
-    if config.method == "fp":
-        raise CLIError("--method fp quantizes nothing; pick a quantizing method")
-=======
-    config = QuantConfig(method=args.method, w_bits=w, a_bits=a).validate()
     if not config.quantizes:
         raise CLIError(f"--method {config.method} quantizes nothing; pick a quantizing method")
->>>>>>> main
     bundle = load(args.model, device=args.device, dtype=args.dtype)
     cal = calibration_for(bundle, steps=args.steps, num_samples=args.samples, guidance=args.guidance,
                           seed=args.calib_seed)
