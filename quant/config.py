@@ -35,8 +35,20 @@ def quantizes(config) -> bool:
 RECON_MODES = ("none", "adaround", "bkd")
 RECON_INPUTS = ("quantized", "fp")
 # Learning rates when recon_lr / recon_act_lr are None: (rounding or weight lr, activation-parameter lr).
-# adaround: Adam's default for V and the official PTQ4DiT code's step-size lr (--cali_lr 4e-4).
-RECON_LRS = {"adaround": (1e-3, 4e-4), "bkd": (1e-4, 1e-3)}
+# adaround: Adam's default for V and the step-size lr the official PTQ4DiT run uses: its script parses
+# --cali_lr 4e-4 but never passes it on, so BRECQ's block_reconstruction default, 4e-5, applies.
+RECON_LRS = {"adaround": (1e-3, 4e-5), "bkd": (1e-4, 1e-3)}
+# How the Lp reconstruction loss (adaround) reduces a unit's output: "dim1" sums |out - target|^p over
+# dimension 1 and averages the rest (BRECQ's lp_loss, which the official PTQ4DiT code calls: dimension 1 is
+# the tokens of a DiT block's [B, N, C] output, the channels of a conv's [B, C, H, W]); "last" sums over the
+# last dimension (a DiT block's features), which moves the balance against the rounding penalty by C / N.
+RECON_SUMS = ("dim1", "last")
+# "rows": each calibration row (conditional and unconditional alike) is matched on its own. "guided": rows come
+# in (conditional, unconditional) pairs of one image and step, and the loss matches the unconditional output
+# and the guided combination u + s (c - u), so the class signal c - u is weighed by the guidance scale s.
+RECON_LOSSES = ("rows", "guided")
+# Values a config written before these fields existed ran with (QuantConfig.from_dict restores them).
+LEGACY_RECON = {"recon_p": 2.4, "recon_sum": "last", "adaround_act_lr": 4e-4}
 
 
 # Number-format fields and their defaults (today's int grids); quant.formats holds the formats themselves.
@@ -125,6 +137,17 @@ class QuantConfig:
                              "optimization (DilateQuant: 5120 samples)", low=1, group="recon")
     recon_input: str = option("quantized", "Block input", "quantized (each block sees the quantized prefix's "
                               "output, the papers') or fp", choices=RECON_INPUTS, group="recon")
+    recon_p: float = option(2.0, "Lp exponent", "exponent p of adaround's Lp reconstruction loss (the official "
+                            "PTQ4DiT run: 2.0; its unused --cali_p: 2.4)", low=1.0, high=4.0, group="recon")
+    recon_sum: str = option("dim1", "Lp sum over", "adaround's Lp loss sums over dimension 1 (tokens of a DiT "
+                            "block: BRECQ and the official PTQ4DiT code) or the last one (features)",
+                            choices=RECON_SUMS, group="recon")
+    recon_loss: str = option("rows", "Rows matched", "rows: each calibration row on its own; guided: pairs of a "
+                             "conditional and an unconditional row, matching the unconditional and the guided output "
+                             "(protects the class signal guidance amplifies)", choices=RECON_LOSSES, group="recon")
+    recon_guidance: float | None = option(None, "Guidance of the loss", "the guidance scale s of the guided loss; "
+                                          "unset = the calibration's", kind="optional_float", low=1.0,
+                                          group="recon")
 
     def __post_init__(self) -> None:
         if isinstance(self.exclude, tuple):
@@ -170,6 +193,9 @@ class QuantConfig:
             name += " TPQ"
         if self.recon != "none":
             name += " +" + {"adaround": "AdaRound", "bkd": "BKD"}.get(self.recon, self.recon)
+            if self.recon_loss == "guided":
+                name += " guided"
+
         return name
 
     @property
@@ -264,27 +290,47 @@ class QuantConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "QuantConfig":
+    def from_dict(cls, d: dict, strict: bool = False) -> "QuantConfig":
         """Build and validate; unknown keys are an error (a typo must not silently fall back to a default).
 
         Method options may also be given flat, beside the common fields ({"method": "smoothquant",
-        "alpha": 0.3}), as configs stored before options had their own field hold them: a flat option of the
-        chosen method goes into `options`, one of another method is ignored (those configs held them all)."""
+        "alpha": 0.3}), as configs stored earlier hold them: a flat option of the chosen method goes into
+        `options`. A flat option of another method is ignored in a stored config (those held them all) and,
+        with `strict` (a file a person wrote: dqlab quantize --config), refused by name."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a quantization config must be an object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         d = dict(d)
         method = d.get("method", cls.method)
-        own = {o.name for o in get_method(method).describe_options()} if method in REGISTRY else set()
-        others = {o.name for o in all_options()} - own
+        if not isinstance(method, str) or method not in REGISTRY:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(NAMES)}")
+        own = {o.name for o in get_method(method).describe_options()}
+        owners = {o.name: o.method for o in all_options()}
         flat = {k: d.pop(k) for k in list(d) if k not in names and k in own}
-        for k in [k for k in d if k not in names and k in others]:
+        foreign = [k for k in d if k not in names and k in owners]
+        if strict and foreign:
+            raise ValueError(f"{foreign[0]} is an option of {owners[foreign[0]]}, not of {method}; drop it or set "
+                             f"\"method\": \"{owners[foreign[0]]}\"")
+        for k in foreign:
             d.pop(k)
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown QuantConfig field(s) {unknown}; known fields: {sorted(names)}")
+        if d.get("options") is not None and not isinstance(d["options"], dict):
+            raise ValueError(f"options must be a dict of the method's options, got {d['options']!r}")
         if flat:
             d["options"] = {**flat, **(d.get("options") or {})}
         if "exclude" in d and d["exclude"] is not None:
+            if not isinstance(d["exclude"], (list, tuple)):
+                raise ValueError(f"exclude must be a list of layer name patterns, got {d['exclude']!r}; write "
+                                 f"[{json.dumps(d['exclude'])}] for one pattern")
             d["exclude"] = list(d["exclude"])
+        if "recon_input" in d and "recon_p" not in d and d.get("recon") == "adaround":
+            # a whole config written before the Lp settings were fields: it ran with the earlier defaults
+            d.setdefault("recon_p", LEGACY_RECON["recon_p"])
+            d.setdefault("recon_sum", LEGACY_RECON["recon_sum"])
+            if d.get("recon_act_lr") is None:
+                d["recon_act_lr"] = LEGACY_RECON["adaround_act_lr"]
         return cls(**d)
 
     @classmethod
@@ -293,11 +339,9 @@ class QuantConfig:
         return describe(cls)
 
     @classmethod
-    def from_json(cls, text: str) -> "QuantConfig":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"quantization config is not valid JSON: {exc}") from None
-        if not isinstance(d, dict):
-            raise ValueError("quantization config JSON must be an object")
-        return cls.from_dict(d)
+    def from_json(cls, text: str, strict: bool = True) -> "QuantConfig":
+        """A config from JSON text a person wrote or downloaded: size and depth bounded (quant.guards), and a
+        flat option of another method refused (see from_dict)."""
+        from quant.guards import loads_json
+
+        return cls.from_dict(loads_json(text, "quantization config"), strict=strict)

@@ -11,10 +11,11 @@ again: an interrupted sweep resumes where it stopped.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
-from analysis.cli import CLIError, add_common, add_guidance, emit
+from analysis.cli import CLIError, add_common, add_guidance, check_output_file, emit
 from analysis.quantization.calibration import CALIBRATION_SEED
 
 DEFAULT_TOLERANCES = ["fid_vs_fp=10", "rel_rms=0.2"]
@@ -30,6 +31,8 @@ def parse_tolerance(text: str) -> dict:
         limit = float(value)
     except ValueError:
         raise CLIError(f"--tolerance {text!r}: {value!r} is not a number") from None
+    if not math.isfinite(limit) or limit < 0:
+        raise CLIError(f"--tolerance {text!r}: the limit must be a finite number >= 0")
     return {name.strip(): limit}
 
 
@@ -52,7 +55,8 @@ def register(sub) -> None:
     p.add_argument("--calib-seed", type=int, default=CALIBRATION_SEED, help="first calibration seed (default: %(default)s)")
     p.add_argument("--recon-iters", type=int, default=None, help="iterations per unit for adaround / bkd points")
     p.add_argument("--tolerance", action="append", default=None, metavar="MEASURE=VALUE",
-                   help="fid_vs_fp=X, rel_rms=Y or label_agreement_drop=Z; repeatable "
+                   help="fid_vs_fp=X, rel_rms=Y or label_agreement_drop=Z (at most), same_digit_vs_fp=S, "
+                        "psnr_vs_fp=DB or ssim_vs_fp=V (at least); repeatable "
                         f"(default: {' and '.join(DEFAULT_TOLERANCES)})")
     p.add_argument("--config-out", type=Path, default=None,
                    help="write the first recommendation's QuantConfig here (for dqlab quantize --config)")
@@ -74,8 +78,9 @@ def run(args) -> dict:
     if args.num_samples < 2:
         raise CLIError(f"--num-samples must be at least 2 for FID, got {args.num_samples}")
     tolerances = [parse_tolerance(t) for t in (args.tolerance or DEFAULT_TOLERANCES)]
-    if args.config_out is not None and args.config_out.is_dir():
-        raise CLIError(f"--config-out {args.config_out} is a folder; name a .json file")
+    check_output_file(args.config_out, "--config-out", (".json",))
+    if args.seed < 0 or args.calib_seed < 0:
+        raise CLIError(f"--seed and --calib-seed must be >= 0, got {args.seed} and {args.calib_seed}")
     store = Store(args.data_dir)
     bundle = load(args.model, device=args.device, dtype=args.dtype)
 
@@ -92,8 +97,10 @@ def run(args) -> dict:
         print(file=sys.stderr)
     out = result.to_json(tolerances)
     if args.config_out is not None and out["recommendation"] and out["recommendation"]["config"]:
+        from quant.guards import write_text_atomic
+
         args.config_out.parent.mkdir(parents=True, exist_ok=True)
-        args.config_out.write_text(json.dumps(out["recommendation"]["config"], indent=2, sort_keys=True))
+        write_text_atomic(args.config_out, json.dumps(out["recommendation"]["config"], indent=2, sort_keys=True))
         out["config_out"] = str(args.config_out)
     emit(args, out, _human(out))
     return out
@@ -101,14 +108,18 @@ def run(args) -> dict:
 
 def _human(out: dict) -> str:
     front = set(out["front"])
-    lines = [f"{'point':<34} {'FID vs FP':>22} {'rel_rms':>9} {'agree':>6} {'MiB':>6} {'GBOPs':>7} {'s':>6}  front"]
+    lines = [f"{'point':<34} {'FID vs FP':>22} {'rel_rms':>9} {'agree':>6} {'same':>6} {'PSNR':>6} {'MiB':>6} "
+             f"{'GBOPs':>7} {'s':>6}  front"]
     for p in out["points"]:
         iv = p["fid_vs_fp_interval"]
         fid = "n/a" if p["fid_vs_fp"] is None else (f"{p['fid_vs_fp']:.2f}" + (f" [{iv[0]:.1f}, {iv[1]:.1f}]" if iv else ""))
         agree = "" if p["label_agreement"] is None else f"{p['label_agreement']:.3f}"
-        lines.append(f"{p['label']:<34} {fid:>22} {p['rel_rms'] or 0:>9.4f} {agree:>6} "
+        same = "" if p.get("same_digit_vs_fp") is None else f"{p['same_digit_vs_fp']:.3f}"
+        psnr = "" if p.get("psnr_vs_fp") is None else f"{p['psnr_vs_fp']:.1f}"
+        lines.append(f"{p['label']:<34} {fid:>22} {p['rel_rms'] or 0:>9.4f} {agree:>6} {same:>6} {psnr:>6} "
                      f"{p['weight_bytes'] / 2 ** 20:>6.2f} {p['bops'] / 1e9:>7.2f} {p['seconds']:>6.0f}  "
                      + ("*" if p["label"] in front else ""))
+    lines.append("rel_rms on held-out seeds; same = same digit as FP, PSNR vs FP in dB (per seed, same seeds)")
     lines.append(f"N={out['spec']['num_samples']}, {out['spec']['steps']} steps, guidance {out['guidance']:g}; "
                  f"{out['measured']} measured, {out['reused']} from the store, {out['seconds']:.0f}s")
     lines += [f"tolerance {r['tolerance']}: {r['reason']}" for r in out["recommendations"]]
