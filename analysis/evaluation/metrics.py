@@ -1,4 +1,5 @@
-"""Sample quality through torch-fidelity (FID, IS, KID, precision/recall) and per-timestep output error.
+"""Sample quality through torch-fidelity (FID, IS, KID, precision/recall), and a model's noise prediction on
+recorded inputs (the per-timestep error itself is analysis.quantization.pipeline.output_errors).
 
 Two feature extractors:
 - "dqlab-digits": the bundled digit classifier (analysis.evaluation.classifier), registered with torch-fidelity so FID
@@ -24,7 +25,6 @@ from torch.utils.data import Dataset
 
 from analysis.evaluation.images import to_uint8_rgb
 from quant.forward import forward_batches
-from quant.measures import relative_rms
 
 DIGITS_EXTRACTOR = "dqlab-digits"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
@@ -528,7 +528,8 @@ def _use_cuda(device) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Per-timestep output error
+# A model's noise prediction on recorded inputs (the reference that analysis.quantization.pipeline.output_errors,
+# the one per-timestep error, compares against)
 # ---------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -537,17 +538,3 @@ def transformer_outputs(transformer: torch.nn.Module, calibration, out_channels:
     """The transformer's noise prediction (first `out_channels` channels; learned-sigma models also output a
     variance half) on every recorded input, on the CPU in float32."""
     return forward_batches(transformer, calibration.batches(batch_size), keep_outputs=True)[:, :out_channels]
-
-
-def per_timestep_error(reference_outputs: torch.Tensor, transformer: torch.nn.Module, calibration,
-                       batch_size: int = 256) -> list[dict]:
-    """Relative RMS error (quant.measures.relative_rms) of `transformer`'s noise prediction against
-    `reference_outputs` (the FP model's on the same inputs) at every sampling step recorded in `calibration`.
-    Rows: {"step", "t", "rel_rms"}."""
-    outputs = transformer_outputs(transformer, calibration, reference_outputs.shape[1], batch_size)
-    rows = []
-    for step in torch.unique(calibration.step).tolist():
-        mask = calibration.step == step
-        rows.append({"step": int(step), "t": int(calibration.t[mask][0]),
-                     "rel_rms": relative_rms(outputs[mask], reference_outputs[mask])})
-    return rows

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -80,19 +80,30 @@ class Variant:
         raise TypeError(f"variant {name!r} is a {type(value).__name__}; pass a Variant, a ModelBundle or None (FP)")
 
 
+class OutputErrors(NamedTuple):
+    """How far a model's noise prediction is from FP: relative RMS error ||eps_q - eps|| / ||eps|| over all
+    inputs (total), per timestep ({t: error}, noisiest first), and per quantized layer on its own input."""
+
+    total: float
+    per_timestep: dict[int, float]
+    layers: dict[str, float]
+
+
 def _eps(out: torch.Tensor, latent_channels: int) -> torch.Tensor:
     return out[:, :latent_channels]  # learned-sigma models output a variance half the sampler does not use
 
 
 @torch.no_grad()
-def output_errors(fp_model: torch.nn.Module | None, q_model: torch.nn.Module, batches: list, latent_channels: int,
-                  per_layer: bool = True, reference: torch.Tensor | None = None
-                  ) -> tuple[float, dict[int, float], dict[str, float]]:
-    """Relative RMS error of the noise prediction vs FP, ||eps_q - eps|| / ||eps||, over all batches and per
-    timestep (quant.measures.RelRmsByTimestep); and each quantized layer's own relative RMS error (its
-    quantized output vs its FP output on the same input).
+def output_errors(fp_model: torch.nn.Module | None, q_model: torch.nn.Module, batches, latent_channels: int,
+                  per_layer: bool = True, reference: torch.Tensor | None = None) -> OutputErrors:
+    """The one per-timestep error of the lab: q_model's noise prediction against FP's on the same inputs, overall
+    and per timestep (quant.measures.RelRmsByTimestep: sums per sample, so a batch may mix timesteps), and with
+    per_layer each quantized layer's own relative RMS error (its quantized output vs its FP output on the same
+    input). Used by quantization reports, sensitivity, and the comparison's per-step error.
 
-    reference: the FP outputs of the batches, concatenated (else fp_model is run on them)."""
+    batches: (x, t, y) batches (or CalibrationData); reference: FP's outputs on them, concatenated in order
+    (else fp_model runs on them)."""
+    batches = calibration_batches(batches) if hasattr(batches, "batches") else batches
     layers = quant_layers(q_model) if per_layer else {}
     for layer in layers.values():
         layer.error_stats = [0.0, 0.0]
@@ -111,7 +122,7 @@ def output_errors(fp_model: torch.nn.Module | None, q_model: torch.nn.Module, ba
     finally:
         for layer in layers.values():
             layer.error_stats = None
-    return acc.total(), acc.per_timestep(), layer_err
+    return OutputErrors(acc.total(), acc.per_timestep(), layer_err)
 
 
 def _lists(d: dict) -> dict:
@@ -156,8 +167,7 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     progress("measuring the error vs FP", 0.8)
     batches = calibration_batches(calibration, batch_size)
-    rel, per_t, layer_err = output_errors(None, result.model, batches, bundle.latent_shape[0],
-                                          reference=result.reference)
+    errors = output_errors(None, result.model, batches, bundle.latent_shape[0], reference=result.reference)
     n_quant = sum(1 for m in quant_layers(result.model).values()
                   if not is_off(m.w_bits) or m.act.enabled)
     report = QuantReport(
@@ -169,7 +179,7 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
         calibration_rows=len(calibration) if hasattr(calibration, "__len__") else None,
         layers_quantized=n_quant, weight_bytes=weight_bytes(result.model),
         fp_weight_bytes=fp_weight_bytes(bundle.denoiser),
-        rel_rms=rel, rel_rms_per_timestep=per_t, layer_error=layer_err,
+        rel_rms=errors.total, rel_rms_per_timestep=errors.per_timestep, layer_error=errors.layers,
         vectors={g: b.tolist() for g, b in result.vectors.items()},
         salience={g: _lists(s) for g, s in result.salience.items()},
         ssc={g: _lists(e) for g, e in result.extras.items() if "eta" in e},
