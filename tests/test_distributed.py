@@ -13,7 +13,8 @@ import torch
 from analysis.evaluation.distributed import shard_batches
 
 ROOT = Path(__file__).resolve().parents[1]
-EVAL_ARGS = ["eval", "--num-samples", "20", "--steps", "3", "--batch-size", "8", "--no-store", "--json"]
+EVAL_ARGS = ["eval", "--num-samples", "20", "--steps", "3", "--batch-size", "8", "--no-store", "--bootstrap", "20",
+             "--json"]
 
 
 def test_shards_are_whole_batches_that_cover_every_image_once():

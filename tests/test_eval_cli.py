@@ -17,7 +17,7 @@ def data_dir(tmp_path_factory):
 def test_eval_fp_json_and_runs_listing(data_dir, capsys):
     data = data_dir
     rc, out, err = run_cli(capsys, "eval", "--model", "bundled:dit-mnist", "--method", "fp", "--num-samples", "20",
-                        "--steps", "3", "--data-dir", data, "--device", "cpu", "--json")
+                        "--steps", "3", "--data-dir", data, "--device", "cpu", "--bootstrap", "20", "--json")
     assert rc == 0, err
     res = json.loads(out)
     for key in ("fid", "fid_vs_fp", "num_samples", "feature_extractor", "seconds", "run_id", "label_agreement"):
@@ -55,7 +55,7 @@ def test_eval_quantized_variant(data_dir, capsys):
     try:
         rc, out, err = run_cli(capsys, "eval", "--method", "baseline", "--w-bits", "8", "--a-bits", "8",
                             "--num-samples", "12", "--steps", "3", "--calib-samples", "4", "--data-dir", data,
-                            "--device", "cpu", "--json")
+                            "--device", "cpu", "--bootstrap", "0", "--json")
     except NotImplementedError:
         pytest.skip(f"the quantization pipeline is not available yet ({quantize_pipeline.__name__})")
     assert rc == 0, err

@@ -236,3 +236,14 @@ def test_reference_features_are_cached_on_disk(tmp_path, digits):
     lazy = M.Reference("test digits", loader=lambda: pytest.fail("features should come from the cache"), size=50,
                        cache_name="test-ref-feats")
     assert torch.equal(M.reference_features(lazy, cache_dir=tmp_path), first)
+
+
+def test_fid_interval_can_be_shrunk_or_skipped():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, 8, generator=gen), torch.randn(40, 8, generator=gen) + 0.5
+    full, few = M.fid_interval(a, b, paired=True), M.fid_interval(a, b, paired=True, replicates=10)
+    none = M.fid_interval(a, b, paired=True, replicates=0)
+    assert full["replicates"] == M.BOOTSTRAP_REPLICATES and few["replicates"] == 10
+    assert full["fid"] == few["fid"] == none["fid"] and none["fid_interval"] is None and none["replicates"] == 0
+    lo, hi = few["fid_interval"]
+    assert lo <= few["fid"] <= hi

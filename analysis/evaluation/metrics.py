@@ -450,14 +450,16 @@ def fid_interval(a: torch.Tensor, b: torch.Tensor, paired: bool = False, replica
     which lowers the effective sample count, and FID is biased upwards at low counts; so the percentile
     interval is shifted by the bootstrap's own bias estimate (mean of the replicates - FID), which keeps
     the point estimate inside it. High-dimensional features (Inception's 2048) cost a d^3 eigen-solve per
-    replicate: they get fewer replicates by default. Returns {"fid", "fid_interval": [low, high], "level",
-    "replicates"}.
+    replicate: they get fewer replicates by default. replicates=0 skips the bootstrap (interval None). Returns
+    {"fid", "fid_interval": [low, high] or None, "level", "replicates"}.
     """
     if replicates is None:
         replicates = BOOTSTRAP_REPLICATES if a.shape[1] <= 512 else 25
     if paired and len(a) != len(b):
         raise MetricsError(f"a paired bootstrap needs sets of equal size, got {len(a)} and {len(b)}")
     point = fid_from_features(a, b)
+    if int(replicates) == 0:
+        return {"fid": point, "fid_interval": None, "level": level, "replicates": 0}
     gen = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(int(replicates)):

@@ -102,6 +102,7 @@ class SweepSpec:
     calib_seed: int = CALIBRATION_SEED
     scheduler: str = "ddim"
     recon_iters: int | None = None
+    bootstrap: int | None = None  # replicates per FID interval (EvalOptions.bootstrap; 0: no intervals)
 
     def validate(self) -> "SweepSpec":
         if not self.methods or not self.bits or not self.options:
@@ -116,6 +117,8 @@ class SweepSpec:
             check_option(o)
         if self.calib_samples < 1:
             raise ValueError(f"calibration samples must be >= 1, got {self.calib_samples}")
+        if self.bootstrap is not None and self.bootstrap < 0:
+            raise ValueError(f"bootstrap replicates must be >= 0 (0: no intervals), got {self.bootstrap}")
         if self.recon_iters is not None and self.recon_iters < 1:
             raise ValueError(f"recon iterations must be >= 1, got {self.recon_iters}")
         return self
@@ -123,7 +126,7 @@ class SweepSpec:
     def eval_options(self) -> EvalOptions:
         return EvalOptions(num_samples=self.num_samples, steps=self.steps, guidance=self.guidance,
                            scheduler=self.scheduler, seed=self.seed, calib_samples=self.calib_samples,
-                           calib_seed=self.calib_seed)
+                           calib_seed=self.calib_seed, bootstrap=self.bootstrap)
 
     def grid(self) -> list[tuple[str, str, str]]:
         """(method, bits, option) of every point, in order. Mixed precision needs bits below 8 to mix with."""
