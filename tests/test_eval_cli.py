@@ -48,6 +48,7 @@ def test_eval_fp_json_and_runs_listing(data_dir, capsys):
     assert rc == 0 and "1 run(s)" in out and "FP" in out
 
 
+@pytest.mark.slow
 def test_eval_quantized_variant(data_dir, capsys):
     """A real W8A8 baseline quantization through the engine, scored against FP at the same seeds."""
     from analysis.quantization import pipeline as quantize_pipeline

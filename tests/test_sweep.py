@@ -93,6 +93,7 @@ def test_sensitivity_ranks_units_per_timestep(bundled, one_torch_thread):
     assert (sens.all_but <= sens.all_quantized.max() * 1.5).all()
 
 
+@pytest.mark.slow
 def test_cli_sweep_2x2_then_resumes_from_the_store(capsys, tmp_path, one_torch_thread):
     args = ["sweep", "--methods", "baseline,dilatequant", "--bits", "W8A8,W4A4", "--num-samples", "16",
             "--steps", "3", "--calib-samples", "1", "--device", "cpu", "--data-dir", str(tmp_path / "store"),
