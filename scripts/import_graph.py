@@ -18,10 +18,11 @@ PACKAGES = ("quant", "analysis", "pages")
 
 # (layer, module name prefixes), lowest first; the longest matching prefix decides a module's layer.
 LAYERS = [
-    (0, ("quant.quantizers", "quant.measures", "quant.options", "quant.modules", "quant.families", "quant.guards")),
+    (0, ("quant.quantizers", "quant.formats", "quant.measures", "quant.options", "quant.modules", "quant.families",
+         "quant.guards")),
     (1, ("quant.methods", "quant.config", "quant.denoiser", "quant.forward", "quant.reparam", "quant.observers",
          "quant.wrap")),
-    (2, ("quant.recon", "quant.graph", "quant.io", "quant.int8")),
+    (2, ("quant.recon", "quant.graph", "quant.io", "quant.int8", "quant.fp8")),
     (3, ("quant.api", "quant")),
     (4, ("analysis.models", "analysis.quiet", "analysis")),
     (5, ("analysis.salience",)),
