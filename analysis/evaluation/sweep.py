@@ -224,7 +224,7 @@ def _quality(point: dict, quality: str) -> float | None:
     """The point's value of `quality` oriented so that lower is better (higher-is-better measures negated);
     FP's PSNR vs itself, which has no finite value, is the best there is."""
     value = point.get(quality)
-    if value is None and quality == "psnr_vs_fp" and point.get("method") == "fp":
+    if value is None and quality == "psnr_vs_fp" and not quantizes(point.get("method")):
         return float("-inf")
     if value is None:
         return None
@@ -280,7 +280,7 @@ def recommend(points: list[dict], tolerance: dict, cost: str = "bops") -> dict:
 def _format_quality(point: dict, quality: str) -> str:
     value = point.get(quality)
     if value is None:
-        return "identical to FP" if quality == "psnr_vs_fp" and point.get("method") == "fp" else "n/a"
+        return "identical to FP" if quality == "psnr_vs_fp" and not quantizes(point.get("method")) else "n/a"
     interval = point.get(f"{quality}_interval")
     if interval and None not in interval:
         return f"{value:.3g} [{interval[0]:.3g}, {interval[1]:.3g}]" if quality != "fid_vs_fp" else \
