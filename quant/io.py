@@ -104,7 +104,6 @@ def read_quantized(folder) -> tuple[nn.Module, QuantConfig, dict]:
     import diffusers
     from safetensors.torch import load_file
 
-    from quant.methods import get_method
     from quant.wrap import wrap_model
 
     folder = Path(folder)
@@ -120,7 +119,7 @@ def read_quantized(folder) -> tuple[nn.Module, QuantConfig, dict]:
         raise QuantizedFolderError(f"{folder / META} names model class {cls_name!r}; supported: "
                                    f"{', '.join(MODEL_CLASSES)}")
     model = getattr(diffusers, cls_name).from_config(meta["transformer_config"])
-    if get_method(config.method).quantizes:
+    if all(m.quantizes for m in config.methods):
         wrap_model(model, config)
     tensors = load_file(str(folder / WEIGHTS))
     for key, info in meta.get("packed", {}).items():

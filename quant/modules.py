@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quant.branches import LowRankBranch, OnlineRotation  # noqa: F401 (re-exported for wrap / io)
 from quant.quantizers import fake_quant, is_off, quant_params, search_params, search_range
 
 # Values kept per observed row for percentile / MSE activation search (with the exact min and max).
@@ -197,6 +198,9 @@ class _WeightQuant:
         self.weight_override = None
         self.error_stats: list[float] | None = None  # [sum sq error, sum sq reference] when measuring
         self._cache: tuple | None = None
+        # quant.branches: an online input rotation and a float low-rank branch, set by wrap_model's layer plan
+        self.rotation: OnlineRotation | None = None
+        self.lowrank: LowRankBranch | None = None
         if not is_off(bits):
             self.calibrate_weight()
 
@@ -208,6 +212,14 @@ class _WeightQuant:
         self.w_scale = scale.reshape(self.w_scale.shape).to(self.weight.device)
         self.w_zero = zero.reshape(self.w_zero.shape).to(self.weight.device)
         self._cache = None
+
+    def quantize_columns(self, cols: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize some input columns of the weight, as this layer's weight quantizer does: the
+        rounding step GPTQ (quant.gptq) calls column by column. cols is [out, k] (a conv's weight flattened
+        to [out, in * kh * kw]) and index [k] the flat column positions, so a format whose scales depend on the
+        column (group-wise scales) picks them here. Today's scales are per output channel or per tensor."""
+        scale, zero = self.w_scale.reshape(-1, 1), self.w_zero.reshape(-1, 1)
+        return fake_quant(cols, scale.to(cols), zero.to(cols), self.w_bits, self.w_symmetric)
 
     def quantized_weight(self) -> torch.Tensor:
         if is_off(self.w_bits) or self.use_fp_weight:
@@ -247,10 +259,19 @@ class QuantLinear(_WeightQuant, nn.Linear):
         self._init_weight_quant(w_bits, per_channel, w_symmetric, search, percentile)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation is not None:
+            x = self.rotation(x)
         y = F.linear(self.act(x), self.quantized_weight(), self.bias)
+        if self.lowrank is not None:
+            y = y + self.lowrank.linear(x)
         if self.error_stats is not None:
-            self._measure(x, y, lambda inp: F.linear(inp, self.weight, self.bias))
+            self._measure(x, y, self.float_forward)
         return y
+
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same layer in float on an (already rotated) input: what the quantized output is compared with."""
+        y = F.linear(x, self.weight, self.bias)
+        return y if self.lowrank is None else y + self.lowrank.linear(x)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, w_bits={self.w_bits}"
@@ -273,9 +294,15 @@ class QuantConv2d(_WeightQuant, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._conv_forward(self.act(x), self.quantized_weight(), self.bias)
+        if self.lowrank is not None:
+            y = y + self.lowrank.conv(x, self)
         if self.error_stats is not None:
-            self._measure(x, y, lambda inp: self._conv_forward(inp, self.weight, self.bias))
+            self._measure(x, y, self.float_forward)
         return y
+
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._conv_forward(x, self.weight, self.bias)
+        return y if self.lowrank is None else y + self.lowrank.conv(x, self)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}->{self.out_channels}, k={self.kernel_size}, w_bits={self.w_bits}"

@@ -34,7 +34,8 @@ def add_quant_options(p, default_method: str = "ptq4dit"):
     for opt in QuantConfig.describe():
         default = default_method if opt.name == "method" else opt.default
         _add_flag(groups[opt.group], opt, default, argparse)
-    groups["quantization"].description = "methods: " + "; ".join(f"{m.name}: {m.help}" for m in REGISTRY.values())
+    groups["quantization"].description = ("methods: " + "; ".join(f"{m.name}: {m.help}" for m in REGISTRY.values())
+                                          + ". Methods combine with '+' where the math allows (e.g. hadamard+gptq)")
     for opt in all_options():
         _add_flag(groups[opt.group], opt, None, argparse)
     return groups["quantization"]
@@ -62,16 +63,22 @@ def config_from_args(args):
     from quant.config import QuantConfig
     from quant.methods import all_options
 
+    from quant.methods import components
+
     fields = {o.name: getattr(args, o.name) for o in QuantConfig.describe()}
     fields["exclude"] = list(fields["exclude"] or [])
+    try:
+        chosen = {m.name for m in components(args.method)}
+    except ValueError as exc:
+        raise CLIError(f"--method: {exc}") from None
     options = {}
     for opt in all_options():
         value = getattr(args, opt.name)
         if value is None:
             continue
-        if opt.method != args.method:
+        if opt.method not in chosen:
             raise CLIError(f"{opt.flag} is an option of {opt.method}, not of {args.method}; drop it or pass "
-                           f"--method {opt.method}")
+                           f"--method {opt.method} (alone or joined by '+')")
         options[opt.name] = value
     return QuantConfig(**fields, options=options)
 

@@ -1,0 +1,164 @@
+"""GPTQ, Hadamard rotation and SVDQuant's low-rank branch: exact in float, better than round-to-nearest, and
+composable, saved and reloaded bit for bit (DESIGN.md section 9)."""
+import pytest
+import torch
+
+from quant.api import QuantConfig, quantize_with_details
+from quant.gptq import gptq_quantize, output_error
+from quant.lowrank import lowrank_split
+from quant.quantizers import fake_quant, search_params
+from quant.rotation import fwht, rotate, rotation_kind, rotation_matrix
+from tests.conftest import make_tiny_dit
+
+
+def _batches(model, timesteps=(999, 600, 300, 20), per=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c, s = model.config.in_channels, model.config.sample_size
+    out = []
+    for t in timesteps:
+        x = torch.randn(per, c, s, s, generator=g)
+        y = torch.randint(0, model.config.num_embeds_ada_norm, (per,), generator=g)
+        out.append((x, torch.full((per,), t), y))
+    return out
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("n, kind", [(64, "walsh"), (12, "paley12x1"), (40, "paley20x2"), (6, "random")])
+def test_rotation_is_orthonormal_and_the_fast_transform_matches_the_matrix(n, kind):
+    assert rotation_kind(n) == kind
+    q = rotation_matrix(n)
+    assert torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    if kind != "random":  # a Hadamard matrix: every entry +-1/sqrt(n)
+        assert torch.allclose(q.abs(), torch.full_like(q, n ** -0.5), atol=1e-12)
+    x = torch.randn(5, 3, n, dtype=torch.float64)
+    assert torch.allclose(rotate(x), x @ q.T, atol=1e-12)
+
+
+def test_fwht_spreads_one_outlier_channel_over_all():
+    x = torch.zeros(1, 128)
+    x[0, 7] = 100.0
+    y = fwht(x)
+    assert torch.allclose(y.abs(), torch.full_like(y, 100.0 / 128 ** 0.5))
+    assert torch.allclose(fwht(y), x, atol=1e-4)  # H is symmetric and orthonormal: its own inverse
+
+
+@pytest.mark.parametrize("method", ["hadamard", "svdquant", "hadamard+gptq", "svdquant+gptq",
+                                    "ptq4dit+hadamard", "dilatequant+hadamard"])
+@pytest.mark.parametrize("head_dim", [8, 6])  # width 16 (Walsh) and 12 (Paley, heads of 6: random fallback)
+def test_rotation_and_lowrank_are_exact_in_float(method, head_dim):
+    model = make_tiny_dit(layers=2, head_dim=head_dim)
+    batches = _batches(model)
+    cfg = QuantConfig(method=method, w_bits=None, a_bits=None, options={"rank": 4} if "svd" in method else {})
+    res = quantize_with_details(model, cfg, batches)
+    mods = dict(res.model.named_modules())
+    if "hadamard" in method:
+        rot = res.methods["rotation"]
+        assert "transformer_blocks.0.attn1.to_out.0" in rot["folded"]
+        assert "transformer_blocks.0.ff.net.2" in rot["online"]
+        assert mods["transformer_blocks.0.ff.net.2"].rotation is not None
+        assert mods["transformer_blocks.0.attn1.to_out.0"].rotation is None  # folded into to_v: free
+        assert not torch.equal(mods["transformer_blocks.0.attn1.to_v"].weight,
+                               model.transformer_blocks[0].attn1.to_v.weight)
+    if "svdquant" in method:
+        low = res.methods["lowrank"]
+        assert low["extra_bytes"] > 0 and mods["transformer_blocks.0.attn1.to_q"].lowrank.rank == 4
+    for x, t, y in batches:
+        ref = model(x, timestep=t, class_labels=y).sample
+        assert _rel(res.model(x, timestep=t, class_labels=y).sample, ref) < 1e-5
+
+
+def _rtn(w, bits=4):
+    scale, zero = search_params(w, bits, 0)
+    return lambda cols, index: fake_quant(cols, scale.reshape(-1, 1), zero.reshape(-1, 1), bits)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_round_to_nearest_on_correlated_inputs(act_order):
+    gen = torch.Generator().manual_seed(0)
+    n_in, n_out, rows = 96, 48, 4096
+    mix = torch.randn(n_in, n_in, generator=gen) / n_in ** 0.5
+    x = torch.randn(rows, n_in, generator=gen) @ (mix + 0.3 * torch.eye(n_in))  # correlated inputs
+    x[:, 3] *= 10  # one outlier channel
+    w = torch.randn(n_out, n_in, generator=gen)
+    h = 2 * x.T @ x / rows
+    quant = _rtn(w)
+    q = gptq_quantize(w, h, quant, block=32, act_order=act_order)
+    rtn = quant(w, torch.arange(n_in))
+    assert torch.equal(quant(q, torch.arange(n_in)), q)  # every entry on the quantizer's grid
+    err_rtn = (x @ (w - rtn).T).pow(2).mean()
+    err_gptq = (x @ (w - q).T).pow(2).mean()
+    assert err_gptq < 0.7 * err_rtn
+    assert output_error(w, q, h) < output_error(w, rtn, h)
+
+
+def test_gptq_in_the_engine_lowers_each_layers_output_error():
+    model = make_tiny_dit(layers=1)
+    batches = _batches(model)
+    res = quantize_with_details(model, QuantConfig(method="ptq4dit+gptq", w_bits=3, a_bits=8), batches)
+    rep = res.methods["rounding"]
+    assert rep["method"] == "gptq" and rep["gptq_error"] < rep["rtn_error"]
+    layer = dict(res.model.named_modules())["transformer_blocks.0.ff.net.2"]
+    assert torch.equal(layer.quantized_weight(), layer.weight)  # GPTQ left the weight on its grid
+
+
+def test_lowrank_split_is_exact_and_takes_the_top_singular_values():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 24, generator=gen) + 5 * torch.outer(torch.randn(40, generator=gen), torch.randn(24, generator=gen))
+    l1, l2, r, s = lowrank_split(w, 3)
+    assert l1.dtype == torch.float16 and l1.shape == (40, 3) and l2.shape == (3, 24)
+    assert _rel(l1.float() @ l2.float() + r, w) < 1e-6
+    assert torch.linalg.matrix_norm(r, ord=2) < 0.5 * s[0]  # the dominant direction went into the branch
+    assert r.abs().max() < w.abs().max()
+
+
+@pytest.mark.parametrize("spec, why", [("ptq4dit+smoothquant", "both set the per-channel vector b"),
+                                       ("svdquant+ptq4dit", "both set the per-channel vector b"),
+                                       ("svdquant+hadamard", "spreads again the outliers"),
+                                       ("fp+gptq", "quantizes nothing"),
+                                       ("gptq+gptq", "twice"),
+                                       ("gptq+nope", "unknown method")])
+def test_refused_compositions_say_why_in_one_line(spec, why):
+    with pytest.raises(ValueError, match=why) as info:
+        QuantConfig(method=spec)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="AdaRound learns"):
+        QuantConfig(method="hadamard+gptq", recon="adaround")
+
+
+def test_compositions_are_stored_in_one_spelling_with_every_components_options():
+    cfg = QuantConfig(method="gptq+dilatequant", options={"gptq_act_order": True})
+    assert cfg.method == "dilatequant+gptq" and cfg.use_tpq  # dilatequant's TPQ default holds
+    assert cfg.options["gptq_act_order"] is True and cfg.options["gptq_block"] == 128
+    assert QuantConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="has no option"):
+        QuantConfig(method="hadamard", options={"rank": 8})
+
+
+@pytest.mark.parametrize("method", ["gptq", "hadamard", "svdquant", "hadamard+gptq", "svdquant+gptq"])
+def test_save_and_load_are_bit_identical(tiny_bundle, tmp_path, method):
+    from analysis.bundle_io import save_quantized
+    from analysis.models import load
+
+    model = tiny_bundle.transformer
+    batches = _batches(model)
+    cfg = QuantConfig(method=method, w_bits=4, a_bits=4, options={"rank": 4} if "svd" in method else {})
+    q = quantize_with_details(model, cfg, batches).model
+    bundle = tiny_bundle.with_transformer(q, name=f"tiny [{cfg.label}]", quant_config=cfg.to_dict())
+    folder = save_quantized(bundle, cfg, tmp_path / "q", base_source="tiny")
+    loaded = load(str(folder)).transformer
+    from quant.modules import quant_layers
+
+    layers = quant_layers(q)
+    stored = loaded.state_dict()
+    for key, value in q.state_dict().items():  # weights are stored as their codes: compare what they compute with
+        if key.endswith(".weight") and key[:-7] in layers:
+            assert torch.equal(quant_layers(loaded)[key[:-7]].quantized_weight(), layers[key[:-7]].quantized_weight())
+        else:
+            assert torch.equal(stored[key], value), key
+    if "gptq" in method:  # GPTQ leaves every weight on its grid: the stored codes give it back exactly
+        assert all(torch.equal(quant_layers(loaded)[n].weight, m.weight) for n, m in layers.items())
+    x, t, y = batches[0]
+    assert torch.equal(loaded(x, timestep=t, class_labels=y).sample, q(x, timestep=t, class_labels=y).sample)
