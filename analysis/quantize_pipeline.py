@@ -16,6 +16,7 @@ import torch
 
 from analysis.calibration import (CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS,  # noqa: F401
                                   CalibrationSpec, calibrate, calibration_for)
+from analysis.method_views import method_summary, rotation_histograms
 from analysis.models import ModelBundle
 from analysis.recipe import Recipe, recipe_of_run
 from analysis.sampling import CalibrationData
@@ -27,6 +28,8 @@ from quant.measures import RelRmsByTimestep, rel_rms
 from quant.modules import quant_layers
 from quant.quantizers import is_off
 
+# Calibration batches whose layer inputs make the before / after rotation histograms.
+HISTOGRAM_BATCHES = 2
 # Share of a quantize_bundle call's progress bar that calibration sampling takes when it samples.
 SAMPLING_SHARE = 0.6
 
@@ -145,6 +148,9 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
         "ssc": {g: _lists(e) for g, e in result.extras.items() if "eta" in e},
         "config": config.to_dict(), "recon": result.recon,
         "balance": balance_plan(bundle.transformer, set(result.vectors), config.method),
+        "methods": method_summary(result.methods),
+        "rotation_histograms": (rotation_histograms(result.model, batches[:HISTOGRAM_BATCHES])
+                                if "rotation" in result.methods else {}),
     }
     progress("done", 1.0)
     name = config.label

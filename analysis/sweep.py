@@ -52,6 +52,17 @@ QUALITY = {"fid_vs_fp": "FID vs FP", "rel_rms": "relative RMS error", "label_agr
 COSTS = {"bops": "BOPs", "weight_bytes": "weight bytes"}
 
 
+def _is_method(spec: str) -> bool:
+    """A registered method or a composition the registry accepts (quant.methods.compose)."""
+    from quant.methods import compose
+
+    try:
+        compose(spec)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_bits(text: str) -> tuple[int | None, int | None]:
     """'W4A8' -> (4, 8); 16 (or F) means floating point for that operand."""
     m = re.fullmatch(r"\s*[wW](\d+|[fF])[aA](\d+|[fF])\s*", text)
@@ -95,9 +106,10 @@ class SweepSpec:
         if not self.methods or not self.bits or not self.options:
             raise ValueError("a sweep needs at least one method, one bit-width and one option")
         for m in self.methods:
-            if m not in METHODS or m == "fp":
+            if m == "fp" or not _is_method(m):
                 raise ValueError(f"unknown method {m!r} for a sweep; choose from "
-                                 f"{', '.join(x for x in METHODS if x != 'fp')} (FP is always measured)")
+                                 f"{', '.join(x for x in METHODS if x != 'fp')} or several joined by '+' (FP is "
+                                 "always measured)")
         for b in self.bits:
             parse_bits(b)
         for o in self.options:

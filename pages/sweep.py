@@ -11,8 +11,9 @@ import pandas as pd
 import streamlit as st
 
 from pages._shared import current_bundle, intro, store
+from quant.methods import REGISTRY
 
-METHODS = ["baseline", "smoothquant", "ptq4dit", "dilatequant"]
+METHODS = [m.name for m in REGISTRY.values() if m.quantizes]  # every registered quantizing method
 BITS = ["W8A8", "W6A6", "W4A8", "W4A6", "W4A4"]
 OPTION_HELP = {"default": "the method's own setting", "tpq": "one activation range per timestep (TPQ)",
                "adaround": "+ AdaRound reconstruction (PTQ4DiT), minutes per point on a CPU",

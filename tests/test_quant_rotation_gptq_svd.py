@@ -162,3 +162,62 @@ def test_save_and_load_are_bit_identical(tiny_bundle, tmp_path, method):
         assert all(torch.equal(quant_layers(loaded)[n].weight, m.weight) for n, m in layers.items())
     x, t, y = batches[0]
     assert torch.equal(loaded(x, timestep=t, class_labels=y).sample, q(x, timestep=t, class_labels=y).sample)
+
+
+def test_cli_flags_and_help_come_from_the_registry_alone(tiny_folder, capsys):
+    from analysis.cli import build_parser
+    from analysis.cli.quantize import config_from_args
+    from quant.methods import REGISTRY
+    from tests.conftest import run_cli
+
+    parser = build_parser()
+    help_text = parser._subparsers._group_actions[0].choices["quantize"].format_help()
+    for method in REGISTRY.values():
+        assert f"{method.name}:" in help_text
+        for opt in method.describe_options():
+            assert opt.flag in help_text, opt.flag
+    args = parser.parse_args(["quantize", "--method", "gptq+hadamard", "--gptq-act-order", "--no-hadamard-online"])
+    config = config_from_args(args)
+    assert config.method == "hadamard+gptq"
+    assert config.options["gptq_act_order"] is True and config.options["hadamard_online"] is False
+    rc, out, err = run_cli(capsys, "quantize", "--model", tiny_folder, "--method", "svdquant+hadamard")
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and "does not combine with hadamard" in err
+    rc, out, err = run_cli(capsys, "quantize", "--model", tiny_folder, "--method", "hadamard", "--rank", "8")
+    assert rc == 2 and "--rank is an option of svdquant" in err
+
+
+def test_quantize_cli_reports_what_each_method_did(tiny_folder, capsys):
+    import json
+
+    from tests.conftest import run_cli
+
+    rc, out, err = run_cli(capsys, "quantize", "--model", tiny_folder, "--calib-samples", "2", "--calib-steps", "3",
+                           "--method", "svdquant+gptq", "--rank", "4", "--w-bits", "4", "--a-bits", "8", "--json")
+    assert rc == 0, err
+    methods = json.loads(out)["methods"]
+    assert methods["lowrank"]["rank"] == 4 and methods["lowrank"]["extra_bytes"] > 0
+    assert methods["rounding"]["method"] == "gptq" and methods["rounding"]["error_ratio"] < 1
+
+
+def test_rotation_histograms_show_the_range_shrink():
+    from analysis.method_views import method_headline, method_summary, rotation_histograms
+    from analysis.plots.quant import rotation_histogram_figure, spectrum_figure
+
+    model = make_tiny_dit(layers=1)
+    batches = _batches(model)
+    with torch.no_grad():  # plant an outlier channel in fc2's input: fc1 row 3 scaled up
+        model.transformer_blocks[0].ff.net[0].proj.weight[3] *= 30
+    res = quantize_with_details(model, QuantConfig(method="hadamard", w_bits=8, a_bits=8), batches)
+    hists = rotation_histograms(res.model, batches[:1])
+    h = hists["transformer_blocks.0.ff.net.2"]
+    assert max(h["absmax_after"]) < 0.5 * max(h["absmax_before"])
+    assert sum(h["before"]) == sum(h["after"]) > 0
+    fig = rotation_histogram_figure(h, "transformer_blocks.0.ff.net.2")
+    assert len(fig.data) == 2 and "after rotation" in fig.layout.title.text
+    res = quantize_with_details(model, QuantConfig(method="svdquant", w_bits=8, a_bits=8, options={"rank": 4}),
+                                batches)
+    summary = method_summary(res.methods)
+    layer = "transformer_blocks.0.ff.net.2"
+    fig = spectrum_figure(summary["lowrank"]["spectra"][layer], 4, layer)
+    assert len(fig.data[0].y) == 16 and fig.layout.shapes[0].x0 == 4.5 and "rank 4" in fig.layout.annotations[0].text
+    assert method_headline(summary)["lowrank"]["layers"] > 0

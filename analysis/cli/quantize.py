@@ -146,6 +146,7 @@ def run(args) -> dict:
     from analysis.bundle_io import save_quantized
     from analysis.calibration import CalibrationSpec
     from analysis.models import load
+    from analysis.method_views import method_headline
     from analysis.quantize_pipeline import quantize_bundle
 
     config = config_from_file(args.config) if args.config is not None else config_from_args(args)
@@ -184,7 +185,7 @@ def run(args) -> dict:
            "weight_bytes": r["weight_bytes"], "fp_weight_bytes": r["fp_weight_bytes"],
            "rel_rms": r["rel_rms"], "rel_rms_per_timestep": r["rel_rms_per_timestep"],
            "layer_error": r["layer_error"], "config": config.to_dict(), "recon": recon_summary(r["recon"]),
-           "balance": r["balance"],
+           "balance": r["balance"], "methods": method_headline(r["methods"]),
            "out": None}
     if args.out is not None:
         folder = save_quantized(variant.bundle, config, args.out, base_source=args.model, recipe=variant.recipe)
@@ -194,7 +195,8 @@ def run(args) -> dict:
     human = (f"{config.label}: relative RMS error {r['rel_rms']:.4g} vs FP, {r['layers_quantized']} layers, "
              f"{mb(r['weight_bytes'])} (FP {mb(r['fp_weight_bytes'])}), {out['seconds']:.1f}s "
              f"({r['calibration_seconds']:.1f}s calibration sampling + {r['seconds']:.1f}s quantization)"
-             + (f" -> {out['out']}" if out["out"] else "") + "\n" + balance_lines(r["balance"]))
+             + (f" -> {out['out']}" if out["out"] else "") + "\n" + balance_lines(r["balance"])
+             + "".join("\n" + line for line in method_lines(out["methods"])))
     if out["recon"]:
         rs = out["recon"]
         human += (f"\n{config.recon}: {len(rs['units'])} units x {config.recon_iters} iterations on {rs['rows']} rows "
@@ -217,6 +219,26 @@ def balance_lines(plan: dict) -> str:
         lines.append(f"not balanced, {len(layers)} layer{'s' if len(layers) > 1 else ''} ({layers[0]}"
                      f"{', ...' if len(layers) > 1 else ''}): {why}")
     return "\n".join(lines)
+
+
+def method_lines(headline: dict) -> list[str]:
+    """One line per rotation / low-rank / rounding method: what it did and what it costs."""
+    lines = []
+    if "rotation" in headline:
+        r = headline["rotation"]
+        lines.append(f"{r['method']}: {r['folded_layers']} layers rotated for free (folded into their producer), "
+                     f"{r['online_layers']} online ({r['online_adds_per_token']} extra adds per token; "
+                     f"constructions: {', '.join(r['kinds'])})")
+    if "lowrank" in headline:
+        r = headline["lowrank"]
+        lines.append(f"{r['method']}: rank-{r['rank']} 16-bit branch on {r['layers']} layers, "
+                     f"+{r['extra_bytes'] / 2 ** 10:.0f} KiB, +{r['extra_flops_per_position']} FLOPs per token "
+                     f"({r['extra_flops_per_position'] / max(r['layer_flops_per_position'], 1):.0%} of the GEMMs)")
+    if "rounding" in headline:
+        r = headline["rounding"]
+        lines.append(f"{r['method']}: weight rounding error {r['error_ratio']:.2f}x round-to-nearest's "
+                     f"(Hessians from {r.get('rows')} rows), {r['seconds']:.1f}s")
+    return lines
 
 
 def recon_lines(config):
