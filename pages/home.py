@@ -4,7 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis.app_state import HOME_CLASSES
-from analysis.sampling import NO_CLASS
+from analysis.models.sampling import NO_CLASS
 from pages._shared import current_bundle, intro, progress_callback
 
 st.title("dqlab: quantizing diffusion transformers")
@@ -25,7 +25,7 @@ intro(
 
 bundle = current_bundle()
 if bundle is not None:
-    n_params = sum(p.numel() for p in bundle.transformer.parameters())
+    n_params = sum(p.numel() for p in bundle.denoiser.parameters())
     st.caption(f"Model `{bundle.name}` on {bundle.device}: {n_params / 1e6:.1f}M parameters, {bundle.describe()}")
     with st.form("home_sample"):
         c1, c2, c3 = st.columns(3)
@@ -40,8 +40,8 @@ if bundle is not None:
     classes = HOME_CLASSES[:bundle.num_classes] if bundle.conditional else [NO_CLASS] * len(HOME_CLASSES)
     key = ("home_grid", bundle.name)
     if go or key not in st.session_state:
-        from analysis.images import make_grid
-        from analysis.sampling import sample
+        from analysis.evaluation.images import make_grid
+        from analysis.models.sampling import sample
 
         seeds = list(range(int(n_seeds)))
         bar, on_step = progress_callback("Sampling: step")

@@ -1,6 +1,6 @@
 """Quantize: pick a method and bit-widths, quantize a copy of the model, and see what the method did.
 
-Each result is kept in st.session_state["variants"] (name -> analysis.quantize_pipeline.Variant), which the
+Each result is kept in st.session_state["variants"] (name -> analysis.quantization.pipeline.Variant), which the
 Compare page reads. The cached FP bundle is shared by every session and is never modified: quantize_bundle
 works on a copy.
 """
@@ -37,7 +37,7 @@ intro(
 def _form(bundle):
     """The method picker, then a form with the options that method uses: QuantConfig's common fields and the
     method's own, both drawn from their declarations (quant.options), and the calibration run."""
-    from analysis.calibration import DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS
+    from analysis.quantization.calibration import DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS
     from quant.config import QuantConfig
     from quant.methods import REGISTRY
 
@@ -80,7 +80,7 @@ def _form(bundle):
 
 def _calibration(bundle, spec):
     """FP calibration inputs, kept for the latest (model, spec) so other methods reuse them."""
-    from analysis.calibration import calibrate
+    from analysis.quantization.calibration import calibrate
 
     key = (bundle.name, spec)
     cached = st.session_state.get("q_calibration")
@@ -94,8 +94,8 @@ def _calibration(bundle, spec):
 
 
 def _quantize(bundle, fields: dict, samples: int, steps: int, name: str) -> None:
-    from analysis.calibration import CalibrationSpec
-    from analysis.quantize_pipeline import quantize_bundle, unmatched_excludes
+    from analysis.quantization.calibration import CalibrationSpec
+    from analysis.quantization.pipeline import quantize_bundle, unmatched_excludes
     from quant.api import QuantConfig
 
     try:
@@ -104,7 +104,7 @@ def _quantize(bundle, fields: dict, samples: int, steps: int, name: str) -> None
     except ValueError as exc:
         st.error(f"Bad option: {exc}")
         return
-    unmatched = unmatched_excludes(bundle.transformer, config.exclude)
+    unmatched = unmatched_excludes(bundle.denoiser, config.exclude)
     if unmatched:
         st.error(f"'{unmatched[0]}' in 'Keep in float' matches no layer. Use a pattern such as *.ff.net.2 or a "
                  "module name such as transformer_blocks.0 (layer names look like transformer_blocks.0.attn1.to_q "
@@ -173,8 +173,13 @@ def _default_group(salience: dict) -> int:
 
 
 def _show(bundle, variants: dict) -> None:
-    from analysis.plots.quant import (layer_error_figure, salience_before_after, ssc_figure, timestep_error_figure,
-                                      vector_figure)
+    from analysis.plots.quant import (
+        layer_error_figure,
+        salience_before_after,
+        ssc_figure,
+        timestep_error_figure,
+        vector_figure,
+    )
 
     names = [n for n, v in variants.items() if v.bundle.name.startswith(bundle.name)]
     if not names:
@@ -223,7 +228,7 @@ def _show(bundle, variants: dict) -> None:
 
 
 def _show_methods(r: dict) -> None:
-    """What a rotation, a low-rank branch or a rounding method did (analysis.method_views, in the report)."""
+    """What a rotation, a low-rank branch or a rounding method did (analysis.quantization.method_views, in the report)."""
     from analysis.plots.quant import rotation_histogram_figure, spectrum_figure
 
     methods = r.get("methods") or {}
@@ -267,7 +272,7 @@ def _show_balance(plan: dict) -> None:
 
 
 def _download(v) -> None:
-    from analysis.quantize_pipeline import saved_zip
+    from analysis.quantization.pipeline import saved_zip
 
     key = ("q_zip", v.name, id(v))
     if st.button("Prepare the model for download", key="q_prepare",

@@ -10,15 +10,15 @@ import json
 import pandas as pd
 import streamlit as st
 
+from analysis.evaluation.sweep import SWEEP_METHODS
 from pages._shared import current_bundle, intro, store
-from quant.methods import REGISTRY
 
-METHODS = [m.name for m in REGISTRY.values() if m.quantizes]  # every registered quantizing method
 BITS = ["W8A8", "W6A6", "W4A8", "W4A6", "W4A4"]
 OPTION_HELP = {"default": "the method's own setting", "tpq": "one activation range per timestep (TPQ)",
                "adaround": "+ AdaRound reconstruction (PTQ4DiT), minutes per point on a CPU",
                "bkd": "+ block-wise distillation (DilateQuant), minutes per point on a CPU",
-               "float-io": "patch embedding and final layer kept in float",
+               "float-io": "the ends kept in float: the layers that read the noisy input and write the prediction "
+                           "(a DiT's patch embedding and final layer, a UNet's conv_in and conv_out)",
                "keep8": "mixed precision: the K most sensitive layers at W8A8"}
 QUALITY_LABELS = {"fid_vs_fp": "FID vs FP", "rel_rms": "relative RMS error of the noise prediction vs FP",
                   "label_agreement_drop": "label agreement drop vs FP"}
@@ -68,7 +68,7 @@ def _table(points: list[dict], front: list[str]) -> pd.DataFrame:
 def sweep_tab(bundle) -> None:
     with st.form("sweep_form"):
         c1, c2, c3 = st.columns(3)
-        methods = c1.multiselect("Methods", METHODS, default=["baseline", "dilatequant"], key="sw_methods")
+        methods = c1.multiselect("Methods", list(SWEEP_METHODS), default=["baseline", "dilatequant"], key="sw_methods")
         bits = c2.multiselect("Bit-widths", BITS, default=["W8A8", "W4A8", "W4A4"], key="sw_bits")
         options = c3.multiselect("Options", list(OPTION_HELP), default=["default"], key="sw_options",
                                  help="\n\n".join(f"**{k}**: {v}" for k, v in OPTION_HELP.items()))
@@ -82,7 +82,7 @@ def sweep_tab(bundle) -> None:
                                       help="per unit, for the adaround and bkd options")
         go = st.form_submit_button("Run sweep")
     if go:
-        from analysis.sweep import SweepSpec, run_sweep
+        from analysis.evaluation.sweep import SweepSpec, run_sweep
 
         opts = [f"keep8:{int(k)}" if o == "keep8" else o for o in options]
         spec = SweepSpec(methods=methods, bits=bits, options=opts, num_samples=int(n), steps=int(steps),
@@ -118,8 +118,8 @@ def sweep_tab(bundle) -> None:
 
 
 def show_result(res: dict) -> None:
+    from analysis.evaluation.sweep import pareto_front, recommend
     from analysis.plots.sweep import pareto_figure, sweep_timestep_figure
-    from analysis.sweep import pareto_front, recommend
 
     points = res["points"]
     st.caption(f"{len(points)} points (FP included) on `{res['model']}`: N = {res['spec']['num_samples']}, "
@@ -162,7 +162,7 @@ def show_result(res: dict) -> None:
 def sensitivity_tab(bundle) -> None:
     with st.form("sens_form"):
         c1, c2, c3, c4, c5, c6 = st.columns(6)
-        method = c1.selectbox("Method", METHODS, key="se_method")
+        method = c1.selectbox("Method", list(SWEEP_METHODS), key="se_method")
         w_bits = c2.selectbox("Weight bits", [2, 3, 4, 5, 6, 8], index=2, key="se_w")
         a_bits = c3.selectbox("Activation bits", [2, 3, 4, 5, 6, 8], index=2, key="se_a")
         gran = c4.selectbox("Unit", ["layer", "kind", "block"], key="se_gran",
@@ -171,8 +171,8 @@ def sensitivity_tab(bundle) -> None:
         samples = c6.number_input("Calibration images", 1, 64, 4, key="se_samples")
         go = st.form_submit_button("Analyse")
     if go:
-        from analysis.calibration import calibration_for
-        from analysis.sensitivity import sensitivity
+        from analysis.quantization.calibration import calibration_for
+        from analysis.quantization.sensitivity import sensitivity
 
         bar = st.progress(0.0, text="Sampling the FP calibration set ...")
         cal = calibration_for(bundle, steps=int(steps), num_samples=int(samples))  # seeds apart from evaluation's
@@ -205,7 +205,7 @@ def show_sensitivity(sens: dict) -> None:
     if sens["granularity"] == "layer":
         k = st.slider("Mixed precision: keep the K hardest layers at W8A8", 0, min(16, len(sens["ranking"])), 4,
                       key="se_k")
-        from analysis.sensitivity import mixed_config, top_layers
+        from analysis.quantization.sensitivity import mixed_config, top_layers
         from quant.api import QuantConfig
 
         base = QuantConfig(method=sens["method"], w_bits=sens["w_bits"], a_bits=sens["a_bits"])

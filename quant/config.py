@@ -48,7 +48,7 @@ class QuantConfig:
         everything under it, e.g. "transformer_blocks.0" or "*.norm1.linear").
     layer_bits: mixed precision: layer name pattern (as in exclude) -> [w_bits, a_bits] for the matching
         layers instead of w_bits / a_bits; the first matching pattern wins. E.g. the layers a sensitivity
-        analysis ranks hardest kept at 8 bits while the rest run at 4 (analysis.sensitivity). A per-layer
+        analysis ranks hardest kept at 8 bits while the rest run at 4 (analysis.quantization.sensitivity). A per-layer
         table, not a form field: it comes from a sweep or a config file.
     recon: block-wise optimization after calibration (quant.recon): "none"; "adaround" (PTQ4DiT: learned
         weight rounding + activation step sizes, Lp loss); "bkd" (DilateQuant: weights with straight-through

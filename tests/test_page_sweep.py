@@ -61,7 +61,7 @@ def test_sensitivity_tab_ranks_layers(store_dir, one_torch_thread):
     at.run()
     assert not at.exception, at.exception
     table = at.dataframe[0].value
-    assert list(table["rank"]) == list(range(1, 8))  # 6 blocks + input / output
+    assert list(table["rank"]) == list(range(1, 9))  # patch embedding, 6 blocks, final layer
     assert table["error only this quantized"].is_monotonic_decreasing
     charts = at.get("plotly_chart")
     assert len(charts) == 2

@@ -7,13 +7,18 @@ import json
 import numpy as np
 import pytest
 
-from analysis.plots.quant import (layer_error_figure, salience_before_after, ssc_figure, timestep_error_figure,
-                                  vector_figure)
+from analysis.plots.quant import (
+    layer_error_figure,
+    salience_before_after,
+    ssc_figure,
+    timestep_error_figure,
+    vector_figure,
+)
 
 
 @pytest.fixture(scope="module")
 def report(tiny_bundle):
-    from analysis.quantize_pipeline import calibration_for, quantize_bundle
+    from analysis.quantization.pipeline import calibration_for, quantize_bundle
     from quant.api import QuantConfig
 
     cal = calibration_for(tiny_bundle, steps=3, num_samples=2)
@@ -67,9 +72,10 @@ def test_layer_error_bars_keep_model_order_and_name_the_worst():
     err = {"pos_embed.proj": 0.01, "transformer_blocks.0.attn1.to_q": 0.05, "transformer_blocks.0.ff.net.2": 0.2,
            "proj_out_2": 0.03}
     fig = layer_error_figure(err)
-    assert list(fig.layout.xaxis.categoryarray) == ["pos_embed.proj", "b0.attn1.to_q", "b0.ff.net.2", "proj_out_2"]
+    # readable names and kinds from the family table (quant.families)
+    assert list(fig.layout.xaxis.categoryarray) == ["patch embed", "block 0 · attn q", "block 0 · MLP fc2", "final out"]
     assert "worst: transformer_blocks.0.ff.net.2" in fig.layout.title.text
-    assert {t.name for t in fig.data} == {"embedding / output", "attention", "MLP"}
+    assert [t.name for t in fig.data] == ["patch_embed", "qkv", "fc2", "final"]
     assert fig.layout.yaxis.title.text == "||Y_q - Y|| / ||Y||"
 
 

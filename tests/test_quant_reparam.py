@@ -5,7 +5,8 @@ import torch
 
 from quant.api import QuantConfig, quantize_with_details
 from quant.observers import observe_inputs
-from quant.reparam import ADALN_CHUNKS, apply_scaling, balance_groups
+from quant.families import balance_groups
+from quant.reparam import ADALN_CHUNKS, apply_scaling
 from tests.conftest import make_tiny_dit
 
 
@@ -75,7 +76,7 @@ def test_fold_is_exact_on_tiny_random_model(method):
 
 @pytest.mark.parametrize("method", ["ptq4dit", "dilatequant"])
 def test_fold_is_exact_on_bundled_model(bundled, method):
-    from analysis.sampling import sample
+    from analysis.models.sampling import sample
 
     cal = sample(bundled, [1, 7], [0, 1], steps=4, decode=False, record="all").calibration
-    _fold_check(bundled.transformer, list(cal.batches(8)), method)
+    _fold_check(bundled.denoiser, list(cal.batches(8)), method)

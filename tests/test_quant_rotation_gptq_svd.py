@@ -139,16 +139,16 @@ def test_compositions_are_stored_in_one_spelling_with_every_components_options()
 
 @pytest.mark.parametrize("method", ["gptq", "hadamard", "svdquant", "hadamard+gptq", "svdquant+gptq"])
 def test_save_and_load_are_bit_identical(tiny_bundle, tmp_path, method):
-    from analysis.bundle_io import save_quantized
-    from analysis.models import load
+    from analysis.models.saved import save_quantized
+    from analysis.models.loading import load
 
-    model = tiny_bundle.transformer
+    model = tiny_bundle.denoiser
     batches = _batches(model)
     cfg = QuantConfig(method=method, w_bits=4, a_bits=4, options={"rank": 4} if "svd" in method else {})
     q = quantize_with_details(model, cfg, batches).model
-    bundle = tiny_bundle.with_transformer(q, name=f"tiny [{cfg.label}]", quant_config=cfg.to_dict())
+    bundle = tiny_bundle.with_denoiser(q, name=f"tiny [{cfg.label}]", quant_config=cfg.to_dict())
     folder = save_quantized(bundle, cfg, tmp_path / "q", base_source="tiny")
-    loaded = load(str(folder)).transformer
+    loaded = load(str(folder)).denoiser
     from quant.modules import quant_layers
 
     layers = quant_layers(q)
@@ -200,7 +200,7 @@ def test_quantize_cli_reports_what_each_method_did(tiny_folder, capsys):
 
 
 def test_rotation_histograms_show_the_range_shrink():
-    from analysis.method_views import method_headline, method_summary, rotation_histograms
+    from analysis.quantization.method_views import method_headline, method_summary, rotation_histograms
     from analysis.plots.quant import rotation_histogram_figure, spectrum_figure
 
     model = make_tiny_dit(layers=1)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from analysis.cli import CLIError, add_common, add_guidance, emit, finite_float
-from analysis.calibration import CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS
+from analysis.quantization.calibration import CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS
 
 REPORT_FILE = "quant_report.json"  # written beside the model; loading ignores it
 
@@ -85,9 +85,9 @@ def config_from_args(args):
 
 def check_excludes(bundle, config) -> None:
     """An --exclude pattern that matches no layer is almost always a typo: refuse it before any work."""
-    from analysis.quantize_pipeline import unmatched_excludes
+    from analysis.quantization.pipeline import unmatched_excludes
 
-    unmatched = unmatched_excludes(bundle.transformer, config.exclude)
+    unmatched = unmatched_excludes(bundle.denoiser, config.exclude)
     if unmatched:
         raise CLIError(f"--exclude {unmatched[0]!r} matches no layer; use an fnmatch pattern such as "
                        "'*.attn1.to_q' or a module name such as transformer_blocks.0")
@@ -143,11 +143,12 @@ def config_from_file(path: Path):
 
 
 def run(args) -> dict:
-    from analysis.bundle_io import save_quantized
-    from analysis.calibration import CalibrationSpec
-    from analysis.models import load
-    from analysis.method_views import method_headline
-    from analysis.quantize_pipeline import quantize_bundle
+    from analysis.models.loading import load
+    from analysis.models.saved import save_quantized
+    from analysis.quantization.calibration import CalibrationSpec
+    from analysis.quantization.method_views import method_headline
+    from analysis.quantization.pipeline import quantize_bundle
+    from quant.families import readable_layer
 
     config = config_from_file(args.config) if args.config is not None else config_from_args(args)
     try:
@@ -201,8 +202,8 @@ def run(args) -> dict:
         rs = out["recon"]
         human += (f"\n{config.recon}: {len(rs['units'])} units x {config.recon_iters} iterations on {rs['rows']} rows "
                   f"in {rs['seconds']:.1f}s; output error per unit before -> after: "
-                  + ", ".join(f"{u['name'].replace('transformer_blocks.', 'block ')} {u['error_before']:.3g} -> "
-                              f"{u['error_after']:.3g}" for u in rs["units"] if "emb" not in u["name"]))
+                  + ", ".join(f"{readable_layer(u['name'], bundle.family)} {u['error_before']:.3g} -> "
+                              f"{u['error_after']:.3g}" for u in rs["units"]))
     emit(args, out, human)
     return out
 

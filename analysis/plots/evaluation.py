@@ -6,7 +6,7 @@ import math
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.metrics import MIN_RELIABLE_FID_SAMPLES
+from analysis.evaluation.metrics import MIN_RELIABLE_FID_SAMPLES
 
 
 def _lines(rows: list[dict], value: str, title: str, ytitle: str, log: bool = True) -> go.Figure:

@@ -17,15 +17,11 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from quant.families import layer_kind, readable_layer
 from quant.measures import outlier_ratio
 
 _MARGIN = dict(l=10, r=10, t=60, b=10)
 _FLOOR = 1e-12  # log axes cannot show 0; a dead channel is drawn at this floor
-
-# What the folded vector means per method (legend and title wording).
-def _short(layer: str) -> str:
-    return layer.replace("transformer_blocks.", "b").replace("norm1.emb.timestep_embedder.", "temb.")
-
 
 def _pos(values) -> np.ndarray:
     return np.maximum(np.asarray(values, dtype=float), _FLOOR)
@@ -118,29 +114,21 @@ def ssc_figure(ssc: dict, group: str) -> go.Figure:
     return fig
 
 
-def _kind(layer: str) -> str:
-    for key, kind in ((".attn1.to_", "attention"), (".ff.", "MLP"), ("norm1.", "adaLN / embedding"),
-                      ("qkv_softmax", "attention operands")):
-        if key in layer:
-            return kind
-    return "embedding / output"
-
-
 def layer_error_figure(layer_error: dict, title: str = "Per-layer relative output error") -> go.Figure:
     """Bars in model order: ||Y_q - Y|| / ||Y|| of each quantized layer on its own input, coloured by kind."""
     names = list(layer_error)
     vals = [float(layer_error[n]) for n in names]
-    kinds = [_kind(n) for n in names]
+    kinds = [layer_kind(n) for n in names]
     fig = go.Figure()
     for kind in dict.fromkeys(kinds):
         idx = [i for i, k in enumerate(kinds) if k == kind]
-        fig.add_trace(go.Bar(x=[_short(names[i]) for i in idx], y=[vals[i] for i in idx], name=kind,
+        fig.add_trace(go.Bar(x=[readable_layer(names[i]) for i in idx], y=[vals[i] for i in idx], name=kind,
                              customdata=[names[i] for i in idx],
                              hovertemplate="%{customdata}<br>rel. error %{y:.4g}<extra></extra>"))
     worst = names[int(np.argmax(vals))] if vals else "-"
     fig.update_layout(title=f"{title}<br><sup>worst: {worst} ({max(vals, default=0):.3g})</sup>",
                       xaxis=dict(title="layer (model order)", type="category", categoryorder="array",
-                                 categoryarray=[_short(n) for n in names], tickangle=-60),
+                                 categoryarray=[readable_layer(n) for n in names], tickangle=-60),
                       yaxis_title="||Y_q - Y|| / ||Y||", height=440, margin=dict(l=10, r=10, t=70, b=10),
                       legend_title="layer kind", barmode="overlay")
     return fig

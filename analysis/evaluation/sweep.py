@@ -8,23 +8,25 @@ the cheapest setting within a quality tolerance.
 
 Every point shares one FP calibration set (the same seeds, steps and guidance) and is scored against one FP
 reference sample set (same labels and seeds; FP is sampled once and cached). Each point is stored in the run
-store with a recipe key (analysis.evaluate.recipe_key); a point whose key is already stored is read back
+store with a recipe key (analysis.evaluation.evaluate.recipe_key); a point whose key is already stored is read back
 instead of measured, so an interrupted sweep resumes where it stopped and a repeated one costs seconds.
 
 Per point: FID vs FP with its 95% interval, FID vs real, label agreement (bundled model), rel_rms (relative RMS error of the noise prediction) and its
 per-timestep profile (noise prediction vs FP on the calibration inputs), stored weight bytes, BOPs
-(analysis.bops) and the time it took.
+(analysis.quantization.sizes) and the time it took.
 
 Options (one per point, combined with every method and bit-width):
     default      the method's own setting (TPQ on for dilatequant only)
     tpq          one activation range per timestep (DilateQuant's TPQ)
     adaround     + block-wise AdaRound reconstruction (PTQ4DiT)
     bkd          + block-wise distillation (DilateQuant)
-    float-io     the patch embedding and the final layer kept in floating point
+    float-io     the ends of the network kept in floating point: the layers that read the noisy input and
+                 write the prediction, as the model's family declares them (a DiT's patch embedding and final
+                 layer, a UNet's conv_in and conv_out); a point label says float-io
     keep8:K      mixed precision: the K layers the sensitivity analysis ranks hardest at W8A8 (points whose
                  bits are already 8 skip it)
     keep8-least:K  the control: the K layers ranked easiest at W8A8 (the same size as keep8:K)
-The sensitivity ranking (analysis.sensitivity, plain PTQ at the point's bits, on the shared calibration set)
+The sensitivity ranking (analysis.quantization.sensitivity, plain PTQ at the point's bits, on the shared calibration set)
 is cached beside the store.
 """
 from __future__ import annotations
@@ -37,16 +39,26 @@ import re
 import time
 from typing import Callable
 
-from analysis.bops import bops, float_bits_of, mac_table
-from analysis.calibration import CALIBRATION_SEED, calibrate
-from analysis.evaluate import EvalOptions, eval_guidance, evaluate, find_stored, model_fingerprint, recipe_key
-from analysis.models import ModelBundle
-from analysis.sensitivity import mixed_config, top_layers
-from analysis.store import Store
+from analysis.evaluation.evaluate import (
+    EvalOptions,
+    eval_guidance,
+    evaluate,
+    find_stored,
+    model_fingerprint,
+    recipe_key,
+)
+from analysis.evaluation.store import Store
+from analysis.models.bundle import ModelBundle
+from analysis.quantization.calibration import CALIBRATION_SEED, calibrate
+from analysis.quantization.sensitivity import mixed_config, top_layers
+from analysis.quantization.sizes import bops, float_bits_of, mac_table
 from quant.config import METHODS, QuantConfig
+from quant.families import FAMILIES
 
+# float-io's layers are the family's (quant.families: FAMILY.float_io), filled in per model by point_config.
 OPTIONS = {"default": {}, "tpq": {"tpq": True}, "adaround": {"recon": "adaround"}, "bkd": {"recon": "bkd"},
-           "float-io": {"exclude": ["pos_embed.proj", "proj_out_1", "proj_out_2"]}}
+           "float-io": {"exclude": "float_io"}}
+SWEEP_METHODS = tuple(m for m in METHODS if m != "fp")  # every registered method; FP is always measured
 MIXED = re.compile(r"keep8(-least)?:(\d+)$")
 QUALITY = {"fid_vs_fp": "FID vs FP", "rel_rms": "relative RMS error", "label_agreement_drop": "label agreement drop"}
 COSTS = {"bops": "BOPs", "weight_bytes": "weight bytes"}
@@ -108,8 +120,7 @@ class SweepSpec:
         for m in self.methods:
             if m == "fp" or not _is_method(m):
                 raise ValueError(f"unknown method {m!r} for a sweep; choose from "
-                                 f"{', '.join(x for x in METHODS if x != 'fp')} or several joined by '+' (FP is "
-                                 "always measured)")
+                                 f"{', '.join(SWEEP_METHODS)} or several joined by '+' (FP is always measured)")
         for b in self.bits:
             parse_bits(b)
         for o in self.options:
@@ -136,13 +147,17 @@ class SweepSpec:
         return len(self.grid())
 
 
-def point_config(method: str, bits: str, option: str, spec: SweepSpec, layers: list[str] | None = None) -> QuantConfig:
-    """The QuantConfig of one grid point (keep8:K needs the layers the sensitivity ranking picked)."""
+def point_config(method: str, bits: str, option: str, spec: SweepSpec, layers: list[str] | None = None,
+                 family: str = "dit") -> QuantConfig:
+    """The QuantConfig of one grid point (keep8:K needs the layers the sensitivity ranking picked; float-io
+    keeps the ends the model's family declares in float)."""
     w, a = parse_bits(bits)
     fields = dict(method=method, w_bits=w, a_bits=a)
     if MIXED.match(option):
         return mixed_config(QuantConfig(**fields), layers or [])
     fields.update(OPTIONS[option])
+    if fields.get("exclude") == "float_io":
+        fields["exclude"] = list(FAMILIES[family].float_io)
     if fields.get("recon") and spec.recon_iters is not None:
         fields["recon_iters"] = spec.recon_iters
     return QuantConfig(**fields).validate()
@@ -253,13 +268,14 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
     """Measure every point of the grid (plus FP), reading points already in the store. on_progress(stage,
     fraction of the whole sweep) reports within points; on_point(index, total, point) after each one."""
     spec.validate()
+    check_float_io(bundle, spec)
     store = store or Store()
     start = time.perf_counter()
     opts = spec.eval_options()
     guidance = eval_guidance(bundle, opts)
     fingerprint = model_fingerprint(bundle)
     calib_spec = opts.calibration(bundle).resolved(bundle)  # one FP calibration set for every point
-    table, fbits = mac_table(bundle.transformer), float_bits_of(bundle.transformer)
+    table, fbits = mac_table(bundle.denoiser), float_bits_of(bundle.denoiser)
     progress = on_progress or (lambda stage, frac: None)
     grid = [("fp", "FP", "default")] + spec.grid()
     total = len(grid)
@@ -286,8 +302,10 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
                                               lambda s, f: progress(f"sensitivity {bits}: {s}", (i + f / 2) / total))
                 k = int(mixed.group(2))
                 top = top_layers(rankings[bits]["ranking"], k, least=bool(mixed.group(1)))
-            config = point_config(method, bits, option, spec, top)
+            config = point_config(method, bits, option, spec, top, bundle.family)
             label = config.label + (f" (least sensitive {k})" if mixed and mixed.group(1) else "")
+            if option == "float-io":
+                label += " float-io"
         cfg = config.to_dict()
         ident = json.dumps(cfg, sort_keys=True)
         if ident in seen:  # e.g. dilatequant's default already has TPQ
@@ -316,11 +334,25 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
                        seconds=time.perf_counter() - start, measured=measured, sensitivity=rankings)
 
 
+def check_float_io(bundle: ModelBundle, spec: SweepSpec) -> list[str]:
+    """The layers float-io keeps in float on this model; ValueError when the spec asks for float-io and the
+    family's patterns match none of them (a float-io point would silently equal its default point)."""
+    from analysis.quantization.pipeline import unmatched_excludes
+
+    patterns = list(FAMILIES[bundle.family].float_io)
+    missing = unmatched_excludes(bundle.denoiser, patterns)
+    kept = [p for p in patterns if p not in missing]
+    if "float-io" in spec.options and not kept:
+        raise ValueError(f"float-io keeps no layer of {bundle.name} in float: the {bundle.family} family's patterns "
+                         f"{', '.join(patterns) or '(none)'} match no quantized layer; drop the option")
+    return kept
+
+
 def _ranking(bundle: ModelBundle, bits: str, get_calibration, calib_spec, fingerprint: str, store: Store,
              on_progress) -> dict:
     """The per-layer sensitivity ranking at `bits` on the shared calibration set, cached beside the store (it
     is deterministic for a model and calibration set, and a resumed sweep must rebuild the same mixed configs)."""
-    from analysis.sensitivity import sensitivity
+    from analysis.quantization.sensitivity import sensitivity
 
     w, a = parse_bits(bits)
     key = hashlib.sha256(json.dumps([fingerprint, bits, calib_spec.to_dict()], sort_keys=True).encode()).hexdigest()[:20]
