@@ -162,7 +162,7 @@ def spectrum_figure(spectrum, rank: int, layer: str) -> go.Figure:
                                name="singular value"))
     fig.add_vline(x=rank + 0.5, line_dash="dash", annotation_text=f"rank {rank}: branch | residual")
     kept = float((s[:rank] ** 2).sum() / max((s ** 2).sum(), 1e-30))
-    fig.update_layout(title=f"{_short(layer)}: singular values of the smoothed weight ({kept:.0%} of the energy "
+    fig.update_layout(title=f"{readable_layer(layer)}: singular values of the smoothed weight ({kept:.0%} of the energy "
                             f"in the branch)", xaxis_title="index", yaxis_title="singular value",
                       yaxis_type="log", height=340, margin=dict(t=50, b=40))
     return fig
@@ -178,6 +178,6 @@ def rotation_histogram_figure(hist: dict, layer: str) -> go.Figure:
         fig.add_trace(go.Bar(x=mid, y=np.maximum(np.asarray(hist[key]), 0.5), name=name, opacity=0.6))
     before, after = max(hist["absmax_before"]), max(hist["absmax_after"])
     fig.update_layout(barmode="overlay", yaxis_type="log", height=340, margin=dict(t=50, b=40),
-                      title=f"{_short(layer)}: input values, max |x| {before:.3g} -> {after:.3g} after rotation",
+                      title=f"{readable_layer(layer)}: input values, max |x| {before:.3g} -> {after:.3g} after rotation",
                       xaxis_title="activation value", yaxis_title="count")
     return fig
