@@ -221,3 +221,24 @@ def test_rotation_histograms_show_the_range_shrink():
     fig = spectrum_figure(summary["lowrank"]["spectra"][layer], 4, layer)
     assert len(fig.data[0].y) == 16 and fig.layout.shapes[0].x0 == 4.5 and "rank 4" in fig.layout.annotations[0].text
     assert method_headline(summary)["lowrank"]["layers"] > 0
+
+
+@pytest.mark.parametrize("method", ["hadamard+gptq", "svdquant+gptq"])
+def test_unet_rotation_lowrank_exact_in_float_and_gptq_rounds_convs(method):
+    from tests.test_unet import make_tiny_unet
+
+    model = make_tiny_unet()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(3, 3, 8, 8, generator=g), torch.full((3,), t), torch.zeros(3, dtype=torch.long))
+               for t in (900, 400, 30)]
+    options = {"rank": 4} if "svd" in method else {}
+    res = quantize_with_details(model, QuantConfig(method=method, w_bits=None, a_bits=None, options=options), batches)
+    for x, t, _ in batches:
+        ref = model(x, t).sample
+        assert _rel(res.model(x, t).sample, ref) < 1e-5
+    res = quantize_with_details(model, QuantConfig(method=method, w_bits=4, a_bits=8, options=options), batches)
+    rounded = res.methods["rounding"]["layers"]
+    assert any("conv" in name for name in rounded)  # convolutions are rounded by GPTQ too (unfolded patches)
+    assert res.methods["rounding"]["gptq_error"] < res.methods["rounding"]["rtn_error"]
+    if "svd" in method:
+        assert any("conv" in name for name in res.methods["lowrank"]["costs"])  # conv branches: k x k then 1 x 1
