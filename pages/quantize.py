@@ -190,18 +190,18 @@ def _show(bundle, variants: dict) -> None:
     v = variants[pick]
     r = v.report
     m1, m2, m3, m4 = st.columns(4)
-    m1.metric("Relative RMS error vs FP", f"{r['rel_rms']:.4f}",
+    m1.metric("Relative RMS error vs FP", f"{r.rel_rms:.4f}",
               help="||eps_q - eps|| / ||eps|| of the noise prediction over the calibration inputs")
-    m2.metric("Layers quantized", r["layers_quantized"])
-    m3.metric("Stored weights", f"{r['weight_bytes'] / 2 ** 20:.2f} MiB",
-              delta=f"{r['weight_bytes'] / r['fp_weight_bytes'] - 1:+.0%} vs FP", delta_color="inverse")
-    m4.metric("Quantize time", f"{r['seconds']:.1f} s", help=f"CPU time {r['cpu_seconds']:.1f} s; calibration "
+    m2.metric("Layers quantized", r.layers_quantized)
+    m3.metric("Stored weights", f"{r.weight_bytes / 2 ** 20:.2f} MiB",
+              delta=f"{r.weight_bytes / r.fp_weight_bytes - 1:+.0%} vs FP", delta_color="inverse")
+    m4.metric("Quantize time", f"{r.seconds:.1f} s", help=f"CPU time {r.cpu_seconds:.1f} s; calibration "
                                                              f"sampling not included")
-    st.caption(f"{v.config.label}; calibrated on {r['calibration_rows']} transformer inputs over "
-               f"{len(r['rel_rms_per_timestep'])} timesteps.")
-    if r.get("balance"):
-        _show_balance(r["balance"])
-    salience = r["salience"]
+    st.caption(f"{v.config.label}; calibrated on {r.calibration_rows} transformer inputs over "
+               f"{len(r.rel_rms_per_timestep)} timesteps.")
+    if r.balance:
+        _show_balance(r.balance)
+    salience = r.salience
     if salience:
         groups = list(salience)
         c1, c2 = st.columns([3, 1])
@@ -211,28 +211,28 @@ def _show(bundle, variants: dict) -> None:
         sort = c2.checkbox("Sort channels by salience", key="q_sort")
         st.plotly_chart(salience_before_after(salience[group], group, sort=sort), width="stretch")
         c1, c2 = st.columns(2)
-        if group in r["vectors"]:
-            c1.plotly_chart(vector_figure(r["vectors"][group], group, v.config.method), width="stretch")
+        if group in r.vectors:
+            c1.plotly_chart(vector_figure(r.vectors[group], group, v.config.method), width="stretch")
         else:
             c1.info("This method folds no vector: channel maxima are unchanged (plain PTQ).")
-        if group in r["ssc"]:
-            c2.plotly_chart(ssc_figure(r["ssc"][group], group), width="stretch")
+        if group in r.ssc:
+            c2.plotly_chart(ssc_figure(r.ssc[group], group), width="stretch")
     _show_methods(r)
-    st.plotly_chart(layer_error_figure(r["layer_error"], title=f"{pick}: per-layer relative output error"),
+    st.plotly_chart(layer_error_figure(r.layer_error, title=f"{pick}: per-layer relative output error"),
                     width="stretch")
-    st.plotly_chart(timestep_error_figure({n: variants[n].report["rel_rms_per_timestep"] for n in names}),
+    st.plotly_chart(timestep_error_figure({n: variants[n].report.rel_rms_per_timestep for n in names}),
                     width="stretch")
-    if r.get("recon"):
-        _show_recon(r["recon"])
+    if r.recon:
+        _show_recon(r.recon)
     _download(v)
 
 
-def _show_methods(r: dict) -> None:
-    """What a rotation, a low-rank branch or a rounding method did (analysis.quantization.method_views, in the report)."""
+def _show_methods(r) -> None:
+    """What a rotation, a low-rank branch or a rounding method did (method_views, kept in the report)."""
     from analysis.plots.quant import rotation_histogram_figure, spectrum_figure
 
-    methods = r.get("methods") or {}
-    hists = r.get("rotation_histograms") or {}
+    methods = r.methods or {}
+    hists = r.rotation_histograms or {}
     if hists:
         rot = methods["rotation"]
         st.subheader("Rotation")

@@ -50,7 +50,7 @@ def test_quantize_page_runs_dilatequant_and_lists_balanced_layers():
     at.run()
     assert not at.exception, at.exception
     v = at.session_state["variants"]["dilatequant W4A8 TPQ"]
-    plan = v.report["balance"]
+    plan = v.report.balance
     assert plan["family"] == "unet" and 0 < plan["foldable_share"] < 1
     assert any(e.label.startswith("Balanced layers:") for e in at.expander)
     frames = at.dataframe

@@ -25,8 +25,16 @@ def report(tiny_bundle):
     return quantize_bundle(tiny_bundle, QuantConfig(method="ptq4dit", w_bits=4, a_bits=8), cal).report
 
 
+def test_a_report_survives_json_and_reads_back_typed(report):
+    from analysis.quantization.report import QuantReport
+
+    again = QuantReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert again == report  # timestep keys come back as ints, every field as it was
+    assert again.rel_rms_per_timestep and all(isinstance(t, int) for t in again.rel_rms_per_timestep)
+
+
 def test_every_figure_draws_from_a_real_report_and_its_json(report):
-    for r in (report, json.loads(json.dumps(report))):  # int timestep keys become strings in JSON
+    for r in (report.to_dict(), json.loads(json.dumps(report.to_dict()))):  # int timestep keys become strings
         group = next(iter(r["salience"]))
         figs = [salience_before_after(r["salience"][group], group),
                 vector_figure(r["vectors"][group], group, "ptq4dit"),

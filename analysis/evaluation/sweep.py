@@ -52,13 +52,13 @@ from analysis.models.bundle import ModelBundle
 from analysis.quantization.calibration import CALIBRATION_SEED, calibrate
 from analysis.quantization.sensitivity import mixed_config, top_layers
 from analysis.quantization.sizes import bops, float_bits_of, mac_table
-from quant.config import METHODS, QuantConfig
+from quant.config import METHODS, QuantConfig, quantizes
 from quant.families import FAMILIES
 
 # float-io's layers are the family's (quant.families: FAMILY.float_io), filled in per model by point_config.
 OPTIONS = {"default": {}, "tpq": {"tpq": True}, "adaround": {"recon": "adaround"}, "bkd": {"recon": "bkd"},
            "float-io": {"exclude": "float_io"}}
-SWEEP_METHODS = tuple(m for m in METHODS if m != "fp")  # every registered method; FP is always measured
+SWEEP_METHODS = tuple(m for m in METHODS if quantizes(m))  # every registered method; FP is always measured
 MIXED = re.compile(r"keep8(-least)?:(\d+)$")
 QUALITY = {"fid_vs_fp": "FID vs FP", "rel_rms": "relative RMS error", "label_agreement_drop": "label agreement drop"}
 COSTS = {"bops": "BOPs", "weight_bytes": "weight bytes"}
@@ -214,7 +214,7 @@ def recommend(points: list[dict], tolerance: dict, cost: str = "bops") -> dict:
     if quality not in QUALITY:
         raise ValueError(f"unknown tolerance measure {quality!r}; choose from {', '.join(QUALITY)}")
     ok = [p for p in points if _quality(p, quality) is not None and _quality(p, quality) <= limit]
-    fp = next((p for p in points if p["method"] == "fp"), None)
+    fp = next((p for p in points if not quantizes(p["method"])), None)
     if not ok:
         return {"tolerance": tolerance, "label": None, "config": None,
                 "reason": f"No setting in this sweep has {QUALITY[quality]} <= {limit:g}; keep FP or widen the grid."}
@@ -243,7 +243,7 @@ def _format_quality(point: dict, quality: str) -> str:
 def _point(label: str, method: str, bits: str, option: str, config: dict, run, table: dict, float_bits: int,
            reused: bool, fp_agreement: float | None) -> dict:
     m = run.metrics
-    qc = None if method == "fp" else QuantConfig.from_dict(config)
+    qc = QuantConfig.from_dict(config) if quantizes(method) else None
     agreement = m.get("label_agreement")
     t = run.timings
     return {
@@ -257,7 +257,7 @@ def _point(label: str, method: str, bits: str, option: str, config: dict, run, t
         "num_samples": run.num_samples, "feature_extractor": run.feature_extractor,
         # this point's own work: FP's is its sampling; a variant's its quantization, sampling and scoring
         "seconds": round(sum(t.get(k, 0.0) for k in ("quantize_seconds", "sampling", "scoring")
-                             + (("fp_sampling",) if method == "fp" else ())), 3),
+                             + (("fp_sampling",) if not quantizes(method) else ())), 3),
         "run_id": run.id, "reused": reused,
     }
 
@@ -292,7 +292,7 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
     fp_agreement = None
     for i, (method, bits, option) in enumerate(grid):
         mixed = MIXED.match(option)
-        if method == "fp":
+        if not quantizes(method):
             config, label = QuantConfig(method="fp"), "FP"
         else:
             top = None
@@ -311,19 +311,19 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
         if ident in seen:  # e.g. dilatequant's default already has TPQ
             continue
         seen.add(ident)
-        key = recipe_key(fingerprint, cfg, opts, guidance, calib_spec.to_dict() if method != "fp" else None)
+        key = recipe_key(fingerprint, cfg, opts, guidance, calib_spec.to_dict() if quantizes(method) else None)
         run = find_stored(store, bundle.name, key)
         reused = run is not None
         if run is None:
             progress(f"{label}: measuring", i / total)
             result = evaluate(bundle, config, opts, store=store,
-                              calibration=None if method == "fp" else get_calibration(),
+                              calibration=get_calibration() if quantizes(method) else None,
                               fingerprint=fingerprint,
                               on_progress=lambda s, f: progress(f"{label}: {s}", (i + f) / total))
             run = store.get(result.run_id)
             measured += 1
         point = _point(label, method, bits, option, cfg, run, table, fbits, reused, fp_agreement)
-        if method == "fp":
+        if not quantizes(method):
             fp_agreement = point["label_agreement"]
             point["label_agreement_drop"] = 0.0 if fp_agreement is not None else None
         points.append(point)

@@ -25,12 +25,14 @@ the skip tensors it passes through untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn as nn
 
 from quant.families.base import BalanceGroup, Family, LayerKind, Stage, Unit, attention_modules
+from quant.modules import find_timestep_context
 
 KINDS = (  # in data-flow order within a stage
     LayerKind(r"^conv_in$", "conv_in", "conv in"),
@@ -146,15 +148,9 @@ def _layouts(model: nn.Module) -> list[list[tuple[int, ...]]]:
     t = torch.zeros(1, dtype=torch.long, device=p.device)
     y = torch.zeros(1, dtype=torch.long, device=p.device)
     shapes = lambda h, skips: [tuple(h.shape[1:])] + [tuple(s.shape[1:]) for s in skips]  # noqa: E731
-    ctx = getattr(model, "_dqlab_timestep_context", None)  # a quantized copy's quantizers read the timestep
-    saved = ctx.t if ctx is not None else None
-    if ctx is not None:
-        ctx.t = t
-    try:
+    ctx = find_timestep_context(model)  # a quantized copy's quantizers read the timestep
+    with contextlib.nullcontext() if ctx is None else ctx.fixed(t):
         return _trace(model, x, t, y, p.dtype, shapes)
-    finally:
-        if ctx is not None:
-            ctx.t = saved
 
 
 def _trace(model, x, t, y, dtype, shapes) -> list[list[tuple[int, ...]]]:

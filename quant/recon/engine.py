@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from quant.config import QuantConfig
 from quant.families import Unit, recon_units
+from quant.modules import find_timestep_context
 from quant.recon.cache import ActivationCache
 from quant.recon.trainers import TRAINERS
 
@@ -72,7 +73,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches, config: QuantCo
     if config.recon not in TRAINERS:
         raise ValueError(f"recon {config.recon!r} is not an optimization mode; choose one of {', '.join(TRAINERS)}")
     model = copy.deepcopy(qmodel) if copy_model else qmodel
-    ctx = getattr(model, "_dqlab_timestep_context", None)
+    ctx = find_timestep_context(model)
     if ctx is None:
         raise ValueError("reconstruct needs a model made by quant.quantize (it routes timesteps to quantizers)")
     start = time.perf_counter()
