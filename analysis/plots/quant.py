@@ -70,9 +70,13 @@ def vector_figure(vector, group: str, method: str | None = None) -> go.Figure:
     and its weight column multiplied by b_j."""
     b = np.asarray(vector, dtype=float)
     chan = np.arange(b.size)
-    from quant.methods import REGISTRY
+    from quant.methods import owner_of
 
-    name = REGISTRY[method].vector if method in REGISTRY else "per-channel vector b_j"
+    try:  # the component of a composition ("svdquant+gptq") that sets the vector
+        owner = owner_of(method, "balance") if method else None
+    except ValueError:
+        owner = None
+    name = owner.vector if owner is not None else "per-channel vector b_j"
     moved = int(np.sum(np.abs(b - 1.0) > 1e-6))
     fig = go.Figure(go.Scatter(x=chan, y=_pos(b), mode="lines+markers" if b.size <= 256 else "lines",
                                marker=dict(size=3), line=dict(width=1), name="b_j",
