@@ -45,9 +45,10 @@ def test_fwht_spreads_one_outlier_channel_over_all():
     assert torch.allclose(fwht(y), x, atol=1e-4)  # H is symmetric and orthonormal: its own inverse
 
 
-@pytest.mark.parametrize("method", ["hadamard", "svdquant", "hadamard+gptq", "svdquant+gptq",
-                                    "ptq4dit+hadamard", "dilatequant+hadamard"])
-@pytest.mark.parametrize("head_dim", [8, 6])  # width 16 (Walsh) and 12 (Paley, heads of 6: random fallback)
+# head_dim 8: width 16 (Walsh); head_dim 6: width 12 (Paley) with heads of 6 (random orthogonal fallback)
+@pytest.mark.parametrize("method, head_dim", [("hadamard", 8), ("hadamard", 6), ("svdquant", 8),
+                                              ("hadamard+gptq", 6), ("svdquant+gptq", 6), ("ptq4dit+hadamard", 8),
+                                              ("dilatequant+hadamard", 6)])
 def test_rotation_and_lowrank_are_exact_in_float(method, head_dim):
     model = make_tiny_dit(layers=2, head_dim=head_dim)
     batches = _batches(model)
