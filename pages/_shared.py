@@ -83,6 +83,10 @@ def current_bundle():
         st.error(exc.ui)
         return None
     st.sidebar.caption(f"Loaded `{bundle.name}` on {bundle.device}, {str(bundle.dtype).removeprefix('torch.')}")
+    if bundle.device.type == "cpu":
+        from analysis.threads import current
+
+        st.sidebar.caption(f"CPU: {current().describe()}")
     return bundle
 
 

@@ -50,11 +50,26 @@ def add_guidance(p, default_help: str = "the model's default for sample grids") 
                    help=f"classifier-free guidance scale, 1 = off (default: {default_help})")
 
 
+def threads_count(text: str) -> int:
+    """argparse type of --threads: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="dqlab", description="Quantize diffusion transformers and measure the damage.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"analysis.cli.{name}").register(sub)
+    for p in sub.choices.values():  # every command runs torch: each takes the thread count (see analysis.threads)
+        p.add_argument("--threads", type=threads_count, default=None,
+                       help="CPU threads for torch (default: the usable CPUs less those other processes keep busy; "
+                            "OMP_NUM_THREADS when set)")
     return parser
 
 
@@ -82,10 +97,23 @@ def strict_json(value):
 
 
 def emit(args, result: dict, human: str) -> None:
+    from analysis.threads import current
+
+    if args.json:
+        result.setdefault("thread_policy", current().to_dict())
     print(json.dumps(strict_json(result), indent=2, default=str, allow_nan=False) if args.json else human)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from analysis.threads import configure, threads_arg
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        # before anything imports torch: the wait policy is fixed when torch creates its thread pool
+        configure(threads_arg(argv))
+    except ValueError as exc:  # a bad --threads or OMP_NUM_THREADS
+        print(f"dqlab: error: {exc}", file=sys.stderr)
+        return 2
     from analysis.models.bundle import ModelLoadError
     from analysis.quiet import configure_logging
 

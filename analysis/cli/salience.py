@@ -6,7 +6,8 @@ the fastest of each is compared, which discounts interference from other process
 `overhead_paired_median` is the median over repeats of collecting / the plain pass just before it).
 The same ratio in process CPU time (`cpu_overhead_vs_sampling`) is reported beside it: on a machine shared
 with other jobs the wall time swings with their load, while the CPU time this process spends moves far less.
-On a contended machine `--threads 1` also avoids torch's worker threads waiting on each other.
+Threads follow the lab's policy (analysis.threads: idle workers sleep, one thread per usable CPU);
+`--threads N` sets the count.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ def register(sub) -> None:
                                                   "(adds one forward per timestep after the pass)")
     p.add_argument("--repeats", type=int, default=1, help="timed plain/collecting pairs (default: %(default)s)")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain sampling pass (no overhead ratio)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=None, help="where to save the statistics (.npz)")
     p.set_defaults(func=run)
 
@@ -54,10 +54,6 @@ def run(args) -> dict:
         raise CLIError(f"--repeats must be >= 1, got {args.repeats}")
     if args.out is not None and args.out.suffix != ".npz":
         raise CLIError(f"--out must name a .npz file, got {args.out}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CLIError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     mse_bits = tuple(parse_int_list(args.mse_bits)) if args.mse_bits.strip() else ()
     bundle = load(args.model, device=args.device, dtype=args.dtype)
     config = SalienceConfig(steps=args.steps, samples=args.samples, guidance=args.guidance, scheduler=args.scheduler,

@@ -57,6 +57,11 @@ def run(args) -> dict:
         except ValueError as exc:
             raise CLIError(str(exc)) from None
     labels = [c for c in classes for _ in seeds]
+    if bundle.device.type == "cpu":  # a forward too small to feed every thread runs on fewer (analysis.threads)
+        from analysis.threads import fit_to_model
+
+        guided = 2 if (bundle.default_guidance if args.guidance is None else args.guidance) != 1 else 1
+        fit_to_model(bundle.denoiser.config, guided * min(args.batch_size or len(labels), len(labels)))
     seed_list = [s for _ in classes for s in seeds]
     show = (lambda d, n: print(f"\rstep {d}/{n}", end="" if d < n else "\n", file=sys.stderr)) if sys.stderr.isatty() else None
     result = sample(bundle, labels, seed_list, steps=args.steps, guidance=args.guidance,
