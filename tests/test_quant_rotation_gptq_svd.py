@@ -95,12 +95,15 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(act_order):
     assert output_error(w, q, h) < output_error(w, rtn, h)
 
 
-def test_gptq_in_the_engine_lowers_each_layers_output_error():
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_gptq_in_the_engine_lowers_each_layers_output_error(per_channel):
     model = make_tiny_dit(layers=1)
     batches = _batches(model)
-    res = quantize_with_details(model, QuantConfig(method="ptq4dit+gptq", w_bits=3, a_bits=8), batches)
+    cfg = QuantConfig(method="ptq4dit+gptq", w_bits=3, a_bits=8, w_per_channel=per_channel)
+    res = quantize_with_details(model, cfg, batches)
     rep = res.methods["rounding"]
     assert rep["method"] == "gptq" and rep["gptq_error"] < rep["rtn_error"]
+    assert all(r["gptq_error"] <= r["rtn_error"] * 1.0001 for r in rep["layers"].values())
     layer = dict(res.model.named_modules())["transformer_blocks.0.ff.net.2"]
     assert torch.equal(layer.quantized_weight(), layer.weight)  # GPTQ left the weight on its grid
 
