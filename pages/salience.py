@@ -140,6 +140,7 @@ if bundle is not None:
                 bool(attention))
     if go:
         if settings not in cache:
+            from analysis.app_state import session_view
             from analysis.salience.collect import SalienceConfig, collect
 
             # Rows reduced per timestep and half on the device: the figures use the maximum over samples, and a
@@ -148,7 +149,8 @@ if bundle is not None:
                                     mse_bits=settings[4], layers=settings[5], attention=settings[6], per_sample=False)
             bar, on_step = progress_callback("Collecting: sampling step")
             try:
-                cache[settings] = collect(bundle, config, on_step=on_step)
+                # hooks go on this session's own modules (same weights), never on the shared cached model
+                cache[settings] = collect(session_view(bundle), config, on_step=on_step)
                 while len(cache) > KEEP_COLLECTIONS:
                     cache.pop(next(iter(cache)))
                 st.session_state["salience_current"] = settings

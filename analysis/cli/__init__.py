@@ -9,7 +9,9 @@ import argparse
 import importlib
 import json
 import math
+import os
 import sys
+from pathlib import Path
 
 # Subcommand modules, in help order. Each defines register(subparsers) and sets `func` on its parser;
 # func(args) returns a JSON-able dict (printed with --json) and prints its own human-readable summary.
@@ -43,6 +45,42 @@ def finite_float(minimum: float | None = None, maximum: float | None = None):
             raise argparse.ArgumentTypeError(f"{value:g} is outside [{lo}, {hi}]")
         return value
     return parse
+
+
+def _existing_ancestor(path: Path, flag: str) -> Path:
+    """The nearest existing ancestor of `path`, which must be a writable folder (an output under a file, or in a
+    folder this user cannot write, is refused before any work)."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CLIError(f"{flag} {path}: {parent} is a file, not a folder; choose a path in a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise CLIError(f"{flag} {path}: the folder {parent} is not writable; choose another path")
+            return parent
+    raise CLIError(f"{flag} {path}: no existing folder above it")
+
+
+def check_output_file(path: Path | None, flag: str, suffixes: tuple[str, ...] = ()) -> None:
+    """An output file named by `flag`, checked before the work starts: its suffix, not a folder, in a writable
+    folder. The file itself is written later to a temporary sibling and renamed into place."""
+    if path is None:
+        return
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise CLIError(f"{flag} must name a {' or '.join(suffixes)} file, got {path}")
+    if path.is_dir():
+        raise CLIError(f"{flag} {path} is a folder; name a file in it, e.g. {path / ('out' + (suffixes or ('',))[0])}")
+    if path.exists() and not path.is_file():
+        raise CLIError(f"{flag} {path} exists and is not a regular file; choose another path")
+    _existing_ancestor(path, flag)
+
+
+def check_output_folder(path: Path | None, flag: str) -> None:
+    """An output folder named by `flag`: not a file, in a writable folder (created when missing)."""
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{flag} {path} is a file; name a folder (it is created if missing)")
+    _existing_ancestor(path, flag)
 
 
 def add_guidance(p, default_help: str = "the model's default for sample grids") -> None:

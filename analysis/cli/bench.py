@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from analysis.cli import CLIError, emit
+from analysis.cli import CLIError, check_output_file, emit
 
 
 def register(sub) -> None:
@@ -52,7 +52,8 @@ def run(args) -> dict:
     shapes = args.shapes if args.shapes is not None else ("" if args.contention else "bundled,dit-xl2")
     opts = BenchOptions(device=device, repeats=args.repeats, sample_images=args.sample_images,
                         sample_steps=args.sample_steps,
-                        xl2_blocks=args.xl2_blocks or (28 if gpu else 2), xl2_batch=args.xl2_batch or (32 if gpu else 4),
+                        xl2_blocks=(28 if gpu else 2) if args.xl2_blocks is None else args.xl2_blocks,
+                        xl2_batch=(32 if gpu else 4) if args.xl2_batch is None else args.xl2_batch,
                         shapes=tuple(s.strip() for s in shapes.split(",") if s.strip()))
     listed = lambda text: tuple(v.strip() for v in text.split(",") if v.strip())  # noqa: E731
     contention = ContentionOptions(steps=args.contention_steps, repeats=args.contention_repeats)
@@ -66,8 +67,7 @@ def run(args) -> dict:
         contention.validate()
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    if args.markdown is not None and args.markdown.suffix != ".md":
-        raise CLIError(f"--markdown must name a .md file, got {args.markdown}")
+    check_output_file(args.markdown, "--markdown", (".md",))
     say = (lambda text: print(text, file=sys.stderr)) if sys.stderr.isatty() else None
     result, tables = {}, []
     if opts.shapes:
@@ -78,8 +78,10 @@ def run(args) -> dict:
         tables.append(contention_markdown(result["contention"]))
     table = "\n\n".join(tables)
     if args.markdown is not None:
+        from quant.guards import write_text_atomic
+
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table + "\n")
+        write_text_atomic(args.markdown, table + "\n")
         result["markdown_file"] = str(args.markdown)
     emit(args, result, table)
     return result

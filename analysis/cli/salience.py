@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from analysis.cli import CLIError, add_common, add_guidance, emit
+from analysis.cli import CLIError, add_common, add_guidance, check_output_file, emit
 
 
 def register(sub) -> None:
@@ -52,8 +52,7 @@ def run(args) -> dict:
         raise CLIError(f"--samples must be >= 1, got {args.samples}")
     if args.repeats < 1:
         raise CLIError(f"--repeats must be >= 1, got {args.repeats}")
-    if args.out is not None and args.out.suffix != ".npz":
-        raise CLIError(f"--out must name a .npz file, got {args.out}")
+    check_output_file(args.out, "--out", (".npz",))
     mse_bits = tuple(parse_int_list(args.mse_bits)) if args.mse_bits.strip() else ()
     bundle = load(args.model, device=args.device, dtype=args.dtype)
     config = SalienceConfig(steps=args.steps, samples=args.samples, guidance=args.guidance, scheduler=args.scheduler,
@@ -68,7 +67,17 @@ def run(args) -> dict:
     overhead, cpu_overhead = timing["overhead_vs_sampling"], timing["cpu_overhead_vs_sampling"]
     written = None
     if args.out is not None:
-        written = stats.save(args.out)
+        import os
+        import uuid
+
+        tmp = args.out.parent / f".{args.out.stem}.tmp-{uuid.uuid4().hex[:8]}.npz"
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            stats.save(tmp)  # beside the destination, then renamed: never a half-written file at --out
+            os.replace(tmp, args.out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        written = args.out
     hardest = hardest_layers(stats)
     profile = profile_by_kind(stats).round(3).to_dict(orient="records")
     summary = {"model": args.model, "device": str(bundle.device), "threads": torch.get_num_threads(),

@@ -58,9 +58,13 @@ class BenchOptions:
     shapes: tuple[str, ...] = ("bundled", "dit-xl2")
 
     def validate(self) -> "BenchOptions":
-        for name in ("repeats", "xl2_blocks", "xl2_batch", "bundled_batch", "sample_images", "sample_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        # upper bounds: DiT-XL/2's real depth, and sizes that fit one GPU; beyond them a typo allocates gigabytes
+        highs = {"repeats": 100, "xl2_blocks": 28, "xl2_batch": 512, "bundled_batch": 4096, "sample_images": 4096,
+                 "sample_steps": 1000}
+        for name, high in highs.items():
+            value = getattr(self, name)
+            if not 1 <= value <= high:
+                raise ValueError(f"{name.replace('_', '-')} must be between 1 and {high}, got {value}")
         bad = [s for s in self.shapes if s not in ("bundled", "dit-xl2")]
         if bad or not self.shapes:
             raise ValueError(f"unknown shape set {bad[0] if bad else '(none)'}; choose bundled and/or dit-xl2")
@@ -215,13 +219,14 @@ def int8_bundle(bundle: ModelBundle, batch_images: int = 16, guidance: bool = Tr
     measured faster in int8 here, on a forward of `batch_images` images (doubled by classifier-free
     guidance) at a mid timestep. Raises ValueError when the bundle holds no W8A8 layer."""
     model = bundle.denoiser
-    rows = batch_images * (2 if guidance else 1)
-    c, h, w = bundle.latent_shape
-    g = torch.Generator().manual_seed(0)
-    example = (torch.randn(rows, c, h, w, generator=g), torch.full((rows,), 500),
-               torch.arange(rows) % bundle.num_classes)
     if not any(int8_eligible(m) for m in quant_layers(model).values()):
         raise ValueError(f"{bundle.name} has no W8A8 layer to run in int8; quantize with --w-bits 8 --a-bits 8")
+    rows = batch_images * (2 if guidance and bundle.conditional else 1)
+    c, h, w = bundle.latent_shape
+    g = torch.Generator().manual_seed(0)
+    # an unconditional model ignores its labels (quant.denoiser.denoise): any value will do
+    labels = torch.arange(rows) % bundle.num_classes if bundle.conditional else torch.zeros(rows, dtype=torch.long)
+    example = (torch.randn(rows, c, h, w, generator=g), torch.full((rows,), 500), labels)
     plan = plan_int8(model, tuple(v.to(bundle.device) for v in example))
     return bundle.with_denoiser(to_int8(model, plan), name=f"{bundle.name} [int8]",
                                    quant_config=bundle.quant_config), plan
