@@ -240,9 +240,12 @@ def _check_header(model: nn.Module, meta: dict, header: dict, folder: Path) -> N
                             + (f"missing {', '.join(missing[:3])}" if missing else "")
                             + ("; " if missing and unexpected else "")
                             + (f"unexpected {', '.join(unexpected[:3])}" if unexpected else ""))
-    floats = sorted({header[n][0] for n, (dtype, _) in expected.items() if dtype == "F"})
+    # a low-rank branch (quant.branches) is 16-bit by design; every other float tensor is in the model's one dtype
+    branch = {n for n in expected if n.endswith((".lowrank.l1", ".lowrank.l2"))}
+    floats = sorted({header[n][0] for n, (dtype, _) in expected.items() if dtype == "F" and n not in branch})
     if len(floats) > 1:  # write_quantized stores every float tensor in the model's one dtype
-        odd = next(n for n, (dtype, _) in expected.items() if dtype == "F" and header[n][0] != floats[0])
+        odd = next(n for n, (dtype, _) in expected.items()
+                   if dtype == "F" and n not in branch and header[n][0] != floats[0])
         raise _fail(folder, f"{WEIGHTS} mixes float dtypes ({', '.join(floats)}; e.g. {odd} is {header[odd][0]})")
     for name, (dtype, shape) in expected.items():
         f_dtype, f_shape = header[name]
