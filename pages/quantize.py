@@ -190,8 +190,13 @@ def _show(bundle, variants: dict) -> None:
     v = variants[pick]
     r = v.report
     m1, m2, m3, m4 = st.columns(4)
-    m1.metric("Relative RMS error vs FP", f"{r.rel_rms:.4f}",
-              help="||eps_q - eps|| / ||eps|| of the noise prediction over the calibration inputs")
+    held = r.rel_rms_basis == "held_out"
+    m1.metric("Relative RMS error vs FP" + (" (held-out seeds)" if held else " (calibration inputs)"),
+              f"{r.rel_rms:.4f}",
+              delta=None if not held else f"in sample {r.rel_rms_in_sample:.4f}", delta_color="off",
+              help="||eps_q - eps|| / ||eps|| of the noise prediction vs FP, on an FP sampling run from seeds that "
+                   "calibration never saw; the in-sample value (on the calibration inputs the optimization "
+                   "trained on) beside it: a gap means over-fitting")
     m2.metric("Layers quantized", r.layers_quantized)
     m3.metric("Stored weights", f"{r.weight_bytes / 2 ** 20:.2f} MiB",
               delta=f"{r.weight_bytes / r.fp_weight_bytes - 1:+.0%} vs FP", delta_color="inverse")
