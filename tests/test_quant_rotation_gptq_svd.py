@@ -141,6 +141,17 @@ def test_compositions_are_stored_in_one_spelling_with_every_components_options()
         QuantConfig(method="hadamard", options={"rank": 8})
 
 
+@pytest.mark.parametrize("fmt", [dict(w_format="int", w_group=8), dict(w_format="nvfp4"), dict(w_format="fp4_e2m1")])
+def test_gptq_rounds_through_every_weight_format(fmt):
+    """Group-wise INT, NVFP4 blocks and FP4 elements: GPTQ's columns use the layer's own grid and block scales."""
+    model = make_tiny_dit(layers=1)
+    res = quantize_with_details(model, QuantConfig(method="gptq", w_bits=4, a_bits=8, **fmt), _batches(model))
+    rep = res.methods["rounding"]
+    assert rep["gptq_error"] < rep["rtn_error"]
+    layer = dict(res.model.named_modules())["transformer_blocks.0.ff.net.2"]
+    assert torch.equal(layer.quantized_weight(), layer.weight)  # on the format's grid
+
+
 @pytest.mark.parametrize("method", ["gptq", "hadamard", "svdquant", "hadamard+gptq", "svdquant+gptq"])
 def test_save_and_load_are_bit_identical(tiny_bundle, tmp_path, method):
     from analysis.models.saved import save_quantized
