@@ -19,10 +19,10 @@ PACKAGES = ("quant", "analysis", "pages")
 # (layer, module name prefixes), lowest first; the longest matching prefix decides a module's layer.
 LAYERS = [
     (0, ("quant.quantizers", "quant.formats", "quant.measures", "quant.options", "quant.modules", "quant.families",
-         "quant.guards")),
+         "quant.guards", "quant.rotation", "quant.branches", "quant.lowrank")),
     (1, ("quant.methods", "quant.config", "quant.denoiser", "quant.forward", "quant.reparam", "quant.observers",
          "quant.wrap")),
-    (2, ("quant.recon", "quant.graph", "quant.io", "quant.int8", "quant.fp8")),
+    (2, ("quant.recon", "quant.graph", "quant.io", "quant.int8", "quant.fp8", "quant.gptq")),
     (3, ("quant.api", "quant")),
     (4, ("analysis.models", "analysis.quiet", "analysis")),
     (5, ("analysis.salience",)),
@@ -33,7 +33,15 @@ LAYERS = [
 ]
 
 
+# Method files are plug-ins the registry (quant.methods) finds at run time, never imported by a lower module: they
+# may use the engine's pieces up to quant.recon (GPTQ runs the reconstruction's unit loop).
+PLUGIN_PACKAGES = {"quant.methods": 2}
+
+
 def layer_of(module: str) -> int:
+    for package, level in PLUGIN_PACKAGES.items():
+        if module.startswith(package + "."):
+            return level
     best, level = -1, 0
     for lvl, prefixes in LAYERS:
         for p in prefixes:

@@ -153,7 +153,7 @@ class SweepSpec:
         if not self.methods or not self.bits or not self.options:
             raise ValueError("a sweep needs at least one method, one bit-width and one option")
         for m in self.methods:
-            if m == "fp" or not _is_method(m):
+            if not quantizes(m) or not _is_method(m):
                 raise ValueError(f"unknown method {m!r} for a sweep; choose from "
                                  f"{', '.join(SWEEP_METHODS)} or several joined by '+' (FP is always measured)")
         for b in self.bits:
