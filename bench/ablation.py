@@ -14,6 +14,12 @@ Rows per bit-width (each one QuantConfig; "+" switches on):
     CSB+SSC+AdaRound           PTQ4DiT as published
     TPQ+BKD                    DilateQuant's "BKD without WD"
     WD+TPQ+BKD                 DilateQuant as published
+    GPTQ                       second-order weight rounding (Frantar et al. 2022)
+    Hadamard                   rotated layer inputs (folded into to_v where exact, online elsewhere)
+    SVD                        SVDQuant: smoothing + rank-32 16-bit branch
+    Hadamard+GPTQ, SVD+GPTQ    the rotation or the branch, then GPTQ on the weight left to quantize
+    GPTQ+TPQ, Hadamard+TPQ, SVD+TPQ, Hadamard+GPTQ+TPQ, SVD+GPTQ+TPQ, WD+Hadamard+GPTQ+TPQ   with TPQ
+    Hadamard+GPTQ+TPQ+BKD      the rotation, GPTQ and TPQ, then DilateQuant's block-wise distillation
 Each row reports FID vs FP (same labels and seeds as the FP images; with its bootstrap interval), FID vs real,
 label agreement, rel_rms (noise prediction vs FP on the calibration inputs), the quantization time (with the
 block-wise optimization's share and its mean time per transformer block) and the peak memory of the
@@ -38,6 +44,7 @@ from analysis.models.loading import load
 from analysis.quantization.calibration import CALIBRATION_SEED, calibration_for
 from analysis.quantization.pipeline import quantize_bundle
 from quant.api import QuantConfig
+from quant.families import layer_info, readable_layer
 
 ROWS = {
     "baseline": dict(method="baseline"),
@@ -50,6 +57,18 @@ ROWS = {
     "CSB+SSC+AdaRound": dict(method="ptq4dit", recon="adaround"),
     "TPQ+BKD": dict(method="baseline", tpq=True, recon="bkd"),
     "WD+TPQ+BKD": dict(method="dilatequant", recon="bkd"),
+    "GPTQ": dict(method="gptq"),
+    "Hadamard": dict(method="hadamard"),
+    "SVD": dict(method="svdquant"),
+    "Hadamard+GPTQ": dict(method="hadamard+gptq"),
+    "SVD+GPTQ": dict(method="svdquant+gptq"),
+    "GPTQ+TPQ": dict(method="gptq", tpq=True),
+    "Hadamard+TPQ": dict(method="hadamard", tpq=True),
+    "SVD+TPQ": dict(method="svdquant", tpq=True),
+    "Hadamard+GPTQ+TPQ": dict(method="hadamard+gptq", tpq=True),
+    "SVD+GPTQ+TPQ": dict(method="svdquant+gptq", tpq=True),
+    "WD+Hadamard+GPTQ+TPQ": dict(method="dilatequant+hadamard+gptq"),
+    "Hadamard+GPTQ+TPQ+BKD": dict(method="hadamard+gptq", tpq=True, recon="bkd"),
 }
 
 
@@ -83,6 +102,11 @@ class PeakMemory:
             self.thread.join()
             self.peak = max(self.high, _rss()) - self.base
 
+
+
+def _is_block(unit: str, family: str) -> bool:
+    info = layer_info(unit, family)
+    return info.block >= 0 and readable_layer(unit, family) == info.stage
 
 def _rss() -> int:
     with open("/proc/self/statm") as f:
@@ -131,8 +155,9 @@ def main() -> None:
                 variant = quantize_bundle(bundle, config, cal)
                 seconds = time.perf_counter() - t0
             r = variant.report
-            blocks = [u["seconds"] for u in (r.recon or {}).get("units", [])
-                      if u["name"].startswith("transformer_blocks.") and "emb" not in u["name"]]
+            # the units that are a whole repeated block (family table: a DiT's transformer blocks), not the
+            # small embedding unit each block has
+            blocks = [u["seconds"] for u in (r.recon or {}).get("units", []) if _is_block(u["name"], bundle.family)]
             measured[name] = {"row": row, "bits": f"W{w}A{a}", "label": config.label, "config": config.to_dict(),
                               "rel_rms": r.rel_rms,
                               "rel_rms_per_timestep": r.rel_rms_per_timestep, "quantize_seconds": round(seconds, 3),

@@ -46,10 +46,15 @@ def _form(bundle):
     method = st.selectbox("Method", names, index=names.index("ptq4dit"), key="q_method",
                           help="\n\n".join(f"**{m.name}**: {m.help}" for m in methods))
     st.caption(REGISTRY[method].help)
+    partners = [m.name for m in methods if m.composes and m.name != method] if REGISTRY[method].composes else []
+    extra = st.multiselect("Combine with", partners, key="q_combine",
+                           help="methods applied in the engine's order: balancing, rotation, low-rank branch, "
+                                "weight rounding; a combination the math does not allow is refused with the reason")
+    method = "+".join([method, *extra])
     common = [o for o in QuantConfig.describe() if o.name != "method"]
     with st.form("quantize_form"):
         fields = option_grid([o for o in common if o.group == "quantization"], "q_")
-        own = REGISTRY[method].describe_options()
+        own = [o for name in method.split("+") for o in REGISTRY[name].describe_options()]
         if own:
             st.markdown(f"**{method} options**")
             options = option_grid(own, "q_")
@@ -225,6 +230,7 @@ def _show(bundle, variants: dict) -> None:
             c1.info("This method folds no vector: channel maxima are unchanged (plain PTQ).")
         if group in r.ssc:
             c2.plotly_chart(ssc_figure(r.ssc[group], group), width="stretch")
+    _show_methods(r)
     st.plotly_chart(layer_error_figure(r.layer_error, title=f"{pick}: per-layer relative output error"),
                     width="stretch")
     st.plotly_chart(timestep_error_figure({n: variants[n].report.rel_rms_per_timestep for n in names}),
@@ -232,6 +238,37 @@ def _show(bundle, variants: dict) -> None:
     if r.recon:
         _show_recon(r.recon)
     _download(v)
+
+
+def _show_methods(r) -> None:
+    """What a rotation, a low-rank branch or a rounding method did (method_views, kept in the report)."""
+    from analysis.plots.quant import rotation_histogram_figure, spectrum_figure
+
+    methods = r.methods or {}
+    hists = r.rotation_histograms or {}
+    if hists:
+        rot = methods["rotation"]
+        st.subheader("Rotation")
+        st.caption(f"{len(rot['folded'])} layers rotated for free (folded into their producer), "
+                   f"{len(rot['online'])} online by a fast Walsh-Hadamard transform; constructions: "
+                   f"{', '.join(sorted(set(rot['kinds'].values())))}.")
+        # the layer whose range the rotation shrinks most
+        best = max(hists, key=lambda n: max(hists[n]["absmax_before"]) / max(max(hists[n]["absmax_after"]), 1e-12))
+        layer = st.selectbox("Rotated layer", list(hists), index=list(hists).index(best), key="q_rot_layer")
+        st.plotly_chart(rotation_histogram_figure(hists[layer], layer), width="stretch")
+    low = methods.get("lowrank")
+    if low and low["spectra"]:
+        st.subheader("Low-rank branch")
+        st.caption(f"rank {low['rank']} on {len(low['costs'])} layers: {low['extra_bytes'] / 2 ** 10:.0f} KiB of "
+                   f"16-bit factors, {low['extra_flops_per_position'] / max(low['layer_flops_per_position'], 1):.0%} "
+                   "extra FLOPs over the quantized GEMMs per token.")
+        names = list(low["spectra"])
+        layer = st.selectbox("Layer", names, key="q_svd_layer")
+        st.plotly_chart(spectrum_figure(low["spectra"][layer], low["costs"][layer]["rank"], layer), width="stretch")
+    rnd = methods.get("rounding")
+    if rnd:
+        st.caption(f"{rnd['method']}: output error of the rounded weights {rnd['error_ratio']:.2f}x that of "
+                   f"round-to-nearest (sum over layers of tr(E H E^T)), {rnd['seconds']:.1f} s.")
 
 
 def _show_balance(plan: dict) -> None:

@@ -29,6 +29,8 @@ def register(sub) -> None:
     s.add_argument("--kid", action="store_true", help="also KID")
     s.add_argument("--prc", action="store_true", help="also precision and recall")
     s.add_argument("--kid-subset-size", type=int, default=None, help="KID subset size (default: min(1000, N))")
+    s.add_argument("--bootstrap", type=int, default=None, metavar="R",
+                   help="bootstrap replicates per FID interval (default: 200, 25 for Inception; 0: no interval)")
     s.add_argument("--clip-model", default=None, metavar="FOLDER",
                    help="a local CLIPModel folder (safetensors) for the CLIP score of a text-to-image model "
                         "(default: $DQLAB_CLIP_MODEL; without one the score is skipped, never downloaded)")
@@ -61,7 +63,7 @@ def run(args) -> dict:
                        extractor=args.feature_extractor, isc=args.isc, kid=args.kid, prc=args.prc,
                        kid_subset_size=args.kid_subset_size, inception_weights=args.inception_weights,
                        batch_size=args.batch_size, cache_fp=not args.no_fp_cache, calib_samples=args.calib_samples,
-                       prompts=prompts, clip_model=args.clip_model)
+                       bootstrap=args.bootstrap, prompts=prompts, clip_model=args.clip_model)
     rank, size = init_from_env()  # under torchrun: join the group, each rank samples a share of the images
     store = None if args.no_store or rank != 0 else Store(args.data_dir)
     if args.reference is not None and not args.reference.is_dir():
