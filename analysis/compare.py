@@ -20,7 +20,7 @@ from analysis.metrics import per_timestep_error, transformer_outputs
 from analysis.models import ModelBundle
 from analysis.sampling import sample
 from analysis.speed import forward_profile
-from quant.measures import relative_rms
+from quant.measures import relative_rms, step_median
 
 FP_NAME = "FP"
 
@@ -44,7 +44,7 @@ class Comparison:
 
     def summary(self) -> list[dict]:
         """One row per model: mean MSE vs FP and its PSNR (infinite for images identical to FP, FP's own row
-        included), mean and last-step errors, label agreement with the count it is measured on, seconds."""
+        included), the median over steps of the per-step error and the last step's drift, label agreement with the count it is measured on, seconds."""
         rows = []
         for name in self.names:
             errs = [r for r in self.image_errors if r["variant"] == name]
@@ -55,7 +55,7 @@ class Comparison:
                 "variant": name,
                 "mse_vs_fp": mse,
                 "psnr_vs_fp": psnr(mse),
-                "mean_step_rel_rms": sum(steps) / len(steps) if steps else 0.0,
+                "step_rel_rms_median": step_median({i: e for i, e in enumerate(steps)}),
                 "final_drift": drift[-1] if drift else 0.0,
                 "label_agreement": (self.label_agreement or {}).get(name),
                 "label_agreement_n": len(self.labels) if self.label_agreement else None,
@@ -190,11 +190,11 @@ def comparison_table(comparison: Comparison, scores: list[dict] | None = None) -
 
 # ---- the table a reader sees, and comparisons kept in the run store --------------------------------------
 COLUMN_NAMES = {"variant": "model", "psnr_vs_fp": "PSNR vs FP (grid)", "mse_vs_fp": "MSE vs FP (grid)",
-                "mean_step_rel_rms": "mean per-step rel. RMS error vs FP", "final_drift": "final rel. RMS drift of x_t",
+                "step_rel_rms_median": "noise-prediction error vs FP (median over steps)", "final_drift": "final rel. RMS drift of x_t",
                 "label_agreement": "label agreement", "label_agreement_N": "label agreement N",
                 "fid": "FID vs real", "fid_interval": "FID vs real 95% CI", "fid_floor": "real-vs-real floor",
                 "fid_vs_fp": "FID vs FP", "fid_vs_fp_interval": "FID vs FP 95% CI", "fid_N": "FID N",
-                "seconds": "sampling s", "forward_ms": "forward ms", "forward_peak_mib": "forward peak MiB",
+                "seconds": "sampling s", "forward_ms": "forward ms (median)", "forward_ms_spread": "forward ms range", "forward_peak_mib": "forward peak MiB",
                 "weights_mib": "weights MiB", "feature_extractor": "FID features", "run_id": "run"}
 STORE_NOTE = "comparison"  # stored runs of a comparison carry this note and a shared comparison id
 
@@ -210,16 +210,21 @@ def comparison_view(cmp: Comparison, scores: list[dict] | None, ncol: int) -> di
     comparison was just computed or read back from the store (latest_comparison)."""
     from analysis.images import make_grid
 
+    # grids large enough for a projector (a cell at least 96 px), each column labelled with its class
+    col_labels = [str(c) for c in cmp.labels[:ncol]] if min(cmp.labels[:ncol], default=-1) >= 0 else None
     return {"names": list(cmp.names), "steps": cmp.steps, "guidance": cmp.guidance, "n_images": len(cmp.labels),
-            "grids": {name: make_grid(cmp.images[name], ncol=ncol) for name in cmp.names},
+            "grids": {name: make_grid(cmp.images[name], ncol=ncol, col_labels=col_labels, target=96)
+                      for name in cmp.names},
             "rows": metrics_rows(cmp, scores), "step_error": cmp.step_error, "drift": cmp.drift,
             "image_errors": cmp.image_errors, "scores": scores}
 
 
-def store_comparison(store, model: str, view: dict, cmp: Comparison, variants: Mapping[str, object]) -> str:
+def store_comparison(store, model: str, view: dict, cmp: Comparison, variants: Mapping[str, object],
+                     produced_by: str | None = None) -> str:
     """Keep a comparison in the run store, one run per model (note "comparison", its grid as grid.png, each
     variant's config and recipe), so the variants and their results survive a page reload and rebuild from
-    the store. Returns the comparison's id."""
+    the store. produced_by: the FP model's source, device and precision in words, kept for captions.
+    Returns the comparison's id."""
     import uuid
 
     from analysis.store import RunRecord
@@ -229,7 +234,7 @@ def store_comparison(store, model: str, view: dict, cmp: Comparison, variants: M
         v = variants.get(name)
         config = v.config.to_dict() if hasattr(v, "config") else {"method": "fp" if v is None else "custom"}
         recipe = getattr(v, "recipe", None)
-        metrics = {"comparison": cid, "position": view["names"].index(name), "row": row,
+        metrics = {"comparison": cid, "position": view["names"].index(name), "row": row, "produced_by": produced_by,
                    "label_agreement": row.get("label agreement"),
                    "step_error": [r for r in view["step_error"] if r["variant"] == name],
                    "drift": [r for r in view["drift"] if r["variant"] == name],
@@ -244,10 +249,11 @@ def store_comparison(store, model: str, view: dict, cmp: Comparison, variants: M
     return cid
 
 
-def latest_comparison(store, model: str) -> dict | None:
-    """The newest comparison of `model` kept in the store, in comparison_view's form (grids as file paths),
-    or None."""
-    runs = [r for r in store.list(model=model) if r.note == STORE_NOTE and "comparison" in r.metrics]
+def latest_comparison(store, model: str, comparison: str | None = None) -> dict | None:
+    """The newest comparison of `model` kept in the store (or the one whose id is `comparison`), in
+    comparison_view's form (grids as file paths), or None."""
+    runs = [r for r in store.list(model=model) if r.note == STORE_NOTE and "comparison" in r.metrics
+            and (comparison is None or r.metrics["comparison"] == comparison)]
     if not runs:
         return None
     cid = runs[0].metrics["comparison"]
@@ -261,4 +267,5 @@ def latest_comparison(store, model: str) -> dict | None:
             "image_errors": [{"variant": r.label, "psnr": math.inf if p is None else p}
                              for r in group[1:] for p in r.metrics.get("psnr", [])],
             "scores": [r.metrics["score"] for r in group if r.metrics.get("score")] or None,
-            "run_ids": [r.id for r in group], "created": first.created}
+            "run_ids": [r.id for r in group], "created": first.created, "comparison": cid,
+            "produced_by": first.metrics.get("produced_by")}

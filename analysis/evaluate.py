@@ -402,9 +402,9 @@ def _variant_measures(v, fp: ModelBundle, is_fp: bool) -> dict:
         from quant.io import fp_weight_bytes
 
         size = fp_weight_bytes(fp.transformer)
-        return {"rel_rms": 0.0, "weight_bytes": size, "fp_weight_bytes": size}
+        return {"rel_rms": 0.0, "rel_rms_step_median": 0.0, "weight_bytes": size, "fp_weight_bytes": size}
     report = getattr(v, "report", None) or {}
-    out = {k: report[k] for k in ("rel_rms", "weight_bytes", "fp_weight_bytes") if k in report}
+    out = {k: report[k] for k in ("rel_rms", "rel_rms_step_median", "weight_bytes", "fp_weight_bytes") if k in report}
     if "rel_rms_per_timestep" in report:  # JSON object keys are strings: keep the timesteps as numbers
         out["rel_rms_per_timestep"] = [[int(t), float(e)] for t, e in report["rel_rms_per_timestep"].items()]
     return out

@@ -1,7 +1,7 @@
 """Quantize a bundle end to end: calibration inputs from FP sampling, quantization, and a report.
 
     variant = quantize_bundle(bundle, QuantConfig(method="ptq4dit", w_bits=4, a_bits=8), CalibrationSpec())
-    variant.report["rel_rms"], variant.bundle                    # the bundle shares scheduler / VAE with the FP one
+    variant.report["rel_rms_step_median"], variant.bundle        # the bundle shares scheduler / VAE with the FP one
     variant.recipe                                              # source + config + calibration: rebuilds it
 
 The FP bundle is never modified (the app's cached one is shared by every session).
@@ -23,7 +23,7 @@ from quant.api import QuantConfig, quantize_with_details
 from quant.forward import calibration_batches, forward
 from quant.graph import balance_plan
 from quant.io import fp_weight_bytes, weight_bytes
-from quant.measures import RelRmsByTimestep, rel_rms
+from quant.measures import RelRmsByTimestep, rel_rms, step_median
 from quant.modules import quant_layers
 from quant.quantizers import is_off
 
@@ -95,8 +95,10 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
     report: method, w_bits, a_bits, attn_bits, tpq, label, seconds (quantize + activation calibration, wall
     clock; cpu_seconds: the process's CPU time for the same, which a busy machine does not inflate),
     calibration_seconds (FP sampling, when done here), total_seconds (the two), calibration (the spec),
-    layers_quantized, weight_bytes (stored at the bit-width), fp_weight_bytes, rel_rms and
-    rel_rms_per_timestep (relative RMS error of the noise prediction vs FP), layer_error (each layer's
+    layers_quantized, weight_bytes (stored at the bit-width), fp_weight_bytes, rel_rms_step_median (the
+    headline error: median over timesteps of the relative RMS error of the noise prediction vs FP,
+    quant.measures.step_median), rel_rms_per_timestep (the curve it summarises), rel_rms (the same error
+    pooled over every timestep, dominated by the last steps; kept for older readers), layer_error (each layer's
     relative RMS error on its own input), and per balanced group: vectors (b), salience (per-channel maxima
     before / after), ssc (rho, eta per timestep); balance (which layers took a folded scale, which did
     not and why: quant.graph.balance_plan); recon (quant.recon.ReconReport as a dict, or None).
@@ -139,7 +141,8 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
         "calibration_rows": len(calibration) if hasattr(calibration, "__len__") else None,
         "layers_quantized": n_quant, "weight_bytes": weight_bytes(result.model),
         "fp_weight_bytes": fp_weight_bytes(bundle.transformer),
-        "rel_rms": rel, "rel_rms_per_timestep": per_t, "layer_error": layer_err,
+        "rel_rms": rel, "rel_rms_step_median": step_median(per_t), "rel_rms_per_timestep": per_t,
+        "layer_error": layer_err,
         "vectors": {g: b.tolist() for g, b in result.vectors.items()},
         "salience": {g: _lists(s) for g, s in result.salience.items()},
         "ssc": {g: _lists(e) for g, e in result.extras.items() if "eta" in e},

@@ -114,10 +114,23 @@ def store():
     return _store(os.environ.get(DATA_ENV) or None)
 
 
-def progress_callback(text: str):
-    """A progress bar and the on_step(done, total) callback that drives it."""
+def progress_callback(text: str, then: str | None = None):
+    """A progress bar and the on_step(done, total) callback that drives it: the stage, the step, and the time
+    left estimated from the steps done so far; at the last step it names the stage that follows (`then`),
+    so a bar at 'step 50/50' never sits there silently."""
+    import time
+
     bar = st.progress(0.0, text=text)
-    return bar, (lambda done, total: bar.progress(min(1.0, done / total), text=f"{text} {done}/{total}"))
+    start = time.perf_counter()
+
+    def on_step(done: int, total: int) -> None:
+        if done >= total and then:
+            bar.progress(1.0, text=then)
+            return
+        elapsed = time.perf_counter() - start
+        left = f", about {elapsed / done * (total - done):.0f} s left" if done and done < total else ""
+        bar.progress(min(1.0, done / total), text=f"{text} {done}/{total}{left}")
+    return bar, on_step
 
 
 BITS = [2, 3, 4, 5, 6, 7, 8, 16]
@@ -153,7 +166,8 @@ def option_widget(container, opt, key: str):
         value = container.number_input(label, min_value=None if opt.low is None or opt.low_open else float(opt.low),
                                        max_value=None if opt.high is None else float(opt.high),
                                        value=None if opt.default is None else float(opt.default),
-                                       format="%g", key=key, help=help_text)
+                                       format="%g", key=key, help=help_text,
+                                       placeholder="default" if opt.default is None else None)
         return None if value is None else float(value)
     return container.text_input(label, value=str(opt.default), key=key, help=help_text)
 

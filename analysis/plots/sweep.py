@@ -4,7 +4,7 @@ and dicts, so a result read back from disk draws the same):
 pareto_figure          quality vs cost (BOPs or weight bytes) of every point, intervals as error bars, the
                        Pareto front as a line, the recommendation ringed
 sweep_timestep_figure  each point's noise-prediction error vs FP per timestep
-sensitivity_bars       units ranked by the error each causes alone (mean over timesteps, or at one timestep)
+sensitivity_bars       units ranked by the error each causes alone (median over timesteps, or at one timestep)
 sensitivity_heatmap    unit x timestep error with only that unit quantized
 """
 from __future__ import annotations
@@ -99,14 +99,14 @@ def sweep_timestep_figure(points: list[dict]) -> go.Figure:
 
 
 def sensitivity_bars(sens: dict, timestep: int | None = None, top: int = 20) -> go.Figure:
-    """Horizontal bars, hardest on top: error with only this unit quantized (mean over timesteps, or at one)
+    """Horizontal bars, hardest on top: error with only this unit quantized (median over timesteps, or at one)
     and, as a second bar, with all but this unit quantized."""
     rows = sens["ranking"]
     if timestep is None:
         only = [r["error_only_this_quantized"] for r in rows]
         but = [r["error_all_but_this_quantized"] for r in rows]
-        where = "mean over timesteps"
-        full = sens["all_quantized_mean"]
+        where = "median over timesteps"
+        full = sens.get("all_quantized_median", sens["all_quantized_mean"])
     else:
         i = sens["timesteps"].index(timestep)
         only = [r["only_per_timestep"][i] for r in rows]
