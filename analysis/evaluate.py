@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Mapping
@@ -149,27 +150,34 @@ def model_fingerprint(bundle: ModelBundle) -> str:
 
 def _fp_images(bundle: ModelBundle, labels, seeds, opts: EvalOptions, guidance: float, cache_dir: Path | None,
                on_step) -> tuple[torch.Tensor, float, bool]:
-    """FP images for these labels/seeds, from the disk cache when the same model and setting ran before."""
+    """FP images for these labels/seeds, from the disk cache when the same model and setting ran before.
+    Sessions of one process asking for the same images at once sample them once: the others wait for the
+    cache file (analysis.app_state.one_at_a_time)."""
     path = None
     if cache_dir is not None and opts.cache_fp:
         key = hashlib.sha256(repr((model_fingerprint(bundle), labels, seeds, opts.steps, guidance, opts.scheduler,
                                    str(bundle.dtype))).encode()).hexdigest()[:20]
         path = cache_dir / f"{key}.pt"
+    if path is None:
+        images, seconds = _sample_images(bundle, labels, seeds, opts, guidance, on_step)
+        return images, seconds, False
+    from analysis.app_state import one_at_a_time
+
+    with one_at_a_time(("fp_samples", str(path))):
         if path.exists():
             try:
                 cached = torch.load(path, map_location="cpu", weights_only=True)
                 return cached["images"].float() / 255.0, float(cached["seconds"]), True
             except Exception:  # a damaged cache file is recomputed, never trusted
                 path.unlink(missing_ok=True)
-    images, seconds = _sample_images(bundle, labels, seeds, opts, guidance, on_step)
-    if images is None:  # another rank of a torchrun job: rank 0 holds the merged set
-        return None, seconds, False
-    if path is not None:
+        images, seconds = _sample_images(bundle, labels, seeds, opts, guidance, on_step)
+        if images is None:  # another rank of a torchrun job: rank 0 holds the merged set
+            return None, seconds, False
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
         torch.save({"images": (images * 255).round().to(torch.uint8), "seconds": seconds}, tmp)
         os.replace(tmp, path)
-    return images, seconds, False
+        return images, seconds, False
 
 
 def _sample_images(bundle: ModelBundle, labels, seeds, opts: EvalOptions, guidance: float,

@@ -73,9 +73,15 @@ def current_bundle():
     """The FP bundle chosen in the sidebar (bundled model by default), or None after showing why not."""
     from analysis.models import ModelLoadError
 
+    import re
+
     source, device, dtype = sidebar_choice()
     if not source:
         st.info("Enter the model's folder in the sidebar.")
+        return None
+    if st.session_state.get("model_kind") == "Hub id" and not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        st.error(f"'{source}' is not a hub id: a hub id is exactly owner/name, such as facebook/DiT-XL-2-256. "
+                 "For a folder on this machine choose **Local folder** in the sidebar.")
         return None
     try:
         bundle = get_bundle(source, device, dtype)

@@ -103,7 +103,7 @@ def sensitivity_hedges(sens: dict) -> list[str]:
         hedges.append(f"{sens['steps']} sampling steps is below {MIN_STEPS}: the calibration trajectory is coarse, "
                       "and the ranking may change at the steps you will sample with.")
     if sens.get("images", 16) < 16:
-        hedges.append(f"Measured on {sens['images']} calibration images: units whose errors differ by a few percent "
+        hedges.append(f"Measured on {sens['images']} calibration image{'s' if sens['images'] != 1 else ''}: units whose errors differ by a few percent "
                       "may swap places on another set; read the top of the ranking, not its order in detail.")
     return hedges
 

@@ -30,7 +30,10 @@ def test_quantize_page_runs_ptq4dit_and_keeps_the_variant():
     v = variants["ptq4dit W8A8"]
     assert v.config.method == "ptq4dit" and v.report["calibration_rows"] == 2 * 5 * 2  # samples x steps x [c; u]
     assert v.bundle.quant_config["method"] == "ptq4dit"
-    assert any(m.label == "Relative RMS error vs FP" and 0 < float(m.value) < 1 for m in at.metric)
+    # the headline: median over steps of the per-step error, with the pooled value in its help
+    headline = next(m for m in at.metric if m.label == "Noise-prediction error vs FP (median over steps)")
+    assert float(headline.value) == round(v.report["rel_rms_step_median"], 4) and 0 < float(headline.value) < 1
+    assert f"{v.report['rel_rms']:.4f}" in headline.proto.help
     charts = at.get("plotly_chart")
     # salience before/after, CSB vector, SSC weights, per-layer error, per-timestep error
     assert len(charts) == 5
