@@ -29,10 +29,10 @@ import time
 
 import torch
 
-from analysis.calibration import CALIBRATION_SEED, calibration_for
-from analysis.evaluate import EvalOptions, eval_guidance, evaluate_variants
-from analysis.models import load
-from analysis.quantize_pipeline import quantize_bundle
+from analysis.evaluation.evaluate import EvalOptions, eval_guidance, evaluate_variants
+from analysis.models.loading import load
+from analysis.quantization.calibration import CALIBRATION_SEED, calibration_for
+from analysis.quantization.pipeline import quantize_bundle
 from quant.api import QuantConfig
 
 ROWS = {

@@ -4,7 +4,7 @@
     python bench/bench.py --json               # one JSON object keyed "bundled" and "dit-xl2"
     python bench/bench.py --device cuda        # GPU: FP16 / BF16 too, DiT-XL/2's 28 blocks at batch 32
 
-The same as `dqlab bench` (see analysis/speed.py for what is measured and how).
+The same as `dqlab bench` (see analysis/evaluation/speed.py for what is measured and how).
 """
 import sys
 

@@ -3,7 +3,7 @@
     python bench/guidance_sweep.py --guidance 1,1.5,2,3 --num-samples 2048 --steps 50   # add --json
 
 Each row: FID vs real with its bootstrap interval, the real-vs-real floor at the same N, their ratio, and
-label agreement (bundled model). Samples go through analysis.evaluate (the FP sample cache of the run
+label agreement (bundled model). Samples go through analysis.evaluation.evaluate (the FP sample cache of the run
 store is reused, so a second run with the same settings only scores). The guidance with the lowest FID is
 the model's evaluation guidance; record it in the model's bundle.json ("eval_guidance") and card.
 """
@@ -14,9 +14,9 @@ import json
 import sys
 import time
 
-from analysis.evaluate import EvalOptions, evaluate
-from analysis.models import load
-from analysis.store import Store
+from analysis.evaluation.evaluate import EvalOptions, evaluate
+from analysis.evaluation.store import Store
+from analysis.models.loading import load
 
 
 def main() -> None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from analysis.calibration import CALIBRATION_SEED, calibration_for
-from analysis.models import load
-from analysis.quantize_pipeline import quantize_bundle
+from analysis.models.loading import load
+from analysis.quantization.calibration import CALIBRATION_SEED, calibration_for
+from analysis.quantization.pipeline import quantize_bundle
 from quant.api import QuantConfig
 
 CONFIGS = [

@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from analysis.models import load
+from analysis.models.loading import load
 from quant.graph import balance_groups, balance_plan
 from quant.methods.dilatequant import dilation_vector
 from quant.reparam import group_weight
@@ -46,7 +46,7 @@ def summary(vectors: list[torch.Tensor]) -> dict:
 
 
 def measure(source: str) -> dict:
-    model = load(source).transformer
+    model = load(source).denoiser
     plan = balance_plan(model)
     foldable = [dilation_vector(group_weight(model, g).float()) for g in balance_groups(model)]
     every = [layer_dilation(m.weight) for m in covered_layers(model).values()]

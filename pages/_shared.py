@@ -18,7 +18,7 @@ DTYPES = ["float32", "float16", "bfloat16"]
 @st.cache_resource(show_spinner="Loading the model ...")
 def get_bundle(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32"):
     """One FP bundle per (source, device, dtype), shared by every session: never modify it."""
-    from analysis.models import load
+    from analysis.models.loading import load
     from analysis.quiet import configure_logging
 
     configure_logging()  # before diffusers logs anything about the model it loads
@@ -41,7 +41,7 @@ def _remembered(key: str, default):
 
 def sidebar_choice() -> tuple[str, str, str]:
     """(model source, device, dtype) as chosen in the sidebar; every page draws the same sidebar."""
-    from analysis.models import available_models
+    from analysis.models.loading import available_models
 
     sb = st.sidebar
     sb.subheader("Model")
@@ -71,7 +71,7 @@ def sidebar_choice() -> tuple[str, str, str]:
 
 def current_bundle():
     """The FP bundle chosen in the sidebar (bundled model by default), or None after showing why not."""
-    from analysis.models import ModelLoadError
+    from analysis.models.bundle import ModelLoadError
 
     import re
 
@@ -107,7 +107,7 @@ def intro(text: str, why: str, math: list[str] | None = None, links: dict[str, s
 @st.cache_resource
 def _store(data_dir: str | None):
     """The run store (one per data folder). Reads and writes are transactional, so sharing it is safe."""
-    from analysis.store import Store
+    from analysis.evaluation.store import Store
 
     return Store(data_dir)
 
@@ -115,7 +115,7 @@ def _store(data_dir: str | None):
 def store():
     import os
 
-    from analysis.store import DATA_ENV
+    from analysis.evaluation.store import DATA_ENV
 
     return _store(os.environ.get(DATA_ENV) or None)
 

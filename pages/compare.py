@@ -31,7 +31,7 @@ intro(
 def _quantized_from_run(bundle, run):
     """A stored run's model rebuilt from its recipe (config + calibration) on the current FP model, kept for
     this session: the model whose scores the run shows."""
-    from analysis.quantize_pipeline import rebuild
+    from analysis.quantization.pipeline import rebuild
 
     cache = st.session_state.setdefault("reloaded_variants", {})
     key = (bundle.name, run.id)
@@ -63,7 +63,7 @@ def _form_defaults(bundle) -> None:
 
 def compare_view(bundle) -> None:
     from analysis.app_state import model_key, owned_variants, produced_by
-    from analysis.compare import latest_comparison
+    from analysis.evaluation.compare import latest_comparison
 
     mkey = model_key(bundle)
     everything = st.session_state.get("variants", {})
@@ -137,8 +137,8 @@ def compare_view(bundle) -> None:
 
 def _run_comparison(bundle, chosen, session_variants, runs, seeds_per_class, steps, guidance, fid_n, fid_guidance,
                     save, n_classes) -> None:
-    from analysis.compare import compare, comparison_view, grid_layout, latest_comparison, store_comparison
-    from analysis.evaluate import EvalOptions, evaluate_variants, score_row
+    from analysis.evaluation.compare import compare, comparison_view, grid_layout, latest_comparison, store_comparison
+    from analysis.evaluation.evaluate import EvalOptions, evaluate_variants, score_row
 
     by_label = {f"{RUN_PREFIX}{r.id} {r.label}": r for r in runs}
     variants = {}
@@ -299,7 +299,7 @@ def history_view(bundle) -> None:
         return
     st.subheader(f"Run #{run.id}: {run.label} on {run.model}")
     m1, m2, m3, m4 = st.columns(4)
-    from analysis.metrics import fid_text
+    from analysis.evaluation.metrics import fid_text
 
     s = run.summary()
     m1.metric(f"FID vs real (N={run.num_samples})", fid_text(run.fid, s["fid_interval"]),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis.app_state import HOME_CLASSES
-from analysis.sampling import NO_CLASS
+from analysis.models.sampling import NO_CLASS
 from pages._shared import current_bundle, intro, progress_callback
 
 st.title("dqlab: quantizing diffusion transformers")
@@ -29,7 +29,7 @@ if bundle is not None:
 
     from analysis.app_state import HOME_GRIDS, model_key, produced_by
 
-    n_params = sum(p.numel() for p in bundle.transformer.parameters())
+    n_params = sum(p.numel() for p in bundle.denoiser.parameters())
     st.caption(f"Model `{bundle.name}` on {bundle.device}: {n_params / 1e6:.1f}M parameters, {bundle.describe()}")
     mkey = model_key(bundle)
     with st.form("home_sample"):
@@ -50,8 +50,8 @@ if bundle is not None:
 
     def _sample_grid():
         """The grid for these settings: the same for every session, so it is computed once per process."""
-        from analysis.images import make_grid
-        from analysis.sampling import sample
+        from analysis.evaluation.images import make_grid
+        from analysis.models.sampling import sample
 
         seeds = list(range(seeds_used))
         bar, on_step = progress_callback("Sampling: step")

@@ -1,6 +1,6 @@
 """Quantize: pick a method and bit-widths, quantize a copy of the model, and see what the method did.
 
-Each result is kept in st.session_state["variants"] (name -> analysis.quantize_pipeline.Variant), which the
+Each result is kept in st.session_state["variants"] (name -> analysis.quantization.pipeline.Variant), which the
 Compare page reads. The cached FP bundle is shared by every session and is never modified: quantize_bundle
 works on a copy.
 """
@@ -37,7 +37,7 @@ intro(
 def _form(bundle):
     """The method picker, then a form with the options that method uses: QuantConfig's common fields and the
     method's own, both drawn from their declarations (quant.options), and the calibration run."""
-    from analysis.calibration import DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS
+    from analysis.quantization.calibration import DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS
     from quant.config import QuantConfig
     from quant.methods import REGISTRY
 
@@ -84,7 +84,7 @@ def _calibration(bundle, spec):
     """FP calibration inputs for (model, device, precision, spec): the same for every session, so sampled once
     per process and shared (quantization reads them, never changes them)."""
     from analysis.app_state import FP_CALIBRATION, model_key
-    from analysis.calibration import calibrate
+    from analysis.quantization.calibration import calibrate
 
     def _sample():
         bar, on_step = progress_callback("Sampling calibration inputs: step")
@@ -100,8 +100,8 @@ def _calibration(bundle, spec):
 
 
 def _quantize(bundle, fields: dict, samples: int, steps: int, name: str) -> None:
-    from analysis.calibration import CalibrationSpec
-    from analysis.quantize_pipeline import quantize_bundle, unmatched_excludes
+    from analysis.quantization.calibration import CalibrationSpec
+    from analysis.quantization.pipeline import quantize_bundle, unmatched_excludes
     from quant.api import QuantConfig
 
     try:
@@ -110,7 +110,7 @@ def _quantize(bundle, fields: dict, samples: int, steps: int, name: str) -> None
     except ValueError as exc:
         st.error(f"Bad option: {exc}")
         return
-    unmatched = unmatched_excludes(bundle.transformer, config.exclude)
+    unmatched = unmatched_excludes(bundle.denoiser, config.exclude)
     if unmatched:
         example = ("a pattern such as *.conv2 or a module name such as down_blocks.0 (layer names look like "
                    "down_blocks.0.resnets.0.conv1)" if bundle.family == "unet" else
@@ -189,8 +189,13 @@ def _default_group(salience: dict) -> int:
 
 
 def _show(bundle, variants: dict) -> None:
-    from analysis.plots.quant import (layer_error_figure, salience_before_after, ssc_figure, timestep_error_figure,
-                                      vector_figure)
+    from analysis.plots.quant import (
+        layer_error_figure,
+        salience_before_after,
+        ssc_figure,
+        timestep_error_figure,
+        vector_figure,
+    )
 
     from analysis.app_state import model_key, owned_variants, produced_by
 
@@ -266,7 +271,7 @@ def _show_balance(plan: dict, method: str) -> None:
 
 
 def _download(v) -> None:
-    from analysis.quantize_pipeline import saved_zip
+    from analysis.quantization.pipeline import saved_zip
 
     key = ("q_zip", v.name, id(v))
     if st.button("Prepare the model for download", key="q_prepare",

@@ -49,8 +49,8 @@ def viewer(stats, current) -> None:
     """Layer, timestep and figures: a change here reruns this part only, not the sidebar and the form."""
     from analysis.plots import salience as figs
     from analysis.plots.axes import readable_layer
-    from analysis.salience import layer_menu
-    from analysis.salience_measures import layer_difficulty
+    from analysis.salience.collect import layer_menu
+    from analysis.salience.measures import layer_difficulty
 
     menu = layer_menu(stats.layers)
     if st.session_state.get("salience_opened") != current:
@@ -114,7 +114,7 @@ def viewer(stats, current) -> None:
                        mime="text/csv", on_click="ignore", disabled=too_big,
                        help=f"one row per layer, timestep and channel: {n_rows:,} rows" + (
                            " - too many for a CSV; use `dqlab salience --out stats.npz` and "
-                           "analysis.salience.SalienceStats.load instead" if too_big else ""))
+                           "analysis.salience.collect.SalienceStats.load instead" if too_big else ""))
     d3.download_button("Layer ranking as CSV", data=lambda: layer_difficulty(stats).to_csv(index=False),
                        file_name="salience_layer_ranking.csv", mime="text/csv", on_click="ignore")
 
@@ -143,7 +143,7 @@ if bundle is not None:
                 bool(attention))
     if go:
         if settings not in cache:
-            from analysis.salience import SalienceConfig, collect
+            from analysis.salience.collect import SalienceConfig, collect
 
             # Rows reduced per timestep and half on the device: the figures use the maximum over samples, and a
             # large model at many steps would not fit per-sample rows in memory.

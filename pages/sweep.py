@@ -73,7 +73,7 @@ def _table(points: list[dict], front: list[str]) -> pd.DataFrame:
 def small_sample_hedges(res: dict, recommended: str | None, quality: str) -> list[str]:
     """Why a sweep's recommendation is only tentative: few samples, few steps, or an interval that overlaps
     the next cheaper point's (the two are not told apart at this N)."""
-    from analysis.metrics import MIN_RELIABLE_FID_SAMPLES
+    from analysis.evaluation.metrics import MIN_RELIABLE_FID_SAMPLES
 
     spec, hedges = res["spec"], []
     if spec["num_samples"] < MIN_RELIABLE_FID_SAMPLES:
@@ -125,7 +125,7 @@ def sweep_tab(bundle) -> None:
                                       help="per unit, for the adaround and bkd options")
         go = st.form_submit_button("Run sweep")
     if go:
-        from analysis.sweep import SweepSpec, run_sweep
+        from analysis.evaluation.sweep import SweepSpec, run_sweep
 
         opts = [f"keep8:{int(k)}" if o == "keep8" else o for o in options]
         spec = SweepSpec(methods=methods, bits=bits, options=opts, num_samples=int(n), steps=int(steps),
@@ -162,8 +162,8 @@ def sweep_tab(bundle) -> None:
 
 
 def show_result(res: dict) -> None:
+    from analysis.evaluation.sweep import pareto_front, recommend
     from analysis.plots.sweep import pareto_figure, sweep_timestep_figure
-    from analysis.sweep import pareto_front, recommend
 
     points = res["points"]
     st.caption(f"{len(points)} points (FP included) on {produced_by(tuple(res['model_key']))}: "
@@ -221,8 +221,8 @@ def sensitivity_tab(bundle) -> None:
         samples = c6.number_input("Calibration images", 1, 64, 4, key="se_samples")
         go = st.form_submit_button("Analyse")
     if go:
-        from analysis.calibration import calibration_for
-        from analysis.sensitivity import sensitivity
+        from analysis.quantization.calibration import calibration_for
+        from analysis.quantization.sensitivity import sensitivity
 
         bar = st.progress(0.0, text="Sampling the FP calibration set ...")
         cal = calibration_for(bundle, steps=int(steps), num_samples=int(samples))  # seeds apart from evaluation's
@@ -269,7 +269,7 @@ def show_sensitivity(sens: dict) -> None:
     if sens["granularity"] == "layer":
         k = st.slider("Mixed precision: keep the K hardest layers at W8A8", 0, min(16, len(sens["ranking"])), 4,
                       key="se_k")
-        from analysis.sensitivity import mixed_config, top_layers
+        from analysis.quantization.sensitivity import mixed_config, top_layers
         from quant.api import QuantConfig
 
         base = QuantConfig(method=sens["method"], w_bits=sens["w_bits"], a_bits=sens["a_bits"])

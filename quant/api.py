@@ -2,7 +2,7 @@
 
     cfg = QuantConfig(method="ptq4dit", w_bits=4, a_bits=8)
     qmodel = quantize(fp_model, cfg, calibration)          # a NEW model; fp_model is never modified
-    write_quantized(qmodel, cfg, "out/")                   # quant.io; analysis.bundle_io saves whole bundles
+    write_quantized(qmodel, cfg, "out/")                   # quant.io; analysis.models.saved saves whole bundles
     qmodel, cfg, meta = read_quantized("out/")
 
 One quantization run: copy the model -> observe the FP inputs of the foldable layers -> the method computes
@@ -21,11 +21,11 @@ import torch.nn as nn
 
 from quant.config import METHODS, QuantConfig
 from quant.forward import calibration_batches, forward_batches
+from quant.graph import balance_groups
 from quant.io import read_quantized, stored_tensors, weight_bytes, write_quantized
 from quant.measures import weight_salience
 from quant.methods import get_method
 from quant.observers import InputObserver, observe_inputs
-from quant.graph import balance_groups
 from quant.reparam import BalanceGroup, apply_scaling, group_weight
 from quant.wrap import calibrate, is_excluded, wrap_model
 

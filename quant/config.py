@@ -12,7 +12,7 @@ import fnmatch
 import json
 from typing import Iterable
 
-from quant.methods import REGISTRY, NAMES, all_options, get_method
+from quant.methods import NAMES, REGISTRY, all_options, get_method
 from quant.options import check_all, describe, option
 from quant.quantizers import SEARCHES
 
@@ -45,7 +45,7 @@ class QuantConfig:
         everything under it, e.g. "transformer_blocks.0" or "*.norm1.linear").
     layer_bits: mixed precision: layer name pattern (as in exclude) -> [w_bits, a_bits] for the matching
         layers instead of w_bits / a_bits; the first matching pattern wins. E.g. the layers a sensitivity
-        analysis ranks hardest kept at 8 bits while the rest run at 4 (analysis.sensitivity). A per-layer
+        analysis ranks hardest kept at 8 bits while the rest run at 4 (analysis.quantization.sensitivity). A per-layer
         table, not a form field: it comes from a sweep or a config file.
     recon: block-wise optimization after calibration (quant.recon): "none"; "adaround" (PTQ4DiT: learned
         weight rounding + activation step sizes, Lp loss); "bkd" (DilateQuant: weights with straight-through

@@ -1,7 +1,7 @@
 """The one forward loop over calibration batches: every pass of the engine and of the lab's measurements.
 
 A batch is (x, t, y): noisy latents, per-sample timesteps and class labels, as the sampler fed them to the
-transformer (analysis.sampling.CalibrationData.batches). Inputs move to the model's device and dtype here, so
+transformer (analysis.models.sampling.CalibrationData.batches). Inputs move to the model's device and dtype here, so
 no caller repeats that.
 """
 from __future__ import annotations

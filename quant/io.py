@@ -2,7 +2,7 @@
 
 This module knows modules and tensors only. It writes and reads two files of a folder:
     quant_config.json   format tag, QuantConfig, the model's class and config, the shapes of the packed
-                        weights, and whatever metadata the caller adds (analysis.bundle_io adds the
+                        weights, and whatever metadata the caller adds (analysis.models.saved adds the
                         scheduler config, the bundle's sampling metadata and the base source)
     model.safetensors   every tensor of the quantized model; quantized weights as bit-packed integer
                         codes ("<layer>.weight.packed", `bits` bits per code) beside their per-channel

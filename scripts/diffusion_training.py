@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from analysis.digits import load_digits, random_shift
+from analysis.models.digits import load_digits, random_shift
 
 
 @dataclass

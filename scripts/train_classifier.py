@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from analysis.classifier import DigitClassifier
-from analysis.digits import load_digits, random_shift, train_test_split
+from analysis.evaluation.classifier import DigitClassifier
+from analysis.models.digits import load_digits, random_shift, train_test_split
 
 
 def main(argv=None) -> None:

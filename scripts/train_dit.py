@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 
-from analysis.digits import NUM_CLASSES, RESOLUTION
 from diffusion_training import Family, add_common_arguments, train  # this script's folder is on sys.path
+
+from analysis.models.digits import NUM_CLASSES, RESOLUTION
 
 
 def build_model(args):

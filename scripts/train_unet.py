@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-
-from analysis.digits import NUM_CLASSES, RESOLUTION
 from diffusion_training import Family, add_common_arguments, train  # this script's folder is on sys.path
+
+from analysis.models.digits import NUM_CLASSES, RESOLUTION
 
 LABEL_DROP = 0.1  # the share of labels replaced by the null class in training (as diffusers' DiT does)
 

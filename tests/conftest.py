@@ -61,13 +61,13 @@ def tiny_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_folder):
-    from analysis.models import load
+    from analysis.models.loading import load
 
     return load(str(tiny_folder), device="cpu")
 
 
 @pytest.fixture(scope="session")
 def bundled():
-    from analysis.models import load
+    from analysis.models.loading import load
 
     return load("bundled:dit-mnist", device="cpu")

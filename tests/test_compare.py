@@ -8,22 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.compare import FP_NAME, compare, grid_layout, image_errors, psnr, psnr_text
+from analysis.evaluation.compare import FP_NAME, compare, grid_layout, image_errors, psnr, psnr_text
 
 
 def _perturbed(bundle, scale: float, name: str):
     """A real second model: the FP transformer with its output projection scaled (a different network)."""
-    tr = copy.deepcopy(bundle.transformer)
+    tr = copy.deepcopy(bundle.denoiser)
     with torch.no_grad():
         tr.proj_out_2.weight.mul_(1 + scale)
-    return bundle.with_transformer(tr, name=name)
+    return bundle.with_denoiser(tr, name=name)
 
 
 def test_compare_aligns_images_and_measures_errors(tiny_bundle):
     labels, seeds = grid_layout([1, 2, 3], 2)
     assert labels == [1, 2, 3, 1, 2, 3] and seeds == [0, 0, 0, 1, 1, 1]
-    before = {k: v.clone() for k, v in tiny_bundle.transformer.state_dict().items()}
-    same = tiny_bundle.with_transformer(copy.deepcopy(tiny_bundle.transformer), name="copy")
+    before = {k: v.clone() for k, v in tiny_bundle.denoiser.state_dict().items()}
+    same = tiny_bundle.with_denoiser(copy.deepcopy(tiny_bundle.denoiser), name="copy")
     small, large = _perturbed(tiny_bundle, 0.05, "small"), _perturbed(tiny_bundle, 0.5, "large")
     seen = []
     cmp = compare(tiny_bundle, {"copy": same, "small": small, "large": large}, labels, seeds, steps=4, guidance=2.0,
@@ -50,7 +50,7 @@ def test_compare_aligns_images_and_measures_errors(tiny_bundle):
     assert all(summary[n]["forward_ms"] > 0 and summary[n]["forward_rows"] == 12 for n in cmp.names)
     assert summary["copy"]["weights_mib"] == summary[FP_NAME]["weights_mib"] > 0
     # the shared FP model was not touched
-    assert all(torch.equal(before[k], v) for k, v in tiny_bundle.transformer.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in tiny_bundle.denoiser.state_dict().items())
 
 
 def test_compare_rejects_reserved_name_and_mismatched_models(tiny_bundle, bundled):
@@ -74,8 +74,8 @@ def test_evaluate_variants_with_a_folder_reference(tiny_bundle, tmp_path):
     """A non-bundled model scored against a folder of 'real' images; FP sampled once and cached."""
     from PIL import Image
 
-    from analysis.evaluate import EvalOptions, evaluate_variants
-    from analysis.store import Store
+    from analysis.evaluation.evaluate import EvalOptions, evaluate_variants
+    from analysis.evaluation.store import Store
 
     ref = tmp_path / "real"
     ref.mkdir()
@@ -110,7 +110,7 @@ def test_evaluate_variants_with_a_folder_reference(tiny_bundle, tmp_path):
 
 
 def test_evaluate_without_reference_for_a_hub_style_model(tiny_bundle):
-    from analysis.evaluate import EvalOptions, evaluate_variants
+    from analysis.evaluation.evaluate import EvalOptions, evaluate_variants
 
     res = evaluate_variants(tiny_bundle, {"large": _perturbed(tiny_bundle, 0.5, "large")},
                             EvalOptions(num_samples=8, steps=2, extractor="digits"))[0]

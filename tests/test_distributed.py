@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.distributed import shard_batches
+from analysis.evaluation.distributed import shard_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_ARGS = ["eval", "--num-samples", "20", "--steps", "3", "--batch-size", "8", "--no-store", "--json"]
@@ -57,9 +57,9 @@ def test_sharded_images_equal_single_process_images(tmp_path, bundled, one_torch
     script = tmp_path / "shard.py"
     script.write_text(
         "import sys, torch\n"
-        "from analysis.distributed import init_from_env, sample_sharded\n"
-        "from analysis.models import load\n"
-        "from analysis.sampling import sample\n"
+        "from analysis.evaluation.distributed import init_from_env, sample_sharded\n"
+        "from analysis.models.loading import load\n"
+        "from analysis.models.sampling import sample\n"
         "init_from_env()\n"
         "b = load('bundled:dit-mnist', device='cpu')\n"
         "run = lambda l, s, bs: (sample(b, l, s, steps=2, guidance=1.5, batch_size=bs).images, 0.0)\n"
@@ -68,7 +68,7 @@ def test_sharded_images_equal_single_process_images(tmp_path, bundled, one_torch
         "    torch.save(images, sys.argv[1])\n")
     proc = _torchrun([str(script), str(tmp_path / "out.pt")], tmp_path, nproc=3)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from analysis.sampling import sample
+    from analysis.models.sampling import sample
 
     merged = torch.load(tmp_path / "out.pt", weights_only=True)
     single = sample(bundled, [i % 10 for i in range(11)], list(range(11)), steps=2, guidance=1.5, batch_size=4).images

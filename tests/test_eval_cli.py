@@ -28,7 +28,7 @@ def test_eval_fp_json_and_runs_listing(data_dir, capsys):
     # what it takes to read the FID: its interval, the real-vs-real floor at this N, the protocol's guidance
     assert res["fid_interval"][0] <= res["fid"] <= res["fid_interval"][1] and res["fid_vs_fp_interval"] == [0, 0]
     assert res["fid_floor"] > 0 and res["floor_sizes"] == [20, 4980] and res["interval_level"] == 0.95
-    from analysis.models import load
+    from analysis.models.loading import load
 
     assert res["guidance"] == load("bundled:dit-mnist").eval_guidance
     rc, out, err = run_cli(capsys, "runs", "--data-dir", data, "--json")
@@ -50,8 +50,7 @@ def test_eval_fp_json_and_runs_listing(data_dir, capsys):
 
 def test_eval_quantized_variant(data_dir, capsys):
     """A real W8A8 baseline quantization through the engine, scored against FP at the same seeds."""
-    from analysis import quantize_pipeline
-
+    from analysis.quantization import pipeline as quantize_pipeline
     data = data_dir
     try:
         rc, out, err = run_cli(capsys, "eval", "--method", "baseline", "--w-bits", "8", "--a-bits", "8",

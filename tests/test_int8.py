@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from analysis.speed import random_batch
+from analysis.evaluation.speed import random_batch
 from quant.api import quantize, read_quantized, write_quantized
 from quant.config import QuantConfig
 from quant.int8 import Int8Linear, int8_layers, onednn_available, plan_int8, to_int8
@@ -48,8 +48,8 @@ KERNELS = ["int_mm"] + (["onednn"] if onednn_available() else [])
 def test_each_int8_layer_matches_its_fake_quant_layer(bundled, tpq, symmetric, kernel):
     cfg = QuantConfig(method="dilatequant" if tpq else "baseline", w_bits=8, a_bits=8, w_symmetric=symmetric,
                       a_symmetric=symmetric)
-    q = quantize(bundled.transformer, cfg, _calibration(bundled.transformer))
-    batch = _calibration(bundled.transformer, rows=6, seed=1)[0]  # three timesteps mixed in one batch
+    q = quantize(bundled.denoiser, cfg, _calibration(bundled.denoiser))
+    batch = _calibration(bundled.denoiser, rows=6, seed=1)[0]  # three timesteps mixed in one batch
     inputs = _layer_inputs(q, batch)
     q._dqlab_timestep_context.t = batch[1]  # per-sample timesteps for the TPQ quantizers
     checked = 0
@@ -64,14 +64,14 @@ def test_each_int8_layer_matches_its_fake_quant_layer(bundled, tpq, symmetric, k
 
 
 def test_int8_model_output_close_to_fake_quant_and_input_untouched(bundled):
-    q = quantize(bundled.transformer, QuantConfig(method="ptq4dit", w_bits=8, a_bits=8),
-                 _calibration(bundled.transformer))
+    q = quantize(bundled.denoiser, QuantConfig(method="ptq4dit", w_bits=8, a_bits=8),
+                 _calibration(bundled.denoiser))
     before = {k: v.clone() for k, v in q.state_dict().items()}
     fast = to_int8(q)
     assert not int8_layers(q)  # the input keeps its fake-quant layers
     assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
     assert len(int8_layers(fast)) == sum(isinstance(m, QuantLinear) for m in quant_layers(q).values())
-    x, t, y = _calibration(bundled.transformer, rows=8, seed=2)[0]
+    x, t, y = _calibration(bundled.denoiser, rows=8, seed=2)[0]
     with torch.no_grad():
         ref = q(x, timestep=t, class_labels=y).sample
         got = fast(x, timestep=t, class_labels=y).sample
@@ -99,8 +99,8 @@ def test_dit_xl2_width_block_matches(one_torch_thread):
 
 
 def test_saved_folder_loads_into_the_same_int8_model(bundled, tmp_path):
-    q = quantize(bundled.transformer, QuantConfig(method="dilatequant", w_bits=8, a_bits=8),
-                 _calibration(bundled.transformer))
+    q = quantize(bundled.denoiser, QuantConfig(method="dilatequant", w_bits=8, a_bits=8),
+                 _calibration(bundled.denoiser))
     write_quantized(q, QuantConfig(method="dilatequant", w_bits=8, a_bits=8), tmp_path)
     loaded, _, _ = read_quantized(tmp_path)
     a, b = int8_layers(to_int8(q)), int8_layers(to_int8(loaded))
@@ -112,9 +112,9 @@ def test_saved_folder_loads_into_the_same_int8_model(bundled, tmp_path):
 
 
 def test_plan_converts_only_the_shapes_it_measured_faster(bundled):
-    q = quantize(bundled.transformer, QuantConfig(method="baseline", w_bits=8, a_bits=8),
-                 _calibration(bundled.transformer))
-    plan = plan_int8(q, _calibration(bundled.transformer, rows=4, seed=4)[0], repeats=2)
+    q = quantize(bundled.denoiser, QuantConfig(method="baseline", w_bits=8, a_bits=8),
+                 _calibration(bundled.denoiser))
+    plan = plan_int8(q, _calibration(bundled.denoiser, rows=4, seed=4)[0], repeats=2)
     eligible = {n for n, m in quant_layers(q).items() if isinstance(m, QuantLinear)}
     assert set(plan) == eligible
     for entry in plan.values():
@@ -127,8 +127,8 @@ def test_plan_converts_only_the_shapes_it_measured_faster(bundled):
 
 
 def test_nothing_to_convert_is_a_clear_error(bundled):
-    q = quantize(bundled.transformer, QuantConfig(method="baseline", w_bits=4, a_bits=8),
-                 _calibration(bundled.transformer))
+    q = quantize(bundled.denoiser, QuantConfig(method="baseline", w_bits=4, a_bits=8),
+                 _calibration(bundled.denoiser))
     with pytest.raises(ValueError, match="W8A8"):
         to_int8(q)
 

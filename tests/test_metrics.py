@@ -9,14 +9,14 @@ import pytest
 import scipy.linalg
 import torch
 
-from analysis import metrics as M
+from analysis.evaluation import metrics as M
 from quant.measures import relative_rms
 
 
 @pytest.fixture(scope="module")
 def digits():
     """Two disjoint random sets of 400 real digits (the bundled set is sorted by class, so shuffle)."""
-    from analysis.digits import load_digits
+    from analysis.models.digits import load_digits
 
     x, _ = load_digits()
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
@@ -38,7 +38,7 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_shift(digits):
 def test_registered_extractor_fid_equals_frechet_distance_by_hand(digits):
     """torch-fidelity's FID with "dqlab-digits" = ||mu1-mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)) computed here
     from the classifier's own 128-d features (a path that does not go through torch-fidelity)."""
-    from analysis.classifier import load_classifier, prepare
+    from analysis.evaluation.classifier import load_classifier, prepare
 
     a, b = digits
     b = (b * 0.8 + 0.1)  # make the two sets clearly different
@@ -63,7 +63,7 @@ def test_registration_is_idempotent_and_uses_a_private_classifier_copy():
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
     from torch_fidelity.utils import create_feature_extractor
 
-    from analysis.classifier import load_classifier
+    from analysis.evaluation.classifier import load_classifier
 
     assert M.register_digit_extractor() == M.register_digit_extractor() == "dqlab-digits"
     cls = FEATURE_EXTRACTORS_REGISTRY["dqlab-digits"]
@@ -169,16 +169,16 @@ def test_extractor_names():
 
 
 def test_per_timestep_error_zero_for_fp_and_positive_for_a_changed_model(tiny_bundle):
-    from analysis.sampling import sample
+    from analysis.models.sampling import sample
 
     res = sample(tiny_bundle, [1, 2], [0, 1], steps=3, guidance=2.0, record="all", decode=False)
-    ref = M.transformer_outputs(tiny_bundle.transformer, res.calibration, tiny_bundle.latent_shape[0])
+    ref = M.transformer_outputs(tiny_bundle.denoiser, res.calibration, tiny_bundle.latent_shape[0])
     assert ref.shape == (12, 4, 8, 8)  # 3 steps x 2 images x [cond; uncond]; eps half of the learned-sigma output
-    same = M.per_timestep_error(ref, tiny_bundle.transformer, res.calibration)
+    same = M.per_timestep_error(ref, tiny_bundle.denoiser, res.calibration)
     assert [r["step"] for r in same] == [0, 1, 2]
     assert [r["t"] for r in same] == res.calibration.timesteps
     assert all(r["rel_rms"] < 1e-12 for r in same)
-    other = copy.deepcopy(tiny_bundle.transformer)
+    other = copy.deepcopy(tiny_bundle.denoiser)
     with torch.no_grad():
         other.proj_out_2.weight.mul_(1.1)
     changed = M.per_timestep_error(ref, other, res.calibration)

@@ -3,12 +3,13 @@ import time
 import pytest
 import torch
 
-from analysis.models import ModelLoadError, available_models, load
+from analysis.models.bundle import ModelLoadError
+from analysis.models.loading import available_models, load
 from tests.conftest import make_tiny_dit
 
 
 def test_bundled_model_loads(bundled):
-    t = bundled.transformer
+    t = bundled.denoiser
     assert type(t).__name__ == "DiTTransformer2DModel"
     assert t.config.norm_type == "ada_norm_zero"
     assert bundled.num_classes == 10 and bundled.null_label == 10
@@ -77,7 +78,8 @@ def test_a_nan_weight_is_refused_at_load_naming_the_tensor(tmp_path, capsys):
     """One NaN in the class embedding once loaded silently, sampled black images and scored label agreement 1.0."""
     from safetensors.torch import load_file, save_file
 
-    from analysis.models import ModelLoadError, load
+    from analysis.models.bundle import ModelLoadError
+    from analysis.models.loading import load
     from tests.conftest import run_cli, save_pipeline_folder
 
     folder = save_pipeline_folder(tmp_path / "m", with_vae=False)
@@ -98,14 +100,14 @@ def test_non_finite_samples_are_an_error_naming_them(tiny_bundle):
     """A model whose outputs overflow (as float16 can) must not hand back images made of NaN."""
     import copy
 
-    from analysis.models import NonFiniteError
-    from analysis.sampling import sample
+    from analysis.models.bundle import NonFiniteError
+    from analysis.models.sampling import sample
 
-    broken = copy.deepcopy(tiny_bundle.transformer)
+    broken = copy.deepcopy(tiny_bundle.denoiser)
     with torch.no_grad():
         broken.proj_out_2.bias.fill_(float("inf"))
     with pytest.raises(NonFiniteError, match="sampled latents of images 0-1"):
-        sample(tiny_bundle.with_transformer(broken), [1, 2], [0, 0], steps=2)
+        sample(tiny_bundle.with_denoiser(broken), [1, 2], [0, 0], steps=2)
 
 
 def test_bundled_assets_are_package_data_found_through_importlib_resources():
@@ -114,14 +116,14 @@ def test_bundled_assets_are_package_data_found_through_importlib_resources():
     import importlib.resources
     from pathlib import Path
 
-    from analysis.classifier import CLASSIFIER_DIR
-    from analysis.models import BUNDLED
-    from analysis.resources import asset_path
+    from analysis.evaluation.classifier import CLASSIFIER_DIR
+    from analysis.models.loading import BUNDLED
+    from analysis.models.resources import asset_path
 
     root = Path(str(importlib.resources.files("assets")))
     assert asset_path() == root
     assert BUNDLED["bundled:dit-mnist"] == root / "dit-mnist" and CLASSIFIER_DIR == root / "digit-classifier"
     assert (root / "dit-mnist" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     source = Path(__file__).resolve().parents[1]
-    for module in ("analysis/models.py", "analysis/classifier.py"):
+    for module in ("analysis/models/loading.py", "analysis/evaluation/classifier.py"):
         assert "parents[" not in (source / module).read_text(), module

@@ -18,7 +18,7 @@ def store_dir(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def w8a8_variant(bundled):
     """A real baseline W8A8 quantization of the bundled model (small calibration set)."""
-    from analysis.quantize_pipeline import calibration_for, quantize_bundle
+    from analysis.quantization.pipeline import calibration_for, quantize_bundle
     from quant.api import QuantConfig
 
     cal = calibration_for(bundled, steps=5, num_samples=2)
@@ -66,7 +66,7 @@ def test_compare_page_side_by_side_and_history(store_dir, w8a8_variant, bundled)
     labels = [d.proto.label for d in at.get("download_button")]
     assert labels == ["FP grid (PNG)", "W8A8 baseline grid (PNG)", "Metrics as CSV"]
     # the scored runs and the comparison went to the store; History lists them and reloads one
-    from analysis.store import Store
+    from analysis.evaluation.store import Store
 
     runs = [r for r in Store(store_dir).list() if r.note != "comparison"]
     assert [r.label for r in runs] == ["W8A8 baseline", "FP"]
@@ -109,7 +109,7 @@ def test_compare_page_side_by_side_and_history(store_dir, w8a8_variant, bundled)
 
 
 def test_compare_page_filters_history(store_dir):
-    from analysis.store import RunRecord, Store
+    from analysis.evaluation.store import RunRecord, Store
 
     store = Store(store_dir)
     for method in ("baseline", "ptq4dit"):

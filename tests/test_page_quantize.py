@@ -63,7 +63,7 @@ def test_quantize_page_download_zip_loads_again(tmp_path):
     import io
     import zipfile
 
-    from analysis.models import load
+    from analysis.models.loading import load
 
     at = AppTest.from_file("../pages/quantize.py", default_timeout=600)
     at.run()
@@ -106,7 +106,7 @@ def test_quantize_page_reconstruction_section():
 def test_quantize_form_shows_only_the_chosen_methods_options():
     """The form is drawn from QuantConfig and the method registry: each method's own options appear only
     when it is chosen, and options no face had before (symmetric, per-channel, percentile) are settable."""
-    from analysis.calibration import CALIBRATION_SEED
+    from analysis.quantization.calibration import CALIBRATION_SEED
 
     at = AppTest.from_file("../pages/quantize.py", default_timeout=600)
     at.run()

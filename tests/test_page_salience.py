@@ -55,7 +55,7 @@ def test_salience_page_figures_selection_download_and_errors():
     collected = next(iter(stats.values()))
     assert len(collected.timesteps) == 5 and collected.mse_bits == (4,)
     # the page opens on the hardest layer of the ranking, and its error axes never reach below zero
-    from analysis.salience_measures import layer_difficulty
+    from analysis.salience.measures import layer_difficulty
 
     hardest = layer_difficulty(collected)["layer"].iloc[0]
     assert [s for s in at.selectbox if s.label == "Layer"][0].value == hardest
@@ -94,7 +94,7 @@ def test_salience_page_figures_selection_download_and_errors():
 
 def test_salience_page_csv_content(bundled):
     """What the download buttons hand out: one row per timestep and channel, with the weight salience."""
-    from analysis.salience import SalienceConfig, collect
+    from analysis.salience.collect import SalienceConfig, collect
 
     stats = collect(bundled, SalienceConfig(steps=2, samples=1, per_sample=False, layers=r"blocks\.0\.ff"))
     text = stats.to_csv(["transformer_blocks.0.ff.net.2"]).decode().splitlines()

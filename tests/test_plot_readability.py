@@ -9,7 +9,7 @@ import pytest
 
 from analysis.plots import evaluation, quant, salience, sweep
 from analysis.plots.axes import log_axis, nice_ticks, wrap
-from analysis.salience import SalienceStats
+from analysis.salience.collect import SalienceStats
 
 
 def _lines(text: str | None) -> list[str]:

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from analysis.bundle_io import load_quantized, save_quantized
+from analysis.models.saved import load_quantized, save_quantized
 from quant.api import QuantConfig, quantize, quantize_with_details, weight_bytes
 from quant.modules import ActQuantizer, QuantLinear, TimestepContext, act_quantizers
 from tests.conftest import make_tiny_dit
@@ -125,31 +125,31 @@ def test_config_json_round_trip_and_validation():
                                  QuantConfig(method="dilatequant", w_bits=3, a_bits=6, w_symmetric=True),
                                  QuantConfig(method="fp")])
 def test_save_load_round_trip(tiny_bundle, tmp_path, cfg):
-    from analysis.models import load
+    from analysis.models.loading import load
 
-    batches = _batches(tiny_bundle.transformer)
-    q = quantize(tiny_bundle.transformer, cfg, batches)
-    bundle = tiny_bundle.with_transformer(q, name=f"tiny [{cfg.label}]", quant_config=cfg.to_dict())
+    batches = _batches(tiny_bundle.denoiser)
+    q = quantize(tiny_bundle.denoiser, cfg, batches)
+    bundle = tiny_bundle.with_denoiser(q, name=f"tiny [{cfg.label}]", quant_config=cfg.to_dict())
     folder = save_quantized(bundle, cfg, tmp_path / "q", base_source="tiny")
-    loaded = load(str(folder))  # analysis.models dispatches quantized folders to load_quantized
+    loaded = load(str(folder))  # analysis.models.loading dispatches quantized folders to load_quantized
     assert loaded.quant_config == cfg.to_dict() and loaded.num_classes == tiny_bundle.num_classes
     assert loaded.vae is not None
     x = torch.cat([b[0] for b in batches])
     t = torch.cat([b[1] for b in batches])
     y = torch.cat([b[2] for b in batches])
-    assert torch.allclose(loaded.transformer(x, timestep=t, class_labels=y).sample,
+    assert torch.allclose(loaded.denoiser(x, timestep=t, class_labels=y).sample,
                           q(x, timestep=t, class_labels=y).sample, atol=1e-5)
     stored = (folder / "model.safetensors").stat().st_size
     if cfg.method == "fp":
-        assert weight_bytes(q) == weight_bytes(tiny_bundle.transformer)
+        assert weight_bytes(q) == weight_bytes(tiny_bundle.denoiser)
     else:  # low-bit weights are stored packed: the file is smaller than the FP weights
-        assert weight_bytes(q) < 0.5 * weight_bytes(tiny_bundle.transformer)
+        assert weight_bytes(q) < 0.5 * weight_bytes(tiny_bundle.denoiser)
         assert abs(stored - weight_bytes(q)) < 0.1 * weight_bytes(q) + 20000  # header aside, the same bytes
-    assert isinstance(load_quantized(folder).transformer, type(tiny_bundle.transformer))
+    assert isinstance(load_quantized(folder).denoiser, type(tiny_bundle.denoiser))
 
 
 def test_load_errors_name_the_problem(tmp_path):
-    from analysis.models import ModelLoadError
+    from analysis.models.bundle import ModelLoadError
 
     (tmp_path / "quant_config.json").write_text('{"format": "other"}')
     with pytest.raises(ModelLoadError, match="not a dqlab quantized model"):
@@ -160,7 +160,7 @@ def test_timestep_hook_is_held_by_a_handle_and_never_stacks(tiny_bundle):
     from quant.modules import calibrating, timestep_context
     from quant.wrap import wrap_model
 
-    model = copy.deepcopy(tiny_bundle.transformer)
+    model = copy.deepcopy(tiny_bundle.denoiser)
     before = len(model._forward_pre_hooks)
     wrap_model(model, QuantConfig(method="baseline"))
     ctx = timestep_context(model)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from quant.methods.dilatequant import dilation_vector
 from quant.measures import outlier_ratio, spearman
+from quant.methods.dilatequant import dilation_vector
 from quant.methods.ptq4dit import calibrated_salience, csb_vector, ssc_weights
 from quant.methods.smoothquant import smoothing_vector
 
@@ -42,7 +42,7 @@ def test_weight_dilation_hand_case_and_zero_guard():
 def test_one_spearman_matches_scipy_with_ties_everywhere_it_is_used():
     """bf16 statistics hold many equal values: ties share their average rank (scipy), in the method and on the
     Salience page alike, so the SSC figure and the page cannot disagree for a layer."""
-    from analysis.salience_measures import spearman as page_spearman
+    from analysis.salience.measures import spearman as page_spearman
 
     torch.manual_seed(0)
     x = torch.rand(6, 64).to(torch.bfloat16).float()  # bf16 rounding: ties in every row

@@ -7,13 +7,18 @@ import json
 import numpy as np
 import pytest
 
-from analysis.plots.quant import (layer_error_figure, salience_before_after, ssc_figure, timestep_error_figure,
-                                  vector_figure)
+from analysis.plots.quant import (
+    layer_error_figure,
+    salience_before_after,
+    ssc_figure,
+    timestep_error_figure,
+    vector_figure,
+)
 
 
 @pytest.fixture(scope="module")
 def report(tiny_bundle):
-    from analysis.quantize_pipeline import calibration_for, quantize_bundle
+    from analysis.quantization.pipeline import calibration_for, quantize_bundle
     from quant.api import QuantConfig
 
     cal = calibration_for(tiny_bundle, steps=3, num_samples=2)

@@ -75,7 +75,7 @@ def test_fold_is_exact_on_tiny_random_model(method):
 
 @pytest.mark.parametrize("method", ["ptq4dit", "dilatequant"])
 def test_fold_is_exact_on_bundled_model(bundled, method):
-    from analysis.sampling import sample
+    from analysis.models.sampling import sample
 
     cal = sample(bundled, [1, 7], [0, 1], steps=4, decode=False, record="all").calibration
-    _fold_check(bundled.transformer, list(cal.batches(8)), method)
+    _fold_check(bundled.denoiser, list(cal.batches(8)), method)

@@ -12,9 +12,9 @@ SMALL = ["--calib-samples", "2", "--calib-steps", "3", "--device", "cpu"]
 
 
 def test_quantize_json_save_and_reload_round_trip(tiny_folder, tmp_path, capsys):
-    from analysis.models import load
-    from analysis.calibration import calibration_for
-    from analysis.quantize_pipeline import output_errors
+    from analysis.models.loading import load
+    from analysis.quantization.calibration import calibration_for
+    from analysis.quantization.pipeline import output_errors
 
     out_dir = tmp_path / "q"
     rc, out, err = run_cli(capsys, "quantize", "--model", tiny_folder, "--method", "ptq4dit", "--w-bits", 4,
@@ -27,7 +27,7 @@ def test_quantize_json_save_and_reload_round_trip(tiny_folder, tmp_path, capsys)
     assert (res["method"], res["w_bits"], res["a_bits"], res["attn_bits"], res["tpq"]) == ("ptq4dit", 4, 8, 8, True)
     assert res["label"] == "ptq4dit W4A8 attn8 TPQ" and res["out"] == str(out_dir)
     fp = load(str(tiny_folder))
-    n_linear = sum(1 for m in fp.transformer.modules() if type(m).__name__ in ("Linear", "Conv2d"))
+    n_linear = sum(1 for m in fp.denoiser.modules() if type(m).__name__ in ("Linear", "Conv2d"))
     assert res["layers_quantized"] == n_linear  # every linear and the patch-embedding conv
     assert 0 < res["weight_bytes"] < res["fp_weight_bytes"] and 0 < res["rel_rms"] < 1
     assert res["calibration_rows"] == 2 * 3 * 2 and len(res["rel_rms_per_timestep"]) == 3
@@ -37,7 +37,7 @@ def test_quantize_json_save_and_reload_round_trip(tiny_folder, tmp_path, capsys)
     q = load(str(out_dir))
     assert q.quant_config["method"] == "ptq4dit" and q.quant_config["tpq"] is True
     cal = calibration_for(fp, steps=3, num_samples=2)  # the default seeds are the CLI's
-    rel, _, _ = output_errors(fp.transformer, q.transformer, list(cal.batches(64)), fp.latent_shape[0],
+    rel, _, _ = output_errors(fp.denoiser, q.denoiser, list(cal.batches(64)), fp.latent_shape[0],
                               per_layer=False)
     assert rel == pytest.approx(res["rel_rms"], rel=1e-3)
     # quantizing it again is refused; saving over the earlier output is allowed
@@ -99,7 +99,7 @@ def test_out_must_be_a_new_empty_or_earlier_output_folder(tiny_folder, tmp_path,
 
 
 def test_quantize_with_block_wise_optimization_saves_and_reloads(tmp_path, capsys):
-    from analysis.models import load
+    from analysis.models.loading import load
 
     out_dir = tmp_path / "bkd"
     rc, out, err = run_cli(capsys, "quantize", "--method", "dilatequant", "--w-bits", 4, "--a-bits", 4, *SMALL,

@@ -7,8 +7,8 @@ import hashlib
 import pytest
 import torch
 
-from analysis.calibration import CALIBRATION_SEED, CalibrationSpec
-from analysis.recipe import Recipe, read_recipe, recipe_of_run
+from analysis.quantization.calibration import CALIBRATION_SEED, CalibrationSpec
+from analysis.quantization.recipe import Recipe, read_recipe, recipe_of_run
 from quant.api import QuantConfig
 
 SPEC = CalibrationSpec(images=2, steps=3)
@@ -23,9 +23,9 @@ def _digest(model: torch.nn.Module) -> str:
 
 
 def test_stored_run_rebuilds_the_scored_model_bit_for_bit(bundled, tmp_path):
-    from analysis.evaluate import EvalOptions, evaluate_variants
-    from analysis.quantize_pipeline import quantize_bundle, rebuild
-    from analysis.store import Store
+    from analysis.evaluation.evaluate import EvalOptions, evaluate_variants
+    from analysis.evaluation.store import Store
+    from analysis.quantization.pipeline import quantize_bundle, rebuild
 
     config = QuantConfig(method="dilatequant", w_bits=4, a_bits=8)
     variant = quantize_bundle(bundled, config, SPEC)
@@ -36,13 +36,13 @@ def test_stored_run_rebuilds_the_scored_model_bit_for_bit(bundled, tmp_path):
     run = store.get(result.run_id)
     assert Recipe.from_dict(run.recipe) == variant.recipe and not recipe_of_run(run).inferred
     again = rebuild(run, bundled)
-    assert _digest(again.bundle.transformer) == _digest(variant.bundle.transformer)
+    assert _digest(again.bundle.denoiser) == _digest(variant.bundle.denoiser)
     assert again.report["rel_rms"] == variant.report["rel_rms"]
 
 
 def test_saved_folder_carries_its_recipe_and_rebuilds_the_same_file(bundled, tmp_path):
-    from analysis.bundle_io import save_quantized
-    from analysis.quantize_pipeline import build, quantize_bundle
+    from analysis.models.saved import save_quantized
+    from analysis.quantization.pipeline import build, quantize_bundle
 
     config = QuantConfig(method="ptq4dit", w_bits=4, a_bits=8, options={"ssc_rho": "per_sample"})
     variant = quantize_bundle(bundled, config, SPEC)
@@ -56,7 +56,7 @@ def test_saved_folder_carries_its_recipe_and_rebuilds_the_same_file(bundled, tmp
 
 def test_calibration_seeds_are_disjoint_from_evaluation_seeds_by_default(bundled):
     from analysis.cli import build_parser
-    from analysis.evaluate import EvalOptions, eval_labels_seeds
+    from analysis.evaluation.evaluate import EvalOptions, eval_labels_seeds
 
     spec = CalibrationSpec()
     assert spec.seed == CALIBRATION_SEED
@@ -73,8 +73,8 @@ def test_calibration_seeds_are_disjoint_from_evaluation_seeds_by_default(bundled
 
 
 def test_evaluation_warns_when_calibration_images_are_scored(bundled):
-    from analysis.evaluate import EvalOptions, evaluate_variants
-    from analysis.quantize_pipeline import quantize_bundle
+    from analysis.evaluation.evaluate import EvalOptions, evaluate_variants
+    from analysis.quantization.pipeline import quantize_bundle
 
     variant = quantize_bundle(bundled, QuantConfig(method="baseline"), CalibrationSpec(seed=0, images=2, steps=3))
     (result,) = evaluate_variants(bundled, {variant.name: variant}, EvalOptions(num_samples=4, steps=3))
@@ -82,7 +82,7 @@ def test_evaluation_warns_when_calibration_images_are_scored(bundled):
 
 
 def test_recipe_of_a_run_stored_before_recipes_is_the_eval_default():
-    class OldRun:  # the fields analysis.store.Run has for such a run
+    class OldRun:  # the fields analysis.evaluation.store.Run has for such a run
         recipe, model, steps, guidance, scheduler = None, "bundled:dit-mnist", 25, 1.5, "ddpm"
         config = {"method": "smoothquant", "w_bits": 8, "a_bits": 8, "alpha": 0.3, "ssc": True,
                   "ssc_rho": "per_timestep"}

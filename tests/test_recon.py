@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.quantize_pipeline import calibration_for
+from analysis.quantization.pipeline import calibration_for
 from quant.api import QuantConfig, quantize_with_details
 from quant.io import read_quantized, write_quantized
 from quant.modules import act_quantizers, quant_layers
@@ -34,8 +34,8 @@ def calib(bundled):
 @pytest.fixture(scope="module")
 def bkd_run(bundled, calib):
     """dilatequant W4A4 (TPQ) without and with BKD on the same calibration."""
-    before = quantize_with_details(bundled.transformer, QuantConfig(method="dilatequant", w_bits=4, a_bits=4), calib)
-    after = quantize_with_details(bundled.transformer, QuantConfig(method="dilatequant", w_bits=4, a_bits=4,
+    before = quantize_with_details(bundled.denoiser, QuantConfig(method="dilatequant", w_bits=4, a_bits=4), calib)
+    after = quantize_with_details(bundled.denoiser, QuantConfig(method="dilatequant", w_bits=4, a_bits=4,
                                                                    recon="bkd", **SMALL), calib)
     return before, after
 
@@ -55,7 +55,7 @@ def test_rectified_sigmoid_and_beta_schedule():
 
 def test_units_compose_to_the_fp_forward(bundled, calib):
     """pos_embed -> (embedding, block) x N -> final equals the diffusers forward (before unpatchify)."""
-    model = bundled.transformer
+    model = bundled.denoiser
     x, t, y = _row(calib)
     with torch.no_grad():
         h = x
@@ -75,7 +75,7 @@ def test_adaround_rounding_ends_binary_and_is_folded_onto_the_grid(bundled, cali
                                                                   "transformer_blocks.0.norm1.emb"]
     cfg = QuantConfig(method="ptq4dit", w_bits=4, a_bits=8, exclude=others, recon="adaround", recon_iters=200,
                       recon_batch=4, recon_rows=16, recon_lr=0.1)
-    res = quantize_with_details(bundled.transformer, cfg, calib)
+    res = quantize_with_details(bundled.denoiser, cfg, calib)
     units = {u["name"]: u for u in res.recon["units"]}
     block = units["transformer_blocks.0"]
     # h(V) is exactly 0 or 1 for (almost) every weight once beta has annealed to 2; 2e-4 at the start
@@ -89,9 +89,9 @@ def test_adaround_rounding_ends_binary_and_is_folded_onto_the_grid(bundled, cali
 
 
 def test_adaround_every_block_error_falls_and_memory_holds_one_unit(bundled, calib):
-    before = {k: v.clone() for k, v in bundled.transformer.state_dict().items()}
+    before = {k: v.clone() for k, v in bundled.denoiser.state_dict().items()}
     cfg = QuantConfig(method="ptq4dit", w_bits=4, a_bits=8, recon="adaround", **SMALL)
-    res = quantize_with_details(bundled.transformer, cfg, calib)
+    res = quantize_with_details(bundled.denoiser, cfg, calib)
     rep = res.recon
     names = [u["name"] for u in rep["units"]]
     assert names[0] == "pos_embed" and names[-1] == "final" and len(names) == 2 + 2 * 6
@@ -106,16 +106,16 @@ def test_adaround_every_block_error_falls_and_memory_holds_one_unit(bundled, cal
     assert rep["peak_cached_tensors"] <= 4
     assert rep["peak_cached_bytes"] <= 4 * rows * tokens * width * 4
     # the FP model is untouched
-    after = bundled.transformer.state_dict()
+    after = bundled.denoiser.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_reconstruct_returns_a_new_model_and_leaves_its_input_alone(bundled, calib):
-    base = quantize_with_details(bundled.transformer, QuantConfig(method="baseline", w_bits=4, a_bits=8), calib)
+    base = quantize_with_details(bundled.denoiser, QuantConfig(method="baseline", w_bits=4, a_bits=8), calib)
     snapshot = {k: v.clone() for k, v in base.model.state_dict().items()}
     cfg = QuantConfig(method="baseline", w_bits=4, a_bits=8, recon="bkd", recon_iters=3, recon_batch=4,
                       recon_rows=8, recon_input="fp")
-    new, report = reconstruct(base.model, bundled.transformer, calib, cfg)
+    new, report = reconstruct(base.model, bundled.denoiser, calib, cfg)
     assert new is not base.model and report.mode == "bkd" and report.rows == 8
     now = base.model.state_dict()
     assert all(torch.equal(snapshot[k], now[k]) for k in snapshot)
@@ -148,8 +148,8 @@ def test_bkd_trains_zero_points_as_integers(bundled, calib):
     # one block, with an activation lr large enough for zero points to move a code within a few steps
     others = [f"transformer_blocks.{i}" for i in range(1, 6)] + ["pos_embed", "proj_out_*"]
     kw = dict(method="dilatequant", w_bits=4, a_bits=4, exclude=others)
-    before = quantize_with_details(bundled.transformer, QuantConfig(**kw), calib)
-    after = quantize_with_details(bundled.transformer, QuantConfig(**kw, recon="bkd", recon_act_lr=0.05,
+    before = quantize_with_details(bundled.denoiser, QuantConfig(**kw), calib)
+    after = quantize_with_details(bundled.denoiser, QuantConfig(**kw, recon="bkd", recon_act_lr=0.05,
                                                                    recon_iters=8, recon_batch=8, recon_rows=24), calib)
     qa, qb = act_quantizers(after.model), act_quantizers(before.model)
     assert all(torch.equal(q.zero, q.zero.round()) for q in qa.values())
@@ -158,8 +158,8 @@ def test_bkd_trains_zero_points_as_integers(bundled, calib):
 
 
 def test_saved_model_reloads_bit_identically(bundled, bkd_run, calib, tmp_path):
-    from analysis.bundle_io import save_quantized
-    from analysis.models import load
+    from analysis.models.loading import load
+    from analysis.models.saved import save_quantized
 
     _, res = bkd_run
     write_quantized(res.model, res.config, tmp_path / "q")
@@ -173,8 +173,8 @@ def test_saved_model_reloads_bit_identically(bundled, bkd_run, calib, tmp_path):
     with torch.no_grad():
         assert torch.equal(res.model(x, timestep=t, class_labels=y).sample, model(x, timestep=t, class_labels=y).sample)
     # a whole bundle, as `dqlab quantize --out` writes it and `--model DIR` reads it
-    save_quantized(bundled.with_transformer(res.model), res.config, tmp_path / "bundle")
-    again = load(str(tmp_path / "bundle")).transformer.state_dict()
+    save_quantized(bundled.with_denoiser(res.model), res.config, tmp_path / "bundle")
+    again = load(str(tmp_path / "bundle")).denoiser.state_dict()
     assert all(torch.equal(saved[k], again[k]) for k in saved)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from analysis.cli import main
-from analysis.salience import SalienceStats
+from analysis.salience.collect import SalienceStats
 
 
 def test_salience_cli_summary_and_file(capsys, tiny_folder, tmp_path):

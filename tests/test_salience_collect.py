@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from analysis.salience import SalienceConfig, SalienceStats, collect, layer_block, layer_kind
+from analysis.salience.collect import SalienceConfig, SalienceStats, collect, layer_block, layer_kind
 from quant.observers import InputObserver
 
 
@@ -43,12 +43,12 @@ def test_hand_computed_salience_on_one_layer():
     assert g.y.tolist() == [-1, 10]
     assert torch.equal(g.absmax["fc"], st.absmax["fc"])  # each group holds one sample here
     # weight salience: max over output rows of |W_oj|
-    from analysis.salience import _weight_salience
+    from analysis.salience.collect import _weight_salience
     assert np.array_equal(_weight_salience(m.fc), np.array([2.0, 4.0, 0.5], dtype=np.float32))
 
 
 def test_collect_one_pass_rows_halves_and_hooks_removed(tiny_bundle):
-    model = tiny_bundle.transformer
+    model = tiny_bundle.denoiser
     before = [(len(mod._forward_pre_hooks), len(mod._forward_hooks)) for mod in model.modules()]
     cfg = SalienceConfig(steps=3, samples=3, batch_size=2, guidance=2.0, labels=(4, 1, 7), attention=True)
     st = collect(tiny_bundle, cfg)
@@ -84,7 +84,7 @@ def test_collect_one_pass_rows_halves_and_hooks_removed(tiny_bundle):
 
 def test_rows_match_a_direct_forward(tiny_bundle):
     """Row (step, sample) of the statistics equals the salience of that sample's own input at that step."""
-    from analysis.sampling import sample
+    from analysis.models.sampling import sample
 
     cfg = SalienceConfig(steps=2, samples=3, batch_size=2, guidance=2.0, layers=r"blocks\.1\.ff\.net\.2$")
     st = collect(tiny_bundle, cfg)
@@ -92,11 +92,11 @@ def test_rows_match_a_direct_forward(tiny_bundle):
                  decode=False, record="all")
     cal = res.calibration
     layer = "transformer_blocks.1.ff.net.2"
-    fc2 = dict(tiny_bundle.transformer.named_modules())[layer]
+    fc2 = dict(tiny_bundle.denoiser.named_modules())[layer]
     seen = []
     h = fc2.register_forward_pre_hook(lambda mod, args: seen.append(args[0].abs().amax(1)))
     with torch.no_grad():
-        tiny_bundle.transformer(cal.x, timestep=cal.t, class_labels=cal.y)
+        tiny_bundle.denoiser(cal.x, timestep=cal.t, class_labels=cal.y)
     h.remove()
     ref = seen[0]
     # recorded order: batch 0 (samples 0,1) step 0 cond+uncond, step 1 ..., then batch 1 (sample 2)

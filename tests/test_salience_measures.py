@@ -6,11 +6,18 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from analysis.salience import SalienceConfig, SalienceStats, collect, layer_menu
-from analysis.channel_error import activation_quant_mse, activation_quant_mse_bits, weight_quant_mse
-from analysis.salience_measures import (layer_difficulty, outlier_ratio, profile_by_kind, quant_error, rankdata,
-                                        spearman, spearman_by_timestep, temporal_variability)
-
+from analysis.salience.channel_error import activation_quant_mse, activation_quant_mse_bits, weight_quant_mse
+from analysis.salience.collect import SalienceConfig, SalienceStats, collect, layer_menu
+from analysis.salience.measures import (
+    layer_difficulty,
+    outlier_ratio,
+    profile_by_kind,
+    quant_error,
+    rankdata,
+    spearman,
+    spearman_by_timestep,
+    temporal_variability,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -128,19 +135,19 @@ def test_quant_error_sanity():
 
 def test_collected_quant_error_matches_the_layer_inputs(tiny_bundle):
     """act_mse[layer][step] is the error of that layer's actual inputs at that step (to_k shares to_q's input)."""
-    from analysis.sampling import sample
+    from analysis.models.sampling import sample
 
     cfg = SalienceConfig(steps=2, samples=2, guidance=2.0, mse_bits=(4, 8), layers=r"blocks\.1\.(attn1|ff)")
     st = collect(tiny_bundle, cfg)
     assert st.mse_bits == (4, 8) and "mse_seconds" in st.info
     cal = sample(tiny_bundle, cfg.sample_labels(10), cfg.seeds(), steps=2, guidance=2.0, decode=False,
                  record="all").calibration
-    modules = dict(tiny_bundle.transformer.named_modules())
+    modules = dict(tiny_bundle.denoiser.named_modules())
     for layer in ("transformer_blocks.1.attn1.to_k", "transformer_blocks.1.ff.net.2"):
         seen = []
         h = modules[layer].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
         with torch.no_grad():
-            tiny_bundle.transformer(cal.x[cal.step == 1], timestep=cal.t[cal.step == 1],
+            tiny_bundle.denoiser(cal.x[cal.step == 1], timestep=cal.t[cal.step == 1],
                                     class_labels=cal.y[cal.step == 1])
         h.remove()
         expect = activation_quant_mse_bits(seen[0], (4, 8)).numpy()

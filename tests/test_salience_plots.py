@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from analysis.plots import salience as figs
-from analysis.salience import SalienceConfig, SalienceStats, collect
+from analysis.salience.collect import SalienceConfig, SalienceStats, collect
 
 FC1 = "transformer_blocks.1.ff.net.0.proj"  # 1152 input channels
 FC2 = "transformer_blocks.1.ff.net.2"  # 4608 input channels
@@ -21,14 +21,14 @@ def xl_stats():
     """One collecting pass of a random diffusers DiT with DiT-XL/2's blocks (2 of its 28), on a 4x4 latent."""
     from diffusers import DDIMScheduler, DiTTransformer2DModel
 
-    from analysis.models import ModelBundle
+    from analysis.models.bundle import ModelBundle
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two threads on a shared machine wait on each other
     torch.manual_seed(0)
     model = DiTTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
                                   num_layers=2, sample_size=4, patch_size=2, num_embeds_ada_norm=1000).eval()
-    bundle = ModelBundle(name="random DiT-XL/2 blocks", transformer=model,
+    bundle = ModelBundle(name="random DiT-XL/2 blocks", denoiser=model,
                          scheduler_config=dict(DDIMScheduler(num_train_timesteps=1000).config), num_classes=1000,
                          latent_shape=(4, 4, 4), default_guidance=1.5)
     stats = collect(bundle, SalienceConfig(steps=3, samples=2, mse_bits=(4, 8), attention=True, per_sample=False))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from analysis.sampling import parse_int_list, sample
+from analysis.models.sampling import parse_int_list, sample
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
@@ -49,7 +49,7 @@ def test_no_guidance_records_conditional_only(tiny_bundle):
 
 
 def test_bundled_label_agreement_small_batch(bundled):
-    from analysis.classifier import label_agreement
+    from analysis.evaluation.classifier import label_agreement
 
     labels = [c for c in range(10) for _ in range(3)]
     out = sample(bundled, labels, list(range(30)), steps=50)

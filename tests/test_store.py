@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from analysis.store import DATA_ENV, RunRecord, Store, default_data_dir
+from analysis.evaluation.store import DATA_ENV, RunRecord, Store, default_data_dir
 
 
 def _record(method="ptq4dit", w=4, a=8, fid=12.5, model="bundled:dit-mnist") -> RunRecord:
@@ -80,7 +80,7 @@ def test_exception_inside_the_transaction_leaves_no_row_and_no_files(tmp_path):
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from analysis.store import RunRecord, Store
+    from analysis.evaluation.store import RunRecord, Store
     store = Store(sys.argv[1])
     rec = RunRecord(model="m", method="baseline", config={"method": "baseline"}, num_samples=2, seeds=[0, 1],
                     labels=[0, 1], metrics={"fid": 9.0}, timings={})
@@ -123,8 +123,7 @@ def test_data_dir_default_and_env_override(tmp_path, monkeypatch):
 def test_a_store_made_before_recipes_opens_and_gains_the_recipe_column(tmp_path):
     import sqlite3
 
-    from analysis import store as store_module
-
+    from analysis.evaluation import store as store_module
     old_schema = store_module._SCHEMA.replace(",\n    recipe TEXT", "")
     assert "recipe" not in old_schema
     with sqlite3.connect(tmp_path / store_module.DB_NAME) as conn:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from analysis.sweep import pareto_front, parse_bits, recommend
+from analysis.evaluation.sweep import pareto_front, parse_bits, recommend
 from tests.conftest import run_cli
 
 
@@ -43,10 +43,10 @@ def test_parse_bits():
 
 
 def test_bops_follow_the_layer_bits(bundled):
-    from analysis.bops import bops, mac_table
+    from analysis.quantization.sizes import bops, mac_table
     from quant.config import QuantConfig
 
-    table = mac_table(bundled.transformer)
+    table = mac_table(bundled.denoiser)
     fc1 = table["transformer_blocks.0.ff.net.0.proj"]
     # 16x16 image, patch 2 -> 64 tokens; fc1 maps width 128 to 512
     assert fc1 == {"kind": "linear", "macs": 64 * 128 * 512}
@@ -63,13 +63,13 @@ def test_bops_follow_the_layer_bits(bundled):
 
 
 def test_layer_bits_quantize_the_named_layers_at_their_bits(bundled):
-    from analysis.quantize_pipeline import calibration_for
+    from analysis.quantization.pipeline import calibration_for
     from quant.api import QuantConfig, quantize
     from quant.modules import quant_layers
 
     cal = calibration_for(bundled, steps=2, num_samples=1)
     config = QuantConfig(method="baseline", w_bits=4, a_bits=4, layer_bits={"*.ff.net.2": [8, 6]})
-    q = quant_layers(quantize(bundled.transformer, config, cal))
+    q = quant_layers(quantize(bundled.denoiser, config, cal))
     assert (q["transformer_blocks.3.ff.net.2"].w_bits, q["transformer_blocks.3.ff.net.2"].act.bits) == (8, 6)
     assert (q["transformer_blocks.3.ff.net.0.proj"].w_bits, q["transformer_blocks.3.ff.net.0.proj"].act.bits) == (4, 4)
     assert QuantConfig.from_json(config.to_json()) == config
@@ -78,13 +78,13 @@ def test_layer_bits_quantize_the_named_layers_at_their_bits(bundled):
 
 
 def test_sensitivity_ranks_units_per_timestep(bundled, one_torch_thread):
-    from analysis.quantize_pipeline import calibration_for
-    from analysis.sensitivity import sensitivity
+    from analysis.quantization.pipeline import calibration_for
+    from analysis.quantization.sensitivity import sensitivity
 
     cal = calibration_for(bundled, steps=3, num_samples=1)
-    before = {k: v.clone() for k, v in bundled.transformer.state_dict().items()}
+    before = {k: v.clone() for k, v in bundled.denoiser.state_dict().items()}
     sens = sensitivity(bundled, 4, 4, cal, granularity="kind")
-    assert all((before[k] == v).all() for k, v in bundled.transformer.state_dict().items())  # not modified
+    assert all((before[k] == v).all() for k, v in bundled.denoiser.state_dict().items())  # not modified
     assert sens.only.shape == sens.all_but.shape == (len(sens.units), 3) and len(sens.timesteps) == 3
     ranking = sens.ranking()
     assert ranking["error_only_this_quantized"].is_monotonic_decreasing

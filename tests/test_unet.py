@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.models import ModelLoadError, load
-from analysis.sampling import sample
+from analysis.models.bundle import ModelLoadError
+from analysis.models.loading import load
+from analysis.models.sampling import sample
 from quant.api import QuantConfig, quantize_with_details
 from quant.denoiser import family_of
 from quant.graph import balance_groups, balance_plan, recon_units
@@ -101,10 +102,10 @@ def test_a_folder_of_another_model_class_is_refused(tmp_path):
 
 
 def test_conv_salience_shapes_and_weight_salience(cond):
-    from analysis.salience import SalienceConfig, collect, layer_kind, layer_menu
+    from analysis.salience.collect import SalienceConfig, collect, layer_kind, layer_menu
 
     st = collect(cond, SalienceConfig(steps=2, samples=2, guidance=2.0, mse_bits=(4,)))
-    m = cond.transformer
+    m = cond.denoiser
     conv = "down_blocks.0.resnets.0.conv1"
     assert st.act_absmax[conv].shape == (2, 4, m.get_submodule(conv).in_channels)  # [T, 2 halves x 2 rows, C]
     w = m.get_submodule(conv).weight.detach().abs()
@@ -119,7 +120,7 @@ def test_conv_salience_shapes_and_weight_salience(cond):
 
 def test_folds_are_exact_where_the_producer_is_affine(cond, cond_calib):
     """Random scales folded into every foldable site: the unquantized model computes the same function."""
-    model = cond.transformer
+    model = cond.denoiser
     folded = load_copy(model)
     gen = torch.Generator().manual_seed(0)
     groups = balance_groups(folded)
@@ -142,7 +143,7 @@ def load_copy(model):
 
 
 def test_balance_plan_names_every_layer_and_why(cond):
-    plan = balance_plan(cond.transformer)
+    plan = balance_plan(cond.denoiser)
     balanced = {name for g in plan["balanced"] for name in g["layers"]}
     assert all(".attentions." in n for n in balanced) and len(balanced) == plan["foldable_layers"] == 4 * 4
     assert set(plan["unbalanced"]).isdisjoint(balanced) and len(balanced) + len(plan["unbalanced"]) == plan["layers"]
@@ -152,17 +153,17 @@ def test_balance_plan_names_every_layer_and_why(cond):
 
 @pytest.mark.parametrize("method", ["baseline", "smoothquant", "ptq4dit", "dilatequant"])
 def test_every_method_quantizes_a_unet(cond, cond_calib, method):
-    res = quantize_with_details(cond.transformer, QuantConfig(method=method, w_bits=4, a_bits=8, attn_bits=8),
+    res = quantize_with_details(cond.denoiser, QuantConfig(method=method, w_bits=4, a_bits=8, attn_bits=8),
                                 cond_calib)
-    assert family_of(res.model) == "unet" and len(res.layers) == balance_plan(cond.transformer)["layers"] + 4
+    assert family_of(res.model) == "unet" and len(res.layers) == balance_plan(cond.denoiser)["layers"] + 4
     if method != "baseline":
-        assert set(res.vectors) == {g.name for g in balance_groups(cond.transformer)}
-    images = sample(cond.with_transformer(res.model), [0, 3], [0, 1], steps=3, guidance=2.0).images
+        assert set(res.vectors) == {g.name for g in balance_groups(cond.denoiser)}
+    images = sample(cond.with_denoiser(res.model), [0, 3], [0, 1], steps=3, guidance=2.0).images
     assert torch.isfinite(images).all()
 
 
 def test_unet_units_compose_to_the_forward(cond, cond_calib):
-    model = cond.transformer
+    model = cond.denoiser
     x, t, y = cond_calib.x[:5], cond_calib.t[:5], cond_calib.y[:5]
     units = recon_units(model)
     assert [u.name for u in units] == ["time_embedding", "conv_in", "down_blocks.0", "down_blocks.1", "mid_block",
@@ -177,18 +178,18 @@ def test_unet_units_compose_to_the_forward(cond, cond_calib):
 
 
 def test_bkd_trains_unet_blocks_and_leaves_the_input_model_alone(cond, cond_calib):
-    before = {k: v.clone() for k, v in cond.transformer.state_dict().items()}
+    before = {k: v.clone() for k, v in cond.denoiser.state_dict().items()}
     cfg = QuantConfig(method="dilatequant", w_bits=4, a_bits=4, recon="bkd", recon_iters=6, recon_rows=12,
                       recon_batch=4)
-    res = quantize_with_details(cond.transformer, cfg, cond_calib)
+    res = quantize_with_details(cond.denoiser, cfg, cond_calib)
     units = {u["name"]: u for u in res.recon["units"]}
     assert units["down_blocks.1"]["iterations"] == 6 and units["down_blocks.1"]["error_before"] > 0
-    assert all(torch.equal(v, cond.transformer.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(v, cond.denoiser.state_dict()[k]) for k, v in before.items())
 
 
 def test_a_quantized_unet_saves_and_loads_again(cond, cond_calib, tmp_path):
-    from analysis.bundle_io import save_quantized
-    from analysis.quantize_pipeline import quantize_bundle
+    from analysis.models.saved import save_quantized
+    from analysis.quantization.pipeline import quantize_bundle
 
     variant = quantize_bundle(cond, QuantConfig(method="dilatequant", w_bits=4, a_bits=8), cond_calib)
     folder = save_quantized(variant.bundle, variant.config, tmp_path / "q")

@@ -86,7 +86,7 @@ def emit(args, result: dict, human: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from analysis.models import ModelLoadError
+    from analysis.models.bundle import ModelLoadError
     from analysis.quiet import configure_logging
 
     configure_logging()

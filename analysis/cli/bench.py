@@ -1,4 +1,4 @@
-"""dqlab bench: the lab's speed and memory benchmark (analysis.speed), ratios measured in one run."""
+"""dqlab bench: the lab's speed and memory benchmark (analysis.evaluation.speed), ratios measured in one run."""
 from __future__ import annotations
 
 import sys
@@ -27,7 +27,7 @@ def register(sub) -> None:
 def run(args) -> dict:
     import torch
 
-    from analysis.speed import BenchOptions, markdown, run_benchmark
+    from analysis.evaluation.speed import BenchOptions, markdown, run_benchmark
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device not in ("cpu", "cuda"):

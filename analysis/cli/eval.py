@@ -38,11 +38,11 @@ def register(sub) -> None:
 
 
 def run(args) -> dict:
-    from analysis.distributed import init_from_env, local_device
-    from analysis.metrics import fid_text
-    from analysis.evaluate import EvalOptions, check_options, eval_guidance, evaluate
-    from analysis.models import load
-    from analysis.store import Store
+    from analysis.evaluation.distributed import init_from_env, local_device
+    from analysis.evaluation.evaluate import EvalOptions, check_options, eval_guidance, evaluate
+    from analysis.evaluation.metrics import fid_text
+    from analysis.evaluation.store import Store
+    from analysis.models.loading import load
 
     config = config_from_args(args)
     if args.calib_samples is not None and args.calib_samples < 1:

@@ -11,7 +11,7 @@ def register(sub) -> None:
 
 
 def run(args) -> dict:
-    from analysis.models import available_models
+    from analysis.models.loading import available_models
 
     rows = available_models()
     lines = [f"{r['name']:28s} {r['kind']:8s} " + ("ready" if r["available"] else

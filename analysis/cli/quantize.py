@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from analysis.cli import CLIError, add_common, add_guidance, emit, finite_float
-from analysis.calibration import CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS
+from analysis.quantization.calibration import CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS
 
 REPORT_FILE = "quant_report.json"  # written beside the model; loading ignores it
 
@@ -78,9 +78,9 @@ def config_from_args(args):
 
 def check_excludes(bundle, config) -> None:
     """An --exclude pattern that matches no layer is almost always a typo: refuse it before any work."""
-    from analysis.quantize_pipeline import unmatched_excludes
+    from analysis.quantization.pipeline import unmatched_excludes
 
-    unmatched = unmatched_excludes(bundle.transformer, config.exclude)
+    unmatched = unmatched_excludes(bundle.denoiser, config.exclude)
     if unmatched:
         raise CLIError(f"--exclude {unmatched[0]!r} matches no layer; use an fnmatch pattern such as "
                        "'*.attn1.to_q' or a module name such as transformer_blocks.0")
@@ -136,10 +136,10 @@ def config_from_file(path: Path):
 
 
 def run(args) -> dict:
-    from analysis.bundle_io import save_quantized
-    from analysis.calibration import CalibrationSpec
-    from analysis.models import load
-    from analysis.quantize_pipeline import quantize_bundle
+    from analysis.models.loading import load
+    from analysis.models.saved import save_quantized
+    from analysis.quantization.calibration import CalibrationSpec
+    from analysis.quantization.pipeline import quantize_bundle
 
     config = config_from_file(args.config) if args.config is not None else config_from_args(args)
     try:

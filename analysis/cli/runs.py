@@ -20,8 +20,8 @@ def register(sub) -> None:
 
 
 def run(args) -> dict:
-    from analysis.metrics import fid_text
-    from analysis.store import Store
+    from analysis.evaluation.metrics import fid_text
+    from analysis.evaluation.store import Store
 
     if args.limit is not None and args.limit < 1:
         raise CLIError(f"--limit must be at least 1, got {args.limit}")

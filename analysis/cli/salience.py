@@ -41,10 +41,10 @@ def register(sub) -> None:
 def run(args) -> dict:
     import torch
 
-    from analysis.models import load
-    from analysis.salience import SalienceConfig, collect_timed
-    from analysis.salience_measures import hardest_layers, profile_by_kind
-    from analysis.sampling import parse_int_list
+    from analysis.models.loading import load
+    from analysis.models.sampling import parse_int_list
+    from analysis.salience.collect import SalienceConfig, collect_timed
+    from analysis.salience.measures import hardest_layers, profile_by_kind
 
     if not 1 <= args.steps <= 1000:
         raise CLIError(f"--steps must be between 1 and 1000, got {args.steps}")

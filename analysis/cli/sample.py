@@ -31,9 +31,9 @@ def register(sub) -> None:
 
 
 def run(args) -> dict:
-    from analysis.images import make_grid, save_images
-    from analysis.models import load
-    from analysis.sampling import NO_CLASS, parse_int_list, sample
+    from analysis.evaluation.images import make_grid, save_images
+    from analysis.models.loading import load
+    from analysis.models.sampling import NO_CLASS, parse_int_list, sample
 
     start = time.perf_counter()
     seeds = parse_int_list(args.seeds)
@@ -50,7 +50,7 @@ def run(args) -> dict:
     classes = parse_int_list(args.classes or "0-9") if bundle.conditional else [NO_CLASS]
     plan = None
     if args.int8:
-        from analysis.speed import int8_bundle
+        from analysis.evaluation.speed import int8_bundle
 
         try:
             bundle, plan = int8_bundle(bundle, batch_images=min(args.batch_size or 16, len(classes) * len(seeds)))
@@ -80,7 +80,7 @@ def run(args) -> dict:
         summary["int8_layers"] = sum(e["int8"] for e in plan.values())
         summary["int8_eligible_layers"] = len(plan)
     if bundle.bundled and bundle.conditional:
-        from analysis.classifier import label_agreement
+        from analysis.evaluation.classifier import label_agreement
 
         summary["label_agreement"] = round(label_agreement(result.images, labels), 4)
     # seconds: the whole command's wall time (loading, sampling, writing, scoring); sampling_seconds a part

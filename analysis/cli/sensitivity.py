@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from analysis.calibration import CALIBRATION_SEED
 from analysis.cli import CLIError, add_common, add_guidance, emit
+from analysis.quantization.calibration import CALIBRATION_SEED
 
 
 def register(sub) -> None:
@@ -31,9 +31,9 @@ def register(sub) -> None:
 
 
 def run(args) -> dict:
-    from analysis.models import load
-    from analysis.calibration import calibration_for
-    from analysis.sensitivity import GRANULARITIES, sensitivity
+    from analysis.models.loading import load
+    from analysis.quantization.calibration import calibration_for
+    from analysis.quantization.sensitivity import GRANULARITIES, sensitivity
     from quant.api import QuantConfig
 
     if args.granularity not in GRANULARITIES:

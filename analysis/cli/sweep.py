@@ -13,8 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from analysis.calibration import CALIBRATION_SEED
 from analysis.cli import CLIError, add_common, add_guidance, emit
+from analysis.quantization.calibration import CALIBRATION_SEED
 
 # rel_rms_step_median: the median over timesteps of the noise prediction's relative error (rel_rms, pooled over
 # timesteps and dominated by the last steps, is still accepted)
@@ -22,7 +22,7 @@ DEFAULT_TOLERANCES = ["fid_vs_fp=10", "rel_rms_step_median=0.1"]
 
 
 def parse_tolerance(text: str) -> dict:
-    from analysis.sweep import QUALITY
+    from analysis.evaluation.sweep import QUALITY
 
     name, sep, value = text.partition("=")
     if not sep or name.strip() not in QUALITY:
@@ -59,9 +59,9 @@ def register(sub) -> None:
 
 
 def run(args) -> dict:
-    from analysis.models import load
-    from analysis.store import Store
-    from analysis.sweep import SweepSpec, run_sweep
+    from analysis.evaluation.store import Store
+    from analysis.evaluation.sweep import SweepSpec, run_sweep
+    from analysis.models.loading import load
 
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
     spec = SweepSpec(methods=split(args.methods), bits=[b.upper() for b in split(args.bits)], options=split(args.options),

@@ -16,7 +16,7 @@ _ROLES = [(r"attn\d*\.to_q$", "attn q"), (r"attn\d*\.to_k$", "attn k"), (r"attn\
           (r"attn\d*\.qkv_softmax$", "attn q k v softmax")]
 
 
-# A diffusers UNet2DModel's layers: the role within its stage (analysis.salience.layer_stage names the stage).
+# A diffusers UNet2DModel's layers: the role within its stage (analysis.salience.collect.layer_stage names the stage).
 _UNET_ROLES = [(r"resnets\.(\d+)\.conv1$", "resnet {} conv1"), (r"resnets\.(\d+)\.conv2$", "resnet {} conv2"),
                (r"resnets\.(\d+)\.time_emb_proj$", "resnet {} t-proj"),
                (r"resnets\.(\d+)\.conv_shortcut$", "resnet {} shortcut"), (r"attentions\.(\d+)\.to_q$", "attn {} q"),
@@ -40,7 +40,7 @@ def readable_layer(key: str) -> str:
 
 
 def _unet_layer(name: str) -> str | None:
-    from analysis.salience import layer_stage
+    from analysis.salience.collect import layer_stage
 
     for pattern, role in _UNET_ROLES:
         if (hit := re.search(pattern, name)) is not None:

@@ -6,7 +6,7 @@ import math
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.metrics import MIN_RELIABLE_FID_SAMPLES
+from analysis.evaluation.metrics import MIN_RELIABLE_FID_SAMPLES
 from analysis.plots.axes import log_axis, wrap
 
 # Neutral colours per panel: none of these numbers is an alarm by itself (red reads as one on a projector).

@@ -20,8 +20,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analysis.plots.axes import log_axis, readable_layer, wrap
-from analysis.salience import SalienceStats
-from analysis.salience_measures import layer_difficulty, quant_error, spearman, spearman_by_timestep
+from analysis.salience.collect import SalienceStats
+from analysis.salience.measures import layer_difficulty, quant_error, spearman, spearman_by_timestep
 
 _MARGIN = dict(l=10, r=10, t=90, b=10)  # room for a title and its subtitle line
 _T_AXIS = "timestep t (sampling order, noisiest left)"

@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from analysis.plots.axes import log_axis, readable_layer as _short
-from analysis.sweep import COSTS, QUALITY
+from analysis.evaluation.sweep import COSTS, QUALITY
+from analysis.plots.axes import log_axis
+from analysis.plots.axes import readable_layer as _short
 
 _MARGIN = dict(l=10, r=10, t=70, b=10)
 _FRONT_COLOR = "#d62728"

@@ -14,11 +14,17 @@ from typing import Callable
 
 import torch
 
-from analysis.calibration import (CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, DEFAULT_CAL_STEPS,  # noqa: F401
-                                  CalibrationSpec, calibrate, calibration_for)
-from analysis.models import ModelBundle
-from analysis.recipe import Recipe, recipe_of_run
-from analysis.sampling import CalibrationData
+from analysis.models.bundle import ModelBundle
+from analysis.models.sampling import CalibrationData
+from analysis.quantization.calibration import (  # noqa: F401
+    CALIBRATION_SEED,
+    DEFAULT_CAL_SAMPLES,
+    DEFAULT_CAL_STEPS,
+    CalibrationSpec,
+    calibrate,
+    calibration_for,
+)
+from analysis.quantization.recipe import Recipe, recipe_of_run
 from quant.api import QuantConfig, quantize_with_details
 from quant.forward import calibration_batches, forward
 from quant.graph import balance_plan
@@ -123,7 +129,7 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
         if on_recon is not None:
             on_recon(k, n, it, loss)
 
-    result = quantize_with_details(bundle.transformer, config, calibration, batch_size=batch_size,
+    result = quantize_with_details(bundle.denoiser, config, calibration, batch_size=batch_size,
                                    keep_reference=True, on_recon=recon_progress)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     progress("measuring the error vs FP", 0.8)
@@ -140,18 +146,18 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
         "calibration": spec.to_dict() if spec is not None else None,
         "calibration_rows": len(calibration) if hasattr(calibration, "__len__") else None,
         "layers_quantized": n_quant, "weight_bytes": weight_bytes(result.model),
-        "fp_weight_bytes": fp_weight_bytes(bundle.transformer),
+        "fp_weight_bytes": fp_weight_bytes(bundle.denoiser),
         "rel_rms": rel, "rel_rms_step_median": step_median(per_t), "rel_rms_per_timestep": per_t,
         "layer_error": layer_err,
         "vectors": {g: b.tolist() for g, b in result.vectors.items()},
         "salience": {g: _lists(s) for g, s in result.salience.items()},
         "ssc": {g: _lists(e) for g, e in result.extras.items() if "eta" in e},
         "config": config.to_dict(), "recon": result.recon,
-        "balance": balance_plan(bundle.transformer, set(result.vectors), config.method),
+        "balance": balance_plan(bundle.denoiser, set(result.vectors), config.method),
     }
     progress("done", 1.0)
     name = config.label
-    qbundle = bundle.with_transformer(result.model, name=f"{bundle.name} [{name}]", quant_config=config.to_dict())
+    qbundle = bundle.with_denoiser(result.model, name=f"{bundle.name} [{name}]", quant_config=config.to_dict())
     recipe = None if spec is None else Recipe(source=bundle.name, config=config, calibration=spec,
                                               batch_size=batch_size)
     return Variant(name=name, bundle=qbundle, config=config, report=report, recipe=recipe)
@@ -160,7 +166,7 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
 def build(recipe: Recipe, bundle: ModelBundle | None = None,
           on_progress: Callable[[str, float], None] | None = None) -> Variant:
     """The recipe's quantized Variant. bundle: the FP bundle of recipe.source when it is already loaded."""
-    from analysis.models import load
+    from analysis.models.loading import load
 
     if bundle is None:
         bundle = load(recipe.source)
@@ -172,7 +178,7 @@ def build(recipe: Recipe, bundle: ModelBundle | None = None,
 
 def rebuild(run, bundle: ModelBundle | None = None,
             on_progress: Callable[[str, float], None] | None = None) -> Variant:
-    """The quantized Variant a stored run (analysis.store.Run) scored, made again from its recipe."""
+    """The quantized Variant a stored run (analysis.evaluation.store.Run) scored, made again from its recipe."""
     return build(recipe_of_run(run), bundle, on_progress)
 
 
@@ -185,14 +191,14 @@ def unmatched_excludes(model: torch.nn.Module, patterns) -> list[str]:
 
 
 def saved_zip(variant: Variant, base_source: str | None = None) -> bytes:
-    """The variant saved as a model folder (analysis.bundle_io layout) in a zip archive, for downloading; unzip it and
+    """The variant saved as a model folder (analysis.models.saved layout) in a zip archive, for downloading; unzip it and
     pass the folder as --model to load it again."""
     import io
     import tempfile
     import zipfile
     from pathlib import Path
 
-    from analysis.bundle_io import save_quantized
+    from analysis.models.saved import save_quantized
 
     buf = io.BytesIO()
     with tempfile.TemporaryDirectory() as tmp:

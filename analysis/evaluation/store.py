@@ -103,7 +103,7 @@ class RunRecord:
     scheduler: str | None = None
     label: str | None = None
     note: str | None = None
-    recipe: dict | None = None  # analysis.recipe.Recipe.to_dict(): what rebuilds the scored model
+    recipe: dict | None = None  # analysis.quantization.recipe.Recipe.to_dict(): what rebuilds the scored model
 
 
 @dataclasses.dataclass

@@ -9,7 +9,7 @@ weight's rows are its output channels and kernel positions: s(W_j) = max over o,
 A channel that is salient in X but not in W (or the reverse) can be balanced by a per-channel scale; that
 is what PTQ4DiT's CSB and SmoothQuant exploit, and why the timestep matters: s(X) moves as denoising goes on.
 
-`collect(bundle, SalienceConfig(...))` runs ONE sampling pass (analysis.sampling.sample) with forward hooks
+`collect(bundle, SalienceConfig(...))` runs ONE sampling pass (analysis.models.sampling.sample) with forward hooks
 (quant.observers.InputObserver) on every layer the quantizer covers (nn.Linear and nn.Conv2d), and
 optionally on the attention operands q, k, v and the softmax output. The hooks reduce on the model's device; results move to the CPU
 once, after the pass. The guidance batch's halves stay apart: rows are ordered [conditional samples;
@@ -18,7 +18,7 @@ runs twice in one forward (block 0's embedding, called again by the final layer)
 
 The result, SalienceStats, holds numpy arrays, saves to and loads from one .npz file, and converts to tidy
 pandas frames. Derived measures (rank correlation, quantization error, temporal variability, layer
-difficulty) live in analysis.salience_measures; figures in analysis.plots.salience.
+difficulty) live in analysis.salience.measures; figures in analysis.plots.salience.
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from analysis.channel_error import activation_quant_mse_bits, weight_quant_mse
-from analysis.models import ModelBundle
+from analysis.models.bundle import ModelBundle
+from analysis.salience.channel_error import activation_quant_mse_bits, weight_quant_mse
 from quant.forward import forward_batches
 from quant.measures import weight_salience
 from quant.observers import LayerInputHooks
@@ -423,12 +423,12 @@ def collect(bundle: ModelBundle, config: SalienceConfig | None = None,
     is what stays comparable on a machine shared with other jobs); info["mse_seconds"] the optional
     quantization-error pass after it.
     """
-    from analysis.sampling import sample
+    from analysis.models.sampling import sample
     from quant.observers import InputObserver
 
     config = config or SalienceConfig()
     config.validate(bundle)
-    model = bundle.transformer
+    model = bundle.denoiser
     labels, seeds = config.sample_labels(bundle.num_classes), config.seeds()
     guidance = bundle.default_guidance if config.guidance is None else float(config.guidance)
     linears, attns = observed_modules(model, config.layers, config.attention)
@@ -576,7 +576,7 @@ def collect_timed(bundle: ModelBundle, config: SalienceConfig, repeats: int = 1,
     discounts bursts of load from other processes), cpu_overhead_vs_sampling (the same in CPU time, which a
     busy machine moves far less) and overhead_paired_median (median over repeats of collecting / the plain
     pass just before it). Ratios are None without the baseline. The ratios are also put into stats.info."""
-    from analysis.sampling import sample
+    from analysis.models.sampling import sample
 
     say = say or (lambda text: None)
     labels, seeds = config.sample_labels(bundle.num_classes), config.seeds()

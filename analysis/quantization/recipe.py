@@ -1,23 +1,23 @@
 """A recipe: everything that makes a quantized model, so a stored result can be rebuilt.
 
     recipe = Recipe("bundled:dit-mnist", QuantConfig(method="ptq4dit", w_bits=4, a_bits=8), CalibrationSpec())
-    variant = analysis.quantize_pipeline.build(recipe)   # the same weights, bit for bit (same machine, versions)
+    variant = analysis.quantization.pipeline.build(recipe)   # the same weights, bit for bit (same machine, versions)
 
 A recipe is model source + QuantConfig + CalibrationSpec (+ the rows per forward of the quantization pass).
-Every stored run (analysis.store) and every saved quantized folder (analysis.bundle_io) carries one;
-analysis.quantize_pipeline.rebuild(run) makes the model whose scores are shown beside it.
+Every stored run (analysis.evaluation.store) and every saved quantized folder (analysis.models.saved) carries one;
+analysis.quantization.pipeline.rebuild(run) makes the model whose scores are shown beside it.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from analysis.calibration import DEFAULT_CAL_SAMPLES, CalibrationSpec
+from analysis.quantization.calibration import DEFAULT_CAL_SAMPLES, CalibrationSpec
 from quant.config import QuantConfig
 
 
 @dataclasses.dataclass
 class Recipe:
-    source: str  # what analysis.models.load reads: "bundled:dit-mnist", a folder or a hub id
+    source: str  # what analysis.models.loading.load reads: "bundled:dit-mnist", a folder or a hub id
     config: QuantConfig
     calibration: CalibrationSpec
     batch_size: int = 64  # calibration rows per forward while quantizing

@@ -1,4 +1,4 @@
-"""Model bundles: a diffusion denoiser (a DiT or a UNet) with what it needs to sample, from any of three sources.
+"""Loading model bundles (analysis.models.bundle) from any of three sources.
 
     load("bundled:dit-mnist")            the small DiT trained by scripts/train_dit.py, shipped in assets/
     load("bundled:unet-mnist")           the small UNet trained by scripts/train_unet.py, shipped in assets/
@@ -16,14 +16,15 @@ Weights load from safetensors only, and no remote code ever runs.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from analysis.resources import asset_path
+from analysis.models.bundle import ModelBundle, ModelLoadError, resolve_device, resolve_dtype
+from analysis.models.resources import asset_path
+from analysis.models.saved import load_quantized
 from quant.denoiser import CLASS_FAMILIES
 
 ASSETS = asset_path()
@@ -36,31 +37,10 @@ MODEL_CLASSES = {**CLASS_FAMILIES, "Transformer2DModel": "dit"}
 HUB_EXAMPLES = ["facebook/DiT-XL-2-256", "facebook/DiT-XL-2-512", "google/ddpm-cifar10-32"]
 
 
-class ModelLoadError(RuntimeError):
-    """A model source could not be loaded; the message says why and what to do. `ui` says the same in the
-    app's words (its sidebar instead of command-line flags) where the two differ."""
-
-    def __init__(self, message: str, ui: str | None = None):
-        super().__init__(message)
-        self.ui = ui or message
-
-
-class NonFiniteError(ValueError):
-    """A tensor that must hold numbers holds NaN or inf; the message names the tensor."""
-
-
-def check_finite(tensor: torch.Tensor, what: str, hint: str = "") -> None:
-    """Raise NonFiniteError naming `what` when `tensor` holds NaN or inf (one reduction, no host copy)."""
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise NonFiniteError(f"{what} hold{'s' if bad == 1 else ''} {bad} NaN/inf value{'s' if bad > 1 else ''}"
-                             + (f"; {hint}" if hint else ""))
-
-
 def check_weights_finite(bundle: "ModelBundle", source: str) -> None:
     """A NaN in a weight file samples black images without a word (and a classifier may still 'read' them):
     refuse such a model at load time, naming the first bad tensor."""
-    for part, module in ((SUBFOLDERS[bundle.family], bundle.transformer), ("vae", bundle.vae)):
+    for part, module in ((SUBFOLDERS[bundle.family], bundle.denoiser), ("vae", bundle.vae)):
         if module is None:
             continue
         for name, tensor in module.state_dict().items():
@@ -69,116 +49,12 @@ def check_weights_finite(bundle: "ModelBundle", source: str) -> None:
                                      "damaged or was saved from a diverged run; re-export or re-train it")
 
 
-@dataclasses.dataclass
-class ModelBundle:
-    """Everything the sampler needs: a denoiser, its scheduler config, and how to turn latents to images.
-
-    `transformer` holds the denoiser whatever its family (the name predates UNets); `family` says which.
-    num_classes is 0 for an unconditional model: it samples from seeds alone and has no guidance.
-    """
-
-    name: str
-    transformer: torch.nn.Module
-    scheduler_config: dict
-    num_classes: int
-    latent_shape: tuple[int, int, int]  # (C, H, W) the transformer denoises
-    vae: torch.nn.Module | None = None
-    vae_scale_factor: float = 0.18215  # DiT's latent scaling (Peebles & Xie, 2023)
-    default_guidance: float = 1.5  # for sample grids
-    eval_guidance: float = 1.5  # the FID protocol's guidance (PTQ4DiT evaluates DiT-XL/2 at 1.5)
-    bundled: bool = False
-    quant_config: dict | None = None  # set when the transformer is a quantized copy
-
-    @property
-    def family(self) -> str:
-        """'dit' or 'unet', from the denoiser's class (quant.denoiser.family_of)."""
-        from quant.denoiser import family_of
-
-        return family_of(self.transformer)
-
-    @property
-    def conditional(self) -> bool:
-        return self.num_classes > 0
-
-    def describe(self) -> str:
-        """One line: family, size and classes, e.g. 'DiT, 6 blocks, classes 0-9'."""
-        m = self.transformer
-        if self.family == "unet":
-            shape = f"UNet, {len(m.down_blocks)} resolutions ({', '.join(map(str, m.config.block_out_channels))} channels)"
-        else:
-            shape = f"DiT, {len(m.transformer_blocks)} blocks"
-        return shape + (f", classes 0-{self.num_classes - 1}" if self.conditional else ", unconditional")
-
-    @property
-    def null_label(self) -> int:
-        # diffusers' LabelEmbedding keeps one extra row after the classes for the dropped (unconditional) label
-        return self.num_classes
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        if self.vae is None:
-            return self.latent_shape
-        c = self.vae.config.out_channels
-        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return (c, self.latent_shape[1] * f, self.latent_shape[2] * f)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
-    def with_transformer(self, transformer: torch.nn.Module, name: str | None = None,
-                         quant_config: dict | None = None) -> "ModelBundle":
-        """A bundle that shares scheduler and VAE but samples with another transformer (e.g. a quantized copy)."""
-        return dataclasses.replace(self, transformer=transformer, name=name or self.name, quant_config=quant_config)
-
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ModelBundle":
-        """Move in place (the bundle owns its modules) and return self."""
-        # diffusers warns whenever a dtype is passed, even a no-op one: pass only what changes.
-        kwargs = {"device": device} if device is not None else {}
-        if dtype is not None and dtype != self.dtype:
-            kwargs["dtype"] = dtype
-        for module in (self.transformer, self.vae):
-            if module is not None and kwargs:
-                module.to(**kwargs)
-        return self
-
-
 def available_models() -> list[dict]:
     """What `load` accepts: the bundled models (with whether their weights are present) and hub examples."""
     rows = [{"name": name, "kind": "bundled", "path": str(path), "available": _bundled_present(path)}
             for name, path in BUNDLED.items()]
     rows += [{"name": hub_id, "kind": "hub", "path": None, "available": None} for hub_id in HUB_EXAMPLES]
     return rows
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' or None picks CUDA when there is one, else the CPU; a CUDA request without a GPU is an error."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu",
-                             ui="No CUDA GPU is available on this machine: choose **auto** or **cpu** as the device "
-                                "in the sidebar.")
-    return device
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def load(source: str, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None) -> ModelBundle:
@@ -202,7 +78,7 @@ def load(source: str, device: str | torch.device | None = "cpu", dtype: str | to
                              f"{' or '.join(repr(b) for b in BUNDLED)}, or a hub id such as facebook/DiT-XL-2-256")
     else:
         bundle = _load_hub(source)
-    bundle.transformer.eval().requires_grad_(False)
+    bundle.denoiser.eval().requires_grad_(False)
     if bundle.vae is not None:
         bundle.vae.eval().requires_grad_(False)
     check_weights_finite(bundle, source)
@@ -243,10 +119,7 @@ def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
 
     quantized = folder / "quant_config.json"
     if quantized.exists():
-        # A model saved by `dqlab quantize` (analysis.bundle_io imports this module, hence the late import).
-        from analysis.bundle_io import load_quantized
-
-        return load_quantized(folder)
+        return load_quantized(folder)  # a model saved by `dqlab quantize`
     mdir, family = _denoiser_dir(folder)
     if not list(mdir.glob("*.safetensors")):
         raise ModelLoadError(f"{mdir} has no .safetensors weights; this project loads safetensors only "
@@ -268,7 +141,7 @@ def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
     num_classes = _num_classes(family, cfg)
     guidance = 1.0 if num_classes == 0 else 1.5  # an unconditional model has no guidance
     return ModelBundle(
-        name=name, transformer=denoiser, scheduler_config=scheduler_config, vae=vae, num_classes=num_classes,
+        name=name, denoiser=denoiser, scheduler_config=scheduler_config, vae=vae, num_classes=num_classes,
         latent_shape=(cfg.in_channels, size, size),
         default_guidance=meta.get("default_guidance", 4.0 if bundled else guidance),
         eval_guidance=meta.get("eval_guidance", guidance), bundled=bundled)

@@ -25,8 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from analysis.models import ModelBundle
-from analysis.quantize_pipeline import output_errors
+from analysis.models.bundle import ModelBundle
+from analysis.quantization.pipeline import output_errors
 from quant.api import QuantConfig, quantize_with_details
 from quant.forward import calibration_batches
 from quant.modules import quant_layers
@@ -135,7 +135,7 @@ def sensitivity(bundle: ModelBundle, w_bits: int | None, a_bits: int | None, cal
     progress = on_progress or (lambda stage, frac: None)
     start = time.perf_counter()
     progress("quantizing", 0.0)
-    result = quantize_with_details(bundle.transformer, config, calibration, batch_size=batch_size, keep_reference=True)
+    result = quantize_with_details(bundle.denoiser, config, calibration, batch_size=batch_size, keep_reference=True)
     model, reference = result.model, result.reference
     batches = calibration_batches(calibration, batch_size)
     channels = bundle.latent_shape[0]

@@ -4,7 +4,7 @@
     cal = calibrate(bundle, spec)                            # FP sampling, recording the transformer's inputs
 
 The seed policy lives here, in the library: calibration images use seeds from CALIBRATION_SEED, while every
-evaluation samples from seed 0 (analysis.evaluate), so the images a model was calibrated on are never the
+evaluation samples from seed 0 (analysis.evaluation.evaluate), so the images a model was calibrated on are never the
 images it is scored on, whichever face (CLI, page, Python) made it.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ import math
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:  # sampling imports diffusers; the CLI reads this module's defaults to build --help
-    from analysis.models import ModelBundle
-    from analysis.sampling import CalibrationData
+    from analysis.models.bundle import ModelBundle
+    from analysis.models.sampling import CalibrationData
 
 # First calibration seed. Evaluations use seeds 0..N-1, so any N below this keeps the two sets disjoint.
 CALIBRATION_SEED = 1_000_000
@@ -48,7 +48,7 @@ class CalibrationSpec:
         if self.guidance is not None and not (isinstance(self.guidance, (int, float)) and math.isfinite(self.guidance)
                                               and self.guidance >= 0):
             raise ValueError(f"calibration guidance must be a finite number >= 0, got {self.guidance!r}")
-        from analysis.sampling import SCHEDULERS
+        from analysis.models.sampling import SCHEDULERS
 
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown calibration scheduler {self.scheduler!r}; choose one of {SCHEDULERS}")
@@ -85,7 +85,7 @@ class CalibrationSpec:
 def calibrate(bundle: ModelBundle, spec: CalibrationSpec | None = None,
               on_step: Callable[[int, int], None] | None = None) -> CalibrationData:
     """The transformer inputs of the spec's FP sampling run; the data carries its resolved spec (.spec)."""
-    from analysis.sampling import sample
+    from analysis.models.sampling import sample
 
     spec = (spec or CalibrationSpec()).resolved(bundle)
     result = sample(bundle, spec.labels(bundle.num_classes), list(spec.seeds), steps=spec.steps,

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from analysis.models import ModelBundle
+from analysis.models.bundle import ModelBundle
 from quant.api import quantize
 from quant.config import QuantConfig
 from quant.int8 import int8_eligible, int8_layers, plan_int8, to_int8
@@ -179,7 +179,7 @@ def int8_bundle(bundle: ModelBundle, batch_images: int = 16, guidance: bool = Tr
     """(a bundle sampling with INT8 linears, the plan): a W8A8 bundle's linears converted where their shape
     measured faster in int8 here, on a forward of `batch_images` images (doubled by classifier-free
     guidance) at a mid timestep. Raises ValueError when the bundle holds no W8A8 layer."""
-    model = bundle.transformer
+    model = bundle.denoiser
     rows = batch_images * (2 if guidance else 1)
     c, h, w = bundle.latent_shape
     g = torch.Generator().manual_seed(0)
@@ -188,7 +188,7 @@ def int8_bundle(bundle: ModelBundle, batch_images: int = 16, guidance: bool = Tr
     if not any(int8_eligible(m) for m in quant_layers(model).values()):
         raise ValueError(f"{bundle.name} has no W8A8 layer to run in int8; quantize with --w-bits 8 --a-bits 8")
     plan = plan_int8(model, tuple(v.to(bundle.device) for v in example))
-    return bundle.with_transformer(to_int8(model, plan), name=f"{bundle.name} [int8]",
+    return bundle.with_denoiser(to_int8(model, plan), name=f"{bundle.name} [int8]",
                                    quant_config=bundle.quant_config), plan
 
 
@@ -245,9 +245,9 @@ def quantize_speed(fp_model, calibration: list, configs, device: torch.device) -
 
 def sampling_speed(bundle: ModelBundle, opts: BenchOptions) -> dict:
     """Plain FP sampling vs salience collection, fake-quant sampling (W8A8; W4A4 with TPQ) and INT8 sampling."""
-    from analysis.quantize_pipeline import calibration_for
-    from analysis.salience import SalienceConfig, collect
-    from analysis.sampling import sample
+    from analysis.models.sampling import sample
+    from analysis.quantization.pipeline import calibration_for
+    from analysis.salience.collect import SalienceConfig, collect
 
     device = torch.device(opts.device)
     labels = [i % bundle.num_classes for i in range(opts.sample_images)]
@@ -258,10 +258,10 @@ def sampling_speed(bundle: ModelBundle, opts: BenchOptions) -> dict:
 
     cal = calibration_for(bundle)
     cal_batches = list(cal.batches(64))
-    fq8 = bundle.with_transformer(quantize(bundle.transformer, W8A8, cal_batches))
-    fq4 = bundle.with_transformer(quantize(bundle.transformer, QuantConfig(method="dilatequant", w_bits=4, a_bits=4),
+    fq8 = bundle.with_denoiser(quantize(bundle.denoiser, W8A8, cal_batches))
+    fq4 = bundle.with_denoiser(quantize(bundle.denoiser, QuantConfig(method="dilatequant", w_bits=4, a_bits=4),
                                            cal_batches))
-    i8 = bundle.with_transformer(to_int8(fq8.transformer))
+    i8 = bundle.with_denoiser(to_int8(fq8.denoiser))
     config = SalienceConfig(steps=opts.sample_steps, samples=opts.sample_images, guidance=bundle.eval_guidance)
     out = {"fp": measure(sampler(bundle), opts.repeats, device),
            "fake_quant_w8a8": measure(sampler(fq8), opts.repeats, device),
@@ -292,17 +292,17 @@ def run_benchmark(opts: BenchOptions, on_stage: Callable[[str], None] | None = N
     device = torch.device(opts.device)
     result = {"machine": machine(), "device": str(device), "repeats": opts.repeats}
     if "bundled" in opts.shapes:
-        from analysis.models import load
+        from analysis.models.loading import load
 
         bundle = load("bundled:dit-mnist", device=str(device))
         say("bundled: sampling, salience collection, fake-quant and INT8 sampling")
         samp = sampling_speed(bundle, opts)
         cal = samp.pop("calibration")
         say("bundled: calibrate + quantize per method")
-        quant = quantize_speed(bundle.transformer, cal, METHOD_CONFIGS, device)
+        quant = quantize_speed(bundle.denoiser, cal, METHOD_CONFIGS, device)
         say("bundled: transformer forward, FP32 / fake-quant / INT8")
         rows = opts.bundled_batch
-        fwd = forward_speed(bundle.transformer, cal, random_batch(bundle.transformer, rows, seed=1), opts)
+        fwd = forward_speed(bundle.denoiser, cal, random_batch(bundle.denoiser, rows, seed=1), opts)
         result["bundled"] = {**samp, "quantize_seconds": quant, **fwd,
                              "ratios": {**samp["ratios"], **fwd["ratios"]}}
     if "dit-xl2" in opts.shapes:

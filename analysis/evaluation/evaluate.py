@@ -29,12 +29,12 @@ from typing import Callable, Mapping
 
 import torch
 
-from analysis import metrics as M
-from analysis.calibration import CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, CalibrationSpec
-from analysis.distributed import is_main, sample_sharded
-from analysis.models import ModelBundle
-from analysis.sampling import sample
-from analysis.store import RunRecord, Store
+from analysis.evaluation import metrics as M
+from analysis.evaluation.distributed import is_main, sample_sharded
+from analysis.evaluation.store import RunRecord, Store
+from analysis.models.bundle import ModelBundle
+from analysis.models.sampling import sample
+from analysis.quantization.calibration import CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, CalibrationSpec
 
 FP_NAME = "FP"
 # The named parts of a result's wall time; "total" is their sum. quantize_seconds includes the calibration
@@ -46,7 +46,7 @@ GRID_IMAGES = 100  # images in a stored grid (10 classes x 10 seeds for the digi
 @dataclasses.dataclass
 class EvalOptions:
     """What to measure and how. reference: None (bundled digits for the bundled model; none otherwise), a
-    folder path, or an analysis.metrics.Reference. extractor: auto | digits | inception."""
+    folder path, or an analysis.evaluation.metrics.Reference. extractor: auto | digits | inception."""
 
     num_samples: int = 2048
     steps: int = 50
@@ -62,7 +62,7 @@ class EvalOptions:
     inception_weights: str | None = None
     batch_size: int | None = None
     cache_fp: bool = True
-    calib_samples: int | None = None  # None: the calibration default (analysis.calibration)
+    calib_samples: int | None = None  # None: the calibration default (analysis.quantization.calibration)
     calib_seed: int = CALIBRATION_SEED  # calibration images use other seeds than the evaluated ones
 
     def calibration(self, bundle: ModelBundle) -> CalibrationSpec:
@@ -89,7 +89,7 @@ class EvalResult:
 def eval_labels_seeds(num_classes: int, n: int, seed: int = 0) -> tuple[list[int], list[int]]:
     """Balanced classes (image i asks for class i mod K) with consecutive seeds from `seed`; an unconditional
     model (K = 0) gets the no-class label on every image."""
-    from analysis.sampling import NO_CLASS
+    from analysis.models.sampling import NO_CLASS
 
     labels = [i % num_classes for i in range(n)] if num_classes else [NO_CLASS] * n
     return labels, list(range(seed, seed + n))
@@ -142,7 +142,7 @@ def check_options(bundle: ModelBundle, opts: EvalOptions) -> tuple[str, M.Refere
 def model_fingerprint(bundle: ModelBundle) -> str:
     """A hash of the transformer's weights: the FP sample cache must not outlive a retrained model."""
     h = hashlib.sha256(bundle.name.encode())
-    for name, tensor in bundle.transformer.state_dict().items():
+    for name, tensor in bundle.denoiser.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
@@ -272,7 +272,7 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
         m.update(_variant_measures(v, fp, is_fp))
         m.update((extra_metrics or {}).get(name, {}))
         if fp.bundled and fp.conditional:
-            from analysis.classifier import label_agreement
+            from analysis.evaluation.classifier import label_agreement
 
             m["label_agreement"] = label_agreement(images, labels)
         timings["scoring"] = round(time.perf_counter() - t2, 3)
@@ -319,7 +319,7 @@ def evaluate(bundle: ModelBundle, config, options: EvalOptions | None = None, st
     """The whole evaluation of one configuration (a quant.api.QuantConfig, or None for FP): validate, quantize
     (skipped for method "fp"), sample FP and the variant at the same seeds, score, and store.
 
-    calibration: a CalibrationSpec, CalibrationData sampled by analysis.calibration.calibrate (it carries its
+    calibration: a CalibrationSpec, CalibrationData sampled by analysis.quantization.calibration.calibrate (it carries its
     spec), or None for the evaluation's own (opts.calibration). The run is stored with its recipe key, so a
     later sweep finds it (fingerprint: model_fingerprint(bundle), when the caller has it already)."""
     from quant.api import QuantConfig
@@ -341,7 +341,7 @@ def evaluate(bundle: ModelBundle, config, options: EvalOptions | None = None, st
     if config.method == "fp":
         variants = {FP_NAME: None}
     else:
-        from analysis.quantize_pipeline import quantize_bundle
+        from analysis.quantization.pipeline import quantize_bundle
 
         q_progress = (lambda stage, frac: on_progress(f"Quantizing: {stage}", 0.3 * frac)) if on_progress else None
         variant = quantize_bundle(bundle, config, calibration=calibration, on_progress=q_progress)
@@ -409,7 +409,7 @@ def _variant_measures(v, fp: ModelBundle, is_fp: bool) -> dict:
     if is_fp:
         from quant.io import fp_weight_bytes
 
-        size = fp_weight_bytes(fp.transformer)
+        size = fp_weight_bytes(fp.denoiser)
         return {"rel_rms": 0.0, "rel_rms_step_median": 0.0, "weight_bytes": size, "fp_weight_bytes": size}
     report = getattr(v, "report", None) or {}
     out = {k: report[k] for k in ("rel_rms", "rel_rms_step_median", "weight_bytes", "fp_weight_bytes") if k in report}
@@ -426,6 +426,6 @@ def _variant_timings(v) -> dict:
 
 
 def _grid(images: torch.Tensor, num_classes: int):
-    from analysis.images import make_grid
+    from analysis.evaluation.images import make_grid
 
     return make_grid(images, ncol=min(num_classes, 10) if num_classes else 10)

@@ -1,6 +1,6 @@
 """Per-channel quantization error of weights and activations: what a layer loses, channel by channel, at a
-bit-width. Tensor functions only; analysis.salience records them during collection and
-analysis.salience_measures reads them back.
+bit-width. Tensor functions only; analysis.salience.collect records them during collection and
+analysis.salience.measures reads them back.
 """
 from __future__ import annotations
 

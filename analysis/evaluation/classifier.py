@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from analysis.digits import RESOLUTION
-from analysis.resources import asset_path
+from analysis.models.digits import RESOLUTION
+from analysis.models.resources import asset_path
 
 CLASSIFIER_DIR = asset_path("digit-classifier")
 FEATURE_DIM = 128

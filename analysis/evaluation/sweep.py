@@ -8,12 +8,12 @@ the cheapest setting within a quality tolerance.
 
 Every point shares one FP calibration set (the same seeds, steps and guidance) and is scored against one FP
 reference sample set (same labels and seeds; FP is sampled once and cached). Each point is stored in the run
-store with a recipe key (analysis.evaluate.recipe_key); a point whose key is already stored is read back
+store with a recipe key (analysis.evaluation.evaluate.recipe_key); a point whose key is already stored is read back
 instead of measured, so an interrupted sweep resumes where it stopped and a repeated one costs seconds.
 
 Per point: FID vs FP with its 95% interval, FID vs real, label agreement (bundled model), rel_rms (relative RMS error of the noise prediction) and its
 per-timestep profile (noise prediction vs FP on the calibration inputs), stored weight bytes, BOPs
-(analysis.bops) and the time it took.
+(analysis.quantization.sizes) and the time it took.
 
 Options (one per point, combined with every method and bit-width):
     default      the method's own setting (TPQ on for dilatequant only)
@@ -24,7 +24,7 @@ Options (one per point, combined with every method and bit-width):
     keep8:K      mixed precision: the K layers the sensitivity analysis ranks hardest at W8A8 (points whose
                  bits are already 8 skip it)
     keep8-least:K  the control: the K layers ranked easiest at W8A8 (the same size as keep8:K)
-The sensitivity ranking (analysis.sensitivity, plain PTQ at the point's bits, on the shared calibration set)
+The sensitivity ranking (analysis.quantization.sensitivity, plain PTQ at the point's bits, on the shared calibration set)
 is cached beside the store.
 """
 from __future__ import annotations
@@ -37,12 +37,19 @@ import re
 import time
 from typing import Callable
 
-from analysis.bops import bops, float_bits_of, mac_table
-from analysis.calibration import CALIBRATION_SEED, calibrate
-from analysis.evaluate import EvalOptions, eval_guidance, evaluate, find_stored, model_fingerprint, recipe_key
-from analysis.models import ModelBundle
-from analysis.sensitivity import mixed_config, top_layers
-from analysis.store import Store
+from analysis.evaluation.evaluate import (
+    EvalOptions,
+    eval_guidance,
+    evaluate,
+    find_stored,
+    model_fingerprint,
+    recipe_key,
+)
+from analysis.evaluation.store import Store
+from analysis.models.bundle import ModelBundle
+from analysis.quantization.calibration import CALIBRATION_SEED, calibrate
+from analysis.quantization.sensitivity import mixed_config, top_layers
+from analysis.quantization.sizes import bops, float_bits_of, mac_table
 from quant.config import METHODS, QuantConfig
 from quant.measures import step_median
 
@@ -254,7 +261,7 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
     guidance = eval_guidance(bundle, opts)
     fingerprint = model_fingerprint(bundle)
     calib_spec = opts.calibration(bundle).resolved(bundle)  # one FP calibration set for every point
-    table, fbits = mac_table(bundle.transformer), float_bits_of(bundle.transformer)
+    table, fbits = mac_table(bundle.denoiser), float_bits_of(bundle.denoiser)
     progress = on_progress or (lambda stage, frac: None)
     grid = [("fp", "FP", "default")] + spec.grid()
     total = len(grid)
@@ -315,7 +322,7 @@ def _ranking(bundle: ModelBundle, bits: str, get_calibration, calib_spec, finger
              on_progress) -> dict:
     """The per-layer sensitivity ranking at `bits` on the shared calibration set, cached beside the store (it
     is deterministic for a model and calibration set, and a resumed sweep must rebuild the same mixed configs)."""
-    from analysis.sensitivity import sensitivity
+    from analysis.quantization.sensitivity import sensitivity
 
     w, a = parse_bits(bits)
     key = hashlib.sha256(json.dumps([fingerprint, bits, calib_spec.to_dict()], sort_keys=True).encode()).hexdigest()[:20]

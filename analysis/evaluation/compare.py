@@ -16,10 +16,10 @@ from typing import Callable, Mapping
 
 import torch
 
-from analysis.metrics import per_timestep_error, transformer_outputs
-from analysis.models import ModelBundle
-from analysis.sampling import sample
-from analysis.speed import forward_profile
+from analysis.evaluation.metrics import per_timestep_error, transformer_outputs
+from analysis.evaluation.speed import forward_profile
+from analysis.models.bundle import ModelBundle
+from analysis.models.sampling import sample
 from quant.measures import relative_rms, step_median
 
 FP_NAME = "FP"
@@ -40,7 +40,7 @@ class Comparison:
     drift: list[dict]  # {"variant", "step", "t", "rel_rms_drift"} along each variant's own trajectory
     seconds: dict[str, float]
     label_agreement: dict[str, float] | None = None  # bundled digit model only
-    speed: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> analysis.speed.forward_profile
+    speed: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> analysis.evaluation.speed.forward_profile
 
     def summary(self) -> list[dict]:
         """One row per model: mean MSE vs FP and its PSNR (infinite for images identical to FP, FP's own row
@@ -82,7 +82,7 @@ def image_errors(reference: torch.Tensor, images: torch.Tensor) -> tuple[list[fl
 
 
 def _as_bundle(variant) -> ModelBundle:
-    """Accept a ModelBundle or anything with a .bundle (analysis.quantize_pipeline.Variant)."""
+    """Accept a ModelBundle or anything with a .bundle (analysis.quantization.pipeline.Variant)."""
     return variant if isinstance(variant, ModelBundle) else variant.bundle
 
 
@@ -123,30 +123,30 @@ def compare(fp: ModelBundle, variants: Mapping[str, object], labels: list[int], 
     fp_res = sample(fp, labels, seeds, record="all", on_step=stage_cb(f"Sampling {FP_NAME}"), **kw)
     advance(f"Sampled {FP_NAME}")
     calib = fp_res.calibration
-    fp_out = transformer_outputs(fp.transformer, calib, fp.latent_shape[0])
+    fp_out = transformer_outputs(fp.denoiser, calib, fp.latent_shape[0])
     advance(f"{FP_NAME} outputs")
     timesteps = calib.timesteps
     images, seconds = {FP_NAME: fp_res.images}, {FP_NAME: fp_res.seconds}
     # Speed beside quality: every model's forward on the same batch (the FP trajectory's inputs of one step,
     # guidance included), timed here, with the stored size of its weights.
     speed_batch = next(calib.batches(2 * len(labels)))
-    speed = {FP_NAME: forward_profile(fp.transformer, speed_batch)}
+    speed = {FP_NAME: forward_profile(fp.denoiser, speed_batch)}
     errs, step_rows, drift_rows = [], [], []
     for name, b in bundles.items():
         res = sample(b, labels, seeds, on_step=stage_cb(f"Sampling {name}"), **kw)
         advance(f"Sampled {name}")
         images[name], seconds[name] = res.images, res.seconds
-        speed[name] = forward_profile(b.transformer, speed_batch)
+        speed[name] = forward_profile(b.denoiser, speed_batch)
         mse, ps = image_errors(fp_res.images, res.images)
         errs += [{"variant": name, "index": i, "label": labels[i], "seed": seeds[i], "mse": m, "psnr": p}
                  for i, (m, p) in enumerate(zip(mse, ps))]
-        step_rows += [{"variant": name, **r} for r in per_timestep_error(fp_out, b.transformer, calib)]
+        step_rows += [{"variant": name, **r} for r in per_timestep_error(fp_out, b.denoiser, calib)]
         drift_rows += [{"variant": name, "step": i, "t": timesteps[i], "rel_rms_drift": relative_rms(xv, xf)}
                        for i, (xv, xf) in enumerate(zip(res.trajectory, fp_res.trajectory))]
         advance(f"Scored {name}")
     agreement = None
     if fp.bundled and fp.conditional:
-        from analysis.classifier import label_agreement
+        from analysis.evaluation.classifier import label_agreement
 
         agreement = {name: label_agreement(imgs, labels) for name, imgs in images.items()}
     return Comparison(names=[FP_NAME, *bundles], labels=list(labels), seeds=list(seeds), steps=steps,
@@ -208,7 +208,7 @@ def metrics_rows(comparison: Comparison, scores: list[dict] | None = None) -> li
 def comparison_view(cmp: Comparison, scores: list[dict] | None, ncol: int) -> dict:
     """Everything the Compare page draws, in plain data (grids as PIL images): the same form whether the
     comparison was just computed or read back from the store (latest_comparison)."""
-    from analysis.images import make_grid
+    from analysis.evaluation.images import make_grid
 
     # grids large enough for a projector (a cell at least 96 px), each column labelled with its class
     col_labels = [str(c) for c in cmp.labels[:ncol]] if min(cmp.labels[:ncol], default=-1) >= 0 else None
@@ -227,7 +227,7 @@ def store_comparison(store, model: str, view: dict, cmp: Comparison, variants: M
     Returns the comparison's id."""
     import uuid
 
-    from analysis.store import RunRecord
+    from analysis.evaluation.store import RunRecord
 
     cid = uuid.uuid4().hex[:12]
     for name, row in zip(view["names"], view["rows"]):

@@ -4,7 +4,7 @@
   channels of a layer, per timestep (PTQ4DiT's SSC, DESIGN.md section 4, uses rho_t to weight timesteps:
   eta = softmax(-rho)). A low or negative rho means the two saliences are complementary: the channels
   with extreme activations are not the ones with extreme weights, so a per-channel scale can balance them.
-- Per-channel quantization MSE, as recorded by analysis.salience (computed in analysis.channel_error).
+- Per-channel quantization MSE, as recorded by analysis.salience.collect (computed in analysis.salience.channel_error).
 - Temporal variability of each channel's salience across timesteps (range, coefficient of variation).
 - A per-layer difficulty table: outlier ratios max/median over channels, temporal ratio, mean rho.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from analysis.salience import SalienceStats, base_name, layer_block, layer_kind
+from analysis.salience.collect import SalienceStats, base_name, layer_block, layer_kind
 from quant import measures
 
 _TINY = 1e-12

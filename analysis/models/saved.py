@@ -3,9 +3,9 @@
 Folder layout:
     quant_config.json   quant.io's record (format tag, QuantConfig, model class and config, packed weight
                         shapes) plus the scheduler config, the bundle's sampling metadata, the base
-                        source it was made from and its recipe (analysis.recipe: source, config and
+                        source it was made from and its recipe (analysis.quantization.recipe: source, config and
                         calibration, which rebuild it)
-    model.safetensors   the quantized transformer (quant.io: low-bit weights bit-packed)
+    model.safetensors   the quantized denoiser (quant.io: low-bit weights bit-packed)
     vae/                the base bundle's VAE when it has one (not quantized)
 The folder is self-contained: loading it never needs the base model, whose weights may have changed since.
 """
@@ -13,9 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch.nn as nn
-
-from analysis.models import ModelBundle, ModelLoadError, load
+from analysis.models.bundle import ModelBundle, ModelLoadError
 from quant.config import QuantConfig
 from quant.io import QuantizedFolderError, read_quantized, write_quantized
 
@@ -26,20 +24,14 @@ def _bundle_meta(bundle: ModelBundle) -> dict:
             "eval_guidance": bundle.eval_guidance, "bundled": bundle.bundled}
 
 
-def save_quantized(bundle_or_model: ModelBundle | nn.Module, config: QuantConfig, folder,
-                   base_source: str | None = None, recipe=None) -> Path:
-    """Write a quantized bundle (or a quantized transformer plus `base_source` for the rest) to `folder`, with
-    the analysis.recipe.Recipe that made it when there is one (analysis.recipe.read_recipe reads it back)."""
-    if isinstance(bundle_or_model, ModelBundle):
-        bundle = bundle_or_model
-    elif isinstance(bundle_or_model, nn.Module):
-        if base_source is None:
-            raise ValueError("saving a bare quantized transformer needs base_source (the FP model it came from) "
-                             "for its scheduler and VAE; or pass a ModelBundle")
-        bundle = load(base_source, device="cpu").with_transformer(bundle_or_model)
-    else:
-        raise ValueError(f"expected a ModelBundle or an nn.Module, got {type(bundle_or_model).__name__}")
-    folder = write_quantized(bundle.transformer, config, folder,
+def save_quantized(bundle: ModelBundle, config: QuantConfig, folder, base_source: str | None = None,
+                   recipe=None) -> Path:
+    """Write a quantized bundle to `folder`, with the FP source it came from and the
+    analysis.quantization.recipe.Recipe that made it when there is one (read_recipe reads it back)."""
+    if not isinstance(bundle, ModelBundle):
+        raise ValueError(f"expected a ModelBundle, got {type(bundle).__name__}; wrap a quantized denoiser with "
+                         "fp_bundle.with_denoiser(model)")
+    folder = write_quantized(bundle.denoiser, config, folder,
                              meta={"base_source": base_source, "scheduler_config": bundle.scheduler_config,
                                    "bundle": _bundle_meta(bundle),
                                    "recipe": recipe.to_dict() if recipe is not None else None})
@@ -54,7 +46,7 @@ def load_quantized(folder) -> ModelBundle:
 
     folder = Path(folder)
     try:
-        transformer, config, meta = read_quantized(folder)
+        denoiser, config, meta = read_quantized(folder)
     except QuantizedFolderError as exc:
         raise ModelLoadError(str(exc)) from None
     vae = None
@@ -62,7 +54,7 @@ def load_quantized(folder) -> ModelBundle:
         vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
     b = meta["bundle"]
     name = b["name"] if config.label in b["name"] else f"{b['name']} [{config.label}]"
-    return ModelBundle(name=name, transformer=transformer, scheduler_config=meta["scheduler_config"],
+    return ModelBundle(name=name, denoiser=denoiser, scheduler_config=meta["scheduler_config"],
                        num_classes=b["num_classes"], latent_shape=tuple(b["latent_shape"]), vae=vae,
                        vae_scale_factor=b["vae_scale_factor"], default_guidance=b["default_guidance"],
                        eval_guidance=b.get("eval_guidance", b["default_guidance"]), bundled=b["bundled"],
