@@ -70,6 +70,12 @@ def compare_view(bundle) -> None:
     session_variants = {n: everything[n] for n in
                         owned_variants(everything, st.session_state.get("variant_origin", {}), mkey)}
     mine = st.session_state.setdefault("my_runs", set())
+    cid = st.query_params.get("cmp")
+    # after a reload: the comparison this page's address names (yours), never someone else's latest one; its runs
+    # are yours again
+    stored = latest_comparison(store(), bundle.name, comparison=cid) if cid else None
+    if stored is not None:
+        mine.update(stored["run_ids"])
     pending = st.session_state.pop("compare_add", None)
     kept = {*st.session_state.get("compare_pick", []), pending}
     everyone = st.toggle("List everyone's stored runs too", key="cmp_everyone",
@@ -124,11 +130,7 @@ def compare_view(bundle) -> None:
         st.caption(f"Compared on {produced_by(mkey)}.")
         _show(result["view"])
         return
-    cid = st.query_params.get("cmp")
-    # after a reload: the comparison this page's address names (yours), never someone else's latest one
-    stored = latest_comparison(store(), bundle.name, comparison=cid) if cid else None
     if stored is not None:
-        mine.update(stored["run_ids"])
         st.info(f"Your comparison of {stored['created']}, kept in the run store"
                 + (f" ({stored['produced_by']})" if stored.get("produced_by") else "")
                 + ". Press **Compare** for a new one.")

@@ -114,7 +114,13 @@ def test_quantize_form_shows_only_the_chosen_methods_options():
                     for w in at.get(kind) if w.key}
     shown = keys()
     assert {"q_ssc", "q_ssc_rho"} <= shown and "q_alpha" not in shown  # ptq4dit first
-    assert {"q_w_symmetric", "q_a_symmetric", "q_w_per_channel", "q_percentile", "q_scale_search"} <= shown
+    assert {"q_w_symmetric", "q_a_symmetric", "q_w_per_channel", "q_scale_search"} <= shown
+    assert "q_percentile" not in shown  # the percentile box appears only when the range search uses it
+    at.selectbox(key="q_scale_search").set_value("percentile")
+    at.run()
+    assert "q_percentile" in keys()
+    at.selectbox(key="q_scale_search").set_value("minmax")
+    at.run()
     at.selectbox(key="q_method").set_value("smoothquant")
     at.run()
     shown = keys()
@@ -122,6 +128,8 @@ def test_quantize_form_shows_only_the_chosen_methods_options():
     at.selectbox(key="q_method").set_value("baseline")
     at.run()
     assert not {"q_alpha", "q_ssc", "q_ssc_rho"} & keys()
+    assert at.number_input(key="q_recon_lr").value is None
+    assert at.number_input(key="q_recon_lr").proto.placeholder == "default"  # an empty box says what it means
     at.selectbox(key="q_method").set_value("smoothquant")
     at.run()
     at.number_input(key="q_alpha").set_value(0.25)

@@ -3,9 +3,10 @@
     dqlab quantize --method ptq4dit --w-bits 4 --a-bits 8 --out runs/ptq4dit-w4a8 --json
     dqlab sample --model runs/ptq4dit-w4a8 --out grid.png        # the saved folder loads like any model
 
-rel_rms is the relative RMS error ||eps_q - eps_fp|| / ||eps_fp|| of the noise prediction over the calibration
-inputs (the FP model's own sampling trajectory), so it measures the quantized model on the inputs it was
-calibrated on. The saved folder holds the recipe (source, config, calibration) that rebuilds it.
+rel_rms_step_median is the headline error: the relative RMS error ||eps_q - eps_fp|| / ||eps_fp|| of the noise
+prediction at each calibrated timestep (rel_rms_per_timestep), median over the timesteps; rel_rms is the same
+error pooled over all timesteps, which the last steps dominate. Both are measured on the calibration inputs (the
+FP model's own sampling trajectory), so they measure the quantized model on the inputs it was calibrated on. The saved folder holds the recipe (source, config, calibration) that rebuilds it.
 """
 from __future__ import annotations
 
@@ -175,7 +176,8 @@ def run(args) -> dict:
            "calibration_rows": r["calibration_rows"], "calibration_steps": cal["steps"],
            "calibration_samples": cal["images"], "calibration": cal, "layers_quantized": r["layers_quantized"],
            "weight_bytes": r["weight_bytes"], "fp_weight_bytes": r["fp_weight_bytes"],
-           "rel_rms": r["rel_rms"], "rel_rms_per_timestep": r["rel_rms_per_timestep"],
+           "rel_rms_step_median": r["rel_rms_step_median"], "rel_rms": r["rel_rms"],
+           "rel_rms_per_timestep": r["rel_rms_per_timestep"],
            "layer_error": r["layer_error"], "config": config.to_dict(), "recon": recon_summary(r["recon"]),
            "balance": r["balance"],
            "out": None}
@@ -184,7 +186,8 @@ def run(args) -> dict:
         out["out"] = str(folder)
         (folder / REPORT_FILE).write_text(json.dumps(out, indent=2, default=str))
     mb = lambda n: f"{n / 2 ** 20:.2f} MiB"  # noqa: E731
-    human = (f"{config.label}: relative RMS error {r['rel_rms']:.4g} vs FP, {r['layers_quantized']} layers, "
+    human = (f"{config.label}: noise-prediction error vs FP {r['rel_rms_step_median']:.4g} (median over steps; "
+             f"pooled {r['rel_rms']:.4g}), {r['layers_quantized']} layers, "
              f"{mb(r['weight_bytes'])} (FP {mb(r['fp_weight_bytes'])}), {out['seconds']:.1f}s "
              f"({r['calibration_seconds']:.1f}s calibration sampling + {r['seconds']:.1f}s quantization)"
              + (f" -> {out['out']}" if out["out"] else "") + "\n" + balance_lines(r["balance"]))

@@ -65,8 +65,9 @@ def salience_before_after(salience: dict, group: str, sort: bool = False) -> go.
     fig.update_yaxes(title_text="activation units", row=1, col=1, **log_axis(_pos(np.r_[x_b, x_a])))
     fig.update_yaxes(title_text="weight units", row=2, col=1, **log_axis(_pos(np.r_[w_b, w_a])))
     fig.update_xaxes(title_text=xlabel, row=2, col=1)
-    fig.update_layout(title=wrap(f"{group}: per-channel salience before and after folding", 60), height=560,
-                      margin=_MARGIN, hovermode="x unified", legend=dict(orientation="h", y=-0.12))
+    fig.update_layout(title=f"{group}:<br>per-channel salience before and after folding", height=580,
+                      margin=dict(l=10, r=10, t=80, b=10), hovermode="x unified",
+                      legend=dict(orientation="h", y=-0.12))
     return fig
 
 
@@ -125,7 +126,8 @@ def ssc_figure(ssc: dict, group: str) -> go.Figure:
                      tickvals=[-1, -0.5, 0, 0.5, 1], ticktext=["-1", "-0.5", "0", "0.5", "1"])
     fig.update_xaxes(title_text="calibration row in recording order (timestep in hover)" if per_sample
                      else "timestep t, in sampling order: noisiest (largest t) left", type="category")
-    fig.update_layout(title=wrap(f"{group}: salience calibration (SSC) weights", 48), height=400, margin=_MARGIN,
+    fig.update_layout(title=f"{group}:<br>salience calibration (SSC) weights", height=420,
+                      margin=dict(l=10, r=10, t=80, b=10),
                       legend=dict(orientation="h", y=-0.25))
     return fig
 
