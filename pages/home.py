@@ -4,7 +4,6 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis.app_state import HOME_CLASSES
-from analysis.models.sampling import NO_CLASS
 from pages._shared import current_bundle, intro, progress_callback
 
 st.title("dqlab: quantizing diffusion transformers")
@@ -28,6 +27,7 @@ if bundle is not None:
     import time
 
     from analysis.app_state import HOME_GRIDS, model_key, produced_by
+    from analysis.models.sampling import NO_CLASS  # torch: imported after the heading is drawn
 
     n_params = sum(p.numel() for p in bundle.denoiser.parameters())
     st.caption(f"Model `{bundle.name}` on {bundle.device}: {n_params / 1e6:.1f}M parameters, {bundle.describe()}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 
 import streamlit as st
-import torch
 
 from pages._shared import current_bundle, intro, option_grid, option_widget, progress_callback
 
@@ -182,6 +181,8 @@ def _show_recon(recon: dict) -> None:
 
 def _default_group(salience: dict) -> int:
     """The group whose activation maxima are most uneven before folding: where balancing matters most."""
+    import torch
+
     from quant.measures import outlier_ratio
 
     ratios = [float(outlier_ratio(torch.as_tensor(s["x_before"]))) for s in salience.values()]
