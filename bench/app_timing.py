@@ -111,7 +111,7 @@ def _walk(pg, out: dict, folder: Path, tag: str, repeats: int) -> None:
     set_number(pg, "Calibration images", 2)
     set_number(pg, "Calibration DDIM steps", 5)
     pg.get_by_role("button", name="Quantize").click()
-    pg.get_by_text("Noise-prediction error vs FP (median over steps)").first.wait_for()
+    pg.get_by_text("Median step error vs FP").first.wait_for()
     _idle(pg)
     out["screenshots"][f"quantize-{tag}"] = _shoot(pg, folder / f"quantize-{tag}.png")
 

@@ -143,7 +143,12 @@ BITS = [2, 3, 4, 5, 6, 7, 8, 16]
 TRISTATE = {"default": None, "on": True, "off": False}
 
 
-def option_widget(container, opt, key: str):
+# Examples of layer-name patterns, in the model's own names (a UNet has no transformer_blocks).
+PATTERN_EXAMPLES = {"dit": "e.g. pos_embed.proj, *.ff.net.2, transformer_blocks.0",
+                    "unet": "e.g. conv_in, *.conv_shortcut, down_blocks.0"}
+
+
+def option_widget(container, opt, key: str, family: str = "dit"):
     """The widget for one quant.options.Option (a QuantConfig field or a method's option), returning a value
     the config accepts. Every form that sets quantization options draws them with this, from the registry."""
     label, help_text = opt.label, opt.help
@@ -159,7 +164,7 @@ def option_widget(container, opt, key: str):
         return TRISTATE[value]
     if opt.kind == "patterns":
         text = container.text_input(label, value=", ".join(opt.default), key=key, help=help_text + "; comma-separated",
-                                    placeholder="e.g. pos_embed.proj, *.ff.net.2, transformer_blocks.0")
+                                    placeholder=PATTERN_EXAMPLES.get(family, PATTERN_EXAMPLES["dit"]))
         return [p.strip() for p in text.split(",") if p.strip()]
     if opt.choices:
         choices = list(opt.choices)
@@ -178,7 +183,7 @@ def option_widget(container, opt, key: str):
     return container.text_input(label, value=str(opt.default), key=key, help=help_text)
 
 
-def option_grid(options, key_prefix: str, columns: int = 4) -> dict:
+def option_grid(options, key_prefix: str, columns: int = 4, family: str = "dit") -> dict:
     """Widgets for `options` laid out in rows of `columns`; {option name: value}."""
     values = {}
     for start in range(0, len(options), columns):
@@ -189,5 +194,5 @@ def option_grid(options, key_prefix: str, columns: int = 4) -> dict:
             values[opt.name] = option_widget(col, opt, f"{key_prefix}{opt.name}")
     for opt in options:
         if opt.kind == "patterns":
-            values[opt.name] = option_widget(st, opt, f"{key_prefix}{opt.name}")
+            values[opt.name] = option_widget(st, opt, f"{key_prefix}{opt.name}", family)
     return values

@@ -54,7 +54,7 @@ def _form(bundle):
     common = [o for o in described.values() if o.name not in ("method", "scale_search", "percentile")]
     inputs = "UNet" if bundle.family == "unet" else "transformer"
     with st.form("quantize_form"):
-        fields.update(option_grid([o for o in common if o.group == "quantization"], "q_"))
+        fields.update(option_grid([o for o in common if o.group == "quantization"], "q_", family=bundle.family))
         own = REGISTRY[method].describe_options()
         if own:
             st.markdown(f"**{method} options**")
@@ -139,11 +139,16 @@ def _quantize(bundle, fields: dict, samples: int, steps: int, name: str) -> None
     from analysis.app_state import model_key
 
     variants = st.session_state.setdefault("variants", {})
+    origins = st.session_state.setdefault("variant_origin", {})
+    if variant.name in variants and tuple(origins.get(variant.name, ())) != model_key(bundle):
+        # the same setting made from another model or precision: both are kept, under names that say which
+        name, _, dtype = model_key(bundle)
+        variant = dataclasses.replace(variant, name=f"{variant.name} ({name.removeprefix('bundled:')}, {dtype})")
     if variant.name in variants:
         st.info(f"Replaced the earlier variant named '{variant.name}'.")
     variants[variant.name] = variant
     # which FP model (source, device, precision) it came from: shown only beside that model
-    st.session_state.setdefault("variant_origin", {})[variant.name] = model_key(bundle)
+    origins[variant.name] = model_key(bundle)
     st.session_state["q_pick"] = variant.name  # show the new variant (set before the picker is drawn)
 
 
@@ -210,7 +215,7 @@ def _show(bundle, variants: dict) -> None:
     r = v.report
     m1, m2, m3, m4 = st.columns(4)
     headline = r.get("rel_rms_step_median", r["rel_rms"])
-    m1.metric("Noise-prediction error vs FP (median over steps)", f"{headline:.4f}",
+    m1.metric("Median step error vs FP", f"{headline:.4f}",
               help="||eps_q - eps|| / ||eps|| of the noise prediction at each calibrated timestep, median over "
                    "the timesteps (the curve below shows every step). Pooled over all timesteps it reads "
                    f"{r['rel_rms']:.4f}: the last steps, where the noise left in x_t is below one quantization "

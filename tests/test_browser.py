@@ -75,7 +75,7 @@ def test_salience_quantize_sweep_compare_flow(page, tmp_path):
     _set_number(page, "Calibration images", 2)
     _set_number(page, "Calibration DDIM steps", 5)
     page.get_by_role("button", name="Quantize").click()
-    page.get_by_text("Noise-prediction error vs FP (median over steps)").first.wait_for()
+    page.get_by_text("Median step error vs FP").first.wait_for()
     page.get_by_text("over 5 timesteps").first.wait_for()
     # before/after, vector, per-layer error: the texts above can arrive before the last chart is drawn
     page.wait_for_function("document.querySelectorAll(\"[data-testid='stPlotlyChart']\").length >= 3",

@@ -57,7 +57,7 @@ async def _quantize_small(page) -> None:
         await box.fill(str(value))
         await box.press("Tab")
     await page.get_by_role("button", name="Quantize").click()
-    await page.get_by_text("Noise-prediction error vs FP (median over steps)").first.wait_for()
+    await page.get_by_text("Median step error vs FP").first.wait_for()
 
 
 async def _compare_options(page) -> list[str]:

@@ -49,6 +49,12 @@ def test_a_variant_stays_with_the_precision_it_was_quantized_from(tmp_path, monk
     # the bfloat16 variant is not offered beside the float32 model: no picker, no metrics
     assert not [s for s in at.selectbox if s.key == "q_pick"]
     assert not at.metric
+    # the same setting quantized from float32 is kept beside it, under a name that says which, not over it
+    next(b for b in at.button if b.label == "Quantize").click()
+    at.run()
+    assert not at.exception, at.exception
+    assert list(at.session_state["variants"]) == ["baseline W8A8", "baseline W8A8 (dit-mnist, float32)"]
+    assert at.selectbox(key="q_pick").options == ["baseline W8A8 (dit-mnist, float32)"]
     at.sidebar.selectbox(key="_sb_dtype").set_value("bfloat16")
     at.run()
-    assert at.selectbox(key="q_pick").value == "baseline W8A8"
+    assert at.selectbox(key="q_pick").options == ["baseline W8A8"]

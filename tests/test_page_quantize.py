@@ -31,7 +31,7 @@ def test_quantize_page_runs_ptq4dit_and_keeps_the_variant():
     assert v.config.method == "ptq4dit" and v.report["calibration_rows"] == 2 * 5 * 2  # samples x steps x [c; u]
     assert v.bundle.quant_config["method"] == "ptq4dit"
     # the headline: median over steps of the per-step error, with the pooled value in its help
-    headline = next(m for m in at.metric if m.label == "Noise-prediction error vs FP (median over steps)")
+    headline = next(m for m in at.metric if m.label == "Median step error vs FP")
     assert float(headline.value) == round(v.report["rel_rms_step_median"], 4) and 0 < float(headline.value) < 1
     assert f"{v.report['rel_rms']:.4f}" in headline.proto.help
     charts = at.get("plotly_chart")

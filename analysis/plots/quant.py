@@ -140,6 +140,11 @@ def _kind(layer: str) -> str:
     return "embedding / output"
 
 
+# Calm colours per layer kind: a kind is not an alarm (plotly's default palette paints attention red).
+KIND_COLORS = {"attention": "#4c78a8", "MLP": "#f58518", "adaLN / embedding": "#72b7b2",
+               "embedding / output": "#54a24b", "attention operands": "#b279a2"}
+
+
 def layer_error_figure(layer_error: dict, title: str = "Per-layer relative output error") -> go.Figure:
     """Bars in model order: ||Y_q - Y|| / ||Y|| of each quantized layer on its own input, coloured by kind."""
     names = list(layer_error)
@@ -149,6 +154,7 @@ def layer_error_figure(layer_error: dict, title: str = "Per-layer relative outpu
     for kind in dict.fromkeys(kinds):
         idx = [i for i, k in enumerate(kinds) if k == kind]
         fig.add_trace(go.Bar(x=[_short(names[i]) for i in idx], y=[vals[i] for i in idx], name=kind,
+                             marker_color=KIND_COLORS.get(kind, "#9d755d"),
                              customdata=[names[i] for i in idx],
                              hovertemplate="%{customdata}<br>rel. error %{y:.4g}<extra></extra>"))
     worst = names[int(np.argmax(vals))] if vals else "-"
