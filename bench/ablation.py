@@ -127,15 +127,15 @@ def main() -> None:
                 variant = quantize_bundle(bundle, config, cal)
                 seconds = time.perf_counter() - t0
             r = variant.report
-            blocks = [u["seconds"] for u in (r["recon"] or {}).get("units", [])
+            blocks = [u["seconds"] for u in (r.recon or {}).get("units", [])
                       if u["name"].startswith("transformer_blocks.") and "emb" not in u["name"]]
             measured[name] = {"row": row, "bits": f"W{w}A{a}", "label": config.label, "config": config.to_dict(),
-                              "rel_rms": r["rel_rms"],
-                              "rel_rms_per_timestep": r["rel_rms_per_timestep"], "quantize_seconds": round(seconds, 3),
-                              "recon_seconds": (r["recon"] or {}).get("seconds"),
+                              "rel_rms": r.rel_rms,
+                              "rel_rms_per_timestep": r.rel_rms_per_timestep, "quantize_seconds": round(seconds, 3),
+                              "recon_seconds": (r.recon or {}).get("seconds"),
                               "seconds_per_block": round(sum(blocks) / len(blocks), 3) if blocks else None,
                               "peak_memory_bytes": mem.peak,
-                              "recon_cached_bytes": (r["recon"] or {}).get("peak_cached_bytes")}
+                              "recon_cached_bytes": (r.recon or {}).get("peak_cached_bytes")}
             variants[name] = variant
             if not args.json:
                 print(f"{name:<24} rel_rms {r['rel_rms']:.4f}  quantize {seconds:7.1f} s  "

@@ -43,10 +43,10 @@ def main() -> None:
     reports = {}
     for method, w, a, tpq in CONFIGS:
         v = quantize_bundle(bundle, QuantConfig(method=method, w_bits=w, a_bits=a, tpq=tpq), cal)
-        reports[v.name] = v.report
+        reports[v.name] = v.report.to_dict()
         if not args.json:
-            print(f"{v.name:<26} rel_rms {v.report['rel_rms']:.5f}   ({v.report['seconds']:.1f} s, "
-                  f"{v.report['cpu_seconds']:.1f} s CPU)", flush=True)
+            print(f"{v.name:<26} rel_rms {v.report.rel_rms:.5f}   ({v.report.seconds:.1f} s, "
+                  f"{v.report.cpu_seconds:.1f} s CPU)", flush=True)
     claims = []
     for text, better, worse, strict in CLAIMS:
         rb, rw = reports[better]["rel_rms"], reports[worse]["rel_rms"]

@@ -5,6 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from pages._shared import current_bundle, intro, store
+from quant.config import quantizes
 
 MAX_VARIANTS = 3  # plus FP: four grids side by side
 RUN_PREFIX = "run #"
@@ -85,7 +86,7 @@ def compare_view(bundle) -> None:
     for r in store().list(model=bundle.name):  # newest first: one entry per configuration, plus any picked one
         key = repr(sorted(r.config.items()))
         label = f"{RUN_PREFIX}{r.id} {r.label}"
-        if r.method in ("fp", "custom") or not (everyone or r.id in mine or label in kept):
+        if not quantizes(r.method) or r.method == "custom" or not (everyone or r.id in mine or label in kept):
             continue
         if key not in seen or label in kept:
             seen.add(key)
@@ -319,7 +320,7 @@ def history_view(bundle) -> None:
     with st.expander("Configuration, timings and versions"):
         st.json({"config": run.config, "metrics": run.metrics, "timings": run.timings, "versions": run.versions,
                  "steps": run.steps, "guidance": run.guidance, "scheduler": run.scheduler})
-    if run.model == bundle.name and run.method not in ("fp", "custom"):
+    if run.model == bundle.name and quantizes(run.method) and run.method != "custom":
         if st.button("Add to comparison", key="hist_add"):
             st.session_state["compare_add"] = f"{RUN_PREFIX}{run.id} {run.label}"
             st.rerun()

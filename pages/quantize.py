@@ -214,27 +214,27 @@ def _show(bundle, variants: dict) -> None:
     v = variants[pick]
     r = v.report
     m1, m2, m3, m4 = st.columns(4)
-    headline = r.get("rel_rms_step_median", r["rel_rms"])
+    headline = r.rel_rms_step_median if r.rel_rms_step_median is not None else r.rel_rms
     m1.metric("Median step error vs FP", f"{headline:.4f}",
               help="||eps_q - eps|| / ||eps|| of the noise prediction at each calibrated timestep, median over "
                    "the timesteps (the curve below shows every step). Pooled over all timesteps it reads "
-                   f"{r['rel_rms']:.4f}: the last steps, where the noise left in x_t is below one quantization "
+                   f"{r.rel_rms:.4f}: the last steps, where the noise left in x_t is below one quantization "
                    "step, dominate that pooled value while costing the image little.")
-    m2.metric("Layers quantized", r["layers_quantized"])
-    m3.metric("Stored weights", f"{r['weight_bytes'] / 2 ** 20:.2f} MiB",
-              delta=f"{r['weight_bytes'] / r['fp_weight_bytes'] - 1:+.0%} vs FP", delta_color="inverse")
-    m4.metric("Quantize time", f"{r['seconds']:.1f} s", help=f"CPU time {r['cpu_seconds']:.1f} s; calibration "
-                                                             f"sampling not included")
+    m2.metric("Layers quantized", r.layers_quantized)
+    m3.metric("Stored weights", f"{r.weight_bytes / 2 ** 20:.2f} MiB",
+              delta=f"{r.weight_bytes / r.fp_weight_bytes - 1:+.0%} vs FP", delta_color="inverse")
+    m4.metric("Quantize time", f"{r.seconds:.1f} s", help=f"CPU time {r.cpu_seconds:.1f} s; calibration "
+                                                          f"sampling not included")
     inputs = "UNet" if bundle.family == "unet" else "transformer"
-    cal = r.get("calibration") or {}
+    cal = r.calibration or {}
     cal_text = f"{cal['images']} images x {cal['steps']} steps, " if "images" in cal and "steps" in cal else ""
     st.caption(f"{v.config.label}, quantized from {produced_by(model_key(bundle))}; calibrated on {cal_text}"
-               f"{r['calibration_rows']} {inputs} inputs over {len(r['rel_rms_per_timestep'])} timesteps.")
-    st.plotly_chart(timestep_error_figure({n: variants[n].report["rel_rms_per_timestep"] for n in names}),
+               f"{r.calibration_rows} {inputs} inputs over {len(r.rel_rms_per_timestep)} timesteps.")
+    st.plotly_chart(timestep_error_figure({n: variants[n].report.rel_rms_per_timestep for n in names}),
                     width="stretch")
-    if r.get("balance"):
-        _show_balance(r["balance"], v.config.method)
-    salience = r["salience"]
+    if r.balance:
+        _show_balance(r.balance, v.config.method)
+    salience = r.salience
     if salience:
         groups = list(salience)
         c1, c2 = st.columns([3, 1])
@@ -244,16 +244,16 @@ def _show(bundle, variants: dict) -> None:
         sort = c2.checkbox("Sort channels by salience", key="q_sort")
         st.plotly_chart(salience_before_after(salience[group], group, sort=sort), width="stretch")
         c1, c2 = st.columns(2)
-        if group in r["vectors"]:
-            c1.plotly_chart(vector_figure(r["vectors"][group], group, v.config.method), width="stretch")
+        if group in r.vectors:
+            c1.plotly_chart(vector_figure(r.vectors[group], group, v.config.method), width="stretch")
         else:
             c1.info("This method folds no vector: channel maxima are unchanged (plain PTQ).")
-        if group in r["ssc"]:
-            c2.plotly_chart(ssc_figure(r["ssc"][group], group), width="stretch")
-    st.plotly_chart(layer_error_figure(r["layer_error"], title=f"{pick}: per-layer relative output error"),
+        if group in r.ssc:
+            c2.plotly_chart(ssc_figure(r.ssc[group], group), width="stretch")
+    st.plotly_chart(layer_error_figure(r.layer_error, title=f"{pick}: per-layer relative output error"),
                     width="stretch")
-    if r.get("recon"):
-        _show_recon(r["recon"])
+    if r.recon:
+        _show_recon(r.recon)
     _download(v)
 
 

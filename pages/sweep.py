@@ -11,14 +11,15 @@ import pandas as pd
 import streamlit as st
 
 from analysis.app_state import model_key, produced_by
+from analysis.evaluation.sweep import SWEEP_METHODS
 from pages._shared import current_bundle, intro, store
 
-METHODS = ["baseline", "smoothquant", "ptq4dit", "dilatequant"]
 BITS = ["W8A8", "W6A6", "W4A8", "W4A6", "W4A4"]
 OPTION_HELP = {"default": "the method's own setting", "tpq": "one activation range per timestep (TPQ)",
                "adaround": "+ AdaRound reconstruction (PTQ4DiT), minutes per point on a CPU",
                "bkd": "+ block-wise distillation (DilateQuant), minutes per point on a CPU",
-               "float-io": "patch embedding and final layer kept in float",
+               "float-io": "the ends kept in float: the layers that read the noisy input and write the prediction "
+                           "(a DiT's patch embedding and final layer, a UNet's conv_in and conv_out)",
                "keep8": "mixed precision: the K most sensitive layers at W8A8"}
 QUALITY_LABELS = {"fid_vs_fp": "FID vs FP",
                   "rel_rms_step_median": "noise-prediction error vs FP (median over steps)",
@@ -111,7 +112,7 @@ def sensitivity_hedges(sens: dict) -> list[str]:
 def sweep_tab(bundle) -> None:
     with st.form("sweep_form"):
         c1, c2, c3 = st.columns(3)
-        methods = c1.multiselect("Methods", METHODS, default=["baseline", "dilatequant"], key="sw_methods")
+        methods = c1.multiselect("Methods", list(SWEEP_METHODS), default=["baseline", "dilatequant"], key="sw_methods")
         bits = c2.multiselect("Bit-widths", BITS, default=["W8A8", "W4A8", "W4A4"], key="sw_bits")
         options = c3.multiselect("Options", list(OPTION_HELP), default=["default"], key="sw_options",
                                  help="\n\n".join(f"**{k}**: {v}" for k, v in OPTION_HELP.items()))
@@ -212,7 +213,7 @@ def show_result(res: dict) -> None:
 def sensitivity_tab(bundle) -> None:
     with st.form("sens_form"):
         c1, c2, c3, c4, c5, c6 = st.columns(6)
-        method = c1.selectbox("Method", METHODS, key="se_method")
+        method = c1.selectbox("Method", list(SWEEP_METHODS), key="se_method")
         w_bits = c2.selectbox("Weight bits", [2, 3, 4, 5, 6, 8], index=2, key="se_w")
         a_bits = c3.selectbox("Activation bits", [2, 3, 4, 5, 6, 8], index=2, key="se_a")
         gran = c4.selectbox("Unit", ["layer", "kind", "block"], key="se_gran",

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from quant.config import METHODS, QuantConfig
+from quant.families import balance_groups
 from quant.forward import calibration_batches, forward_batches
 from quant.graph import balance_groups
 from quant.io import read_quantized, stored_tensors, weight_bytes, write_quantized

@@ -17,6 +17,18 @@ from quant.options import check_all, describe, option
 from quant.quantizers import SEARCHES
 
 METHODS = NAMES  # every registered method, in menu order (quant.methods discovers them)
+
+
+def quantizes(config) -> bool:
+    """Whether a setting changes the model: the one place FP is told apart from quantization. `config` is a
+    QuantConfig, its dict form, a method name, or None (no setting: the FP model). A method quantizes unless
+    its declaration says otherwise (quant.methods.fp); a name no method has ("custom": a model quantized
+    elsewhere) counts as quantized."""
+    if config is None:
+        return False
+    method = config if isinstance(config, str) else (config.get("method") if isinstance(config, dict)
+                                                      else config.method)
+    return method is not None and (method not in REGISTRY or REGISTRY[method].quantizes)
 # Block-wise optimization after the scales are set (quant.recon): none, PTQ4DiT's AdaRound reconstruction, or
 # DilateQuant's block-wise distillation.
 RECON_MODES = ("none", "adaround", "bkd")
@@ -116,9 +128,14 @@ class QuantConfig:
         return get_method(self.method).tpq_default if self.tpq is None else bool(self.tpq)
 
     @property
+    def quantizes(self) -> bool:
+        """False for a method that leaves the model as it is (fp): see quantizes()."""
+        return quantizes(self)
+
+    @property
     def label(self) -> str:
         """A short name such as 'ptq4dit W4A8' or 'dilatequant W4A4 TPQ'."""
-        if self.method == "fp":
+        if not self.quantizes:
             return "fp"
         bits = lambda b: "16" if b is None else str(b)  # noqa: E731
         name = f"{self.method} W{bits(self.w_bits)}A{bits(self.a_bits)}"
@@ -144,7 +161,7 @@ class QuantConfig:
         # the full, checked set: a stored config names every value it ran with
         self.options = dataclasses.asdict(self.method_options)
         self._check_layer_bits()
-        if self.recon != "none" and self.method == "fp":
+        if self.recon != "none" and not self.quantizes:
             raise ValueError("recon needs a quantizing method; method 'fp' quantizes nothing")
         return self
 

@@ -25,6 +25,7 @@ machine at hand and `to_int8` converts only the layers whose shape was faster in
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -36,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from quant.denoiser import denoise
-from quant.modules import ActQuantizer, QuantLinear, quant_layers
+from quant.modules import ActQuantizer, QuantLinear, find_timestep_context, quant_layers
 from quant.quantizers import qrange, quantize_codes
 
 # torch._int_mm on CUDA needs more than 16 rows and row counts / widths in multiples of 8.
@@ -259,13 +260,10 @@ def plan_int8(model: nn.Module, example: tuple, repeats: int = 5, kernel: str = 
     """
     layers = quant_layers(model)
     shapes = layer_input_shapes(model, example)
-    ctx = getattr(model, "_dqlab_timestep_context", None)
+    ctx = find_timestep_context(model)
     timings: dict[tuple, ShapeTiming] = {}
     p = next(model.parameters())
-    saved_t = None if ctx is None else ctx.t
-    try:
-        if ctx is not None:
-            ctx.t = example[1][:1].to(p.device).long()
+    with contextlib.nullcontext() if ctx is None else ctx.fixed(example[1][:1].to(p.device).long()):
         for name, shape in shapes.items():
             layer = layers[name]
             key = _shape_key(shape, layer)
@@ -277,9 +275,6 @@ def plan_int8(model: nn.Module, example: tuple, repeats: int = 5, kernel: str = 
             timings[key] = ShapeTiming(rows, layer.in_features, layer.out_features,
                                        float_ms=_median_ms(lambda: layer(x), repeats),
                                        int8_ms=_median_ms(lambda: fast(x), repeats))
-    finally:
-        if ctx is not None:
-            ctx.t = saved_t
     return {name: timings[_shape_key(shape, layers[name])].to_dict() for name, shape in shapes.items()}
 
 

@@ -23,29 +23,48 @@ SAMPLES_PER_ROW = 512
 
 
 class TimestepContext:
-    """The per-sample timesteps of the forward in progress, shared by every quantizer of one model.
+    """The per-sample timesteps of the forward in progress: a named, removable hook shared by every quantizer of
+    one model.
 
-    attach(model) registers the pre-hook that fills it and keeps the handle, so remove() takes it off again;
-    timestep_context(model) attaches one context per model, however often it is asked.
+    attach(model) registers its forward pre-hook (which reads `timestep=`) and keeps the handle, so remove()
+    takes it off again; the quantizers that read it hold it (ActQuantizer.ctx), which is how
+    find_timestep_context(model) finds it: nothing is stored on the model itself. fixed(t) sets the timesteps by
+    hand for code that runs parts of the model without its forward (reconstruction units, shape tracing).
     """
+
+    name = "timestep context"
 
     def __init__(self) -> None:
         self.t: torch.Tensor | None = None
         self.handle = None
 
+    def __repr__(self) -> str:
+        return f"TimestepContext(attached={self.handle is not None})"
+
     def attach(self, model: nn.Module) -> "TimestepContext":
         self.remove()
         self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
-        model._dqlab_timestep_context = self  # read back by timestep_context (int8, recon), never a second hook
         return self
+
+    def attached_to(self, model: nn.Module) -> bool:
+        return self.handle is not None and self.handle.id in model._forward_pre_hooks
 
     def remove(self) -> None:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
 
+    @contextlib.contextmanager
+    def fixed(self, t: torch.Tensor | None):
+        """Inside the block the quantizers see timesteps `t` (per sample); the previous value comes back after."""
+        saved, self.t = self.t, t
+        try:
+            yield self
+        finally:
+            self.t = saved
+
     def hook(self, module, args, kwargs):
-        """Forward pre-hook (with_kwargs=True) on the transformer: read `timestep` per sample."""
+        """Forward pre-hook (with_kwargs=True) on the denoiser: read `timestep` per sample."""
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         x = args[0] if args else kwargs.get("hidden_states")
         if t is None:
@@ -55,10 +74,15 @@ class TimestepContext:
         self.t = t.expand(x.shape[0]) if t.numel() == 1 else t
 
 
+def find_timestep_context(model: nn.Module) -> TimestepContext | None:
+    """The TimestepContext the model's activation quantizers share, or None for a model without quantizers."""
+    return next((m.ctx for m in model.modules() if isinstance(m, ActQuantizer) and m.ctx is not None), None)
+
+
 def timestep_context(model: nn.Module) -> TimestepContext:
     """The model's TimestepContext, attached on first use: wrapping a model twice does not stack two hooks."""
-    ctx = getattr(model, "_dqlab_timestep_context", None)
-    if ctx is None or ctx.handle is None or ctx.handle.id not in model._forward_pre_hooks:
+    ctx = find_timestep_context(model)
+    if ctx is None or not ctx.attached_to(model):
         ctx = (ctx or TimestepContext()).attach(model)
     return ctx
 

@@ -2,7 +2,7 @@
 
 Balancing (CSB, SmoothQuant) and dilation (WD) both rewrite a linear layer Y = X W^T as
     Y = (X diag(1/b)) (W diag(b))^T,
-i.e. scale the weight's input columns by b and divide the input channels by b (DESIGN.md section 4).
+i.e. scale the weight's input columns by b and divide the input channels by b (docs/ARCHITECTURE.md).
 The division is folded into whatever produces X:
 - attention / MLP input of a DiT block, X = LN(h) * (1 + scale) + shift with (shift, scale) rows of the
   adaLN linear (AdaLayerNormZero.linear, chunks shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
@@ -12,66 +12,18 @@ The division is folded into whatever produces X:
 - input of to_out.0 = softmax(QK^T) V with V's channels (heads concatenated in order): dividing V's output
   channels by b divides to_out.0's input channels by b, so to_v's rows and bias /= b;
 - input of q/k/v after an affine norm (a UNet attention's GroupNorm, X = gamma * norm(h) + beta): gamma /= b
-  and beta /= b (quant.unet_graph finds these sites).
+  and beta /= b (quant.families.unet declares these sites).
 The folds are exact in real arithmetic; tests check the folded model against the original to 1e-4.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn as nn
 
+from quant.families.base import BalanceGroup
+
 ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
 KINDS = ("attn_in", "attn_out", "mlp_in", "norm_in")
-
-
-@dataclasses.dataclass(frozen=True)
-class BalanceGroup:
-    """Linears that share one input and so one scaling vector b, and where 1/b folds.
-
-    attn_in: to_q, to_k, to_v of block i (one shared b, PTQ4DiT's setting), folded into adaLN msa chunks.
-    attn_out: to_out.0 of block i, folded into to_v.
-    mlp_in: ff.net.0.proj (fc1) of block i, folded into adaLN mlp chunks.
-    norm_in: linears fed by an affine norm (a UNet attention's group_norm -> to_q/k/v), folded into the
-        norm's weight and bias.
-    fc2 follows a GELU, which does not commute with scaling, so it is never balanced.
-    """
-
-    name: str  # e.g. "transformer_blocks.0.attn1.qkv"
-    kind: str
-    block: int  # the DiT block (-1 where the family has none)
-    layers: tuple[str, ...]  # qualified names of the linears whose columns are scaled by b
-    producer: str = ""  # the module 1/b folds into (adaLN linear, to_v, a norm)
-
-
-def balance_groups(model: nn.Module) -> list[BalanceGroup]:
-    """The foldable groups of a diffusers DiT (blocks with norm_type 'ada_norm_zero')."""
-    groups = []
-    for i, block in enumerate(getattr(model, "transformer_blocks", [])):
-        if getattr(block, "norm_type", None) != "ada_norm_zero" or getattr(block.norm1, "linear", None) is None:
-            continue
-        p = f"transformer_blocks.{i}"
-        groups += [
-            BalanceGroup(f"{p}.attn1.qkv", "attn_in", i, (f"{p}.attn1.to_q", f"{p}.attn1.to_k", f"{p}.attn1.to_v"),
-                         f"{p}.norm1.linear"),
-            BalanceGroup(f"{p}.attn1.to_out.0", "attn_out", i, (f"{p}.attn1.to_out.0",), f"{p}.attn1.to_v"),
-            BalanceGroup(f"{p}.ff.net.0.proj", "mlp_in", i, (f"{p}.ff.net.0.proj",), f"{p}.norm1.linear"),
-        ]
-    return groups
-
-
-# Why the other quantized layers of a DiT keep their input scale (first matching pattern wins).
-UNBALANCED = (
-    ("ff.net.2", "input is GELU(fc1 output): a per-channel scale does not pass through GELU"),
-    ("norm1.linear", "input is SiLU(conditioning): a per-channel scale does not pass through SiLU"),
-    ("linear_1", "input is the fixed sinusoidal timestep projection: no parameters to fold into"),
-    ("linear_2", "input is SiLU(linear_1 output): a per-channel scale does not pass through SiLU"),
-    ("pos_embed", "input is the noisy latent itself: no producer inside the model"),
-    ("proj_out_1", "input is SiLU(conditioning): a per-channel scale does not pass through SiLU"),
-    ("proj_out_2", "foldable into proj_out_1's shift/scale rows, but outside PTQ4DiT's balanced set"),
-)
-
 
 
 def group_weight(model: nn.Module, group: BalanceGroup) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from quant.config import QuantConfig, is_excluded  # noqa: F401 (is_excluded is imported from here too)
+from quant.families import attention_modules
 from quant.forward import forward_batches
 from quant.modules import (ActQuantizer, QuantAttnProcessor, QuantConv2d, QuantLinear, TimestepContext, calibrating,
                            timestep_context)
@@ -21,12 +22,6 @@ def covered_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Layers the engine quantizes: every nn.Linear and nn.Conv2d (in a DiT, the patch embedding)."""
     return {n: m for n, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, (QuantLinear, QuantConv2d))}
-
-
-def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    from diffusers.models.attention_processor import Attention
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, Attention)}
 
 
 def _act(config: QuantConfig, ctx: TimestepContext, num_timesteps: int, bits=None, symmetric=None) -> ActQuantizer:

@@ -10,7 +10,7 @@ from analysis.evaluation.speed import random_batch
 from quant.api import quantize, read_quantized, write_quantized
 from quant.config import QuantConfig
 from quant.int8 import Int8Linear, int8_layers, onednn_available, plan_int8, to_int8
-from quant.modules import QuantLinear, quant_layers
+from quant.modules import QuantLinear, find_timestep_context, quant_layers
 
 # Per layer the integer matmul is exact and only the float epilogue's rounding order differs from the
 # fake-quant layer: relative differences of a few 1e-7 in float32 (measured); 1e-5 leaves room for BLAS.
@@ -51,7 +51,7 @@ def test_each_int8_layer_matches_its_fake_quant_layer(bundled, tpq, symmetric, k
     q = quantize(bundled.denoiser, cfg, _calibration(bundled.denoiser))
     batch = _calibration(bundled.denoiser, rows=6, seed=1)[0]  # three timesteps mixed in one batch
     inputs = _layer_inputs(q, batch)
-    q._dqlab_timestep_context.t = batch[1]  # per-sample timesteps for the TPQ quantizers
+    find_timestep_context(q).t = batch[1]  # per-sample timesteps for the TPQ quantizers
     checked = 0
     for name, layer in quant_layers(q).items():
         if name not in inputs:

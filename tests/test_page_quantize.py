@@ -28,7 +28,7 @@ def test_quantize_page_runs_ptq4dit_and_keeps_the_variant():
     variants = at.session_state["variants"]
     assert list(variants) == ["ptq4dit W8A8"]
     v = variants["ptq4dit W8A8"]
-    assert v.config.method == "ptq4dit" and v.report["calibration_rows"] == 2 * 5 * 2  # samples x steps x [c; u]
+    assert v.config.method == "ptq4dit" and v.report.calibration_rows == 2 * 5 * 2  # samples x steps x [c; u]
     assert v.bundle.quant_config["method"] == "ptq4dit"
     # the headline: median over steps of the per-step error, with the pooled value in its help
     headline = next(m for m in at.metric if m.label == "Median step error vs FP")
@@ -41,7 +41,7 @@ def test_quantize_page_runs_ptq4dit_and_keeps_the_variant():
     for part in ("before and after folding", "CSB balancing", "salience calibration", "per-layer", "per timestep"):
         assert part in titles, part
     group = at.selectbox(key="q_group").value
-    assert group in v.report["salience"]
+    assert group in v.report.salience
 
     # a second method reuses the calibration inputs and is added beside the first
     at.selectbox(key="q_method").set_value("baseline")
@@ -95,7 +95,7 @@ def test_quantize_page_reconstruction_section():
     _submit(at)
     assert not at.exception, at.exception
     v = at.session_state["variants"]["ptq4dit W4A8 +AdaRound"]
-    recon = v.report["recon"]
+    recon = v.report.recon
     assert v.config.recon == "adaround" and recon["rows"] == 8 and len(recon["units"]) == 14
     assert any(h.value == "Reconstruction" for h in at.subheader)
     titles = " | ".join(c.proto.spec for c in at.get("plotly_chart"))

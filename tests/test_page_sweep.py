@@ -62,7 +62,7 @@ def test_sensitivity_tab_ranks_layers(store_dir, one_torch_thread):
     at.run()
     assert not at.exception, at.exception
     table = at.dataframe[0].value
-    assert list(table["rank"]) == list(range(1, 8))  # 6 blocks + input / output
+    assert list(table["rank"]) == list(range(1, 9))  # patch embedding, 6 blocks, final layer
     assert table["error only this quantized"].is_monotonic_decreasing
     assert any("3 sampling steps is below 10" in w.value for w in at.warning)  # few steps: said so
     assert any("Measured on 1 calibration image:" in w.value for w in at.warning)

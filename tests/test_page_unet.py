@@ -50,7 +50,7 @@ def test_quantize_page_runs_dilatequant_and_lists_balanced_layers():
     at.run()
     assert not at.exception, at.exception
     v = at.session_state["variants"]["dilatequant W4A8 TPQ"]
-    plan = v.report["balance"]
+    plan = v.report.balance
     assert plan["family"] == "unet" and 0 < plan["foldable_share"] < 1
     # DilateQuant dilates weights; it does not "balance", and the page says so; a UNet's inputs are not a transformer's
     assert any(e.label.startswith("Dilated layers:") for e in at.expander)

@@ -157,7 +157,7 @@ def test_load_errors_name_the_problem(tmp_path):
 
 
 def test_timestep_hook_is_held_by_a_handle_and_never_stacks(tiny_bundle):
-    from quant.modules import calibrating, timestep_context
+    from quant.modules import calibrating, find_timestep_context, timestep_context
     from quant.wrap import wrap_model
 
     model = copy.deepcopy(tiny_bundle.denoiser)
@@ -167,6 +167,10 @@ def test_timestep_hook_is_held_by_a_handle_and_never_stacks(tiny_bundle):
     assert len(model._forward_pre_hooks) == before + 1 and ctx.handle.id in model._forward_pre_hooks
     wrap_model(model, QuantConfig(method="baseline"))  # wrapping again: still one timestep hook
     assert timestep_context(model) is ctx and len(model._forward_pre_hooks) == before + 1
+    # the hook is an object the quantizers hold, not an attribute stashed on the model; a copy gets its own
+    assert not [k for k in vars(model) if "timestep" in k] and find_timestep_context(model) is ctx
+    twin = copy.deepcopy(model)
+    assert find_timestep_context(twin) is not ctx and find_timestep_context(twin).attached_to(twin)
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 2])
     model(x, timestep=t, class_labels=y)
     assert ctx.t.tolist() == [10, 900]

@@ -25,8 +25,16 @@ def report(tiny_bundle):
     return quantize_bundle(tiny_bundle, QuantConfig(method="ptq4dit", w_bits=4, a_bits=8), cal).report
 
 
+def test_a_report_survives_json_and_reads_back_typed(report):
+    from analysis.quantization.report import QuantReport
+
+    again = QuantReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert again == report  # timestep keys come back as ints, every field as it was
+    assert again.rel_rms_per_timestep and all(isinstance(t, int) for t in again.rel_rms_per_timestep)
+
+
 def test_every_figure_draws_from_a_real_report_and_its_json(report):
-    for r in (report, json.loads(json.dumps(report))):  # int timestep keys become strings in JSON
+    for r in (report.to_dict(), json.loads(json.dumps(report.to_dict()))):  # int timestep keys become strings
         group = next(iter(r["salience"]))
         figs = [salience_before_after(r["salience"][group], group),
                 vector_figure(r["vectors"][group], group, "ptq4dit"),
@@ -75,9 +83,10 @@ def test_layer_error_bars_keep_model_order_and_name_the_worst():
     err = {"pos_embed.proj": 0.01, "transformer_blocks.0.attn1.to_q": 0.05, "transformer_blocks.0.ff.net.2": 0.2,
            "proj_out_2": 0.03}
     fig = layer_error_figure(err)
-    assert list(fig.layout.xaxis.categoryarray) == ["pos_embed.proj", "b0.attn1.to_q", "b0.ff.net.2", "proj_out_2"]
+    # readable names and kinds from the family table (quant.families)
+    assert list(fig.layout.xaxis.categoryarray) == ["patch embed", "block 0 · attn q", "block 0 · MLP fc2", "final out"]
     assert "worst: transformer_blocks.0.ff.net.2" in fig.layout.title.text
-    assert {t.name for t in fig.data} == {"embedding / output", "attention", "MLP"}
+    assert [t.name for t in fig.data] == ["patch_embed", "qkv", "fc2", "final"]
     assert fig.layout.yaxis.title.text == "||Y_q - Y|| / ||Y||"
 
 

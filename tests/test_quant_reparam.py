@@ -5,7 +5,8 @@ import torch
 
 from quant.api import QuantConfig, quantize_with_details
 from quant.observers import observe_inputs
-from quant.reparam import ADALN_CHUNKS, apply_scaling, balance_groups
+from quant.families import balance_groups
+from quant.reparam import ADALN_CHUNKS, apply_scaling
 from tests.conftest import make_tiny_dit
 
 

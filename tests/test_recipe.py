@@ -30,14 +30,14 @@ def test_stored_run_rebuilds_the_scored_model_bit_for_bit(bundled, tmp_path):
     config = QuantConfig(method="dilatequant", w_bits=4, a_bits=8)
     variant = quantize_bundle(bundled, config, SPEC)
     assert variant.recipe == Recipe("bundled:dit-mnist", config, SPEC.resolved(bundled))
-    assert variant.report["calibration"]["guidance"] == bundled.eval_guidance  # the spec as it ran
+    assert variant.report.calibration["guidance"] == bundled.eval_guidance  # the spec as it ran
     store = Store(tmp_path / "home")
     (result,) = evaluate_variants(bundled, {variant.name: variant}, EvalOptions(num_samples=4, steps=3), store=store)
     run = store.get(result.run_id)
     assert Recipe.from_dict(run.recipe) == variant.recipe and not recipe_of_run(run).inferred
     again = rebuild(run, bundled)
     assert _digest(again.bundle.denoiser) == _digest(variant.bundle.denoiser)
-    assert again.report["rel_rms"] == variant.report["rel_rms"]
+    assert again.report.rel_rms == variant.report.rel_rms
 
 
 def test_saved_folder_carries_its_recipe_and_rebuilds_the_same_file(bundled, tmp_path):

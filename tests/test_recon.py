@@ -10,7 +10,8 @@ from analysis.quantization.pipeline import calibration_for
 from quant.api import QuantConfig, quantize_with_details
 from quant.io import read_quantized, write_quantized
 from quant.modules import act_quantizers, quant_layers
-from quant.recon import dit_units, reconstruct
+from quant.families import recon_units
+from quant.recon import reconstruct
 from quant.recon.adaround import beta_at, inverse_rectified_sigmoid, rectified_sigmoid
 from quant.recon.bkd import on_grid
 
@@ -59,7 +60,7 @@ def test_units_compose_to_the_fp_forward(bundled, calib):
     x, t, y = _row(calib)
     with torch.no_grad():
         h = x
-        for unit in dit_units(model):
+        for unit in recon_units(model):
             out = unit.run(model, h, t, y)
             h = out if unit.advances else h
         ref = model(x, timestep=t, class_labels=y).sample

@@ -149,5 +149,6 @@ def test_cli_sensitivity_json(capsys, one_torch_thread):
                              "--granularity", "block", "--device", "cpu", "--json")
     assert code == 0, err
     res = json.loads(out)
-    assert [r["rank"] for r in res["ranking"]] == list(range(1, 8))
+    assert [r["rank"] for r in res["ranking"]] == list(range(1, 9))  # patch embedding, 6 blocks, final layer
+    assert {r["unit"] for r in res["ranking"]} >= {"patch embedding", "block 0", "final layer"}
     assert len(res["timesteps"]) == 2 and all(len(r["only_per_timestep"]) == 2 for r in res["ranking"])

@@ -10,8 +10,8 @@ from analysis.models.bundle import ModelLoadError
 from analysis.models.loading import load
 from analysis.models.sampling import sample
 from quant.api import QuantConfig, quantize_with_details
-from quant.denoiser import family_of
-from quant.graph import balance_groups, balance_plan, recon_units
+from quant.families import balance_groups, family_of, recon_units
+from quant.graph import balance_plan
 from quant.reparam import apply_scaling
 from tests.conftest import run_cli
 

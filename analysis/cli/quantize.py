@@ -141,6 +141,7 @@ def run(args) -> dict:
     from analysis.models.saved import save_quantized
     from analysis.quantization.calibration import CalibrationSpec
     from analysis.quantization.pipeline import quantize_bundle
+    from quant.families import readable_layer
 
     config = config_from_file(args.config) if args.config is not None else config_from_args(args)
     try:
@@ -167,36 +168,36 @@ def run(args) -> dict:
     if show:
         print(file=sys.stderr)
     r = variant.report
-    cal = r["calibration"]
+    cal = r.calibration
     out = {"model": args.model, "method": config.method, "label": config.label, "w_bits": config.w_bits,
-           "a_bits": config.a_bits, "attn_bits": config.attn_bits, "tpq": r["tpq"],
+           "a_bits": config.a_bits, "attn_bits": config.attn_bits, "tpq": r.tpq,
            # seconds: the whole job's wall time; its named parts beside it
-           "seconds": r["total_seconds"], "quantize_seconds": r["seconds"],
-           "cpu_seconds": r["cpu_seconds"], "calibration_seconds": r["calibration_seconds"],
-           "calibration_rows": r["calibration_rows"], "calibration_steps": cal["steps"],
-           "calibration_samples": cal["images"], "calibration": cal, "layers_quantized": r["layers_quantized"],
-           "weight_bytes": r["weight_bytes"], "fp_weight_bytes": r["fp_weight_bytes"],
-           "rel_rms_step_median": r["rel_rms_step_median"], "rel_rms": r["rel_rms"],
-           "rel_rms_per_timestep": r["rel_rms_per_timestep"],
-           "layer_error": r["layer_error"], "config": config.to_dict(), "recon": recon_summary(r["recon"]),
-           "balance": r["balance"],
+           "seconds": r.total_seconds, "quantize_seconds": r.seconds,
+           "cpu_seconds": r.cpu_seconds, "calibration_seconds": r.calibration_seconds,
+           "calibration_rows": r.calibration_rows, "calibration_steps": cal["steps"],
+           "calibration_samples": cal["images"], "calibration": cal, "layers_quantized": r.layers_quantized,
+           "weight_bytes": r.weight_bytes, "fp_weight_bytes": r.fp_weight_bytes,
+           "rel_rms_step_median": r.rel_rms_step_median, "rel_rms": r.rel_rms,
+           "rel_rms_per_timestep": r.rel_rms_per_timestep,
+           "layer_error": r.layer_error, "config": config.to_dict(), "recon": recon_summary(r.recon),
+           "balance": r.balance,
            "out": None}
     if args.out is not None:
         folder = save_quantized(variant.bundle, config, args.out, base_source=args.model, recipe=variant.recipe)
         out["out"] = str(folder)
         (folder / REPORT_FILE).write_text(json.dumps(out, indent=2, default=str))
     mb = lambda n: f"{n / 2 ** 20:.2f} MiB"  # noqa: E731
-    human = (f"{config.label}: noise-prediction error vs FP {r['rel_rms_step_median']:.4g} (median over steps; "
-             f"pooled {r['rel_rms']:.4g}), {r['layers_quantized']} layers, "
-             f"{mb(r['weight_bytes'])} (FP {mb(r['fp_weight_bytes'])}), {out['seconds']:.1f}s "
-             f"({r['calibration_seconds']:.1f}s calibration sampling + {r['seconds']:.1f}s quantization)"
-             + (f" -> {out['out']}" if out["out"] else "") + "\n" + balance_lines(r["balance"]))
+    human = (f"{config.label}: noise-prediction error vs FP {r.rel_rms_step_median:.4g} (median over steps; "
+             f"pooled {r.rel_rms:.4g}), {r.layers_quantized} layers, "
+             f"{mb(r.weight_bytes)} (FP {mb(r.fp_weight_bytes)}), {out['seconds']:.1f}s "
+             f"({r.calibration_seconds:.1f}s calibration sampling + {r.seconds:.1f}s quantization)"
+             + (f" -> {out['out']}" if out["out"] else "") + "\n" + balance_lines(r.balance))
     if out["recon"]:
         rs = out["recon"]
         human += (f"\n{config.recon}: {len(rs['units'])} units x {config.recon_iters} iterations on {rs['rows']} rows "
                   f"in {rs['seconds']:.1f}s; output error per unit before -> after: "
-                  + ", ".join(f"{u['name'].replace('transformer_blocks.', 'block ')} {u['error_before']:.3g} -> "
-                              f"{u['error_after']:.3g}" for u in rs["units"] if "emb" not in u["name"]))
+                  + ", ".join(f"{readable_layer(u['name'], bundle.family)} {u['error_before']:.3g} -> "
+                              f"{u['error_after']:.3g}" for u in rs["units"]))
     emit(args, out, human)
     return out
 

@@ -45,8 +45,8 @@ def run(args) -> dict:
     w = None if args.w_bits == 16 else args.w_bits
     a = None if args.a_bits == 16 else args.a_bits
     config = QuantConfig(method=args.method, w_bits=w, a_bits=a).validate()
-    if config.method == "fp":
-        raise CLIError("--method fp quantizes nothing; pick a quantizing method")
+    if not config.quantizes:
+        raise CLIError(f"--method {config.method} quantizes nothing; pick a quantizing method")
     bundle = load(args.model, device=args.device, dtype=args.dtype)
     cal = calibration_for(bundle, steps=args.steps, num_samples=args.samples, guidance=args.guidance,
                           seed=args.calib_seed)

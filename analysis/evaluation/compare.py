@@ -20,6 +20,7 @@ from analysis.evaluation.metrics import per_timestep_error, transformer_outputs
 from analysis.evaluation.speed import forward_profile
 from analysis.models.bundle import ModelBundle
 from analysis.models.sampling import sample
+from analysis.quantization.pipeline import Variant
 from quant.measures import relative_rms, step_median
 
 FP_NAME = "FP"
@@ -81,23 +82,18 @@ def image_errors(reference: torch.Tensor, images: torch.Tensor) -> tuple[list[fl
     return mse, [psnr(m) for m in mse]
 
 
-def _as_bundle(variant) -> ModelBundle:
-    """Accept a ModelBundle or anything with a .bundle (analysis.quantization.pipeline.Variant)."""
-    return variant if isinstance(variant, ModelBundle) else variant.bundle
-
-
 @torch.no_grad()
-def compare(fp: ModelBundle, variants: Mapping[str, object], labels: list[int], seeds: list[int],
+def compare(fp: ModelBundle, variants: Mapping[str, Variant | ModelBundle], labels: list[int], seeds: list[int],
             steps: int = 50, guidance: float | None = None, scheduler: str = "ddim", batch_size: int | None = None,
             on_progress: Callable[[str, float], None] | None = None) -> Comparison:
-    """Sample `labels` x `seeds` (one image per pair) with the FP bundle and every variant (name -> ModelBundle
-    or Variant), and measure how far each variant is from FP per image and per timestep.
+    """Sample `labels` x `seeds` (one image per pair) with the FP bundle and every variant (name -> Variant, or
+    a ModelBundle: analysis.quantization.pipeline.Variant.of), and measure how far each variant is from FP per image and per timestep.
 
     on_progress(stage, fraction) is called as sampling and scoring advance (fraction of the whole job).
     """
     if FP_NAME in variants:
         raise ValueError(f"the name {FP_NAME!r} is reserved for the FP model; rename that variant")
-    bundles = {name: _as_bundle(v) for name, v in variants.items()}
+    bundles = {name: Variant.of(name, v, fp).bundle for name, v in variants.items()}
     for name, b in bundles.items():
         if b.latent_shape != fp.latent_shape or b.num_classes != fp.num_classes:
             raise ValueError(f"variant {name!r} does not match the FP model (latents {b.latent_shape} vs "
@@ -219,8 +215,8 @@ def comparison_view(cmp: Comparison, scores: list[dict] | None, ncol: int) -> di
             "image_errors": cmp.image_errors, "scores": scores}
 
 
-def store_comparison(store, model: str, view: dict, cmp: Comparison, variants: Mapping[str, object],
-                     produced_by: str | None = None) -> str:
+def store_comparison(store, model: str, view: dict, cmp: Comparison,
+                     variants: Mapping[str, Variant | ModelBundle | None], produced_by: str | None = None) -> str:
     """Keep a comparison in the run store, one run per model (note "comparison", its grid as grid.png, each
     variant's config and recipe), so the variants and their results survive a page reload and rebuild from
     the store. produced_by: the FP model's source, device and precision in words, kept for captions.
@@ -232,8 +228,8 @@ def store_comparison(store, model: str, view: dict, cmp: Comparison, variants: M
     cid = uuid.uuid4().hex[:12]
     for name, row in zip(view["names"], view["rows"]):
         v = variants.get(name)
-        config = v.config.to_dict() if hasattr(v, "config") else {"method": "fp" if v is None else "custom"}
-        recipe = getattr(v, "recipe", None)
+        v = None if v is None else Variant.of(name, v, None)  # FP rows have no entry
+        config, recipe = ({"method": "fp"}, None) if v is None else (v.config_dict(), v.recipe)
         metrics = {"comparison": cid, "position": view["names"].index(name), "row": row, "produced_by": produced_by,
                    "label_agreement": row.get("label agreement"),
                    "step_error": [r for r in view["step_error"] if r["variant"] == name],
@@ -241,7 +237,7 @@ def store_comparison(store, model: str, view: dict, cmp: Comparison, variants: M
                    "score": next((x for x in view["scores"] or [] if x["variant"] == name), None),
                    "psnr": [None if math.isinf(r["psnr"]) else r["psnr"] for r in view["image_errors"]
                             if r["variant"] == name]}
-        store.add(RunRecord(model=model, method=config.get("method", "custom"), label=name, config=config,
+        store.add(RunRecord(model=model, method=config["method"], label=name, config=config,
                             num_samples=view["n_images"], seeds=cmp.seeds, labels=cmp.labels, metrics=metrics,
                             timings={"total": cmp.seconds.get(name)}, steps=cmp.steps, guidance=cmp.guidance,
                             note=STORE_NOTE, recipe=None if recipe is None else recipe.to_dict()),

@@ -35,6 +35,8 @@ from analysis.evaluation.store import RunRecord, Store
 from analysis.models.bundle import ModelBundle
 from analysis.models.sampling import sample
 from analysis.quantization.calibration import CALIBRATION_SEED, DEFAULT_CAL_SAMPLES, CalibrationSpec
+from analysis.quantization.pipeline import Variant
+from quant.config import quantizes
 
 FP_NAME = "FP"
 # The named parts of a result's wall time; "total" is their sum. quantize_seconds includes the calibration
@@ -194,10 +196,11 @@ def _sample_images(bundle: ModelBundle, labels, seeds, opts: EvalOptions, guidan
     return sample_sharded(run, labels, seeds, opts.batch_size or sampling_batch_size(bundle))
 
 
-def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: EvalOptions | None = None,
+def evaluate_variants(fp: ModelBundle, variants: Mapping[str, Variant | ModelBundle | None],
+                      options: EvalOptions | None = None,
                       store: Store | None = None, on_progress: Callable[[str, float], None] | None = None,
                       note: str | None = None, extra_metrics: Mapping[str, dict] | None = None) -> list[EvalResult]:
-    """Score several variants (name -> Variant or ModelBundle; the FP bundle itself or None means FP) at the
+    """Score several variants (name -> Variant, or what Variant.of reads: a ModelBundle, None for FP) at the
     same labels and seeds. FP is sampled once (or read from the cache). Each result is stored when a store is
     given. extra_metrics: name -> entries stored with that variant's metrics (the recipe key of a sweep point).
     Returns one EvalResult per variant, in order (none on ranks other than 0 of a torchrun job, which only
@@ -207,6 +210,7 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
     guidance = eval_guidance(fp, opts)
     labels, seeds = eval_labels_seeds(fp.num_classes, opts.num_samples, opts.seed)
     cache_dir = store.cache_dir if store is not None else None
+    variants = {name: Variant.of(name, v, fp) for name, v in variants.items()}
     names = list(variants)
     total = 2 * (1 + len(names))
     progress = [0.0]
@@ -227,11 +231,9 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
     fp_wall = time.perf_counter() - t0
     if not is_main():
         # another rank of a torchrun job: sample its share of every variant, leave scoring to rank 0
-        for name in names:
-            v = variants[name]
-            vb = fp if v is None else (v if isinstance(v, ModelBundle) else v.bundle)
-            if vb is not fp:
-                _sample_images(vb, labels, seeds, opts, guidance, None)
+        for v in variants.values():
+            if not v.is_fp:
+                _sample_images(v.bundle, labels, seeds, opts, guidance, None)
         return []
     fp_feats = M.extract_features(fp_images, extractor, inception_weights=opts.inception_weights, device=fp.device)
     ref_feats = floor = None
@@ -244,10 +246,7 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
     results = []
     for name in names:
         v = variants[name]
-        vb = fp if v is None else (v if isinstance(v, ModelBundle) else v.bundle)
-        is_fp = vb is fp
-        config = _config_dict(v, is_fp)
-        recipe = getattr(v, "recipe", None)
+        vb, is_fp, config, recipe = v.bundle, v.is_fp, v.config_dict(), v.recipe
         if recipe is not None and recipe.calibration.overlaps(seeds):
             m_warning = (f"the calibration seeds {recipe.calibration.seed}..{recipe.calibration.seed + recipe.calibration.images - 1} "
                          "overlap the evaluated seeds: this variant is scored partly on its calibration images")
@@ -269,7 +268,7 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
         m = _score(images, feats, fp_images, fp_feats, reference, ref_feats, floor, is_fp, extractor, opts, score_kw)
         if m_warning:
             m["warning"] = "; ".join(w for w in (m.get("warning"), m_warning) if w)
-        m.update(_variant_measures(v, fp, is_fp))
+        m.update(_variant_measures(v))
         m.update((extra_metrics or {}).get(name, {}))
         if fp.bundled and fp.conditional:
             from analysis.evaluation.classifier import label_agreement
@@ -285,7 +284,7 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, object], options: 
         run_id = None
         if store is not None:
             run_id = store.add(RunRecord(
-                model=fp.name, method=config.get("method", "fp"), label=name, config=config,
+                model=fp.name, method=config["method"], label=name, config=config,
                 num_samples=len(images), seeds=seeds, labels=labels, metrics=m, timings=timings,
                 steps=opts.steps, guidance=guidance, scheduler=opts.scheduler, note=note,
                 recipe=None if recipe is None else recipe.to_dict()),
@@ -299,7 +298,7 @@ def recipe_key(fingerprint: str, config: dict, opts: EvalOptions, guidance: floa
     """A hash of everything that decides a result: the model's weights, the quantization config, the
     calibration set, the evaluated labels and seeds, sampling and scoring. Equal keys mean a stored result
     can stand in for a new measurement."""
-    what = {"model": fingerprint, "config": config, "calibration": calibration if config.get("method") != "fp" else None,
+    what = {"model": fingerprint, "config": config, "calibration": calibration if quantizes(config) else None,
             "num_samples": opts.num_samples, "seed": opts.seed, "steps": opts.steps, "guidance": float(guidance),
             "scheduler": opts.scheduler, "extractor": opts.extractor, "reference": str(opts.reference or "")}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -325,31 +324,32 @@ def evaluate(bundle: ModelBundle, config, options: EvalOptions | None = None, st
     from quant.api import QuantConfig
 
     config = config or QuantConfig(method="fp")
+    quantized = config.quantizes
     opts = options or EvalOptions()
     check_options(bundle, opts)  # fail before the (slow) quantization
     t0 = time.perf_counter()
     guidance = eval_guidance(bundle, opts)
-    if calibration is None and config.method != "fp":
+    if calibration is None and quantized:
         calibration = opts.calibration(bundle)
     spec = calibration if isinstance(calibration, CalibrationSpec) else getattr(calibration, "spec", None)
-    calib = None if config.method == "fp" or spec is None else spec.resolved(bundle).to_dict()
+    calib = None if not quantized or spec is None else spec.resolved(bundle).to_dict()
     extra = {}
     # Only a known calibration set can be matched later (data sampled without a spec cannot).
-    if store is not None and (calib is not None or config.method == "fp"):
+    if store is not None and (calib is not None or not quantized):
         extra["recipe_key"] = recipe_key(fingerprint or model_fingerprint(bundle), config.to_dict(), opts, guidance,
                                          calib)
-    if config.method == "fp":
+    if not quantized:
         variants = {FP_NAME: None}
     else:
         from analysis.quantization.pipeline import quantize_bundle
 
         q_progress = (lambda stage, frac: on_progress(f"Quantizing: {stage}", 0.3 * frac)) if on_progress else None
         variant = quantize_bundle(bundle, config, calibration=calibration, on_progress=q_progress)
-        variant.report = dict(variant.report or {}, quantize_seconds=round(time.perf_counter() - t0, 3))
+        variant.report.quantize_seconds = round(time.perf_counter() - t0, 3)
         variants = {config.label: variant}
     e_progress = None
     if on_progress is not None:
-        offset = 0.0 if config.method == "fp" else 0.3
+        offset = 0.3 if quantized else 0.0
         e_progress = lambda stage, frac: on_progress(stage, offset + (1 - offset) * frac)  # noqa: E731
     results = evaluate_variants(bundle, variants, opts, store=store, on_progress=e_progress, note=note,
                                 extra_metrics={name: extra for name in variants})
@@ -392,36 +392,25 @@ def score_row(result: EvalResult) -> dict:
             "run_id": result.run_id, "warning": m.get("warning")}
 
 
-def _config_dict(v, is_fp: bool) -> dict:
-    """The variant's quantization config as a dict; a bare bundle that is not the FP one is 'custom'."""
-    if is_fp:
-        return {"method": "fp"}
-    config = getattr(v, "config", None)
-    if config is None:
-        qc = v.quant_config if isinstance(v, ModelBundle) else None
-        return dict(qc) if qc else {"method": "custom"}
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
-
-
-def _variant_measures(v, fp: ModelBundle, is_fp: bool) -> dict:
+def _variant_measures(v: Variant) -> dict:
     """What the quantization measured (error vs FP on the calibration inputs, stored size), kept with the run so
     a stored result answers the same questions as a fresh one."""
-    if is_fp:
+    if v.is_fp:
         from quant.io import fp_weight_bytes
 
-        size = fp_weight_bytes(fp.denoiser)
+        size = fp_weight_bytes(v.bundle.denoiser)
         return {"rel_rms": 0.0, "rel_rms_step_median": 0.0, "weight_bytes": size, "fp_weight_bytes": size}
-    report = getattr(v, "report", None) or {}
-    out = {k: report[k] for k in ("rel_rms", "rel_rms_step_median", "weight_bytes", "fp_weight_bytes") if k in report}
-    if "rel_rms_per_timestep" in report:  # JSON object keys are strings: keep the timesteps as numbers
-        out["rel_rms_per_timestep"] = [[int(t), float(e)] for t, e in report["rel_rms_per_timestep"].items()]
-    return out
+    r = v.report
+    if r is None:
+        return {}
+    # JSON object keys are strings: keep the timesteps as numbers
+    return {"rel_rms": r.rel_rms, "rel_rms_step_median": r.rel_rms_step_median, "weight_bytes": r.weight_bytes, "fp_weight_bytes": r.fp_weight_bytes,
+            "rel_rms_per_timestep": [[int(t), float(e)] for t, e in r.rel_rms_per_timestep.items()]}
 
 
-def _variant_timings(v) -> dict:
+def _variant_timings(v: Variant) -> dict:
     """The variant's quantization time, when this evaluation produced it (evaluate() sets quantize_seconds)."""
-    report = getattr(v, "report", None) or {}
-    value = report.get("quantize_seconds")
+    value = None if v.report is None else v.report.quantize_seconds
     return {"quantize_seconds": value} if isinstance(value, (int, float)) else {}
 
 

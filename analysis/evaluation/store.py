@@ -25,6 +25,8 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from quant.config import quantizes
+
 DATA_ENV = "DQLAB_HOME"
 DB_NAME = "runs.sqlite"
 SCHEMA_VERSION = 2  # 2: the recipe column (source + QuantConfig + calibration spec)
@@ -202,8 +204,8 @@ class Store:
         row = {
             "uid": uid, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "model": record.model, "method": record.method, "label": record.label or record.method,
-            "w_bits": cfg.get("w_bits") if record.method != "fp" else None,
-            "a_bits": cfg.get("a_bits") if record.method != "fp" else None,
+            "w_bits": cfg.get("w_bits") if quantizes(record.method) else None,
+            "a_bits": cfg.get("a_bits") if quantizes(record.method) else None,
             "config": json.dumps(cfg, sort_keys=True), "num_samples": int(record.num_samples),
             "steps": record.steps, "guidance": record.guidance, "scheduler": record.scheduler,
             "seeds": json.dumps([int(s) for s in record.seeds]),

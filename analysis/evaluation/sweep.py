@@ -20,7 +20,9 @@ Options (one per point, combined with every method and bit-width):
     tpq          one activation range per timestep (DilateQuant's TPQ)
     adaround     + block-wise AdaRound reconstruction (PTQ4DiT)
     bkd          + block-wise distillation (DilateQuant)
-    float-io     the patch embedding and the final layer kept in floating point
+    float-io     the ends of the network kept in floating point: the layers that read the noisy input and
+                 write the prediction, as the model's family declares them (a DiT's patch embedding and final
+                 layer, a UNet's conv_in and conv_out); a point label says float-io
     keep8:K      mixed precision: the K layers the sensitivity analysis ranks hardest at W8A8 (points whose
                  bits are already 8 skip it)
     keep8-least:K  the control: the K layers ranked easiest at W8A8 (the same size as keep8:K)
@@ -50,11 +52,14 @@ from analysis.models.bundle import ModelBundle
 from analysis.quantization.calibration import CALIBRATION_SEED, calibrate
 from analysis.quantization.sensitivity import mixed_config, top_layers
 from analysis.quantization.sizes import bops, float_bits_of, mac_table
-from quant.config import METHODS, QuantConfig
+from quant.config import METHODS, QuantConfig, quantizes
+from quant.families import FAMILIES
 from quant.measures import step_median
 
+# float-io's layers are the family's (quant.families: FAMILY.float_io), filled in per model by point_config.
 OPTIONS = {"default": {}, "tpq": {"tpq": True}, "adaround": {"recon": "adaround"}, "bkd": {"recon": "bkd"},
-           "float-io": {"exclude": ["pos_embed.proj", "proj_out_1", "proj_out_2"]}}
+           "float-io": {"exclude": "float_io"}}
+SWEEP_METHODS = tuple(m for m in METHODS if quantizes(m))  # every registered method; FP is always measured
 MIXED = re.compile(r"keep8(-least)?:(\d+)$")
 # rel_rms_step_median is the headline error (quant.measures.step_median: median over timesteps of the per-step
 # relative RMS error); rel_rms, the error pooled over timesteps, is kept so older tolerances and rows still read.
@@ -106,9 +111,9 @@ class SweepSpec:
         if not self.methods or not self.bits or not self.options:
             raise ValueError("a sweep needs at least one method, one bit-width and one option")
         for m in self.methods:
-            if m not in METHODS or m == "fp":
+            if m not in SWEEP_METHODS:
                 raise ValueError(f"unknown method {m!r} for a sweep; choose from "
-                                 f"{', '.join(x for x in METHODS if x != 'fp')} (FP is always measured)")
+                                 f"{', '.join(SWEEP_METHODS)} (FP is always measured)")
         for b in self.bits:
             parse_bits(b)
         for o in self.options:
@@ -135,13 +140,17 @@ class SweepSpec:
         return len(self.grid())
 
 
-def point_config(method: str, bits: str, option: str, spec: SweepSpec, layers: list[str] | None = None) -> QuantConfig:
-    """The QuantConfig of one grid point (keep8:K needs the layers the sensitivity ranking picked)."""
+def point_config(method: str, bits: str, option: str, spec: SweepSpec, layers: list[str] | None = None,
+                 family: str = "dit") -> QuantConfig:
+    """The QuantConfig of one grid point (keep8:K needs the layers the sensitivity ranking picked; float-io
+    keeps the ends the model's family declares in float)."""
     w, a = parse_bits(bits)
     fields = dict(method=method, w_bits=w, a_bits=a)
     if MIXED.match(option):
         return mixed_config(QuantConfig(**fields), layers or [])
     fields.update(OPTIONS[option])
+    if fields.get("exclude") == "float_io":
+        fields["exclude"] = list(FAMILIES[family].float_io)
     if fields.get("recon") and spec.recon_iters is not None:
         fields["recon_iters"] = spec.recon_iters
     return QuantConfig(**fields).validate()
@@ -198,7 +207,7 @@ def recommend(points: list[dict], tolerance: dict, cost: str = "bops") -> dict:
     if quality not in QUALITY:
         raise ValueError(f"unknown tolerance measure {quality!r}; choose from {', '.join(QUALITY)}")
     ok = [p for p in points if _quality(p, quality) is not None and _quality(p, quality) <= limit]
-    fp = next((p for p in points if p["method"] == "fp"), None)
+    fp = next((p for p in points if not quantizes(p["method"])), None)
     if not ok:
         return {"tolerance": tolerance, "label": None, "config": None,
                 "reason": f"No setting in this sweep has {QUALITY[quality]} <= {limit:g}; keep FP or widen the grid."}
@@ -227,7 +236,7 @@ def _format_quality(point: dict, quality: str) -> str:
 def _point(label: str, method: str, bits: str, option: str, config: dict, run, table: dict, float_bits: int,
            reused: bool, fp_agreement: float | None) -> dict:
     m = run.metrics
-    qc = None if method == "fp" else QuantConfig.from_dict(config)
+    qc = QuantConfig.from_dict(config) if quantizes(method) else None
     agreement = m.get("label_agreement")
     t = run.timings
     return {
@@ -244,7 +253,7 @@ def _point(label: str, method: str, bits: str, option: str, config: dict, run, t
         "num_samples": run.num_samples, "feature_extractor": run.feature_extractor,
         # this point's own work: FP's is its sampling; a variant's its quantization, sampling and scoring
         "seconds": round(sum(t.get(k, 0.0) for k in ("quantize_seconds", "sampling", "scoring")
-                             + (("fp_sampling",) if method == "fp" else ())), 3),
+                             + (("fp_sampling",) if not quantizes(method) else ())), 3),
         "run_id": run.id, "reused": reused,
     }
 
@@ -255,6 +264,7 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
     """Measure every point of the grid (plus FP), reading points already in the store. on_progress(stage,
     fraction of the whole sweep) reports within points; on_point(index, total, point) after each one."""
     spec.validate()
+    check_float_io(bundle, spec)
     store = store or Store()
     start = time.perf_counter()
     opts = spec.eval_options()
@@ -278,7 +288,7 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
     fp_agreement = None
     for i, (method, bits, option) in enumerate(grid):
         mixed = MIXED.match(option)
-        if method == "fp":
+        if not quantizes(method):
             config, label = QuantConfig(method="fp"), "FP"
         else:
             top = None
@@ -288,26 +298,28 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
                                               lambda s, f: progress(f"sensitivity {bits}: {s}", (i + f / 2) / total))
                 k = int(mixed.group(2))
                 top = top_layers(rankings[bits]["ranking"], k, least=bool(mixed.group(1)))
-            config = point_config(method, bits, option, spec, top)
+            config = point_config(method, bits, option, spec, top, bundle.family)
             label = config.label + (f" (least sensitive {k})" if mixed and mixed.group(1) else "")
+            if option == "float-io":
+                label += " float-io"
         cfg = config.to_dict()
         ident = json.dumps(cfg, sort_keys=True)
         if ident in seen:  # e.g. dilatequant's default already has TPQ
             continue
         seen.add(ident)
-        key = recipe_key(fingerprint, cfg, opts, guidance, calib_spec.to_dict() if method != "fp" else None)
+        key = recipe_key(fingerprint, cfg, opts, guidance, calib_spec.to_dict() if quantizes(method) else None)
         run = find_stored(store, bundle.name, key)
         reused = run is not None
         if run is None:
             progress(f"{label}: measuring", i / total)
             result = evaluate(bundle, config, opts, store=store,
-                              calibration=None if method == "fp" else get_calibration(),
+                              calibration=get_calibration() if quantizes(method) else None,
                               fingerprint=fingerprint,
                               on_progress=lambda s, f: progress(f"{label}: {s}", (i + f) / total))
             run = store.get(result.run_id)
             measured += 1
         point = _point(label, method, bits, option, cfg, run, table, fbits, reused, fp_agreement)
-        if method == "fp":
+        if not quantizes(method):
             fp_agreement = point["label_agreement"]
             point["label_agreement_drop"] = 0.0 if fp_agreement is not None else None
         points.append(point)
@@ -316,6 +328,20 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
             on_point(i + 1, total, point)
     return SweepResult(spec=spec, model=bundle.name, guidance=guidance, points=points,
                        seconds=time.perf_counter() - start, measured=measured, sensitivity=rankings)
+
+
+def check_float_io(bundle: ModelBundle, spec: SweepSpec) -> list[str]:
+    """The layers float-io keeps in float on this model; ValueError when the spec asks for float-io and the
+    family's patterns match none of them (a float-io point would silently equal its default point)."""
+    from analysis.quantization.pipeline import unmatched_excludes
+
+    patterns = list(FAMILIES[bundle.family].float_io)
+    missing = unmatched_excludes(bundle.denoiser, patterns)
+    kept = [p for p in patterns if p not in missing]
+    if "float-io" in spec.options and not kept:
+        raise ValueError(f"float-io keeps no layer of {bundle.name} in float: the {bundle.family} family's patterns "
+                         f"{', '.join(patterns) or '(none)'} match no quantized layer; drop the option")
+    return kept
 
 
 def _ranking(bundle: ModelBundle, bits: str, get_calibration, calib_spec, fingerprint: str, store: Store,

@@ -50,8 +50,8 @@ class ModelBundle:
 
     @property
     def family(self) -> str:
-        """'dit' or 'unet', from the denoiser's class (quant.denoiser.family_of)."""
-        from quant.denoiser import family_of
+        """'dit' or 'unet', from the denoiser's class (the family table, quant.families)."""
+        from quant.families import family_of
 
         return family_of(self.denoiser)
 
@@ -61,11 +61,9 @@ class ModelBundle:
 
     def describe(self) -> str:
         """One line: family, size and classes, e.g. 'DiT, 6 blocks, classes 0-9'."""
-        m = self.denoiser
-        if self.family == "unet":
-            shape = f"UNet, {len(m.down_blocks)} resolutions ({', '.join(map(str, m.config.block_out_channels))} channels)"
-        else:
-            shape = f"DiT, {len(m.transformer_blocks)} blocks"
+        from quant.families import family_for
+
+        shape = family_for(self.denoiser).describe(self.denoiser)
         return shape + (f", classes 0-{self.num_classes - 1}" if self.conditional else ", unconditional")
 
     @property

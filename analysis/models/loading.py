@@ -7,10 +7,9 @@
                                          DiTTransformer2DModel / UNet2DModel folder
     load("facebook/DiT-XL-2-256")        the hub, when this machine has network access or a cached copy
 
-The family (dit / unet) is decided here from the model class (quant.denoiser); everything downstream asks
-the bundle. A class-conditional UNet2DModel keeps its null class for guidance as the last row of its class
-embedding (num_class_embeds = classes + 1, as diffusers' DiT label table does); an unconditional one
-(no class embedding) samples from seeds alone.
+The family (dit / unet) is decided here from the model class by the family table (quant.families), which also
+says where a pipeline folder keeps the denoiser and how many classes it has; everything downstream asks the
+bundle. An unconditional model (a UNet without class embedding) samples from seeds alone.
 
 Weights load from safetensors only, and no remote code ever runs.
 """
@@ -25,15 +24,15 @@ import torch
 from analysis.models.bundle import ModelBundle, ModelLoadError, resolve_device, resolve_dtype
 from analysis.models.resources import asset_path
 from analysis.models.saved import load_quantized
-from quant.denoiser import CLASS_FAMILIES
+from quant.families import CLASS_FAMILIES, FAMILIES
 
 ASSETS = asset_path()
 BUNDLED = {"bundled:dit-mnist": asset_path("dit-mnist"), "bundled:unet-mnist": asset_path("unet-mnist")}
 TRAINING_SCRIPTS = {"bundled:dit-mnist": "scripts/train_dit.py", "bundled:unet-mnist": "scripts/train_unet.py"}
-# Where each family's weights sit in a pipeline folder (DiTPipeline / DDPMPipeline layouts).
-SUBFOLDERS = {"dit": "transformer", "unet": "unet"}
-# A bare model folder's config names its class; the hub's DiT configs name the generic Transformer2DModel.
-MODEL_CLASSES = {**CLASS_FAMILIES, "Transformer2DModel": "dit"}
+# Where each family's weights sit in a pipeline folder (DiTPipeline / DDPMPipeline layouts): the family table's.
+SUBFOLDERS = {name: family.subfolder for name, family in FAMILIES.items()}
+# A bare model folder's config names its class (the hub's DiT configs name the generic Transformer2DModel).
+MODEL_CLASSES = {**CLASS_FAMILIES, **{c: f.name for f in FAMILIES.values() for c in f.config_classes}}
 HUB_EXAMPLES = ["facebook/DiT-XL-2-256", "facebook/DiT-XL-2-512", "google/ddpm-cifar10-32"]
 
 
@@ -115,7 +114,8 @@ def _denoiser_dir(folder: Path) -> tuple[Path, str]:
 
 def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
     """A pipeline-style folder (transformer/ or unet/, scheduler/, optional vae/) or a bare model folder."""
-    from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel
+    import diffusers
+    from diffusers import AutoencoderKL
 
     quantized = folder / "quant_config.json"
     if quantized.exists():
@@ -124,7 +124,7 @@ def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
     if not list(mdir.glob("*.safetensors")):
         raise ModelLoadError(f"{mdir} has no .safetensors weights; this project loads safetensors only "
                              "(convert .bin weights with diffusers' save_pretrained(safe_serialization=True))")
-    cls = UNet2DModel if family == "unet" else DiTTransformer2DModel
+    cls = getattr(diffusers, FAMILIES[family].classes[0])  # a diffusers class by name: no code from the folder
     try:
         denoiser = cls.from_pretrained(mdir, use_safetensors=True)
     except Exception as exc:  # diffusers raises several types for malformed folders
@@ -148,19 +148,11 @@ def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
 
 
 def _num_classes(family: str, cfg) -> int:
-    """Classes a user may ask for. The label table's last row is the null class for guidance (diffusers'
-    DiT reserves it itself; a UNet2DModel's num_class_embeds counts it, see the module docstring)."""
-    if family == "dit":
-        return cfg.num_embeds_ada_norm
-    if cfg.num_class_embeds is None:
-        if cfg.class_embed_type is not None:
-            raise ModelLoadError(f"UNet2DModel class_embed_type {cfg.class_embed_type!r} is not supported; the lab "
-                                 "samples unconditional UNets and class tables (num_class_embeds)")
-        return 0
-    if cfg.num_class_embeds < 2:
-        raise ModelLoadError(f"UNet2DModel num_class_embeds = {cfg.num_class_embeds}: a class-conditional UNet needs "
-                             "its classes plus one null class for guidance")
-    return cfg.num_class_embeds - 1
+    """Classes a user may ask for, as the family declares them (quant.families: FAMILY.num_classes)."""
+    try:
+        return FAMILIES[family].num_classes(cfg)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def _load_hub(repo_id: str) -> ModelBundle:

@@ -1,52 +1,12 @@
-"""Axis helpers shared by the figures: readable layer names and log axes with labelled 1-2-5 ticks."""
+"""Axis helpers shared by the figures: readable layer names (from the family table, quant.families) and log axes
+with labelled 1-2-5 ticks."""
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 
-# The role of each layer of a diffusers DiT block, in words a reader knows from the paper's figure.
-_ROLES = [(r"attn\d*\.to_q$", "attn q"), (r"attn\d*\.to_k$", "attn k"), (r"attn\d*\.to_v$", "attn v"),
-          (r"attn\d*\.to_out\.0$", "attn out"), (r"ff\.net\.0\.proj$", "MLP fc1"), (r"ff\.net\.2$", "MLP fc2"),
-          (r"norm1\.linear$", "adaLN"), (r"timestep_embedder\.linear_1$", "t-embed 1"),
-          (r"timestep_embedder\.linear_2$", "t-embed 2"), (r"^proj_out_1$", "final adaLN"),
-          (r"^proj_out_2$", "final out"), (r"^pos_embed\.proj$", "patch embed"), (r"attn\d*\.q$", "q"),
-          (r"attn\d*\.k$", "k"), (r"attn\d*\.v$", "v"), (r"attn\d*\.softmax$", "softmax"),
-          (r"attn\d*\.qkv_softmax$", "attn q k v softmax")]
-
-
-# A diffusers UNet2DModel's layers: the role within its stage (analysis.salience.collect.layer_stage names the stage).
-_UNET_ROLES = [(r"resnets\.(\d+)\.conv1$", "resnet {} conv1"), (r"resnets\.(\d+)\.conv2$", "resnet {} conv2"),
-               (r"resnets\.(\d+)\.time_emb_proj$", "resnet {} t-proj"),
-               (r"resnets\.(\d+)\.conv_shortcut$", "resnet {} shortcut"), (r"attentions\.(\d+)\.to_q$", "attn {} q"),
-               (r"attentions\.(\d+)\.to_k$", "attn {} k"), (r"attentions\.(\d+)\.to_v$", "attn {} v"),
-               (r"attentions\.(\d+)\.to_out\.0$", "attn {} out"), (r"downsamplers\.(\d+)\.conv$", "downsample {}"),
-               (r"upsamplers\.(\d+)\.conv$", "upsample {}"), (r"^time_embedding\.linear_(\d)$", "t-embed {}"),
-               (r"^conv_(in)$", "conv {}"), (r"^conv_(out)$", "conv {}")]
-
-
-def readable_layer(key: str) -> str:
-    """'transformer_blocks.3.ff.net.0.proj' -> 'block 3 · MLP fc1', 'down_blocks.1.resnets.0.conv1' ->
-    'down 1 · resnet 0 conv1'; top-level DiT layers keep their role alone. A second call in one forward
-    ('name@2') is marked as such; unknown names come back unchanged."""
-    name, _, call = key.partition("@")
-    role = next((r for pattern, r in _ROLES if re.search(pattern, name)), None)
-    m = re.match(r"transformer_blocks\.(\d+)\.", name)
-    if role is None:
-        return _unet_layer(name) or key
-    text = f"block {m.group(1)} · {role}" if m else role
-    return text + (f" (call {call})" if call else "")
-
-
-def _unet_layer(name: str) -> str | None:
-    from analysis.salience.collect import layer_stage
-
-    for pattern, role in _UNET_ROLES:
-        if (hit := re.search(pattern, name)) is not None:
-            return f"{layer_stage(name)[1]} · {role.format(hit.group(1))}"
-    return None
-
+from quant.families import readable_layer  # noqa: F401 (the figures' layer names)
 
 def log_ticks(values, per_decade=(1, 2, 5)) -> dict:
     """tickvals / ticktext for a log axis spanning `values`: 1-2-5 per decade, written plainly (0.02, 5, 200),

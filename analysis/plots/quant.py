@@ -18,15 +18,11 @@ import torch
 from plotly.subplots import make_subplots
 
 from analysis.plots.axes import log_axis, nice_ticks, wrap
+from quant.families import layer_kind, readable_layer
 from quant.measures import outlier_ratio, step_median
 
 _MARGIN = dict(l=10, r=10, t=60, b=10)
 _FLOOR = 1e-12  # log axes cannot show 0; a dead channel is drawn at this floor
-
-# What the folded vector means per method (legend and title wording).
-def _short(layer: str) -> str:
-    return layer.replace("transformer_blocks.", "b").replace("norm1.emb.timestep_embedder.", "temb.")
-
 
 def _pos(values) -> np.ndarray:
     return np.maximum(np.asarray(values, dtype=float), _FLOOR)
@@ -132,33 +128,25 @@ def ssc_figure(ssc: dict, group: str) -> go.Figure:
     return fig
 
 
-def _kind(layer: str) -> str:
-    for key, kind in ((".attn1.to_", "attention"), (".ff.", "MLP"), ("norm1.", "adaLN / embedding"),
-                      ("qkv_softmax", "attention operands")):
-        if key in layer:
-            return kind
-    return "embedding / output"
-
-
-# Calm colours per layer kind: a kind is not an alarm (plotly's default palette paints attention red).
-KIND_COLORS = {"attention": "#4c78a8", "MLP": "#f58518", "adaLN / embedding": "#72b7b2",
-               "embedding / output": "#54a24b", "attention operands": "#b279a2"}
+# Calm colours for the layer kinds, in order of appearance: a kind is not an alarm (plotly's default palette
+# paints the second kind red).
+KIND_PALETTE = ["#4c78a8", "#f58518", "#72b7b2", "#54a24b", "#b279a2", "#9d755d", "#bab0ac", "#eeca3b"]
 
 
 def layer_error_figure(layer_error: dict, title: str = "Per-layer relative output error") -> go.Figure:
     """Bars in model order: ||Y_q - Y|| / ||Y|| of each quantized layer on its own input, coloured by kind."""
     names = list(layer_error)
     vals = [float(layer_error[n]) for n in names]
-    kinds = [_kind(n) for n in names]
+    kinds = [layer_kind(n) for n in names]
     fig = go.Figure()
     for kind in dict.fromkeys(kinds):
         idx = [i for i, k in enumerate(kinds) if k == kind]
-        fig.add_trace(go.Bar(x=[_short(names[i]) for i in idx], y=[vals[i] for i in idx], name=kind,
-                             marker_color=KIND_COLORS.get(kind, "#9d755d"),
+        fig.add_trace(go.Bar(x=[readable_layer(names[i]) for i in idx], y=[vals[i] for i in idx], name=kind,
+                             marker_color=KIND_PALETTE[len(fig.data) % len(KIND_PALETTE)],
                              customdata=[names[i] for i in idx],
                              hovertemplate="%{customdata}<br>rel. error %{y:.4g}<extra></extra>"))
     worst = names[int(np.argmax(vals))] if vals else "-"
-    labels = [_short(n) for n in names]
+    labels = [readable_layer(n) for n in names]
     fig.update_layout(title=wrap(title, 70) + f"<br><sup>worst: {worst} ({max(vals, default=0):.3g})</sup>",
                       # every layer labelled (plotly skips every other category label when they crowd)
                       xaxis=dict(title="layer (model order)", type="category", categoryorder="array",

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from quant.families import readable_layer
+
 _MARGIN = dict(l=10, r=10, t=60, b=10)
 MODE_NAMES = {"adaround": "AdaRound reconstruction (PTQ4DiT)", "bkd": "block-wise distillation (DilateQuant BKD)"}
 
 
 def short_unit(name: str) -> str:
-    return (name.replace("transformer_blocks.", "block ").replace(".norm1.emb", " t-emb")
-            .replace("pos_embed", "patch embed"))
+    """A unit's readable name (quant.families.readable_layer): 'transformer_blocks.3' -> 'block 3'."""
+    return readable_layer(name)
 
 
 def recon_loss_figure(losses: dict, mode: str | None = None, log: bool = True) -> go.Figure:

@@ -15,6 +15,7 @@ import plotly.graph_objects as go
 from analysis.evaluation.sweep import COSTS, QUALITY
 from analysis.plots.axes import log_axis
 from analysis.plots.axes import readable_layer as _short
+from quant.config import quantizes
 
 _MARGIN = dict(l=10, r=10, t=70, b=10)
 _FRONT_COLOR = "#d62728"
@@ -84,7 +85,7 @@ def sweep_timestep_figure(points: list[dict]) -> go.Figure:
     values = []
     for p in points:
         rows = p.get("rel_rms_per_timestep")
-        if p["method"] == "fp" or not rows:
+        if not quantizes(p["method"]) or not rows:
             continue
         rows = sorted(rows, key=lambda r: -r[0])  # noisiest first
         values += [e for _, e in rows]

@@ -1,7 +1,7 @@
 """Quantize a bundle end to end: calibration inputs from FP sampling, quantization, and a report.
 
     variant = quantize_bundle(bundle, QuantConfig(method="ptq4dit", w_bits=4, a_bits=8), CalibrationSpec())
-    variant.report["rel_rms_step_median"], variant.bundle        # the bundle shares scheduler / VAE with the FP one
+    variant.report.rel_rms_step_median, variant.bundle          # the bundle shares scheduler / VAE with the FP one
     variant.recipe                                              # source + config + calibration: rebuilds it
 
 The FP bundle is never modified (the app's cached one is shared by every session).
@@ -25,6 +25,7 @@ from analysis.quantization.calibration import (  # noqa: F401
     calibration_for,
 )
 from analysis.quantization.recipe import Recipe, recipe_of_run
+from analysis.quantization.report import QuantReport
 from quant.api import QuantConfig, quantize_with_details
 from quant.forward import calibration_batches, forward
 from quant.graph import balance_plan
@@ -39,14 +40,44 @@ SAMPLING_SHARE = 0.6
 
 @dataclasses.dataclass
 class Variant:
-    """One quantized model: its bundle (new transformer, shared scheduler/VAE), config, measurements, and the
-    recipe that rebuilds it (None when it was calibrated on data no spec describes)."""
+    """A model to evaluate or compare beside FP, the one type evaluation and comparison take (Variant.of reads
+    what callers pass): the FP model itself (config None: no quantization), a quantized copy made here (new
+    denoiser, shared scheduler/VAE; its config, report and the recipe that rebuilds it, None when it was
+    calibrated on data no spec describes), or a bundle made elsewhere (custom: a loaded quantized folder, a
+    perturbed copy)."""
 
     name: str
     bundle: ModelBundle
-    config: QuantConfig
-    report: dict
+    config: QuantConfig | None = None
+    report: QuantReport | None = None
     recipe: Recipe | None = None
+    custom: bool = False  # a bundle made elsewhere whose setting is not known
+
+    @property
+    def is_fp(self) -> bool:
+        """The FP model itself: the reference, sampled once and never scored against itself."""
+        return self.config is None and not self.custom
+
+    def config_dict(self) -> dict:
+        """The setting as stored with a run: the config's dict (a loaded quantized folder's saved one), else
+        {"method": "fp"} for FP or {"method": "custom"}."""
+        if self.config is not None:
+            return self.config.to_dict()
+        if self.bundle.quant_config:
+            return dict(self.bundle.quant_config)
+        return {"method": "custom" if self.custom else "fp"}
+
+    @classmethod
+    def of(cls, name: str, value, fp: ModelBundle) -> "Variant":
+        """`value` as a Variant: None or the FP bundle itself is FP; a Variant stays as it is; another bundle
+        is custom (its saved quantization config, analysis.models.saved, is what config_dict() reports)."""
+        if isinstance(value, Variant):
+            return value
+        if value is None or value is fp:
+            return cls(name, fp)
+        if isinstance(value, ModelBundle):
+            return cls(name, value, custom=True)
+        raise TypeError(f"variant {name!r} is a {type(value).__name__}; pass a Variant, a ModelBundle or None (FP)")
 
 
 def _eps(out: torch.Tensor, latent_channels: int) -> torch.Tensor:
@@ -98,16 +129,8 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
     on_progress(stage, fraction) is called at each stage (calibration sampling, quantizing, block-wise
     optimization, measuring); on_recon(unit index, number of units, iteration, loss) during the block-wise
     optimization (config.recon), for live loss curves.
-    report: method, w_bits, a_bits, attn_bits, tpq, label, seconds (quantize + activation calibration, wall
-    clock; cpu_seconds: the process's CPU time for the same, which a busy machine does not inflate),
-    calibration_seconds (FP sampling, when done here), total_seconds (the two), calibration (the spec),
-    layers_quantized, weight_bytes (stored at the bit-width), fp_weight_bytes, rel_rms_step_median (the
-    headline error: median over timesteps of the relative RMS error of the noise prediction vs FP,
-    quant.measures.step_median), rel_rms_per_timestep (the curve it summarises), rel_rms (the same error
-    pooled over every timestep, dominated by the last steps; kept for older readers), layer_error (each layer's
-    relative RMS error on its own input), and per balanced group: vectors (b), salience (per-channel maxima
-    before / after), ssc (rho, eta per timestep); balance (which layers took a folded scale, which did
-    not and why: quant.graph.balance_plan); recon (quant.recon.ReconReport as a dict, or None).
+    The Variant's report is a QuantReport (analysis.quantization.report: every field named there). Its headline
+    error is rel_rms_step_median (quant.measures.step_median of rel_rms_per_timestep).
     """
     progress = on_progress or (lambda stage, frac: None)
     cal_seconds = 0.0
@@ -138,23 +161,21 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
                                           reference=result.reference)
     n_quant = sum(1 for m in quant_layers(result.model).values()
                   if not is_off(m.w_bits) or m.act.enabled)
-    report = {
-        "method": config.method, "w_bits": config.w_bits, "a_bits": config.a_bits, "attn_bits": config.attn_bits,
-        "tpq": config.use_tpq if config.method != "fp" else False, "label": config.label,
-        "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3), "calibration_seconds": round(cal_seconds, 3),
-        "total_seconds": round(seconds + cal_seconds, 3),
-        "calibration": spec.to_dict() if spec is not None else None,
-        "calibration_rows": len(calibration) if hasattr(calibration, "__len__") else None,
-        "layers_quantized": n_quant, "weight_bytes": weight_bytes(result.model),
-        "fp_weight_bytes": fp_weight_bytes(bundle.denoiser),
-        "rel_rms": rel, "rel_rms_step_median": step_median(per_t), "rel_rms_per_timestep": per_t,
-        "layer_error": layer_err,
-        "vectors": {g: b.tolist() for g, b in result.vectors.items()},
-        "salience": {g: _lists(s) for g, s in result.salience.items()},
-        "ssc": {g: _lists(e) for g, e in result.extras.items() if "eta" in e},
-        "config": config.to_dict(), "recon": result.recon,
-        "balance": balance_plan(bundle.denoiser, set(result.vectors), config.method),
-    }
+    report = QuantReport(
+        method=config.method, w_bits=config.w_bits, a_bits=config.a_bits, attn_bits=config.attn_bits,
+        tpq=config.quantizes and config.use_tpq, label=config.label, config=config.to_dict(),
+        seconds=round(seconds, 3), cpu_seconds=round(cpu_seconds, 3), calibration_seconds=round(cal_seconds, 3),
+        total_seconds=round(seconds + cal_seconds, 3),
+        calibration=spec.to_dict() if spec is not None else None,
+        calibration_rows=len(calibration) if hasattr(calibration, "__len__") else None,
+        layers_quantized=n_quant, weight_bytes=weight_bytes(result.model),
+        fp_weight_bytes=fp_weight_bytes(bundle.denoiser),
+        rel_rms=rel, rel_rms_step_median=step_median(per_t), rel_rms_per_timestep=per_t, layer_error=layer_err,
+        vectors={g: b.tolist() for g, b in result.vectors.items()},
+        salience={g: _lists(s) for g, s in result.salience.items()},
+        ssc={g: _lists(e) for g, e in result.extras.items() if "eta" in e},
+        recon=result.recon, balance=balance_plan(bundle.denoiser, set(result.vectors), config.method),
+    )
     progress("done", 1.0)
     name = config.label
     qbundle = bundle.with_denoiser(result.model, name=f"{bundle.name} [{name}]", quant_config=config.to_dict())

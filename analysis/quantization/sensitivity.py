@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import time
 from typing import Callable
 
@@ -28,31 +27,26 @@ import numpy as np
 from analysis.models.bundle import ModelBundle
 from analysis.quantization.pipeline import output_errors
 from quant.api import QuantConfig, quantize_with_details
+from quant.families import family_of, layer_kind, layer_stage, stage_of
 from quant.forward import calibration_batches
 from quant.modules import quant_layers
 
 GRANULARITIES = ("layer", "kind", "block")
 
 
-def layer_kind(name: str) -> str:
-    """The role of a layer independent of its block: 'attn1.to_q', 'ff.net.2', 'norm1.linear', ..."""
-    return re.sub(r"^transformer_blocks\.\d+\.", "", name)
-
-
-def block_of(name: str) -> str:
-    """'block 3' for a layer of transformer_blocks.3, else 'input / output' (patch embedding, final layer)."""
-    m = re.match(r"transformer_blocks\.(\d+)\.", name)
-    return f"block {m.group(1)}" if m else "input / output"
-
-
-def units_of(layers: list[str], granularity: str) -> dict[str, list[str]]:
-    """Unit name -> the layers it switches together, in model order."""
+def units_of(layers: list[str], granularity: str, family: str | None = None) -> dict[str, list[str]]:
+    """Unit name -> the layers it switches together, in model order (blocks in forward order). kind and block
+    units come from the family table (quant.families): a layer's kind (qkv, fc1, conv1, ...) or its stage
+    ("block 3", "down 1", ...)."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
-    key = {"layer": lambda n: n, "kind": layer_kind, "block": block_of}[granularity]
+    key = {"layer": lambda n: n, "kind": lambda n: layer_kind(n, family),
+           "block": lambda n: stage_of(n, family)}[granularity]
     units: dict[str, list[str]] = {}
     for name in layers:
         units.setdefault(key(name), []).append(name)
+    if granularity == "block":  # in forward order (a UNet registers its middle block after the up blocks)
+        return dict(sorted(units.items(), key=lambda kv: layer_stage(kv[1][0], family)[0]))
     return units
 
 
@@ -140,7 +134,7 @@ def sensitivity(bundle: ModelBundle, w_bits: int | None, a_bits: int | None, cal
     batches = calibration_batches(calibration, batch_size)
     channels = bundle.latent_shape[0]
     layers = quant_layers(model)
-    units = units_of(list(layers), granularity)
+    units = units_of(list(layers), granularity, family_of(bundle.denoiser))
 
     def errors() -> list[float]:
         _, per_t, _ = output_errors(None, model, batches, channels, per_layer=False, reference=reference)

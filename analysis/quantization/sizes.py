@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from quant.config import QuantConfig, is_excluded
+from quant.config import QuantConfig, is_excluded, quantizes
 from quant.quantizers import is_off
 
 
@@ -77,7 +77,7 @@ def layer_bits(table: dict[str, dict], config: QuantConfig | None, float_bits: i
     """(weight bits, activation bits) each entry of the table runs at under `config` (None: FP)."""
     out = {}
     for name, entry in table.items():
-        if config is None or config.method == "fp":
+        if not quantizes(config):
             out[name] = (float_bits, float_bits)
         elif entry["kind"] == "attention":
             base = name.removesuffix(".qkv_softmax")

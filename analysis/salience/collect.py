@@ -1,6 +1,6 @@
 """Salience: which input channels of each linear or conv layer carry extreme values, per timestep and sample.
 
-For a linear layer Y = X W^T (W is [out, in]) and input channel j (DESIGN.md section 4; PTQ4DiT, Wu et al.
+For a linear layer Y = X W^T (W is [out, in]) and input channel j (docs/ARCHITECTURE.md; PTQ4DiT, Wu et al.
 2024, eq. 3):
     activation salience  s(X_j) = max over tokens of |X_j|   (one value per sample and timestep)
     weight salience      s(W_j) = max over output rows of |W_oj|
@@ -34,6 +34,8 @@ import torch
 
 from analysis.models.bundle import ModelBundle
 from analysis.salience.channel_error import activation_quant_mse_bits, weight_quant_mse
+from quant.families import (all_kinds, attention_modules, base_name, layer_block, layer_info,  # noqa: F401
+                            layer_kind, layer_stage)
 from quant.forward import forward_batches
 from quant.measures import weight_salience
 from quant.observers import LayerInputHooks
@@ -41,97 +43,20 @@ from quant.observers import LayerInputHooks
 FORMAT = "dqlab-salience"
 FORMAT_VERSION = 1
 
-# Layer kinds by the module name's tail: diffusers DiTTransformer2DModel naming (DESIGN.md section 3), then
-# UNet2DModel naming (resnets, attentions, samplers, shortcut; a UNet's attention is "attentions.i").
-_KIND_PATTERNS = [
-    (r"(attn\d*|attentions\.\d+)\.to_[qkv]$", "qkv"),
-    (r"(attn\d*|attentions\.\d+)\.to_out\.0$", "to_out"),
-    (r"ff\.net\.0\.proj$", "fc1"),
-    (r"ff\.net\.2$", "fc2"),
-    (r"norm1\.linear$", "adaLN"),
-    (r"(timestep_embedder|time_embedding)\.linear_[12]$", "t_embed"),
-    (r"^proj_out_1$", "final_adaLN"),
-    (r"^proj_out_2$", "final"),
-    (r"^pos_embed\.proj$", "patch_embed"),
-    (r"resnets\.\d+\.conv1$", "conv1"),
-    (r"resnets\.\d+\.conv2$", "conv2"),
-    (r"resnets\.\d+\.time_emb_proj$", "t_proj"),
-    (r"resnets\.\d+\.conv_shortcut$", "shortcut"),
-    (r"downsamplers\.\d+\.conv$", "downsample"),
-    (r"upsamplers\.\d+\.conv$", "upsample"),
-    (r"^conv_in$", "conv_in"),
-    (r"^conv_out$", "conv_out"),
-    (r"(attn\d*|attentions\.\d+)\.q$", "q"),
-    (r"(attn\d*|attentions\.\d+)\.k$", "k"),
-    (r"(attn\d*|attentions\.\d+)\.v$", "v"),
-    (r"(attn\d*|attentions\.\d+)\.softmax$", "softmax"),
-]
-KINDS = [kind for _, kind in _KIND_PATTERNS] + ["other"]
+# Layer kinds, stages and readable names come from the family table (quant.families).
+KINDS = all_kinds()
 
 
-def base_name(key: str) -> str:
-    """The module name of a statistics key: 'a.b@2' (second call in a forward) -> 'a.b'."""
-    return key.split("@", 1)[0]
-
-
-def layer_kind(key: str) -> str:
-    """DiT: qkv, to_out, fc1, fc2, adaLN, t_embed, final_adaLN, final, patch_embed; UNet: conv1, conv2, t_proj,
-    shortcut, downsample, upsample, conv_in, conv_out, qkv, to_out, t_embed; attention operands q, k, v,
-    softmax; or other."""
-    name = base_name(key)
-    for pattern, kind in _KIND_PATTERNS:
-        if re.search(pattern, name):
-            return kind
-    return "other"
-
-
-def layer_block(key: str) -> int:
-    """The DiT block index in the name, or -1 for top-level layers and for UNet layers (see layer_stage)."""
-    m = re.search(r"transformer_blocks\.(\d+)\.", key)
-    return int(m.group(1)) if m else -1
-
-
-def layer_stage(key: str) -> tuple[int, str]:
-    """(forward position, label) of the part of the network a layer is in: a DiT's "patch embedding",
-    "block i", "final layer"; a UNet's "input" (time embedding, conv_in), "down i", "middle", "up i", "output".
-    A second call of a module in one forward ("name@2": a DiT's block-0 embedding, called again by diffusers'
-    final layer) belongs to the final layer."""
-    if "@" in key:
-        return 1 << 20, "final layer"
-    name = base_name(key)
-    if (m := re.match(r"transformer_blocks\.(\d+)\.", name)) is not None:
-        return 1 + int(m.group(1)), f"block {m.group(1)}"
-    if (m := re.match(r"down_blocks\.(\d+)\.", name)) is not None:
-        return 1 + int(m.group(1)), f"down {m.group(1)}"
-    if name.startswith("mid_block."):
-        return 1 << 10, "middle"
-    if (m := re.match(r"up_blocks\.(\d+)\.", name)) is not None:
-        return (1 << 10) + 1 + int(m.group(1)), f"up {m.group(1)}"
-    if name.startswith("pos_embed"):
-        return 0, "patch embedding"
-    if name.startswith(("time_embedding", "conv_in", "class_embedding")):
-        return 0, "input"
-    if name.startswith(("conv_norm_out", "conv_out")):
-        return 1 << 20, "output"
-    return 1 << 20, "final layer"
-
-
-# Within a stage, layers in the order data flows through it.
-_MENU_ORDER = ["patch_embed", "conv_in", "t_embed", "adaLN", "t_proj", "conv1", "conv2", "shortcut", "qkv", "q", "k",
-               "v", "softmax", "to_out", "fc1", "fc2", "downsample", "upsample", "final_adaLN", "final", "conv_out",
-               "other"]
-
-
-def layer_menu(layers: list[str]) -> dict[str, list[str]]:
-    """Layers grouped for a picker by layer_stage ({"block 0": [...], ..., "final layer": [...]} for a DiT,
+def layer_menu(layers: list[str], family: str | None = None) -> dict[str, list[str]]:
+    """Layers grouped for a picker by stage ({"block 0": [...], ..., "final layer": [...]} for a DiT,
     {"input", "down 0", ..., "middle", "up 0", ..., "output"} for a UNet), stages in forward order, each in
-    the order data flows through it. Within a kind, layers keep the order of `layers` (module order for
-    SalienceStats.layers)."""
-    order = {kind: i for i, kind in enumerate(_MENU_ORDER)}
+    the order data flows through it (the family's kind order). Within a kind, layers keep the order of
+    `layers` (module order for SalienceStats.layers)."""
+    infos = {key: layer_info(key, family) for key in layers}
     groups: dict[tuple[int, str], list[str]] = {}
-    for key in layers:
-        groups.setdefault(layer_stage(key), []).append(key)
-    return {label: sorted(keys, key=lambda k: order[layer_kind(k)])  # stable: module order within a kind
+    for key, info in infos.items():
+        groups.setdefault((info.stage_position, info.stage), []).append(key)
+    return {label: sorted(keys, key=lambda k: infos[k].kind_index)  # stable: module order within a kind
             for (_, label), keys in sorted(groups.items())}
 
 
@@ -405,8 +330,7 @@ def observed_modules(transformer: torch.nn.Module, pattern: str | None = None,
     linears = {n: m for n, m in covered_layers(transformer).items() if match(n)}
     attns = {}
     if attention:
-        attns = {n: m for n, m in transformer.named_modules()
-                 if all(hasattr(m, a) for a in ("to_q", "to_k", "to_v", "heads")) and match(n)}
+        attns = {n: m for n, m in attention_modules(transformer).items() if match(n)}
     if not linears and not attns:
         raise ValueError(f"no layer of the model matches {pattern!r}; try e.g. 'transformer_blocks\\.0\\.' "
                          "(a DiT) or 'down_blocks\\.0\\.' (a UNet)")

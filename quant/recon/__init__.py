@@ -1,7 +1,7 @@
 """Block-wise optimization after the scales are set: PTQ4DiT's AdaRound reconstruction and DilateQuant's
-block-wise distillation (BKD), one engine with one unit loop (engine.py) and one small file per piece:
+block-wise distillation (BKD), one engine with one unit loop (engine.py) over the units each family declares
+(quant.families), and one small file per piece:
 
-    units.py      the DiT's units in forward order (patch embedding, timestep MLPs, blocks, final layer)
     adaround.py   learned rounding: rectified sigmoid, regulariser, beta schedule, hardening
     bkd.py        straight-through weights and weight steps, snapped back onto their grid
     act_range.py  learned activation step sizes (LSQ) and zero points, per timestep with TPQ
@@ -9,6 +9,5 @@ block-wise distillation (BKD), one engine with one unit loop (engine.py) and one
     cache.py      the only activations held: one unit's inputs and outputs
 """
 from quant.recon.engine import ReconReport, calibration_rows, reconstruct
-from quant.recon.units import dit_units
 
-__all__ = ["reconstruct", "ReconReport", "calibration_rows", "dit_units"]
+__all__ = ["reconstruct", "ReconReport", "calibration_rows"]

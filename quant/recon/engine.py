@@ -1,4 +1,5 @@
-"""Block-wise optimization of a quantized DiT or UNet against its FP model, one unit at a time (quant.recon.units).
+"""Block-wise optimization of a quantized DiT or UNet against its FP model, one unit at a time (the units its family declares,
+quant.families).
 
 For unit k, with x_fp the FP prefix's output and x_q the quantized prefix's output on the same rows:
 
@@ -23,10 +24,10 @@ import torch
 import torch.nn as nn
 
 from quant.config import QuantConfig
+from quant.families import Unit, recon_units
+from quant.modules import find_timestep_context
 from quant.recon.cache import ActivationCache
 from quant.recon.trainers import TRAINERS
-from quant.graph import recon_units
-from quant.recon.units import Unit
 
 ProgressFn = Callable[[int, int, int, float], None]  # (unit index, number of units, iteration, loss)
 LOSS_POINTS = 50  # losses recorded (and progress calls made) per unit
@@ -72,7 +73,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches, config: QuantCo
     if config.recon not in TRAINERS:
         raise ValueError(f"recon {config.recon!r} is not an optimization mode; choose one of {', '.join(TRAINERS)}")
     model = copy.deepcopy(qmodel) if copy_model else qmodel
-    ctx = getattr(model, "_dqlab_timestep_context", None)
+    ctx = find_timestep_context(model)
     if ctx is None:
         raise ValueError("reconstruct needs a model made by quant.quantize (it routes timesteps to quantizers)")
     start = time.perf_counter()

@@ -15,7 +15,7 @@ from quant.quantizers import is_off
 from quant.recon.act_range import LearnedActRange
 from quant.recon.adaround import REG_WEIGHT, AdaRoundWeight, beta_at
 from quant.recon.bkd import DistilledWeight
-from quant.recon.units import Unit, unit_modules
+from quant.families.base import Unit, unit_modules
 
 LP_NORM = 2.4  # PTQ4DiT's reconstruction loss exponent (its --cali_p)
 

@@ -1,9 +1,11 @@
-"""What the engine must know about a diffusers UNet2DModel: where scales fold, why elsewhere they do not, and
-the units block-wise reconstruction walks through.
+"""The UNet family: diffusers UNet2DModel (the DDPM architecture, Ho et al. 2020; ADM-style ResNet + attention).
+
+Layers (diffusers naming): conv_in; time_embedding.linear_1 / _2 (and class_embedding); per resolution
+down_blocks.i / up_blocks.i with resnets.j (conv1, time_emb_proj, conv2, conv_shortcut), attentions.j (to_q,
+to_k, to_v, to_out.0 after a GroupNorm) and down/upsamplers; mid_block; conv_norm_out, conv_out.
 
 Fold sites. A per-input-channel scale X' = X diag(1/b) folds exactly only into an affine producer of X. In a
-UNet2DModel (the DDPM architecture, Ho et al. 2020) most layers see SiLU(GroupNorm(.)), and SiLU(x / b) is
-not SiLU(x) / b, so:
+UNet most layers see SiLU(GroupNorm(.)), and SiLU(x / b) is not SiLU(x) / b, so:
     attention to_q / to_k / to_v   X = GroupNorm(h) with affine (gamma, beta): gamma /= b, beta /= b  -> folds
     attention to_out.0             X = softmax(q k^T) V: to_v's rows and bias /= b                      -> folds
     resnet conv1, conv2, conv_out  X = SiLU(GroupNorm(.))                                               -> no
@@ -11,7 +13,7 @@ not SiLU(x) / b, so:
     resnet conv_shortcut, down/up-sampling convs   X = the residual stream (a sum of two branches)     -> no
     time_embedding.linear_1 / linear_2   sinusoidal projection (no parameters) / SiLU(linear_1)        -> no
     conv_in                        X = the noisy image
-Those layers are quantized with their input as it is (unbalanced); DESIGN and the pages say so.
+Those layers are quantized with their input as it is (unbalanced); the pages and `dqlab quantize` say so.
 
 Units (block-wise reconstruction, quant.recon): the timestep/label embedding, conv_in, every down block, the
 middle block, every up block, and the output head (conv_norm_out, SiLU, conv_out), in forward order. A UNet
@@ -23,18 +25,56 @@ the skip tensors it passes through untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn as nn
 
-from quant.reparam import BalanceGroup
+from quant.families.base import BalanceGroup, Family, LayerKind, Stage, Unit, attention_modules
+from quant.modules import find_timestep_context
 
+KINDS = (  # in data-flow order within a stage
+    LayerKind(r"^conv_in$", "conv_in", "conv in"),
+    LayerKind(r"time_embedding\.linear_([12])$", "t_embed", "t-embed {0}"),
+    LayerKind(r"resnets\.(\d+)\.time_emb_proj$", "t_proj", "resnet {0} t-proj"),
+    LayerKind(r"resnets\.(\d+)\.conv1$", "conv1", "resnet {0} conv1"),
+    LayerKind(r"resnets\.(\d+)\.conv2$", "conv2", "resnet {0} conv2"),
+    LayerKind(r"resnets\.(\d+)\.conv_shortcut$", "shortcut", "resnet {0} shortcut"),
+    LayerKind(r"attentions\.(\d+)\.to_([qkv])$", "qkv", "attn {0} {1}"),
+    LayerKind(r"attentions\.(\d+)\.q$", "q", "attn {0} q operand"),
+    LayerKind(r"attentions\.(\d+)\.k$", "k", "attn {0} k operand"),
+    LayerKind(r"attentions\.(\d+)\.v$", "v", "attn {0} v operand"),
+    LayerKind(r"attentions\.(\d+)\.softmax$", "softmax", "attn {0} softmax"),
+    LayerKind(r"attentions\.(\d+)\.qkv_softmax$", "attn_operands", "attn {0} q k v softmax"),
+    LayerKind(r"attentions\.(\d+)\.to_out\.0$", "to_out", "attn {0} out"),
+    LayerKind(r"downsamplers\.(\d+)\.conv$", "downsample", "downsample {0}"),
+    LayerKind(r"upsamplers\.(\d+)\.conv$", "upsample", "upsample {0}"),
+    LayerKind(r"^conv_out$", "conv_out", "conv out"),
+)
 
-def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    from diffusers.models.attention_processor import Attention
+STAGES = (
+    Stage(r"(time_embedding|class_embedding|time_proj|conv_in)(\.|$)", "input"),
+    Stage(r"down_blocks\.(\d+)(\.|$)", "down {0}"),
+    Stage(r"mid_block(\.|$)", "middle"),
+    Stage(r"up_blocks\.(\d+)(\.|$)", "up {0}"),
+    Stage(r"(conv_norm_out|conv_act|conv_out)", "output"),
+)
 
-    return {n: m for n, m in model.named_modules() if isinstance(m, Attention)}
+# Why the layers outside every balance group keep their input scale (first pattern found in the name wins).
+UNBALANCED = (
+    ("time_emb_proj", "input is SiLU(time embedding): a per-channel scale does not pass through SiLU"),
+    ("conv_shortcut", "input is the residual stream (a sum of two branches): no single affine producer"),
+    ("downsamplers", "input is a resnet's output on the residual stream: no single affine producer"),
+    ("upsamplers", "input is the upsampled residual stream: no single affine producer"),
+    ("conv1", "input is SiLU(GroupNorm(h)): a per-channel scale does not pass through SiLU"),
+    ("conv2", "input is SiLU(GroupNorm(h + time embedding)): a per-channel scale does not pass through SiLU"),
+    ("conv_out", "input is SiLU(GroupNorm(h)): a per-channel scale does not pass through SiLU"),
+    ("linear_1", "input is the fixed sinusoidal timestep projection: no parameters to fold into"),
+    ("linear_2", "input is SiLU(linear_1 output): a per-channel scale does not pass through SiLU"),
+    ("conv_in", "input is the noisy image itself: no producer inside the model"),
+    ("to_", "attention without an affine norm before it: no producer to fold into"),
+)
 
 
 def balance_groups(model: nn.Module) -> list[BalanceGroup]:
@@ -51,21 +91,32 @@ def balance_groups(model: nn.Module) -> list[BalanceGroup]:
     return groups
 
 
-# Why the other quantized layers keep their input scale (first matching pattern wins).
-UNBALANCED = (
-    ("time_emb_proj", "input is SiLU(time embedding): a per-channel scale does not pass through SiLU"),
-    ("conv_shortcut", "input is the residual stream (a sum of two branches): no single affine producer"),
-    ("downsamplers", "input is a resnet's output on the residual stream: no single affine producer"),
-    ("upsamplers", "input is the upsampled residual stream: no single affine producer"),
-    ("conv1", "input is SiLU(GroupNorm(h)): a per-channel scale does not pass through SiLU"),
-    ("conv2", "input is SiLU(GroupNorm(h + time embedding)): a per-channel scale does not pass through SiLU"),
-    ("conv_out", "input is SiLU(GroupNorm(h)): a per-channel scale does not pass through SiLU"),
-    ("linear_1", "input is the fixed sinusoidal timestep projection: no parameters to fold into"),
-    ("linear_2", "input is SiLU(linear_1 output): a per-channel scale does not pass through SiLU"),
-    ("conv_in", "input is the noisy image itself: no producer inside the model"),
-    ("to_", "attention without an affine norm before it: no producer to fold into"),
-)
+def takes_labels(model: nn.Module) -> bool:
+    """A UNet is class-conditional when it has a class embedding (diffusers refuses labels otherwise)."""
+    return getattr(model, "class_embedding", None) is not None
 
+
+def call(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    return model(x, timestep=t, class_labels=y if takes_labels(model) else None).sample
+
+
+def num_classes(config) -> int:
+    """A class-conditional UNet2DModel keeps its null class for guidance as the last row of its class embedding
+    (num_class_embeds = classes + 1, as diffusers' DiT label table does); without one it is unconditional."""
+    if config.num_class_embeds is None:
+        if config.class_embed_type is not None:
+            raise ValueError(f"UNet2DModel class_embed_type {config.class_embed_type!r} is not supported; the lab "
+                             "samples unconditional UNets and class tables (num_class_embeds)")
+        return 0
+    if config.num_class_embeds < 2:
+        raise ValueError(f"UNet2DModel num_class_embeds = {config.num_class_embeds}: a class-conditional UNet needs "
+                         "its classes plus one null class for guidance")
+    return config.num_class_embeds - 1
+
+
+def describe(model: nn.Module) -> str:
+    channels = ", ".join(map(str, model.config.block_out_channels))
+    return f"UNet, {len(model.down_blocks)} resolutions ({channels} channels)"
 
 
 # ---- reconstruction units ----------------------------------------------------------------------------------
@@ -97,15 +148,9 @@ def _layouts(model: nn.Module) -> list[list[tuple[int, ...]]]:
     t = torch.zeros(1, dtype=torch.long, device=p.device)
     y = torch.zeros(1, dtype=torch.long, device=p.device)
     shapes = lambda h, skips: [tuple(h.shape[1:])] + [tuple(s.shape[1:]) for s in skips]  # noqa: E731
-    ctx = getattr(model, "_dqlab_timestep_context", None)  # a quantized copy's quantizers read the timestep
-    saved = ctx.t if ctx is not None else None
-    if ctx is not None:
-        ctx.t = t
-    try:
+    ctx = find_timestep_context(model)  # a quantized copy's quantizers read the timestep
+    with contextlib.nullcontext() if ctx is None else ctx.fixed(t):
         return _trace(model, x, t, y, p.dtype, shapes)
-    finally:
-        if ctx is not None:
-            ctx.t = saved
 
 
 def _trace(model, x, t, y, dtype, shapes) -> list[list[tuple[int, ...]]]:
@@ -138,10 +183,8 @@ def _check_supported(model: nn.Module) -> None:
             raise ValueError(f"block-wise reconstruction does not support {type(block).__name__} (skip-sample blocks)")
 
 
-def unet_units(model: nn.Module) -> list:
+def recon_units(model: nn.Module) -> list[Unit]:
     """The units of a diffusers UNet2DModel, in forward order (see the module docstring)."""
-    from quant.recon.units import Unit
-
     _check_supported(model)
     layouts = _layouts(model)
     emb_owners = ["time_embedding"] + (["class_embedding"] if model.class_embedding is not None else [])
@@ -203,3 +246,11 @@ def unet_units(model: nn.Module) -> list:
 
     units.append(Unit("final", ["conv_norm_out", "conv_out"], [], run_final))
     return units
+
+
+FAMILY = Family(
+    name="unet", title="UNet", classes=("UNet2DModel",), subfolder="unet",
+    kinds=KINDS, stages=STAGES, balance_groups=balance_groups, unbalanced=UNBALANCED, recon_units=recon_units,
+    float_io=("conv_in", "conv_out"), num_classes=num_classes, describe=describe, takes_labels=takes_labels,
+    call=call,
+)
