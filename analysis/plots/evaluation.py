@@ -72,7 +72,7 @@ def metrics_figure(rows: list[dict]) -> go.Figure:
     if floors:
         # the floor's label sits at the panel's right edge, clear of the bars' values and error bars
         fig.add_hline(y=max(floors), line_dash="dash", line_color="gray", row=1, col=1,
-                      annotation_text=f"floor {max(floors):.3g}", annotation_position="top right",
+                      annotation_text=f"real vs real {max(floors):.3g}", annotation_position="top right",
                       annotation_font_size=11)
     if have_agree:
         fig.update_yaxes(range=[0, 1.05], tickformat=".0%", row=1, col=3)
