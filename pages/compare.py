@@ -156,13 +156,15 @@ def _run_comparison(bundle, chosen, session_variants, runs, seeds_per_class, ste
     labels, seeds = grid_layout(classes, seeds_per_class)
     bar = st.progress(0.0, text="Sampling ...")
     share = 0.5 if fid_n else 1.0
-    comparison = compare(bundle, variants, labels, seeds, steps=steps, guidance=guidance,
+    # a quantized folder loaded as the model is the reference here: named as what it is, not "FP"
+    base = "FP" if not bundle.quant_config else f"{bundle.name} (loaded, quantized)"
+    comparison = compare(bundle, variants, labels, seeds, steps=steps, guidance=guidance, base_name=base,
                          on_progress=lambda stage, f: bar.progress(min(1.0, share * f), text=stage))
     scores = None
     if fid_n:
         opts = EvalOptions(num_samples=fid_n, steps=steps, guidance=fid_guidance)
         try:
-            results = evaluate_variants(bundle, {"FP": None, **variants}, opts, store=store() if save else None,
+            results = evaluate_variants(bundle, {base: None, **variants}, opts, store=store() if save else None,
                                         on_progress=lambda stage, f: bar.progress(0.5 + 0.5 * f, text=stage))
             scores = [score_row(r) for r in results]
         except ValueError as exc:

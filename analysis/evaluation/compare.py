@@ -85,14 +85,16 @@ def image_errors(reference: torch.Tensor, images: torch.Tensor) -> tuple[list[fl
 @torch.no_grad()
 def compare(fp: ModelBundle, variants: Mapping[str, Variant | ModelBundle], labels: list[int], seeds: list[int],
             steps: int = 50, guidance: float | None = None, scheduler: str = "ddim", batch_size: int | None = None,
-            on_progress: Callable[[str, float], None] | None = None) -> Comparison:
+            on_progress: Callable[[str, float], None] | None = None, base_name: str = FP_NAME) -> Comparison:
     """Sample `labels` x `seeds` (one image per pair) with the FP bundle and every variant (name -> Variant, or
     a ModelBundle: analysis.quantization.pipeline.Variant.of), and measure how far each variant is from FP per image and per timestep.
 
     on_progress(stage, fraction) is called as sampling and scoring advance (fraction of the whole job).
+    base_name: the name of `fp` in the result ("FP"; say what it is when the reference is itself quantized,
+    e.g. a saved quantized folder loaded as the model).
     """
-    if FP_NAME in variants:
-        raise ValueError(f"the name {FP_NAME!r} is reserved for the FP model; rename that variant")
+    if base_name in variants:
+        raise ValueError(f"the name {base_name!r} is reserved for the reference model; rename that variant")
     bundles = {name: Variant.of(name, v, fp).bundle for name, v in variants.items()}
     for name, b in bundles.items():
         if b.latent_shape != fp.latent_shape or b.num_classes != fp.num_classes:
@@ -116,17 +118,17 @@ def compare(fp: ModelBundle, variants: Mapping[str, Variant | ModelBundle], labe
             on_progress(stage, done[0] / total)
 
     kw = dict(steps=steps, guidance=guidance, scheduler=scheduler, batch_size=batch_size, keep_trajectory=True)
-    fp_res = sample(fp, labels, seeds, record="all", on_step=stage_cb(f"Sampling {FP_NAME}"), **kw)
-    advance(f"Sampled {FP_NAME}")
+    fp_res = sample(fp, labels, seeds, record="all", on_step=stage_cb(f"Sampling {base_name}"), **kw)
+    advance(f"Sampled {base_name}")
     calib = fp_res.calibration
     fp_out = transformer_outputs(fp.denoiser, calib, fp.latent_shape[0])
-    advance(f"{FP_NAME} outputs")
+    advance(f"{base_name} outputs")
     timesteps = calib.timesteps
-    images, seconds = {FP_NAME: fp_res.images}, {FP_NAME: fp_res.seconds}
+    images, seconds = {base_name: fp_res.images}, {base_name: fp_res.seconds}
     # Speed beside quality: every model's forward on the same batch (the FP trajectory's inputs of one step,
     # guidance included), timed here, with the stored size of its weights.
     speed_batch = next(calib.batches(2 * len(labels)))
-    speed = {FP_NAME: forward_profile(fp.denoiser, speed_batch)}
+    speed = {base_name: forward_profile(fp.denoiser, speed_batch)}
     errs, step_rows, drift_rows = [], [], []
     for name, b in bundles.items():
         res = sample(b, labels, seeds, on_step=stage_cb(f"Sampling {name}"), **kw)
@@ -145,7 +147,7 @@ def compare(fp: ModelBundle, variants: Mapping[str, Variant | ModelBundle], labe
         from analysis.evaluation.classifier import label_agreement
 
         agreement = {name: label_agreement(imgs, labels) for name, imgs in images.items()}
-    return Comparison(names=[FP_NAME, *bundles], labels=list(labels), seeds=list(seeds), steps=steps,
+    return Comparison(names=[base_name, *bundles], labels=list(labels), seeds=list(seeds), steps=steps,
                       guidance=guidance, images=images, image_errors=errs, step_error=step_rows, drift=drift_rows,
                       seconds=seconds, label_agreement=agreement, speed=speed)
 
