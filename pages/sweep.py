@@ -190,6 +190,7 @@ def show_result(res: dict) -> None:
             st.warning(rec["reason"] + " Tentative: " + " ".join(hedges))
         else:
             st.success(rec["reason"])
+        if rec["label"] is not None:  # a tentative pick still downloads: the reasons above say how far to trust it
             st.download_button("Download this config (JSON)", json.dumps(rec["config"], indent=2, sort_keys=True),
                                file_name=f"{rec['label'].replace(' ', '_').replace('/', '-')}.json",
                                mime="application/json", key="sw_dl_config",

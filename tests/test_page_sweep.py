@@ -41,6 +41,7 @@ def test_sweep_page_runs_a_grid_and_recommends(store_dir, one_torch_thread):
     # N = 16 and 3 steps: the recommendation is shown, hedged, with the reasons
     rec = next(w.value for w in at.warning if "cheapest setting" in w.value)
     assert "Tentative" in rec and "N = 16 is below 2048" in rec and "3 sampling steps" in rec
+    assert any(d.proto.label == "Download this config (JSON)" for d in at.get("download_button"))
     # the same grid again comes from the run store
     at.button[0].click()
     at.run()
