@@ -1,5 +1,10 @@
 """dqlab: a lab for quantizing diffusion transformers. Run with `streamlit run app.py`."""
-import streamlit as st
+from analysis.threads import configure
+
+# Before anything imports torch: its thread pool's wait policy is fixed when the pool is created.
+configure()
+
+import streamlit as st  # noqa: E402
 
 # Library logging is configured where the model is loaded (pages/_shared.get_bundle): configuring it here
 # would import diffusers (seconds) before the first page draws anything.

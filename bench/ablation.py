@@ -27,6 +27,10 @@ import os
 import threading
 import time
 
+from analysis.threads import configure
+
+configure()  # the lab's thread policy, before torch makes its pool (see analysis.threads)
+
 import torch
 
 from analysis.evaluation.evaluate import EvalOptions, eval_guidance, evaluate_variants

@@ -14,6 +14,10 @@ import json
 import sys
 import time
 
+from analysis.threads import configure
+
+configure()  # the lab's thread policy, before torch makes its pool (see analysis.threads)
+
 from analysis.evaluation.evaluate import EvalOptions, evaluate
 from analysis.evaluation.store import Store
 from analysis.models.loading import load

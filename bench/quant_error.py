@@ -13,6 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from analysis.threads import configure
+
+configure()  # the lab's thread policy, before torch makes its pool (see analysis.threads)
+
 from analysis.models.loading import load
 from analysis.quantization.calibration import CALIBRATION_SEED, calibration_for
 from analysis.quantization.pipeline import quantize_bundle

@@ -17,6 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from analysis.threads import configure
+
+configure()  # the lab's thread policy, before torch makes its pool (see analysis.threads)
+
 import torch
 
 from analysis.models.loading import load

@@ -5,6 +5,8 @@ returns new models. This module is not a page (app.py lists the pages with st.na
 """
 from __future__ import annotations
 
+import os
+
 import streamlit as st
 
 from analysis.app_state import DEFAULT_MODEL
@@ -15,14 +17,29 @@ DEVICES = ["auto", "cpu", "cuda"]
 DTYPES = ["float32", "float16", "bfloat16"]
 
 
-@st.cache_resource(show_spinner="Loading the model ...")
+# Models kept in memory at once, across every session (each (source, device, dtype) is one); a server with more
+# memory raises it with DQLAB_MODEL_CACHE. The least recently loaded model is evicted first.
+MODEL_CACHE_ENTRIES = max(1, int(os.environ.get("DQLAB_MODEL_CACHE", "2") or 2))
+
+
+@st.cache_resource
+def _model_cache_log():
+    from analysis.app_state import ModelCacheLog
+
+    return ModelCacheLog(MODEL_CACHE_ENTRIES)
+
+
+@st.cache_resource(show_spinner="Loading the model ...", max_entries=MODEL_CACHE_ENTRIES)
 def get_bundle(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32"):
-    """One FP bundle per (source, device, dtype), shared by every session: never modify it."""
+    """One FP bundle per (source, device, dtype), shared by every session: never modify it. At most
+    MODEL_CACHE_ENTRIES stay loaded; _model_cache_log records what a load evicted."""
     from analysis.models.loading import load
     from analysis.quiet import configure_logging
 
     configure_logging()  # before diffusers logs anything about the model it loads
-    return load(source, device=device, dtype=dtype)
+    bundle = load(source, device=device, dtype=dtype)
+    _model_cache_log().loaded((source, device, dtype))
+    return bundle
 
 
 @st.cache_resource
@@ -83,12 +100,28 @@ def current_bundle():
         st.error(f"'{source}' is not a hub id: a hub id is exactly owner/name, such as facebook/DiT-XL-2-256. "
                  "For a folder on this machine choose **Local folder** in the sidebar.")
         return None
+    log = _model_cache_log()
+    key = (source, device, dtype)
+    was_evicted = key in log.evicted
+    before = list(log.evicted)
     try:
         bundle = get_bundle(source, device, dtype)
     except ModelLoadError as exc:
         st.error(exc.ui)
         return None
     st.sidebar.caption(f"Loaded `{bundle.name}` on {bundle.device}, {str(bundle.dtype).removeprefix('torch.')}")
+    log.touched(key)
+    pushed = [k for k in log.evicted if k not in before]
+    if was_evicted and key not in log.evicted:
+        st.sidebar.caption(f":orange[`{source}` had been evicted from memory (the app keeps {MODEL_CACHE_ENTRIES} "
+                           "models loaded across all sessions) and was loaded again.]")
+    if pushed:
+        st.sidebar.caption(f":orange[Loading it evicted {', '.join(f'`{k[0]}` ({k[1]}, {k[2]})' for k in pushed)} "
+                           f"from memory: the app keeps {MODEL_CACHE_ENTRIES} models loaded across all sessions.]")
+    if bundle.device.type == "cpu":
+        from analysis.threads import current
+
+        st.sidebar.caption(f"CPU: {current().describe()}")
     return bundle
 
 
@@ -109,7 +142,9 @@ def _store(data_dir: str | None):
     """The run store (one per data folder). Reads and writes are transactional, so sharing it is safe."""
     from analysis.evaluation.store import Store
 
-    return Store(data_dir)
+    store = Store(data_dir)
+    store.sweep_orphans()  # folders left by jobs killed before their row committed (older than an hour)
+    return store
 
 
 def store():

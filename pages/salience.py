@@ -143,6 +143,7 @@ if bundle is not None:
                 bool(attention))
     if go:
         if settings not in cache:
+            from analysis.app_state import session_view
             from analysis.salience.collect import SalienceConfig, collect
 
             # Rows reduced per timestep and half on the device: the figures use the maximum over samples, and a
@@ -161,7 +162,8 @@ if bundle is not None:
 
             waiting = st.empty()
             try:
-                # the FP model's statistics are the same for every session: collected once per process
+                # the FP model's statistics are the same for every session: collected once per process, with the
+                # hooks on that collection's own modules (same weights), never on the shared cached model
                 cache[settings] = FP_SALIENCE.get(settings, _collect, on_wait=lambda: waiting.info(
                     "Another session is collecting these statistics; they are shown here when done.")).value
                 while len(cache) > KEEP_COLLECTIONS:

@@ -195,26 +195,40 @@ class QuantConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "QuantConfig":
+    def from_dict(cls, d: dict, strict: bool = False) -> "QuantConfig":
         """Build and validate; unknown keys are an error (a typo must not silently fall back to a default).
 
         Method options may also be given flat, beside the common fields ({"method": "smoothquant",
-        "alpha": 0.3}), as configs stored before options had their own field hold them: a flat option of the
-        chosen method goes into `options`, one of another method is ignored (those configs held them all)."""
+        "alpha": 0.3}), as configs stored earlier hold them: a flat option of the chosen method goes into
+        `options`. A flat option of another method is ignored in a stored config (those held them all) and,
+        with `strict` (a file a person wrote: dqlab quantize --config), refused by name."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a quantization config must be an object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         d = dict(d)
         method = d.get("method", cls.method)
-        own = {o.name for o in get_method(method).describe_options()} if method in REGISTRY else set()
-        others = {o.name for o in all_options()} - own
+        if not isinstance(method, str) or method not in REGISTRY:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(NAMES)}")
+        own = {o.name for o in get_method(method).describe_options()}
+        owners = {o.name: o.method for o in all_options()}
         flat = {k: d.pop(k) for k in list(d) if k not in names and k in own}
-        for k in [k for k in d if k not in names and k in others]:
+        foreign = [k for k in d if k not in names and k in owners]
+        if strict and foreign:
+            raise ValueError(f"{foreign[0]} is an option of {owners[foreign[0]]}, not of {method}; drop it or set "
+                             f"\"method\": \"{owners[foreign[0]]}\"")
+        for k in foreign:
             d.pop(k)
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown QuantConfig field(s) {unknown}; known fields: {sorted(names)}")
+        if d.get("options") is not None and not isinstance(d["options"], dict):
+            raise ValueError(f"options must be a dict of the method's options, got {d['options']!r}")
         if flat:
             d["options"] = {**flat, **(d.get("options") or {})}
         if "exclude" in d and d["exclude"] is not None:
+            if not isinstance(d["exclude"], (list, tuple)):
+                raise ValueError(f"exclude must be a list of layer name patterns, got {d['exclude']!r}; write "
+                                 f"[{json.dumps(d['exclude'])}] for one pattern")
             d["exclude"] = list(d["exclude"])
         return cls(**d)
 
@@ -224,11 +238,9 @@ class QuantConfig:
         return describe(cls)
 
     @classmethod
-    def from_json(cls, text: str) -> "QuantConfig":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"quantization config is not valid JSON: {exc}") from None
-        if not isinstance(d, dict):
-            raise ValueError("quantization config JSON must be an object")
-        return cls.from_dict(d)
+    def from_json(cls, text: str, strict: bool = True) -> "QuantConfig":
+        """A config from JSON text a person wrote or downloaded: size and depth bounded (quant.guards), and a
+        flat option of another method refused (see from_dict)."""
+        from quant.guards import loads_json
+
+        return cls.from_dict(loads_json(text, "quantization config"), strict=strict)

@@ -35,6 +35,7 @@ import weakref
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from quant.denoiser import denoise
 from quant.modules import ActQuantizer, QuantLinear, find_timestep_context, quant_layers
@@ -121,15 +122,33 @@ class Int8Linear(nn.Module):
         return out
 
     def _forward_onednn(self, x: torch.Tensor, d: float, z: int) -> torch.Tensor:
+        a, zp = _unsigned_codes(x, d, z, self.act.symmetric)
+        return self.from_codes(a, d, zp).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _packed_weight(self):
         if self._packed is None:
             self._packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, None)
-        a, zp = _unsigned_codes(x, d, z, self.act.symmetric)
-        y = torch.ops.onednn.qlinear_pointwise(a, d, zp, self._packed, self.w_scale, self._onednn_w_zp,
+        return self._packed
+
+    def from_codes(self, a: torch.Tensor, d: float, zp: int) -> torch.Tensor:
+        """The float output [rows, out] from this layer's uint8 activation codes `a` [rows, in] (zero point zp)."""
+        y = torch.ops.onednn.qlinear_pointwise(a, d, zp, self._packed_weight(), self.w_scale, self._onednn_w_zp,
                                                self.bias, 1.0, 0, torch.float32, "none", [], "")
         if not self.w_symmetric:  # - d_a d_w z_w' sum_k (A_ik - z_a)
             centered = a.sum(dim=1, dtype=torch.int32).float().sub_(self.in_features * zp).mul_(d)
             y.addr_(centered, self.w_scale * self.w_zero, alpha=-1.0)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y
+
+    def codes_with_gelu(self, a: torch.Tensor, d: float, zp: int, approximate: str, out_scale: float,
+                        out_zero: int) -> torch.Tensor:
+        """uint8 codes of GELU(this layer's output) on the grid (out_scale, out_zero), all inside oneDNN's GEMM
+        (scales, bias, GELU as a post-op, the next quantizer's divide, round, shift and clamp): no float output
+        is written. Needs symmetric weights (oneDNN takes no per-channel weight zero point)."""
+        if not self.w_symmetric:
+            raise ValueError("codes_with_gelu needs symmetric weights")
+        return torch.ops.onednn.qlinear_pointwise(a, d, zp, self._packed_weight(), self.w_scale, self._onednn_w_zp,
+                                                  self.bias, out_scale, out_zero, torch.uint8, "gelu", [],
+                                                  approximate)
 
     def _forward_int_mm(self, x: torch.Tensor, d: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         a_off = _offset(self.act.symmetric)
@@ -155,6 +174,62 @@ class Int8Linear(nn.Module):
     def _apply(self, fn, recurse=True):
         self._packed = None  # moved or cast: pack again on the next forward
         return super()._apply(fn, recurse)
+
+
+class Int8FeedForward(nn.Module):
+    """A DiT MLP (diffusers FeedForward: fc1 = GELU(proj), dropout, fc2) whose fc1 hands fc2 its int8 codes.
+
+    fc1's GEMM applies its scales and bias, GELU (oneDNN post-op) and fc2's activation quantizer, and writes
+    uint8 codes on fc2's grid; fc2 multiplies them as they are. Against running the two Int8Linears this
+    drops GELU's pass over the [rows, 4 x width] hidden tensor, fc2's divide / round / clamp / convert passes
+    over it, and fc1's float output (4 bytes an element become 1). The integer parts stay exact; GELU and the
+    requantization round in oneDNN's float order instead of torch's, so a hidden value on a rounding boundary
+    of fc2's grid can land on the neighbouring code (the same kind of difference as the epilogue's).
+    Used when fc1 has symmetric weights (see Int8Linear.codes_with_gelu) and fc2's quantizer gives the whole
+    batch one (scale, zero); otherwise, e.g. TPQ with timesteps mixed in a batch, the two layers run apart.
+    """
+
+    def __init__(self, fc1: Int8Linear, fc2: Int8Linear, approximate: str):
+        super().__init__()
+        self.fc1, self.fc2, self.approximate = fc1, fc2, approximate
+
+    def extra_repr(self) -> str:
+        return f"gelu={self.approximate}, fc1 -> uint8 codes -> fc2"
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        d1, z1 = self.fc1.act.params_for(x)
+        d2, z2 = self.fc2.act.params_for(x)  # fc2's input has x's batch dimensions
+        if not (x.device.type == "cpu" and _one_value(d1, z1) and _one_value(d2, z2)):
+            return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+        d1, z1, d2, z2 = float(d1.flatten()[0]), int(z1.flatten()[0]), float(d2.flatten()[0]), int(z2.flatten()[0])
+        a, zp = _unsigned_codes(x, d1, z1, self.fc1.act.symmetric)
+        zp2 = z2 + 128 - _offset(self.fc2.act.symmetric)
+        hidden = self.fc1.codes_with_gelu(a, d1, zp, self.approximate, d2, zp2)
+        y = self.fc2.from_codes(hidden, d2, zp2)
+        return y.reshape(*x.shape[:-1], self.fc2.out_features).to(x.dtype)
+
+
+def _one_value(d: torch.Tensor, z: torch.Tensor) -> bool:
+    """Whether a quantizer's per-sample (scale, zero) is the same for every sample."""
+    return d.numel() == 1 or (bool((d == d.flatten()[0]).all()) and bool((z == z.flatten()[0]).all()))
+
+
+def _fusable_feed_forward(module: nn.Module) -> str | None:
+    """GELU's `approximate` if `module` is a diffusers FeedForward whose fc1 and fc2 both run on oneDNN in
+    int8 with fc1's weights symmetric; else None. (Duck-typed: quant/ does not import diffusers here.)"""
+    net = getattr(module, "net", None)
+    if type(module).__name__ != "FeedForward" or not isinstance(net, nn.ModuleList) or len(net) not in (3, 4):
+        return None
+    act, fc2 = net[0], net[2]
+    if type(act).__name__ != "GELU" or not isinstance(getattr(act, "proj", None), Int8Linear):
+        return None
+    if not isinstance(fc2, Int8Linear) or not all(isinstance(m, nn.Dropout) for m in (net[1], *net[3:])):
+        return None
+    fc1 = act.proj
+    if not (fc1.w_symmetric and onednn_available() and fc1.kernel in ("auto", "onednn")
+            and fc2.kernel in ("auto", "onednn")):
+        return None
+    return act.approximate
 
 
 # The last activation quantized, per thread: to_q, to_k and to_v read the same tensor with the same
@@ -278,8 +353,11 @@ def plan_int8(model: nn.Module, example: tuple, repeats: int = 5, kernel: str = 
     return {name: timings[_shape_key(shape, layers[name])].to_dict() for name, shape in shapes.items()}
 
 
-def to_int8(model: nn.Module, plan: dict[str, dict] | None = None, kernel: str = "auto") -> nn.Module:
+def to_int8(model: nn.Module, plan: dict[str, dict] | None = None, kernel: str = "auto",
+            fuse: bool = True) -> nn.Module:
     """A copy of `model` whose W8A8 linears run int8 matmuls: every eligible one, or those `plan` marks int8.
+    fuse: a DiT MLP whose two linears both run in int8 (fc1 with symmetric weights, on oneDNN) becomes one
+    Int8FeedForward, fc1 writing fc2's codes with GELU inside its GEMM.
 
     The input model is not modified. The copy keeps the model's timestep context, so TPQ quantizers still
     route each sample to its timestep's (scale, zero). Raises ValueError when nothing is W8A8.
@@ -294,8 +372,14 @@ def to_int8(model: nn.Module, plan: dict[str, dict] | None = None, kernel: str =
             continue
         new.set_submodule(name, Int8Linear(layer, kernel))
         converted.append(name)
+    if fuse:
+        for name, module in list(new.named_modules()):
+            approximate = _fusable_feed_forward(module)
+            if approximate is not None:
+                new.set_submodule(name, Int8FeedForward(module.net[0].proj, module.net[2], approximate))
     return new.eval()
 
 
 def int8_layers(model: nn.Module) -> dict[str, Int8Linear]:
+    """Every Int8Linear of `model` by name (inside a fused MLP: the MLP's name + .fc1 / .fc2)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}

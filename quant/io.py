@@ -10,6 +10,7 @@ This module knows modules and tensors only. It writes and reads two files of a f
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -19,11 +20,13 @@ import torch.nn as nn
 
 from quant.config import QuantConfig
 from quant.denoiser import CLASS_FAMILIES
+from quant.guards import (FLOAT_DTYPES, TORCH_TO_SAFETENSORS, UntrustedFileError, check_parameter_count, check_sizes,
+                          is_int, read_json, safetensors_header, write_text_atomic)
 from quant.modules import act_quantizers, quant_layers
 from quant.quantizers import is_off, pack_codes, qrange, quantize_codes, unpack_codes
 
 FORMAT = "dqlab-quantized"
-VERSION = 1
+VERSION = 2  # 2: a checksum over the weights and the record
 WEIGHTS = "model.safetensors"
 META = "quant_config.json"
 
@@ -65,7 +68,9 @@ class QuantizedFolderError(ValueError):
 
 
 def write_quantized(model: nn.Module, config: QuantConfig, folder, meta: dict | None = None) -> Path:
-    """Write `model` (a quantized copy made by quant.quantize) to `folder`, with `meta` merged into its JSON."""
+    """Write `model` (a quantized copy made by quant.quantize) to `folder`, with `meta` merged into its JSON and a
+    checksum over the weights and every recorded field (read_quantized refuses a folder edited or damaged
+    since). Callers that replace a folder write into a fresh one and rename it (quant.guards.atomic_folder)."""
     from safetensors.torch import save_file
 
     if type(model).__name__ not in MODEL_CLASSES:
@@ -81,26 +86,50 @@ def write_quantized(model: nn.Module, config: QuantConfig, folder, meta: dict | 
                                                            if k != "_name_or_path"}, default=str)),
               "packed": packed, "tpq_timesteps": taq[0] if taq else None,
               "weight_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
-    record.update(meta or {})
-    (folder / META).write_text(json.dumps(record, indent=2, default=str))
+    record.update(json.loads(json.dumps(meta or {}, default=str)))
+    record["checksum"] = content_checksum(folder / WEIGHTS, record)
+    write_text_atomic(folder / META, json.dumps(record, indent=2))
     return folder
 
 
+def content_checksum(weights: Path, record: dict) -> str:
+    """sha256 of the weight file's bytes and of the record (every field but the checksum, canonical JSON)."""
+    h = hashlib.sha256()
+    with open(weights, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    h.update(json.dumps({k: v for k, v in record.items() if k != "checksum"}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
 def read_meta(folder) -> dict:
-    """The folder's quant_config.json, checked to be ours. Raises QuantizedFolderError."""
+    """The folder's quant_config.json, checked to be ours (size and depth bounded). Raises QuantizedFolderError."""
     folder = Path(folder)
     try:
-        meta = json.loads((folder / META).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise QuantizedFolderError(f"cannot read {folder / META}: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        fmt = meta.get("format") if isinstance(meta, dict) else None
-        raise QuantizedFolderError(f"{folder / META} is not a dqlab quantized model (format {fmt!r})")
+        meta = read_json(folder / META)
+    except UntrustedFileError as exc:
+        raise QuantizedFolderError(str(exc)) from None
+    if meta.get("format") != FORMAT:
+        raise QuantizedFolderError(f"{folder / META} is not a dqlab quantized model (format {meta.get('format')!r})")
+    if not is_int(meta.get("version")) or not 1 <= meta["version"] <= VERSION:
+        raise QuantizedFolderError(f"{folder / META} has format version {meta.get('version')!r}; this lab reads "
+                                   f"versions 1 to {VERSION}: save it again with dqlab quantize --out")
     return meta
 
 
+def _fail(folder: Path, what: str) -> QuantizedFolderError:
+    return QuantizedFolderError(f"{folder}: {what}; the folder is damaged or was edited: save it again with "
+                                "dqlab quantize --out")
+
+
 def read_quantized(folder) -> tuple[nn.Module, QuantConfig, dict]:
-    """(model, config, meta) rebuilt from a folder written by write_quantized, on the CPU in float32."""
+    """(model, config, meta) rebuilt from a folder written by write_quantized, on the CPU in float32.
+
+    Nothing is trusted: the checksum (folders of version 2) is verified; the model config's sizes are bounded and
+    the model counted on the meta device before it is built; the weight file's header is checked against the
+    model the config builds (every key, shape and dtype, each packed tensor's bit count, symmetry and length)
+    before any tensor is read; and every scale and zero point is checked to be finite, positive and on its
+    integer grid. A folder that fails any check raises QuantizedFolderError naming the file and the tensor."""
     import diffusers
     from safetensors.torch import load_file
 
@@ -109,8 +138,15 @@ def read_quantized(folder) -> tuple[nn.Module, QuantConfig, dict]:
 
     folder = Path(folder)
     meta = read_meta(folder)
-    if not (folder / WEIGHTS).exists():
+    weights = folder / WEIGHTS
+    if not weights.is_file():
         raise QuantizedFolderError(f"{folder} has no {WEIGHTS}; save it again with dqlab quantize --out")
+    if meta["version"] >= 2:
+        if meta.get("checksum") != content_checksum(weights, meta):
+            raise _fail(folder, f"its files do not match the checksum in {META}")
+    for key, kind in (("config", dict), ("transformer_config", dict), ("packed", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise _fail(folder, f"{META} has no {key} object")
     try:
         config = QuantConfig.from_dict(meta["config"])
     except (KeyError, ValueError, TypeError) as exc:
@@ -119,19 +155,113 @@ def read_quantized(folder) -> tuple[nn.Module, QuantConfig, dict]:
     if cls_name not in MODEL_CLASSES:
         raise QuantizedFolderError(f"{folder / META} names model class {cls_name!r}; supported: "
                                    f"{', '.join(MODEL_CLASSES)}")
-    model = getattr(diffusers, cls_name).from_config(meta["transformer_config"])
+    where = f"{folder / META} (transformer_config)"
+    cls = getattr(diffusers, cls_name)
+    try:
+        check_sizes(meta["transformer_config"], where)
+        check_parameter_count(lambda: cls.from_config(meta["transformer_config"]), where)
+    except UntrustedFileError as exc:
+        raise QuantizedFolderError(str(exc)) from None
+    model = cls.from_config(meta["transformer_config"])
     if get_method(config.method).quantizes:
         wrap_model(model, config)
-    tensors = load_file(str(folder / WEIGHTS))
-    for key, info in meta.get("packed", {}).items():
+    try:
+        header = safetensors_header(weights)
+    except UntrustedFileError as exc:
+        raise QuantizedFolderError(str(exc)) from None
+    _check_header(model, meta, header, folder)
+    tensors = load_file(str(weights))
+    layers = quant_layers(model)
+    for key, info in meta["packed"].items():
         prefix = key[: -len(".weight")]
+        layer = layers[prefix]
         qmin, _ = qrange(info["bits"], info["symmetric"])
-        numel = math.prod(info["shape"])
-        codes = unpack_codes(tensors.pop(key + ".packed"), info["bits"], numel).reshape(info["shape"]) + qmin
+        codes = unpack_codes(tensors.pop(key + ".packed"), info["bits"], math.prod(info["shape"]))
         scale, zero = tensors[prefix + ".w_scale"], tensors[prefix + ".w_zero"]
-        tensors[key] = ((codes.float() - zero) * scale).float()
+        _check_grid(scale, zero, layer.w_bits, layer.w_symmetric, f"{prefix}.w_scale / w_zero", folder)
+        tensors[key] = ((codes.reshape(info["shape"]) + qmin).float() - zero) * scale
+    for name, q in act_quantizers(model).items():
+        if q.enabled:
+            _check_grid(tensors[name + ".scale"], tensors[name + ".zero"], q.bits, q.symmetric,
+                        f"activation quantizer {name}", folder)
+        elif not (bool((tensors[name + ".scale"] == 1).all()) and bool((tensors[name + ".zero"] == 0).all())):
+            # a quantizer the config leaves off is never calibrated: parameters there mean the config was edited
+            raise _fail(folder, f"activation quantizer {name} holds calibrated parameters but the config leaves "
+                                "it in float")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise _fail(folder, f"tensor {name} holds NaN or inf values")
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise QuantizedFolderError(f"{folder / WEIGHTS} does not match its config: {str(exc).splitlines()[0]}") from None
     return model.eval().requires_grad_(False), config, meta
+
+
+def _check_header(model: nn.Module, meta: dict, header: dict, folder: Path) -> None:
+    """The weight file's header against the model its config builds: the same keys; each packed weight with the
+    bit count, symmetry and shape of its layer and exactly the bytes they need; every other tensor of its
+    buffer's shape (a TPQ quantizer's as long as the recorded timesteps)."""
+    layers = {n: m for n, m in quant_layers(model).items() if not is_off(m.w_bits)}
+    packed = meta["packed"]
+    expected_packed = {f"{n}.weight" for n in layers}
+    if set(packed) != expected_packed:
+        odd = sorted(set(packed) ^ expected_packed)
+        raise _fail(folder, f"the packed weights listed in {META} ({len(packed)}) are not the {len(expected_packed)} "
+                            f"layers its config quantizes (first difference: {odd[0]})")
+    for key, info in packed.items():
+        layer = layers[key[: -len(".weight")]]
+        if not (isinstance(info, dict) and is_int(info.get("bits")) and isinstance(info.get("symmetric"), bool)
+                and isinstance(info.get("shape"), list)):
+            raise _fail(folder, f"the packed entry of {key} in {META} is malformed")
+        if info["bits"] != layer.w_bits or info["symmetric"] != layer.w_symmetric:
+            raise _fail(folder, f"{key} is stored at {info['bits']} bits ({'symmetric' if info['symmetric'] else 'asymmetric'}) "
+                                f"but the config quantizes it at {layer.w_bits} bits "
+                                f"({'symmetric' if layer.w_symmetric else 'asymmetric'})")
+        if info["shape"] != list(layer.weight.shape):
+            raise _fail(folder, f"{key} is recorded with shape {info['shape']}, the model has {list(layer.weight.shape)}")
+    timesteps = meta.get("tpq_timesteps")
+    if timesteps is not None and not (isinstance(timesteps, list) and 1 <= len(timesteps) <= 10_000
+                                      and all(is_int(t) for t in timesteps)):
+        raise _fail(folder, f"tpq_timesteps in {META} must be a list of integer timesteps")
+    state = model.state_dict()
+    per_t = {n + "." + b for n, q in act_quantizers(model).items() if q.per_timestep for b in ("scale", "zero", "timesteps")}
+    expected = {}
+    for name, t in state.items():
+        if name in expected_packed:
+            info = packed[name]
+            nbytes = (math.prod(info["shape"]) * info["bits"] + 7) // 8
+            expected[name + ".packed"] = ("U8", (nbytes,))
+        else:
+            shape = (len(timesteps or [0]),) if name in per_t else tuple(t.shape)
+            expected[name] = ("F" if t.is_floating_point() else TORCH_TO_SAFETENSORS[str(t.dtype)], shape)
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise _fail(folder, f"{WEIGHTS} does not match its config: "
+                            + (f"missing {', '.join(missing[:3])}" if missing else "")
+                            + ("; " if missing and unexpected else "")
+                            + (f"unexpected {', '.join(unexpected[:3])}" if unexpected else ""))
+    floats = sorted({header[n][0] for n, (dtype, _) in expected.items() if dtype == "F"})
+    if len(floats) > 1:  # write_quantized stores every float tensor in the model's one dtype
+        odd = next(n for n, (dtype, _) in expected.items() if dtype == "F" and header[n][0] != floats[0])
+        raise _fail(folder, f"{WEIGHTS} mixes float dtypes ({', '.join(floats)}; e.g. {odd} is {header[odd][0]})")
+    for name, (dtype, shape) in expected.items():
+        f_dtype, f_shape = header[name]
+        ok_dtype = f_dtype in FLOAT_DTYPES if dtype == "F" else f_dtype == dtype
+        if f_shape != shape or not ok_dtype:
+            raise _fail(folder, f"tensor {name} in {WEIGHTS} is {f_dtype} {list(f_shape)}, expected "
+                                f"{'a float' if dtype == 'F' else dtype} {list(shape)}")
+
+
+def _check_grid(scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool, what: str, folder: Path) -> None:
+    """Step sizes finite and > 0; zero points integers inside the code range (0 for a symmetric quantizer)."""
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise _fail(folder, f"{what}: step sizes must be finite and > 0, found {float(scale.min()):g}")
+    qmin, qmax = qrange(bits, symmetric)
+    if not bool(torch.isfinite(zero).all()) or not bool((zero == zero.round()).all()):
+        raise _fail(folder, f"{what}: zero points must be integers")
+    lo, hi = (0, 0) if symmetric else (qmin, qmax)
+    if bool((zero < lo).any()) or bool((zero > hi).any()):
+        raise _fail(folder, f"{what}: zero points must lie in [{lo}, {hi}] for {bits}-bit "
+                            f"{'symmetric' if symmetric else 'asymmetric'} codes, found "
+                            f"[{float(zero.min()):g}, {float(zero.max()):g}]")

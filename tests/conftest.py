@@ -1,8 +1,14 @@
 """Shared fixtures: the bundled model, and tiny random diffusers DiTs saved to temporary folders."""
 from __future__ import annotations
 
-import pytest
-import torch
+from analysis.threads import configure
+
+# The lab's thread policy (idle OpenMP workers sleep, one thread per usable CPU), set before torch makes
+# its pool: the suite then takes about the same time on a machine other jobs keep busy (see analysis.threads).
+configure()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def make_tiny_dit(in_channels: int = 4, learned_sigma: bool = True, layers: int = 2, sample_size: int = 8,

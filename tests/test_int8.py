@@ -167,3 +167,43 @@ def test_int_mm_kernel_on_cuda_matches_fake_quant(one_torch_thread):
         ref = q(x, timestep=t, class_labels=y).sample
         got = fast(x, timestep=t, class_labels=y).sample
     assert (got - ref).norm() / ref.norm() < 1e-2
+
+
+@pytest.mark.skipif(not onednn_available(), reason="the fused MLP runs on oneDNN's quantized linear (x86 CPUs)")
+def test_fused_mlp_hands_codes_to_fc2_and_matches_fake_quant(one_torch_thread):
+    """Symmetric weights: each block's MLP becomes one Int8FeedForward (GELU and fc2's quantizer inside fc1's
+    GEMM); the model stays as close to its fake-quant model as the unfused INT8 model is."""
+    from quant.int8 import Int8FeedForward
+    from tests.conftest import make_tiny_dit
+
+    model = make_tiny_dit(layers=2, heads=16, head_dim=72, sample_size=8)
+    q = quantize(model, QuantConfig(method="baseline", w_bits=8, a_bits=8, w_symmetric=True),
+                 _calibration(model, rows=6))
+    fused, apart = to_int8(q), to_int8(q, fuse=False)
+    assert sum(isinstance(m, Int8FeedForward) for m in fused.modules()) == 2
+    assert not any(isinstance(m, Int8FeedForward) for m in apart.modules())
+    assert len(int8_layers(fused)) == len(int8_layers(apart))
+    x, t, y = _calibration(model, rows=2, seed=3)[0]
+    with torch.no_grad():
+        ref = q(x, timestep=t, class_labels=y).sample
+        got = fused(x, timestep=t, class_labels=y).sample
+        mixed = fused(x, timestep=t[:1].expand(2), class_labels=y).sample  # one timestep: fused path
+    assert (got - ref).norm() / ref.norm() < 1e-2
+    with torch.no_grad():
+        ref_one = q(x, timestep=t[:1].expand(2), class_labels=y).sample
+    assert (mixed - ref_one).norm() / ref_one.norm() < 1e-2
+    # asymmetric weights keep the two linears apart (oneDNN takes no per-channel weight zero point)
+    q_asym = quantize(model, QuantConfig(method="baseline", w_bits=8, a_bits=8), _calibration(model, rows=6))
+    assert not any(isinstance(m, Int8FeedForward) for m in to_int8(q_asym).modules())
+
+
+@pytest.mark.skipif(not onednn_available(), reason="the fused MLP runs on oneDNN's quantized linear (x86 CPUs)")
+def test_fused_mlp_with_tpq_falls_back_when_timesteps_mix(bundled, one_torch_thread):
+    cfg = QuantConfig(method="dilatequant", w_bits=8, a_bits=8, w_symmetric=True)
+    q = quantize(bundled.denoiser, cfg, _calibration(bundled.denoiser))
+    fused = to_int8(q)
+    x, t, y = _calibration(bundled.denoiser, rows=6, seed=1)[0]  # three timesteps mixed in one batch
+    with torch.no_grad():
+        ref = q(x, timestep=t, class_labels=y).sample
+        got = fused(x, timestep=t, class_labels=y).sample
+    assert (got - ref).norm() / ref.norm() < 1e-2

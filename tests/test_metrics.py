@@ -93,7 +93,8 @@ def test_reference_features_are_cached(tmp_path, digits):
     ref = M.Reference("some digits", M.to_uint8_rgb(digits[1]), cache_name="test-ref")
     first = M.fid(a, ref, cache_dir=tmp_path)
     cached = sorted(p.name for p in tmp_path.iterdir())
-    assert any("test-ref" in name and "stat-fid" in name for name in cached), cached
+    # the lab's own feature cache (read back with weights_only=True); torch-fidelity's pickle cache is never used
+    assert any("test-ref" in name and "fid-features" in name for name in cached), cached
     assert M.fid(a, ref, cache_dir=tmp_path) == pytest.approx(first, rel=1e-9)
 
 
@@ -190,7 +191,7 @@ def test_torch_fidelity_reads_a_verified_copy_of_the_inception_weights(tmp_path)
     """torch-fidelity unpickles its weights file unguarded, so it is given a copy written from checked tensors."""
     ok = tmp_path / "ok.pth"
     torch.save({"fc.weight": torch.arange(3.0)}, ok)
-    kwargs = M._fidelity_kwargs(M.INCEPTION_EXTRACTOR, False, ok, None, 4)
+    kwargs = M._fidelity_kwargs(M.INCEPTION_EXTRACTOR, False, ok, 4)
     handed = Path(kwargs["feature_extractor_weights_path"])
     assert handed != ok and handed.parent != tmp_path
     assert torch.equal(torch.load(handed, weights_only=True)["fc.weight"], torch.arange(3.0))

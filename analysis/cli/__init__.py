@@ -9,7 +9,9 @@ import argparse
 import importlib
 import json
 import math
+import os
 import sys
+from pathlib import Path
 
 # Subcommand modules, in help order. Each defines register(subparsers) and sets `func` on its parser;
 # func(args) returns a JSON-able dict (printed with --json) and prints its own human-readable summary.
@@ -45,9 +47,56 @@ def finite_float(minimum: float | None = None, maximum: float | None = None):
     return parse
 
 
+def _existing_ancestor(path: Path, flag: str) -> Path:
+    """The nearest existing ancestor of `path`, which must be a writable folder (an output under a file, or in a
+    folder this user cannot write, is refused before any work)."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CLIError(f"{flag} {path}: {parent} is a file, not a folder; choose a path in a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise CLIError(f"{flag} {path}: the folder {parent} is not writable; choose another path")
+            return parent
+    raise CLIError(f"{flag} {path}: no existing folder above it")
+
+
+def check_output_file(path: Path | None, flag: str, suffixes: tuple[str, ...] = ()) -> None:
+    """An output file named by `flag`, checked before the work starts: its suffix, not a folder, in a writable
+    folder. The file itself is written later to a temporary sibling and renamed into place."""
+    if path is None:
+        return
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise CLIError(f"{flag} must name a {' or '.join(suffixes)} file, got {path}")
+    if path.is_dir():
+        raise CLIError(f"{flag} {path} is a folder; name a file in it, e.g. {path / ('out' + (suffixes or ('',))[0])}")
+    if path.exists() and not path.is_file():
+        raise CLIError(f"{flag} {path} exists and is not a regular file; choose another path")
+    _existing_ancestor(path, flag)
+
+
+def check_output_folder(path: Path | None, flag: str) -> None:
+    """An output folder named by `flag`: not a file, in a writable folder (created when missing)."""
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{flag} {path} is a file; name a folder (it is created if missing)")
+    _existing_ancestor(path, flag)
+
+
 def add_guidance(p, default_help: str = "the model's default for sample grids") -> None:
     p.add_argument("--guidance", type=finite_float(0.0, 100.0), default=None,
                    help=f"classifier-free guidance scale, 1 = off (default: {default_help})")
+
+
+def threads_count(text: str) -> int:
+    """argparse type of --threads: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"analysis.cli.{name}").register(sub)
+    for p in sub.choices.values():  # every command runs torch: each takes the thread count (see analysis.threads)
+        p.add_argument("--threads", type=threads_count, default=None,
+                       help="CPU threads for torch (default: the usable CPUs less those other processes keep busy; "
+                            "OMP_NUM_THREADS when set)")
     return parser
 
 
@@ -82,10 +135,23 @@ def strict_json(value):
 
 
 def emit(args, result: dict, human: str) -> None:
+    from analysis.threads import current
+
+    if args.json:
+        result.setdefault("thread_policy", current().to_dict())
     print(json.dumps(strict_json(result), indent=2, default=str, allow_nan=False) if args.json else human)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from analysis.threads import configure, threads_arg
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        # before anything imports torch: the wait policy is fixed when torch creates its thread pool
+        configure(threads_arg(argv))
+    except ValueError as exc:  # a bad --threads or OMP_NUM_THREADS
+        print(f"dqlab: error: {exc}", file=sys.stderr)
+        return 2
     from analysis.models.bundle import ModelLoadError
     from analysis.quiet import configure_logging
 

@@ -47,6 +47,8 @@ def run(args) -> dict:
     config = config_from_args(args)
     if args.calib_samples is not None and args.calib_samples < 1:
         raise CLIError(f"--calib-samples must be at least 1, got {args.calib_samples}")
+    if args.seed < 0:
+        raise CLIError(f"--seed must be >= 0, got {args.seed}")
     opts = EvalOptions(num_samples=args.num_samples, steps=args.steps, guidance=args.guidance,
                        scheduler=args.scheduler, seed=args.seed, reference=args.reference,
                        extractor=args.feature_extractor, isc=args.isc, kid=args.kid, prc=args.prc,
@@ -65,7 +67,7 @@ def run(args) -> dict:
     show = None
     if sys.stderr.isatty() and rank == 0:
         show = lambda stage, frac: print(f"\r[{frac:6.1%}] {stage[:70]:<70}", end="", file=sys.stderr)  # noqa: E731
-    result = evaluate(bundle, config, opts, store=store, on_progress=show)
+    result = evaluate(bundle, config, opts, store=store, on_progress=show, note=args.note)
     if show:
         print(file=sys.stderr)
     if result is None:  # not rank 0: its images went to rank 0, which reports

@@ -59,7 +59,8 @@ def _add_flag(group, opt, default, argparse) -> None:
 
 
 def config_from_args(args):
-    """The QuantConfig the flags describe; a flag of another method than --method is an error naming both."""
+    """The QuantConfig the flags describe; a flag of another method than --method is an error naming both, and
+    so is a quantization flag beside --method fp (which quantizes nothing)."""
     from quant.config import QuantConfig
     from quant.methods import all_options
 
@@ -74,17 +75,51 @@ def config_from_args(args):
             raise CLIError(f"{opt.flag} is an option of {opt.method}, not of {args.method}; drop it or pass "
                            f"--method {opt.method}")
         options[opt.name] = value
-    return QuantConfig(**fields, options=options)
+    config = QuantConfig(**fields, options=options)
+    if not config.quantizes:
+        given = [o.flag for o in QuantConfig.describe() if o.name != "method" and fields[o.name] != o.default]
+        if given:
+            raise CLIError(f"{given[0]} has no effect with --method fp, which quantizes nothing; drop it or choose "
+                           "a quantizing method")
+    return config
+
+
+def flags_beside_config(args, default_method: str) -> list[str]:
+    """Quantization flags given together with --config, whose file replaces them: refused by name, never
+    dropped in silence."""
+    from quant.config import QuantConfig
+    from quant.methods import all_options
+
+    def unset(o):
+        value = getattr(args, o.name)
+        return value == (default_method if o.name == "method" else o.default) or (o.kind == "patterns" and not value)
+
+    given = [o.flag for o in QuantConfig.describe() if not unset(o)]
+    return given + [o.flag for o in all_options() if getattr(args, o.name) is not None]
 
 
 def check_excludes(bundle, config) -> None:
-    """An --exclude pattern that matches no layer is almost always a typo: refuse it before any work."""
+    """An --exclude or layer_bits pattern that matches no layer is almost always a typo, and a config that keeps
+    every layer in float quantizes nothing under a quantized label: refuse both before any work."""
     from analysis.quantization.pipeline import unmatched_excludes
+    from quant.quantizers import is_off
+    from quant.wrap import covered_layers, is_excluded
 
     unmatched = unmatched_excludes(bundle.denoiser, config.exclude)
     if unmatched:
         raise CLIError(f"--exclude {unmatched[0]!r} matches no layer; use an fnmatch pattern such as "
                        "'*.attn1.to_q' or a module name such as transformer_blocks.0")
+    unmatched = unmatched_excludes(bundle.denoiser, list(config.layer_bits))
+    if unmatched:
+        raise CLIError(f"layer_bits pattern {unmatched[0]!r} matches no layer of {bundle.name}; use an fnmatch "
+                       "pattern such as '*.attn1.to_q' or a module name such as transformer_blocks.0")
+    if not config.quantizes:
+        return
+    layers = [n for n in covered_layers(bundle.denoiser) if not is_excluded(n, config.exclude)]
+    if not any(not (is_off(w) and is_off(a)) for w, a in map(config.bits_for, layers)) and is_off(config.attn_bits):
+        raise CLIError(f"the config quantizes no layer of {bundle.name} (exclude {config.exclude} and the bit-widths "
+                       f"leave every layer in float), yet it would be labelled {config.label!r}; exclude fewer layers "
+                       "or use --method fp")
 
 
 def register(sub) -> None:
@@ -107,31 +142,39 @@ def register(sub) -> None:
                         "the quantization options above")
     p.add_argument("--out", type=Path, default=None,
                    help="folder to save the quantized model in (safetensors + quant_config.json); "
-                        "without it the model is only measured")
+                        "without it the model is only measured. The folder is written beside and renamed into "
+                        "place, so it always holds one complete model")
+    p.add_argument("--force", action="store_true",
+                   help="let --out replace a non-empty folder that is not a saved quantized model")
     p.set_defaults(func=run)
 
 
-def _check_out(out: Path | None) -> None:
-    """Refuse to write into a file or into a folder that holds something other than a saved model."""
+def _check_out(out: Path | None, force: bool = False) -> None:
+    """Before any work: refuse to write over a file, or over a folder that holds something other than a saved
+    model (unless --force); the folder is replaced whole (analysis.models.saved.save_quantized writes it beside and
+    renames it into place)."""
+    from analysis.cli import check_output_folder
+    from quant.io import META
+
     if out is None:
         return
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} is a file; name a folder (it is created if missing)")
-    if out.is_dir() and any(out.iterdir()) and not (out / "quant_config.json").exists():
-        raise CLIError(f"--out {out} is a non-empty folder that is not a saved quantized model; "
-                       "name a new or empty folder")
+    check_output_folder(out, "--out")
+    if out.is_dir() and any(out.iterdir()) and not (out / META).is_file() and not force:
+        raise CLIError(f"--out {out} is a non-empty folder that is not a saved quantized model; name a new or "
+                       "empty folder, or pass --force to replace it with the quantized model")
 
 
 def config_from_file(path: Path):
     """The QuantConfig in a JSON file, or a one-line error naming the file and what is wrong with it."""
     from quant.api import QuantConfig
+    from quant.guards import UntrustedFileError, read_json
 
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise CLIError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+        data = read_json(path)
+    except UntrustedFileError as exc:
+        raise CLIError(f"--config: {exc}") from None
     try:
-        return QuantConfig.from_json(text)
+        return QuantConfig.from_dict(data, strict=True)
     except (ValueError, TypeError) as exc:
         raise CLIError(f"--config {path}: {exc}") from None
 
@@ -143,7 +186,14 @@ def run(args) -> dict:
     from analysis.quantization.pipeline import quantize_bundle
     from quant.families import readable_layer
 
-    config = config_from_file(args.config) if args.config is not None else config_from_args(args)
+    if args.config is not None:
+        beside = flags_beside_config(args, "ptq4dit")
+        if beside:
+            raise CLIError(f"{beside[0]} is given beside --config, whose file sets every quantization option; put "
+                           "it in the file or drop it")
+        config = config_from_file(args.config)
+    else:
+        config = config_from_args(args)
     try:
         spec = CalibrationSpec(seed=args.calib_seed, images=args.calib_samples, steps=args.calib_steps,
                                guidance=args.guidance, scheduler=args.scheduler)
@@ -154,7 +204,7 @@ def run(args) -> dict:
         raise CLIError(f"{exc} ({flag})" if flag else str(exc)) from None
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    _check_out(args.out)
+    _check_out(args.out, args.force)
     bundle = load(args.model, device=args.device, dtype=args.dtype)
     if bundle.quant_config:
         raise CLIError(f"{args.model} is already quantized ({bundle.name}); quantize its FP model instead")
@@ -183,9 +233,9 @@ def run(args) -> dict:
            "balance": r.balance,
            "out": None}
     if args.out is not None:
-        folder = save_quantized(variant.bundle, config, args.out, base_source=args.model, recipe=variant.recipe)
-        out["out"] = str(folder)
-        (folder / REPORT_FILE).write_text(json.dumps(out, indent=2, default=str))
+        out["out"] = str(args.out)
+        save_quantized(variant.bundle, config, args.out, base_source=args.model, recipe=variant.recipe,
+                       extra_files={REPORT_FILE: json.dumps(out, indent=2, default=str)})
     mb = lambda n: f"{n / 2 ** 20:.2f} MiB"  # noqa: E731
     human = (f"{config.label}: noise-prediction error vs FP {r.rel_rms_step_median:.4g} (median over steps; "
              f"pooled {r.rel_rms:.4g}), {r.layers_quantized} layers, "

@@ -26,6 +26,7 @@ def run(args) -> dict:
     if args.limit is not None and args.limit < 1:
         raise CLIError(f"--limit must be at least 1, got {args.limit}")
     store = Store(args.data_dir)
+    store.sweep_orphans()  # run folders of jobs killed before their row committed, older than an hour
     if args.show is not None:
         r = store.get(args.show)
         out = {**r.summary(), "config": r.config, "metrics": r.metrics, "timings": r.timings,
@@ -40,8 +41,11 @@ def run(args) -> dict:
         return out
     rows = [r.summary() for r in store.list(model=args.model, method=args.method, w_bits=args.w_bits,
                                             a_bits=args.a_bits, limit=args.limit)]
-    out = {"data_dir": str(store.data_dir), "count": len(rows), "runs": rows}
+    skipped = [{"run_id": i, "why": why} for i, why in store.skipped]
+    out = {"data_dir": str(store.data_dir), "count": len(rows), "runs": rows, "skipped": skipped}
     lines = [f"{len(rows)} run(s) in {store.data_dir}"]
+    lines += [f"skipped run #{s['run_id']}, which cannot be read ({s['why']}); delete it with "
+              f"`dqlab runs --delete {s['run_id']}`" for s in skipped]
     for r in rows:
         floor = "" if r["fid_floor"] is None else f" (floor {r['fid_floor']:.2f})"
         lines.append(f"#{r['run_id']:<4} {r['created']}  {r['model']}  {r['label']:<24} N={r['num_samples']:<6} "

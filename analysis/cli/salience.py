@@ -6,14 +6,15 @@ the fastest of each is compared, which discounts interference from other process
 `overhead_paired_median` is the median over repeats of collecting / the plain pass just before it).
 The same ratio in process CPU time (`cpu_overhead_vs_sampling`) is reported beside it: on a machine shared
 with other jobs the wall time swings with their load, while the CPU time this process spends moves far less.
-On a contended machine `--threads 1` also avoids torch's worker threads waiting on each other.
+Threads follow the lab's policy (analysis.threads: idle workers sleep, one thread per usable CPU);
+`--threads N` sets the count.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from analysis.cli import CLIError, add_common, add_guidance, emit
+from analysis.cli import CLIError, add_common, add_guidance, check_output_file, emit
 
 
 def register(sub) -> None:
@@ -33,7 +34,6 @@ def register(sub) -> None:
                                                   "(adds one forward per timestep after the pass)")
     p.add_argument("--repeats", type=int, default=1, help="timed plain/collecting pairs (default: %(default)s)")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain sampling pass (no overhead ratio)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=None, help="where to save the statistics (.npz)")
     p.set_defaults(func=run)
 
@@ -52,12 +52,7 @@ def run(args) -> dict:
         raise CLIError(f"--samples must be >= 1, got {args.samples}")
     if args.repeats < 1:
         raise CLIError(f"--repeats must be >= 1, got {args.repeats}")
-    if args.out is not None and args.out.suffix != ".npz":
-        raise CLIError(f"--out must name a .npz file, got {args.out}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CLIError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    check_output_file(args.out, "--out", (".npz",))
     mse_bits = tuple(parse_int_list(args.mse_bits)) if args.mse_bits.strip() else ()
     bundle = load(args.model, device=args.device, dtype=args.dtype)
     config = SalienceConfig(steps=args.steps, samples=args.samples, guidance=args.guidance, scheduler=args.scheduler,
@@ -72,7 +67,17 @@ def run(args) -> dict:
     overhead, cpu_overhead = timing["overhead_vs_sampling"], timing["cpu_overhead_vs_sampling"]
     written = None
     if args.out is not None:
-        written = stats.save(args.out)
+        import os
+        import uuid
+
+        tmp = args.out.parent / f".{args.out.stem}.tmp-{uuid.uuid4().hex[:8]}.npz"
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            stats.save(tmp)  # beside the destination, then renamed: never a half-written file at --out
+            os.replace(tmp, args.out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        written = args.out
     hardest = hardest_layers(stats)
     profile = profile_by_kind(stats).round(3).to_dict(orient="records")
     summary = {"model": args.model, "device": str(bundle.device), "threads": torch.get_num_threads(),

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from analysis.cli import CLIError, add_common, add_guidance, emit
+from analysis.cli import CLIError, add_common, add_guidance, check_output_file, check_output_folder, emit
 
 
 def register(sub) -> None:
@@ -36,18 +36,28 @@ def run(args) -> dict:
     from analysis.models.sampling import NO_CLASS, parse_int_list, sample
 
     start = time.perf_counter()
-    seeds = parse_int_list(args.seeds)
+    from analysis.models.sampling import MAX_LIST
+
+    def int_list(flag: str, text: str) -> list[int]:
+        try:
+            return parse_int_list(text)
+        except ValueError as exc:
+            raise CLIError(f"{flag}: {exc}") from None
+
+    seeds = int_list("--seeds", args.seeds)
     if args.steps < 1 or args.steps > 1000:
         raise CLIError(f"--steps must be between 1 and 1000, got {args.steps}")
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    for path in [args.out] if args.out else []:
-        if path.suffix.lower() != ".png":
-            raise CLIError(f"--out must name a .png file, got {path}")
+    check_output_file(args.out, "--out", (".png",))
+    check_output_folder(args.out_dir, "--out-dir")
     bundle = load(args.model, device=args.device, dtype=args.dtype)
     if not bundle.conditional and args.classes is not None:
         raise CLIError(f"{args.model} is unconditional: sample it with --seeds alone, without --classes")
-    classes = parse_int_list(args.classes or "0-9") if bundle.conditional else [NO_CLASS]
+    classes = int_list("--classes", args.classes or "0-9") if bundle.conditional else [NO_CLASS]
+    if len(classes) * len(seeds) > MAX_LIST:
+        raise CLIError(f"--classes x --seeds asks for {len(classes) * len(seeds)} images, more than {MAX_LIST}; "
+                       "ask for fewer")
     plan = None
     if args.int8:
         from analysis.evaluation.speed import int8_bundle
@@ -55,8 +65,13 @@ def run(args) -> dict:
         try:
             bundle, plan = int8_bundle(bundle, batch_images=min(args.batch_size or 16, len(classes) * len(seeds)))
         except ValueError as exc:
-            raise CLIError(str(exc)) from None
+            raise CLIError(f"--int8: {exc}") from None
     labels = [c for c in classes for _ in seeds]
+    if bundle.device.type == "cpu":  # a forward too small to feed every thread runs on fewer (analysis.threads)
+        from analysis.threads import fit_to_model
+
+        guided = 2 if (bundle.default_guidance if args.guidance is None else args.guidance) != 1 else 1
+        fit_to_model(bundle.denoiser.config, guided * min(args.batch_size or len(labels), len(labels)))
     seed_list = [s for _ in classes for s in seeds]
     show = (lambda d, n: print(f"\rstep {d}/{n}", end="" if d < n else "\n", file=sys.stderr)) if sys.stderr.isatty() else None
     result = sample(bundle, labels, seed_list, steps=args.steps, guidance=args.guidance,
@@ -65,8 +80,11 @@ def run(args) -> dict:
     if args.out_dir is None and args.out is None:
         args.out = _free_name(Path("samples.png"))
     if args.out:
+        from analysis.evaluation.images import png_bytes
+        from quant.guards import write_bytes_atomic
+
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        make_grid(result.images, ncol=len(seeds)).save(args.out)
+        write_bytes_atomic(args.out, png_bytes(make_grid(result.images, ncol=len(seeds))))
         written = [str(args.out)]
     elif args.out_dir:
         names = [f"class{c}_seed{s}" if c != NO_CLASS else f"seed{s}" for c, s in zip(labels, seed_list)]

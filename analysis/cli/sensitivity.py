@@ -44,6 +44,11 @@ def run(args) -> dict:
         raise CLIError(f"--samples must be >= 1, got {args.samples}")
     w = None if args.w_bits == 16 else args.w_bits
     a = None if args.a_bits == 16 else args.a_bits
+    if w is None and a is None:
+        raise CLIError("--w-bits 16 --a-bits 16 quantizes nothing, so every layer would rank by a zero error; "
+                       "give a bit-width below 16 to at least one of them")
+    if args.calib_seed < 0:
+        raise CLIError(f"--calib-seed must be >= 0, got {args.calib_seed}")
     config = QuantConfig(method=args.method, w_bits=w, a_bits=a).validate()
     if not config.quantizes:
         raise CLIError(f"--method {config.method} quantizes nothing; pick a quantizing method")

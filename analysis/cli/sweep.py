@@ -10,10 +10,11 @@ again: an interrupted sweep resumes where it stopped.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
-from analysis.cli import CLIError, add_common, add_guidance, emit
+from analysis.cli import CLIError, add_common, add_guidance, check_output_file, emit
 from analysis.quantization.calibration import CALIBRATION_SEED
 
 # rel_rms_step_median: the median over timesteps of the noise prediction's relative error (rel_rms, pooled over
@@ -31,6 +32,8 @@ def parse_tolerance(text: str) -> dict:
         limit = float(value)
     except ValueError:
         raise CLIError(f"--tolerance {text!r}: {value!r} is not a number") from None
+    if not math.isfinite(limit) or limit < 0:
+        raise CLIError(f"--tolerance {text!r}: the limit must be a finite number >= 0")
     return {name.strip(): limit}
 
 
@@ -71,8 +74,9 @@ def run(args) -> dict:
     if args.num_samples < 2:
         raise CLIError(f"--num-samples must be at least 2 for FID, got {args.num_samples}")
     tolerances = [parse_tolerance(t) for t in (args.tolerance or DEFAULT_TOLERANCES)]
-    if args.config_out is not None and args.config_out.is_dir():
-        raise CLIError(f"--config-out {args.config_out} is a folder; name a .json file")
+    check_output_file(args.config_out, "--config-out", (".json",))
+    if args.seed < 0 or args.calib_seed < 0:
+        raise CLIError(f"--seed and --calib-seed must be >= 0, got {args.seed} and {args.calib_seed}")
     store = Store(args.data_dir)
     bundle = load(args.model, device=args.device, dtype=args.dtype)
 
@@ -89,8 +93,10 @@ def run(args) -> dict:
         print(file=sys.stderr)
     out = result.to_json(tolerances)
     if args.config_out is not None and out["recommendation"] and out["recommendation"]["config"]:
+        from quant.guards import write_text_atomic
+
         args.config_out.parent.mkdir(parents=True, exist_ok=True)
-        args.config_out.write_text(json.dumps(out["recommendation"]["config"], indent=2, sort_keys=True))
+        write_text_atomic(args.config_out, json.dumps(out["recommendation"]["config"], indent=2, sort_keys=True))
         out["config_out"] = str(args.config_out)
     emit(args, out, _human(out))
     return out

@@ -119,12 +119,28 @@ def eval_guidance(bundle: ModelBundle, opts: EvalOptions) -> float:
     return bundle.eval_guidance if opts.guidance is None else float(opts.guidance)
 
 
+def images_bytes(bundle: ModelBundle, n: int) -> int:
+    """Memory an evaluation of n images holds at once: FP and variant images in float32, their uint8 copies."""
+    return n * math.prod(bundle.image_shape) * (4 + 4 + 1 + 1)
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):  # not every platform reports it
+        return None
+
+
 def check_options(bundle: ModelBundle, opts: EvalOptions) -> tuple[str, M.Reference | None]:
     """Everything that can be wrong before any sampling: fail in a second, not after an hour."""
     if opts.guidance is not None and not (math.isfinite(opts.guidance) and opts.guidance >= 0):
         raise ValueError(f"guidance must be a finite number >= 0, got {opts.guidance}")
     if opts.num_samples < 2:
         raise ValueError(f"num_samples must be at least 2 for FID, got {opts.num_samples}")
+    need, have = images_bytes(bundle, opts.num_samples), physical_memory()
+    if have and need > have / 2:
+        raise ValueError(f"num_samples {opts.num_samples} needs about {need / 2 ** 30:.1f} GiB for the images alone, "
+                         f"more than half of this machine's {have / 2 ** 30:.1f} GiB; lower --num-samples")
     if not 1 <= opts.steps <= 1000:
         raise ValueError(f"steps must be between 1 and 1000, got {opts.steps}")
     if opts.batch_size is not None and opts.batch_size < 1:

@@ -54,12 +54,23 @@ def save_images(images: torch.Tensor, names: list[str], out_dir: str | Path) -> 
     """One PNG per image at the model's resolution; returns the paths written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from quant.guards import write_bytes_atomic
+
     paths = []
     for image, name in zip(images, names):
         path = out_dir / f"{name}.png"
-        to_pil(image).save(path)
+        write_bytes_atomic(path, png_bytes(to_pil(image)))  # a killed job never leaves a half-written PNG
         paths.append(path)
     return paths
+
+
+def png_bytes(image) -> bytes:
+    """A PIL image encoded as PNG."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:

@@ -184,7 +184,7 @@ class ImageSet(Dataset):
 
 
 class Reference:
-    """A set of real images to compare against. cache_name keys torch-fidelity's feature cache: it changes
+    """A set of real images to compare against. cache_name keys the lab's feature cache: it changes
     whenever the images do, so a cached statistic is never reused for other data. The images may be loaded
     lazily (`loader`): once the features are cached, the images themselves are never needed again."""
 
@@ -323,16 +323,13 @@ def _extractor_tag(extractor: str) -> str:
     return _digest(weights.read_bytes()) if weights.exists() else "x"
 
 
-def _fidelity_kwargs(extractor: str, cuda: bool, inception_weights, cache_dir, batch_size) -> dict:
+def _fidelity_kwargs(extractor: str, cuda: bool, inception_weights, batch_size) -> dict:
     kwargs = dict(feature_extractor=extractor, cuda=cuda, verbose=False, save_cpu_ram=True,
                   batch_size=batch_size or feature_batch_size(cuda), samples_shuffle=True)
     if extractor == DIGITS_EXTRACTOR:
         register_digit_extractor()
     else:
         kwargs["feature_extractor_weights_path"] = str(_verified_copy(resolve_inception_weights(inception_weights)))
-    if cache_dir is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        kwargs["cache_root"] = str(cache_dir)
     return kwargs
 
 
@@ -347,15 +344,17 @@ def compute_metrics(images: torch.Tensor, reference: Reference | torch.Tensor, *
     Returns {"fid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision", "recall", "f_score"} for the
     metrics asked, plus "num_samples", "reference_size", "feature_extractor" and "warning" (None or why the
     FID is unreliable). IS is computed on `images` alone.
+
+    Features are extracted here and handed to torch-fidelity's metric functions; torch-fidelity's own cache
+    is never used, because it unpickles whatever file it finds under its cache folder without the weights-only
+    guard. Reference features are cached by reference_features, which reads them back with weights_only=True.
     """
-    import torch_fidelity
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
 
     gen = ImageSet(images)
-    if isinstance(reference, Reference):
-        ref, cache_name = _LazyImageSet(reference), reference.cache_name
-    else:
-        ref, cache_name = ImageSet(reference), None
-    n, n_ref = len(gen), len(ref)
+    n, n_ref = len(gen), len(reference)
     if n < 2 or n_ref < 2:
         raise MetricsError(f"metrics need at least 2 images on each side, got {n} generated and {n_ref} reference")
     if kid:
@@ -366,28 +365,43 @@ def compute_metrics(images: torch.Tensor, reference: Reference | torch.Tensor, *
                                "lower the subset size or raise the sample count")
     if not (fid or isc or kid or prc):
         raise MetricsError("no metric asked for: choose at least one of fid, isc, kid, prc")
-    cuda = _use_cuda(device)
-    kwargs = _fidelity_kwargs(extractor, cuda, inception_weights, cache_dir, batch_size)
-    tag = _extractor_tag(extractor)
-    # input1 = generated, input2 = reference (torch-fidelity's precision/recall convention).
-    kwargs.update(input1=gen, input2=ref, fid=fid, isc=isc, kid=kid, prc=prc,
-                  input2_cache_name=f"{cache_name}-{tag}" if cache_name else None,
-                  cache=cache_name is not None)
+    layers = {m: _default_layer(extractor, m) for m, on in (("fid", fid), ("isc", isc), ("kid", kid), ("prc", prc))
+              if on}
+    common = dict(inception_weights=inception_weights, device=device, batch_size=batch_size)
+    gen_feats = {layer: extract_features(gen, extractor, layer=layer, **common) for layer in set(layers.values())}
+    ref_layers = {layers[m] for m in ("fid", "kid", "prc") if m in layers}
+    ref_feats = {layer: reference_features(reference, extractor, layer=layer, cache_dir=cache_dir, **common)
+                 for layer in ref_layers}
+    out = {}
+    if fid:
+        out["fid"] = fid_from_features(gen_feats[layers["fid"]], ref_feats[layers["fid"]])
+    if isc:
+        r = isc_features_to_metric(gen_feats[layers["isc"]], splits=10, shuffle=True, rng_seed=2020)
+        out.update(isc_mean=float(r["inception_score_mean"]), isc_std=float(r["inception_score_std"]))
     if kid:
-        kwargs.update(kid_subset_size=kid_subset_size, kid_subsets=kid_subsets)
-    raw = torch_fidelity.calculate_metrics(**kwargs)
-    names = {"frechet_inception_distance": "fid", "inception_score_mean": "isc_mean",
-             "inception_score_std": "isc_std", "kernel_inception_distance_mean": "kid_mean",
-             "kernel_inception_distance_std": "kid_std", "precision": "precision", "recall": "recall",
-             "f_score": "f_score"}
-    out = {names[k]: float(v) for k, v in raw.items() if k in names}
-    if "fid" in out:
-        out["fid"] = max(out["fid"], 0.0)  # tiny negatives are round-off of an identical pair
+        r = kid_features_to_metric(gen_feats[layers["kid"]], ref_feats[layers["kid"]], kid_subsets=kid_subsets,
+                                   kid_subset_size=kid_subset_size, verbose=False)
+        out.update(kid_mean=float(r["kernel_inception_distance_mean"]),
+                   kid_std=float(r["kernel_inception_distance_std"]))
+    if prc:
+        # torch-fidelity's convention: features_1 generated, features_2 real
+        r = prc_features_to_metric(gen_feats[layers["prc"]], ref_feats[layers["prc"]], save_cpu_ram=True,
+                                   verbose=False)
+        out.update(precision=float(r["precision"]), recall=float(r["recall"]), f_score=float(r["f_score"]))
     out.update(num_samples=n, reference_size=n_ref, feature_extractor=extractor,
                warning=fid_warning(n) if fid else None)
     if kid:
         out["kid_subset_size"] = kid_subset_size
     return out
+
+
+def _default_layer(extractor: str, metric: str) -> str:
+    """The feature layer torch-fidelity reads for `metric` with this extractor (e.g. logits for IS)."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if extractor == DIGITS_EXTRACTOR:
+        register_digit_extractor()
+    return FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric(metric)
 
 
 def fid(images: torch.Tensor, reference: Reference | torch.Tensor, **kwargs) -> float:
@@ -397,15 +411,15 @@ def fid(images: torch.Tensor, reference: Reference | torch.Tensor, **kwargs) -> 
 
 def extract_features(images: torch.Tensor | Dataset, extractor: str = DIGITS_EXTRACTOR, layer: str | None = None,
                      inception_weights: str | os.PathLike | None = None,
-                     device: str | torch.device | None = None) -> torch.Tensor:
+                     device: str | torch.device | None = None, batch_size: int | None = None) -> torch.Tensor:
     """The features torch-fidelity's FID uses for `images` (a tensor, or a Dataset of uint8 [3, H, W]), through
-    the same registered extractor: [N, D] on the CPU."""
+    the same registered extractor (`layer`: another of its layers, e.g. logits for IS): [N, D] on the CPU."""
     from torch.utils.data import DataLoader
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
     from torch_fidelity.utils import create_feature_extractor
 
     cuda = _use_cuda(device)
-    kwargs = _fidelity_kwargs(extractor, cuda, inception_weights, None, None)
+    kwargs = _fidelity_kwargs(extractor, cuda, inception_weights, batch_size)
     layer = layer or FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
     fe_kwargs = {k: v for k, v in kwargs.items() if k.startswith("feature_extractor_") or k == "verbose"}
     model = create_feature_extractor(extractor, [layer], cuda=cuda, **fe_kwargs)
@@ -489,26 +503,34 @@ def fid_floor(reference_features: torch.Tensor, n: int, splits: int = FLOOR_SPLI
 
 def reference_features(reference: "Reference | torch.Tensor", extractor: str = DIGITS_EXTRACTOR,
                        inception_weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
-                       cache_dir: str | os.PathLike | None = None) -> torch.Tensor:
-    """The FID features of a reference set; a named Reference's are cached on disk (under `cache_dir`) and in
-    this process, keyed by its cache name and the extractor's weights."""
+                       cache_dir: str | os.PathLike | None = None, layer: str | None = None,
+                       batch_size: int | None = None) -> torch.Tensor:
+    """The features of a reference set (FID's layer, or `layer`); a named Reference's are cached on disk (under
+    `cache_dir`) and in this process, keyed by its cache name, the layer and the extractor's weights.
+
+    A cache file is read with weights_only=True and used only when it is one finite [N, D] float tensor with a
+    row per reference image; anything else is recomputed and replaced, never trusted."""
+    common = dict(inception_weights=inception_weights, device=device, batch_size=batch_size)
     if not isinstance(reference, Reference) or reference.cache_name is None:
         images = reference.images if isinstance(reference, Reference) else reference
-        return extract_features(images, extractor, inception_weights=inception_weights, device=device)
+        return extract_features(images, extractor, layer=layer, **common)
+    default = _default_layer(extractor, "fid")
     tag = _extractor_tag(extractor)
-    key = f"{reference.cache_name}-{tag}"
+    key = f"{reference.cache_name}-{tag}" + ("" if layer in (None, default) else f"-{layer}")
     if key in _REFERENCE_FEATURES:
         return _REFERENCE_FEATURES[key]
     path = Path(cache_dir) / f"{key}-fid-features.pt" if cache_dir is not None else None
     feats = None
-    if path is not None and path.exists():
+    if path is not None and path.is_file():
         try:
             feats = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a damaged cache file is recomputed, never trusted
-            path.unlink(missing_ok=True)
-    if feats is None or len(feats) != len(reference):
-        feats = extract_features(_LazyImageSet(reference), extractor, inception_weights=inception_weights,
-                                 device=device)
+        except Exception:  # a damaged or foreign cache file is recomputed, never trusted
+            feats = None
+        if not (isinstance(feats, torch.Tensor) and feats.dim() == 2 and feats.is_floating_point()
+                and len(feats) == len(reference) and bool(torch.isfinite(feats).all())):
+            feats = None
+    if feats is None:
+        feats = extract_features(_LazyImageSet(reference), extractor, layer=layer, **common)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -3,7 +3,7 @@
 Layout under the data directory (default ~/.dqlab; override with an argument or $DQLAB_HOME):
     runs.sqlite            one row per finished run
     runs/<uid>/*.png       the run's image files (grids)
-    fidelity_cache/        torch-fidelity's cached reference features
+    fidelity_cache/        reference features cached by analysis.evaluation.metrics (read back with weights_only=True)
 
 Crash safety, in order: (1) the run's files are written into a hidden temporary folder, which is then renamed
 to runs/<uid> in one atomic step; (2) the row is inserted in one SQLite transaction. A job killed before (2)
@@ -13,8 +13,10 @@ its files.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import re
 import io
 import json
 import os
@@ -26,11 +28,18 @@ from pathlib import Path
 from typing import Callable
 
 from quant.config import quantizes
+from quant.guards import UntrustedFileError, inside, loads_json
 
 DATA_ENV = "DQLAB_HOME"
 DB_NAME = "runs.sqlite"
 SCHEMA_VERSION = 2  # 2: the recipe column (source + QuantConfig + calibration spec)
 ORPHAN_MIN_AGE_S = 3600.0  # a folder without a row may belong to a job still committing: sweep only old ones
+MAX_FIELD_BYTES = 4 * 2 ** 20  # one JSON column of one row; the lab writes kilobytes
+
+
+class StoreError(ValueError):
+    """The run store cannot be used as it is (damaged, not a dqlab store, unreadable); the message names the file
+    and how to move it aside. A damaged store is never replaced silently: its runs may still be recoverable."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -62,6 +71,7 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_model_method ON runs (model, method);
 """
+_COLUMNS = set(re.findall(r"^    (\w+) ", _SCHEMA.split("(", 1)[1], flags=re.M))
 
 
 def default_data_dir() -> Path:
@@ -163,19 +173,50 @@ class Store:
 
     def __init__(self, data_dir: str | os.PathLike | None = None):
         self.data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
+        self.skipped: list[tuple[int, str]] = []  # (run id, why) of rows the last list() could not read
         try:
             (self.data_dir / "runs").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ValueError(f"cannot create the data directory {self.data_dir}: {exc.strerror or exc}; "
                              f"pass another one or set {DATA_ENV}") from None
         self.db_path = self.data_dir / DB_NAME
-        with self._connect() as conn:
+        if self.db_path.exists() and not self.db_path.is_file():
+            raise self._damaged("it is not a file")
+        with self._db() as conn:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "runs" in tables:
+                columns = {r["name"] for r in conn.execute("PRAGMA table_info(runs)")}
+                missing = _COLUMNS - columns - {"recipe"}
+                if missing:
+                    raise self._damaged(f"its runs table lacks the column(s) {', '.join(sorted(missing))}; it was "
+                                        "made by another program")
             conn.executescript(_SCHEMA)
             columns = {r["name"] for r in conn.execute("PRAGMA table_info(runs)")}
             if "recipe" not in columns:  # a store made by schema 1: its runs keep recipe NULL
                 conn.execute("ALTER TABLE runs ADD COLUMN recipe TEXT")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.close()
+
+    def _damaged(self, why: str) -> StoreError:
+        return StoreError(f"the run store {self.db_path} cannot be used: {why}. Move it aside (mv {self.db_path} "
+                          f"{self.db_path}.damaged) and run again to start an empty store, or pass another "
+                          f"--data-dir / {DATA_ENV}")
+
+    @contextlib.contextmanager
+    def _db(self):
+        """A connection whose SQLite errors become one StoreError naming the file (closed on exit)."""
+        try:
+            conn = self._connect()
+        except sqlite3.Error as exc:
+            raise self._damaged(f"{exc}") from None
+        try:
+            yield conn
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise self._damaged(f"{exc}") from None
+        finally:
+            conn.close()
 
     @property
     def cache_dir(self) -> Path:
@@ -216,7 +257,11 @@ class Store:
             "versions": json.dumps(versions()), "files": json.dumps(sorted(written)), "note": record.note,
             "recipe": None if record.recipe is None else json.dumps(record.recipe, sort_keys=True),
         }
-        conn = self._connect()
+        try:
+            conn = self._connect()
+        except sqlite3.Error as exc:
+            shutil.rmtree(final_dir, ignore_errors=True)
+            raise self._damaged(f"{exc}") from None
         try:
             conn.execute("BEGIN IMMEDIATE")
             cur = conn.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
@@ -225,10 +270,13 @@ class Store:
             if _before_commit is not None:
                 _before_commit()
             conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             shutil.rmtree(final_dir, ignore_errors=True)
+            if isinstance(exc, sqlite3.Error):
+                raise self._damaged(f"{exc}") from None
             raise
         finally:
             conn.close()
@@ -256,9 +304,10 @@ class Store:
         return names
 
     def delete(self, run_id: int) -> bool:
-        """Remove a run: the row first (in a transaction), then its folder. False if there was no such run."""
-        conn = self._connect()
-        try:
+        """Remove a run: the row first (in a transaction), then its folder, which must be a plain name inside
+        runs/ (a row whose stored uid points elsewhere loses its row; nothing outside the store is touched).
+        False if there was no such run."""
+        with self._db() as conn:
             conn.execute("BEGIN IMMEDIATE")
             got = conn.execute("SELECT uid FROM runs WHERE id = ?", (int(run_id),)).fetchone()
             if got is None:
@@ -266,27 +315,30 @@ class Store:
                 return False
             conn.execute("DELETE FROM runs WHERE id = ?", (int(run_id),))
             conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        finally:
-            conn.close()
-        shutil.rmtree(self.data_dir / "runs" / got["uid"], ignore_errors=True)
+        try:
+            folder = self._run_folder(got["uid"])
+        except UntrustedFileError:
+            return True
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
         return True
+
+    def _run_folder(self, uid) -> Path:
+        """runs/<uid>, with the stored uid proven to be a plain name inside runs/."""
+        if not isinstance(uid, str) or uid.startswith("."):
+            raise UntrustedFileError(f"the stored run folder name {uid!r} is not a plain name inside "
+                                     f"{self.data_dir / 'runs'}")
+        return inside(self.data_dir / "runs", uid)
 
     def sweep_orphans(self, min_age_s: float = ORPHAN_MIN_AGE_S) -> list[str]:
         """Delete run folders that no row points to (left by jobs killed before committing), if older than
         `min_age_s` (a younger one may belong to a job that is committing right now). Returns their names."""
-        conn = self._connect()
-        try:
+        with self._db() as conn:
             known = {r["uid"] for r in conn.execute("SELECT uid FROM runs")}
-        finally:
-            conn.close()
         removed, now = [], time.time()
         for path in (self.data_dir / "runs").iterdir():
             uid = path.name.removeprefix(".tmp-")
-            if uid in known or not path.is_dir():
+            if uid in known or path.is_symlink() or not path.is_dir():
                 continue
             if now - path.stat().st_mtime >= min_age_s:
                 shutil.rmtree(path, ignore_errors=True)
@@ -296,18 +348,20 @@ class Store:
     # ---- reading ------------------------------------------------------------------------------------
 
     def get(self, run_id: int) -> Run:
-        conn = self._connect()
-        try:
+        with self._db() as conn:
             row = conn.execute("SELECT * FROM runs WHERE id = ?", (int(run_id),)).fetchone()
-        finally:
-            conn.close()
         if row is None:
             raise ValueError(f"no stored run with id {run_id} in {self.db_path}; list them with `dqlab runs`")
-        return self._to_run(row)
+        try:
+            return self._to_run(row)
+        except (UntrustedFileError, ValueError, TypeError, KeyError) as exc:
+            raise StoreError(f"run {run_id} in {self.db_path} is damaged ({exc}); delete it with "
+                             f"`dqlab runs --delete {run_id}`") from None
 
     def list(self, model: str | None = None, method: str | None = None, w_bits: int | None = None,
              a_bits: int | None = None, limit: int | None = None) -> list[Run]:
-        """Stored runs, newest first, filtered by whichever arguments are given."""
+        """Stored runs, newest first, filtered by whichever arguments are given. A row that cannot be read is
+        left out and named in `self.skipped` ((id, why)), so one damaged row never hides the others."""
         where, args = [], []
         for col, value in (("model", model), ("method", method), ("w_bits", w_bits), ("a_bits", a_bits)):
             if value is not None:
@@ -317,38 +371,57 @@ class Store:
         if limit is not None:
             sql += " LIMIT ?"
             args.append(int(limit))
-        conn = self._connect()
-        try:
+        with self._db() as conn:
             rows = conn.execute(sql, args).fetchall()
-        finally:
-            conn.close()
-        return [self._to_run(r) for r in rows]
+        runs, self.skipped = [], []
+        for r in rows:
+            try:
+                runs.append(self._to_run(r))
+            except (UntrustedFileError, ValueError, TypeError, KeyError) as exc:
+                self.skipped.append((r["id"], str(exc)))
+        return runs
 
     def count(self) -> int:
-        conn = self._connect()
-        try:
+        with self._db() as conn:
             return int(conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
-        finally:
-            conn.close()
 
     def integrity_ok(self) -> bool:
-        conn = self._connect()
-        try:
+        with self._db() as conn:
             return conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        finally:
-            conn.close()
 
     def _to_run(self, row: sqlite3.Row) -> Run:
-        folder = self.data_dir / "runs" / row["uid"]
-        return Run(id=row["id"], uid=row["uid"], created=row["created"], model=row["model"], method=row["method"],
-                   label=row["label"], w_bits=row["w_bits"], a_bits=row["a_bits"], config=json.loads(row["config"]),
-                   num_samples=row["num_samples"], steps=row["steps"], guidance=row["guidance"],
-                   scheduler=row["scheduler"], seeds=json.loads(row["seeds"]), labels=json.loads(row["labels"]),
+        """A row as a Run; every stored string is checked (JSON bounded and of the right shape, file names plain
+        names inside the run's folder). Raises UntrustedFileError naming the column."""
+        where = f"run {row['id']}"
+        folder = self._run_folder(row["uid"])
+
+        def js(column: str, kind: type, optional: bool = False):
+            text = row[column]
+            if text is None and optional:
+                return None
+            if not isinstance(text, str):
+                raise UntrustedFileError(f"{where}: column {column} is not JSON text")
+            return loads_json(text, f"{where}'s {column}", kind, MAX_FIELD_BYTES, allow_nan=True)
+
+        seeds, labels, files = js("seeds", list), js("labels", list), js("files", list)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in seeds + labels):
+            raise UntrustedFileError(f"{where}: seeds and labels must be lists of integers")
+        paths = {}
+        for name in files:
+            if not isinstance(name, str) or name.startswith(".") or Path(name).name != name:
+                raise UntrustedFileError(f"{where}: stored file name {name!r} is not a plain file name")
+            paths[name] = inside(folder, name)
+        for column, kind in (("num_samples", int), ("w_bits", int), ("a_bits", int), ("steps", int)):
+            if row[column] is not None and not isinstance(row[column], kind):
+                raise UntrustedFileError(f"{where}: column {column} holds {row[column]!r}, not a number")
+        return Run(id=row["id"], uid=row["uid"], created=str(row["created"]), model=str(row["model"]),
+                   method=str(row["method"]), label=str(row["label"]), w_bits=row["w_bits"], a_bits=row["a_bits"],
+                   config=js("config", dict), num_samples=row["num_samples"], steps=row["steps"],
+                   guidance=row["guidance"], scheduler=row["scheduler"], seeds=seeds, labels=labels,
                    feature_extractor=row["feature_extractor"], fid=row["fid"], fid_vs_fp=row["fid_vs_fp"],
-                   label_agreement=row["label_agreement"], metrics=json.loads(row["metrics"]),
-                   timings=json.loads(row["timings"]), versions=json.loads(row["versions"]),
-                   files={n: folder / n for n in json.loads(row["files"])}, note=row["note"],
-                   recipe=json.loads(row["recipe"]) if row["recipe"] else None)
+                   label_agreement=row["label_agreement"], metrics=js("metrics", dict), timings=js("timings", dict),
+                   versions=js("versions", dict), files=paths, note=row["note"],
+                   recipe=js("recipe", dict, optional=True) if row["recipe"] else None)
 
 
 def _png_bytes(image) -> bytes:

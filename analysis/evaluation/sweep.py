@@ -354,9 +354,11 @@ def _ranking(bundle: ModelBundle, bits: str, get_calibration, calib_spec, finger
     key = hashlib.sha256(json.dumps([fingerprint, bits, calib_spec.to_dict()], sort_keys=True).encode()).hexdigest()[:20]
     path = store.data_dir / "sensitivity" / f"{key}.json"
     if path.exists():
+        from quant.guards import read_json
+
         try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):  # a damaged cache file is recomputed
+            return read_json(path)  # size and depth bounded: the store's folder may hold anything
+        except ValueError:  # a damaged cache file is recomputed
             path.unlink(missing_ok=True)
     out = sensitivity(bundle, w, a, get_calibration(), on_progress=on_progress).to_json()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -104,11 +104,21 @@ class ModelBundle:
         return self
 
 
+DEVICE_TYPES = ("cpu", "cuda")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """'auto' or None picks CUDA when there is one, else the CPU; a CUDA request without a GPU is an error."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    text = str(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise ModelLoadError(f"unknown device {text!r}; choose auto, cpu or cuda (cuda:N for one GPU of several)",
+                             ui="Choose **auto**, **cpu** or **cuda** as the device in the sidebar.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu",
                              ui="No CUDA GPU is available on this machine: choose **auto** or **cpu** as the device "
@@ -125,6 +135,6 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     return DTYPES[dtype]

@@ -15,15 +15,16 @@ Weights load from safetensors only, and no remote code ever runs.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
+from analysis.models import checks
 from analysis.models.bundle import ModelBundle, ModelLoadError, resolve_device, resolve_dtype
 from analysis.models.resources import asset_path
 from analysis.models.saved import load_quantized
+from quant import guards
 from quant.families import CLASS_FAMILIES, FAMILIES
 
 ASSETS = asset_path()
@@ -59,6 +60,20 @@ def available_models() -> list[dict]:
 def load(source: str, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None) -> ModelBundle:
     """Load a model bundle from 'bundled:NAME', a local folder, or a hub id, onto `device` in `dtype`."""
     device, dtype = resolve_device(device), resolve_dtype(dtype)
+    try:
+        bundle = _load_source(source)
+    except guards.UntrustedFileError as exc:
+        raise ModelLoadError(str(exc)) from None
+    bundle.denoiser.eval().requires_grad_(False)
+    if bundle.vae is not None:
+        bundle.vae.eval().requires_grad_(False)
+    check_weights_finite(bundle, source)
+    return bundle.to(device, dtype)
+
+
+def _load_source(source: str) -> ModelBundle:
+    if not isinstance(source, str) or not source.strip():
+        raise ModelLoadError("no model given; pass bundled:dit-mnist, bundled:unet-mnist, a folder or a hub id")
     if source.startswith("bundled:"):
         if source not in BUNDLED:
             raise ModelLoadError(f"unknown bundled model {source!r}; available: {', '.join(BUNDLED)}")
@@ -77,11 +92,7 @@ def load(source: str, device: str | torch.device | None = "cpu", dtype: str | to
                              f"{' or '.join(repr(b) for b in BUNDLED)}, or a hub id such as facebook/DiT-XL-2-256")
     else:
         bundle = _load_hub(source)
-    bundle.denoiser.eval().requires_grad_(False)
-    if bundle.vae is not None:
-        bundle.vae.eval().requires_grad_(False)
-    check_weights_finite(bundle, source)
-    return bundle.to(device, dtype)
+    return bundle
 
 
 def _looks_like_path(source: str) -> bool:
@@ -89,8 +100,7 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") != 1
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+_read_json = checks.read_json
 
 
 def _bundled_present(folder: Path) -> bool:
@@ -101,12 +111,17 @@ def _denoiser_dir(folder: Path) -> tuple[Path, str]:
     """(folder holding the denoiser's config and weights, its family) for a pipeline or a bare model folder."""
     for family, sub in SUBFOLDERS.items():
         if (folder / sub / "config.json").exists():
+            cls = _read_json(folder / sub / "config.json").get("_class_name")
+            if cls is not None and MODEL_CLASSES.get(cls) != family:
+                raise ModelLoadError(f"{folder / sub / 'config.json'} describes a {cls}, but a {sub}/ folder holds a "
+                                     f"{' or '.join(FAMILIES[family].classes)}; the folder was assembled from two "
+                                     "models: re-export it")
             return folder / sub, family
     if not (folder / "config.json").exists():
         raise ModelLoadError(f"{folder} is not a diffusers model folder: no transformer/config.json, "
                              "unet/config.json or config.json")
     cls = _read_json(folder / "config.json").get("_class_name", "")
-    if cls not in MODEL_CLASSES:
+    if not isinstance(cls, str) or cls not in MODEL_CLASSES:
         raise ModelLoadError(f"{folder / 'config.json'} describes a {cls or 'model without _class_name'}; "
                              f"this lab loads {', '.join(sorted(MODEL_CLASSES))}")
     return folder, MODEL_CLASSES[cls]
@@ -121,21 +136,16 @@ def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
     if quantized.exists():
         return load_quantized(folder)  # a model saved by `dqlab quantize`
     mdir, family = _denoiser_dir(folder)
-    if not list(mdir.glob("*.safetensors")):
-        raise ModelLoadError(f"{mdir} has no .safetensors weights; this project loads safetensors only "
-                             "(convert .bin weights with diffusers' save_pretrained(safe_serialization=True))")
     cls = getattr(diffusers, FAMILIES[family].classes[0])  # a diffusers class by name: no code from the folder
-    try:
-        denoiser = cls.from_pretrained(mdir, use_safetensors=True)
-    except Exception as exc:  # diffusers raises several types for malformed folders
-        raise ModelLoadError(f"could not load the {SUBFOLDERS[family]} in {mdir}: {exc}") from exc
+    denoiser = checks.checked_module(cls, mdir, SUBFOLDERS[family])
     vae = None
     if (folder / "vae" / "config.json").exists():
-        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
+        vae = checks.checked_module(AutoencoderKL, folder / "vae", "VAE")
     sched_path = folder / "scheduler" / "scheduler_config.json"
-    scheduler_config = _read_json(sched_path) if sched_path.exists() else {"num_train_timesteps": 1000}
+    scheduler_config = checks.check_scheduler_config(_read_json(sched_path), str(sched_path)) \
+        if sched_path.exists() else {"num_train_timesteps": 1000}
     meta_path = folder / "bundle.json"
-    meta = _read_json(meta_path) if meta_path.exists() else {}
+    meta = checks.check_bundle_meta(_read_json(meta_path), str(meta_path)) if meta_path.exists() else {}
     cfg = denoiser.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     num_classes = _num_classes(family, cfg)
@@ -147,12 +157,7 @@ def _load_folder(folder: Path, name: str, bundled: bool = False) -> ModelBundle:
         eval_guidance=meta.get("eval_guidance", guidance), bundled=bundled)
 
 
-def _num_classes(family: str, cfg) -> int:
-    """Classes a user may ask for, as the family declares them (quant.families: FAMILY.num_classes)."""
-    try:
-        return FAMILIES[family].num_classes(cfg)
-    except ValueError as exc:
-        raise ModelLoadError(str(exc)) from None
+_num_classes = checks.num_classes
 
 
 def _load_hub(repo_id: str) -> ModelBundle:

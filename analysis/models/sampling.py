@@ -73,8 +73,13 @@ def make_scheduler(bundle: ModelBundle, kind: str = "ddim"):
     return DDIMScheduler(**cfg) if kind == "ddim" else DDPMScheduler(**cfg)
 
 
-def parse_int_list(text: str) -> list[int]:
-    """'0,1,5-7' -> [0, 1, 5, 6, 7] (non-negative integers); raises ValueError naming the bad part."""
+MAX_LIST = 100_000  # seeds or classes one command may list: 100k images already take hours on a GPU
+MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed's range
+
+
+def parse_int_list(text: str, limit: int = MAX_LIST) -> list[int]:
+    """'0,1,5-7' -> [0, 1, 5, 6, 7] (non-negative integers up to 2^63 - 1, at most `limit` of them); raises
+    ValueError naming the bad part before anything is allocated for a range."""
     out: list[int] = []
     for part in str(text).split(","):
         part = part.strip()
@@ -87,6 +92,10 @@ def parse_int_list(text: str) -> list[int]:
             raise ValueError(f"cannot read {part!r} as a non-negative integer or a range like 0-9") from None
         if sep and not values:
             raise ValueError(f"range {part!r} is empty: write the smaller number first")
+        if values and values[-1] > MAX_SEED:
+            raise ValueError(f"{part!r} is beyond {MAX_SEED} (2^63 - 1), the largest seed torch takes")
+        if len(out) + len(values) > limit:
+            raise ValueError(f"{text!r} lists more than {limit} values; ask for fewer")
         out.extend(values)
     if not out:
         raise ValueError(f"no integers in {text!r}")
