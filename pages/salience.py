@@ -156,7 +156,7 @@ if bundle is not None:
             def _collect():
                 bar, on_step = progress_callback("Collecting: sampling step", then=then)
                 try:
-                    return collect(bundle, config, on_step=on_step)
+                    return collect(session_view(bundle), config, on_step=on_step)
                 finally:
                     bar.empty()
 
