@@ -313,6 +313,10 @@ def history_view(bundle) -> None:
     m3.metric(f"Label agreement (N={run.num_samples})",
               "n/a" if run.label_agreement is None else f"{run.label_agreement:.1%}")
     m4.metric("Seconds (whole job)", f"{run.timings.get('total', 0):.0f}")
+    if s.get("ssim_vs_fp") is not None:
+        from analysis.evaluation.per_seed import per_seed_text
+
+        st.caption(f"Per seed vs FP (N={run.num_samples}, 95% intervals): {per_seed_text(s)}")
     if run.metrics.get("warning"):
         st.warning(run.metrics["warning"])
     cols = st.columns(2)

@@ -204,6 +204,7 @@ def _show(bundle, variants: dict) -> None:
     )
 
     from analysis.app_state import model_key, owned_variants, produced_by
+    from quant.measures import step_median
 
     names = owned_variants(variants, st.session_state.get("variant_origin", {}), model_key(bundle))
     if not names:
@@ -214,11 +215,16 @@ def _show(bundle, variants: dict) -> None:
     v = variants[pick]
     r = v.report
     m1, m2, m3, m4 = st.columns(4)
+    held = r.rel_rms_basis == "held_out"
     headline = r.rel_rms_step_median if r.rel_rms_step_median is not None else r.rel_rms
+    in_sample = step_median(r.rel_rms_per_timestep_in_sample) if r.rel_rms_per_timestep_in_sample else None
     m1.metric("Median step error vs FP", f"{headline:.4f}",
-              help="||eps_q - eps|| / ||eps|| of the noise prediction at each calibrated timestep, median over "
-                   "the timesteps (the curve below shows every step). Pooled over all timesteps it reads "
-                   f"{r.rel_rms:.4f}: the last steps, where the noise left in x_t is below one quantization "
+              delta=(f"held-out seeds; in sample {in_sample:.4f}" if held and in_sample is not None
+                     else "calibration inputs"), delta_color="off",
+              help="||eps_q - eps|| / ||eps|| of the noise prediction at each timestep, median over the timesteps "
+                   "(the curve below shows every step), on an FP sampling run from seeds calibration never saw "
+                   "(in sample: on the calibration inputs; a gap means over-fitting). Pooled over all timesteps it "
+                   f"reads {r.rel_rms:.4f}: the last steps, where the noise left in x_t is below one quantization "
                    "step, dominate that pooled value while costing the image little.")
     m2.metric("Layers quantized", r.layers_quantized)
     m3.metric("Stored weights", f"{r.weight_bytes / 2 ** 20:.2f} MiB",

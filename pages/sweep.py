@@ -23,12 +23,17 @@ OPTION_HELP = {"default": "the method's own setting", "tpq": "one activation ran
                "keep8": "mixed precision: the K most sensitive layers at W8A8"}
 QUALITY_LABELS = {"fid_vs_fp": "FID vs FP",
                   "rel_rms_step_median": "noise-prediction error vs FP (median over steps)",
-                  "label_agreement_drop": "label agreement drop vs FP"}
-DEFAULT_TOLERANCE = {"fid_vs_fp": 10.0, "rel_rms_step_median": 0.1, "label_agreement_drop": 0.02}
+                  "label_agreement_drop": "label agreement drop vs FP",
+                  "same_digit_vs_fp": "same digit as FP (share of seeds)", "psnr_vs_fp": "PSNR vs FP (dB)",
+                  "ssim_vs_fp": "SSIM vs FP"}
+DEFAULT_TOLERANCES = {"fid_vs_fp": 10.0, "rel_rms_step_median": 0.1, "label_agreement_drop": 0.02,
+                      "same_digit_vs_fp": 0.95, "psnr_vs_fp": 20.0, "ssim_vs_fp": 0.8}
 MIN_STEPS = 10  # fewer sampling steps than this: the images (and FP's own label agreement) are poor
 TABLE_COLUMNS = {"label": "setting", "on_front": "on front", "fid_vs_fp": "FID vs FP", "fid_vs_fp_ci": "FID vs FP 95% CI",
                  "fid": "FID vs real", "label_agreement": "label agreement",
+                 "same_digit_vs_fp": "same digit as FP", "psnr_vs_fp": "PSNR vs FP (dB)", "ssim_vs_fp": "SSIM vs FP",
                  "rel_rms_step_median": "error vs FP (median over steps)",
+                 "rel_rms": "rel_rms (held-out)", "rel_rms_in_sample": "rel_rms (in sample)",
                  "weight_mib": "weights (MiB)", "gbops": "GBOPs", "num_samples": "N", "seconds": "time (s)",
                  "source": "source", "run_id": "run"}
 
@@ -65,6 +70,9 @@ def _table(points: list[dict], front: list[str]) -> pd.DataFrame:
                      "fid_vs_fp": p["fid_vs_fp"], "fid_vs_fp_ci": f"[{iv[0]:.2f}, {iv[1]:.2f}]" if iv else "",
                      "fid": p["fid"], "label_agreement": p["label_agreement"],
                      "rel_rms_step_median": p.get("rel_rms_step_median"),
+                     "same_digit_vs_fp": p.get("same_digit_vs_fp"), "psnr_vs_fp": p.get("psnr_vs_fp"),
+                     "ssim_vs_fp": p.get("ssim_vs_fp"), "rel_rms": p["rel_rms"],
+                     "rel_rms_in_sample": p.get("rel_rms_in_sample"),
                      "weight_mib": p["weight_bytes"] / 2 ** 20, "gbops": p["bops"] / 1e9,
                      "num_samples": p["num_samples"], "seconds": p["seconds"],
                      "source": "run store" if p["reused"] else "measured now", "run_id": p["run_id"]})
@@ -176,9 +184,11 @@ def show_result(res: dict) -> None:
     cost = c1.radio("Cost", ["bops", "weight_bytes"], format_func={"bops": "BOPs", "weight_bytes": "weight bytes"}.get,
                     horizontal=True, key="sw_cost")
     quality = c2.selectbox("Quality measure", list(QUALITY_LABELS), format_func=QUALITY_LABELS.get, key="sw_quality")
-    default_tol = DEFAULT_TOLERANCE[quality]
-    tol = c3.number_input(f"Tolerance: {QUALITY_LABELS[quality]} at most", 0.0, 1e6, default_tol, key=f"sw_tol_{quality}",
-                          format="%.3f")
+    from analysis.evaluation.sweep import HIGHER_IS_BETTER
+
+    bound = "at least" if quality in HIGHER_IS_BETTER else "at most"
+    tol = c3.number_input(f"Tolerance: {QUALITY_LABELS[quality]} {bound}", 0.0, 1e6, DEFAULT_TOLERANCES[quality],
+                          key=f"sw_tol_{quality}", format="%.3f")
     front = pareto_front(points, cost, quality)
     rec = recommend(points, {quality: float(tol)}, cost=cost)
     hedges = small_sample_hedges(res, rec["label"], quality)
@@ -203,6 +213,11 @@ def show_result(res: dict) -> None:
                                 "error vs FP (median over steps)": st.column_config.NumberColumn(format="%.4f"),
                                 "FID vs FP 95% CI": st.column_config.TextColumn(),
                                 "N": st.column_config.NumberColumn(format="%d"),
+                                "same digit as FP": st.column_config.NumberColumn(format="%.3f"),
+                                "PSNR vs FP (dB)": st.column_config.NumberColumn(format="%.2f"),
+                                "SSIM vs FP": st.column_config.NumberColumn(format="%.3f"),
+                                "rel_rms (held-out)": st.column_config.NumberColumn(format="%.4f"),
+                                "rel_rms (in sample)": st.column_config.NumberColumn(format="%.4f"),
                                 "weights (MiB)": st.column_config.NumberColumn(format="%.2f"),
                                 "GBOPs": st.column_config.NumberColumn(format="%.2f"),
                                 "time (s)": st.column_config.NumberColumn(format="%.0f")})

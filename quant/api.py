@@ -107,7 +107,9 @@ def quantize_with_details(model: nn.Module, config: QuantConfig, calibration: It
         from quant.recon import reconstruct
 
         # qmodel is already this call's own copy: optimize it in place
-        qmodel, report = reconstruct(qmodel, model, batches, config, on_progress=on_recon, copy_model=False)
+        spec = getattr(calibration, "spec", None)  # a calibration run records its guidance (the guided loss's s)
+        qmodel, report = reconstruct(qmodel, model, batches, config, on_progress=on_recon, copy_model=False,
+                                     guidance=getattr(spec, "guidance", None))
         recon = report.to_dict()
     return QuantResult(qmodel, config, vectors, salience, extras, names, timesteps, reference, recon)
 

@@ -34,8 +34,20 @@ def quantizes(config) -> bool:
 RECON_MODES = ("none", "adaround", "bkd")
 RECON_INPUTS = ("quantized", "fp")
 # Learning rates when recon_lr / recon_act_lr are None: (rounding or weight lr, activation-parameter lr).
-# adaround: Adam's default for V and the official PTQ4DiT code's step-size lr (--cali_lr 4e-4).
-RECON_LRS = {"adaround": (1e-3, 4e-4), "bkd": (1e-4, 1e-3)}
+# adaround: Adam's default for V and the step-size lr the official PTQ4DiT run uses: its script parses
+# --cali_lr 4e-4 but never passes it on, so BRECQ's block_reconstruction default, 4e-5, applies.
+RECON_LRS = {"adaround": (1e-3, 4e-5), "bkd": (1e-4, 1e-3)}
+# How the Lp reconstruction loss (adaround) reduces a unit's output: "dim1" sums |out - target|^p over
+# dimension 1 and averages the rest (BRECQ's lp_loss, which the official PTQ4DiT code calls: dimension 1 is
+# the tokens of a DiT block's [B, N, C] output, the channels of a conv's [B, C, H, W]); "last" sums over the
+# last dimension (a DiT block's features), which moves the balance against the rounding penalty by C / N.
+RECON_SUMS = ("dim1", "last")
+# "rows": each calibration row (conditional and unconditional alike) is matched on its own. "guided": rows come
+# in (conditional, unconditional) pairs of one image and step, and the loss matches the unconditional output
+# and the guided combination u + s (c - u), so the class signal c - u is weighed by the guidance scale s.
+RECON_LOSSES = ("rows", "guided")
+# Values a config written before these fields existed ran with (QuantConfig.from_dict restores them).
+LEGACY_RECON = {"recon_p": 2.4, "recon_sum": "last", "adaround_act_lr": 4e-4}
 
 
 def is_excluded(name: str, patterns: Iterable[str]) -> bool:
@@ -104,6 +116,17 @@ class QuantConfig:
                              "optimization (DilateQuant: 5120 samples)", low=1, group="recon")
     recon_input: str = option("quantized", "Block input", "quantized (each block sees the quantized prefix's "
                               "output, the papers') or fp", choices=RECON_INPUTS, group="recon")
+    recon_p: float = option(2.0, "Lp exponent", "exponent p of adaround's Lp reconstruction loss (the official "
+                            "PTQ4DiT run: 2.0; its unused --cali_p: 2.4)", low=1.0, high=4.0, group="recon")
+    recon_sum: str = option("dim1", "Lp sum over", "adaround's Lp loss sums over dimension 1 (tokens of a DiT "
+                            "block: BRECQ and the official PTQ4DiT code) or the last one (features)",
+                            choices=RECON_SUMS, group="recon")
+    recon_loss: str = option("rows", "Rows matched", "rows: each calibration row on its own; guided: pairs of a "
+                             "conditional and an unconditional row, matching the unconditional and the guided output "
+                             "(protects the class signal guidance amplifies)", choices=RECON_LOSSES, group="recon")
+    recon_guidance: float | None = option(None, "Guidance of the loss", "the guidance scale s of the guided loss; "
+                                          "unset = the calibration's", kind="optional_float", low=1.0,
+                                          group="recon")
 
     def __post_init__(self) -> None:
         if isinstance(self.exclude, tuple):
@@ -148,6 +171,9 @@ class QuantConfig:
             name += " TPQ"
         if self.recon != "none":
             name += " +" + {"adaround": "AdaRound", "bkd": "BKD"}.get(self.recon, self.recon)
+            if self.recon_loss == "guided":
+                name += " guided"
+
         return name
 
     def validate(self) -> "QuantConfig":
@@ -230,6 +256,12 @@ class QuantConfig:
                 raise ValueError(f"exclude must be a list of layer name patterns, got {d['exclude']!r}; write "
                                  f"[{json.dumps(d['exclude'])}] for one pattern")
             d["exclude"] = list(d["exclude"])
+        if "recon_input" in d and "recon_p" not in d and d.get("recon") == "adaround":
+            # a whole config written before the Lp settings were fields: it ran with the earlier defaults
+            d.setdefault("recon_p", LEGACY_RECON["recon_p"])
+            d.setdefault("recon_sum", LEGACY_RECON["recon_sum"])
+            if d.get("recon_act_lr") is None:
+                d["recon_act_lr"] = LEGACY_RECON["adaround_act_lr"]
         return cls(**d)
 
     @classmethod

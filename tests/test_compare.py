@@ -39,6 +39,9 @@ def test_compare_aligns_images_and_measures_errors(tiny_bundle):
     # a bigger change gives bigger errors everywhere
     assert 0 < summary["small"]["mse_vs_fp"] < summary["large"]["mse_vs_fp"]
     assert summary["small"]["psnr_vs_fp"] > summary["large"]["psnr_vs_fp"]
+    assert summary["copy"]["ssim_vs_fp"] == pytest.approx(1.0)
+    assert 1.0 > summary["small"]["ssim_vs_fp"] > summary["large"]["ssim_vs_fp"]
+    assert summary["small"]["same_digit_vs_fp"] is None  # no classifier for this model: no digits to compare
     step = lambda name: [r["rel_rms"] for r in cmp.step_error if r["variant"] == name]  # noqa: E731
     assert len(step("small")) == 4 and all(s < l for s, l in zip(step("small"), step("large")))
     drift = [r for r in cmp.drift if r["variant"] == "large"]
@@ -88,12 +91,13 @@ def test_evaluate_variants_with_a_folder_reference(tiny_bundle, tmp_path):
     res = evaluate_variants(tiny_bundle, variants, opts, store=store)
     fp, large = res
     assert fp.metrics["fid_vs_fp"] == 0.0 and large.metrics["fid_vs_fp"] > 0
-    assert fp.metrics["fid"] is not None and fp.metrics["reference_size"] == 24
+    assert fp.metrics["fid"] is not None and fp.metrics["reference_size"] == 12  # half the 24: the other half floors
     assert large.metrics["num_samples"] == 12 and "2048" in large.metrics["warning"]
     assert fp.timings["fp_cached"] is False and large.config == {"method": "custom"}
     for r in res:  # every FID carries its interval, and FID vs real the real-vs-real floor at the same N
         lo, hi = r.metrics["fid_interval"]
         assert lo <= r.metrics["fid"] <= hi and r.metrics["fid_floor"] > 0 and r.metrics["floor_sizes"] == [12, 12]
+        assert r.metrics["ssim_vs_fp_interval"][0] <= r.metrics["ssim_vs_fp"] <= 1.0
         # seconds: one meaning, the sum of the named parts
         parts = ("fp_sampling", "shared_scoring", "quantize_seconds", "sampling", "scoring")
         assert r.timings["total"] == pytest.approx(sum(r.timings.get(k, 0.0) for k in parts), abs=2e-3)

@@ -27,7 +27,13 @@ def test_eval_fp_json_and_runs_listing(data_dir, capsys):
     assert "2048" in res["warning"] and res["seconds"] > 0
     # what it takes to read the FID: its interval, the real-vs-real floor at this N, the protocol's guidance
     assert res["fid_interval"][0] <= res["fid"] <= res["fid_interval"][1] and res["fid_vs_fp_interval"] == [0, 0]
-    assert res["fid_floor"] > 0 and res["floor_sizes"] == [20, 4980] and res["interval_level"] == 0.95
+    # the floor: 20 real images against the half of the 5000 digits every FID vs real compares with
+    assert res["fid_floor"] > 0 and res["floor_sizes"] == [20, 2500] and res["reference_size"] == 2500
+    assert res["interval_level"] == 0.95 and res["interval_method"] == "percentile"
+    assert res["bootstrap_replicates"] == 1000 and "expected FID" in res["interval_estimand"]
+    # per-seed identity with FP: FP against itself
+    assert res["same_digit_vs_fp"] == 1.0 and res["psnr_vs_fp"] is None and res["ssim_vs_fp"] == pytest.approx(1.0)
+    assert res["same_digit_vs_fp_interval"][1] == 1.0 and res["label_agreement_interval"][0] <= res["label_agreement"]
     from analysis.models.loading import load
 
     assert res["guidance"] == load("bundled:dit-mnist").eval_guidance

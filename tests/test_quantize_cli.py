@@ -41,7 +41,12 @@ def test_quantize_json_save_and_reload_round_trip(tiny_folder, tmp_path, capsys)
     cal = calibration_for(fp, steps=3, num_samples=2)  # the default seeds are the CLI's
     rel, _, _ = output_errors(fp.denoiser, q.denoiser, list(cal.batches(64)), fp.latent_shape[0],
                               per_layer=False)
-    assert rel == pytest.approx(res["rel_rms"], rel=1e-3)
+    assert rel == pytest.approx(res["rel_rms_in_sample"], rel=1e-3)
+    held = res["held_out"]  # the headline: the seeds right after the calibration's, which it never saw
+    cal = calibration_for(fp, steps=3, num_samples=held["images"], seed=held["seed"])
+    rel, _, _ = output_errors(fp.denoiser, q.denoiser, list(cal.batches(64)), fp.latent_shape[0],
+                              per_layer=False)
+    assert res["rel_rms_basis"] == "held_out" and rel == pytest.approx(res["rel_rms"], rel=1e-3)
     # quantizing it again is refused; saving over the earlier output is allowed
     rc, _, err = run_cli(capsys, "quantize", "--model", out_dir, *SMALL)
     assert rc == 2 and "already quantized" in err and len(err.strip().splitlines()) == 1
@@ -146,3 +151,25 @@ def test_quantization_flags_come_from_the_config_and_the_methods():
     for flag in ("--w-symmetric", "--a-symmetric", "--w-per-channel", "--percentile", "--alpha", "--ssc-rho",
                  "--recon-rows"):
         assert flag in help_text, flag
+
+
+def test_rel_rms_is_held_out_with_the_in_sample_value_beside_it(bundled):
+    """The headline error is measured on seeds that calibration never saw; the in-sample value stays beside
+    it, and data without a spec (no seeds to step past) says it is in sample."""
+    from analysis.quantization.calibration import CalibrationSpec, calibrate
+    from analysis.quantization.pipeline import quantize_bundle
+    from quant.api import QuantConfig
+
+    spec = CalibrationSpec(images=3, steps=3)
+    config = QuantConfig(method="baseline", w_bits=4, a_bits=4)
+    v = quantize_bundle(bundled, config, spec)
+    r = v.report
+    assert r["rel_rms_basis"] == "held_out" and r["rel_rms"] == r["rel_rms_held_out"]
+    assert r["held_out"]["seed"] == spec.seed + spec.images and r["held_out"]["steps"] == 3
+    assert 0 < r["rel_rms_in_sample"] < 1 and r["rel_rms_in_sample"] != r["rel_rms"]
+    assert len(r["rel_rms_per_timestep"]) == len(r["rel_rms_per_timestep_in_sample"]) == 3
+    data = calibrate(bundled, spec)
+    data.spec = None
+    bare = quantize_bundle(bundled, config, data).report
+    assert bare["rel_rms_basis"] == "in_sample" and bare["rel_rms"] == bare["rel_rms_in_sample"]
+    assert bare["rel_rms_held_out"] is None

@@ -192,3 +192,52 @@ def test_recon_config_validation_and_round_trip():
                          (dict(method="fp", recon="bkd"), "recon needs a quantizing method")):
         with pytest.raises(ValueError, match=message):
             QuantConfig(**{"method": "baseline", **bad}).validate()
+
+
+def test_lp_loss_defaults_follow_the_official_ptq4dit_run():
+    """BRECQ's lp_loss (which the official PTQ4DiT code calls with its default p = 2.0: --cali_p is parsed but
+    never passed) sums over dimension 1, the tokens of a block's [B, N, C] output; the earlier reduction
+    (sum over features, p = 2.4, act lr 4e-4) stays an option and is what configs written before it ran with."""
+    from quant.recon.trainers import lp_loss
+
+    gen = torch.Generator().manual_seed(0)
+    out, target = torch.randn(2, 3, 5, generator=gen), torch.randn(2, 3, 5, generator=gen)
+    diff = (out - target).abs()
+    assert lp_loss(out, target, 2.0).item() == pytest.approx(diff.pow(2).sum(1).mean().item())
+    assert lp_loss(out, target, 2.4, "last").item() == pytest.approx(diff.pow(2.4).sum(-1).mean().item())
+    cfg = QuantConfig(method="ptq4dit", w_bits=4, a_bits=8, recon="adaround")
+    assert (cfg.recon_p, cfg.recon_sum, cfg.recon_lrs) == (2.0, "dim1", (1e-3, 4e-5))
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("recon_p", "recon_sum", "recon_loss", "recon_guidance")}
+    legacy = QuantConfig.from_dict(old)  # a whole config stored before these fields: its run's settings
+    assert (legacy.recon_p, legacy.recon_sum, legacy.recon_lrs) == (2.4, "last", (1e-3, 4e-4))
+    assert QuantConfig.from_dict({"method": "ptq4dit", "recon": "adaround"}).recon_p == 2.0  # a new, short one
+    assert QuantConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_guided_loss_pairs_conditional_and_unconditional_rows(bundled, calib):
+    """Rows come in (conditional, unconditional) twins of one image and step; the guided view is
+    [u, u + s (c - u)], and a guided BKD run trains and lowers every block's error."""
+    from quant.recon.engine import calibration_rows, guidance_pairs
+    from quant.recon.trainers import guided_view
+
+    x, t, y = calibration_rows(calib, 24, paired=True)
+    half = len(x) // 2
+    assert half == 12 and torch.equal(x[:half], x[half:]) and torch.equal(t[:half], t[half:])
+    null = bundled.num_classes
+    assert (y[half:] == null).all() and (y[:half] != null).all()
+    xa, ta, ya = (torch.cat([b[i] for b in calib]) for i in range(3))
+    cond, uncond = guidance_pairs(xa, ta, ya)
+    assert 2 * len(cond) == len(xa) and torch.equal(xa[cond], xa[uncond])
+    c, u = torch.randn(3, 4), torch.randn(3, 4)
+    assert torch.allclose(guided_view(torch.cat([c, u]), 1.5), torch.cat([u, u + 1.5 * (c - u)]))
+    with pytest.raises(ValueError, match="pairs"):
+        guidance_pairs(xa[:5], ta[:5], ya[:5])
+    config = QuantConfig(method="dilatequant", w_bits=4, a_bits=4, recon="bkd", recon_loss="guided", **SMALL)
+    assert config.label.endswith("+BKD guided")
+    qmodel = quantize_with_details(bundled.denoiser, QuantConfig(method="dilatequant", w_bits=4, a_bits=4),
+                                   calib).model
+    with pytest.raises(ValueError, match="guidance scale"):
+        reconstruct(qmodel, bundled.denoiser, calib, config)
+    _, report = reconstruct(qmodel, bundled.denoiser, calib, config, guidance=1.5)
+    blocks = [u for u in report.units if u["name"].startswith("transformer_blocks.") and "emb" not in u["name"]]
+    assert report.rows == 24 and all(u["error_after"] < u["error_before"] for u in blocks)

@@ -24,6 +24,23 @@ def test_pareto_front_keeps_points_no_other_beats_on_both():
     assert pareto_front(POINTS) == ["W4A4", "W6A6", "W8A8", "FP"]  # W4A8 costs more than W6A6 and is worse
 
 
+def test_pareto_front_keeps_equal_points():
+    """By the definition (no other point is no worse on both and better on one), two equal points are both on
+    the front; a point that only ties one of them on cost and is worse is not."""
+    twins = [_pt("a", 10, 5.0), _pt("b", 10, 5.0), _pt("c", 10, 6.0), _pt("d", 20, 1.0)]
+    assert pareto_front(twins) == ["a", "b", "d"]
+
+
+def test_tolerances_on_per_seed_measures_are_lower_bounds():
+    pts = [dict(p, same_digit_vs_fp=s, psnr_vs_fp=d) for p, s, d in
+           zip(POINTS, [1.0, 0.99, 0.95, 0.9, 0.7], [None, 30.0, 22.0, 20.0, 12.0])]
+    assert recommend(pts, {"same_digit_vs_fp": 0.95})["label"] == "W6A6"
+    assert recommend(pts, {"psnr_vs_fp": 25})["label"] == "W8A8"
+    assert ">= 25" in recommend(pts, {"psnr_vs_fp": 25})["reason"]
+    assert pareto_front(pts, quality="same_digit_vs_fp") == ["W4A4", "W6A6", "W8A8", "FP"]
+    assert "FP" in pareto_front(pts, quality="psnr_vs_fp")  # identical to itself: the best PSNR there is
+
+
 def test_recommend_picks_the_cheapest_point_within_the_tolerance():
     rec = recommend(POINTS, {"fid_vs_fp": 10})
     assert rec["label"] == "W6A6"

@@ -39,8 +39,9 @@ def register(sub) -> None:
 
 def run(args) -> dict:
     from analysis.evaluation.distributed import init_from_env, local_device
-    from analysis.evaluation.evaluate import EvalOptions, check_options, eval_guidance, evaluate
+    from analysis.evaluation.evaluate import PER_SEED_KEYS, EvalOptions, check_options, eval_guidance, evaluate
     from analysis.evaluation.metrics import fid_text
+    from analysis.evaluation.per_seed import per_seed_text
     from analysis.evaluation.store import Store
     from analysis.models.loading import load
 
@@ -76,13 +77,17 @@ def run(args) -> dict:
     out = {"model": args.model, "method": config.method, "label": config.label, "run_id": result.run_id,
            "fid": m.get("fid"), "fid_interval": m.get("fid_interval"), "fid_floor": m.get("fid_floor"),
            "fid_vs_fp": m.get("fid_vs_fp"), "fid_vs_fp_interval": m.get("fid_vs_fp_interval"),
-           "interval_level": m.get("interval_level"), "num_samples": m["num_samples"],
-           "reference_size": m.get("reference_size"), "floor_sizes": m.get("floor_sizes"),
+           "interval_level": m.get("interval_level"), "interval_method": m.get("interval_method"),
+           "bootstrap_replicates": m.get("bootstrap_replicates"), "interval_estimand": m.get("interval_estimand"),
+           "num_samples": m["num_samples"], "reference_size": m.get("reference_size"),
+           "floor_sizes": m.get("floor_sizes"), "floor_definition": m.get("floor_definition"),
+           **{k: m.get(k) for k in PER_SEED_KEYS}, "per_seed_methods": m.get("per_seed_methods"),
            "feature_extractor": m.get("feature_extractor"),
            "seconds": result.timings.get("total"), "steps": args.steps, "scheduler": args.scheduler,
            "guidance": eval_guidance(bundle, opts), "warning": m.get("warning"), "processes": size}
     if "label_agreement" in m:
         out["label_agreement"] = m["label_agreement"]
+        out["label_agreement_interval"] = m.get("label_agreement_interval")
     for key in ("isc_mean", "isc_std", "kid_mean", "kid_std", "kid_subset_size", "precision", "recall", "f_score"):
         if key in m:
             out[key] = m[key]
@@ -94,6 +99,7 @@ def run(args) -> dict:
              f" (N={out['num_samples']}, guidance {out['guidance']:g}, {out['feature_extractor']})"
              + (f", label agreement {out['label_agreement']:.1%} (N={out['num_samples']})" if "label_agreement" in out else "")
              + f", {out['seconds']:.1f}s" + (f", run {result.run_id}" if result.run_id else "")
+             + f"\nper seed vs FP: {per_seed_text(out)}"
              + (f"\nwarning: {out['warning']}" if out["warning"] else ""))
     emit(args, out, human)
     return out

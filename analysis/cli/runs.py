@@ -21,6 +21,7 @@ def register(sub) -> None:
 
 def run(args) -> dict:
     from analysis.evaluation.metrics import fid_text
+    from analysis.evaluation.per_seed import per_seed_text
     from analysis.evaluation.store import Store
 
     if args.limit is not None and args.limit < 1:
@@ -50,6 +51,7 @@ def run(args) -> dict:
         floor = "" if r["fid_floor"] is None else f" (floor {r['fid_floor']:.2f})"
         lines.append(f"#{r['run_id']:<4} {r['created']}  {r['model']}  {r['label']:<24} N={r['num_samples']:<6} "
                      f"FID {fid_text(r['fid'], r['fid_interval'])}{floor}  "
-                     f"vs FP {fid_text(r['fid_vs_fp'], r['fid_vs_fp_interval'])}  {r['seconds'] or 0:.1f}s")
+                     f"vs FP {fid_text(r['fid_vs_fp'], r['fid_vs_fp_interval'])}  {r['seconds'] or 0:.1f}s"
+                     + ("" if r.get("ssim_vs_fp") is None else f"  per seed: {per_seed_text(r)}"))
     emit(args, out, "\n".join(lines))
     return out

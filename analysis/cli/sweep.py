@@ -52,8 +52,9 @@ def register(sub) -> None:
     p.add_argument("--calib-seed", type=int, default=CALIBRATION_SEED, help="first calibration seed (default: %(default)s)")
     p.add_argument("--recon-iters", type=int, default=None, help="iterations per unit for adaround / bkd points")
     p.add_argument("--tolerance", action="append", default=None, metavar="MEASURE=VALUE",
-                   help="fid_vs_fp=X, rel_rms_step_median=Y (median over steps; rel_rms: pooled), or "
-                        "label_agreement_drop=Z; repeatable "
+                   help="fid_vs_fp=X, rel_rms_step_median=Y (median over steps; rel_rms: pooled) or "
+                        "label_agreement_drop=Z (at most), same_digit_vs_fp=S, "
+                        "psnr_vs_fp=DB or ssim_vs_fp=V (at least); repeatable "
                         f"(default: {' and '.join(DEFAULT_TOLERANCES)})")
     p.add_argument("--config-out", type=Path, default=None,
                    help="write the first recommendation's QuantConfig here (for dqlab quantize --config)")
@@ -104,14 +105,18 @@ def run(args) -> dict:
 
 def _human(out: dict) -> str:
     front = set(out["front"])
-    lines = [f"{'point':<34} {'FID vs FP':>22} {'err med':>9} {'agree':>6} {'MiB':>6} {'GBOPs':>7} {'s':>6}  front"]
+    lines = [f"{'point':<34} {'FID vs FP':>22} {'err med':>9} {'agree':>6} {'same':>6} {'PSNR':>6} {'MiB':>6} "
+             f"{'GBOPs':>7} {'s':>6}  front"]
     for p in out["points"]:
         iv = p["fid_vs_fp_interval"]
         fid = "n/a" if p["fid_vs_fp"] is None else (f"{p['fid_vs_fp']:.2f}" + (f" [{iv[0]:.1f}, {iv[1]:.1f}]" if iv else ""))
         agree = "" if p["label_agreement"] is None else f"{p['label_agreement']:.3f}"
-        lines.append(f"{p['label']:<34} {fid:>22} {p['rel_rms_step_median'] or 0:>9.4f} {agree:>6} "
+        same = "" if p.get("same_digit_vs_fp") is None else f"{p['same_digit_vs_fp']:.3f}"
+        psnr = "" if p.get("psnr_vs_fp") is None else f"{p['psnr_vs_fp']:.1f}"
+        lines.append(f"{p['label']:<34} {fid:>22} {p.get('rel_rms_step_median') or 0:>9.4f} {agree:>6} {same:>6} {psnr:>6} "
                      f"{p['weight_bytes'] / 2 ** 20:>6.2f} {p['bops'] / 1e9:>7.2f} {p['seconds']:>6.0f}  "
                      + ("*" if p["label"] in front else ""))
+    lines.append("rel_rms on held-out seeds; same = same digit as FP, PSNR vs FP in dB (per seed, same seeds)")
     lines.append(f"N={out['spec']['num_samples']}, {out['spec']['steps']} steps, guidance {out['guidance']:g}; "
                  f"{out['measured']} measured, {out['reused']} from the store, {out['seconds']:.0f}s")
     lines += [f"tolerance {r['tolerance']}: {r['reason']}" for r in out["recommendations"]]

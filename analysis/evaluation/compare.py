@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 import torch
 
 from analysis.evaluation.metrics import per_timestep_error, transformer_outputs
+from analysis.evaluation.per_seed import mse_per_image, psnr, ssim_per_image  # noqa: F401  (psnr: this module's API)
 from analysis.evaluation.speed import forward_profile
 from analysis.models.bundle import ModelBundle
 from analysis.models.sampling import sample
@@ -36,7 +37,7 @@ class Comparison:
     steps: int
     guidance: float
     images: dict[str, torch.Tensor]
-    image_errors: list[dict]  # {"variant", "index", "label", "seed", "mse", "psnr"} (variants only)
+    image_errors: list[dict]  # {"variant", "index", "label", "seed", "mse", "psnr", "ssim", "same_digit"}
     step_error: list[dict]  # {"variant", "step", "t", "rel_rms"} along the FP trajectory
     drift: list[dict]  # {"variant", "step", "t", "rel_rms_drift"} along each variant's own trajectory
     seconds: dict[str, float]
@@ -45,7 +46,9 @@ class Comparison:
 
     def summary(self) -> list[dict]:
         """One row per model: mean MSE vs FP and its PSNR (infinite for images identical to FP, FP's own row
-        included), the median over steps of the per-step error and the last step's drift, label agreement with the count it is measured on, seconds."""
+        included), mean SSIM vs FP, the share of images the digit classifier reads as the same digit as their FP
+        twin (bundled digit model), the median over steps of the per-step error and the last step's drift, label agreement with the count it is measured
+        on, seconds."""
         rows = []
         for name in self.names:
             errs = [r for r in self.image_errors if r["variant"] == name]
@@ -56,6 +59,10 @@ class Comparison:
                 "variant": name,
                 "mse_vs_fp": mse,
                 "psnr_vs_fp": psnr(mse),
+                "ssim_vs_fp": sum(r["ssim"] for r in errs) / len(errs) if errs else 1.0,
+                "same_digit_vs_fp": (None if not errs or errs[0].get("same_digit") is None
+                                     else sum(r["same_digit"] for r in errs) / len(errs)) if name != self.names[0]
+                else (1.0 if self.label_agreement else None),
                 "step_rel_rms_median": step_median({i: e for i, e in enumerate(steps)}),
                 "final_drift": drift[-1] if drift else 0.0,
                 "label_agreement": (self.label_agreement or {}).get(name),
@@ -66,19 +73,13 @@ class Comparison:
         return rows
 
 
-def psnr(mse: float, peak: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB for images in [0, peak]: infinite for identical images (shown as
-    "identical", never as a made-up finite number)."""
-    return math.inf if mse <= 0 else 10 * math.log10(peak ** 2 / mse)
-
-
 def psnr_text(value: float) -> str:
     return "identical" if math.isinf(value) else f"{value:.1f} dB"
 
 
 def image_errors(reference: torch.Tensor, images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-image MSE and PSNR of `images` against `reference` (both [N, C, H, W] in [0, 1])."""
-    mse = (images.float() - reference.float()).pow(2).flatten(1).mean(1).tolist()
+    mse = mse_per_image(images, reference).tolist()
     return mse, [psnr(m) for m in mse]
 
 
@@ -130,14 +131,23 @@ def compare(fp: ModelBundle, variants: Mapping[str, Variant | ModelBundle], labe
     speed_batch = next(calib.batches(2 * len(labels)))
     speed = {base_name: forward_profile(fp.denoiser, speed_batch)}
     errs, step_rows, drift_rows = [], [], []
+    fp_digits = None
+    if fp.bundled and fp.conditional:
+        from analysis.evaluation.classifier import predict
+
+        fp_digits = predict(fp_res.images)
     for name, b in bundles.items():
         res = sample(b, labels, seeds, on_step=stage_cb(f"Sampling {name}"), **kw)
         advance(f"Sampled {name}")
         images[name], seconds[name] = res.images, res.seconds
         speed[name] = forward_profile(b.denoiser, speed_batch)
         mse, ps = image_errors(fp_res.images, res.images)
-        errs += [{"variant": name, "index": i, "label": labels[i], "seed": seeds[i], "mse": m, "psnr": p}
-                 for i, (m, p) in enumerate(zip(mse, ps))]
+        ssim = ssim_per_image(res.images, fp_res.images).tolist()
+        same = [None] * len(mse)
+        if fp_digits is not None:
+            same = (predict(res.images) == fp_digits).tolist()
+        errs += [{"variant": name, "index": i, "label": labels[i], "seed": seeds[i], "mse": m, "psnr": p,
+                  "ssim": q, "same_digit": d} for i, (m, p, q, d) in enumerate(zip(mse, ps, ssim, same))]
         step_rows += [{"variant": name, **r} for r in per_timestep_error(fp_out, b.denoiser, calib)]
         drift_rows += [{"variant": name, "step": i, "t": timesteps[i], "rel_rms_drift": relative_rms(xv, xf)}
                        for i, (xv, xf) in enumerate(zip(res.trajectory, fp_res.trajectory))]
@@ -171,6 +181,8 @@ def comparison_table(comparison: Comparison, scores: list[dict] | None = None) -
         if s.get("label_agreement") is not None:
             agreement[name] = (s["label_agreement"], s["num_samples"])
     interval = lambda iv: None if not iv else f"[{iv[0]:.2f}, {iv[1]:.2f}]"  # noqa: E731
+    from analysis.evaluation.evaluate import PER_SEED_KEYS
+
     rows = []
     for r in summary:
         row = {k: v for k, v in r.items() if k not in ("label_agreement", "label_agreement_n")}
@@ -178,12 +190,28 @@ def comparison_table(comparison: Comparison, scores: list[dict] | None = None) -
         row["label_agreement"], row["label_agreement_N"] = agreement[r["variant"]]
         s = by_name.get(r["variant"])
         if s is not None:
-            row.update({k: v for k, v in s.items() if k not in ("variant", "label_agreement", "num_samples")})
+            row.update({k: v for k, v in s.items()
+                        if k not in ("variant", "label_agreement", "num_samples", *PER_SEED_KEYS)})
+            # the per-seed measures on the FID samples (N images), beside the grid's own
+            for key, fmt in (("same_digit_vs_fp", "{:.3f}"), ("psnr_vs_fp", "{:.2f}"), ("ssim_vs_fp", "{:.3f}")):
+                row[f"{key}_scored"] = per_seed_value_text(s, key, fmt)
             row["fid_N"] = s["num_samples"]
             row["fid_interval"], row["fid_vs_fp_interval"] = interval(s.get("fid_interval")), \
                 interval(s.get("fid_vs_fp_interval"))
         rows.append(row)
     return rows, agreement
+
+
+def per_seed_value_text(scores: dict, key: str, fmt: str) -> str | None:
+    """'0.932 [0.921, 0.942]' for one per-seed measure of a scored row; "identical" for FP's own PSNR."""
+    value, iv = scores.get(key), scores.get(f"{key}_interval")
+    if value is None:
+        return "identical" if key == "psnr_vs_fp" and scores.get("fid_vs_fp") == 0.0 and \
+            scores.get("ssim_vs_fp") == 1.0 else None
+    text = fmt.format(value)
+    if iv and None not in iv:
+        text += f" [{fmt.format(iv[0])}, {fmt.format(iv[1])}]"
+    return text
 
 
 # ---- the table a reader sees, and comparisons kept in the run store --------------------------------------
@@ -192,7 +220,11 @@ COLUMN_NAMES = {"variant": "model", "psnr_vs_fp": "PSNR vs FP (grid)", "mse_vs_f
                 "label_agreement": "label agreement", "label_agreement_N": "label agreement N",
                 "fid": "FID vs real", "fid_interval": "FID vs real 95% CI", "fid_floor": "real-vs-real floor",
                 "fid_vs_fp": "FID vs FP", "fid_vs_fp_interval": "FID vs FP 95% CI", "fid_N": "FID N",
-                "seconds": "sampling s", "forward_ms": "forward ms (median)", "forward_ms_spread": "forward ms range", "forward_peak_mib": "forward peak MiB",
+                "ssim_vs_fp": "SSIM vs FP (grid)", "same_digit_vs_fp": "same digit as FP (grid)",
+                "same_digit_vs_fp_scored": "same digit as FP (FID N, 95% CI)",
+                "psnr_vs_fp_scored": "PSNR vs FP dB (FID N, 95% CI)", "ssim_vs_fp_scored": "SSIM vs FP (FID N, 95% CI)",
+                "seconds": "sampling s", "forward_ms": "forward ms (median)",
+                "forward_ms_spread": "forward ms range", "forward_peak_mib": "forward peak MiB",
                 "weights_mib": "weights MiB", "feature_extractor": "FID features", "run_id": "run"}
 STORE_NOTE = "comparison"  # stored runs of a comparison carry this note and a shared comparison id
 

@@ -31,6 +31,7 @@ import torch
 
 from analysis.evaluation import metrics as M
 from analysis.evaluation.distributed import is_main, sample_sharded
+from analysis.evaluation.per_seed import per_seed_identity, wilson_interval
 from analysis.evaluation.store import RunRecord, Store
 from analysis.models.bundle import ModelBundle
 from analysis.models.sampling import sample
@@ -42,6 +43,9 @@ FP_NAME = "FP"
 # The named parts of a result's wall time; "total" is their sum. quantize_seconds includes the calibration
 # sampling; the FP parts are shared by every variant scored in the same call.
 TIMING_PARTS = ("fp_sampling", "shared_scoring", "quantize_seconds", "sampling", "scoring")
+# The per-seed identity of each image with its FP twin (analysis.evaluation.per_seed), in every result
+PER_SEED_KEYS = ("same_digit_vs_fp", "same_digit_vs_fp_interval", "psnr_vs_fp", "psnr_vs_fp_interval", "ssim_vs_fp",
+                 "ssim_vs_fp_interval")
 GRID_IMAGES = 100  # images in a stored grid (10 classes x 10 seeds for the digits)
 
 
@@ -254,9 +258,17 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, Variant | ModelBun
     fp_feats = M.extract_features(fp_images, extractor, inception_weights=opts.inception_weights, device=fp.device)
     ref_feats = floor = None
     if reference is not None:
-        ref_feats = M.reference_features(reference, extractor, inception_weights=opts.inception_weights,
-                                         device=fp.device, cache_dir=cache_dir)
-        floor = M.fid_floor(ref_feats, len(fp_images))
+        all_ref = M.reference_features(reference, extractor, inception_weights=opts.inception_weights,
+                                       device=fp.device, cache_dir=cache_dir)
+        # FID vs real and the floor compare against the same half of the real set (metrics.split_reference)
+        ref_feats = M.split_reference(all_ref)[0]
+        floor = M.fid_floor(all_ref, len(fp_images))
+    classify = None
+    if fp.bundled and fp.conditional:
+        from analysis.evaluation.classifier import predict
+
+        fp_pred = predict(fp_images)
+        classify = lambda imgs: fp_pred if imgs is fp_images else predict(imgs)  # noqa: E731
     shared_scoring = time.perf_counter() - t0 - fp_wall  # FP and reference features, the floor
     progress[0] += 1
     results = []
@@ -286,10 +298,11 @@ def evaluate_variants(fp: ModelBundle, variants: Mapping[str, Variant | ModelBun
             m["warning"] = "; ".join(w for w in (m.get("warning"), m_warning) if w)
         m.update(_variant_measures(v))
         m.update((extra_metrics or {}).get(name, {}))
-        if fp.bundled and fp.conditional:
-            from analysis.evaluation.classifier import label_agreement
-
-            m["label_agreement"] = label_agreement(images, labels)
+        m.update(per_seed_identity(images, fp_images, classify))
+        if classify is not None:
+            hits = int((classify(images) == torch.as_tensor(labels)).sum())
+            m["label_agreement"] = hits / len(labels)
+            m["label_agreement_interval"] = list(wilson_interval(hits, len(labels)))
         timings["scoring"] = round(time.perf_counter() - t2, 3)
         # Seconds mean one thing everywhere: the wall time of producing this result, as the sum of its named
         # parts (the shared FP sampling, this variant's quantization, sampling and scoring).
@@ -381,7 +394,9 @@ def _score(images, feats, fp_images, fp_feats, reference, ref_feats, floor, is_f
         vs_real = M.fid_interval(feats, ref_feats)
         m.update(fid=vs_real["fid"], fid_interval=vs_real["fid_interval"], reference_size=len(ref_feats),
                  fid_floor=floor["fid_floor"], floor_sizes=floor["floor_sizes"],
-                 interval_level=vs_real["level"], bootstrap_replicates=vs_real["replicates"])
+                 floor_definition=floor["floor_definition"], interval_level=vs_real["level"],
+                 bootstrap_replicates=vs_real["replicates"], interval_method=vs_real["method"],
+                 interval_method_text=M.INTERVAL_METHODS[vs_real["method"]], interval_estimand=M.INTERVAL_ESTIMAND)
     else:
         m.update(fid=None, fid_interval=None, fid_floor=None, reference_size=0,
                  warning="no reference images given: FID vs real was not computed (pass a folder of real images)")
@@ -389,7 +404,8 @@ def _score(images, feats, fp_images, fp_feats, reference, ref_feats, floor, is_f
         m.update(fid_vs_fp=0.0, fid_vs_fp_interval=[0.0, 0.0])
     else:
         vs_fp = M.fid_interval(feats, fp_feats, paired=True)
-        m.update(fid_vs_fp=vs_fp["fid"], fid_vs_fp_interval=vs_fp["fid_interval"])
+        m.update(fid_vs_fp=vs_fp["fid"], fid_vs_fp_interval=vs_fp["fid_interval"],
+                 fid_vs_fp_interval_method=vs_fp["method"], fid_vs_fp_replicates=vs_fp["replicates"])
     if opts.isc or opts.kid or opts.prc:
         against = reference if reference is not None else fp_images
         extra = M.compute_metrics(images, against, fid=False, **{**score_kw, "kid": opts.kid and reference is not None,
@@ -404,12 +420,13 @@ def score_row(result: EvalResult) -> dict:
     return {"variant": result.name, "fid": m.get("fid"), "fid_interval": m.get("fid_interval"),
             "fid_floor": m.get("fid_floor"), "fid_vs_fp": m.get("fid_vs_fp"),
             "fid_vs_fp_interval": m.get("fid_vs_fp_interval"), "label_agreement": m.get("label_agreement"),
+            **{k: m.get(k) for k in PER_SEED_KEYS},
             "num_samples": m["num_samples"], "feature_extractor": m.get("feature_extractor"),
             "run_id": result.run_id, "warning": m.get("warning")}
 
 
 def _variant_measures(v: Variant) -> dict:
-    """What the quantization measured (error vs FP on the calibration inputs, stored size), kept with the run so
+    """What the quantization measured (error vs FP on held-out seeds and in sample, stored size), kept with the run so
     a stored result answers the same questions as a fresh one."""
     if v.is_fp:
         from quant.io import fp_weight_bytes
@@ -420,7 +437,9 @@ def _variant_measures(v: Variant) -> dict:
     if r is None:
         return {}
     # JSON object keys are strings: keep the timesteps as numbers
-    return {"rel_rms": r.rel_rms, "rel_rms_step_median": r.rel_rms_step_median, "weight_bytes": r.weight_bytes, "fp_weight_bytes": r.fp_weight_bytes,
+    return {"rel_rms": r.rel_rms, "rel_rms_step_median": r.rel_rms_step_median, "rel_rms_basis": r.rel_rms_basis, "rel_rms_in_sample": r.rel_rms_in_sample,
+            "rel_rms_held_out": r.rel_rms_held_out, "weight_bytes": r.weight_bytes,
+            "fp_weight_bytes": r.fp_weight_bytes,
             "rel_rms_per_timestep": [[int(t), float(e)] for t, e in r.rel_rms_per_timestep.items()]}
 
 

@@ -15,6 +15,7 @@ sample count, and `fid_warning` says when it is too small to trust.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -435,8 +436,20 @@ def extract_features(images: torch.Tensor | Dataset, extractor: str = DIGITS_EXT
 # How much to trust one FID: a bootstrap interval and the real-vs-real floor at the same N
 # ---------------------------------------------------------------------------------------------------------
 
-BOOTSTRAP_REPLICATES = 200
+BOOTSTRAP_REPLICATES = 1000  # the percentile interval's default: 25 replicates in each 2.5% tail
+TAIL_REPLICATES = 25  # replicates a printed tail quantile needs beyond it, at least, to be read off the bootstrap
+HIGH_DIM_REPLICATES = 100  # features wider than HIGH_DIM (Inception's 2048) cost a d^3 solve per replicate
+HIGH_DIM = 512
+BOOTSTRAP_CHUNK = 50  # replicates computed at once (memory: chunk x N x D doubles)
 FLOOR_SPLITS = 3
+REFERENCE_SPLIT_SEED = 0
+INTERVAL_METHODS = {
+    "percentile": "bias-corrected percentile bootstrap: the replicates' percentile interval shifted down by their "
+                  "mean minus the point estimate (resampling duplicates rows, which inflates FID)",
+    "normal": "bias-corrected normal bootstrap: point - bias +- z * the replicates' standard deviation (few "
+              "replicates estimate a standard deviation, not a tail quantile)",
+}
+INTERVAL_ESTIMAND = "the expected FID at this N (what repeating the measurement on new seeds averages to)"
 _REFERENCE_FEATURES: dict[str, torch.Tensor] = {}  # in-process memo; the disk cache survives restarts
 
 
@@ -455,50 +468,141 @@ def fid_from_features(a: torch.Tensor, b: torch.Tensor) -> float:
     return max(float(fid_statistics_to_metric(stats[0], stats[1], verbose=False)["frechet_inception_distance"]), 0.0)
 
 
+def weighted_statistics(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [B, D] and covariance [B, D, D] (numpy's, divided by N - 1) of B resamples of the rows of x [N, D],
+    resample b holding row i counts[b, i] times (counts sum to N per row): a bootstrap replicate's statistics
+    without building the resampled sets."""
+    n = x.shape[0]
+    mu = counts @ x / n
+    second = (counts[:, :, None] * x).transpose(1, 2) @ x  # sum_i c_i x_i x_i^T
+    return mu, (second - n * mu[:, :, None] * mu[:, None, :]) / (n - 1)
+
+
+def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> torch.Tensor:
+    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2) for a batch of statistics ([B, D], [B, D, D]).
+
+    tr((S1 S2)^1/2) is the sum of the square roots of the eigenvalues of S1 S2, which equal those of the
+    symmetric A S2 A with A = S1^1/2: two symmetric eigen-solves, batched (torch-fidelity takes the general
+    eigenvalues of S1 S2 one pair at a time; the numbers agree to rounding)."""
+    e, v = torch.linalg.eigh(cov1)
+    root = (v * e.clamp_min(0).sqrt()[..., None, :]) @ v.transpose(-1, -2)
+    tr = torch.linalg.eigvalsh(root @ cov2 @ root).clamp_min(0).sqrt().sum(-1)
+    d = mu1 - mu2
+    trace = lambda c: c.diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+    return (d * d).sum(-1) + trace(cov1) + trace(cov2) - 2 * tr
+
+
+def _resample_counts(replicates: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    idx = torch.randint(0, n, (replicates, n), generator=gen)
+    return torch.zeros(replicates, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(replicates, n,
+                                                                                       dtype=torch.float64))
+
+
+def bootstrap_fids(a: torch.Tensor, b: torch.Tensor, replicates: int, paired: bool = False,
+                   seed: int = 0) -> np.ndarray:
+    """FID(a*, b*) of `replicates` bootstrap resamples of the rows of both sets (paired: the same rows on both
+    sides), computed in chunks of BOOTSTRAP_CHUNK."""
+    a, b = a.double().cpu(), b.double().cpu()
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, replicates, BOOTSTRAP_CHUNK):
+        k = min(BOOTSTRAP_CHUNK, replicates - start)
+        ca = _resample_counts(k, len(a), gen)
+        cb = ca if paired else _resample_counts(k, len(b), gen)
+        out.append(frechet_distance(*weighted_statistics(a, ca), *weighted_statistics(b, cb)))
+    return torch.cat(out).clamp_min(0).numpy()
+
+
+def min_percentile_replicates(level: float) -> int:
+    """Replicates a percentile interval at `level` needs: TAIL_REPLICATES beyond each printed quantile."""
+    return math.ceil(TAIL_REPLICATES / ((1 - level) / 2) - 1e-9)
+
+
 def fid_interval(a: torch.Tensor, b: torch.Tensor, paired: bool = False, replicates: int | None = None,
-                 level: float = 0.95, seed: int = 0) -> dict:
-    """A bootstrap confidence interval of FID(a, b) from the features alone (no new sampling).
+                 level: float = 0.95, seed: int = 0, method: str | None = None) -> dict:
+    """A bootstrap confidence interval of FID(a, b) from the features alone (no new sampling), for the
+    expected FID at this N.
 
     Each replicate resamples the rows of both sets with replacement (`paired`: the same indices on both
     sides, for sets generated at the same seeds, e.g. a variant against FP). Resampling duplicates rows,
-    which lowers the effective sample count, and FID is biased upwards at low counts; so the percentile
-    interval is shifted by the bootstrap's own bias estimate (mean of the replicates - FID), which keeps
-    the point estimate inside it. High-dimensional features (Inception's 2048) cost a d^3 eigen-solve per
-    replicate: they get fewer replicates by default. Returns {"fid", "fid_interval": [low, high], "level",
-    "replicates"}.
+    which lowers the effective sample count, and FID is biased upwards at low counts; so the interval is
+    shifted down by the bootstrap's own bias estimate (mean of the replicates - FID).
+
+    method: "percentile" (the shifted percentile interval; needs min_percentile_replicates(level), 1000 at
+    95%, so that each printed quantile has 25 replicates beyond it) or "normal" (FID - bias +- z * the
+    replicates' standard deviation, which few replicates estimate well). None: percentile with
+    BOOTSTRAP_REPLICATES for features up to HIGH_DIM wide; wider ones (Inception's 2048: a d^3 solve per
+    replicate) get HIGH_DIM_REPLICATES and the normal interval. Asking for fewer replicates than the
+    percentile interval needs gives the normal one: the returned "method" says which was used. Coverage of
+    both, measured on simulated Gaussian features, is checked in tests/test_metrics.py.
+    Returns {"fid", "fid_interval": [low, high], "level", "replicates", "method"}.
     """
-    if replicates is None:
-        replicates = BOOTSTRAP_REPLICATES if a.shape[1] <= 512 else 25
     if paired and len(a) != len(b):
         raise MetricsError(f"a paired bootstrap needs sets of equal size, got {len(a)} and {len(b)}")
+    if not 0 < level < 1:
+        raise MetricsError(f"interval level must be between 0 and 1, got {level}")
+    if method not in (None, *INTERVAL_METHODS):
+        raise MetricsError(f"unknown interval method {method!r}; choose {', '.join(INTERVAL_METHODS)}")
+    high_dim = a.shape[1] > HIGH_DIM
+    if replicates is None:
+        replicates = HIGH_DIM_REPLICATES if high_dim and method != "percentile" else (
+            min_percentile_replicates(level) if method == "percentile" else BOOTSTRAP_REPLICATES)
+    replicates = int(replicates)
+    if replicates < 2:
+        raise MetricsError(f"a bootstrap interval needs at least 2 replicates, got {replicates}")
+    if method is None:
+        method = "normal" if high_dim and replicates < min_percentile_replicates(level) else "percentile"
+    if method == "percentile" and replicates < min_percentile_replicates(level):
+        method = "normal"  # too few replicates to read the tail quantiles off
     point = fid_from_features(a, b)
-    gen = torch.Generator().manual_seed(seed)
-    values = []
-    for _ in range(int(replicates)):
-        ia = torch.randint(0, len(a), (len(a),), generator=gen)
-        ib = ia if paired else torch.randint(0, len(b), (len(b),), generator=gen)
-        values.append(fid_from_features(a[ia], b[ib]))
-    values = np.asarray(values)
+    values = bootstrap_fids(a, b, replicates, paired=paired, seed=seed)
     bias = values.mean() - point
-    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2]) - bias
-    return {"fid": point, "fid_interval": [max(float(lo), 0.0), max(float(hi), 0.0)], "level": level,
-            "replicates": int(replicates)}
+    if method == "percentile":
+        lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2]) - bias
+    else:
+        from statistics import NormalDist
+
+        z = NormalDist().inv_cdf((1 + level) / 2)
+        lo, hi = point - bias - z * values.std(ddof=1), point - bias + z * values.std(ddof=1)
+    lo, hi = max(float(lo), 0.0), max(float(hi), 0.0)
+    # the point estimate stays inside: a shifted interval can miss it when the replicates are skewed
+    return {"fid": point, "fid_interval": [min(lo, point), max(hi, point)], "level": level,
+            "replicates": replicates, "method": method}
+
+
+def split_reference(features: torch.Tensor, seed: int = REFERENCE_SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference part, floor pool): one fixed random split of the real images' features into two halves
+    (the reference part takes the odd one). Every FID vs real compares against the reference part, and the
+    real-vs-real floor draws its real "samples" from the pool, so a model and a perfect generator are
+    measured the same way: N images against the same reference images."""
+    total = len(features)
+    if total < 4:
+        raise MetricsError(f"FID vs real needs at least 4 reference images, got {total}")
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    pool = total // 2
+    return features[perm[pool:]], features[perm[:pool]]
+
+
+FLOOR_DEFINITION = ("N real images drawn from one half of the real set (the floor pool) against the other half "
+                    "(the reference part every FID vs real of this evaluation compares with), the mean over "
+                    f"{FLOOR_SPLITS} draws")
 
 
 def fid_floor(reference_features: torch.Tensor, n: int, splits: int = FLOOR_SPLITS, seed: int = 0) -> dict:
-    """FID between two disjoint sets of REAL images, n against the rest of the reference (the mean over a few
-    random splits): what a perfect generator would score at this N. A model's FID vs real is read against
-    it. When n is more than half the reference, both halves get half of it, and "sizes" says so."""
-    total = len(reference_features)
-    if total < 4:
-        raise MetricsError(f"a real-vs-real floor needs at least 4 reference images, got {total}")
-    n_a = min(int(n), total // 2)
+    """The real-vs-real floor at N, measured the way a model's FID vs real is: N real images against the
+    reference part of split_reference (the images every FID vs real compares with), the N drawn without
+    replacement from the other half, the mean over `splits` draws. What a perfect generator would score
+    at this N. When N exceeds the pool (half the real set), the whole pool is used and "floor_sizes" says
+    so. Returns {"fid_floor", "floor_sizes": [n used, reference part], "floor_splits", "floor_definition"}."""
+    reference, pool = split_reference(reference_features)
+    n_a = min(int(n), len(pool))
     gen = torch.Generator().manual_seed(seed)
     values = []
-    for _ in range(splits):
-        perm = torch.randperm(total, generator=gen)
-        values.append(fid_from_features(reference_features[perm[:n_a]], reference_features[perm[n_a:]]))
-    return {"fid_floor": float(np.mean(values)), "floor_sizes": [n_a, total - n_a], "floor_splits": splits}
+    for _ in range(splits if n_a < len(pool) else 1):  # the whole pool has one draw
+        pick = torch.randperm(len(pool), generator=gen)[:n_a]
+        values.append(fid_from_features(pool[pick], reference))
+    return {"fid_floor": float(np.mean(values)), "floor_sizes": [n_a, len(reference)], "floor_splits": len(values),
+            "floor_definition": FLOOR_DEFINITION}
 
 
 def reference_features(reference: "Reference | torch.Tensor", extractor: str = DIGITS_EXTRACTOR,

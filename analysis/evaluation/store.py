@@ -156,7 +156,10 @@ class Run:
                 "feature_extractor": self.feature_extractor, "fid": self.fid,
                 "fid_interval": self.metrics.get("fid_interval"), "fid_floor": self.metrics.get("fid_floor"),
                 "fid_vs_fp": self.fid_vs_fp, "fid_vs_fp_interval": self.metrics.get("fid_vs_fp_interval"),
-                "label_agreement": self.label_agreement, "seconds": self.timings.get("total"),
+                "label_agreement": self.label_agreement,
+                **{k: self.metrics.get(k) for k in ("same_digit_vs_fp", "same_digit_vs_fp_interval", "psnr_vs_fp",
+                                                    "psnr_vs_fp_interval", "ssim_vs_fp", "ssim_vs_fp_interval")},
+                "seconds": self.timings.get("total"),
                 "seeds": _range_text(self.seeds), "note": self.note}
 
 

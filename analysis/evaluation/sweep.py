@@ -11,9 +11,10 @@ reference sample set (same labels and seeds; FP is sampled once and cached). Eac
 store with a recipe key (analysis.evaluation.evaluate.recipe_key); a point whose key is already stored is read back
 instead of measured, so an interrupted sweep resumes where it stopped and a repeated one costs seconds.
 
-Per point: FID vs FP with its 95% interval, FID vs real, label agreement (bundled model), rel_rms (relative RMS error of the noise prediction) and its
-per-timestep profile (noise prediction vs FP on the calibration inputs), stored weight bytes, BOPs
-(analysis.quantization.sizes) and the time it took.
+Per point: FID vs FP with its 95% interval, FID vs real, label agreement (bundled model), the per-seed identity
+with FP (same digit, PSNR, SSIM, each with its interval: analysis.evaluation.per_seed), rel_rms (relative RMS
+error of the noise prediction vs FP on held-out seeds, the in-sample value beside it) and its per-timestep
+profile, stored weight bytes, BOPs (analysis.quantization.sizes) and the time it took.
 
 Options (one per point, combined with every method and bit-width):
     default      the method's own setting (TPQ on for dilatequant only)
@@ -40,6 +41,7 @@ import time
 from typing import Callable
 
 from analysis.evaluation.evaluate import (
+    PER_SEED_KEYS,
     EvalOptions,
     eval_guidance,
     evaluate,
@@ -64,7 +66,10 @@ MIXED = re.compile(r"keep8(-least)?:(\d+)$")
 # rel_rms_step_median is the headline error (quant.measures.step_median: median over timesteps of the per-step
 # relative RMS error); rel_rms, the error pooled over timesteps, is kept so older tolerances and rows still read.
 QUALITY = {"fid_vs_fp": "FID vs FP", "rel_rms_step_median": "noise-prediction error (median over steps)",
-           "rel_rms": "relative RMS error (pooled over steps)", "label_agreement_drop": "label agreement drop"}
+           "rel_rms": "relative RMS error (pooled over steps)", "label_agreement_drop": "label agreement drop",
+           "same_digit_vs_fp": "share of seeds with the same digit as FP", "psnr_vs_fp": "PSNR vs FP (dB)",
+           "ssim_vs_fp": "SSIM vs FP"}
+HIGHER_IS_BETTER = {"same_digit_vs_fp", "psnr_vs_fp", "ssim_vs_fp"}  # a tolerance on these is a lower bound
 COSTS = {"bops": "BOPs", "weight_bytes": "weight bytes"}
 
 
@@ -180,43 +185,54 @@ class SweepResult:
 
 
 def _quality(point: dict, quality: str) -> float | None:
+    """The point's value of `quality` oriented so that lower is better (higher-is-better measures negated);
+    FP's PSNR vs itself, which has no finite value, is the best there is."""
     value = point.get(quality)
-    return None if value is None else float(value)
+    if value is None and quality == "psnr_vs_fp" and point.get("method") == "fp":
+        return float("-inf")
+    if value is None:
+        return None
+    return -float(value) if quality in HIGHER_IS_BETTER else float(value)
 
 
 def pareto_front(points: list[dict], cost: str = "bops", quality: str = "fid_vs_fp") -> list[str]:
-    """Labels of the points no other point beats on both `cost` and `quality` (lower is better for both),
-    cheapest first."""
+    """Labels of the points no other point beats: p is on the front unless some point is no worse on both
+    `cost` and `quality` and strictly better on one (lower cost and lower error are better; for
+    higher-is-better measures such as PSNR, higher). Points with equal cost and quality are all on the front
+    or all off it. Cheapest first."""
     pts = [p for p in points if p.get(cost) is not None and _quality(p, quality) is not None]
-    pts.sort(key=lambda p: (p[cost], _quality(p, quality)))
-    front, best = [], float("inf")
-    for p in pts:
-        q = _quality(p, quality)
-        if q < best:
-            front.append(p["label"])
-            best = q
-    return front
+
+    def beats(a, b):
+        ca, qa, cb, qb = a[cost], _quality(a, quality), b[cost], _quality(b, quality)
+        return ca <= cb and qa <= qb and (ca < cb or qa < qb)
+
+    front = [p for p in pts if not any(beats(o, p) for o in pts if o is not p)]
+    front.sort(key=lambda p: (p[cost], _quality(p, quality)))
+    return [p["label"] for p in front]
 
 
 def recommend(points: list[dict], tolerance: dict, cost: str = "bops") -> dict:
-    """The cheapest point whose quality is within `tolerance` ({"fid_vs_fp": x} or {"rel_rms": y} or
-    {"label_agreement_drop": z}), with one sentence saying why. It is on the front by construction."""
+    """The cheapest point whose quality is within `tolerance` ({"fid_vs_fp": x}, {"rel_rms": y},
+    {"label_agreement_drop": z}: at most; {"same_digit_vs_fp": s}, {"psnr_vs_fp": dB}, {"ssim_vs_fp": v}: at
+    least), with one sentence saying why. It is on the front by construction."""
     if len(tolerance) != 1:
         raise ValueError(f"a tolerance names one measure, e.g. {{'fid_vs_fp': 10}}; got {tolerance}")
     (quality, limit), = tolerance.items()
     if quality not in QUALITY:
         raise ValueError(f"unknown tolerance measure {quality!r}; choose from {', '.join(QUALITY)}")
-    ok = [p for p in points if _quality(p, quality) is not None and _quality(p, quality) <= limit]
+    bound = -float(limit) if quality in HIGHER_IS_BETTER else float(limit)
+    sign = ">=" if quality in HIGHER_IS_BETTER else "<="
+    ok = [p for p in points if _quality(p, quality) is not None and _quality(p, quality) <= bound]
     fp = next((p for p in points if not quantizes(p["method"])), None)
     if not ok:
         return {"tolerance": tolerance, "label": None, "config": None,
-                "reason": f"No setting in this sweep has {QUALITY[quality]} <= {limit:g}; keep FP or widen the grid."}
+                "reason": f"No setting in this sweep has {QUALITY[quality]} {sign} {limit:g}; keep FP or widen the grid."}
     best = min(ok, key=lambda p: (p[cost], _quality(p, quality)))  # equal cost: the better one (as the front)
     cheaper = [p for p in points if p[cost] < best[cost] and p is not best]
     # the nearest cheaper point, the better one of equal cost: what a step down would give up
     nearest = max(cheaper, key=lambda p: (p[cost], -(_quality(p, quality) or 0))) if cheaper else None
     value = _format_quality(best, quality)
-    reason = f"{best['label']} is the cheapest setting with {QUALITY[quality]} <= {limit:g} ({value}, N={best['num_samples']})"
+    reason = f"{best['label']} is the cheapest setting with {QUALITY[quality]} {sign} {limit:g} ({value}, N={best['num_samples']})"
     if fp is not None and best is not fp:
         reason += (f": {best[cost] / fp[cost]:.2f}x FP's {COSTS[cost]} and {best['weight_bytes'] / fp['weight_bytes']:.2f}x "
                    "its weight bytes")
@@ -226,10 +242,13 @@ def recommend(points: list[dict], tolerance: dict, cost: str = "bops") -> dict:
 
 
 def _format_quality(point: dict, quality: str) -> str:
-    value = _quality(point, quality)
-    if quality == "fid_vs_fp" and point.get("fid_vs_fp_interval"):
-        lo, hi = point["fid_vs_fp_interval"]
-        return f"{value:.2f} [{lo:.2f}, {hi:.2f}]"
+    value = point.get(quality)
+    if value is None:
+        return "identical to FP" if quality == "psnr_vs_fp" and point.get("method") == "fp" else "n/a"
+    interval = point.get(f"{quality}_interval")
+    if interval and None not in interval:
+        return f"{value:.3g} [{interval[0]:.3g}, {interval[1]:.3g}]" if quality != "fid_vs_fp" else \
+            f"{value:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
     return f"{value:.3g}"
 
 
@@ -249,6 +268,8 @@ def _point(label: str, method: str, bits: str, option: str, config: dict, run, t
         # rows stored before the median existed keep their fields; their curve gives the same median
         "rel_rms_step_median": m.get("rel_rms_step_median", None if m.get("rel_rms_per_timestep") is None
                                      else step_median(m["rel_rms_per_timestep"])),
+        "rel_rms_in_sample": m.get("rel_rms_in_sample"), "rel_rms_basis": m.get("rel_rms_basis"),
+        **{k: m.get(k) for k in PER_SEED_KEYS},
         "weight_bytes": m.get("weight_bytes"), "bops": bops(table, qc, float_bits),
         "num_samples": run.num_samples, "feature_extractor": run.feature_extractor,
         # this point's own work: FP's is its sampling; a variant's its quantization, sampling and scoring

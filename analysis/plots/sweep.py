@@ -39,9 +39,11 @@ def pareto_figure(points: list[dict], front: list[str], cost: str = "bops", qual
     for method in dict.fromkeys(p["method"] for p in pts):
         group = [p for p in pts if p["method"] == method]
         err = None
-        if quality == "fid_vs_fp":
-            lo = [p[quality] - p["fid_vs_fp_interval"][0] if p.get("fid_vs_fp_interval") else 0 for p in group]
-            hi = [p["fid_vs_fp_interval"][1] - p[quality] if p.get("fid_vs_fp_interval") else 0 for p in group]
+        key = f"{quality}_interval"  # FID vs FP and the per-seed measures carry one
+        if any(p.get(key) and None not in p[key] for p in group):
+            ok = lambda p: p.get(key) and None not in p[key]  # noqa: E731
+            lo = [p[quality] - p[key][0] if ok(p) else 0 for p in group]
+            hi = [p[key][1] - p[quality] if ok(p) else 0 for p in group]
             err = dict(type="data", symmetric=False, array=hi, arrayminus=lo, thickness=1)
         fig.add_trace(go.Scatter(
             x=[_cost_value(p, cost) for p in group], y=[p[quality] for p in group], mode="markers", name=method,

@@ -36,6 +36,7 @@ from quant.quantizers import is_off
 
 # Share of a quantize_bundle call's progress bar that calibration sampling takes when it samples.
 SAMPLING_SHARE = 0.6
+HELD_OUT_IMAGES = 10  # FP images (one per class of the digit models) the held-out error is measured on
 
 
 @dataclasses.dataclass
@@ -118,10 +119,18 @@ def _lists(d: dict) -> dict:
     return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
 
 
+def held_out_spec(spec: CalibrationSpec, images: int = HELD_OUT_IMAGES) -> CalibrationSpec:
+    """The FP sampling run a variant's error is measured on: the calibration's setting (steps, guidance,
+    sampler) on the `images` seeds right after the calibration seeds, so no image of it was trained or
+    calibrated on, and none is an evaluation seed (those start at 0)."""
+    return dataclasses.replace(spec, seed=spec.seed + spec.images, images=images)
+
+
 def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
                     calibration: CalibrationData | CalibrationSpec | None = None,
                     on_progress: Callable[[str, float], None] | None = None, batch_size: int = 64,
-                    on_recon: Callable[[int, int, int, float], None] | None = None) -> Variant:
+                    on_recon: Callable[[int, int, int, float], None] | None = None,
+                    held_out: CalibrationData | CalibrationSpec | bool | None = None) -> Variant:
     """Quantize `bundle`'s transformer into a new Variant and measure it on the calibration inputs.
 
     calibration: a CalibrationSpec (sampled here, and timed), CalibrationData already sampled (by calibrate,
@@ -129,8 +138,10 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
     on_progress(stage, fraction) is called at each stage (calibration sampling, quantizing, block-wise
     optimization, measuring); on_recon(unit index, number of units, iteration, loss) during the block-wise
     optimization (config.recon), for live loss curves.
-    The Variant's report is a QuantReport (analysis.quantization.report: every field named there). Its headline
-    error is rel_rms_step_median (quant.measures.step_median of rel_rms_per_timestep).
+    The Variant's report is a QuantReport (analysis.quantization.report: every field named there). Its
+    rel_rms is measured on held-out seeds (held_out_spec: an FP sampling run on seeds neither calibration nor
+    the block-wise optimization saw), rel_rms_in_sample on the calibration inputs (the gap is over-fitting).
+    Its headline error is rel_rms_step_median: quant.measures.step_median of rel_rms_per_timestep.
     """
     progress = on_progress or (lambda stage, frac: None)
     cal_seconds = 0.0
@@ -159,6 +170,17 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
     batches = calibration_batches(calibration, batch_size)
     rel, per_t, layer_err = output_errors(None, result.model, batches, bundle.latent_shape[0],
                                           reference=result.reference)
+    if held_out is None or held_out is True:
+        held_out = held_out_spec(spec) if spec is not None else None
+    if isinstance(held_out, CalibrationSpec):
+        progress("measuring the error vs FP on held-out seeds", 0.85)
+        held_out = calibrate(bundle, held_out)
+    held_rel = held_per_t = None
+    if held_out is not None and held_out is not False:
+        held_rel, held_per_t, _ = output_errors(bundle.denoiser, result.model,
+                                                calibration_batches(held_out, batch_size), bundle.latent_shape[0],
+                                                per_layer=False)
+    held_spec = getattr(held_out, "spec", None) if held_rel is not None else None
     n_quant = sum(1 for m in quant_layers(result.model).values()
                   if not is_off(m.w_bits) or m.act.enabled)
     report = QuantReport(
@@ -170,7 +192,12 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
         calibration_rows=len(calibration) if hasattr(calibration, "__len__") else None,
         layers_quantized=n_quant, weight_bytes=weight_bytes(result.model),
         fp_weight_bytes=fp_weight_bytes(bundle.denoiser),
-        rel_rms=rel, rel_rms_step_median=step_median(per_t), rel_rms_per_timestep=per_t, layer_error=layer_err,
+        rel_rms=rel if held_rel is None else held_rel,
+        rel_rms_per_timestep=per_t if held_per_t is None else held_per_t,
+        rel_rms_step_median=step_median(per_t if held_per_t is None else held_per_t),
+        rel_rms_basis="in_sample" if held_rel is None else "held_out",
+        rel_rms_held_out=held_rel, rel_rms_in_sample=rel, rel_rms_per_timestep_in_sample=per_t,
+        held_out=None if held_spec is None else held_spec.to_dict(), layer_error=layer_err,
         vectors={g: b.tolist() for g, b in result.vectors.items()},
         salience={g: _lists(s) for g, s in result.salience.items()},
         ssc={g: _lists(e) for g, e in result.extras.items() if "eta" in e},

@@ -41,13 +41,21 @@ class QuantReport:
     layers_quantized: int = 0
     weight_bytes: int = 0  # stored at the bit-width (quant.io.weight_bytes)
     fp_weight_bytes: int = 0
-    # error vs FP on the calibration inputs: relative RMS of the noise prediction, overall and per timestep, and
-    # each quantized layer's relative RMS error on its own input
+    # error vs FP: relative RMS of the noise prediction, overall and per timestep, on held-out seeds (an FP
+    # sampling run on seeds neither calibration nor block-wise optimization saw: rel_rms_basis "held_out", the
+    # spec in held_out) or, for calibration data without a spec, on the calibration inputs ("in_sample"); and
+    # each quantized layer's relative RMS error on its own input (calibration inputs)
     rel_rms: float = 0.0  # pooled over every timestep: the last steps dominate it
-    # the headline error: median over timesteps of rel_rms_per_timestep (quant.measures.step_median); None in a
-    # report stored before it existed that has no per-timestep curve to compute it from
+    # the headline error: median over timesteps of rel_rms_per_timestep (quant.measures.step_median), on the same
+    # basis as rel_rms; None in a report stored before it existed that has no per-timestep curve to compute it from
     rel_rms_step_median: float | None = None
     rel_rms_per_timestep: dict[int, float] = dataclasses.field(default_factory=dict)
+    rel_rms_basis: str = "in_sample"  # reports written before the held-out default measured in sample
+    rel_rms_held_out: float | None = None  # = rel_rms when measured on held-out seeds
+    held_out: dict | None = None  # CalibrationSpec.to_dict() of the held-out run
+    # the same error on the calibration inputs themselves; the gap to rel_rms is over-fitting
+    rel_rms_in_sample: float | None = None
+    rel_rms_per_timestep_in_sample: dict[int, float] = dataclasses.field(default_factory=dict)
     layer_error: dict[str, float] = dataclasses.field(default_factory=dict)
     # per balanced group: the folded vector b, per-channel maxima before / after, SSC's rho and eta per timestep
     vectors: dict[str, list] = dataclasses.field(default_factory=dict)
@@ -70,8 +78,9 @@ class QuantReport:
         """A report from its dict form, also one written by an older or newer version (see the module docstring)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
-        if isinstance(known.get("rel_rms_per_timestep"), dict):
-            known["rel_rms_per_timestep"] = {int(t): float(e) for t, e in known["rel_rms_per_timestep"].items()}
+        for key in ("rel_rms_per_timestep", "rel_rms_per_timestep_in_sample"):
+            if isinstance(known.get(key), dict):
+                known[key] = {int(t): float(e) for t, e in known[key].items()}
         if known.get("rel_rms_step_median") is None and known.get("rel_rms_per_timestep"):
             from quant.measures import step_median  # an older report: the same median from its stored curve
 

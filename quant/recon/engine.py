@@ -27,7 +27,7 @@ from quant.config import QuantConfig
 from quant.families import Unit, recon_units
 from quant.modules import find_timestep_context
 from quant.recon.cache import ActivationCache
-from quant.recon.trainers import TRAINERS
+from quant.recon.trainers import TRAINERS, guided_view
 
 ProgressFn = Callable[[int, int, int, float], None]  # (unit index, number of units, iteration, loss)
 LOSS_POINTS = 50  # losses recorded (and progress calls made) per unit
@@ -53,23 +53,62 @@ class ReconReport:
         return dataclasses.asdict(self)
 
 
-def calibration_rows(batches, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def calibration_rows(batches, rows: int, seed: int = 0,
+                     paired: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`rows` (x, t, y) rows drawn at random (fixed seed) from all calibration batches, so every recorded
-    timestep is represented in proportion; all rows when there are fewer."""
+    timestep is represented in proportion; all rows when there are fewer.
+
+    paired: draw rows // 2 (conditional, unconditional) pairs (guidance_pairs) instead, returned as all the
+    conditional rows followed by their unconditional twins in the same order (row i pairs with row i + P)."""
     x, t, y = (torch.cat([b[i] for b in batches]) for i in range(3))
+    t, y = t.reshape(-1).long(), y.reshape(-1).long()
+    gen = torch.Generator().manual_seed(seed)
+    if paired:
+        cond, uncond = guidance_pairs(x, t, y)
+        if rows // 2 < len(cond):
+            keep = torch.randperm(len(cond), generator=gen)[:max(rows // 2, 1)].sort().values
+            cond, uncond = cond[keep], uncond[keep]
+        order = torch.cat([cond, uncond])
+        return x[order], t[order], y[order]
     if rows < len(x):
-        gen = torch.Generator().manual_seed(seed)
         keep = torch.randperm(len(x), generator=gen)[:rows].sort().values
         x, t, y = x[keep], t[keep], y[keep]
-    return x, t.reshape(-1).long(), y.reshape(-1).long()
+    return x, t, y
+
+
+def guidance_pairs(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conditional rows, their unconditional twins): classifier-free guidance feeds every image twice at a
+    step, the same x_t and t with its class and with the null class. Twins are found by equal (x_t, t); the
+    null class is the label every pair holds. ValueError when the rows do not come in such pairs (sampled
+    without guidance, or by an unconditional model)."""
+    groups: dict = {}
+    for i in range(len(x)):
+        groups.setdefault((int(t[i]), x[i].detach().cpu().numpy().tobytes()), []).append(i)
+    pairs = [g for g in groups.values() if len(g) == 2 and int(y[g[0]]) != int(y[g[1]])]
+    if not pairs or 2 * len(pairs) != len(x):
+        raise ValueError("the guided reconstruction loss needs calibration rows in (conditional, unconditional) "
+                         "pairs, as sampling with guidance > 1 records them; calibrate with guidance or use "
+                         "recon_loss='rows'")
+    common = set(int(v) for v in y[pairs[0]].tolist())
+    for g in pairs[1:]:
+        common &= set(int(v) for v in y[g].tolist())
+    if len(common) != 1:
+        raise ValueError("cannot tell the null class: no label is shared by every (conditional, unconditional) pair")
+    null = common.pop()
+    cond = torch.tensor([g[0] if int(y[g[1]]) == null else g[1] for g in pairs])
+    uncond = torch.tensor([g[1] if int(y[g[1]]) == null else g[0] for g in pairs])
+    return cond, uncond
 
 
 def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches, config: QuantConfig,
                 on_progress: ProgressFn | None = None, copy_model: bool = True, autocast: bool = True,
-                seed: int = 0) -> tuple[nn.Module, ReconReport]:
+                seed: int = 0, guidance: float | None = None) -> tuple[nn.Module, ReconReport]:
     """(optimized model, report). qmodel: a calibrated quantized model (quant.quantize); fp_model: its FP
     original (same module names); batches: (x, t, y) calibration batches. With copy_model the result is a new
-    model and qmodel is left as it was. autocast: bfloat16 autocast for the quantized forward on CUDA."""
+    model and qmodel is left as it was. autocast: bfloat16 autocast for the quantized forward on CUDA.
+    guidance: the scale s of config.recon_loss == "guided" (config.recon_guidance wins when set)."""
+    if config.recon_guidance is not None:
+        guidance = float(config.recon_guidance)
     if config.recon not in TRAINERS:
         raise ValueError(f"recon {config.recon!r} is not an optimization mode; choose one of {', '.join(TRAINERS)}")
     model = copy.deepcopy(qmodel) if copy_model else qmodel
@@ -81,7 +120,11 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches, config: QuantCo
     device, dtype = param.device, param.dtype
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    x, t, y = calibration_rows(batches, config.recon_rows, seed)
+    guided = config.recon_loss == "guided"
+    if guided and guidance is None:
+        raise ValueError("recon_loss='guided' needs the guidance scale: set recon_guidance, or calibrate on data "
+                         "that records its guidance")
+    x, t, y = calibration_rows(batches, config.recon_rows, seed, paired=guided)
     # the streams are float32 (the quantized copy trains in float32); the FP model runs in its own dtype
     fp_dtype = next(fp_model.parameters()).dtype
     x, t, y = x.to(device, torch.float32), t.to(device), y.to(device)
@@ -106,11 +149,13 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches, config: QuantCo
             target = cache["fp_out"]
             with torch.no_grad():
                 before, _ = _run_and_compare(model, unit, ctx, q_in, target, t, y, keep=False)
-            trainer = TRAINERS[config.recon](model, unit, *config.recon_lrs)
+            trainer = TRAINERS[config.recon](model, unit, *config.recon_lrs, p=config.recon_p,
+                                             sum_over=config.recon_sum)
             losses = []
             if trainer.groups:
                 report_fn = (lambda it, loss: on_progress(k, len(units), it, loss)) if on_progress else None
-                losses = _optimize(model, unit, ctx, trainer, q_in, target, t, y, config, gen, amp, report_fn)
+                losses = _optimize(model, unit, ctx, trainer, q_in, target, t, y, config, gen, amp, report_fn,
+                                   guidance if guided else None)
             summary = trainer.finish()
             with torch.no_grad():
                 after, q_out = _run_and_compare(model, unit, ctx, q_in, target, t, y,
@@ -170,8 +215,11 @@ def _run_and_compare(model, unit, ctx, q_in, target, t, y, keep: bool):
     return (math.sqrt(num / den) if den > 0 else 0.0), (torch.cat(outs) if keep else None)
 
 
-def _optimize(model, unit, ctx, trainer, q_in, target, t, y, config: QuantConfig, gen, amp, report_fn) -> list:
-    """Adam over the trainer's groups for recon_iters steps of recon_batch random rows; returns the losses."""
+def _optimize(model, unit, ctx, trainer, q_in, target, t, y, config: QuantConfig, gen, amp, report_fn,
+              guidance: float | None = None) -> list:
+    """Adam over the trainer's groups for recon_iters steps of recon_batch random rows; returns the losses.
+    guidance: rows are (conditional, unconditional) pairs (calibration_rows(paired=True)); each step draws
+    recon_batch // 2 pairs and the loss compares trainers.guided_view of both sides."""
     iters = config.recon_iters
     groups = [{k: v for k, v in g.items() if k != "cosine"} for g in trainer.groups]
     opt = torch.optim.Adam(groups)
@@ -182,12 +230,20 @@ def _optimize(model, unit, ctx, trainer, q_in, target, t, y, config: QuantConfig
     losses = []
     with torch.enable_grad():
         for it in range(iters):
-            idx = torch.randint(len(t), (min(config.recon_batch, len(t)),), generator=gen).to(t.device)
+            if guidance is None:
+                idx = torch.randint(len(t), (min(config.recon_batch, len(t)),), generator=gen).to(t.device)
+            else:
+                half = len(t) // 2
+                pick = torch.randint(half, (max(1, min(config.recon_batch // 2, half)),), generator=gen)
+                idx = torch.cat([pick, pick + half]).to(t.device)
             trainer.install()
             ctx.t = t[idx]
             with amp():
                 out = unit.run(model, q_in[idx], t[idx], y[idx])
-            loss, rec = trainer.loss(unit.part(out).float(), unit.part(target[idx]).float(), it, iters)
+            out, ref = unit.part(out).float(), unit.part(target[idx]).float()
+            if guidance is not None:
+                out, ref = guided_view(out, guidance), guided_view(ref, guidance)
+            loss, rec = trainer.loss(out, ref, it, iters)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

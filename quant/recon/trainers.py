@@ -1,9 +1,13 @@
 """What each mode trains in one unit, its optimizer groups, its loss, and how it freezes the result.
 
     adaround (PTQ4DiT / BRECQ): rounding variables V of every quantized weight (Adam, constant lr) and the
-        activation step sizes (LSQ, cosine-annealed lr); loss = Lp reconstruction (p = 2.4) + lambda f_reg(V).
+        activation step sizes (LSQ, cosine-annealed lr); loss = Lp reconstruction + lambda f_reg(V), the Lp
+        loss as the official PTQ4DiT run computes it by default (p = 2.0, summed over dimension 1).
     bkd (DilateQuant): latent weights and weight step sizes (one lr), activation step sizes and zero points
         per timestep (another lr), Adam with cosine-annealed lr; loss = MSE to the FP block (distillation).
+
+With config.recon_loss == "guided" both losses are taken on (unconditional, guided) outputs instead of on the
+rows as they come (guided_view).
 """
 from __future__ import annotations
 
@@ -17,13 +21,19 @@ from quant.recon.adaround import REG_WEIGHT, AdaRoundWeight, beta_at
 from quant.recon.bkd import DistilledWeight
 from quant.families.base import Unit, unit_modules
 
-LP_NORM = 2.4  # PTQ4DiT's reconstruction loss exponent (its --cali_p)
+
+def lp_loss(out: torch.Tensor, target: torch.Tensor, p: float, sum_over: str = "dim1") -> torch.Tensor:
+    """BRECQ's Lp loss: |out - target|^p summed over dimension 1 ("dim1": the tokens of a DiT block's
+    [B, N, C] output) and averaged over the rest; "last" sums over the last dimension instead."""
+    return (out - target).abs().pow(p).sum(dim=1 if sum_over == "dim1" else -1).mean()
 
 
-def lp_loss(out: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
-    """sum over features of |out - target|^p, averaged over rows and tokens (BRECQ's Lp loss)."""
-    return (out - target).abs().pow(p).sum(dim=-1).mean()
-
+def guided_view(out: torch.Tensor, guidance: float) -> torch.Tensor:
+    """For a batch of k conditional rows followed by their k unconditional twins (same image and step):
+    [unconditional; u + s (c - u)], the two outputs the sampler combines into its guided prediction. A loss on
+    this view weighs the class signal c - u by s, where a per-row loss leaves it to chance."""
+    cond, uncond = out.chunk(2)
+    return torch.cat([uncond, uncond + guidance * (cond - uncond)])
 
 def _weight_layers(model: nn.Module, unit: Unit) -> list[nn.Module]:
     return [m for m in unit_modules(model, unit, (QuantLinear, QuantConv2d)).values() if not is_off(m.w_bits)]
@@ -36,7 +46,9 @@ def _act_quantizers(model: nn.Module, unit: Unit) -> list[ActQuantizer]:
 class AdaRoundTrainer:
     """PTQ4DiT's reconstruction of one unit."""
 
-    def __init__(self, model: nn.Module, unit: Unit, lr: float, act_lr: float) -> None:
+    def __init__(self, model: nn.Module, unit: Unit, lr: float, act_lr: float, p: float = 2.0,
+                 sum_over: str = "dim1") -> None:
+        self.p, self.sum_over = p, sum_over
         self.roundings = [AdaRoundWeight(layer) for layer in _weight_layers(model, unit)]
         for r in self.roundings:
             r.layer.weight_override = r.soft_weight
@@ -48,7 +60,7 @@ class AdaRoundTrainer:
 
     def loss(self, out: torch.Tensor, target: torch.Tensor, iteration: int, iterations: int):
         """(total, reconstruction part)."""
-        rec = lp_loss(out, target, LP_NORM)
+        rec = lp_loss(out, target, self.p, self.sum_over)
         beta = beta_at(iteration, iterations)
         if beta is None or not self.roundings:
             return rec, rec
@@ -80,7 +92,8 @@ class AdaRoundTrainer:
 class BKDTrainer:
     """DilateQuant's block-wise distillation of one unit."""
 
-    def __init__(self, model: nn.Module, unit: Unit, lr: float, act_lr: float) -> None:
+    def __init__(self, model: nn.Module, unit: Unit, lr: float, act_lr: float, p: float = 2.0,
+                 sum_over: str = "dim1") -> None:
         self.weights = [DistilledWeight(layer) for layer in _weight_layers(model, unit)]
         self.ranges = [LearnedActRange(q, train_zero=True) for q in _act_quantizers(model, unit)]
         self.groups = [g for g in (
