@@ -208,6 +208,12 @@ def option_widget(container, opt, key: str, family: str = "dit"):
         return int(container.number_input(label, min_value=None if opt.low is None else int(opt.low),
                                           max_value=None if opt.high is None else int(opt.high),
                                           value=int(opt.default), step=1, key=key, help=help_text))
+    if opt.kind == "optional_int":
+        value = container.number_input(label, min_value=None if opt.low is None else int(opt.low),
+                                       max_value=None if opt.high is None else int(opt.high),
+                                       value=None if opt.default is None else int(opt.default), step=1,
+                                       key=key, help=help_text + " (empty: none)")
+        return None if value is None else int(value)
     if opt.kind in ("float", "optional_float"):
         value = container.number_input(label, min_value=None if opt.low is None or opt.low_open else float(opt.low),
                                        max_value=None if opt.high is None else float(opt.high),

@@ -44,8 +44,51 @@ def _figure(make, stats, *args, **kwargs):
     return cache[key]
 
 
+def formats_tab(bundle, stats, layer: str, t: int, rows_info: str) -> None:
+    """(g): the layer's values at this timestep under INT / FP4 / MXFP4 / NVFP4 grids, and each format's error
+    per channel (analysis.quantization.format_view), computed on demand."""
+    from analysis.quantization.format_view import OPERANDS, TEACHING_FORMATS, format_view
+    from analysis.plots.formats import format_channel_error, format_histogram
+    from quant.formats import FORMAT_NAMES
+
+    with st.form("formats_form"):
+        f1, f2, f3, f4 = st.columns([1, 1, 2, 1])
+        operand = f1.radio("Values", OPERANDS, horizontal=True, help="the layer's input activations at this "
+                           "timestep, or its weight columns")
+        channel = f2.number_input("Channel (empty: the largest)", min_value=0, value=None, step=1)
+        formats = f3.multiselect("Formats", FORMAT_NAMES, default=list(TEACHING_FORMATS),
+                                 help="int is drawn at the bits below; FP and block formats at their own")
+        bits = f4.selectbox("int bits", [2, 3, 4, 5, 6, 8], index=2)
+        go = st.form_submit_button("Compare formats")
+    views = st.session_state.setdefault("format_views", {})
+    key = (current_key(), layer, int(t), operand, channel, tuple(formats), int(bits))
+    if go:
+        try:
+            with st.spinner("recording the layer's inputs and quantizing them"):
+                views.clear()
+                views[key] = format_view(bundle, layer, t, channel, formats or TEACHING_FORMATS, int(bits), operand,
+                                         steps=int(stats.info.get("steps", 25)), samples=4,
+                                         guidance=stats.info.get("guidance"))
+        except ValueError as exc:
+            st.error(f"Could not compare formats: {exc}")
+    view = views.get(key)
+    if view is None:
+        st.info("Press **Compare formats**: the layer's values at this timestep are quantized to each format. "
+                "An FP grid spends its codes near zero; a block scale (MXFP4: 32 values share a power of two; "
+                "NVFP4: 16 share an FP8 scale under one tensor scale) keeps an outlier's damage inside its block.")
+        return
+    st.plotly_chart(format_histogram(view))
+    st.plotly_chart(format_channel_error(view))
+    st.caption(f"{len(view.values)} values of channel {view.channel}{rows_info}; block formats' grid is drawn at "
+               "the median scale of the channel's blocks.")
+
+
+def current_key():
+    return st.session_state.get("salience_current")
+
+
 @st.fragment
-def viewer(stats, current) -> None:
+def viewer(stats, current, bundle=None) -> None:
     """Layer, timestep and figures: a change here reruns this part only, not the sidebar and the form."""
     from analysis.plots import salience as figs
     from analysis.plots.axes import readable_layer
@@ -81,8 +124,8 @@ def viewer(stats, current) -> None:
     step = stats.step_of(t)
     has_weight = layer in stats.weight_absmax
 
-    tab_a, tab_bc, tab_de, tab_f = st.tabs(["(a) Channels", "(b, c) Over timesteps", "(d, e) Complementarity",
-                                            "(f) All layers"])
+    tab_a, tab_bc, tab_de, tab_f, tab_g = st.tabs(["(a) Channels", "(b, c) Over timesteps", "(d, e) Complementarity",
+                                                   "(f) All layers", "(g) Number formats"])
     with tab_a:
         st.plotly_chart(_figure(figs.channel_profile, stats, layer, step, bits=bit, rows=rows))
     with tab_bc:
@@ -102,6 +145,11 @@ def viewer(stats, current) -> None:
                     "compare with.")
     with tab_f:
         st.plotly_chart(_figure(figs.layer_overview, stats))
+    with tab_g:
+        if bundle is None or not has_weight:
+            st.info("Pick a linear or conv layer (attention operands have no number-format view).")
+        else:
+            formats_tab(bundle, stats, layer, t, " (both guidance halves)" if len(stats.halves) == 2 else "")
 
 
     d1, d2, d3 = st.columns(3)
@@ -189,4 +237,4 @@ if bundle is not None:
                    f"{info['samples']} samples, guidance {info['guidance']}, collected in {info['seconds']:.1f} s "
                    f"(plain sampling {info['sampling_seconds']:.1f} s)"
                    + (f", quantization error in {info['mse_seconds']:.1f} s" if "mse_seconds" in info else ""))
-        viewer(stats, current)
+        viewer(stats, current, bundle)

@@ -124,6 +124,11 @@ def sweep_tab(bundle) -> None:
         bits = c2.multiselect("Bit-widths", BITS, default=["W8A8", "W4A8", "W4A4"], key="sw_bits")
         options = c3.multiselect("Options", list(OPTION_HELP), default=["default"], key="sw_options",
                                  help="\n\n".join(f"**{k}**: {v}" for k, v in OPTION_HELP.items()))
+        from quant.formats import FORMAT_NAMES
+
+        formats = st.multiselect("Number formats", list(FORMAT_NAMES), default=["int"], key="sw_formats",
+                                 help="each format runs at the bit-widths its weights hold (FP4 formats at W4, FP8 at "
+                                      "W8), its activations where theirs do; int takes every bit-width")
         c1, c2, c3, c4, c5 = st.columns(5)
         n = c1.number_input("Samples per point (N)", 16, 50000, 512, step=64, key="sw_n",
                             help="FID below 2048 samples is biased upwards; compare only equal N")
@@ -137,7 +142,8 @@ def sweep_tab(bundle) -> None:
         from analysis.evaluation.sweep import SweepSpec, run_sweep
 
         opts = [f"keep8:{int(k)}" if o == "keep8" else o for o in options]
-        spec = SweepSpec(methods=methods, bits=bits, options=opts, num_samples=int(n), steps=int(steps),
+        spec = SweepSpec(methods=methods, bits=bits, options=opts, formats=formats, num_samples=int(n),
+                         steps=int(steps),
                          calib_samples=int(calib), recon_iters=int(recon_iters))
         try:
             spec.validate()

@@ -14,7 +14,8 @@ from typing import Iterable
 
 from quant.methods import NAMES, REGISTRY, all_options, get_method
 from quant.options import check_all, describe, option
-from quant.quantizers import SEARCHES
+from quant.formats import FORMAT_NAMES, FormatSpec, format_bits, int_format, parse_format
+from quant.quantizers import SEARCHES, is_off
 
 METHODS = NAMES  # every registered method, in menu order (quant.methods discovers them)
 
@@ -48,6 +49,10 @@ RECON_SUMS = ("dim1", "last")
 RECON_LOSSES = ("rows", "guided")
 # Values a config written before these fields existed ran with (QuantConfig.from_dict restores them).
 LEGACY_RECON = {"recon_p": 2.4, "recon_sum": "last", "adaround_act_lr": 4e-4}
+
+
+# Number-format fields and their defaults (today's int grids); quant.formats holds the formats themselves.
+FORMAT_DEFAULTS = {"w_format": "int", "a_format": "int", "w_group": None, "a_group": None, "a_per_token": False}
 
 
 def is_excluded(name: str, patterns: Iterable[str]) -> bool:
@@ -85,6 +90,22 @@ class QuantConfig:
                                 kind="bits")
     attn_bits: int | None = option(None, "Attention operand bits", "bit-width of the attention operands q, k, v "
                                    "and the softmax output (None = not quantized)", kind="bits")
+    w_format: str = option("int", "Weight format", "weight number format: int is the uniform grid; fp8_e4m3, "
+                           "fp8_e5m2, fp6_e3m2, fp6_e2m3 and fp4_e2m1 are OCP MX float elements; mxfp8, mxfp6 and "
+                           "mxfp4 share a power-of-two scale per 32 values, nvfp4 an FP8 scale per 16 under a tensor "
+                           "scale, int4-g32/g64/g128 an fp16 scale and zero point per group; the element bits must "
+                           "equal w_bits", choices=FORMAT_NAMES)
+    a_format: str = option("int", "Activation format", "activation number format, the same names as the weight "
+                           "format; block formats compute their block scales from each tensor at run time",
+                           choices=FORMAT_NAMES)
+    w_group: int | None = option(None, "Weight block size", "elements per block along the input dimension, each "
+                                 "block with its own scale; unset: per channel or per tensor, presets fix their own",
+                                 kind="optional_int", low=2, high=4096)
+    a_group: int | None = option(None, "Activation block size", "elements per block along the input dimension, "
+                                 "scales computed at run time; unset: per tensor, or per token", kind="optional_int",
+                                 low=2, high=4096)
+    a_per_token: bool = option(False, "Per-token activations", "one activation scale per token, computed at run "
+                               "time, instead of one calibrated scale per tensor")
     w_per_channel: bool = option(True, "Per-channel weights", "one weight scale per output channel (else one "
                                  "per tensor)")
     a_symmetric: bool = option(False, "Symmetric activations", "symmetric activation quantizers (no zero point)")
@@ -162,6 +183,7 @@ class QuantConfig:
             return "fp"
         bits = lambda b: "16" if b is None else str(b)  # noqa: E731
         name = f"{self.method} W{bits(self.w_bits)}A{bits(self.a_bits)}"
+        name += self.format_label
         if self.attn_bits is not None:
             name += f" attn{self.attn_bits}"
         if self.layer_bits:
@@ -176,12 +198,54 @@ class QuantConfig:
 
         return name
 
+    @property
+    def format_label(self) -> str:
+        """'' for today's int grids, else e.g. ' mxfp4', ' w:nvfp4' or ' w:int4-g32 a:fp8_e4m3' ('+tok' for
+        per-token activations)."""
+        w = self.w_spec.describe() if self.w_spec is not None else "int"
+        a = self.a_spec.describe() if self.a_spec is not None else "int"
+        if self.a_per_token:
+            a += "/tok"
+        if w == a and w != "int":
+            return " " + w
+        return "".join(f" {side}:{f}" for side, f in (("w", w), ("a", a)) if f != "int")
+
+    @property
+    def w_spec(self) -> FormatSpec | None:
+        """The weights' FormatSpec (None when weights stay in float)."""
+        return None if is_off(self.w_bits) else parse_format(self.w_format, self.w_bits, self.w_group, "w")
+
+    @property
+    def a_spec(self) -> FormatSpec | None:
+        """The activations' FormatSpec (None when activations stay in float)."""
+        return None if is_off(self.a_bits) else parse_format(self.a_format, self.a_bits, self.a_group, "a")
+
+    def formats_for(self, layer: str) -> tuple[FormatSpec | None, FormatSpec | None]:
+        """(weight, activation) FormatSpec of one layer. A layer_bits entry whose bits the chosen format cannot
+        hold (keep8 layers under mxfp4) runs that side on the int grid at its own bits."""
+        w_bits, a_bits = self.bits_for(layer)
+        out = []
+        for side, bits, name, group in (("w", w_bits, self.w_format, self.w_group),
+                                        ("a", a_bits, self.a_format, self.a_group)):
+            if is_off(bits):
+                out.append(None)
+            elif format_bits(name) not in (None, bits):
+                out.append(int_format(bits))
+            else:
+                out.append(parse_format(name, bits, group, side))
+        return out[0], out[1]
+
     def validate(self) -> "QuantConfig":
         """Raise ValueError naming the first bad field and what it accepts; return self when valid. Runs when
         the config is made; call it again only after assigning a field directly."""
         if self.method not in REGISTRY:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(NAMES)}")
         check_all(self)
+        self.w_spec, self.a_spec  # noqa: B018 (each parses its format and bits, raising on a mismatch)
+        if self.a_per_token and self.a_group is not None:
+            raise ValueError("a_per_token and a_group both set: choose per-token or per-block activation scales")
+        if self.a_per_token and self.a_spec is not None and self.a_spec.blocked:
+            raise ValueError(f"a_per_token with a_format {self.a_format}: a block format has its own scales")
         if not isinstance(self.options, dict):
             raise ValueError(f"options must be a dict of the method's options, got {self.options!r}")
         # the full, checked set: a stored config names every value it ran with
@@ -211,7 +275,12 @@ class QuantConfig:
         return self.w_bits, self.a_bits
 
     def to_dict(self) -> dict:
+        """Every field; the number-format fields only when set, so a config of the int grids serialises (and
+        keys stored runs) exactly as before formats existed."""
         d = dataclasses.asdict(self)
+        for name, default in FORMAT_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
         d["exclude"] = list(self.exclude)
         d["options"] = dict(self.options)
         d["layer_bits"] = {k: list(v) for k, v in self.layer_bits.items()}

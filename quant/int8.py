@@ -54,7 +54,14 @@ def _offset(symmetric: bool) -> int:
 def int8_eligible(layer: nn.Module) -> bool:
     """A QuantLinear with 8-bit weights and an enabled 8-bit activation quantizer (W8A8)."""
     return (isinstance(layer, QuantLinear) and layer.w_bits == 8 and layer.act.enabled and layer.act.bits == 8
-            and not layer.use_fp_weight)
+            and not layer.use_fp_weight and _int_grids(layer))
+
+
+def _int_grids(layer) -> bool:
+    """Per-channel / per-tensor int grids on both sides (an FP8 layer runs through quant.fp8 instead)."""
+    w, a = getattr(layer, "w_fmt", None), getattr(layer.act, "fmt", None)
+    weights_int = w is None or (not w.is_float and not w.blocked)
+    return weights_int and (a is None or (not a.is_float and not layer.act.dynamic))
 
 
 def onednn_available() -> bool:

@@ -4,9 +4,15 @@ This module knows modules and tensors only. It writes and reads two files of a f
     quant_config.json   format tag, QuantConfig, the model's class and config, the shapes of the packed
                         weights, and whatever metadata the caller adds (analysis.models.saved adds the
                         scheduler config, the bundle's sampling metadata and the base source)
-    model.safetensors   every tensor of the quantized model; quantized weights as bit-packed integer
-                        codes ("<layer>.weight.packed", `bits` bits per code) beside their per-channel
-                        w_scale / w_zero, everything else (biases, embeddings, norms, activation ranges) fp32
+    model.safetensors   every tensor of the quantized model; quantized weights as bit-packed codes
+                        ("<layer>.weight.packed", `bits` bits per code: integer codes, or an FP element's
+                        bit pattern) beside their scales, everything else (biases, embeddings, norms,
+                        activation ranges) fp32
+
+Scales are stored as the format holds them, so the file's size is the real size: per channel / per tensor
+fp32 (with an int grid's zero points), block scales of MX formats as one E8M0 byte (the exponent + 127), of
+NVFP4 as one FP8 E4M3 byte (its bit pattern) plus the fp32 tensor scale, of int groups as fp16 with one uint8
+zero point per block (none when symmetric). An FP grid has no zero point and stores none.
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ from quant.denoiser import CLASS_FAMILIES
 from quant.guards import (FLOAT_DTYPES, TORCH_TO_SAFETENSORS, UntrustedFileError, check_parameter_count, check_sizes,
                           is_int, read_json, safetensors_header, write_text_atomic)
 from quant.modules import act_quantizers, quant_layers
-from quant.quantizers import is_off, pack_codes, qrange, quantize_codes, unpack_codes
+from quant.formats import element_codes, element_values, round_to_element
+from quant.quantizers import is_off, pack_codes, qrange, unpack_codes
 
 FORMAT = "dqlab-quantized"
 VERSION = 2  # 2: a checksum over the weights and the record
@@ -39,12 +46,39 @@ def stored_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
         if is_off(layer.w_bits):
             continue
         key = f"{name}.weight"
-        qmin, _ = qrange(layer.w_bits, layer.w_symmetric)
-        codes = quantize_codes(layer.weight.detach(), layer.w_scale, layer.w_zero, layer.w_bits, layer.w_symmetric)
-        tensors[key + ".packed"] = pack_codes(codes - qmin, layer.w_bits)
+        tensors[key + ".packed"] = pack_codes(layer.weight_codes(), layer.w_bits)
         del tensors[key]
         packed[key] = {"shape": list(layer.weight.shape), "bits": layer.w_bits, "symmetric": layer.w_symmetric}
+        fmt = layer.w_fmt
+        if fmt.is_float or fmt.blocked:
+            packed[key].update(element=fmt.element, group=fmt.group, block_scale=fmt.block_scale)
+            stored_as = fmt.block_scale if fmt.blocked else "fp32"
+            tensors[f"{name}.w_scale"] = _encode_scale(layer.w_scale.detach(), stored_as)
+            if fmt.is_float or layer.w_symmetric:
+                del tensors[f"{name}.w_zero"]  # all zeros
+            elif fmt.blocked:
+                tensors[f"{name}.w_zero"] = layer.w_zero.detach().to(torch.uint8)
     return {k: v.contiguous().cpu() for k, v in tensors.items()}, packed
+
+
+def _encode_scale(s: torch.Tensor, scale_format: str) -> torch.Tensor:
+    """A scale tensor in its storage format: E8M0 as the biased exponent byte, E4M3 as its bit pattern."""
+    if scale_format == "e8m0":
+        _, exp = torch.frexp(s.float())
+        return (exp - 1 + 127).to(torch.uint8)
+    if scale_format == "e4m3":
+        return element_codes(round_to_element(s.float(), "fp8_e4m3"), "fp8_e4m3").to(torch.uint8)
+    if scale_format == "fp16":
+        return s.half()
+    return s.float()
+
+
+def _decode_scale(s: torch.Tensor, scale_format: str) -> torch.Tensor:
+    if scale_format == "e8m0":
+        return torch.ldexp(torch.ones(s.shape), s.to(torch.int32) - 127)
+    if scale_format == "e4m3":
+        return element_values(s.to(torch.int64), "fp8_e4m3")
+    return s.float()
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -177,6 +211,9 @@ def read_quantized(folder) -> tuple[nn.Module, QuantConfig, dict]:
         layer = layers[prefix]
         qmin, _ = qrange(info["bits"], info["symmetric"])
         codes = unpack_codes(tensors.pop(key + ".packed"), info["bits"], math.prod(info["shape"]))
+        if "element" in info:  # an FP element or a block format (quant.formats): scales in their own format
+            tensors[key] = _decode_weight(layer, info, codes, tensors, prefix, folder)
+            continue
         scale, zero = tensors[prefix + ".w_scale"], tensors[prefix + ".w_zero"]
         _check_grid(scale, zero, layer.w_bits, layer.w_symmetric, f"{prefix}.w_scale / w_zero", folder)
         tensors[key] = ((codes.reshape(info["shape"]) + qmin).float() - zero) * scale
@@ -196,6 +233,22 @@ def read_quantized(folder) -> tuple[nn.Module, QuantConfig, dict]:
     except RuntimeError as exc:
         raise QuantizedFolderError(f"{folder / WEIGHTS} does not match its config: {str(exc).splitlines()[0]}") from None
     return model.eval().requires_grad_(False), config, meta
+
+
+def _format_scale_dtypes(layers: dict) -> dict:
+    """Scale and zero-point tensors a number format stores in its own dtype (None: not stored at all)."""
+    out = {}
+    for n, layer in layers.items():
+        fmt = layer.w_fmt
+        if not (fmt.is_float or fmt.blocked):
+            continue
+        block = fmt.block_scale if fmt.blocked else "fp32"
+        if block in ("e8m0", "e4m3"):
+            out[f"{n}.w_scale"] = "U8"
+        elif block == "fp16":
+            out[f"{n}.w_scale"] = "F16"
+        out[f"{n}.w_zero"] = None if fmt.is_float or layer.w_symmetric else "U8"
+    return out
 
 
 def _check_header(model: nn.Module, meta: dict, header: dict, folder: Path) -> None:
@@ -225,6 +278,7 @@ def _check_header(model: nn.Module, meta: dict, header: dict, folder: Path) -> N
                                       and all(is_int(t) for t in timesteps)):
         raise _fail(folder, f"tpq_timesteps in {META} must be a list of integer timesteps")
     state = model.state_dict()
+    stored_as = _format_scale_dtypes(layers)
     per_t = {n + "." + b for n, q in act_quantizers(model).items() if q.per_timestep for b in ("scale", "zero", "timesteps")}
     expected = {}
     for name, t in state.items():
@@ -232,6 +286,9 @@ def _check_header(model: nn.Module, meta: dict, header: dict, folder: Path) -> N
             info = packed[name]
             nbytes = (math.prod(info["shape"]) * info["bits"] + 7) // 8
             expected[name + ".packed"] = ("U8", (nbytes,))
+        elif name in stored_as:
+            if stored_as[name] is not None:
+                expected[name] = (stored_as[name], tuple(t.shape))
         else:
             shape = (len(timesteps or [0]),) if name in per_t else tuple(t.shape)
             expected[name] = ("F" if t.is_floating_point() else TORCH_TO_SAFETENSORS[str(t.dtype)], shape)
@@ -251,6 +308,32 @@ def _check_header(model: nn.Module, meta: dict, header: dict, folder: Path) -> N
         if f_shape != shape or not ok_dtype:
             raise _fail(folder, f"tensor {name} in {WEIGHTS} is {f_dtype} {list(f_shape)}, expected "
                                 f"{'a float' if dtype == 'F' else dtype} {list(shape)}")
+
+
+def _decode_weight(layer, info: dict, codes: torch.Tensor, tensors: dict, prefix: str, folder: Path) -> torch.Tensor:
+    """A weight stored under a number format: its scales decoded (E8M0 / E4M3 bytes, fp16), checked, put back
+    as the layer's fp32 buffers, and the codes turned into values with the layer's own per-element scale."""
+    fmt = layer.w_fmt
+    if fmt.element != info.get("element") or fmt.group != info.get("group"):
+        raise _fail(folder, f"{prefix}.weight is stored as {info.get('element')} (group {info.get('group')}) but the "
+                            f"config quantizes it as {fmt.describe()}")
+    scale = _decode_scale(tensors[prefix + ".w_scale"], fmt.block_scale if fmt.blocked else "fp32")
+    zero = tensors[prefix + ".w_zero"].float() if prefix + ".w_zero" in tensors else torch.zeros_like(scale)
+    if not bool(torch.isfinite(scale).all()) or not bool((scale >= 0).all()):
+        raise _fail(folder, f"{prefix}.w_scale: scales must be finite and >= 0")
+    if not fmt.is_float:
+        _check_grid(scale.clamp_min(torch.finfo(torch.float16).tiny), zero, layer.w_bits, layer.w_symmetric,
+                    f"{prefix}.w_scale / w_zero", folder)
+    tensors[prefix + ".w_scale"], tensors[prefix + ".w_zero"] = scale, zero
+    layer.w_scale, layer.w_zero = scale.reshape(layer.w_scale.shape), zero.reshape(layer.w_zero.shape)
+    if prefix + ".w_tscale" in tensors:
+        layer.w_tscale = tensors[prefix + ".w_tscale"].float().reshape(layer.w_tscale.shape)
+    s, z = layer.weight_qparams()
+    codes = codes.reshape(info["shape"])
+    if fmt.is_float:
+        return element_values(codes, fmt.element) * s
+    qmin, _ = qrange(info["bits"], info["symmetric"])
+    return ((codes + qmin).float() - z) * s
 
 
 def _check_grid(scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool, what: str, folder: Path) -> None:

@@ -16,7 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.quantizers import fake_quant, is_off, quant_params, search_params, search_range
+from quant.formats import (FormatSpec, block_params, effective_scale, element_codes, expand_blocks, fake_quant_blocks,
+                           fake_quant_elements, fake_quantize_format, fp_range_quantizer, fp_scale_search, int_format,
+                           pad_blocks, round_to_element, tensor_scale_for)
+from quant.quantizers import (fake_quant, is_off, qrange, quant_params, quantize_codes,
+                              search_params, search_range)
 
 # Values kept per observed row for percentile / MSE activation search (with the exact min and max).
 SAMPLES_PER_ROW = 512
@@ -88,16 +92,28 @@ def timestep_context(model: nn.Module) -> TimestepContext:
 
 
 class ActQuantizer(nn.Module):
-    """Per-tensor activation fake quantizer with calibrated parameters, one set or one per timestep (TPQ).
+    """Activation fake quantizer with calibrated parameters, one set or one per timestep (TPQ).
 
+    Static per tensor (the default): the calibrated (scale, zero) quantize the whole tensor, on an int grid or an
+    FP element grid (fmt). Dynamic (per_token, or a block format such as MXFP4 / NVFP4 / int4-g32): the scales
+    come from each tensor at run time (one per row of the input dimension, or one per block of G along it);
+    the calibrated scale is then a per-tensor FP32 scale applied under them: NVFP4's second level, and with TPQ
+    one per timestep for any dynamic format.
     Modes: "observe" records statistics and passes x through; "quant" fake-quantizes; "off" passes through.
     Buffers: scale [T], zero [T], timesteps [T] (T = 1 without TPQ, timestep -1 meaning any).
+    channel_axis: the input dimension of the layer reading x (-1 for a linear, 1 for a conv), along which
+    blocks run and per-token scales reduce.
     """
 
     def __init__(self, bits: int | None, symmetric: bool = False, search: str = "minmax",
                  percentile: float = 99.99, per_timestep: bool = False, ctx: TimestepContext | None = None,
-                 num_timesteps: int = 1):
+                 num_timesteps: int = 1, fmt: FormatSpec | None = None, per_token: bool = False,
+                 channel_axis: int = -1):
         super().__init__()
+        self.fmt = fmt if fmt is not None else int_format(bits)
+        self.per_token, self.channel_axis = per_token, channel_axis
+        if self.fmt.is_float or self.dynamic:
+            symmetric = True  # FP grids and dynamic scales are symmetric: no zero point
         self.bits, self.symmetric, self.search, self.percentile = bits, symmetric, search, percentile
         self.per_timestep = per_timestep
         self.ctx = ctx
@@ -112,8 +128,21 @@ class ActQuantizer(nn.Module):
     def enabled(self) -> bool:
         return not is_off(self.bits)
 
+    @property
+    def dynamic(self) -> bool:
+        """Scales computed from each tensor at run time (per token or per block)."""
+        return self.per_token or self.fmt.blocked
+
+    @property
+    def uses_tensor_scale(self) -> bool:
+        """A dynamic quantizer applies its calibrated per-tensor scale (NVFP4's, or any with TPQ)."""
+        return self.fmt.tensor_scale or self.per_timestep
+
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, symmetric={self.symmetric}, tpq={self.per_timestep}, T={self.scale.numel()}"
+        fmt = "" if self.fmt.name == "int" and not self.fmt.blocked else f", format={self.fmt.describe()}"
+        tok = ", per_token" if self.per_token else ""
+        return (f"bits={self.bits}{fmt}{tok}, symmetric={self.symmetric}, tpq={self.per_timestep}, "
+                f"T={self.scale.numel()}")
 
     def _sample_t(self, batch: int, device) -> torch.Tensor:
         t = self.ctx.t if self.ctx is not None else None
@@ -134,7 +163,27 @@ class ActQuantizer(nn.Module):
         if self.mode == "observe":
             self._observe(x)
             return x
+        if self.dynamic:
+            return self._dynamic(x)
+        if self.fmt.is_float:
+            return fake_quant_elements(x, self.fmt, self.params_for(x)[0])
         return fake_quant(x, *self.params_for(x), self.bits, self.symmetric)
+
+    def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token or per-block scales from x itself, under the calibrated tensor scale where one is used."""
+        ts = self.params_for(x)[0] if self.uses_tensor_scale else None
+        moved = x.movedim(self.channel_axis, -1)
+        if ts is not None and not self.fmt.tensor_scale:  # TPQ: quantize x / s_t, then scale back
+            ts_m = ts.movedim(self.channel_axis, -1)
+            return self._dynamic_core(moved / ts_m, None).mul(ts_m).movedim(-1, self.channel_axis)
+        if ts is not None:
+            ts = ts.movedim(self.channel_axis, -1)
+        return self._dynamic_core(moved, ts).movedim(-1, self.channel_axis)
+
+    def _dynamic_core(self, x: torch.Tensor, ts: torch.Tensor | None) -> torch.Tensor:
+        if self.fmt.blocked:
+            return fake_quant_blocks(x, self.fmt, ts, self.symmetric)
+        return fake_quantize_format(x, self.fmt, axis=-1, granularity="token", symmetric=self.symmetric)
 
     def params_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero) broadcastable to x: one pair, or (TPQ) each sample's pair by its timestep."""
@@ -187,14 +236,26 @@ class ActQuantizer(nn.Module):
             for k in range(g):  # loop over timestep groups (tens), each search vectorized
                 v = values[inv == k].reshape(1, -1)
                 v = torch.cat([v, g_lo[k].reshape(1, 1), g_hi[k].reshape(1, 1)], dim=1)  # keep exact extremes
-                c_lo, c_hi = search_range(v, self.bits, self.symmetric, self.search, self.percentile)
+                grid = fp_range_quantizer(self.fmt) if self.fmt.is_float and not self.dynamic else None
+                c_lo, c_hi = search_range(v, self.bits, self.symmetric, self.search, self.percentile, quantize=grid)
                 g_lo[k], g_hi[k] = c_lo[0], c_hi[0]
-        scale, zero = quant_params(g_lo, g_hi, self.bits, self.symmetric)
+        scale, zero = self._params_from_range(g_lo, g_hi)
         self.scale = scale.to(self.scale.device)
         self.zero = zero.to(self.zero.device)
         self.timesteps = groups.to(self.timesteps.device)
         self._rows = []
         self.mode = "quant"
+
+    def _params_from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) of calibrated ranges: the int grid's, amax / elem_max for an FP grid, and for a dynamic
+        quantizer its tensor scale (NVFP4: amax / (448 * 6); otherwise amax / elem_max)."""
+        amax = torch.maximum(-lo, hi).clamp_min(1e-30)
+        if self.dynamic:
+            scale = tensor_scale_for(amax, self.fmt) if self.fmt.tensor_scale else amax / self.fmt.qmax
+            return scale, torch.zeros_like(scale)
+        if self.fmt.is_float:
+            return amax / self.fmt.qmax, torch.zeros_like(amax)
+        return quant_params(lo, hi, self.bits, self.symmetric)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A TPQ quantizer's buffers are as long as the calibration's timestep count: adopt the saved size.
@@ -206,15 +267,29 @@ class ActQuantizer(nn.Module):
 
 
 class _WeightQuant:
-    """Mixin: a weight quantized once per output channel, its dequantized copy cached until it changes."""
+    """Mixin: a weight quantized once per output channel, per tensor, or per block of G along its input
+    dimension (w_fmt), its dequantized copy cached until it changes.
+
+    Buffers: w_scale and w_zero, [out, 1, ...] per channel, [1, ...] per tensor, [out, blocks] per block (a conv's
+    input dimension is in x kh x kw, flattened); w_tscale [1] for a format with a tensor scale (NVFP4)."""
 
     def _init_weight_quant(self, bits: int | None, per_channel: bool, symmetric: bool, search: str,
-                           percentile: float) -> None:
+                           percentile: float, fmt: FormatSpec | None = None) -> None:
+        self.w_fmt = fmt if fmt is not None else int_format(bits)
+        if self.w_fmt.is_float:
+            symmetric = True  # FP grids are symmetric about zero
         self.w_bits, self.w_per_channel, self.w_symmetric = bits, per_channel, symmetric
         self.w_search, self.w_percentile = search, percentile
-        shape = [self.weight.shape[0]] + [1] * (self.weight.dim() - 1) if per_channel else [1] * self.weight.dim()
+        out = self.weight.shape[0]
+        if self.w_fmt.blocked:
+            k = self.weight[0].numel()
+            shape = [out, -(-k // self.w_fmt.group)]
+        else:
+            shape = [out] + [1] * (self.weight.dim() - 1) if per_channel else [1] * self.weight.dim()
         self.register_buffer("w_scale", torch.ones(shape, device=self.weight.device))
         self.register_buffer("w_zero", torch.zeros(shape, device=self.weight.device))
+        if self.w_fmt.tensor_scale:
+            self.register_buffer("w_tscale", torch.ones(1, device=self.weight.device))
         self.use_fp_weight = False  # True while calibrating activations on the FP (folded) model
         # While block-wise reconstruction learns this layer's rounding (quant.recon.adaround), a callable that
         # returns the soft-rounded weight; None otherwise (it is never saved).
@@ -226,12 +301,54 @@ class _WeightQuant:
 
     @torch.no_grad()
     def calibrate_weight(self) -> None:
-        """Weight step sizes from the current weight: one per output channel (axis 0) or one per tensor."""
-        scale, zero = search_params(self.weight, self.w_bits, 0 if self.w_per_channel else None,
-                                    self.w_symmetric, self.w_search, self.w_percentile)
-        self.w_scale = scale.reshape(self.w_scale.shape).to(self.weight.device)
-        self.w_zero = zero.reshape(self.w_zero.shape).to(self.weight.device)
+        """Weight scales from the current weight: per output channel (axis 0), per tensor, or per block (the
+        block scale's own rule: E8M0 / E4M3 / fp16 from each block's range; the range search is per channel /
+        tensor only)."""
+        fmt, w = self.w_fmt, self.weight.detach()
+        if fmt.blocked:
+            flat = w.reshape(w.shape[0], -1).float()
+            ts = None
+            if fmt.tensor_scale:
+                ts = tensor_scale_for(flat.abs().amax(), fmt).reshape(1)
+                self.w_tscale = ts.to(w.device)
+            scale, zero = block_params(pad_blocks(flat, fmt.group), fmt, ts, self.w_symmetric)
+        elif fmt.is_float:
+            scale = fp_scale_search(w, fmt, 0 if self.w_per_channel else None, self.w_search, self.w_percentile)
+            zero = torch.zeros_like(scale)
+        else:
+            scale, zero = search_params(w, self.w_bits, 0 if self.w_per_channel else None,
+                                        self.w_symmetric, self.w_search, self.w_percentile)
+        self.w_scale = scale.reshape(self.w_scale.shape).to(w.device)
+        self.w_zero = zero.reshape(self.w_zero.shape).to(w.device)
         self._cache = None
+
+    def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) broadcastable to the weight: block scales expanded to every element and multiplied by
+        the tensor scale (NVFP4); the per-channel / per-tensor buffers as they are."""
+        if not self.w_fmt.blocked:
+            return self.w_scale, self.w_zero
+        shape, k = self.weight.shape, self.weight[0].numel()
+        scale = effective_scale(self.w_scale, getattr(self, "w_tscale", None) if self.w_fmt.tensor_scale else None)
+        expand = lambda v: expand_blocks(v, self.w_fmt.group, k).reshape(shape)  # noqa: E731
+        return expand(scale), expand(self.w_zero)
+
+    def fake_quant_weight(self, w: torch.Tensor, ste: bool = False) -> torch.Tensor:
+        """w on this layer's grid with its scales (w may be a latent weight under training)."""
+        scale, zero = self.weight_qparams()
+        if not self.w_fmt.is_float:
+            return fake_quant(w, scale, zero, self.w_bits, self.w_symmetric)
+        return fake_quant_elements(w, self.w_fmt, scale, ste=ste)
+
+    @torch.no_grad()
+    def weight_codes(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored codes of the weight (int64, non-negative): int grid codes minus qmin, or FP bit patterns."""
+        w = self.weight.detach() if w is None else w
+        scale, zero = self.weight_qparams()
+        if self.w_fmt.is_float:
+            # the same rounding fake_quant_elements does, so codes * scale is the quantized weight bit for bit
+            return element_codes(round_to_element(w / scale.to(w.dtype), self.w_fmt.element), self.w_fmt.element)
+        qmin, _ = qrange(self.w_bits, self.w_symmetric)
+        return (quantize_codes(w, scale, zero, self.w_bits, self.w_symmetric) - qmin).to(torch.int64)
 
     def quantized_weight(self) -> torch.Tensor:
         if is_off(self.w_bits) or self.use_fp_weight:
@@ -239,12 +356,12 @@ class _WeightQuant:
         if getattr(self, "weight_override", None) is not None:
             return self.weight_override()
         if torch.is_grad_enabled() and (self.weight.requires_grad or self.w_scale.requires_grad):
-            return fake_quant(self.weight, self.w_scale, self.w_zero, self.w_bits, self.w_symmetric)
+            return self.fake_quant_weight(self.weight)
         key = (id(self.weight), self.weight.data_ptr(), self.weight._version, id(self.w_scale), self.w_scale._version,
                id(self.w_zero), self.w_zero._version)
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
-                wq = fake_quant(self.weight, self.w_scale, self.w_zero, self.w_bits, self.w_symmetric)
+                wq = self.fake_quant_weight(self.weight)
             self._cache = (key, wq)
         return self._cache[1]
 
@@ -262,13 +379,14 @@ class QuantLinear(_WeightQuant, nn.Linear):
     """Y = Q_a(X) Q_w(W)^T + b. Still an nn.Linear (same weight/bias names), so hooks and statistics work."""
 
     def __init__(self, linear: nn.Linear, w_bits: int | None, act: ActQuantizer, per_channel: bool = True,
-                 w_symmetric: bool = False, search: str = "minmax", percentile: float = 99.99):
+                 w_symmetric: bool = False, search: str = "minmax", percentile: float = 99.99,
+                 w_fmt: FormatSpec | None = None):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.act = act
-        self._init_weight_quant(w_bits, per_channel, w_symmetric, search, percentile)
+        self._init_weight_quant(w_bits, per_channel, w_symmetric, search, percentile, w_fmt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(self.act(x), self.quantized_weight(), self.bias)
@@ -277,7 +395,8 @@ class QuantLinear(_WeightQuant, nn.Linear):
         return y
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, w_bits={self.w_bits}"
+        fmt = "" if self.w_fmt.name == "int" and not self.w_fmt.blocked else f", w_format={self.w_fmt.describe()}"
+        return f"in={self.in_features}, out={self.out_features}, w_bits={self.w_bits}{fmt}"
 
 
 class QuantConv2d(_WeightQuant, nn.Conv2d):
@@ -285,7 +404,8 @@ class QuantConv2d(_WeightQuant, nn.Conv2d):
     per tensor."""
 
     def __init__(self, conv: nn.Conv2d, w_bits: int | None, act: ActQuantizer, per_channel: bool = True,
-                 w_symmetric: bool = False, search: str = "minmax", percentile: float = 99.99):
+                 w_symmetric: bool = False, search: str = "minmax", percentile: float = 99.99,
+                 w_fmt: FormatSpec | None = None):
         nn.Module.__init__(self)
         for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                      "padding_mode", "transposed", "output_padding", "_reversed_padding_repeated_twice"):
@@ -293,7 +413,7 @@ class QuantConv2d(_WeightQuant, nn.Conv2d):
         self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         self.act = act
-        self._init_weight_quant(w_bits, per_channel, w_symmetric, search, percentile)
+        self._init_weight_quant(w_bits, per_channel, w_symmetric, search, percentile, w_fmt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._conv_forward(self.act(x), self.quantized_weight(), self.bias)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-KINDS = ("bool", "int", "float", "str", "bits", "tristate", "patterns", "optional_float")
+KINDS = ("bool", "int", "float", "str", "bits", "tristate", "patterns", "optional_float", "optional_int")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +66,8 @@ def check(opt: Option, value) -> None:
         ok = isinstance(value, bool)
     elif kind == "tristate":
         ok = value is None or isinstance(value, bool)
-    elif kind == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind in ("int", "optional_int"):
+        ok = (value is None and kind == "optional_int") or (isinstance(value, int) and not isinstance(value, bool))
     elif kind in ("float", "optional_float"):
         ok = (value is None and kind == "optional_float") or (
             isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
@@ -82,7 +82,7 @@ def check(opt: Option, value) -> None:
         raise ValueError(f"{opt.name} must be {_accepts(opt)}, got {value!r}")
     if opt.choices and value not in opt.choices:
         raise ValueError(f"unknown {opt.name} {value!r}; choose one of {', '.join(map(str, opt.choices))}")
-    if value is not None and kind in ("int", "float", "optional_float"):
+    if value is not None and kind in ("int", "optional_int", "float", "optional_float"):
         below = opt.low is not None and (value <= opt.low if opt.low_open else value < opt.low)
         if below or (opt.high is not None and value > opt.high):
             raise ValueError(f"{opt.name} must be {_accepts(opt)}, got {value!r}")
@@ -95,7 +95,8 @@ def check_all(obj, method: str | None = None) -> None:
 
 def _accepts(opt: Option) -> str:
     what = {"bool": "true or false", "tristate": "true, false or null (the method's default)",
-            "int": "an integer", "float": "a finite number", "optional_float": "a finite number",
+            "int": "an integer", "optional_int": "an integer", "float": "a finite number",
+            "optional_float": "a finite number",
             "str": "a string", "patterns": "a list of layer name patterns",
             "bits": "an integer from 2 to 8, or 16 / None for no quantization"}[opt.kind]
     low = None if opt.low is None else f"{'>' if opt.low_open else '>='} {opt.low:g}"
@@ -104,4 +105,4 @@ def _accepts(opt: Option) -> str:
         what += f" in {'(' if opt.low_open else '['}{opt.low:g}, {opt.high:g}]"
     elif low or high:
         what += f" {low or high}"
-    return what + (", or null (the default)" if opt.kind == "optional_float" else "")
+    return what + (", or null (the default)" if opt.kind in ("optional_float", "optional_int") else "")

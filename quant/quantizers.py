@@ -106,8 +106,11 @@ def _broadcast(v: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tens
 
 
 def search_range(rows: torch.Tensor, bits: int, symmetric: bool = False, search: str = "minmax",
-                 percentile: float = 99.99) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clip range (lo, hi) per row of `rows` [C, N] by min-max, percentile or MSE search, all rows at once."""
+                 percentile: float = 99.99, quantize=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip range (lo, hi) per row of `rows` [C, N] by min-max, percentile or MSE search, all rows at once.
+
+    quantize(rows, lo, hi) -> rows quantized with clip range (lo, hi) [C] per row: the grid the MSE search measures
+    its error on (quant.formats passes an FP element grid's); None: the integer grid at `bits`."""
     if search not in SEARCHES:
         raise ValueError(f"unknown scale search {search!r}; choose one of {SEARCHES}")
     rows = rows.float()
@@ -125,8 +128,11 @@ def search_range(rows: torch.Tensor, bits: int, symmetric: bool = False, search:
         best_lo, best_hi = lo.clone(), hi.clone()
         for ratio in MSE_GRID:  # the grid of clip ratios, each evaluated for every row at once
             c_lo, c_hi = lo * ratio, hi * ratio
-            scale, zero = quant_params(c_lo, c_hi, bits, symmetric)
-            err = (fake_quant(rows, scale[:, None], zero[:, None], bits, symmetric) - rows).pow(2).mean(dim=1)
+            if quantize is not None:
+                err = (quantize(rows, c_lo, c_hi) - rows).pow(2).mean(dim=1)
+            else:
+                scale, zero = quant_params(c_lo, c_hi, bits, symmetric)
+                err = (fake_quant(rows, scale[:, None], zero[:, None], bits, symmetric) - rows).pow(2).mean(dim=1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_lo, best_hi = torch.where(better, c_lo, best_lo), torch.where(better, c_hi, best_hi)

@@ -24,10 +24,12 @@ def covered_layers(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, (QuantLinear, QuantConv2d))}
 
 
-def _act(config: QuantConfig, ctx: TimestepContext, num_timesteps: int, bits=None, symmetric=None) -> ActQuantizer:
+def _act(config: QuantConfig, ctx: TimestepContext, num_timesteps: int, bits=None, symmetric=None, fmt=None,
+         per_token: bool = False, channel_axis: int = -1) -> ActQuantizer:
     return ActQuantizer(config.a_bits if bits is None else bits,
                         config.a_symmetric if symmetric is None else symmetric,
-                        config.scale_search, config.percentile, config.use_tpq, ctx, num_timesteps)
+                        config.scale_search, config.percentile, config.use_tpq, ctx, num_timesteps,
+                        fmt=fmt, per_token=per_token, channel_axis=channel_axis)
 
 
 def wrap_model(model: nn.Module, config: QuantConfig, ctx: TimestepContext | None = None,
@@ -46,9 +48,12 @@ def wrap_model(model: nn.Module, config: QuantConfig, ctx: TimestepContext | Non
         kw = dict(per_channel=config.w_per_channel, w_symmetric=config.w_symmetric, search=config.scale_search,
                   percentile=config.percentile)
         w_bits, a_bits = config.bits_for(name)  # mixed precision: a layer_bits pattern may override
-        act = _act(config, ctx, num_timesteps, bits=a_bits)
-        new = QuantLinear(mod, w_bits, act, **kw) if isinstance(mod, nn.Linear) else \
-            QuantConv2d(mod, w_bits, act, **kw)
+        w_fmt, a_fmt = config.formats_for(name)
+        linear = isinstance(mod, nn.Linear)
+        act = _act(config, ctx, num_timesteps, bits=a_bits, fmt=a_fmt, per_token=config.a_per_token,
+                   channel_axis=-1 if linear else 1)
+        kw["w_fmt"] = w_fmt
+        new = QuantLinear(mod, w_bits, act, **kw) if linear else QuantConv2d(mod, w_bits, act, **kw)
         model.set_submodule(name, new)
         names.append(name)
     if not is_off(config.attn_bits):

@@ -140,3 +140,24 @@ def test_quantize_form_shows_only_the_chosen_methods_options():
     v = at.session_state["variants"]["smoothquant W8A8"]
     assert v.config.options == {"alpha": 0.25} and v.config.w_symmetric
     assert v.recipe.calibration.seed == CALIBRATION_SEED  # the page calibrates away from the evaluated seeds
+
+
+def test_quantize_page_number_formats():
+    """The format fields come from QuantConfig: a format whose bits do not match is one error line, a valid one
+    quantizes and names its format in the variant."""
+    at = AppTest.from_file("../pages/quantize.py", default_timeout=600)
+    at.run()
+    at.selectbox(key="q_method").set_value("baseline")
+    at.run()
+    _set_small_calibration(at)
+    at.selectbox(key="q_w_format").set_value("nvfp4")
+    _submit(at)
+    assert not at.exception, at.exception
+    assert any("nvfp4 holds 4-bit elements but w_bits is 8" in e.value for e in at.error)
+    assert "variants" not in at.session_state or not at.session_state["variants"]
+    at.select_slider(key="q_w_bits").set_value(4)
+    at.selectbox(key="q_a_format").set_value("fp8_e4m3")
+    _submit(at)
+    assert not at.exception, at.exception
+    v = at.session_state["variants"]["baseline W4A8 w:nvfp4 a:fp8_e4m3"]
+    assert v.config.w_spec.group == 16 and v.report["weight_bytes"] > 0

@@ -103,3 +103,22 @@ def test_salience_page_csv_content(bundled):
     header = text[0].split(",")
     assert header[:7] == ["layer", "block", "kind", "step", "timestep", "channel", "absmax"]
     assert "weight_absmax" in header and len(text) == 1 + 2 * 512
+
+
+def test_number_formats_tab_draws_grids_and_errors_per_format():
+    at = AppTest.from_file(PAGE, default_timeout=600)
+    at.run()
+    _collect(at)
+    assert not at.exception, at.exception
+    assert any("Compare formats" in i.value for i in at.info)  # on demand only
+    [b for b in at.button if b.label == "Compare formats"][0].click()
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error
+    figs = _figures(at)
+    assert len(figs) == 8  # (a)-(f) and the two format figures
+    hist, err = figs[6], figs[7]
+    assert "values each format can give it" in _title(hist)
+    names = [t["name"] for t in err["data"]]
+    assert names == ["int4", "fp4_e2m1", "mxfp4 (blocks of 32)", "nvfp4 (blocks of 16)"]
+    assert [t["name"] for t in hist["data"][1:]] == ["int4", "fp4_e2m1", "mxfp4", "nvfp4"]

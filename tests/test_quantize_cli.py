@@ -153,6 +153,26 @@ def test_quantization_flags_come_from_the_config_and_the_methods():
         assert flag in help_text, flag
 
 
+def test_quantize_format_flags_save_reload_and_refuse_nonsense(tiny_folder, tmp_path, capsys):
+    from analysis.models.loading import load
+
+    out_dir = tmp_path / "q"
+    rc, out, err = run_cli(capsys, "quantize", "--model", tiny_folder, "--method", "dilatequant", "--w-bits", 4,
+                           "--a-bits", 4, "--w-format", "nvfp4", "--a-format", "mxfp4", *SMALL, "--out", out_dir,
+                           "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["label"] == "dilatequant W4A4 w:nvfp4 a:mxfp4 TPQ"
+    q = load(str(out_dir))
+    assert q.quant_config["w_format"] == "nvfp4" and q.quant_config["a_format"] == "mxfp4"
+    for bad, words in ((["--w-format", "fp4_e2m1"], "holds 4-bit elements but w_bits is 8"),
+                       (["--a-format", "fp6"], "unknown a_format 'fp6'"),
+                       (["--w-group", "0"], "w_group must be an integer in [2, 4096]"),
+                       (["--a-per-token", "--a-group", "32"], "per-token or per-block")):
+        rc, _, err = run_cli(capsys, "quantize", "--model", tiny_folder, "--method", "baseline", *bad, *SMALL)
+        assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_rel_rms_is_held_out_with_the_in_sample_value_beside_it(bundled):
     """The headline error is measured on seeds that calibration never saw; the in-sample value stays beside
     it, and data without a spec (no seeds to step past) says it is in sample."""

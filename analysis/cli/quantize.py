@@ -52,7 +52,8 @@ def _add_flag(group, opt, default, argparse) -> None:
         group.add_argument(opt.flag, dest=opt.name, action="append", default=None, metavar="PATTERN",
                            help=text + "; repeatable")
     else:
-        kind = {"int": int, "bits": int, "float": finite_float(), "optional_float": finite_float()}.get(opt.kind, str)
+        kind = {"int": int, "optional_int": int, "bits": int, "float": finite_float(),
+                "optional_float": finite_float()}.get(opt.kind, str)
         # choices are checked by QuantConfig, so a bad value gets the same message from every face
         choices = f"; one of {', '.join(map(str, opt.choices))}" if opt.choices else ""
         group.add_argument(opt.flag, dest=opt.name, type=kind, default=default,

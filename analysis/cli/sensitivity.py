@@ -21,6 +21,10 @@ def register(sub) -> None:
     p.add_argument("--method", default="baseline", help="quantization method of the analysis (default: %(default)s)")
     p.add_argument("--w-bits", type=int, default=4, help="weight bits (default: %(default)s)")
     p.add_argument("--a-bits", type=int, default=4, help="activation bits (default: %(default)s)")
+    p.add_argument("--w-format", default="int", help="weight number format, as dqlab quantize (default: %(default)s)")
+    p.add_argument("--a-format", default="int", help="activation number format (default: %(default)s)")
+    p.add_argument("--w-group", type=int, default=None, help="weight block size (default: per channel)")
+    p.add_argument("--a-group", type=int, default=None, help="activation block size (default: per tensor)")
     p.add_argument("--granularity", default="layer", help="layer, kind or block (default: %(default)s)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps of the calibration run (default: %(default)s)")
     p.add_argument("--samples", type=int, default=4, help="FP images of the calibration run (default: %(default)s)")
@@ -49,7 +53,8 @@ def run(args) -> dict:
                        "give a bit-width below 16 to at least one of them")
     if args.calib_seed < 0:
         raise CLIError(f"--calib-seed must be >= 0, got {args.calib_seed}")
-    config = QuantConfig(method=args.method, w_bits=w, a_bits=a).validate()
+    config = QuantConfig(method=args.method, w_bits=w, a_bits=a, w_format=args.w_format, a_format=args.a_format,
+                         w_group=args.w_group, a_group=args.a_group).validate()
     if not config.quantizes:
         raise CLIError(f"--method {config.method} quantizes nothing; pick a quantizing method")
     bundle = load(args.model, device=args.device, dtype=args.dtype)

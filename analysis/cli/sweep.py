@@ -1,6 +1,7 @@
 """dqlab sweep: methods x bit-widths x options on one footing; the Pareto front and a recommendation.
 
     dqlab sweep --methods baseline,dilatequant --bits W8A8,W4A4 --num-samples 512 --steps 25 --json
+    dqlab sweep --methods baseline --bits W8A8,W4A4,W4A8 --formats int,fp8_e4m3,int4-g32,fp4_e2m1,mxfp4,nvfp4
     dqlab sweep ... --tolerance fid_vs_fp=10 --tolerance rel_rms_step_median=0.1 --config-out pick.json
     dqlab quantize --config pick.json --out q/           # the recommended setting, as a model folder
 
@@ -44,6 +45,10 @@ def register(sub) -> None:
     p.add_argument("--bits", default="W8A8,W4A8,W4A4", help="comma-separated W<w>A<a> (default: %(default)s)")
     p.add_argument("--options", default="default",
                    help="comma-separated: default, tpq, adaround, bkd, float-io, keep8:K (default: %(default)s)")
+    p.add_argument("--formats", default="int",
+                   help="comma-separated number formats: int, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, mxfp8, "
+                        "mxfp6, mxfp4, nvfp4, int4-g32/g64/g128, or WEIGHT/ACTIVATION (nvfp4/fp8_e4m3); a format runs "
+                        "at the bit-widths its weights hold, its activations where theirs do (default: %(default)s)")
     p.add_argument("--num-samples", type=int, default=512, help="images per point for FID (default: %(default)s)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps, calibration and evaluation (default: %(default)s)")
     add_guidance(p, "the model's evaluation guidance, the FID protocol")
@@ -69,6 +74,7 @@ def run(args) -> dict:
 
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
     spec = SweepSpec(methods=split(args.methods), bits=[b.upper() for b in split(args.bits)], options=split(args.options),
+                     formats=split(args.formats),
                      num_samples=args.num_samples, steps=args.steps, guidance=args.guidance, seed=args.seed,
                      calib_samples=args.calib_samples, calib_seed=args.calib_seed, recon_iters=args.recon_iters)
     spec.validate()

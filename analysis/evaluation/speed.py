@@ -31,6 +31,14 @@ from quant.modules import quant_layers
 
 W8A8 = QuantConfig(method="baseline", w_bits=8, a_bits=8)
 W8A8_SYMMETRIC = QuantConfig(method="baseline", w_bits=8, a_bits=8, w_symmetric=True)
+# Number formats whose fake-quant forward is timed against FP32 (the CPU simulation's cost); FP8 W8A8 also runs
+# in real FP8 (quant.fp8) on a GPU that has it, against BF16.
+FORMAT_CONFIGS = {"fake_quant_fp8_e4m3": QuantConfig(method="baseline", w_bits=8, a_bits=8, w_format="fp8_e4m3",
+                                                     a_format="fp8_e4m3"),
+                  "fake_quant_mxfp4": QuantConfig(method="baseline", w_bits=4, a_bits=4, w_format="mxfp4",
+                                                  a_format="mxfp4"),
+                  "fake_quant_nvfp4": QuantConfig(method="baseline", w_bits=4, a_bits=4, w_format="nvfp4",
+                                                  a_format="nvfp4")}
 METHOD_CONFIGS = (QuantConfig(method="baseline", w_bits=8, a_bits=8),
                   QuantConfig(method="smoothquant", w_bits=8, a_bits=8),
                   QuantConfig(method="ptq4dit", w_bits=8, a_bits=8),
@@ -249,6 +257,7 @@ def forward_speed(fp_model, calibration: list, batch: tuple, opts: BenchOptions)
              "int8_w8a8_symmetric_planned": (to_int8(q_sym, plan_sym), torch.float32)}
     if device.type == "cuda":
         paths.update(fp16=(_copy_to(fp, torch.float16), torch.float16), bf16=(_copy_to(fp, torch.bfloat16), torch.bfloat16))
+    paths.update(format_paths(fp, cal, device))
     out = measure_interleaved({name: _forward(m, batch, device, dtype) for name, (m, dtype) in paths.items()},
                               opts.repeats, device)
     int8_planned = paths["int8_w8a8_planned"][0]
@@ -264,10 +273,29 @@ def forward_speed(fp_model, calibration: list, batch: tuple, opts: BenchOptions)
     for name in ("fp16", "bf16"):
         if name in out:
             ratios[f"int8_speedup_vs_{name}"] = out[name]["seconds"] / out["int8_w8a8"]["seconds"]
+    for name in FORMAT_CONFIGS:  # > 1: the simulation costs more than FP32
+        ratios[f"{name}_forward_vs_fp32"] = out[name]["seconds"] / out["fp32"]["seconds"]
+    if "fp8_w8a8" in out and "bf16" in out:
+        ratios["fp8_speedup_vs_bf16"] = out["bf16"]["seconds"] / out["fp8_w8a8"]["seconds"]
     return {"forward": out, "ratios": ratios, "rows": int(batch[0].shape[0]),
             "plan": {"int8_layers": len(int8_layers(int8_planned)), "eligible_layers": eligible,
                      "shapes": sorted({(e["rows"], e["in_features"], e["out_features"], round(e["speedup"], 2))
                                        for e in plan.values()})}}
+
+
+def format_paths(fp_model, cal: list, device: torch.device) -> dict:
+    """name -> (model, dtype) for each of FORMAT_CONFIGS (fake-quant), and on a GPU with FP8 matmuls the FP8 W8A8
+    model with its linears in real FP8 (quant.fp8.to_fp8), BF16 elsewhere."""
+    from quant.fp8 import fp8_supported, to_fp8
+
+    paths = {}
+    for name, cfg in FORMAT_CONFIGS.items():
+        q = quantize(fp_model, cfg, cal)
+        paths[name] = (q, torch.float32)
+        if name == "fake_quant_fp8_e4m3" and fp8_supported(device):
+            real, _ = to_fp8(_copy_to(q, torch.bfloat16))  # the FP8 buffers made after the cast stay FP8
+            paths["fp8_w8a8"] = (real, torch.bfloat16)
+    return paths
 
 
 def _copy_to(model, dtype):

@@ -56,6 +56,7 @@ from analysis.quantization.sensitivity import mixed_config, top_layers
 from analysis.quantization.sizes import bops, float_bits_of, mac_table
 from quant.config import METHODS, QuantConfig, quantizes
 from quant.families import FAMILIES
+from quant.formats import FORMAT_NAMES, format_bits
 from quant.measures import step_median
 
 # float-io's layers are the family's (quant.families: FAMILY.float_io), filled in per model by point_config.
@@ -85,6 +86,33 @@ def parse_bits(text: str) -> tuple[int | None, int | None]:
     return w, a
 
 
+def parse_format_item(text: str) -> tuple[str, str | None]:
+    """A formats-axis entry: 'mxfp4' (both sides where it fits) or 'W/A' such as 'nvfp4/fp8_e4m3' or
+    'int4-g32/int'."""
+    w, sep, a = text.strip().partition("/")
+    for name in (w, a) if sep else (w,):
+        if name not in FORMAT_NAMES:
+            raise ValueError(f"unknown format {name!r} in the formats axis; choose from {', '.join(FORMAT_NAMES)}, "
+                             "or write WEIGHT/ACTIVATION such as nvfp4/fp8_e4m3")
+    return w, (a if sep else None)
+
+
+def format_fields(item: str, bits: str) -> dict | None:
+    """The QuantConfig format fields of a formats-axis entry at `bits`, or None where the weight side cannot
+    take the format (mxfp4 at W8A8). A single name applies to the activations too where their bits fit it
+    (W4A8 mxfp4: weights MXFP4, activations int8), so at W4A8 only the weights vary."""
+    w_bits, a_bits = parse_bits(bits)
+    w, a = parse_format_item(item)
+    fits = lambda name, b: b is not None and format_bits(name) in (None, b)  # noqa: E731
+    if w_bits is not None and not fits(w, w_bits):
+        return None
+    if a is None:
+        a = w if fits(w, a_bits) else "int"
+    elif a_bits is not None and not fits(a, a_bits):
+        return None
+    return {"w_format": w if w_bits is not None else "int", "a_format": a if a_bits is not None else "int"}
+
+
 def bits_text(w: int | None, a: int | None) -> str:
     return f"W{w or 16}A{a or 16}"
 
@@ -103,6 +131,7 @@ class SweepSpec:
     methods: list[str]
     bits: list[str]
     options: list[str] = dataclasses.field(default_factory=lambda: ["default"])
+    formats: list[str] = dataclasses.field(default_factory=lambda: ["int"])
     num_samples: int = 512
     steps: int = 25
     guidance: float | None = None
@@ -123,6 +152,13 @@ class SweepSpec:
             parse_bits(b)
         for o in self.options:
             check_option(o)
+        if not self.formats:
+            raise ValueError("a sweep needs at least one format (int for today's grids)")
+        for f in self.formats:
+            parse_format_item(f)
+        if not self.grid():
+            raise ValueError(f"no format of {self.formats} fits any bit-width of {self.bits}: FP4 formats need W4, "
+                             "FP8 ones W8, FP6 ones W6")
         if self.calib_samples < 1:
             raise ValueError(f"calibration samples must be >= 1, got {self.calib_samples}")
         if self.recon_iters is not None and self.recon_iters < 1:
@@ -134,23 +170,24 @@ class SweepSpec:
                            scheduler=self.scheduler, seed=self.seed, calib_samples=self.calib_samples,
                            calib_seed=self.calib_seed)
 
-    def grid(self) -> list[tuple[str, str, str]]:
-        """(method, bits, option) of every point, in order. Mixed precision needs bits below 8 to mix with."""
+    def grid(self) -> list[tuple[str, str, str, str]]:
+        """(method, bits, format, option) of every point, in order. Mixed precision needs bits below 8 to mix
+        with; a format is skipped at bits its weights cannot hold."""
         def lower(bits):
             return any(v is not None and v < 8 for v in parse_bits(bits))
-        return [(m, b, o) for b in self.bits for m in self.methods for o in self.options
-                if not MIXED.match(o) or lower(b)]
+        return [(m, b, f, o) for b in self.bits for f in self.formats for m in self.methods for o in self.options
+                if (not MIXED.match(o) or lower(b)) and format_fields(f, b) is not None]
 
     def size(self) -> int:
         return len(self.grid())
 
 
 def point_config(method: str, bits: str, option: str, spec: SweepSpec, layers: list[str] | None = None,
-                 family: str = "dit") -> QuantConfig:
+                 family: str = "dit", fmt: str = "int") -> QuantConfig:
     """The QuantConfig of one grid point (keep8:K needs the layers the sensitivity ranking picked; float-io
-    keeps the ends the model's family declares in float)."""
+    keeps the ends the model's family declares in float; fmt is the point's formats-axis entry)."""
     w, a = parse_bits(bits)
-    fields = dict(method=method, w_bits=w, a_bits=a)
+    fields = dict(method=method, w_bits=w, a_bits=a, **(format_fields(fmt, bits) or {}))
     if MIXED.match(option):
         return mixed_config(QuantConfig(**fields), layers or [])
     fields.update(OPTIONS[option])
@@ -253,13 +290,13 @@ def _format_quality(point: dict, quality: str) -> str:
 
 
 def _point(label: str, method: str, bits: str, option: str, config: dict, run, table: dict, float_bits: int,
-           reused: bool, fp_agreement: float | None) -> dict:
+           reused: bool, fp_agreement: float | None, fmt: str = "int") -> dict:
     m = run.metrics
     qc = QuantConfig.from_dict(config) if quantizes(method) else None
     agreement = m.get("label_agreement")
     t = run.timings
     return {
-        "label": label, "method": method, "bits": bits, "option": option, "config": config,
+        "label": label, "method": method, "bits": bits, "format": fmt, "option": option, "config": config,
         "fid_vs_fp": m.get("fid_vs_fp"), "fid_vs_fp_interval": m.get("fid_vs_fp_interval"),
         "fid": m.get("fid"), "fid_interval": m.get("fid_interval"), "fid_floor": m.get("fid_floor"),
         "label_agreement": agreement,
@@ -294,7 +331,7 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
     calib_spec = opts.calibration(bundle).resolved(bundle)  # one FP calibration set for every point
     table, fbits = mac_table(bundle.denoiser), float_bits_of(bundle.denoiser)
     progress = on_progress or (lambda stage, frac: None)
-    grid = [("fp", "FP", "default")] + spec.grid()
+    grid = [("fp", "FP", "int", "default")] + spec.grid()
     total = len(grid)
     calibration: list = []  # drawn once, on the first point that needs measuring
     rankings: dict[str, dict] = {}
@@ -307,19 +344,21 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
         return calibration[0]
 
     fp_agreement = None
-    for i, (method, bits, option) in enumerate(grid):
+    for i, (method, bits, fmt, option) in enumerate(grid):
         mixed = MIXED.match(option)
         if not quantizes(method):
             config, label = QuantConfig(method="fp"), "FP"
         else:
             top = None
             if mixed:
-                if bits not in rankings:
-                    rankings[bits] = _ranking(bundle, bits, get_calibration, calib_spec, fingerprint, store,
-                                              lambda s, f: progress(f"sensitivity {bits}: {s}", (i + f / 2) / total))
+                rkey = bits if fmt == "int" else f"{bits} {fmt}"
+                if rkey not in rankings:
+                    rankings[rkey] = _ranking(bundle, bits, get_calibration, calib_spec, fingerprint, store,
+                                              lambda s, f: progress(f"sensitivity {rkey}: {s}", (i + f / 2) / total),
+                                              fmt)
                 k = int(mixed.group(2))
-                top = top_layers(rankings[bits]["ranking"], k, least=bool(mixed.group(1)))
-            config = point_config(method, bits, option, spec, top, bundle.family)
+                top = top_layers(rankings[rkey]["ranking"], k, least=bool(mixed.group(1)))
+            config = point_config(method, bits, option, spec, top, bundle.family, fmt)
             label = config.label + (f" (least sensitive {k})" if mixed and mixed.group(1) else "")
             if option == "float-io":
                 label += " float-io"
@@ -339,7 +378,7 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
                               on_progress=lambda s, f: progress(f"{label}: {s}", (i + f) / total))
             run = store.get(result.run_id)
             measured += 1
-        point = _point(label, method, bits, option, cfg, run, table, fbits, reused, fp_agreement)
+        point = _point(label, method, bits, option, cfg, run, table, fbits, reused, fp_agreement, fmt)
         if not quantizes(method):
             fp_agreement = point["label_agreement"]
             point["label_agreement_drop"] = 0.0 if fp_agreement is not None else None
@@ -366,13 +405,14 @@ def check_float_io(bundle: ModelBundle, spec: SweepSpec) -> list[str]:
 
 
 def _ranking(bundle: ModelBundle, bits: str, get_calibration, calib_spec, fingerprint: str, store: Store,
-             on_progress) -> dict:
+             on_progress, fmt: str = "int") -> dict:
     """The per-layer sensitivity ranking at `bits` on the shared calibration set, cached beside the store (it
     is deterministic for a model and calibration set, and a resumed sweep must rebuild the same mixed configs)."""
     from analysis.quantization.sensitivity import sensitivity
 
     w, a = parse_bits(bits)
-    key = hashlib.sha256(json.dumps([fingerprint, bits, calib_spec.to_dict()], sort_keys=True).encode()).hexdigest()[:20]
+    ident = [fingerprint, bits, calib_spec.to_dict()] + ([fmt] if fmt != "int" else [])  # int keys as before
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
     path = store.data_dir / "sensitivity" / f"{key}.json"
     if path.exists():
         from quant.guards import read_json
@@ -381,7 +421,8 @@ def _ranking(bundle: ModelBundle, bits: str, get_calibration, calib_spec, finger
             return read_json(path)  # size and depth bounded: the store's folder may hold anything
         except ValueError:  # a damaged cache file is recomputed
             path.unlink(missing_ok=True)
-    out = sensitivity(bundle, w, a, get_calibration(), on_progress=on_progress).to_json()
+    base = QuantConfig(method="baseline", w_bits=w, a_bits=a, **(format_fields(fmt, bits) or {}))
+    out = sensitivity(bundle, w, a, get_calibration(), base=base, on_progress=on_progress).to_json()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(out))

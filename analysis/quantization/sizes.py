@@ -6,6 +6,8 @@ b_w * b_a bit-operations. MACs come from each layer's shape and the number of ro
 by hooks on one forward of one image (tokens for the block layers, one row for the adaLN and timestep
 layers); attention adds its two matmuls (q k^T and softmax(.) v), at attn_bits when those are quantized.
 A layer left in floating point counts the model's float width (32 for float32) for that operand.
+A block-scaled format counts its scale bits per element on both sides (MXFP4 4.25, NVFP4 4.5, int4-g32 with
+an fp16 scale and a zero point 4.75): the scales are read and applied with the elements they scale.
 """
 from __future__ import annotations
 
@@ -73,7 +75,13 @@ def _bits(value, float_bits: int) -> int:
     return float_bits if is_off(value) else int(value)
 
 
-def layer_bits(table: dict[str, dict], config: QuantConfig | None, float_bits: int = 32) -> dict[str, tuple[int, int]]:
+def _format_bits(spec, symmetric: bool, float_bits: int) -> float:
+    from quant.formats import bits_per_element
+
+    return float_bits if spec is None else bits_per_element(spec, symmetric)
+
+
+def layer_bits(table: dict[str, dict], config: QuantConfig | None, float_bits: int = 32) -> dict[str, tuple[float, float]]:
     """(weight bits, activation bits) each entry of the table runs at under `config` (None: FP)."""
     out = {}
     for name, entry in table.items():
@@ -86,8 +94,9 @@ def layer_bits(table: dict[str, dict], config: QuantConfig | None, float_bits: i
         elif is_excluded(name, config.exclude):
             out[name] = (float_bits, float_bits)
         else:
-            w, a = config.bits_for(name)
-            out[name] = (_bits(w, float_bits), _bits(a, float_bits))
+            w_spec, a_spec = config.formats_for(name)
+            out[name] = (_format_bits(w_spec, config.w_symmetric or (w_spec is not None and w_spec.is_float), float_bits),
+                         _format_bits(a_spec, True, float_bits))
     return out
 
 

@@ -14,11 +14,19 @@ is 0 only when every h is 0 or 1; beta is annealed from 20 (a flat penalty that 
 parabola that pushes each h to its nearer end) after a warm-up without the penalty. At the end the rounding
 is hardened, h -> [V >= 0] (h(V) >= 1/2), and folded into the integer weights: the layer keeps an ordinary
 weight that lies exactly on its quantization grid, so nothing about AdaRound is needed at inference.
+
+On a floating-point element grid (FP8 / FP6 / FP4, per channel or in blocks) the step is not uniform, so
+"floor" and "floor + 1" become the grid points just below and above W / d (quant.formats.grid_neighbours):
+
+    W_soft = d * (lo + h(V) (hi - lo))
+
+and hardening picks lo or hi. Block scales (MX, NVFP4, int groups) enter as the layer's per-element scale.
 """
 from __future__ import annotations
 
 import torch
 
+from quant.formats import grid_neighbours, round_to_element
 from quant.quantizers import qrange, quantize_codes
 
 ZETA, GAMMA = 1.1, -0.1
@@ -53,19 +61,33 @@ class AdaRoundWeight:
     def __init__(self, layer) -> None:
         self.layer = layer
         self.qmin, self.qmax = qrange(layer.w_bits, layer.w_symmetric)
+        self.element = layer.w_fmt.element if layer.w_fmt.is_float else None
+        self.d, self.z = (p.detach().float() for p in layer.weight_qparams())
         w = layer.weight.detach().float()
-        scaled = w / layer.w_scale
-        self.floor = torch.floor(scaled)
-        self.v = inverse_rectified_sigmoid(scaled - self.floor).requires_grad_(True)
+        scaled = w / self.d
+        if self.element is None:
+            self.floor = torch.floor(scaled)
+            frac = scaled - self.floor
+        else:
+            self.floor, self.ceil = grid_neighbours(scaled, self.element)
+            gap = self.ceil - self.floor
+            frac = torch.where(gap > 0, (scaled.clamp(self.floor, self.ceil) - self.floor) / gap.clamp_min(1e-30),
+                               torch.zeros_like(gap))
+        self.v = inverse_rectified_sigmoid(frac).requires_grad_(True)
 
     def h(self) -> torch.Tensor:
         return rectified_sigmoid(self.v)
 
+    def _on_grid(self, h: torch.Tensor) -> torch.Tensor:
+        """The weight at rounding h (soft or hard), in the layer's units."""
+        if self.element is not None:
+            return (self.floor + h * (self.ceil - self.floor)) * self.d
+        q = torch.clamp(self.floor + h + self.z, self.qmin, self.qmax)
+        return (q - self.z) * self.d
+
     def soft_weight(self) -> torch.Tensor:
         """W_soft, the layer's weight while its rounding is learned (installed as layer.weight_override)."""
-        d, z = self.layer.w_scale, self.layer.w_zero
-        q = torch.clamp(self.floor + self.h() + z, self.qmin, self.qmax)
-        return ((q - z) * d).to(self.layer.weight.dtype)
+        return self._on_grid(self.h()).to(self.layer.weight.dtype)
 
     def regulariser(self, beta: float) -> torch.Tensor:
         """f_reg = sum (1 - |2 h(V) - 1|^beta)."""
@@ -75,17 +97,24 @@ class AdaRoundWeight:
     def stats(self) -> tuple[int, int, int]:
         """(weights, h(V) exactly 0 or 1, hard rounding differs from round-to-nearest) before hardening."""
         h = self.h()
-        nearest = torch.round(self.layer.weight.detach().float() / self.layer.w_scale) - self.floor
+        scaled = self.layer.weight.detach().float() / self.d
+        if self.element is not None:
+            nearest = (round_to_element(scaled, self.element) != self.floor).float()
+        else:
+            nearest = torch.round(scaled) - self.floor
         return h.numel(), int(((h == 0) | (h == 1)).sum()), int(((self.v >= 0).float() != nearest).sum())
 
     @torch.no_grad()
     def harden(self) -> None:
         """Fold the hard rounding [V >= 0] into the layer's weight, exactly on its grid, and stop learning."""
-        d, z = self.layer.w_scale, self.layer.w_zero
-        codes = torch.clamp(self.floor + (self.v >= 0).float() + z, self.qmin, self.qmax)
-        weight = (codes - z) * d
-        # The stored codes (quant.io) are recomputed from the weight: they must be exactly these.
-        assert torch.equal(quantize_codes(weight, d, z, self.layer.w_bits, self.layer.w_symmetric).float(), codes)
+        weight = self._on_grid((self.v >= 0).float())
+        if self.element is None:
+            # The stored codes (quant.io) are recomputed from the weight: they must be exactly these.
+            d, z = self.d, self.z
+            codes = torch.clamp(self.floor + (self.v >= 0).float() + z, self.qmin, self.qmax)
+            assert torch.equal(quantize_codes(weight, d, z, self.layer.w_bits, self.layer.w_symmetric).float(), codes)
+        else:  # and a grid value times the scale rounds back to itself
+            assert torch.equal(self.layer.fake_quant_weight(weight), weight)
         self.layer.weight.data = weight.to(self.layer.weight.dtype)
         self.layer.weight_override = None
         self.layer._cache = None
