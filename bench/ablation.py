@@ -14,6 +14,12 @@ Rows per bit-width (each one QuantConfig; "+" switches on):
     CSB+SSC+AdaRound           PTQ4DiT as published
     TPQ+BKD                    DilateQuant's "BKD without WD"
     WD+TPQ+BKD                 DilateQuant as published
+    GPTQ                       second-order weight rounding (Frantar et al. 2022)
+    Hadamard                   rotated layer inputs (folded into to_v where exact, online elsewhere)
+    SVD                        SVDQuant: smoothing + rank-32 16-bit branch
+    Hadamard+GPTQ, SVD+GPTQ    the rotation or the branch, then GPTQ on the weight left to quantize
+    GPTQ+TPQ, Hadamard+TPQ, SVD+TPQ, Hadamard+GPTQ+TPQ, SVD+GPTQ+TPQ, WD+Hadamard+GPTQ+TPQ   with TPQ
+    Hadamard+GPTQ+TPQ+BKD      the rotation, GPTQ and TPQ, then DilateQuant's block-wise distillation
 Each row reports FID vs FP (same labels and seeds as the FP images; with its bootstrap interval), FID vs real,
 label agreement, rel_rms (noise prediction vs FP on the calibration inputs), the quantization time (with the
 block-wise optimization's share and its mean time per transformer block) and the peak memory of the
@@ -50,6 +56,18 @@ ROWS = {
     "CSB+SSC+AdaRound": dict(method="ptq4dit", recon="adaround"),
     "TPQ+BKD": dict(method="baseline", tpq=True, recon="bkd"),
     "WD+TPQ+BKD": dict(method="dilatequant", recon="bkd"),
+    "GPTQ": dict(method="gptq"),
+    "Hadamard": dict(method="hadamard"),
+    "SVD": dict(method="svdquant"),
+    "Hadamard+GPTQ": dict(method="hadamard+gptq"),
+    "SVD+GPTQ": dict(method="svdquant+gptq"),
+    "GPTQ+TPQ": dict(method="gptq", tpq=True),
+    "Hadamard+TPQ": dict(method="hadamard", tpq=True),
+    "SVD+TPQ": dict(method="svdquant", tpq=True),
+    "Hadamard+GPTQ+TPQ": dict(method="hadamard+gptq", tpq=True),
+    "SVD+GPTQ+TPQ": dict(method="svdquant+gptq", tpq=True),
+    "WD+Hadamard+GPTQ+TPQ": dict(method="dilatequant+hadamard+gptq"),
+    "Hadamard+GPTQ+TPQ+BKD": dict(method="hadamard+gptq", tpq=True, recon="bkd"),
 }
 
 

@@ -51,11 +51,16 @@ def _form(bundle):
     if fields["scale_search"] == "percentile":
         fields["percentile"] = option_widget(c_pct, described["percentile"], "q_percentile")
     st.caption(REGISTRY[method].help)
+    partners = [m.name for m in methods if m.composes and m.name != method] if REGISTRY[method].composes else []
+    extra = st.multiselect("Combine with", partners, key="q_combine",
+                           help="methods applied in the engine's order: balancing, rotation, low-rank branch, "
+                                "weight rounding; a combination the math does not allow is refused with the reason")
+    method = "+".join([method, *extra])
     common = [o for o in described.values() if o.name not in ("method", "scale_search", "percentile")]
     inputs = "UNet" if bundle.family == "unet" else "transformer"
     with st.form("quantize_form"):
         fields.update(option_grid([o for o in common if o.group == "quantization"], "q_", family=bundle.family))
-        own = REGISTRY[method].describe_options()
+        own = [o for name in method.split("+") for o in REGISTRY[name].describe_options()]
         if own:
             st.markdown(f"**{method} options**")
             options = option_grid(own, "q_")
@@ -244,7 +249,7 @@ def _show(bundle, variants: dict) -> None:
     if salience:
         groups = list(salience)
         c1, c2 = st.columns([3, 1])
-        group = c1.selectbox(f"{FOLD_VERB.get(v.config.method, 'Scaled')} group (input shared by its layers)", groups,
+        group = c1.selectbox(f"{FOLD_VERB.get(v.config.method.split('+')[0], 'Scaled')} group (input shared by its layers)", groups,
                              index=_default_group(salience), key="q_group",
                              help="to_q/k/v share one vector (qkv); to_out.0 and fc1 (ff.net.0.proj) have their own")
         sort = c2.checkbox("Sort channels by salience", key="q_sort")
@@ -256,11 +261,43 @@ def _show(bundle, variants: dict) -> None:
             c1.info("This method folds no vector: channel maxima are unchanged (plain PTQ).")
         if group in r.ssc:
             c2.plotly_chart(ssc_figure(r.ssc[group], group), width="stretch")
+    _show_methods(r)
     st.plotly_chart(layer_error_figure(r.layer_error, title=f"{pick}: per-layer relative output error"),
                     width="stretch")
     if r.recon:
         _show_recon(r.recon)
     _download(v)
+
+
+def _show_methods(r) -> None:
+    """What a rotation, a low-rank branch or a rounding method did (method_views, kept in the report)."""
+    from analysis.plots.quant import rotation_histogram_figure, spectrum_figure
+
+    methods = r.methods or {}
+    hists = r.rotation_histograms or {}
+    if hists:
+        rot = methods["rotation"]
+        st.subheader("Rotation")
+        st.caption(f"{len(rot['folded'])} layers rotated for free (folded into their producer), "
+                   f"{len(rot['online'])} online by a fast Walsh-Hadamard transform; constructions: "
+                   f"{', '.join(sorted(set(rot['kinds'].values())))}.")
+        # the layer whose range the rotation shrinks most
+        best = max(hists, key=lambda n: max(hists[n]["absmax_before"]) / max(max(hists[n]["absmax_after"]), 1e-12))
+        layer = st.selectbox("Rotated layer", list(hists), index=list(hists).index(best), key="q_rot_layer")
+        st.plotly_chart(rotation_histogram_figure(hists[layer], layer), width="stretch")
+    low = methods.get("lowrank")
+    if low and low["spectra"]:
+        st.subheader("Low-rank branch")
+        st.caption(f"rank {low['rank']} on {len(low['costs'])} layers: {low['extra_bytes'] / 2 ** 10:.0f} KiB of "
+                   f"16-bit factors, {low['extra_flops_per_position'] / max(low['layer_flops_per_position'], 1):.0%} "
+                   "extra FLOPs over the quantized GEMMs per token.")
+        names = list(low["spectra"])
+        layer = st.selectbox("Layer", names, key="q_svd_layer")
+        st.plotly_chart(spectrum_figure(low["spectra"][layer], low["costs"][layer]["rank"], layer), width="stretch")
+    rnd = methods.get("rounding")
+    if rnd:
+        st.caption(f"{rnd['method']}: output error of the rounded weights {rnd['error_ratio']:.2f}x that of "
+                   f"round-to-nearest (sum over layers of tr(E H E^T)), {rnd['seconds']:.1f} s.")
 
 
 # What the folded per-channel vector does, in each method's words (DilateQuant dilates weights, it does not balance).
@@ -271,7 +308,7 @@ def _show_balance(plan: dict, method: str) -> None:
     """Which layers took a folded per-channel scale, and why every other layer did not."""
     import pandas as pd
 
-    verb = FOLD_VERB.get(method, "Scaled")
+    verb = FOLD_VERB.get(method.split("+")[0], "Scaled")
     n_bal = sum(len(g["layers"]) for g in plan["balanced"])
     with st.expander(f"{verb} layers: {n_bal} of {plan['layers']} ({plan['foldable_layers']} can take a scale "
                      f"that folds exactly into the layer producing their input, {plan['foldable_share']:.0%})"):

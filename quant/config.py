@@ -12,7 +12,7 @@ import fnmatch
 import json
 from typing import Iterable
 
-from quant.methods import NAMES, REGISTRY, all_options, get_method
+from quant.methods import NAMES, REGISTRY, all_options, components, compose
 from quant.options import check_all, describe, option
 from quant.formats import FORMAT_NAMES, FormatSpec, format_bits, int_format, parse_format
 from quant.quantizers import SEARCHES, is_off
@@ -65,10 +65,13 @@ class QuantConfig:
     """How to quantize a diffusion transformer.
 
     method: a registered method (quant.methods): fp (no quantization), baseline (plain PTQ), smoothquant,
-        ptq4dit (CSB + SSC), dilatequant (weight dilation + TPQ).
-    options: the method's own options by name (its Options dataclass; missing ones take their defaults),
-        e.g. {"alpha": 0.5} for smoothquant, {"ssc": True, "ssc_rho": "per_timestep"} for ptq4dit.
-        `method_options` is the typed, checked object.
+        ptq4dit (CSB + SSC), dilatequant (weight dilation + TPQ), hadamard (input rotation), svdquant
+        (smoothing + low-rank branch), gptq (second-order weight rounding); or several joined by "+" where
+        the math composes them ("ptq4dit+gptq", "hadamard+gptq", "svdquant+gptq"; quant.methods.compose
+        says which are refused and why). Stored in canonical order.
+    options: the options of the method(s) by name (each method's Options dataclass; missing ones take their
+        defaults), e.g. {"alpha": 0.5} for smoothquant, {"ssc": True, "ssc_rho": "per_timestep"} for ptq4dit.
+        `options_for(name)` is one component's typed, checked object.
     tpq: one activation (scale, zero) per timestep; None = the method's default (on for dilatequant only).
     exclude: layer name patterns left in floating point (fnmatch patterns; a plain name also excludes
         everything under it, e.g. "transformer_blocks.0" or "*.norm1.linear").
@@ -83,7 +86,8 @@ class QuantConfig:
     The other fields' meanings are in their option() help.
     """
 
-    method: str = option("baseline", "Method", "the quantization method", choices=NAMES)
+    method: str = option("baseline", "Method", "the quantization method: one of " + ", ".join(NAMES)
+                         + ", or several joined by '+' (e.g. hadamard+gptq)")
     w_bits: int | None = option(8, "Weight bits", "weight bit-width, 2-8; 16 or None leaves weights in float",
                                 kind="bits")
     a_bits: int | None = option(8, "Activation bits", "activation bit-width, 2-8; 16 or None leaves them in float",
@@ -156,8 +160,19 @@ class QuantConfig:
 
     @property
     def method_options(self):
-        """The method's Options dataclass for this config (defaults filled in, checked)."""
-        return get_method(self.method).make_options(self.options)
+        """The Options dataclass of a single method (defaults filled in, checked); see options_for."""
+        return self.options_for(components(self.method)[0].name)
+
+    def options_for(self, name: str):
+        """The Options dataclass of component `name` of this config's method, from `options`."""
+        method = next(m for m in components(self.method) if m.name == name)
+        own = {o.name for o in method.describe_options()}
+        return method.make_options({k: v for k, v in self.options.items() if k in own})
+
+    @property
+    def methods(self):
+        """The quant.methods.Method's this config runs, in the engine's order."""
+        return components(self.method)
 
     @property
     def recon_lrs(self) -> tuple[float, float]:
@@ -169,7 +184,7 @@ class QuantConfig:
     @property
     def use_tpq(self) -> bool:
         """TPQ resolved against the method default."""
-        return get_method(self.method).tpq_default if self.tpq is None else bool(self.tpq)
+        return any(m.tpq_default for m in self.methods) if self.tpq is None else bool(self.tpq)
 
     @property
     def quantizes(self) -> bool:
@@ -238,8 +253,9 @@ class QuantConfig:
     def validate(self) -> "QuantConfig":
         """Raise ValueError naming the first bad field and what it accepts; return self when valid. Runs when
         the config is made; call it again only after assigning a field directly."""
-        if self.method not in REGISTRY:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(NAMES)}")
+        if not isinstance(self.recon, str):
+            raise ValueError(f"recon must be a string, got {self.recon!r}")
+        self.method = compose(self.method, self.recon)
         check_all(self)
         self.w_spec, self.a_spec  # noqa: B018 (each parses its format and bits, raising on a mismatch)
         if self.a_per_token and self.a_group is not None:
@@ -248,8 +264,13 @@ class QuantConfig:
             raise ValueError(f"a_per_token with a_format {self.a_format}: a block format has its own scales")
         if not isinstance(self.options, dict):
             raise ValueError(f"options must be a dict of the method's options, got {self.options!r}")
+        known = {o.name for m in self.methods for o in m.describe_options()}
+        unknown = sorted(set(self.options) - known)
+        if unknown:
+            raise ValueError(f"method {self.method} has no option(s) {unknown}; its options: "
+                             f"{sorted(known) or 'none'}")
         # the full, checked set: a stored config names every value it ran with
-        self.options = dataclasses.asdict(self.method_options)
+        self.options = {k: v for m in self.methods for k, v in dataclasses.asdict(self.options_for(m.name)).items()}
         self._check_layer_bits()
         if self.recon != "none" and not self.quantizes:
             raise ValueError("recon needs a quantizing method; method 'fp' quantizes nothing")
@@ -302,9 +323,9 @@ class QuantConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         d = dict(d)
         method = d.get("method", cls.method)
-        if not isinstance(method, str) or method not in REGISTRY:
+        if not isinstance(method, str):
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(NAMES)}")
-        own = {o.name for o in get_method(method).describe_options()}
+        own = {o.name for m in components(method) for o in m.describe_options()}  # names an unknown method
         owners = {o.name: o.method for o in all_options()}
         flat = {k: d.pop(k) for k in list(d) if k not in names and k in own}
         foreign = [k for k in d if k not in names and k in owners]

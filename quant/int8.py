@@ -52,9 +52,11 @@ def _offset(symmetric: bool) -> int:
 
 
 def int8_eligible(layer: nn.Module) -> bool:
-    """A QuantLinear with 8-bit weights and an enabled 8-bit activation quantizer (W8A8)."""
+    """A QuantLinear with 8-bit weights and an enabled 8-bit activation quantizer (W8A8), and nothing run beside
+    its GEMM (an online rotation or a low-rank branch stays on the fake-quant path)."""
     return (isinstance(layer, QuantLinear) and layer.w_bits == 8 and layer.act.enabled and layer.act.bits == 8
-            and not layer.use_fp_weight and _int_grids(layer))
+            and not layer.use_fp_weight and _int_grids(layer) and layer.rotation is None
+            and layer.lowrank is None)
 
 
 def _int_grids(layer) -> bool:

@@ -167,7 +167,6 @@ def read_quantized(folder) -> tuple[nn.Module, QuantConfig, dict]:
     import diffusers
     from safetensors.torch import load_file
 
-    from quant.methods import get_method
     from quant.wrap import wrap_model
 
     folder = Path(folder)
@@ -197,7 +196,7 @@ def read_quantized(folder) -> tuple[nn.Module, QuantConfig, dict]:
     except UntrustedFileError as exc:
         raise QuantizedFolderError(str(exc)) from None
     model = cls.from_config(meta["transformer_config"])
-    if get_method(config.method).quantizes:
+    if all(m.quantizes for m in config.methods):
         wrap_model(model, config)
     try:
         header = safetensors_header(weights)
@@ -298,9 +297,12 @@ def _check_header(model: nn.Module, meta: dict, header: dict, folder: Path) -> N
                             + (f"missing {', '.join(missing[:3])}" if missing else "")
                             + ("; " if missing and unexpected else "")
                             + (f"unexpected {', '.join(unexpected[:3])}" if unexpected else ""))
-    floats = sorted({header[n][0] for n, (dtype, _) in expected.items() if dtype == "F"})
+    # a low-rank branch (quant.branches) is 16-bit by design; every other float tensor is in the model's one dtype
+    branch = {n for n in expected if n.endswith((".lowrank.l1", ".lowrank.l2"))}
+    floats = sorted({header[n][0] for n, (dtype, _) in expected.items() if dtype == "F" and n not in branch})
     if len(floats) > 1:  # write_quantized stores every float tensor in the model's one dtype
-        odd = next(n for n, (dtype, _) in expected.items() if dtype == "F" and header[n][0] != floats[0])
+        odd = next(n for n, (dtype, _) in expected.items()
+                   if dtype == "F" and n not in branch and header[n][0] != floats[0])
         raise _fail(folder, f"{WEIGHTS} mixes float dtypes ({', '.join(floats)}; e.g. {odd} is {header[odd][0]})")
     for name, (dtype, shape) in expected.items():
         f_dtype, f_shape = header[name]

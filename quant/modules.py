@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quant.branches import LowRankBranch, OnlineRotation  # noqa: F401 (re-exported for wrap / io)
 from quant.formats import (FormatSpec, block_params, effective_scale, element_codes, expand_blocks, fake_quant_blocks,
                            fake_quant_elements, fake_quantize_format, fp_range_quantizer, fp_scale_search, int_format,
                            pad_blocks, round_to_element, tensor_scale_for)
@@ -296,6 +297,9 @@ class _WeightQuant:
         self.weight_override = None
         self.error_stats: list[float] | None = None  # [sum sq error, sum sq reference] when measuring
         self._cache: tuple | None = None
+        # quant.branches: an online input rotation and a float low-rank branch, set by wrap_model's layer plan
+        self.rotation: OnlineRotation | None = None
+        self.lowrank: LowRankBranch | None = None
         if not is_off(bits):
             self.calibrate_weight()
 
@@ -350,6 +354,19 @@ class _WeightQuant:
         qmin, _ = qrange(self.w_bits, self.w_symmetric)
         return (quantize_codes(w, scale, zero, self.w_bits, self.w_symmetric) - qmin).to(torch.int64)
 
+    def quantize_columns(self, cols: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize some input columns of the weight exactly as this layer's weight quantizer does
+        (its format and scales): the rounding step GPTQ (quant.gptq) calls column by column. cols is [out, k]
+        (a conv's weight flattened to [out, in * kh * kw]) and index [k] their flat column positions, which
+        pick each column's scales (per channel, per tensor, or its block's)."""
+        scale, zero = self.weight_qparams()
+        shape = self.weight.shape
+        scale = scale.expand(shape).reshape(shape[0], -1)[:, index].to(cols)
+        zero = zero.expand(shape).reshape(shape[0], -1)[:, index].to(cols)
+        if not self.w_fmt.is_float:
+            return fake_quant(cols, scale, zero, self.w_bits, self.w_symmetric)
+        return fake_quant_elements(cols, self.w_fmt, scale)
+
     def quantized_weight(self) -> torch.Tensor:
         if is_off(self.w_bits) or self.use_fp_weight:
             return self.weight
@@ -389,10 +406,19 @@ class QuantLinear(_WeightQuant, nn.Linear):
         self._init_weight_quant(w_bits, per_channel, w_symmetric, search, percentile, w_fmt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation is not None:
+            x = self.rotation(x)
         y = F.linear(self.act(x), self.quantized_weight(), self.bias)
+        if self.lowrank is not None:
+            y = y + self.lowrank.linear(x)
         if self.error_stats is not None:
-            self._measure(x, y, lambda inp: F.linear(inp, self.weight, self.bias))
+            self._measure(x, y, self.float_forward)
         return y
+
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same layer in float on an (already rotated) input: what the quantized output is compared with."""
+        y = F.linear(x, self.weight, self.bias)
+        return y if self.lowrank is None else y + self.lowrank.linear(x)
 
     def extra_repr(self) -> str:
         fmt = "" if self.w_fmt.name == "int" and not self.w_fmt.blocked else f", w_format={self.w_fmt.describe()}"
@@ -417,9 +443,15 @@ class QuantConv2d(_WeightQuant, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._conv_forward(self.act(x), self.quantized_weight(), self.bias)
+        if self.lowrank is not None:
+            y = y + self.lowrank.conv(x, self)
         if self.error_stats is not None:
-            self._measure(x, y, lambda inp: self._conv_forward(inp, self.weight, self.bias))
+            self._measure(x, y, self.float_forward)
         return y
+
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._conv_forward(x, self.weight, self.bias)
+        return y if self.lowrank is None else y + self.lowrank.conv(x, self)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}->{self.out_channels}, k={self.kernel_size}, w_bits={self.w_bits}"

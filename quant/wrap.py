@@ -13,6 +13,7 @@ import torch.nn as nn
 from quant.config import QuantConfig, is_excluded  # noqa: F401 (is_excluded is imported from here too)
 from quant.families import attention_modules
 from quant.forward import forward_batches
+from quant.branches import LowRankBranch, OnlineRotation
 from quant.modules import (ActQuantizer, QuantAttnProcessor, QuantConv2d, QuantLinear, TimestepContext, calibrating,
                            timestep_context)
 from quant.quantizers import is_off
@@ -66,7 +67,32 @@ def wrap_model(model: nn.Module, config: QuantConfig, ctx: TimestepContext | Non
             attn.softmax_quant = _act(config, ctx, num_timesteps, bits=config.attn_bits, symmetric=False)
             attn.set_processor(QuantAttnProcessor())
             names.append(f"{name}.qkv_softmax")
+    attach_branches(model, layer_plans(model, config, names))
     return names
+
+
+def layer_plans(model: nn.Module, config: QuantConfig, layers) -> dict[str, dict]:
+    """{"rotation": {layer: plan}, "lowrank": {layer: rank}} from the config's methods' LayerTransform plans:
+    the structure a quantized layer gets beside its GEMM (quant.branches). Depends on structure and options
+    only, so a saved model rebuilds it before loading."""
+    plans = {}
+    for method in config.methods:
+        for role in ("rotation", "lowrank"):
+            transform = getattr(method, role)
+            if transform is not None:
+                plans[role] = transform.plan(model, list(layers), config.options_for(method.name))
+    return plans
+
+
+def attach_branches(model: nn.Module, plans: dict[str, dict]) -> None:
+    """Give the planned layers an online rotation or an (empty) low-rank branch, filled by the method later."""
+    mods = dict(model.named_modules())
+    for name, p in plans.get("rotation", {}).items():
+        if p["where"] == "online":
+            mods[name].rotation = OnlineRotation(mods[name].in_features).to(mods[name].weight.device)
+    for name, rank in plans.get("lowrank", {}).items():
+        w = mods[name].weight
+        mods[name].lowrank = LowRankBranch(w.shape[0], tuple(w.shape[1:]), rank).to(w.device)
 
 
 def calibrate(model: nn.Module, batches: list, keep_outputs: bool = False) -> torch.Tensor | None:

@@ -72,7 +72,7 @@ def test_eval_quantized_variant(data_dir, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "gptq"], "unknown method 'gptq'"),
+    (["--method", "awq"], "unknown method 'awq'"),
     (["--method", "baseline", "--w-bits", "9"], "w_bits must be an integer from 2 to 8"),
     (["--method", "baseline", "--a-bits", "1"], "a_bits must be"),
     (["--kid", "--kid-subset-size", "100", "--num-samples", "16"], "KID subset size 100"),

@@ -100,7 +100,7 @@ def test_config_json_round_trip_and_validation():
     assert cfg.options == {"ssc": True, "ssc_rho": "per_sample"}  # the method's defaults filled in
     assert QuantConfig.from_json(cfg.to_json()) == cfg
     assert QuantConfig.from_dict(json.loads(cfg.to_json())).to_dict() == cfg.to_dict()
-    for bad, msg in [(dict(method="gptq"), "unknown method"), (dict(w_bits=1), "w_bits"), (dict(a_bits=9), "a_bits"),
+    for bad, msg in [(dict(method="awq"), "unknown method"), (dict(w_bits=1), "w_bits"), (dict(a_bits=9), "a_bits"),
                      (dict(attn_bits=32), "attn_bits"), (dict(scale_search="x"), "scale_search"),
                      (dict(method="ptq4dit", options={"ssc_rho": "x"}), "ssc_rho"),
                      (dict(method="smoothquant", options={"alpha": 2.0}), "alpha"),

@@ -73,7 +73,7 @@ def test_bundled_model_saved_then_sampled_with_model_dir(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "gptq"], "unknown method 'gptq'"),
+    (["--method", "awq"], "unknown method 'awq'"),
     (["--w-bits", "9"], "w_bits must be an integer from 2 to 8"),
     (["--scale-search", "best"], "unknown scale_search 'best'"),
     (["--method", "smoothquant", "--alpha", "1.5"], "alpha must be a finite number in [0, 1]"),

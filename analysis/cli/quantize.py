@@ -36,7 +36,8 @@ def add_quant_options(p, default_method: str = "ptq4dit"):
     for opt in QuantConfig.describe():
         default = default_method if opt.name == "method" else opt.default
         _add_flag(groups[opt.group], opt, default, argparse)
-    groups["quantization"].description = "methods: " + "; ".join(f"{m.name}: {m.help}" for m in REGISTRY.values())
+    groups["quantization"].description = ("methods: " + "; ".join(f"{m.name}: {m.help}" for m in REGISTRY.values())
+                                          + ". Methods combine with '+' where the math allows (e.g. hadamard+gptq)")
     for opt in all_options():
         _add_flag(groups[opt.group], opt, None, argparse)
     return groups["quantization"]
@@ -66,16 +67,22 @@ def config_from_args(args):
     from quant.config import QuantConfig
     from quant.methods import all_options
 
+    from quant.methods import components
+
     fields = {o.name: getattr(args, o.name) for o in QuantConfig.describe()}
     fields["exclude"] = list(fields["exclude"] or [])
+    try:
+        chosen = {m.name for m in components(args.method)}
+    except ValueError as exc:
+        raise CLIError(f"--method: {exc}") from None
     options = {}
     for opt in all_options():
         value = getattr(args, opt.name)
         if value is None:
             continue
-        if opt.method != args.method:
+        if opt.method not in chosen:
             raise CLIError(f"{opt.flag} is an option of {opt.method}, not of {args.method}; drop it or pass "
-                           f"--method {opt.method}")
+                           f"--method {opt.method} (alone or joined by '+')")
         options[opt.name] = value
     config = QuantConfig(**fields, options=options)
     if not config.quantizes:
@@ -185,6 +192,7 @@ def run(args) -> dict:
     from analysis.models.loading import load
     from analysis.models.saved import save_quantized
     from analysis.quantization.calibration import CalibrationSpec
+    from analysis.quantization.method_views import method_headline
     from analysis.quantization.pipeline import quantize_bundle
     from quant.families import readable_layer
 
@@ -234,7 +242,7 @@ def run(args) -> dict:
            "rel_rms_basis": r.rel_rms_basis, "rel_rms_in_sample": r.rel_rms_in_sample,
            "rel_rms_per_timestep_in_sample": r.rel_rms_per_timestep_in_sample, "held_out": r.held_out,
            "layer_error": r.layer_error, "config": config.to_dict(), "recon": recon_summary(r.recon),
-           "balance": r.balance,
+           "balance": r.balance, "methods": method_headline(r.methods),
            "out": None}
     if args.out is not None:
         out["out"] = str(args.out)
@@ -247,7 +255,8 @@ def run(args) -> dict:
              f"pooled {r.rel_rms:.4g}; {basis}), {r.layers_quantized} layers, "
              f"{mb(r.weight_bytes)} (FP {mb(r.fp_weight_bytes)}), {out['seconds']:.1f}s "
              f"({r.calibration_seconds:.1f}s calibration sampling + {r.seconds:.1f}s quantization)"
-             + (f" -> {out['out']}" if out["out"] else "") + "\n" + balance_lines(r.balance))
+             + (f" -> {out['out']}" if out["out"] else "") + "\n" + balance_lines(r.balance)
+             + "".join("\n" + line for line in method_lines(out["methods"])))
     if out["recon"]:
         rs = out["recon"]
         human += (f"\n{config.recon}: {len(rs['units'])} units x {config.recon_iters} iterations on {rs['rows']} rows "
@@ -270,6 +279,26 @@ def balance_lines(plan: dict) -> str:
         lines.append(f"not balanced, {len(layers)} layer{'s' if len(layers) > 1 else ''} ({layers[0]}"
                      f"{', ...' if len(layers) > 1 else ''}): {why}")
     return "\n".join(lines)
+
+
+def method_lines(headline: dict) -> list[str]:
+    """One line per rotation / low-rank / rounding method: what it did and what it costs."""
+    lines = []
+    if "rotation" in headline:
+        r = headline["rotation"]
+        lines.append(f"{r['method']}: {r['folded_layers']} layers rotated for free (folded into their producer), "
+                     f"{r['online_layers']} online ({r['online_adds_per_token']} extra adds per token; "
+                     f"constructions: {', '.join(r['kinds'])})")
+    if "lowrank" in headline:
+        r = headline["lowrank"]
+        lines.append(f"{r['method']}: rank-{r['rank']} 16-bit branch on {r['layers']} layers, "
+                     f"+{r['extra_bytes'] / 2 ** 10:.0f} KiB, +{r['extra_flops_per_position']} FLOPs per token "
+                     f"({r['extra_flops_per_position'] / max(r['layer_flops_per_position'], 1):.0%} of the GEMMs)")
+    if "rounding" in headline:
+        r = headline["rounding"]
+        lines.append(f"{r['method']}: weight rounding error {r['error_ratio']:.2f}x round-to-nearest's "
+                     f"(Hessians from {r.get('rows')} rows), {r['seconds']:.1f}s")
+    return lines
 
 
 def recon_lines(config):

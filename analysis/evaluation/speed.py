@@ -42,7 +42,13 @@ FORMAT_CONFIGS = {"fake_quant_fp8_e4m3": QuantConfig(method="baseline", w_bits=8
 METHOD_CONFIGS = (QuantConfig(method="baseline", w_bits=8, a_bits=8),
                   QuantConfig(method="smoothquant", w_bits=8, a_bits=8),
                   QuantConfig(method="ptq4dit", w_bits=8, a_bits=8),
-                  QuantConfig(method="dilatequant", w_bits=4, a_bits=4))
+                  QuantConfig(method="dilatequant", w_bits=4, a_bits=4),
+                  QuantConfig(method="hadamard", w_bits=4, a_bits=4),
+                  QuantConfig(method="svdquant", w_bits=4, a_bits=4),
+                  QuantConfig(method="gptq", w_bits=4, a_bits=4))
+# What a rotation or a low-rank branch costs in the forward, measured with quantization off (only the extra
+# ops run beside the FP GEMMs) and at W4A4 fake quant.
+BRANCH_CONFIGS = {"online_rotation": dict(method="hadamard"), "lowrank_branch": dict(method="svdquant")}
 # Targets of the speed work, as ratios measured in one run (checked by `targets`).
 TARGETS = {"int8_speedup_vs_fp32_cpu": 1.5, "int8_fused_speedup_vs_fp32_cpu": 2.5, "int8_planned_vs_fp32_bundled": 1.0, "int8_speedup_vs_bf16_cuda": 1.3, "fake_quant_sampling_vs_fp": 1.25,
            "dit_xl2_quantize_seconds_cuda": 60.0}
@@ -283,6 +289,29 @@ def forward_speed(fp_model, calibration: list, batch: tuple, opts: BenchOptions)
                                        for e in plan.values()})}}
 
 
+def branch_speed(fp_model, calibration: list, batch: tuple, opts: BenchOptions) -> dict:
+    """The forward with Hadamard's online rotations and with SVDQuant's rank-32 branches, against FP32: with
+    quantization off (the extra ops alone) and at W4A4 fake quant (against W4A4 baseline). Ratios > 1 = slower."""
+    device = torch.device(opts.device)
+    cal = [tuple(v.to(device) for v in b) for b in calibration]
+    out = {"fp32": measure(_forward(fp_model, batch, device), opts.repeats, device)}
+    out["w4a4_baseline"] = measure(_forward(quantize(fp_model, QuantConfig(method="baseline", w_bits=4, a_bits=4),
+                                                     cal), batch, device), opts.repeats, device)
+    ratios = {}
+    for name, fields in BRANCH_CONFIGS.items():
+        for bits, (w, a) in (("float", (None, None)), ("w4a4", (4, 4))):
+            model = quantize(fp_model, QuantConfig(**fields, w_bits=w, a_bits=a), cal)
+            out[f"{name}_{bits}"] = measure(_forward(model, batch, device), opts.repeats, device)
+        base = out[f"{name}_float"]["seconds"]
+        # the float run still passes through the (disabled) quantized modules: compare with their own cost
+        plain = quantize(fp_model, QuantConfig(method="baseline", w_bits=None, a_bits=None), cal)
+        out.setdefault("wrapped_float", measure(_forward(plain, batch, device), opts.repeats, device))
+        ratios[f"{name}_vs_fp32"] = base / out["fp32"]["seconds"]
+        ratios[f"{name}_vs_wrapped_float"] = base / out["wrapped_float"]["seconds"]
+        ratios[f"{name}_w4a4_vs_baseline_w4a4"] = out[f"{name}_w4a4"]["seconds"] / out["w4a4_baseline"]["seconds"]
+    return {"forward": out, "ratios": ratios, "rows": int(batch[0].shape[0])}
+
+
 def format_paths(fp_model, cal: list, device: torch.device) -> dict:
     """name -> (model, dtype) for each of FORMAT_CONFIGS (fake-quant), and on a GPU with FP8 matmuls the FP8 W8A8
     model with its linears in real FP8 (quant.fp8.to_fp8), BF16 elsewhere."""
@@ -377,15 +406,18 @@ def run_benchmark(opts: BenchOptions, on_stage: Callable[[str], None] | None = N
         say("bundled: transformer forward, FP32 / fake-quant / INT8")
         rows = opts.bundled_batch
         fwd = forward_speed(bundle.denoiser, cal, random_batch(bundle.denoiser, rows, seed=1), opts)
-        result["bundled"] = {**samp, "quantize_seconds": quant, **fwd,
-                             "ratios": {**samp["ratios"], **fwd["ratios"]}}
+        say("bundled: online rotation and low-rank branch forward cost")
+        branches = branch_speed(bundle.denoiser, cal, random_batch(bundle.denoiser, rows, seed=1), opts)
+        result["bundled"] = {**samp, "quantize_seconds": quant, **fwd, "branches": branches,
+                             "ratios": {**samp["ratios"], **fwd["ratios"], **branches["ratios"]}}
     if "dit-xl2" in opts.shapes:
         say(f"dit-xl2: {opts.xl2_blocks} random blocks at DiT-XL/2 width")
         model = dit_xl2(opts.xl2_blocks).to(device)
         cal = [random_batch(model, 10, seed=2)]
         quant = quantize_speed(model, cal, (W8A8, QuantConfig(method="ptq4dit", w_bits=8, a_bits=8)), device)
         fwd = forward_speed(model, cal, random_batch(model, opts.xl2_batch, seed=3), opts)
-        result["dit-xl2"] = {"blocks": opts.xl2_blocks, "quantize_seconds": quant, **fwd}
+        branches = branch_speed(model, cal, random_batch(model, opts.xl2_batch, seed=3), opts)
+        result["dit-xl2"] = {"blocks": opts.xl2_blocks, "quantize_seconds": quant, **fwd, "branches": branches}
     result["targets"] = targets(result)
     return result
 
@@ -439,6 +471,11 @@ def markdown(result: dict) -> str:
         fp = r["forward"]["fp32"]["seconds"]
         for name, v in r["forward"].items():
             lines.append(f"| {name} | {v['seconds'] * 1e3:.1f} | {_mib(v['peak_bytes'])} | {fp / v['seconds']:.2f}x |")
+        if "branches" in r:
+            b = r["branches"]
+            lines += ["", "Online rotation / low-rank branch, forward:", "", "| path | ms | vs FP32 |", "|---|---|---|"]
+            lines += [f"| {name} | {v['seconds'] * 1e3:.1f} | {v['seconds'] / b['forward']['fp32']['seconds']:.2f}x |"
+                      for name, v in b["forward"].items()]
         lines.append(f"\nINT8 plan: {r['plan']['int8_layers']} of {r['plan']['eligible_layers']} W8A8 layers "
                      "measured faster in int8 here.")
         if "sampling" in r:

@@ -74,6 +74,17 @@ HIGHER_IS_BETTER = {"same_digit_vs_fp", "psnr_vs_fp", "ssim_vs_fp"}  # a toleran
 COSTS = {"bops": "BOPs", "weight_bytes": "weight bytes"}
 
 
+def _is_method(spec: str) -> bool:
+    """A registered method or a composition the registry accepts (quant.methods.compose)."""
+    from quant.methods import compose
+
+    try:
+        compose(spec)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_bits(text: str) -> tuple[int | None, int | None]:
     """'W4A8' -> (4, 8); 16 (or F) means floating point for that operand."""
     m = re.fullmatch(r"\s*[wW](\d+|[fF])[aA](\d+|[fF])\s*", text)
@@ -145,9 +156,9 @@ class SweepSpec:
         if not self.methods or not self.bits or not self.options:
             raise ValueError("a sweep needs at least one method, one bit-width and one option")
         for m in self.methods:
-            if m not in SWEEP_METHODS:
+            if m == "fp" or not _is_method(m):
                 raise ValueError(f"unknown method {m!r} for a sweep; choose from "
-                                 f"{', '.join(SWEEP_METHODS)} (FP is always measured)")
+                                 f"{', '.join(SWEEP_METHODS)} or several joined by '+' (FP is always measured)")
         for b in self.bits:
             parse_bits(b)
         for o in self.options:

@@ -72,9 +72,13 @@ def vector_figure(vector, group: str, method: str | None = None) -> go.Figure:
     and its weight column multiplied by b_j."""
     b = np.asarray(vector, dtype=float)
     chan = np.arange(b.size)
-    from quant.methods import REGISTRY
+    from quant.methods import owner_of
 
-    name = REGISTRY[method].vector if method in REGISTRY else "per-channel vector b_j"
+    try:  # the component of a composition ("svdquant+gptq") that sets the vector
+        owner = owner_of(method, "balance") if method else None
+    except ValueError:
+        owner = None
+    name = owner.vector if owner is not None else "per-channel vector b_j"
     moved = int(np.sum(np.abs(b - 1.0) > 1e-6))
     fig = go.Figure(go.Scatter(x=chan, y=_pos(b), mode="lines+markers" if b.size <= 256 else "lines",
                                marker=dict(size=3), line=dict(width=1), name="b_j",
@@ -186,4 +190,33 @@ def timestep_error_figure(per_timestep: dict, log: bool = True) -> go.Figure:
                       dict(title="||eps_q - eps|| / ||eps||", rangemode="tozero"),
                       height=400, margin=dict(l=10, r=10, t=80, b=10), showlegend=len(series) > 1,
                       legend_title="variant")
+    return fig
+
+
+def spectrum_figure(spectrum, rank: int, layer: str) -> go.Figure:
+    """Singular values of a layer's (smoothed) weight, largest first, with SVDQuant's rank r marked: the
+    values left of the line go to the 16-bit branch, the rest stay in the quantized residual."""
+    s = np.asarray(spectrum, dtype=float)
+    fig = go.Figure(go.Scatter(x=np.arange(1, len(s) + 1), y=s, mode="lines+markers", marker=dict(size=4),
+                               name="singular value"))
+    fig.add_vline(x=rank + 0.5, line_dash="dash", annotation_text=f"rank {rank}: branch | residual")
+    kept = float((s[:rank] ** 2).sum() / max((s ** 2).sum(), 1e-30))
+    fig.update_layout(title=f"{readable_layer(layer)}: singular values of the smoothed weight ({kept:.0%} of the energy "
+                            f"in the branch)", xaxis_title="index", yaxis_title="singular value",
+                      yaxis_type="log", height=340, margin=dict(t=50, b=40))
+    return fig
+
+
+def rotation_histogram_figure(hist: dict, layer: str) -> go.Figure:
+    """The layer's input values before and after the Hadamard rotation (shared bins, log counts); the title
+    gives the range each per-tensor quantizer would have to cover."""
+    edges = np.asarray(hist["edges"])
+    mid = (edges[:-1] + edges[1:]) / 2
+    fig = go.Figure()
+    for key, name in (("before", "before rotation"), ("after", "after rotation")):
+        fig.add_trace(go.Bar(x=mid, y=np.maximum(np.asarray(hist[key]), 0.5), name=name, opacity=0.6))
+    before, after = max(hist["absmax_before"]), max(hist["absmax_after"])
+    fig.update_layout(barmode="overlay", yaxis_type="log", height=340, margin=dict(t=50, b=40),
+                      title=f"{readable_layer(layer)}: input values, max |x| {before:.3g} -> {after:.3g} after rotation",
+                      xaxis_title="activation value", yaxis_title="count")
     return fig

@@ -24,6 +24,7 @@ from analysis.quantization.calibration import (  # noqa: F401
     calibrate,
     calibration_for,
 )
+from analysis.quantization.method_views import method_summary, rotation_histograms
 from analysis.quantization.recipe import Recipe, recipe_of_run
 from analysis.quantization.report import QuantReport
 from quant.api import QuantConfig, quantize_with_details
@@ -34,6 +35,8 @@ from quant.measures import RelRmsByTimestep, rel_rms, step_median
 from quant.modules import quant_layers
 from quant.quantizers import is_off
 
+# Calibration batches whose layer inputs make the before / after rotation histograms.
+HISTOGRAM_BATCHES = 2
 # Share of a quantize_bundle call's progress bar that calibration sampling takes when it samples.
 SAMPLING_SHARE = 0.6
 HELD_OUT_IMAGES = 10  # FP images (one per class of the digit models) the held-out error is measured on
@@ -202,6 +205,9 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
         salience={g: _lists(s) for g, s in result.salience.items()},
         ssc={g: _lists(e) for g, e in result.extras.items() if "eta" in e},
         recon=result.recon, balance=balance_plan(bundle.denoiser, set(result.vectors), config.method),
+        methods=method_summary(result.methods),
+        rotation_histograms=(rotation_histograms(result.model, batches[:HISTOGRAM_BATCHES])
+                             if "rotation" in result.methods else {}),
     )
     progress("done", 1.0)
     name = config.label

@@ -65,6 +65,10 @@ class QuantReport:
     balance: dict = dataclasses.field(default_factory=dict)
     # block-wise optimization (quant.recon.ReconReport.to_dict()), None without one
     recon: dict | None = None
+    # what a rotation, low-rank or rounding method did, by role (analysis.quantization.method_views.method_summary)
+    methods: dict = dataclasses.field(default_factory=dict)
+    # rotated layer -> its input histogram before / after the rotation (method_views.rotation_histograms)
+    rotation_histograms: dict = dataclasses.field(default_factory=dict)
     # keys of a stored report that this version does not know, kept as they were
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
