@@ -249,7 +249,8 @@ def _show(bundle, variants: dict) -> None:
     if salience:
         groups = list(salience)
         c1, c2 = st.columns([3, 1])
-        group = c1.selectbox(f"{FOLD_VERB.get(v.config.method.split('+')[0], 'Scaled')} group (input shared by its layers)", groups,
+        verb = FOLD_VERB.get(v.config.method.split("+")[0], "Scaled")
+        group = c1.selectbox(f"{verb} group (input shared by its layers)", groups,
                              index=_default_group(salience), key="q_group",
                              help="to_q/k/v share one vector (qkv); to_out.0 and fc1 (ff.net.0.proj) have their own")
         sort = c2.checkbox("Sort channels by salience", key="q_sort")
