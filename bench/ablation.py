@@ -44,6 +44,7 @@ from analysis.models.loading import load
 from analysis.quantization.calibration import CALIBRATION_SEED, calibration_for
 from analysis.quantization.pipeline import quantize_bundle
 from quant.api import QuantConfig
+from quant.families import layer_info, readable_layer
 
 ROWS = {
     "baseline": dict(method="baseline"),
@@ -102,6 +103,11 @@ class PeakMemory:
             self.peak = max(self.high, _rss()) - self.base
 
 
+
+def _is_block(unit: str, family: str) -> bool:
+    info = layer_info(unit, family)
+    return info.block >= 0 and readable_layer(unit, family) == info.stage
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -149,8 +155,9 @@ def main() -> None:
                 variant = quantize_bundle(bundle, config, cal)
                 seconds = time.perf_counter() - t0
             r = variant.report
-            blocks = [u["seconds"] for u in (r.recon or {}).get("units", [])
-                      if u["name"].startswith("transformer_blocks.") and "emb" not in u["name"]]
+            # the units that are a whole repeated block (family table: a DiT's transformer blocks), not the
+            # small embedding unit each block has
+            blocks = [u["seconds"] for u in (r.recon or {}).get("units", []) if _is_block(u["name"], bundle.family)]
             measured[name] = {"row": row, "bits": f"W{w}A{a}", "label": config.label, "config": config.to_dict(),
                               "rel_rms": r.rel_rms,
                               "rel_rms_per_timestep": r.rel_rms_per_timestep, "quantize_seconds": round(seconds, 3),

@@ -21,6 +21,7 @@ from analysis.models.loading import load
 from analysis.quantization.calibration import CALIBRATION_SEED, calibration_for
 from analysis.quantization.pipeline import quantize_bundle
 from quant.api import QuantConfig
+from quant.families import balance_groups
 
 CONFIGS = [
     ("baseline", 8, 8, None), ("smoothquant", 8, 8, None), ("ptq4dit", 8, 8, None),
@@ -32,7 +33,6 @@ CONFIGS = [
 CLAIMS = [("W8A8 ptq4dit <= baseline", "ptq4dit W8A8", "baseline W8A8", False),
           ("W4A8 ptq4dit < baseline", "ptq4dit W4A8", "baseline W4A8", True),
           ("W4A4 dilatequant (TPQ) < baseline", "dilatequant W4A4 TPQ", "baseline W4A4", True)]
-BALANCED = (".attn1.to_q", ".attn1.to_k", ".attn1.to_v", ".attn1.to_out.0", ".ff.net.0.proj")
 
 
 def main() -> None:
@@ -51,12 +51,13 @@ def main() -> None:
         if not args.json:
             print(f"{v.name:<26} rel_rms {v.report.rel_rms:.5f}   ({v.report.seconds:.1f} s, "
                   f"{v.report.cpu_seconds:.1f} s CPU)", flush=True)
+    balanced = {n for g in balance_groups(bundle.denoiser) for n in g.layers}  # the family table's fold sites
     claims = []
     for text, better, worse, strict in CLAIMS:
         rb, rw = reports[better]["rel_rms"], reports[worse]["rel_rms"]
         holds = rb < rw if strict else rb <= rw
         layers = {n: (reports[better]["layer_error"][n], reports[worse]["layer_error"][n])
-                  for n in reports[better]["layer_error"] if n.endswith(BALANCED)}
+                  for n in reports[better]["layer_error"] if n in balanced}
         claims.append({"claim": text, "better": better, "worse": worse, "rel_rms": [rb, rw], "holds": holds,
                        "balanced_layers_better": sum(b < w_ for b, w_ in layers.values()),
                        "balanced_layers": len(layers), "layer_error": layers})

@@ -1,4 +1,5 @@
-"""Uniform affine fake quantization (DESIGN.md section 4), vectorized over channels.
+"""Uniform affine fake quantization (docs/ARCHITECTURE.md, "The formulas"), vectorized over
+channels.
 
     q = clamp(round(x / d) + z, 0, 2^b - 1),   x_hat = (q - z) d          (asymmetric)
     q = clamp(round(x / d), -2^(b-1), 2^(b-1) - 1),   x_hat = q d           (symmetric, z = 0)

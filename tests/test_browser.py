@@ -8,6 +8,8 @@ import pytest
 from tests.app_server import (CHROMIUM, launch_chromium, open_page as _open_page, set_number as _set_number,
                               slider_to_min as _slider_to_min, start_app, stop_app)
 
+pytestmark = pytest.mark.slow  # a real browser against a real server: a minute on a quiet machine
+
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 if not os.path.exists(CHROMIUM):
     pytest.skip("Chromium is not installed (Debian packages chromium and chromium-driver)",

@@ -68,6 +68,7 @@ def test_sample_errors_are_one_line(capsys, argv, reason):
     assert reason in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_console_script_reports_bad_argument():
     proc = subprocess.run([sys.executable, "-m", "analysis", "sample", "--classes", "x"],
                           capture_output=True, text=True, timeout=120)
@@ -80,6 +81,7 @@ _WITHOUT_ACCELERATE = ("import sys, diffusers.utils.import_utils as iu; iu._acce
                        "from analysis.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
+@pytest.mark.slow
 def test_cli_stderr_is_one_line_in_a_fresh_process(tmp_path):
     env_run = lambda *argv: subprocess.run([sys.executable, "-c", _WITHOUT_ACCELERATE, *argv],  # noqa: E731
                                            capture_output=True, text=True, timeout=300)

@@ -86,7 +86,7 @@ def test_evaluate_variants_with_a_folder_reference(tiny_bundle, tmp_path):
     for i in range(24):
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(ref / f"{i}.png")
     store = Store(tmp_path / "store")
-    opts = EvalOptions(num_samples=12, steps=2, guidance=2.0, reference=str(ref), extractor="digits")
+    opts = EvalOptions(num_samples=12, steps=2, guidance=2.0, reference=str(ref), extractor="digits", bootstrap=20)
     variants = {"FP": None, "large": _perturbed(tiny_bundle, 0.5, "large")}
     res = evaluate_variants(tiny_bundle, variants, opts, store=store)
     fp, large = res
@@ -117,7 +117,7 @@ def test_evaluate_without_reference_for_a_hub_style_model(tiny_bundle):
     from analysis.evaluation.evaluate import EvalOptions, evaluate_variants
 
     res = evaluate_variants(tiny_bundle, {"large": _perturbed(tiny_bundle, 0.5, "large")},
-                            EvalOptions(num_samples=8, steps=2, extractor="digits"))[0]
+                            EvalOptions(num_samples=8, steps=2, extractor="digits", bootstrap=0))[0]
     assert res.metrics["fid"] is None and "no reference" in res.metrics["warning"]
     assert res.metrics["fid_vs_fp"] > 0
 

@@ -13,7 +13,8 @@ import torch
 from analysis.evaluation.distributed import shard_batches
 
 ROOT = Path(__file__).resolve().parents[1]
-EVAL_ARGS = ["eval", "--num-samples", "20", "--steps", "3", "--batch-size", "8", "--no-store", "--json"]
+EVAL_ARGS = ["eval", "--num-samples", "20", "--steps", "3", "--batch-size", "8", "--no-store", "--bootstrap", "20",
+             "--json"]
 
 
 def test_shards_are_whole_batches_that_cover_every_image_once():
@@ -31,6 +32,7 @@ def _torchrun(args, tmp_path, nproc=2):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_torchrun_eval_matches_one_process(tmp_path, bundled, one_torch_thread, capsys):
     """Two gloo processes: rank 0 prints the same figures as one process; the other rank prints nothing."""
     from tests.conftest import run_cli
@@ -53,6 +55,7 @@ def test_torchrun_eval_matches_one_process(tmp_path, bundled, one_torch_thread, 
     assert sharded["fid_interval"] == pytest.approx(single["fid_interval"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_sharded_images_equal_single_process_images(tmp_path, bundled, one_torch_thread):
     script = tmp_path / "shard.py"
     script.write_text(

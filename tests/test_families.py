@@ -95,8 +95,7 @@ def toy_family():
         yield families.FAMILIES["toy"]
     finally:
         families.__path__.remove(folder)
-        families.FAMILIES.pop("toy", None)
-        families.CLASS_FAMILIES.pop("ToyDenoiser", None)
+        families.unregister("toy")
 
 
 def _toy_batches(model, n=4, steps=(900, 500, 100)):

@@ -133,6 +133,7 @@ def test_nothing_to_convert_is_a_clear_error(bundled):
         to_int8(q)
 
 
+@pytest.mark.slow
 def test_cli_samples_a_saved_w8a8_folder_in_int8(tmp_path, capsys):
     import json
 

@@ -2,7 +2,7 @@
 Chromium, Playwright's async API). The server stays up, everyone gets the Home grid, the shared grid is
 sampled once for all of them, and a variant one student makes is not shown to another.
 
-Slow (minutes on two busy cores): `python -m pytest -m slow tests/test_load.py -s`. It stops by itself: every
+Slow (minutes on two busy cores) and opt-in: `DQLAB_LOAD_TEST=1 python -m pytest tests/test_load.py -s`. It stops by itself: every
 wait is bounded, and the whole run is cut at LIMIT_S. DQLAB_LOAD_REPORT=FILE writes the numbers as JSON."""
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ playwright = pytest.importorskip("playwright.async_api", reason="playwright is n
 if not os.path.exists(CHROMIUM):
     pytest.skip("Chromium is not installed (Debian packages chromium and chromium-driver)",
                 allow_module_level=True)
+
+if not os.environ.get("DQLAB_LOAD_TEST"):
+    pytest.skip("the 20-session load test is opt-in (minutes of CPU): set DQLAB_LOAD_TEST=1", allow_module_level=True)
 
 pytestmark = pytest.mark.slow
 SESSIONS = 20

@@ -169,21 +169,27 @@ def test_extractor_names():
         M.resolve_extractor("clip", bundled=True)
 
 
-def test_per_timestep_error_zero_for_fp_and_positive_for_a_changed_model(tiny_bundle):
+def test_the_one_per_timestep_error_is_zero_for_fp_and_positive_for_a_changed_model(tiny_bundle):
     from analysis.models.sampling import sample
+    from analysis.quantization.pipeline import output_errors
 
     res = sample(tiny_bundle, [1, 2], [0, 1], steps=3, guidance=2.0, record="all", decode=False)
     ref = M.transformer_outputs(tiny_bundle.denoiser, res.calibration, tiny_bundle.latent_shape[0])
     assert ref.shape == (12, 4, 8, 8)  # 3 steps x 2 images x [cond; uncond]; eps half of the learned-sigma output
-    same = M.per_timestep_error(ref, tiny_bundle.denoiser, res.calibration)
-    assert [r["step"] for r in same] == [0, 1, 2]
-    assert [r["t"] for r in same] == res.calibration.timesteps
-    assert all(r["rel_rms"] < 1e-12 for r in same)
+    channels = tiny_bundle.latent_shape[0]
+    same = output_errors(None, tiny_bundle.denoiser, res.calibration, channels, per_layer=False, reference=ref)
+    assert list(same.per_timestep) == res.calibration.timesteps  # sampling order, noisiest first
+    assert same.total < 1e-12 and all(e < 1e-12 for e in same.per_timestep.values())
     other = copy.deepcopy(tiny_bundle.denoiser)
     with torch.no_grad():
         other.proj_out_2.weight.mul_(1.1)
-    changed = M.per_timestep_error(ref, other, res.calibration)
-    assert all(r["rel_rms"] > 1e-4 for r in changed)
+    changed = output_errors(tiny_bundle.denoiser, other, res.calibration, channels, per_layer=False)
+    assert all(e > 1e-4 for e in changed.per_timestep.values())
+    # each timestep's value is the relative RMS over that step's rows
+    out = M.transformer_outputs(other, res.calibration, channels)
+    for t, e in changed.per_timestep.items():
+        rows = res.calibration.t == t
+        assert e == pytest.approx(relative_rms(out[rows], ref[rows]), rel=1e-9)
     assert relative_rms(torch.ones(3), torch.ones(3) * 2) == pytest.approx(0.5)
 
 
@@ -282,3 +288,14 @@ def test_reference_features_are_cached_on_disk(tmp_path, digits):
     lazy = M.Reference("test digits", loader=lambda: pytest.fail("features should come from the cache"), size=50,
                        cache_name="test-ref-feats")
     assert torch.equal(M.reference_features(lazy, cache_dir=tmp_path), first)
+
+
+def test_fid_interval_can_be_shrunk_or_skipped():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, 8, generator=gen), torch.randn(40, 8, generator=gen) + 0.5
+    full, few = M.fid_interval(a, b, paired=True), M.fid_interval(a, b, paired=True, replicates=10)
+    none = M.fid_interval(a, b, paired=True, replicates=0)
+    assert full["replicates"] == M.BOOTSTRAP_REPLICATES and few["replicates"] == 10
+    assert full["fid"] == few["fid"] == none["fid"] and none["fid_interval"] is None and none["replicates"] == 0
+    lo, hi = few["fid_interval"]
+    assert lo <= few["fid"] <= hi

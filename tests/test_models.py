@@ -16,7 +16,7 @@ def test_bundled_model_loads(bundled):
     assert bundled.latent_shape == (1, 16, 16) and bundled.image_shape == (1, 16, 16)
     assert bundled.vae is None and bundled.bundled
     assert not any(p.requires_grad for p in t.parameters())
-    # the block structure every method relies on (DESIGN.md section 3)
+    # the block structure every method relies on (docs/ARCHITECTURE.md, "The family table")
     blk = t.transformer_blocks[0]
     assert blk.norm1.linear.out_features == 6 * t.inner_dim
     assert {"to_q", "to_k", "to_v"} <= {n for n, _ in blk.attn1.named_children()}

@@ -31,6 +31,7 @@ def _form_set(at, steps=5, seeds=1, fid_n=0):
     at.number_input[1].set_value(fid_n)
 
 
+@pytest.mark.slow
 def test_compare_page_side_by_side_and_history(store_dir, w8a8_variant, bundled):
     from analysis.app_state import model_key
 

@@ -1,3 +1,4 @@
+import pytest
 from streamlit.testing.v1 import AppTest
 
 
@@ -6,6 +7,7 @@ def _images(at):
     return at.get("image") or at.get("imgs")
 
 
+@pytest.mark.slow
 def test_home_page_shows_digits():
     at = AppTest.from_file("../pages/home.py", default_timeout=180)
     at.run()

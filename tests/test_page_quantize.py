@@ -2,6 +2,8 @@
 kept for Compare, and a bad option reported with st.error without losing the earlier result."""
 from __future__ import annotations
 
+import pytest
+
 from streamlit.testing.v1 import AppTest
 
 
@@ -15,6 +17,7 @@ def _submit(at):
     at.run()
 
 
+@pytest.mark.slow
 def test_quantize_page_runs_ptq4dit_and_keeps_the_variant():
     at = AppTest.from_file("../pages/quantize.py", default_timeout=600)
     at.run()
@@ -59,6 +62,7 @@ def test_quantize_page_runs_ptq4dit_and_keeps_the_variant():
     assert len(at.get("plotly_chart")) >= 3
 
 
+@pytest.mark.slow
 def test_quantize_page_download_zip_loads_again(tmp_path):
     import io
     import zipfile
@@ -82,6 +86,7 @@ def test_quantize_page_download_zip_loads_again(tmp_path):
     assert bundle.quant_config["method"] == "dilatequant" and bundle.quant_config["w_bits"] == 4
 
 
+@pytest.mark.slow
 def test_quantize_page_reconstruction_section():
     at = AppTest.from_file("../pages/quantize.py", default_timeout=600)
     at.run()

@@ -10,7 +10,9 @@ from streamlit.testing.v1 import AppTest
 PAGES = Path(__file__).resolve().parents[1] / "pages"
 
 
-@pytest.mark.parametrize("page", ["home.py", "salience.py", "quantize.py", "sweep.py", "compare.py"])
+# home.py samples a grid of digits on open: slow (the other pages open without work)
+@pytest.mark.parametrize("page", [pytest.param("home.py", marks=pytest.mark.slow), "salience.py", "quantize.py",
+                                  "sweep.py", "compare.py"])
 def test_every_page_opens_with_an_intro_and_the_math(page, tmp_path, monkeypatch):
     monkeypatch.setenv("DQLAB_HOME", str(tmp_path))
     at = AppTest.from_file(str(PAGES / page), default_timeout=300)

@@ -17,6 +17,7 @@ def store_dir(tmp_path, monkeypatch):
     return tmp_path / "store"
 
 
+@pytest.mark.slow
 def test_sweep_page_runs_a_grid_and_recommends(store_dir, one_torch_thread):
     at = AppTest.from_file(PAGE, default_timeout=600)
     at.run()

@@ -1,4 +1,4 @@
-"""The methods' math against DESIGN.md section 4 (WD, CSB, SSC, SmoothQuant), on hand-built inputs."""
+"""The methods' math against docs/ARCHITECTURE.md "The formulas" (WD, CSB, SSC, SmoothQuant), on hand-built inputs."""
 import math
 
 import pytest

@@ -32,7 +32,8 @@ def test_stored_run_rebuilds_the_scored_model_bit_for_bit(bundled, tmp_path):
     assert variant.recipe == Recipe("bundled:dit-mnist", config, SPEC.resolved(bundled))
     assert variant.report.calibration["guidance"] == bundled.eval_guidance  # the spec as it ran
     store = Store(tmp_path / "home")
-    (result,) = evaluate_variants(bundled, {variant.name: variant}, EvalOptions(num_samples=4, steps=3), store=store)
+    (result,) = evaluate_variants(bundled, {variant.name: variant}, EvalOptions(num_samples=4, steps=3, bootstrap=0),
+                                 store=store)
     run = store.get(result.run_id)
     assert Recipe.from_dict(run.recipe) == variant.recipe and not recipe_of_run(run).inferred
     again = rebuild(run, bundled)
@@ -77,7 +78,7 @@ def test_evaluation_warns_when_calibration_images_are_scored(bundled):
     from analysis.quantization.pipeline import quantize_bundle
 
     variant = quantize_bundle(bundled, QuantConfig(method="baseline"), CalibrationSpec(seed=0, images=2, steps=3))
-    (result,) = evaluate_variants(bundled, {variant.name: variant}, EvalOptions(num_samples=4, steps=3))
+    (result,) = evaluate_variants(bundled, {variant.name: variant}, EvalOptions(num_samples=4, steps=3, bootstrap=0))
     assert "overlap the evaluated seeds" in result.metrics["warning"]
 
 

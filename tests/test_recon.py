@@ -70,6 +70,7 @@ def test_units_compose_to_the_fp_forward(bundled, calib):
     assert torch.allclose(image, ref, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_adaround_rounding_ends_binary_and_is_folded_onto_the_grid(bundled, calib):
     # one block only (everything else excluded), with a rounding lr large enough to anneal in 200 steps
     others = [f"transformer_blocks.{i}" for i in range(1, 6)] + ["pos_embed", "proj_out_*",
@@ -89,6 +90,7 @@ def test_adaround_rounding_ends_binary_and_is_folded_onto_the_grid(bundled, cali
     assert all(m.weight_override is None for m in layers.values())
 
 
+@pytest.mark.slow
 def test_adaround_every_block_error_falls_and_memory_holds_one_unit(bundled, calib):
     before = {k: v.clone() for k, v in bundled.denoiser.state_dict().items()}
     cfg = QuantConfig(method="ptq4dit", w_bits=4, a_bits=8, recon="adaround", **SMALL)
@@ -145,6 +147,7 @@ def test_bkd_keeps_weights_on_grid_and_moves_tpq_parameters_per_timestep(bkd_run
             assert u["codes_changed"] > 0
 
 
+@pytest.mark.slow
 def test_bkd_trains_zero_points_as_integers(bundled, calib):
     # one block, with an activation lr large enough for zero points to move a code within a few steps
     others = [f"transformer_blocks.{i}" for i in range(1, 6)] + ["pos_embed", "proj_out_*"]

@@ -61,6 +61,7 @@ def _titles(fig) -> tuple[str, str, str]:
     return fig.layout.title.text or "", fig.layout.xaxis.title.text or "", fig.layout.yaxis.title.text or ""
 
 
+@pytest.mark.slow
 def test_xl_block_shape_is_recorded(xl_stats):
     assert xl_stats.act_absmax[FC1].shape[-1] == 1152 and xl_stats.act_absmax[FC2].shape[-1] == 4608
     assert xl_stats.act_absmax[SOFTMAX].shape[-1] == 16 and SOFTMAX not in xl_stats.weight_absmax
@@ -150,6 +151,7 @@ def test_layer_overview(xl_stats):
     assert "layer" in _hovers(fig) and "block" in _hovers(fig)
 
 
+@pytest.mark.slow
 def test_full_dit_xl2_size_stays_small(full_size_stats):
     """250 steps x up to 4608 channels x 56 layers: every figure keeps a handful of traces and bounded data."""
     st = full_size_stats

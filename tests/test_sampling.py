@@ -48,6 +48,7 @@ def test_no_guidance_records_conditional_only(tiny_bundle):
     assert len(out.calibration) == 4 and 10 not in out.calibration.y.tolist()
 
 
+@pytest.mark.slow
 def test_bundled_label_agreement_small_batch(bundled):
     from analysis.evaluation.classifier import label_agreement
 

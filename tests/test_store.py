@@ -90,6 +90,7 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_job_killed_between_writing_files_and_committing_leaves_the_store_consistent(tmp_path):
     store = Store(tmp_path)

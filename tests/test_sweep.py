@@ -110,10 +110,11 @@ def test_sensitivity_ranks_units_per_timestep(bundled, one_torch_thread):
     assert (sens.all_but <= sens.all_quantized.max() * 1.5).all()
 
 
+@pytest.mark.slow
 def test_cli_sweep_2x2_then_resumes_from_the_store(capsys, tmp_path, one_torch_thread):
     args = ["sweep", "--methods", "baseline,dilatequant", "--bits", "W8A8,W4A4", "--num-samples", "16",
             "--steps", "3", "--calib-samples", "1", "--device", "cpu", "--data-dir", str(tmp_path / "store"),
-            "--tolerance", "fid_vs_fp=1000", "--config-out", str(tmp_path / "pick.json"), "--json"]
+            "--tolerance", "fid_vs_fp=1000", "--config-out", str(tmp_path / "pick.json"), "--bootstrap", "0", "--json"]
     code, out, err = run_cli(capsys, *args)
     assert code == 0, err
     res = json.loads(out)
@@ -123,6 +124,7 @@ def test_cli_sweep_2x2_then_resumes_from_the_store(capsys, tmp_path, one_torch_t
     for p in res["points"]:
         assert p["num_samples"] == 16 and p["weight_bytes"] > 0 and p["bops"] > 0
         assert p["fid_vs_fp"] is not None and p["rel_rms"] is not None
+        assert p["fid_vs_fp_interval"] is None or p["label"] == "FP"  # --bootstrap 0: no intervals
     assert set(res["front"]) <= set(labels) and "FP" in res["front"]
     rec = res["recommendation"]
     assert rec["label"] in res["front"] and "cheapest" in rec["reason"]

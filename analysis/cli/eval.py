@@ -29,6 +29,8 @@ def register(sub) -> None:
     s.add_argument("--kid", action="store_true", help="also KID")
     s.add_argument("--prc", action="store_true", help="also precision and recall")
     s.add_argument("--kid-subset-size", type=int, default=None, help="KID subset size (default: min(1000, N))")
+    s.add_argument("--bootstrap", type=int, default=None, metavar="R",
+                   help="bootstrap replicates per FID interval (default: 200, 25 for Inception; 0: no interval)")
     st = p.add_argument_group("run store")
     st.add_argument("--data-dir", default=None, help="run store folder (default: $DQLAB_HOME or ~/.dqlab)")
     st.add_argument("--no-store", action="store_true", help="do not record the run")
@@ -54,7 +56,8 @@ def run(args) -> dict:
                        scheduler=args.scheduler, seed=args.seed, reference=args.reference,
                        extractor=args.feature_extractor, isc=args.isc, kid=args.kid, prc=args.prc,
                        kid_subset_size=args.kid_subset_size, inception_weights=args.inception_weights,
-                       batch_size=args.batch_size, cache_fp=not args.no_fp_cache, calib_samples=args.calib_samples)
+                       batch_size=args.batch_size, cache_fp=not args.no_fp_cache, calib_samples=args.calib_samples,
+                       bootstrap=args.bootstrap)
     rank, size = init_from_env()  # under torchrun: join the group, each rank samples a share of the images
     store = None if args.no_store or rank != 0 else Store(args.data_dir)
     if args.reference is not None and not args.reference.is_dir():

@@ -56,6 +56,8 @@ def register(sub) -> None:
     p.add_argument("--calib-samples", type=int, default=10, help="FP images for the shared calibration set")
     p.add_argument("--calib-seed", type=int, default=CALIBRATION_SEED, help="first calibration seed (default: %(default)s)")
     p.add_argument("--recon-iters", type=int, default=None, help="iterations per unit for adaround / bkd points")
+    p.add_argument("--bootstrap", type=int, default=None, metavar="R",
+                   help="bootstrap replicates per FID interval (default: 200; 0: no intervals)")
     p.add_argument("--tolerance", action="append", default=None, metavar="MEASURE=VALUE",
                    help="fid_vs_fp=X, rel_rms_step_median=Y (median over steps; rel_rms: pooled) or "
                         "label_agreement_drop=Z (at most), same_digit_vs_fp=S, "
@@ -76,7 +78,8 @@ def run(args) -> dict:
     spec = SweepSpec(methods=split(args.methods), bits=[b.upper() for b in split(args.bits)], options=split(args.options),
                      formats=split(args.formats),
                      num_samples=args.num_samples, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                     calib_samples=args.calib_samples, calib_seed=args.calib_seed, recon_iters=args.recon_iters)
+                     calib_samples=args.calib_samples, calib_seed=args.calib_seed, recon_iters=args.recon_iters,
+                     bootstrap=args.bootstrap)
     spec.validate()
     if args.num_samples < 2:
         raise CLIError(f"--num-samples must be at least 2 for FID, got {args.num_samples}")

@@ -16,12 +16,12 @@ from typing import Callable, Mapping
 
 import torch
 
-from analysis.evaluation.metrics import per_timestep_error, transformer_outputs
+from analysis.evaluation.metrics import transformer_outputs
 from analysis.evaluation.per_seed import mse_per_image, psnr, ssim_per_image  # noqa: F401  (psnr: this module's API)
 from analysis.evaluation.speed import forward_profile
 from analysis.models.bundle import ModelBundle
 from analysis.models.sampling import sample
-from analysis.quantization.pipeline import Variant
+from analysis.quantization.pipeline import Variant, output_errors
 from quant.measures import relative_rms, step_median
 
 FP_NAME = "FP"
@@ -148,7 +148,8 @@ def compare(fp: ModelBundle, variants: Mapping[str, Variant | ModelBundle], labe
             same = (predict(res.images) == fp_digits).tolist()
         errs += [{"variant": name, "index": i, "label": labels[i], "seed": seeds[i], "mse": m, "psnr": p,
                   "ssim": q, "same_digit": d} for i, (m, p, q, d) in enumerate(zip(mse, ps, ssim, same))]
-        step_rows += [{"variant": name, **r} for r in per_timestep_error(fp_out, b.denoiser, calib)]
+        per_t = output_errors(None, b.denoiser, calib, fp.latent_shape[0], per_layer=False, reference=fp_out)[1]
+        step_rows += [{"variant": name, "step": i, "t": t, "rel_rms": per_t[t]} for i, t in enumerate(timesteps)]
         drift_rows += [{"variant": name, "step": i, "t": timesteps[i], "rel_rms_drift": relative_rms(xv, xf)}
                        for i, (xv, xf) in enumerate(zip(res.trajectory, fp_res.trajectory))]
         advance(f"Scored {name}")

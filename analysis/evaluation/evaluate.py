@@ -70,6 +70,9 @@ class EvalOptions:
     cache_fp: bool = True
     calib_samples: int | None = None  # None: the calibration default (analysis.quantization.calibration)
     calib_seed: int = CALIBRATION_SEED  # calibration images use other seeds than the evaluated ones
+    # bootstrap replicates per FID interval: None the default (metrics.fid_interval), 0 no interval (a quick
+    # look, or a test: the two intervals of a variant are ~2000 FIDs at the default)
+    bootstrap: int | None = None
 
     def calibration(self, bundle: ModelBundle) -> CalibrationSpec:
         """The calibration of a variant this evaluation quantizes: at the evaluated steps, guidance and
@@ -147,6 +150,8 @@ def check_options(bundle: ModelBundle, opts: EvalOptions) -> tuple[str, M.Refere
                          f"more than half of this machine's {have / 2 ** 30:.1f} GiB; lower --num-samples")
     if not 1 <= opts.steps <= 1000:
         raise ValueError(f"steps must be between 1 and 1000, got {opts.steps}")
+    if opts.bootstrap is not None and (opts.bootstrap < 0 or opts.bootstrap == 1):
+        raise ValueError(f"bootstrap replicates must be 0 (no interval) or at least 2, got {opts.bootstrap}")
     if opts.batch_size is not None and opts.batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {opts.batch_size}")
     if opts.kid and opts.kid_subset_size is not None and not 2 <= opts.kid_subset_size <= opts.num_samples:
@@ -330,6 +335,8 @@ def recipe_key(fingerprint: str, config: dict, opts: EvalOptions, guidance: floa
     what = {"model": fingerprint, "config": config, "calibration": calibration if quantizes(config) else None,
             "num_samples": opts.num_samples, "seed": opts.seed, "steps": opts.steps, "guidance": float(guidance),
             "scheduler": opts.scheduler, "extractor": opts.extractor, "reference": str(opts.reference or "")}
+    if opts.bootstrap is not None:  # only a non-default interval changes the key (stored runs keep theirs)
+        what["bootstrap"] = opts.bootstrap
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -391,19 +398,19 @@ def _score(images, feats, fp_images, fp_feats, reference, ref_feats, floor, is_f
     features extracted once; IS / KID / precision-recall through torch-fidelity when asked."""
     m = {"num_samples": len(images), "feature_extractor": extractor, "warning": M.fid_warning(len(images))}
     if reference is not None:
-        vs_real = M.fid_interval(feats, ref_feats)
+        vs_real = M.fid_interval(feats, ref_feats, replicates=opts.bootstrap)
         m.update(fid=vs_real["fid"], fid_interval=vs_real["fid_interval"], reference_size=len(ref_feats),
                  fid_floor=floor["fid_floor"], floor_sizes=floor["floor_sizes"],
                  floor_definition=floor["floor_definition"], interval_level=vs_real["level"],
                  bootstrap_replicates=vs_real["replicates"], interval_method=vs_real["method"],
-                 interval_method_text=M.INTERVAL_METHODS[vs_real["method"]], interval_estimand=M.INTERVAL_ESTIMAND)
+                 interval_method_text=M.INTERVAL_METHODS.get(vs_real["method"]), interval_estimand=M.INTERVAL_ESTIMAND)
     else:
         m.update(fid=None, fid_interval=None, fid_floor=None, reference_size=0,
                  warning="no reference images given: FID vs real was not computed (pass a folder of real images)")
     if is_fp:  # the same images: identical by construction, not a measurement
         m.update(fid_vs_fp=0.0, fid_vs_fp_interval=[0.0, 0.0])
     else:
-        vs_fp = M.fid_interval(feats, fp_feats, paired=True)
+        vs_fp = M.fid_interval(feats, fp_feats, paired=True, replicates=opts.bootstrap)
         m.update(fid_vs_fp=vs_fp["fid"], fid_vs_fp_interval=vs_fp["fid_interval"],
                  fid_vs_fp_interval_method=vs_fp["method"], fid_vs_fp_replicates=vs_fp["replicates"])
     if opts.isc or opts.kid or opts.prc:

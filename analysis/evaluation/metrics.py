@@ -1,4 +1,5 @@
-"""Sample quality through torch-fidelity (FID, IS, KID, precision/recall) and per-timestep output error.
+"""Sample quality through torch-fidelity (FID, IS, KID, precision/recall), and a model's noise prediction on
+recorded inputs (the per-timestep error itself is analysis.quantization.pipeline.output_errors).
 
 Two feature extractors:
 - "dqlab-digits": the bundled digit classifier (analysis.evaluation.classifier), registered with torch-fidelity so FID
@@ -25,7 +26,6 @@ from torch.utils.data import Dataset
 
 from analysis.evaluation.images import to_uint8_rgb
 from quant.forward import forward_batches
-from quant.measures import relative_rms
 
 DIGITS_EXTRACTOR = "dqlab-digits"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
@@ -535,6 +535,7 @@ def fid_interval(a: torch.Tensor, b: torch.Tensor, paired: bool = False, replica
     replicate) get HIGH_DIM_REPLICATES and the normal interval. Asking for fewer replicates than the
     percentile interval needs gives the normal one: the returned "method" says which was used. Coverage of
     both, measured on simulated Gaussian features, is checked in tests/test_metrics.py.
+    replicates=0 skips the bootstrap (interval and method None).
     Returns {"fid", "fid_interval": [low, high], "level", "replicates", "method"}.
     """
     if paired and len(a) != len(b):
@@ -548,6 +549,9 @@ def fid_interval(a: torch.Tensor, b: torch.Tensor, paired: bool = False, replica
         replicates = HIGH_DIM_REPLICATES if high_dim and method != "percentile" else (
             min_percentile_replicates(level) if method == "percentile" else BOOTSTRAP_REPLICATES)
     replicates = int(replicates)
+    if replicates == 0:  # no interval asked for (EvalOptions.bootstrap = 0): the point estimate alone
+        return {"fid": fid_from_features(a, b), "fid_interval": None, "level": level, "replicates": 0,
+                "method": None}
     if replicates < 2:
         raise MetricsError(f"a bootstrap interval needs at least 2 replicates, got {replicates}")
     if method is None:
@@ -654,7 +658,8 @@ def _use_cuda(device) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Per-timestep output error
+# A model's noise prediction on recorded inputs (the reference that analysis.quantization.pipeline.output_errors,
+# the one per-timestep error, compares against)
 # ---------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -663,17 +668,3 @@ def transformer_outputs(transformer: torch.nn.Module, calibration, out_channels:
     """The transformer's noise prediction (first `out_channels` channels; learned-sigma models also output a
     variance half) on every recorded input, on the CPU in float32."""
     return forward_batches(transformer, calibration.batches(batch_size), keep_outputs=True)[:, :out_channels]
-
-
-def per_timestep_error(reference_outputs: torch.Tensor, transformer: torch.nn.Module, calibration,
-                       batch_size: int = 256) -> list[dict]:
-    """Relative RMS error (quant.measures.relative_rms) of `transformer`'s noise prediction against
-    `reference_outputs` (the FP model's on the same inputs) at every sampling step recorded in `calibration`.
-    Rows: {"step", "t", "rel_rms"}."""
-    outputs = transformer_outputs(transformer, calibration, reference_outputs.shape[1], batch_size)
-    rows = []
-    for step in torch.unique(calibration.step).tolist():
-        mask = calibration.step == step
-        rows.append({"step": int(step), "t": int(calibration.t[mask][0]),
-                     "rel_rms": relative_rms(outputs[mask], reference_outputs[mask])})
-    return rows

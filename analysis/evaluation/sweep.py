@@ -151,12 +151,13 @@ class SweepSpec:
     calib_seed: int = CALIBRATION_SEED
     scheduler: str = "ddim"
     recon_iters: int | None = None
+    bootstrap: int | None = None  # replicates per FID interval (EvalOptions.bootstrap; 0: no intervals)
 
     def validate(self) -> "SweepSpec":
         if not self.methods or not self.bits or not self.options:
             raise ValueError("a sweep needs at least one method, one bit-width and one option")
         for m in self.methods:
-            if m == "fp" or not _is_method(m):
+            if not quantizes(m) or not _is_method(m):
                 raise ValueError(f"unknown method {m!r} for a sweep; choose from "
                                  f"{', '.join(SWEEP_METHODS)} or several joined by '+' (FP is always measured)")
         for b in self.bits:
@@ -172,6 +173,8 @@ class SweepSpec:
                              "FP8 ones W8, FP6 ones W6")
         if self.calib_samples < 1:
             raise ValueError(f"calibration samples must be >= 1, got {self.calib_samples}")
+        if self.bootstrap is not None and self.bootstrap < 0:
+            raise ValueError(f"bootstrap replicates must be >= 0 (0: no intervals), got {self.bootstrap}")
         if self.recon_iters is not None and self.recon_iters < 1:
             raise ValueError(f"recon iterations must be >= 1, got {self.recon_iters}")
         return self
@@ -179,7 +182,7 @@ class SweepSpec:
     def eval_options(self) -> EvalOptions:
         return EvalOptions(num_samples=self.num_samples, steps=self.steps, guidance=self.guidance,
                            scheduler=self.scheduler, seed=self.seed, calib_samples=self.calib_samples,
-                           calib_seed=self.calib_seed)
+                           calib_seed=self.calib_seed, bootstrap=self.bootstrap)
 
     def grid(self) -> list[tuple[str, str, str, str]]:
         """(method, bits, format, option) of every point, in order. Mixed precision needs bits below 8 to mix
@@ -236,7 +239,7 @@ def _quality(point: dict, quality: str) -> float | None:
     """The point's value of `quality` oriented so that lower is better (higher-is-better measures negated);
     FP's PSNR vs itself, which has no finite value, is the best there is."""
     value = point.get(quality)
-    if value is None and quality == "psnr_vs_fp" and point.get("method") == "fp":
+    if value is None and quality == "psnr_vs_fp" and not quantizes(point.get("method")):
         return float("-inf")
     if value is None:
         return None
@@ -292,7 +295,7 @@ def recommend(points: list[dict], tolerance: dict, cost: str = "bops") -> dict:
 def _format_quality(point: dict, quality: str) -> str:
     value = point.get(quality)
     if value is None:
-        return "identical to FP" if quality == "psnr_vs_fp" and point.get("method") == "fp" else "n/a"
+        return "identical to FP" if quality == "psnr_vs_fp" and not quantizes(point.get("method")) else "n/a"
     interval = point.get(f"{quality}_interval")
     if interval and None not in interval:
         return f"{value:.3g} [{interval[0]:.3g}, {interval[1]:.3g}]" if quality != "fid_vs_fp" else \

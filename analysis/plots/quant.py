@@ -40,7 +40,7 @@ def salience_before_after(salience: dict, group: str, sort: bool = False) -> go.
     """Two panels over input channels j of `group`: max|X_j| (top) and max|W_j| (bottom), before and after
     folding, log y. Titles give max/median before -> after, the flatness a quantizer's range cares about.
 
-    salience: report["salience"][group] with x_before, x_after, w_before, w_after (lists of per-channel maxima).
+    salience: report.salience[group] with x_before, x_after, w_before, w_after (lists of per-channel maxima).
     sort: order channels by activation salience before (largest first) instead of by index."""
     s = salience
     x_b, x_a, w_b, w_a = (np.asarray(s[k], dtype=float) for k in ("x_before", "x_after", "w_before", "w_after"))
@@ -101,7 +101,7 @@ def ssc_figure(ssc: dict, group: str) -> go.Figure:
     """PTQ4DiT's SSC for one group: Spearman rho between activation and weight salience per timestep (line)
     and the resulting weight eta = softmax(-rho) (bars, right axis); low rho = complementary = weighs most.
 
-    ssc: report["ssc"][group] with timesteps, rho, eta (per timestep, or per calibration row)."""
+    ssc: report.ssc[group] with timesteps, rho, eta (per timestep, or per calibration row)."""
     steps = np.asarray(ssc["timesteps"], dtype=np.int64)
     rho, eta = np.asarray(ssc["rho"], dtype=float), np.asarray(ssc["eta"], dtype=float)
     per_sample = len(set(steps.tolist())) < len(steps)
@@ -163,7 +163,7 @@ def layer_error_figure(layer_error: dict, title: str = "Per-layer relative outpu
 
 
 def timestep_error_figure(per_timestep: dict, log: bool = True) -> go.Figure:
-    """Relative RMS error of the noise prediction vs FP at each calibrated timestep (report["rel_rms_per_timestep"]).
+    """Relative RMS error of the noise prediction vs FP at each calibrated timestep (report.rel_rms_per_timestep).
 
     per_timestep: {t: error} for one run, or {variant name: {t: error}} for several (one line each);
     timestep keys may be int or str (JSON)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -84,19 +84,30 @@ class Variant:
         raise TypeError(f"variant {name!r} is a {type(value).__name__}; pass a Variant, a ModelBundle or None (FP)")
 
 
+class OutputErrors(NamedTuple):
+    """How far a model's noise prediction is from FP: relative RMS error ||eps_q - eps|| / ||eps|| over all
+    inputs (total), per timestep ({t: error}, noisiest first), and per quantized layer on its own input."""
+
+    total: float
+    per_timestep: dict[int, float]
+    layers: dict[str, float]
+
+
 def _eps(out: torch.Tensor, latent_channels: int) -> torch.Tensor:
     return out[:, :latent_channels]  # learned-sigma models output a variance half the sampler does not use
 
 
 @torch.no_grad()
-def output_errors(fp_model: torch.nn.Module | None, q_model: torch.nn.Module, batches: list, latent_channels: int,
-                  per_layer: bool = True, reference: torch.Tensor | None = None
-                  ) -> tuple[float, dict[int, float], dict[str, float]]:
-    """Relative RMS error of the noise prediction vs FP, ||eps_q - eps|| / ||eps||, over all batches and per
-    timestep (quant.measures.RelRmsByTimestep); and each quantized layer's own relative RMS error (its
-    quantized output vs its FP output on the same input).
+def output_errors(fp_model: torch.nn.Module | None, q_model: torch.nn.Module, batches, latent_channels: int,
+                  per_layer: bool = True, reference: torch.Tensor | None = None) -> OutputErrors:
+    """The one per-timestep error of the lab: q_model's noise prediction against FP's on the same inputs, overall
+    and per timestep (quant.measures.RelRmsByTimestep: sums per sample, so a batch may mix timesteps), and with
+    per_layer each quantized layer's own relative RMS error (its quantized output vs its FP output on the same
+    input). Used by quantization reports, sensitivity, and the comparison's per-step error.
 
-    reference: the FP outputs of the batches, concatenated (else fp_model is run on them)."""
+    batches: (x, t, y) batches (or CalibrationData); reference: FP's outputs on them, concatenated in order
+    (else fp_model runs on them)."""
+    batches = calibration_batches(batches) if hasattr(batches, "batches") else batches
     layers = quant_layers(q_model) if per_layer else {}
     for layer in layers.values():
         layer.error_stats = [0.0, 0.0]
@@ -115,7 +126,7 @@ def output_errors(fp_model: torch.nn.Module | None, q_model: torch.nn.Module, ba
     finally:
         for layer in layers.values():
             layer.error_stats = None
-    return acc.total(), acc.per_timestep(), layer_err
+    return OutputErrors(acc.total(), acc.per_timestep(), layer_err)
 
 
 def _lists(d: dict) -> dict:
@@ -171,19 +182,17 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     progress("measuring the error vs FP", 0.8)
     batches = calibration_batches(calibration, batch_size)
-    rel, per_t, layer_err = output_errors(None, result.model, batches, bundle.latent_shape[0],
-                                          reference=result.reference)
+    errors = output_errors(None, result.model, batches, bundle.latent_shape[0], reference=result.reference)
     if held_out is None or held_out is True:
         held_out = held_out_spec(spec) if spec is not None else None
     if isinstance(held_out, CalibrationSpec):
         progress("measuring the error vs FP on held-out seeds", 0.85)
         held_out = calibrate(bundle, held_out)
-    held_rel = held_per_t = None
+    held = None
     if held_out is not None and held_out is not False:
-        held_rel, held_per_t, _ = output_errors(bundle.denoiser, result.model,
-                                                calibration_batches(held_out, batch_size), bundle.latent_shape[0],
-                                                per_layer=False)
-    held_spec = getattr(held_out, "spec", None) if held_rel is not None else None
+        held = output_errors(bundle.denoiser, result.model, calibration_batches(held_out, batch_size),
+                             bundle.latent_shape[0], per_layer=False)
+    held_spec = getattr(held_out, "spec", None) if held is not None else None
     n_quant = sum(1 for m in quant_layers(result.model).values()
                   if not is_off(m.w_bits) or m.act.enabled)
     report = QuantReport(
@@ -195,12 +204,13 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
         calibration_rows=len(calibration) if hasattr(calibration, "__len__") else None,
         layers_quantized=n_quant, weight_bytes=weight_bytes(result.model),
         fp_weight_bytes=fp_weight_bytes(bundle.denoiser),
-        rel_rms=rel if held_rel is None else held_rel,
-        rel_rms_per_timestep=per_t if held_per_t is None else held_per_t,
-        rel_rms_step_median=step_median(per_t if held_per_t is None else held_per_t),
-        rel_rms_basis="in_sample" if held_rel is None else "held_out",
-        rel_rms_held_out=held_rel, rel_rms_in_sample=rel, rel_rms_per_timestep_in_sample=per_t,
-        held_out=None if held_spec is None else held_spec.to_dict(), layer_error=layer_err,
+        rel_rms=errors.total if held is None else held.total,
+        rel_rms_per_timestep=errors.per_timestep if held is None else held.per_timestep,
+        rel_rms_step_median=step_median(errors.per_timestep if held is None else held.per_timestep),
+        rel_rms_basis="in_sample" if held is None else "held_out",
+        rel_rms_held_out=None if held is None else held.total, rel_rms_in_sample=errors.total,
+        rel_rms_per_timestep_in_sample=errors.per_timestep,
+        held_out=None if held_spec is None else held_spec.to_dict(), layer_error=errors.layers,
         vectors={g: b.tolist() for g, b in result.vectors.items()},
         salience={g: _lists(s) for g, s in result.salience.items()},
         ssc={g: _lists(e) for g, e in result.extras.items() if "eta" in e},

@@ -137,8 +137,8 @@ def sensitivity(bundle: ModelBundle, w_bits: int | None, a_bits: int | None, cal
     units = units_of(list(layers), granularity, family_of(bundle.denoiser))
 
     def errors() -> list[float]:
-        _, per_t, _ = output_errors(None, model, batches, channels, per_layer=False, reference=reference)
-        return list(per_t.values())
+        return list(output_errors(None, model, batches, channels, per_layer=False, reference=reference)
+                    .per_timestep.values())
 
     full = errors()
     only, all_but = [], []

@@ -1,7 +1,7 @@
 """Measures derived from salience statistics: complementarity, quantization error, variability, difficulty.
 
 - Spearman rank correlation rho between activation salience s(X^t) and weight salience s(W) across the
-  channels of a layer, per timestep (PTQ4DiT's SSC, DESIGN.md section 4, uses rho_t to weight timesteps:
+  channels of a layer, per timestep (PTQ4DiT's SSC, docs/ARCHITECTURE.md "The formulas", uses rho_t to weight timesteps:
   eta = softmax(-rho)). A low or negative rho means the two saliences are complementary: the channels
   with extreme activations are not the ones with extreme weights, so a per-channel scale can balance them.
 - Per-channel quantization MSE, as recorded by analysis.salience.collect (computed in analysis.salience.channel_error).

@@ -13,6 +13,7 @@ or one `register(FAMILY)` call for a family declared elsewhere. See docs/ARCHITE
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import pkgutil
 import re
@@ -35,7 +36,16 @@ def register(family: Family) -> Family:
     FAMILIES[family.name] = family
     for cls in family.classes:
         CLASS_FAMILIES[cls] = family.name
+    layer_info.cache_clear()
     return family
+
+
+def unregister(name: str) -> None:
+    """Take a family out of the table (a test's toy family)."""
+    family = FAMILIES.pop(name, None)
+    for cls in family.classes if family is not None else ():
+        CLASS_FAMILIES.pop(cls, None)
+    layer_info.cache_clear()
 
 
 def _discover() -> None:
@@ -45,8 +55,6 @@ def _discover() -> None:
             if isinstance(family, Family):
                 register(family)
 
-
-_discover()
 
 
 def find_family(model: nn.Module) -> Family | None:
@@ -122,6 +130,7 @@ def _claimant(name: str) -> Family | None:
     return next((f for f in FAMILIES.values() if f.stage_of(name) is not None), None)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # figures and menus ask about the same few hundred names over and over
 def layer_info(key: str, family: str | Family | None = None) -> LayerInfo:
     """Kind, readable role and stage of a module name or statistics key. Without `family` the first family in
     the table whose stages claim the name answers. A second call of a module in one forward ('name@2': a DiT's
@@ -198,3 +207,6 @@ def readable_layer(key: str, family: str | Family | None = None) -> str:
 def all_kinds() -> list[str]:
     """Every kind the table declares, in family and data-flow order, then 'other'."""
     return list(dict.fromkeys(k.kind for f in FAMILIES.values() for k in f.kinds)) + ["other"]
+
+
+_discover()

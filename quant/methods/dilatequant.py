@@ -1,5 +1,5 @@
 """DilateQuant (Liu et al. 2024): Weight Dilation (WD); its time-step-aware quantizers (TPQ) are switched on
-by the config default and live in quant.modules.ActQuantizer. Read against DESIGN.md section 4:
+by the config default and live in quant.modules.ActQuantizer. Read against docs/ARCHITECTURE.md, "The formulas":
 
 Per output row i the range [Wmin_i, Wmax_i]. A = input channels holding some row's max or min ("saturated");
 s_k = 1 for k in A, else

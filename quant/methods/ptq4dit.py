@@ -1,5 +1,5 @@
 """PTQ4DiT (Wu et al. 2024): Channel-wise Salience Balancing (CSB) with Spearman's-rho-guided Salience
-Calibration (SSC). Read against DESIGN.md section 4:
+Calibration (SSC). Read against docs/ARCHITECTURE.md, "The formulas":
 
 SSC  rho_t   = Spearman rank correlation between s(X^t) and s(W) across channels       (paper eq. 9)
      eta     = softmax(-rho) over timesteps                                               (eq. 10)
