@@ -10,7 +10,6 @@ computed once per process in a SharedWork and handed to every session that asks 
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 import time
@@ -96,20 +95,6 @@ class SharedWork:
                 if self._locks.get(key) is lock:  # whoever waited holds the lock object and finds the value
                     del self._locks[key]
             lock.release()
-
-
-_KEY_LOCKS: dict[Hashable, threading.Lock] = {}
-_KEY_GUARD = threading.Lock()
-
-
-@contextlib.contextmanager
-def one_at_a_time(key: Hashable):
-    """Hold the lock of `key` (one per key, for the whole process): work that writes a shared disk cache (the FP
-    samples of an evaluation) runs once while other sessions asking for the same key wait, then read it."""
-    with _KEY_GUARD:
-        lock = _KEY_LOCKS.setdefault(key, threading.Lock())
-    with lock:
-        yield
 
 
 def _stderr(line: str) -> None:

@@ -17,6 +17,7 @@ at the same N: two variants whose intervals overlap are not told apart by this m
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -175,11 +176,25 @@ def model_fingerprint(bundle: ModelBundle) -> str:
     return h.hexdigest()[:16]
 
 
+_KEY_LOCKS: dict[str, threading.Lock] = {}
+_KEY_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_at_a_time(key: str):
+    """Hold the lock of `key` (one per key, for the whole process): the FP samples of one cache file are sampled
+    once while other sessions of the app asking for the same file wait, then read it."""
+    with _KEY_GUARD:
+        lock = _KEY_LOCKS.setdefault(key, threading.Lock())
+    with lock:
+        yield
+
+
 def _fp_images(bundle: ModelBundle, labels, seeds, opts: EvalOptions, guidance: float, cache_dir: Path | None,
                on_step) -> tuple[torch.Tensor, float, bool]:
     """FP images for these labels/seeds, from the disk cache when the same model and setting ran before.
     Sessions of one process asking for the same images at once sample them once: the others wait for the
-    cache file (analysis.app_state.one_at_a_time)."""
+    cache file (_one_at_a_time)."""
     path = None
     if cache_dir is not None and opts.cache_fp:
         key = hashlib.sha256(repr((model_fingerprint(bundle), labels, seeds, opts.steps, guidance, opts.scheduler,
@@ -188,9 +203,7 @@ def _fp_images(bundle: ModelBundle, labels, seeds, opts: EvalOptions, guidance: 
     if path is None:
         images, seconds = _sample_images(bundle, labels, seeds, opts, guidance, on_step)
         return images, seconds, False
-    from analysis.app_state import one_at_a_time
-
-    with one_at_a_time(("fp_samples", str(path))):
+    with _one_at_a_time(str(path)):
         if path.exists():
             try:
                 cached = torch.load(path, map_location="cpu", weights_only=True)
