@@ -25,7 +25,6 @@ import torch.nn as nn
 from quant.config import METHODS, QuantConfig
 from quant.families import balance_groups
 from quant.forward import calibration_batches, forward_batches
-from quant.graph import balance_groups
 from quant.io import read_quantized, stored_tensors, weight_bytes, write_quantized
 from quant.measures import weight_salience
 from quant.methods import owner_of
