@@ -2,11 +2,115 @@
 
 The app caches the FP bundle with st.cache_resource, which hands the SAME object to every session:
 nothing here or in the pages may modify it. Quantized variants are new models (quant.quantize returns one).
+
+Every result the app shows is keyed by what produced it (model_key: source, device, precision; plus the
+settings or recipe of the job), so switching the precision never shows a float32 grid as a float16 one.
+Work that is the same for every session (the Home grid, FP salience statistics, FP calibration inputs) is
+computed once per process in a SharedWork and handed to every session that asks for the same key.
 """
 from __future__ import annotations
 
+import sys
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable
+
 DEFAULT_MODEL = "bundled:dit-mnist"
 HOME_CLASSES = list(range(10))
+
+
+def model_key(bundle) -> tuple[str, str, str]:
+    """(source, device, precision) of a loaded bundle: what every result of the app is keyed by."""
+    return bundle.name, str(bundle.device), str(bundle.dtype).removeprefix("torch.")
+
+
+def produced_by(key: tuple[str, str, str]) -> str:
+    """'bundled:dit-mnist on cpu, float32': the words captions use for a model_key."""
+    name, device, dtype = key
+    return f"{name} on {device}, {dtype}"
+
+
+@dataclass(frozen=True)
+class Shared:
+    """A value computed once for every session: when and in how long, so a caption can say so."""
+
+    value: Any
+    computed_at: float  # time.time()
+    seconds: float
+
+
+class SharedWork:
+    """Compute-once values shared by every session of the process, one lock per key.
+
+    get(key, compute) returns the stored Shared for `key`, or runs compute() once while every other caller
+    asking for the same key waits for it (thirty sessions opening the app together sample the Home grid
+    once, not thirty times). Different keys compute in parallel. A failed compute stores nothing, so the next
+    caller tries again. The oldest entries are dropped beyond `max_entries` (values are FP results anyone can
+    recompute; none is a user's own work). `computed` counts computations per key: what a load test reads.
+    """
+
+    def __init__(self, kind: str, max_entries: int = 16, log: Callable[[str], None] | None = None) -> None:
+        self.kind = kind
+        self.max_entries = max_entries
+        self._guard = threading.Lock()
+        self._locks: dict[Hashable, threading.Lock] = {}
+        self._values: OrderedDict[Hashable, Shared] = OrderedDict()
+        self.computed: Counter = Counter()
+        self._log = log if log is not None else _stderr
+
+    def peek(self, key: Hashable) -> Shared | None:
+        with self._guard:
+            return self._values.get(key)
+
+    def get(self, key: Hashable, compute: Callable[[], Any], on_wait: Callable[[], None] | None = None) -> Shared:
+        """The shared value for `key`; on_wait() is called when another session is computing it right now."""
+        with self._guard:
+            if key in self._values:
+                self._values.move_to_end(key)
+                return self._values[key]
+            lock = self._locks.setdefault(key, threading.Lock())
+        if not lock.acquire(blocking=False):
+            if on_wait is not None:
+                on_wait()
+            lock.acquire()
+        try:
+            with self._guard:
+                if key in self._values:  # computed by the session we waited for
+                    return self._values[key]
+            start = time.perf_counter()
+            value = compute()
+            shared = Shared(value, time.time(), time.perf_counter() - start)
+            with self._guard:
+                self._values[key] = shared
+                self.computed[key] += 1
+                while len(self._values) > self.max_entries:
+                    self._values.popitem(last=False)
+            self._log(f"dqlab shared work: computed {self.kind} {key!r} in {shared.seconds:.1f} s "
+                      f"(computation {sum(self.computed.values())} of this kind in this process)")
+            return shared
+        finally:
+            with self._guard:
+                if self._locks.get(key) is lock:  # whoever waited holds the lock object and finds the value
+                    del self._locks[key]
+            lock.release()
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# One per kind of shared work, for the whole process (the pages import this module once per process).
+HOME_GRIDS = SharedWork("home grid", max_entries=32)
+FP_SALIENCE = SharedWork("FP salience statistics", max_entries=4)
+FP_CALIBRATION = SharedWork("FP calibration inputs", max_entries=4)
+
+
+def owned_variants(variants: dict, origins: dict, key: tuple) -> list[str]:
+    """Names of the session's variants quantized from the FP model `key` (model_key): a variant made from the
+    float16 model is not shown beside the float32 one."""
+    return [name for name in variants if tuple(origins.get(name, ())) == tuple(key)]
 
 
 def session_view(bundle):

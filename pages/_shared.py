@@ -90,9 +90,15 @@ def current_bundle():
     """The FP bundle chosen in the sidebar (bundled model by default), or None after showing why not."""
     from analysis.models.bundle import ModelLoadError
 
+    import re
+
     source, device, dtype = sidebar_choice()
     if not source:
         st.info("Enter the model's folder in the sidebar.")
+        return None
+    if st.session_state.get("model_kind") == "Hub id" and not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        st.error(f"'{source}' is not a hub id: a hub id is exactly owner/name, such as facebook/DiT-XL-2-256. "
+                 "For a folder on this machine choose **Local folder** in the sidebar.")
         return None
     log = _model_cache_log()
     key = (source, device, dtype)
@@ -182,17 +188,35 @@ def store():
     return _store(os.environ.get(DATA_ENV) or None)
 
 
-def progress_callback(text: str):
-    """A progress bar and the on_step(done, total) callback that drives it."""
+def progress_callback(text: str, then: str | None = None):
+    """A progress bar and the on_step(done, total) callback that drives it: the stage, the step, and the time
+    left estimated from the steps done so far; at the last step it names the stage that follows (`then`),
+    so a bar at 'step 50/50' never sits there silently."""
+    import time
+
     bar = st.progress(0.0, text=text)
-    return bar, (lambda done, total: bar.progress(min(1.0, done / total), text=f"{text} {done}/{total}"))
+    start = time.perf_counter()
+
+    def on_step(done: int, total: int) -> None:
+        if done >= total and then:
+            bar.progress(1.0, text=then)
+            return
+        elapsed = time.perf_counter() - start
+        left = f", about {elapsed / done * (total - done):.0f} s left" if done and done < total else ""
+        bar.progress(min(1.0, done / total), text=f"{text} {done}/{total}{left}")
+    return bar, on_step
 
 
 BITS = [2, 3, 4, 5, 6, 7, 8, 16]
 TRISTATE = {"default": None, "on": True, "off": False}
 
 
-def option_widget(container, opt, key: str):
+# Examples of layer-name patterns, in the model's own names (a UNet has no transformer_blocks).
+PATTERN_EXAMPLES = {"dit": "e.g. pos_embed.proj, *.ff.net.2, transformer_blocks.0",
+                    "unet": "e.g. conv_in, *.conv_shortcut, down_blocks.0"}
+
+
+def option_widget(container, opt, key: str, family: str = "dit"):
     """The widget for one quant.options.Option (a QuantConfig field or a method's option), returning a value
     the config accepts. Every form that sets quantization options draws them with this, from the registry."""
     label, help_text = opt.label, opt.help
@@ -208,7 +232,7 @@ def option_widget(container, opt, key: str):
         return TRISTATE[value]
     if opt.kind == "patterns":
         text = container.text_input(label, value=", ".join(opt.default), key=key, help=help_text + "; comma-separated",
-                                    placeholder="e.g. pos_embed.proj, *.ff.net.2, transformer_blocks.0")
+                                    placeholder=PATTERN_EXAMPLES.get(family, PATTERN_EXAMPLES["dit"]))
         return [p.strip() for p in text.split(",") if p.strip()]
     if opt.choices:
         choices = list(opt.choices)
@@ -227,12 +251,13 @@ def option_widget(container, opt, key: str):
         value = container.number_input(label, min_value=None if opt.low is None or opt.low_open else float(opt.low),
                                        max_value=None if opt.high is None else float(opt.high),
                                        value=None if opt.default is None else float(opt.default),
-                                       format="%g", key=key, help=help_text)
+                                       format="%g", key=key, help=help_text,
+                                       placeholder="default" if opt.default is None else None)
         return None if value is None else float(value)
     return container.text_input(label, value=str(opt.default), key=key, help=help_text)
 
 
-def option_grid(options, key_prefix: str, columns: int = 4) -> dict:
+def option_grid(options, key_prefix: str, columns: int = 4, family: str = "dit") -> dict:
     """Widgets for `options` laid out in rows of `columns`; {option name: value}."""
     values = {}
     for start in range(0, len(options), columns):
@@ -243,5 +268,5 @@ def option_grid(options, key_prefix: str, columns: int = 4) -> dict:
             values[opt.name] = option_widget(col, opt, f"{key_prefix}{opt.name}")
     for opt in options:
         if opt.kind == "patterns":
-            values[opt.name] = option_widget(st, opt, f"{key_prefix}{opt.name}")
+            values[opt.name] = option_widget(st, opt, f"{key_prefix}{opt.name}", family)
     return values

@@ -42,34 +42,84 @@ def _quantized_from_run(bundle, run):
     return cache[key]
 
 
+# The form's settings, kept in the page's address after a comparison so a reload shows it again.
+FORM_PARAMS = {"cmp_seeds": ("seeds", int), "cmp_steps": ("steps", int), "cmp_guidance": ("guidance", float),
+               "cmp_fid_n": ("fid_n", int), "cmp_fid_guidance": ("fid_guidance", float)}
+
+
+def _form_defaults(bundle) -> None:
+    """Widget values for a fresh session: from the page's address when it holds a comparison (a reload),
+    else the defaults (grid guidance = the FID protocol's guidance, so grids and FID show the same model)."""
+    defaults = {"cmp_seeds": 2, "cmp_steps": 50, "cmp_guidance": float(bundle.eval_guidance), "cmp_fid_n": 0,
+                "cmp_fid_guidance": float(bundle.eval_guidance)}
+    for key, (param, cast) in FORM_PARAMS.items():
+        if key not in st.session_state:
+            try:
+                st.session_state[key] = cast(st.query_params[param]) if param in st.query_params else defaults[key]
+            except ValueError:  # an edited address: keep the default
+                st.session_state[key] = defaults[key]
+    if not bundle.conditional:
+        st.session_state["cmp_guidance"] = 1.0
+
+
 def compare_view(bundle) -> None:
-    session_variants = {name: v for name, v in st.session_state.get("variants", {}).items()}
+    from analysis.app_state import model_key, owned_variants, produced_by
+    from analysis.evaluation.compare import latest_comparison
+
+    mkey = model_key(bundle)
+    everything = st.session_state.get("variants", {})
+    session_variants = {n: everything[n] for n in
+                        owned_variants(everything, st.session_state.get("variant_origin", {}), mkey)}
+    mine = st.session_state.setdefault("my_runs", set())
+    cid = st.query_params.get("cmp")
+    # after a reload: the comparison this page's address names (yours), never someone else's latest one; its runs
+    # are yours again
+    stored = latest_comparison(store(), bundle.name, comparison=cid) if cid else None
+    if stored is not None:
+        mine.update(stored["run_ids"])
     pending = st.session_state.pop("compare_add", None)
     kept = {*st.session_state.get("compare_pick", []), pending}
+    everyone = st.toggle("List everyone's stored runs too", key="cmp_everyone",
+                         help="off: your variants of this session and the runs you stored; on: every run in the "
+                              "store for this model, newest first (each rebuilt from its recipe when picked)")
     runs, seen = [], set()
     for r in store().list(model=bundle.name):  # newest first: one entry per configuration, plus any picked one
         key = repr(sorted(r.config.items()))
-        if quantizes(r.method) and r.method != "custom" and (key not in seen or f"{RUN_PREFIX}{r.id} {r.label}" in kept):
+        label = f"{RUN_PREFIX}{r.id} {r.label}"
+        if not quantizes(r.method) or r.method == "custom" or not (everyone or r.id in mine or label in kept):
+            continue
+        if key not in seen or label in kept:
             seen.add(key)
             runs.append(r)
     options = list(session_variants) + [f"{RUN_PREFIX}{r.id} {r.label}" for r in runs]
+    if "compare_pick" not in st.session_state:  # the session's own variants, preselected
+        st.session_state["compare_pick"] = list(session_variants)[-MAX_VARIANTS:]
+    st.session_state["compare_pick"] = [p for p in st.session_state["compare_pick"] if p in options]
     if pending and pending in options:
-        picked = [p for p in st.session_state.get("compare_pick", []) if p in options]
+        picked = st.session_state["compare_pick"]
         st.session_state["compare_pick"] = (picked + [pending])[-MAX_VARIANTS:]
     if not options:
-        st.info("No quantized variants yet: make some on the **Quantize** page, or run `dqlab eval` to store "
-                "some. FP alone can still be sampled and scored below.")
+        st.info("No quantized variants yet: make some on the **Quantize** page (or list everyone's stored runs "
+                "above). FP alone can still be sampled and scored below.")
+    if bundle.quant_config:
+        st.warning(f"The sidebar's model `{bundle.name}` is itself quantized ({bundle.quant_config.get('method')} "
+                   f"W{bundle.quant_config.get('w_bits')}A{bundle.quant_config.get('a_bits')}): it stands where FP "
+                   "stands below, so every 'vs FP' number is measured against it, not against a float model.")
+    _form_defaults(bundle)
     with st.form("compare_form"):
         chosen = st.multiselect(f"Variants (up to {MAX_VARIANTS}, FP is always shown)", options,
                                 key="compare_pick", max_selections=MAX_VARIANTS)
         c1, c2, c3, c4, c5 = st.columns(5)
         n_classes = min(bundle.num_classes, 10)
-        seeds_per_class = c1.number_input("Seeds per prompt" if bundle.text_conditioned else "Seeds per class", 1, 8, 2)
-        steps = c2.slider("DDIM steps", 5, 100, 50, step=5)
-        guidance = c3.slider("Grid guidance", 1.0, 8.0, float(bundle.default_guidance), step=0.5)
-        fid_n = c4.number_input("FID samples per model (0 = skip)", 0, 50000, 0, step=256,
+        seeds_per_class = c1.number_input("Seeds per prompt" if bundle.text_conditioned else "Seeds per class", 1, 8,
+                                          key="cmp_seeds")
+        steps = c2.slider("DDIM steps", 5, 100, step=5, key="cmp_steps")
+        guidance = c3.slider("Grid guidance", 1.0, 8.0 if bundle.conditional else 1.0, step=0.5, key="cmp_guidance",
+                             disabled=not bundle.conditional,
+                             help="starts at the FID protocol's guidance, so the grids show the model FID scores")
+        fid_n = c4.number_input("FID samples per model (0 = skip)", 0, 50000, step=256, key="cmp_fid_n",
                                 help="FID below 2048 samples is biased; the count is shown next to every FID")
-        fid_guidance = c5.number_input("FID guidance", 0.0, 20.0, float(bundle.eval_guidance), step=0.25,
+        fid_guidance = c5.number_input("FID guidance", 0.0, 20.0, step=0.25, key="cmp_fid_guidance",
                                        help="the FID protocol's guidance for this model (the value where FP's FID "
                                             "vs real is lowest); change it only to study guidance itself")
         save = st.checkbox("Save FID results to the run history", value=True)
@@ -78,21 +128,20 @@ def compare_view(bundle) -> None:
         _run_comparison(bundle, chosen, session_variants, runs, int(seeds_per_class), int(steps), float(guidance),
                         int(fid_n), float(fid_guidance), save, n_classes)
     result = st.session_state.get("comparison")
-    if result is not None and result["model"] == bundle.name:
+    if result is not None and result["model_key"] == list(mkey):
+        st.caption(f"Compared on {produced_by(mkey)}.")
         _show(result["view"])
         return
-    from analysis.evaluation.compare import latest_comparison
-
-    stored = latest_comparison(store(), bundle.name)  # after a reload: the last comparison kept in the store
     if stored is not None:
-        st.info(f"The last comparison, kept in the run store ({stored['created']}, runs "
-                f"{', '.join(f'#{i}' for i in stored['run_ids'])}). Press **Compare** for a new one.")
+        st.info(f"Your comparison of {stored['created']}, kept in the run store"
+                + (f" ({stored['produced_by']})" if stored.get("produced_by") else "")
+                + ". Press **Compare** for a new one.")
         _show(stored)
 
 
 def _run_comparison(bundle, chosen, session_variants, runs, seeds_per_class, steps, guidance, fid_n, fid_guidance,
                     save, n_classes) -> None:
-    from analysis.evaluation.compare import compare, comparison_view, grid_layout, store_comparison
+    from analysis.evaluation.compare import compare, comparison_view, grid_layout, latest_comparison, store_comparison
     from analysis.evaluation.evaluate import EvalOptions, evaluate_variants, score_row
 
     by_label = {f"{RUN_PREFIX}{r.id} {r.label}": r for r in runs}
@@ -109,22 +158,34 @@ def _run_comparison(bundle, chosen, session_variants, runs, seeds_per_class, ste
     labels, seeds = grid_layout(classes, seeds_per_class)
     bar = st.progress(0.0, text="Sampling ...")
     share = 0.5 if fid_n else 1.0
-    comparison = compare(bundle, variants, labels, seeds, steps=steps, guidance=guidance,
+    # a quantized folder loaded as the model is the reference here: named as what it is, not "FP"
+    base = "FP" if not bundle.quant_config else f"{bundle.name} (loaded, quantized)"
+    comparison = compare(bundle, variants, labels, seeds, steps=steps, guidance=guidance, base_name=base,
                          on_progress=lambda stage, f: bar.progress(min(1.0, share * f), text=stage))
     scores = None
     if fid_n:
         opts = EvalOptions(num_samples=fid_n, steps=steps, guidance=fid_guidance)
         try:
-            results = evaluate_variants(bundle, {"FP": None, **variants}, opts, store=store() if save else None,
+            results = evaluate_variants(bundle, {base: None, **variants}, opts, store=store() if save else None,
                                         on_progress=lambda stage, f: bar.progress(0.5 + 0.5 * f, text=stage))
             scores = [score_row(r) for r in results]
         except ValueError as exc:
             st.error(str(exc))
     bar.empty()
+    from analysis.app_state import model_key, produced_by
+
     view = comparison_view(comparison, scores, ncol=len(classes))
+    mine = st.session_state.setdefault("my_runs", set())
+    mine.update(s["run_id"] for s in scores or [] if s.get("run_id") is not None)
     if save:  # kept in the run store, so the variants and this result survive a reload of the page
-        store_comparison(store(), bundle.name, view, comparison, variants)
-    st.session_state["comparison"] = {"model": bundle.name, "view": view}
+        cid = store_comparison(store(), bundle.name, view, comparison, variants,
+                               produced_by=produced_by(model_key(bundle)))
+        stored = latest_comparison(store(), bundle.name, comparison=cid)
+        mine.update(stored["run_ids"] if stored else [])
+        # the page's address names this comparison and its settings: a reload shows it again
+        st.query_params.update(cmp=cid, seeds=str(seeds_per_class), steps=str(steps), guidance=str(guidance),
+                               fid_n=str(fid_n), fid_guidance=str(fid_guidance))
+    st.session_state["comparison"] = {"model": bundle.name, "model_key": list(model_key(bundle)), "view": view}
 
 
 def _png(image) -> bytes:
@@ -144,20 +205,18 @@ def _show(view: dict) -> None:
     st.subheader(f"Samples: {view['steps']} DDIM steps, guidance {view['guidance']}; columns = classes (prompts for a text-to-image model), rows = seeds")
     st.caption("Hover a grid and press its fullscreen button to enlarge it; each grid downloads as a PNG.")
     names = view["names"]
-    for start in range(0, len(names), 2):  # two grids a row: large enough to read the digits
-        cols = st.columns(2)
-        for col, name in zip(cols, names[start:start + 2]):
-            r = rows[name]
-            cap = name
-            if r.get("label agreement") is not None:
-                cap += f" · label agreement {r['label agreement']:.1%} (N={r['label agreement N']})"
-            if name != names[0]:
-                cap += f" · PSNR vs FP {r['PSNR vs FP (grid)']}"
-            grid = view["grids"][name]
-            image = grid if not isinstance(grid, (str, bytes)) and hasattr(grid, "save") else Image.open(grid)
-            col.image(image, caption=cap, width="stretch")
-            col.download_button(f"{name} grid (PNG)", _png(image), file_name=f"grid_{_file_name(name)}.png",
-                                mime="image/png", key=f"grid_dl_{start}_{name}")
+    for start, name in enumerate(names):  # one grid a row: about 100 px a digit, readable on a projector
+        r = rows[name]
+        cap = name
+        if r.get("label agreement") is not None:
+            cap += f" · label agreement {r['label agreement']:.1%} (N={r['label agreement N']})"
+        if name != names[0]:
+            cap += f" · PSNR vs FP {r['PSNR vs FP (grid)']}"
+        grid = view["grids"][name]
+        image = grid if not isinstance(grid, (str, bytes)) and hasattr(grid, "save") else Image.open(grid)
+        st.image(image, caption=cap, width="stretch")
+        st.download_button(f"{name} grid (PNG)", _png(image), file_name=f"grid_{_file_name(name)}.png",
+                           mime="image/png", key=f"grid_dl_{start}_{name}")
     if len(names) > 1 and view["step_error"]:
         c1, c2 = st.columns(2)
         c1.plotly_chart(step_error_figure(view["step_error"]), width="stretch")
@@ -177,12 +236,24 @@ def _show(view: dict) -> None:
         st.caption("FID was not computed (set 'FID samples per model' above). Label agreement and PSNR are on "
                    f"the {view['n_images']} grid images.")
     table = pd.DataFrame(view["rows"])
-    st.dataframe(table, hide_index=True, width="stretch")
+    st.dataframe(rounded(table), hide_index=True, width="stretch")
     st.download_button("Metrics as CSV", table.to_csv(index=False), file_name="comparison_metrics.csv",
                        mime="text/csv", key="cmp_csv")
-    st.caption("forward ms / forward peak MiB: each model's transformer forward on the same batch, timed here "
+    st.caption("forward ms: the median of repeated forwards of each model on the same batch, with the fastest and "
+               "slowest beside it (a wide range means the machine was busy: compare medians of one run only); "
+               "forward peak MiB: memory above the start, timed here "
                "(fake-quantized models compute in float, so they are not faster; `dqlab sample --int8` and "
                "`dqlab bench` run W8A8 in real int8). weights MiB: the stored size at the model's bit-width.")
+
+
+def rounded(table: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
+    """Float columns to `digits` significant digits (10.0749 -> 10.07): what a reader compares, not float noise.
+    The CSV download keeps the full values."""
+    out = table.copy()
+    for col in out.columns:
+        if pd.api.types.is_float_dtype(out[col]):
+            out[col] = out[col].map(lambda v: v if pd.isna(v) else float(f"{v:.{digits}g}"))
+    return out
 
 
 def _file_name(name: str) -> str:
@@ -195,6 +266,16 @@ def history_view(bundle) -> None:
         st.info(f"No stored runs yet in {store().data_dir}. Runs are stored by `dqlab eval` and by comparisons "
                 "with FID.")
         return
+    mine = st.session_state.get("my_runs", set())
+    everyone = st.toggle("Everyone's runs", key="hist_everyone",
+                         help="off: the runs you stored in this session; on: every run in the store (other people's, "
+                              "and `dqlab eval` / `dqlab sweep` runs)")
+    if not everyone:
+        runs = [r for r in runs if r.id in mine]
+        if not runs:
+            st.info("You have not stored a run in this session yet (comparisons with FID are stored). Switch on "
+                    "**Everyone's runs** to browse the whole run store.")
+            return
     df = pd.DataFrame([r.summary() for r in runs])
     c1, c2, c3 = st.columns(3)
     models = c1.multiselect("Model", sorted(df["model"].unique()), key="hist_models")
@@ -208,7 +289,7 @@ def history_view(bundle) -> None:
     df = df[keep]
     st.caption(f"{len(df)} of {len(runs)} runs (stored in {store().data_dir}). FID is comparable only between runs "
                "with the same N, feature extractor, steps and guidance.")
-    st.dataframe(df, hide_index=True, width="stretch")
+    st.dataframe(rounded(df), hide_index=True, width="stretch")
     if df.empty:
         return
     run_id = st.selectbox("Run", df["run_id"].tolist(),

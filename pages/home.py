@@ -4,7 +4,6 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis.app_state import HOME_CLASSES
-from analysis.models.sampling import NO_CLASS
 from pages._shared import current_bundle, current_prompts, intro, progress_callback
 
 st.title("dqlab: quantizing diffusion transformers")
@@ -25,8 +24,14 @@ intro(
 
 bundle = current_bundle()
 if bundle is not None:
+    import time
+
+    from analysis.app_state import HOME_GRIDS, model_key, produced_by
+    from analysis.models.sampling import NO_CLASS  # torch: imported after the heading is drawn
+
     n_params = sum(p.numel() for p in bundle.denoiser.parameters())
     st.caption(f"Model `{bundle.name}` on {bundle.device}: {n_params / 1e6:.1f}M parameters, {bundle.describe()}")
+    mkey = model_key(bundle)
     with st.form("home_sample"):
         c1, c2, c3 = st.columns(3)
         # The first grid is drawn as the page opens: small defaults keep the first page quick on a CPU.
@@ -40,23 +45,41 @@ if bundle is not None:
     prompts = current_prompts() if bundle.text_conditioned else None
     if prompts is not None:  # one column per prompt (the sidebar's), as one per class
         classes = bundle.prompt_ids(prompts)
+        gkey = (mkey, tuple(prompts), bundle.negative_prompt)
     else:  # an unconditional model fills each row with 10 seeds instead of 10 classes
         classes = HOME_CLASSES[:bundle.num_classes] if bundle.conditional else [NO_CLASS] * len(HOME_CLASSES)
-    key = ("home_grid", bundle.name, tuple(prompts or ()), bundle.negative_prompt)
-    if go or key not in st.session_state:
+        gkey = mkey
+    remembered = st.session_state.setdefault("home_settings", {})
+    if go or gkey not in remembered:
+        remembered[gkey] = (int(steps), float(guidance), int(n_seeds))
+    steps_used, guidance_used, seeds_used = remembered[gkey]
+
+    def _sample_grid():
+        """The grid for these settings: the same for every session, so it is computed once per process."""
         from analysis.evaluation.images import make_grid
         from analysis.models.sampling import sample
 
-        seeds = list(range(int(n_seeds)))
+        seeds = list(range(seeds_used))
         bar, on_step = progress_callback("Sampling: step")
         # Seed-major order so each row of the grid is one seed and each column one class.
         seed_list = [s for s in seeds for _ in classes] if bundle.conditional else list(range(len(classes) * len(seeds)))
-        result = sample(bundle, classes * len(seeds), seed_list, steps=steps, guidance=guidance, on_step=on_step)
+        result = sample(bundle, classes * len(seeds), seed_list, steps=steps_used, guidance=guidance_used,
+                        on_step=on_step)
         bar.empty()
-        st.session_state[key] = (make_grid(result.images, ncol=len(classes)), result.seconds, steps, guidance)
-    grid, seconds, steps_used, guidance_used = st.session_state[key]
+        labels = ([p[:24] for p in prompts] if prompts is not None else [str(c) for c in classes]) \
+            if bundle.conditional else None
+        return make_grid(result.images, ncol=len(classes), col_labels=labels, target=96), result.seconds
+
+    waiting = st.empty()
+    shared = HOME_GRIDS.get((gkey, steps_used, guidance_used, seeds_used), _sample_grid,
+                           on_wait=lambda: waiting.info("Another session is sampling this grid right now; it is "
+                                                        "shown here as soon as it is done."))
+    waiting.empty()
+    grid, seconds = shared.value
     if prompts is not None:
         layout = "Columns: " + "; ".join(f"“{p}”" for p in prompts) + "; rows: seeds"
     else:
-        layout = f"Columns: classes {classes[0]}-{classes[-1]}; rows: seeds" if bundle.conditional else "Seeds 0, 1, ..."
-    st.image(grid, caption=f"{layout}. {steps_used} DDIM steps, guidance {guidance_used}, {seconds:.1f} s")
+        layout = "Columns: classes (labelled); rows: seeds" if bundle.conditional else "Seeds 0, 1, ..."
+    st.image(grid, caption=f"{layout}. {produced_by(mkey)}; {steps_used} DDIM steps, guidance {guidance_used}, "
+                           f"sampled in {seconds:.1f} s at {time.strftime('%H:%M:%S', time.localtime(shared.computed_at))} "
+                           "once for every session of this app")

@@ -9,9 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 import streamlit as st
-import torch
 
-from pages._shared import current_bundle, current_prompts, intro, option_grid, progress_callback
+from pages._shared import current_bundle, current_prompts, intro, option_grid, option_widget, progress_callback
 
 st.title("Quantize")
 intro(
@@ -43,29 +42,36 @@ def _form(bundle):
 
     methods = [m for m in REGISTRY.values() if m.quantizes]
     names = [m.name for m in methods]
-    method = st.selectbox("Method", names, index=names.index("ptq4dit"), key="q_method",
-                          help="\n\n".join(f"**{m.name}**: {m.help}" for m in methods))
+    described = {o.name: o for o in QuantConfig.describe()}
+    c_method, c_search, c_pct = st.columns([2, 1, 1])
+    method = c_method.selectbox("Method", names, index=names.index("ptq4dit"), key="q_method",
+                                help="\n\n".join(f"**{m.name}**: {m.help}" for m in methods))
+    # outside the form so the percentile box appears only when the range search uses it
+    fields = {"scale_search": option_widget(c_search, described["scale_search"], "q_scale_search")}
+    if fields["scale_search"] == "percentile":
+        fields["percentile"] = option_widget(c_pct, described["percentile"], "q_percentile")
     st.caption(REGISTRY[method].help)
     partners = [m.name for m in methods if m.composes and m.name != method] if REGISTRY[method].composes else []
     extra = st.multiselect("Combine with", partners, key="q_combine",
                            help="methods applied in the engine's order: balancing, rotation, low-rank branch, "
                                 "weight rounding; a combination the math does not allow is refused with the reason")
     method = "+".join([method, *extra])
-    common = [o for o in QuantConfig.describe() if o.name != "method"]
+    common = [o for o in described.values() if o.name not in ("method", "scale_search", "percentile")]
+    inputs = "UNet" if bundle.family == "unet" else "transformer"
     with st.form("quantize_form"):
-        fields = option_grid([o for o in common if o.group == "quantization"], "q_")
+        fields.update(option_grid([o for o in common if o.group == "quantization"], "q_", family=bundle.family))
         own = [o for name in method.split("+") for o in REGISTRY[name].describe_options()]
         if own:
             st.markdown(f"**{method} options**")
             options = option_grid(own, "q_")
         else:
             options = {}
-        st.markdown("**Calibration** (FP images whose transformer inputs set the ranges; their seeds are kept "
+        st.markdown(f"**Calibration** (FP images whose {inputs} inputs set the ranges; their seeds are kept "
                     "apart from the seeds Compare evaluates)")
         c1, c2, c3, _ = st.columns(4)
         cal_samples = c1.number_input("Calibration images", 1, 256, DEFAULT_CAL_SAMPLES, key="q_cal_samples",
-                                      help="FP images sampled to record the transformer's inputs; reused by later "
-                                           "runs with the same calibration settings")
+                                      help=f"FP images sampled to record the {inputs}'s inputs; reused by later "
+                                           "runs with the same calibration settings (by every session)")
         cal_steps = c2.number_input("Calibration DDIM steps", 2, 250, DEFAULT_CAL_STEPS, key="q_cal_steps",
                                     help="TPQ keeps one range per step; sampling with another count uses the "
                                          "nearest calibrated timestep")
@@ -86,18 +92,22 @@ def _form(bundle):
 
 
 def _calibration(bundle, spec):
-    """FP calibration inputs, kept for the latest (model, spec) so other methods reuse them."""
+    """FP calibration inputs for (model, device, precision, spec): the same for every session, so sampled once
+    per process and shared (quantization reads them, never changes them)."""
+    from analysis.app_state import FP_CALIBRATION, model_key
     from analysis.quantization.calibration import calibrate
 
-    key = (bundle.name, spec)
-    cached = st.session_state.get("q_calibration")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    bar, on_step = progress_callback("Sampling calibration inputs: step")
-    cal = calibrate(bundle, spec, on_step=on_step)
-    bar.empty()
-    st.session_state["q_calibration"] = (key, cal)
-    return cal
+    def _sample():
+        bar, on_step = progress_callback("Sampling calibration inputs: step")
+        cal = calibrate(bundle, spec, on_step=on_step)
+        bar.empty()
+        return cal
+
+    waiting = st.empty()
+    shared = FP_CALIBRATION.get((model_key(bundle), spec), _sample, on_wait=lambda: waiting.info(
+        "Another session is sampling these calibration inputs; they are used here as soon as they are done."))
+    waiting.empty()
+    return shared.value
 
 
 def _quantize(bundle, fields: dict, samples: int, steps: int, name: str, prompts: tuple | None = None) -> None:
@@ -114,11 +124,17 @@ def _quantize(bundle, fields: dict, samples: int, steps: int, name: str, prompts
         return
     unmatched = unmatched_excludes(bundle.denoiser, config.exclude)
     if unmatched:
-        st.error(f"'{unmatched[0]}' in 'Keep in float' matches no layer. Use a pattern such as *.ff.net.2 or a "
-                 "module name such as transformer_blocks.0 (layer names look like transformer_blocks.0.attn1.to_q "
-                 "in a DiT, down_blocks.0.resnets.0.conv1 in a UNet).")
+        example = ("a pattern such as *.conv2 or a module name such as down_blocks.0 (layer names look like "
+                   "down_blocks.0.resnets.0.conv1)" if bundle.family == "unet" else
+                   "a pattern such as *.ff.net.2 or a module name such as transformer_blocks.0 (layer names look "
+                   "like transformer_blocks.0.attn1.to_q)")
+        st.error(f"'{unmatched[0]}' in 'Keep in float' matches no layer of this model. Use {example}.")
         return
     cal = _calibration(bundle, spec)
+    if config.recon != "none" and config.recon_rows > len(cal):
+        st.warning(f"Calibration rows: {config.recon_rows} asked, but the calibration set holds {len(cal)} rows "
+                   f"(images x steps x {len(cal) // max(1, samples * steps)} halves), so the optimization uses "
+                   f"all {len(cal)}. Raise the calibration images or steps for more.")
     bar = st.progress(0.0, text="Quantizing ...")
     live = st.empty()
     try:
@@ -133,10 +149,19 @@ def _quantize(bundle, fields: dict, samples: int, steps: int, name: str, prompts
     live.empty()
     if name:
         variant = dataclasses.replace(variant, name=name)
+    from analysis.app_state import model_key
+
     variants = st.session_state.setdefault("variants", {})
+    origins = st.session_state.setdefault("variant_origin", {})
+    if variant.name in variants and tuple(origins.get(variant.name, ())) != model_key(bundle):
+        # the same setting made from another model or precision: both are kept, under names that say which
+        name, _, dtype = model_key(bundle)
+        variant = dataclasses.replace(variant, name=f"{variant.name} ({name.removeprefix('bundled:')}, {dtype})")
     if variant.name in variants:
         st.info(f"Replaced the earlier variant named '{variant.name}'.")
     variants[variant.name] = variant
+    # which FP model (source, device, precision) it came from: shown only beside that model
+    origins[variant.name] = model_key(bundle)
     st.session_state["q_pick"] = variant.name  # show the new variant (set before the picker is drawn)
 
 
@@ -174,6 +199,8 @@ def _show_recon(recon: dict) -> None:
 
 def _default_group(salience: dict) -> int:
     """The group whose activation maxima are most uneven before folding: where balancing matters most."""
+    import torch
+
     from quant.measures import outlier_ratio
 
     ratios = [float(outlier_ratio(torch.as_tensor(s["x_before"]))) for s in salience.values()]
@@ -189,7 +216,10 @@ def _show(bundle, variants: dict) -> None:
         vector_figure,
     )
 
-    names = [n for n, v in variants.items() if v.bundle.name.startswith(bundle.name)]
+    from analysis.app_state import model_key, owned_variants, produced_by
+    from quant.measures import step_median
+
+    names = owned_variants(variants, st.session_state.get("variant_origin", {}), model_key(bundle))
     if not names:
         return
     if st.session_state.get("q_pick") not in names:
@@ -199,26 +229,36 @@ def _show(bundle, variants: dict) -> None:
     r = v.report
     m1, m2, m3, m4 = st.columns(4)
     held = r.rel_rms_basis == "held_out"
-    m1.metric("Relative RMS error vs FP" + (" (held-out seeds)" if held else " (calibration inputs)"),
-              f"{r.rel_rms:.4f}",
-              delta=None if not held else f"in sample {r.rel_rms_in_sample:.4f}", delta_color="off",
-              help="||eps_q - eps|| / ||eps|| of the noise prediction vs FP, on an FP sampling run from seeds that "
-                   "calibration never saw; the in-sample value (on the calibration inputs the optimization "
-                   "trained on) beside it: a gap means over-fitting")
+    headline = r.rel_rms_step_median if r.rel_rms_step_median is not None else r.rel_rms
+    in_sample = step_median(r.rel_rms_per_timestep_in_sample) if r.rel_rms_per_timestep_in_sample else None
+    m1.metric("Median step error vs FP", f"{headline:.4f}",
+              delta=(f"held-out seeds; in sample {in_sample:.4f}" if held and in_sample is not None
+                     else "calibration inputs"), delta_color="off",
+              help="||eps_q - eps|| / ||eps|| of the noise prediction at each timestep, median over the timesteps "
+                   "(the curve below shows every step), on an FP sampling run from seeds calibration never saw "
+                   "(in sample: on the calibration inputs; a gap means over-fitting). Pooled over all timesteps it "
+                   f"reads {r.rel_rms:.4f}: the last steps, where the noise left in x_t is below one quantization "
+                   "step, dominate that pooled value while costing the image little.")
     m2.metric("Layers quantized", r.layers_quantized)
     m3.metric("Stored weights", f"{r.weight_bytes / 2 ** 20:.2f} MiB",
               delta=f"{r.weight_bytes / r.fp_weight_bytes - 1:+.0%} vs FP", delta_color="inverse")
     m4.metric("Quantize time", f"{r.seconds:.1f} s", help=f"CPU time {r.cpu_seconds:.1f} s; calibration "
-                                                             f"sampling not included")
-    st.caption(f"{v.config.label}; calibrated on {r.calibration_rows} transformer inputs over "
-               f"{len(r.rel_rms_per_timestep)} timesteps.")
+                                                          f"sampling not included")
+    inputs = "UNet" if bundle.family == "unet" else "transformer"
+    cal = r.calibration or {}
+    cal_text = f"{cal['images']} images x {cal['steps']} steps, " if "images" in cal and "steps" in cal else ""
+    st.caption(f"{v.config.label}, quantized from {produced_by(model_key(bundle))}; calibrated on {cal_text}"
+               f"{r.calibration_rows} {inputs} inputs over {len(r.rel_rms_per_timestep)} timesteps.")
+    st.plotly_chart(timestep_error_figure({n: variants[n].report.rel_rms_per_timestep for n in names}),
+                    width="stretch")
     if r.balance:
-        _show_balance(r.balance)
+        _show_balance(r.balance, v.config.method)
     salience = r.salience
     if salience:
         groups = list(salience)
         c1, c2 = st.columns([3, 1])
-        group = c1.selectbox("Balanced group (input shared by its layers)", groups,
+        verb = FOLD_VERB.get(v.config.method.split("+")[0], "Scaled")
+        group = c1.selectbox(f"{verb} group (input shared by its layers)", groups,
                              index=_default_group(salience), key="q_group",
                              help="to_q/k/v share one vector (qkv); to_out.0 and fc1 (ff.net.0.proj) have their own")
         sort = c2.checkbox("Sort channels by salience", key="q_sort")
@@ -232,8 +272,6 @@ def _show(bundle, variants: dict) -> None:
             c2.plotly_chart(ssc_figure(r.ssc[group], group), width="stretch")
     _show_methods(r)
     st.plotly_chart(layer_error_figure(r.layer_error, title=f"{pick}: per-layer relative output error"),
-                    width="stretch")
-    st.plotly_chart(timestep_error_figure({n: variants[n].report.rel_rms_per_timestep for n in names}),
                     width="stretch")
     if r.recon:
         _show_recon(r.recon)
@@ -271,16 +309,22 @@ def _show_methods(r) -> None:
                    f"round-to-nearest (sum over layers of tr(E H E^T)), {rnd['seconds']:.1f} s.")
 
 
-def _show_balance(plan: dict) -> None:
+# What the folded per-channel vector does, in each method's words (DilateQuant dilates weights, it does not balance).
+FOLD_VERB = {"dilatequant": "Dilated", "ptq4dit": "Balanced", "smoothquant": "Smoothed"}
+
+
+def _show_balance(plan: dict, method: str) -> None:
     """Which layers took a folded per-channel scale, and why every other layer did not."""
     import pandas as pd
 
+    verb = FOLD_VERB.get(method.split("+")[0], "Scaled")
     n_bal = sum(len(g["layers"]) for g in plan["balanced"])
-    with st.expander(f"Balanced layers: {n_bal} of {plan['layers']} ({plan['foldable_layers']} can take a scale "
+    with st.expander(f"{verb} layers: {n_bal} of {plan['layers']} ({plan['foldable_layers']} can take a scale "
                      f"that folds exactly into the layer producing their input, {plan['foldable_share']:.0%})"):
-        rows = [{"layer": name, "balanced": True, "why": f"scale folds into {g['producer']} ({g['group']})"}
+        column = verb.lower()
+        rows = [{"layer": name, column: True, "why": f"scale folds into {g['producer']} ({g['group']})"}
                 for g in plan["balanced"] for name in g["layers"]]
-        rows += [{"layer": name, "balanced": False, "why": why} for name, why in plan["unbalanced"].items()]
+        rows += [{"layer": name, column: False, "why": why} for name, why in plan["unbalanced"].items()]
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
 

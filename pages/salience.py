@@ -202,9 +202,12 @@ if bundle is not None:
         attention = c6.checkbox("Also record q, k, v and the softmax output", value=False)
         go = st.form_submit_button("Collect")
 
+    from analysis.app_state import FP_SALIENCE, model_key, produced_by
+
     cache = st.session_state.setdefault("salience_stats", {})
+    mkey = model_key(bundle)
     prompts = tuple(current_prompts()) if bundle.text_conditioned else None
-    settings = (bundle.name, int(steps), int(samples), float(guidance), tuple(sorted(bits)), pattern.strip() or None,
+    settings = (mkey, int(steps), int(samples), float(guidance), tuple(sorted(bits)), pattern.strip() or None,
                 bool(attention), prompts, bundle.negative_prompt)
     if go:
         if settings not in cache:
@@ -216,27 +219,42 @@ if bundle is not None:
             config = SalienceConfig(steps=settings[1], samples=settings[2], guidance=settings[3],
                                     mse_bits=settings[4], layers=settings[5], attention=settings[6], per_sample=False,
                                     prompts=prompts)
-            bar, on_step = progress_callback("Collecting: sampling step")
+            then = (f"Sampling done; now the quantization error at {', '.join(map(str, settings[4]))} bits (one "
+                    "forward per timestep, about as long again as the sampling)" if settings[4] else None)
+
+            def _collect():
+                bar, on_step = progress_callback("Collecting: sampling step", then=then)
+                try:
+                    return collect(session_view(bundle), config, on_step=on_step)
+                finally:
+                    bar.empty()
+
+            waiting = st.empty()
             try:
-                # hooks go on this session's own modules (same weights), never on the shared cached model
-                cache[settings] = collect(session_view(bundle), config, on_step=on_step)
+                # the FP model's statistics are the same for every session: collected once per process, with the
+                # hooks on that collection's own modules (same weights), never on the shared cached model
+                cache[settings] = FP_SALIENCE.get(settings, _collect, on_wait=lambda: waiting.info(
+                    "Another session is collecting these statistics; they are shown here when done.")).value
                 while len(cache) > KEEP_COLLECTIONS:
                     cache.pop(next(iter(cache)))
                 st.session_state["salience_current"] = settings
             except ValueError as exc:  # bad settings; earlier statistics stay as they were
                 st.error(f"Could not collect: {exc}")
-            bar.empty()
+            waiting.empty()
         else:
             st.session_state["salience_current"] = settings
 
     current = st.session_state.get("salience_current")
-    stats = cache.get(current) if current is not None and current[0] == bundle.name else None
+    stats = cache.get(current) if current is not None and current[0] == mkey else None
     if stats is None:
         st.info("Choose the settings above and press **Collect**: one sampling pass records every layer's "
-                "input channels at every timestep (the bundled model takes seconds).")
+                "input channels at every timestep, then one forward per timestep measures the quantization error "
+                "at the chosen bit-widths. On the bundled model at these defaults that is one to three minutes "
+                "on a busy 2-core CPU (fewer steps or samples, or no bit-widths, is quicker); the bar shows the "
+                "stage and the time left.")
     else:
         info = stats.info
-        st.caption(f"`{stats.model}`: {len(stats.layers)} layers x {len(stats.timesteps)} timesteps, "
+        st.caption(f"{produced_by(mkey)}: {len(stats.layers)} layers x {len(stats.timesteps)} timesteps, "
                    f"{info['samples']} samples, guidance {info['guidance']}, collected in {info['seconds']:.1f} s "
                    f"(plain sampling {info['sampling_seconds']:.1f} s)"
                    + (f", quantization error in {info['mse_seconds']:.1f} s" if "mse_seconds" in info else ""))

@@ -10,6 +10,7 @@ import json
 import pandas as pd
 import streamlit as st
 
+from analysis.app_state import model_key, produced_by
 from analysis.evaluation.sweep import SWEEP_METHODS
 from pages._shared import current_bundle, intro, store
 
@@ -20,15 +21,18 @@ OPTION_HELP = {"default": "the method's own setting", "tpq": "one activation ran
                "float-io": "the ends kept in float: the layers that read the noisy input and write the prediction "
                            "(a DiT's patch embedding and final layer, a UNet's conv_in and conv_out)",
                "keep8": "mixed precision: the K most sensitive layers at W8A8"}
-QUALITY_LABELS = {"fid_vs_fp": "FID vs FP", "rel_rms": "relative RMS error of the noise prediction vs FP",
+QUALITY_LABELS = {"fid_vs_fp": "FID vs FP",
+                  "rel_rms_step_median": "noise-prediction error vs FP (median over steps)",
                   "label_agreement_drop": "label agreement drop vs FP",
                   "same_digit_vs_fp": "same digit as FP (share of seeds)", "psnr_vs_fp": "PSNR vs FP (dB)",
                   "ssim_vs_fp": "SSIM vs FP"}
-DEFAULT_TOLERANCES = {"fid_vs_fp": 10.0, "rel_rms": 0.2, "label_agreement_drop": 0.02, "same_digit_vs_fp": 0.95,
-                      "psnr_vs_fp": 20.0, "ssim_vs_fp": 0.8}
+DEFAULT_TOLERANCES = {"fid_vs_fp": 10.0, "rel_rms_step_median": 0.1, "label_agreement_drop": 0.02,
+                      "same_digit_vs_fp": 0.95, "psnr_vs_fp": 20.0, "ssim_vs_fp": 0.8}
+MIN_STEPS = 10  # fewer sampling steps than this: the images (and FP's own label agreement) are poor
 TABLE_COLUMNS = {"label": "setting", "on_front": "on front", "fid_vs_fp": "FID vs FP", "fid_vs_fp_ci": "FID vs FP 95% CI",
                  "fid": "FID vs real", "label_agreement": "label agreement",
                  "same_digit_vs_fp": "same digit as FP", "psnr_vs_fp": "PSNR vs FP (dB)", "ssim_vs_fp": "SSIM vs FP",
+                 "rel_rms_step_median": "error vs FP (median over steps)",
                  "rel_rms": "rel_rms (held-out)", "rel_rms_in_sample": "rel_rms (in sample)",
                  "weight_mib": "weights (MiB)", "gbops": "GBOPs", "num_samples": "N", "seconds": "time (s)",
                  "source": "source", "run_id": "run"}
@@ -65,6 +69,7 @@ def _table(points: list[dict], front: list[str]) -> pd.DataFrame:
         rows.append({"label": p["label"], "on_front": "yes" if p["label"] in front else "",
                      "fid_vs_fp": p["fid_vs_fp"], "fid_vs_fp_ci": f"[{iv[0]:.2f}, {iv[1]:.2f}]" if iv else "",
                      "fid": p["fid"], "label_agreement": p["label_agreement"],
+                     "rel_rms_step_median": p.get("rel_rms_step_median"),
                      "same_digit_vs_fp": p.get("same_digit_vs_fp"), "psnr_vs_fp": p.get("psnr_vs_fp"),
                      "ssim_vs_fp": p.get("ssim_vs_fp"), "rel_rms": p["rel_rms"],
                      "rel_rms_in_sample": p.get("rel_rms_in_sample"),
@@ -72,6 +77,44 @@ def _table(points: list[dict], front: list[str]) -> pd.DataFrame:
                      "num_samples": p["num_samples"], "seconds": p["seconds"],
                      "source": "run store" if p["reused"] else "measured now", "run_id": p["run_id"]})
     return pd.DataFrame(rows).rename(columns=TABLE_COLUMNS)
+
+
+def small_sample_hedges(res: dict, recommended: str | None, quality: str) -> list[str]:
+    """Why a sweep's recommendation is only tentative: few samples, few steps, or an interval that overlaps
+    the next cheaper point's (the two are not told apart at this N)."""
+    from analysis.evaluation.metrics import MIN_RELIABLE_FID_SAMPLES
+
+    spec, hedges = res["spec"], []
+    if spec["num_samples"] < MIN_RELIABLE_FID_SAMPLES:
+        hedges.append(f"N = {spec['num_samples']} is below {MIN_RELIABLE_FID_SAMPLES}: FID is biased upwards and "
+                      "label agreement has a wide interval; confirm at N >= 2048 before shipping.")
+    if spec["steps"] < MIN_STEPS:
+        fp = next((p for p in res["points"] if p["method"] == "fp"), None)
+        agree = fp and fp.get("label_agreement")
+        hedges.append(f"{spec['steps']} sampling steps is below {MIN_STEPS}: the FP images themselves are poor"
+                      + (f" (FP's label agreement {agree:.2f})" if agree is not None else "")
+                      + ", so differences between settings say little.")
+    rec = next((p for p in res["points"] if p["label"] == recommended), None)
+    if rec is not None and quality == "fid_vs_fp" and rec.get("fid_vs_fp_interval"):
+        lo, hi = rec["fid_vs_fp_interval"]
+        near = [p["label"] for p in res["points"] if p is not rec and p["method"] != "fp"
+                and p.get("fid_vs_fp_interval") and p["fid_vs_fp_interval"][0] <= hi and lo <= p["fid_vs_fp_interval"][1]]
+        if near:
+            hedges.append(f"Its FID vs FP interval overlaps {', '.join(near[:3])}"
+                          + (" and others" if len(near) > 3 else "") + ": not told apart at this N.")
+    return hedges
+
+
+def sensitivity_hedges(sens: dict) -> list[str]:
+    """Why a sensitivity ranking is only indicative: few sampling steps or few calibration images."""
+    hedges = []
+    if sens.get("steps", MIN_STEPS) < MIN_STEPS:
+        hedges.append(f"{sens['steps']} sampling steps is below {MIN_STEPS}: the calibration trajectory is coarse, "
+                      "and the ranking may change at the steps you will sample with.")
+    if sens.get("images", 16) < 16:
+        hedges.append(f"Measured on {sens['images']} calibration image{'s' if sens['images'] != 1 else ''}: units whose errors differ by a few percent "
+                      "may swap places on another set; read the top of the ranking, not its order in detail.")
+    return hedges
 
 
 def sweep_tab(bundle) -> None:
@@ -123,9 +166,10 @@ def sweep_tab(bundle) -> None:
         result = run_sweep(bundle, spec, store=store(), on_progress=on_progress, on_point=on_point)
         overall.empty()
         within.empty()
-        st.session_state["sweep_result"] = {"model": bundle.name, **result.to_json()}
+        st.session_state["sweep_result"] = {"model": bundle.name, "model_key": list(model_key(bundle)),
+                                            **result.to_json()}
     res = st.session_state.get("sweep_result")
-    if res is None or res["model"] != bundle.name:
+    if res is None or res.get("model_key") != list(model_key(bundle)):
         st.info("Pick the grid above and press **Run sweep**. On the bundled model a point takes about a minute at "
                 "N = 512 on a CPU; points measured before with the same settings come from the run store at once.")
         return
@@ -137,7 +181,8 @@ def show_result(res: dict) -> None:
     from analysis.plots.sweep import pareto_figure, sweep_timestep_figure
 
     points = res["points"]
-    st.caption(f"{len(points)} points (FP included) on `{res['model']}`: N = {res['spec']['num_samples']}, "
+    st.caption(f"{len(points)} points (FP included) on {produced_by(tuple(res['model_key']))}: "
+               f"N = {res['spec']['num_samples']}, "
                f"{res['spec']['steps']} DDIM steps, guidance {res['guidance']:g}, calibration "
                f"{res['spec']['calib_samples']} images; {res['measured']} measured now, {res['reused']} read from "
                f"the run store, {res['seconds']:.0f} s.")
@@ -152,12 +197,16 @@ def show_result(res: dict) -> None:
                           key=f"sw_tol_{quality}", format="%.3f")
     front = pareto_front(points, cost, quality)
     rec = recommend(points, {quality: float(tol)}, cost=cost)
+    hedges = small_sample_hedges(res, rec["label"], quality)
     with c4:
-        st.markdown("**Recommendation**")
+        st.markdown("**Recommendation**" + (" (tentative)" if hedges and rec["label"] else ""))
         if rec["label"] is None:
             st.warning(rec["reason"])
+        elif hedges:
+            st.warning(rec["reason"] + " Tentative: " + " ".join(hedges))
         else:
             st.success(rec["reason"])
+        if rec["label"] is not None:  # a tentative pick still downloads: the reasons above say how far to trust it
             st.download_button("Download this config (JSON)", json.dumps(rec["config"], indent=2, sort_keys=True),
                                file_name=f"{rec['label'].replace(' ', '_').replace('/', '-')}.json",
                                mime="application/json", key="sw_dl_config",
@@ -167,6 +216,9 @@ def show_result(res: dict) -> None:
                  column_config={"FID vs FP": st.column_config.NumberColumn(format="%.2f"),
                                 "FID vs real": st.column_config.NumberColumn(format="%.2f"),
                                 "label agreement": st.column_config.NumberColumn(format="%.3f"),
+                                "error vs FP (median over steps)": st.column_config.NumberColumn(format="%.4f"),
+                                "FID vs FP 95% CI": st.column_config.TextColumn(),
+                                "N": st.column_config.NumberColumn(format="%d"),
                                 "same digit as FP": st.column_config.NumberColumn(format="%.3f"),
                                 "PSNR vs FP (dB)": st.column_config.NumberColumn(format="%.2f"),
                                 "SSIM vs FP": st.column_config.NumberColumn(format="%.3f"),
@@ -200,9 +252,10 @@ def sensitivity_tab(bundle) -> None:
         sens = sensitivity(bundle, int(w_bits), int(a_bits), cal, method=method, granularity=gran,
                            on_progress=lambda stage, f: bar.progress(min(1.0, f), text=f"Sensitivity: {stage}"))
         bar.empty()
-        st.session_state["sensitivity"] = {"model": bundle.name, **sens.to_json()}
+        st.session_state["sensitivity"] = {"model": bundle.name, "model_key": list(model_key(bundle)),
+                                           "steps": int(steps), "images": int(samples), **sens.to_json()}
     sens = st.session_state.get("sensitivity")
-    if sens is None or sens["model"] != bundle.name:
+    if sens is None or sens.get("model_key") != list(model_key(bundle)):
         st.info("Pick the bits and press **Analyse**: the model is quantized once, then each unit is switched "
                 "alone (the rest in float) and the converse (all quantized but it), on the FP calibration inputs.")
         return
@@ -214,7 +267,11 @@ def show_sensitivity(sens: dict) -> None:
 
     st.caption(f"{len(sens['ranking'])} {sens['granularity']} units at W{sens['w_bits']}A{sens['a_bits']} "
                f"({sens['method']}) on {sens['calibration_rows']} calibration rows over {len(sens['timesteps'])} "
-               f"timesteps, {sens['seconds']:.0f} s. All quantized: mean error {sens['all_quantized_mean']:.4f}.")
+               f"timesteps, {sens['seconds']:.0f} s, on {produced_by(tuple(sens['model_key']))}. Errors are the "
+               "noise prediction's relative error vs FP, median over timesteps; all quantized: "
+               f"{sens.get('all_quantized_median', sens['all_quantized_mean']):.4f}.")
+    for hedge in sensitivity_hedges(sens):
+        st.warning(hedge)
     ts = ["mean"] + [str(t) for t in sens["timesteps"]]
     pick = st.select_slider("Timestep (noisiest first)", ts, value="mean", key="se_t")
     st.plotly_chart(sensitivity_bars(sens, None if pick == "mean" else int(pick)), key="se_bars")
@@ -222,7 +279,16 @@ def show_sensitivity(sens: dict) -> None:
     table = pd.DataFrame([{k: r[k] for k in ("rank", "unit", "layers", "error_only_this_quantized",
                                              "error_all_but_this_quantized", "error_removed_if_kept_float",
                                              "worst_timestep")} for r in sens["ranking"]])
-    st.dataframe(table.rename(columns=lambda c: c.replace("_", " ")), hide_index=True, width="stretch")
+    st.dataframe(table.rename(columns=lambda c: c.replace("_", " ")), hide_index=True, width="stretch",
+                 column_config={c.replace("_", " "): st.column_config.NumberColumn(format=f)
+                                for c, f in (("error_only_this_quantized", "%.4f"),
+                                             ("error_all_but_this_quantized", "%.4f"),
+                                             ("error_removed_if_kept_float", "percent"))})
+    if (table["error_removed_if_kept_float"] < 0).any():
+        st.caption("A negative 'error removed if kept float' means keeping that unit in float RAISED the "
+                   "quantized model's error: quantization errors of different layers partly cancel, and taking "
+                   "one of them away leaves the others' uncancelled. Such a unit gains nothing from more bits "
+                   "on its own; the ranking (by the error it causes alone) is unaffected.")
     if sens["granularity"] == "layer":
         k = st.slider("Mixed precision: keep the K hardest layers at W8A8", 0, min(16, len(sens["ranking"])), 4,
                       key="se_k")

@@ -97,6 +97,27 @@ class RelRmsByTimestep:
     def per_timestep(self) -> dict[int, float]:
         return {t: rel_rms(e, r) for t, (e, r) in sorted(self.by_t.items(), reverse=True)}
 
+    def step_median(self) -> float:
+        """The headline error: median over timesteps of the per-timestep relative RMS error (step_median)."""
+        return step_median(self.per_timestep())
+
+
+def step_median(per_timestep) -> float:
+    """Median over timesteps of a per-timestep relative RMS error ({t: e}, or [[t, e], ...] as stored).
+
+    The headline error of a quantized model. The error pooled over all timesteps (total()) is dominated by
+    the last step or two, where the noise left in x_t is below one activation quantization step and the
+    relative error of the noise prediction blows up (0.85 against 0.04-0.08 elsewhere for a W4A8 DiT), while
+    the sampler scales the noise prediction by that same small factor there, so it costs the image little.
+    The median over steps reads as the typical step's error and ignores one or two such steps; the curve per
+    timestep shows them. 0.0 when there are no timesteps."""
+    values = list(per_timestep.values()) if isinstance(per_timestep, dict) else [e for _, e in per_timestep]
+    if not values:
+        return 0.0
+    values = sorted(float(v) for v in values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
+
 
 def relative_rms(pred: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative RMS error of pred against ref over the whole tensor: scale-free, so timesteps compare."""

@@ -146,3 +146,11 @@ def test_figures(tiny_bundle):
     assert mf.layout.shapes and mf.layout.shapes[0].y0 == 4.0
     assert "2048" in mf.layout.title.text  # a warning for small N
     assert list(mf.data[0].y) == [10.0, 12.0]
+
+
+def test_a_quantized_reference_is_named_as_what_it_is(tiny_bundle):
+    """A saved quantized folder loaded as the model is the reference of a comparison: it is not called FP."""
+    labels, seeds = grid_layout([0], 1)
+    cmp = compare(tiny_bundle, {"b": _perturbed(tiny_bundle, 0.1, "b")}, labels, seeds, steps=1,
+                  base_name="q/ (loaded, quantized)")
+    assert cmp.names == ["q/ (loaded, quantized)", "b"] and "FP" not in cmp.images

@@ -32,21 +32,25 @@ def _form_set(at, steps=5, seeds=1, fid_n=0):
 
 
 @pytest.mark.slow
-def test_compare_page_side_by_side_and_history(store_dir, w8a8_variant):
+def test_compare_page_side_by_side_and_history(store_dir, w8a8_variant, bundled):
+    from analysis.app_state import model_key
+
     at = AppTest.from_file(PAGE, default_timeout=600)
     at.session_state["variants"] = {"W8A8 baseline": w8a8_variant}
+    at.session_state["variant_origin"] = {"W8A8 baseline": model_key(bundled)}  # quantized from the FP model
     at.run()
     assert not at.exception, at.exception
     assert at.title[0].value == "Compare variants"
     assert [t.label for t in at.tabs] == ["Compare", "History"]
     assert any("No stored runs yet" in i.value for i in at.info)
-    at.multiselect[0].set_value(["W8A8 baseline"])
+    assert at.multiselect[0].value == ["W8A8 baseline"]  # the session's variant, preselected
+    assert at.slider(key="cmp_guidance").value == 1.5  # grids at the FID protocol's guidance
     _form_set(at, steps=5, seeds=1, fid_n=16)
     at.button[0].click()
     at.run()
     assert not at.exception, at.exception
     imgs = at.get("image") or at.get("imgs")  # the element's type name differs across Streamlit versions
-    assert len(imgs) == 2  # FP and the variant, side by side
+    assert len(imgs) == 2  # FP and the variant, one above the other
     captions = [i.proto.imgs[0].caption for i in imgs]
     assert captions[0].startswith("FP") and "PSNR vs FP" in captions[1] and "label agreement" in captions[1]
     charts = at.get("plotly_chart")
@@ -68,14 +72,27 @@ def test_compare_page_side_by_side_and_history(store_dir, w8a8_variant):
     runs = [r for r in Store(store_dir).list() if r.note != "comparison"]
     assert [r.label for r in runs] == ["W8A8 baseline", "FP"]
     assert [r.label for r in Store(store_dir).list() if r.note == "comparison"] == ["W8A8 baseline", "FP"]
-    # a reload (a new session) shows the last comparison from the store, grids included
+    # the page's address now names the comparison and its settings
+    assert at.query_params["cmp"] and at.query_params["steps"] in ("5", ["5"])
+    # a reload (a new session with the same address) shows that comparison from the store, and the form as it was
     fresh = AppTest.from_file(PAGE, default_timeout=600)
+    for key, value in at.query_params.items():
+        fresh.query_params[key] = value[0] if isinstance(value, list) else value
     fresh.run()
     assert not fresh.exception, fresh.exception
-    assert any("kept in the run store" in i.value for i in fresh.info)
+    assert any("Your comparison" in i.value and "kept in the run store" in i.value for i in fresh.info)
     assert len(fresh.get("image") or fresh.get("imgs")) == 2
     assert list(fresh.dataframe[0].value["model"]) == ["FP", "W8A8 baseline"]
+    assert fresh.slider(key="cmp_steps").value == 5 and fresh.number_input(key="cmp_fid_n").value == 16
     assert any(o.startswith("run #") and "W8A8 baseline" in o for o in fresh.multiselect[0].options)
+    # another person's fresh session (no address) sees neither that comparison nor those runs
+    other = AppTest.from_file(PAGE, default_timeout=600)
+    other.run()
+    assert not other.exception, other.exception
+    assert not (other.get("image") or other.get("imgs")) and other.multiselect[0].options == []
+    other.toggle(key="cmp_everyone").set_value(True)  # everyone's runs, behind a filter
+    other.run()
+    assert any(o.startswith("run #") and "W8A8 baseline" in o for o in other.multiselect[0].options)
     at.run()
     hist = at.dataframe[-1].value
     assert {r.id for r in runs} <= set(hist["run_id"])
@@ -103,6 +120,9 @@ def test_compare_page_filters_history(store_dir):
     at = AppTest.from_file(PAGE, default_timeout=300)
     at.run()
     assert not at.exception, at.exception
+    assert any("You have not stored a run" in i.value for i in at.info)  # others' runs stay behind the filter
+    at.toggle(key="hist_everyone").set_value(True)
+    at.run()
     assert len(at.dataframe[-1].value) == 2
     at.multiselect(key="hist_methods").set_value(["ptq4dit"])
     at.run()

@@ -33,7 +33,10 @@ def test_quantize_page_runs_ptq4dit_and_keeps_the_variant():
     v = variants["ptq4dit W8A8"]
     assert v.config.method == "ptq4dit" and v.report.calibration_rows == 2 * 5 * 2  # samples x steps x [c; u]
     assert v.bundle.quant_config["method"] == "ptq4dit"
-    assert any(m.label == "Relative RMS error vs FP (held-out seeds)" and 0 < float(m.value) < 1 for m in at.metric)
+    # the headline: median over steps of the per-step error, with the pooled value in its help
+    headline = next(m for m in at.metric if m.label == "Median step error vs FP")
+    assert float(headline.value) == round(v.report["rel_rms_step_median"], 4) and 0 < float(headline.value) < 1
+    assert f"{v.report['rel_rms']:.4f}" in headline.proto.help
     charts = at.get("plotly_chart")
     # salience before/after, CSB vector, SSC weights, per-layer error, per-timestep error
     assert len(charts) == 5
@@ -116,7 +119,13 @@ def test_quantize_form_shows_only_the_chosen_methods_options():
                     for w in at.get(kind) if w.key}
     shown = keys()
     assert {"q_ssc", "q_ssc_rho"} <= shown and "q_alpha" not in shown  # ptq4dit first
-    assert {"q_w_symmetric", "q_a_symmetric", "q_w_per_channel", "q_percentile", "q_scale_search"} <= shown
+    assert {"q_w_symmetric", "q_a_symmetric", "q_w_per_channel", "q_scale_search"} <= shown
+    assert "q_percentile" not in shown  # the percentile box appears only when the range search uses it
+    at.selectbox(key="q_scale_search").set_value("percentile")
+    at.run()
+    assert "q_percentile" in keys()
+    at.selectbox(key="q_scale_search").set_value("minmax")
+    at.run()
     at.selectbox(key="q_method").set_value("smoothquant")
     at.run()
     shown = keys()
@@ -124,6 +133,8 @@ def test_quantize_form_shows_only_the_chosen_methods_options():
     at.selectbox(key="q_method").set_value("baseline")
     at.run()
     assert not {"q_alpha", "q_ssc", "q_ssc_rho"} & keys()
+    assert at.number_input(key="q_recon_lr").value is None
+    assert at.number_input(key="q_recon_lr").proto.placeholder == "default"  # an empty box says what it means
     at.selectbox(key="q_method").set_value("smoothquant")
     at.run()
     at.number_input(key="q_alpha").set_value(0.25)

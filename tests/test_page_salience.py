@@ -60,7 +60,9 @@ def test_salience_page_figures_selection_download_and_errors():
     hardest = layer_difficulty(collected)["layer"].iloc[0]
     assert [s for s in at.selectbox if s.label == "Layer"][0].value == hardest
     assert hardest in titles[0]
-    assert all(figs[0]["layout"][ax]["rangemode"] == "nonnegative" for ax in ("yaxis", "yaxis2", "yaxis3", "yaxis4"))
+    # salience and MSE axes start at zero (a weight-MSE axis not starting at zero misread the scale)
+    assert all(figs[0]["layout"][ax]["rangemode"] == "tozero" for ax in ("yaxis", "yaxis2", "yaxis3", "yaxis4"))
+    assert figs[0]["layout"]["yaxis2"]["tickformat"] == ".1e"  # MSE ticks: 2.6e-3, never 17.89u
 
     # choose another block and layer: the figures follow, nothing is collected again
     [s for s in at.selectbox if s.label == "Block"][0].set_value("block 2")

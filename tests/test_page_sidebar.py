@@ -38,6 +38,9 @@ def test_sidebar_errors_speak_the_app_s_words(tmp_path, monkeypatch):
     text = at.error[0].value
     assert "nobody/no-such-dit" in text and "Local folder" in text and "sidebar" in text
     assert "--model" not in text
+    at.sidebar.text_input(key="_sb_hub").set_value("not a hub id")  # an id that cannot exist: said so, no folder talk
+    at.run()
+    assert "is not a hub id" in at.error[0].value and "does not exist" not in at.error[0].value
     at.sidebar.radio(key="_sb_kind").set_value("Local folder")
     at.run()
     at.sidebar.text_input(key="_sb_folder").set_value(str(tmp_path / "missing"))

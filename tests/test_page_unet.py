@@ -52,6 +52,8 @@ def test_quantize_page_runs_dilatequant_and_lists_balanced_layers():
     v = at.session_state["variants"]["dilatequant W4A8 TPQ"]
     plan = v.report.balance
     assert plan["family"] == "unet" and 0 < plan["foldable_share"] < 1
-    assert any(e.label.startswith("Balanced layers:") for e in at.expander)
+    # DilateQuant dilates weights; it does not "balance", and the page says so; a UNet's inputs are not a transformer's
+    assert any(e.label.startswith("Dilated layers:") for e in at.expander)
+    assert not any("transformer" in m.value for m in at.markdown if "Calibration" in m.value)
     frames = at.dataframe
     assert any("SiLU" in " ".join(map(str, f.value["why"])) for f in frames if "why" in f.value)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from quant.formats import (ELEMENTS, PRESETS, FormatSpec, bits_per_element, block_params, e8m0_scale, element_codes,
+from quant.formats import (ELEMENTS, PRESETS, bits_per_element, block_params, e8m0_scale, element_codes,
                            element_grid, element_values, fake_quant_blocks, fake_quantize_format, grid_neighbours,
                            pad_blocks, parse_format, round_element_ste, round_to_element, tensor_scale_for)
 

@@ -31,6 +31,8 @@ def test_quantize_json_save_and_reload_round_trip(tiny_folder, tmp_path, capsys)
     assert res["layers_quantized"] == n_linear  # every linear and the patch-embedding conv
     assert 0 < res["weight_bytes"] < res["fp_weight_bytes"] and 0 < res["rel_rms"] < 1
     assert res["calibration_rows"] == 2 * 3 * 2 and len(res["rel_rms_per_timestep"]) == 3
+    # the headline: median over the 3 timesteps' errors (the pooled rel_rms is kept beside it)
+    assert res["rel_rms_step_median"] == pytest.approx(sorted(res["rel_rms_per_timestep"].values())[1])
     assert (out_dir / "quant_config.json").exists() and (out_dir / "model.safetensors").exists()
     assert json.loads((out_dir / "quant_report.json").read_text())["rel_rms"] == res["rel_rms"]
     # the saved model, loaded through --model's loader, has the error the run reported on the same inputs
@@ -51,7 +53,8 @@ def test_quantize_json_save_and_reload_round_trip(tiny_folder, tmp_path, capsys)
     rc, out, err = run_cli(capsys, "quantize", "--model", tiny_folder, "--method", "baseline", *SMALL,
                         "--out", out_dir)
     assert rc == 0, err
-    assert "baseline W8A8: relative RMS error" in out and str(out_dir) in out
+    assert "baseline W8A8: noise-prediction error vs FP" in out and "median over steps" in out
+    assert str(out_dir) in out
     assert load(str(out_dir)).quant_config["method"] == "baseline"
 
 

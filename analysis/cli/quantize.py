@@ -3,7 +3,8 @@
     dqlab quantize --method ptq4dit --w-bits 4 --a-bits 8 --out runs/ptq4dit-w4a8 --json
     dqlab sample --model runs/ptq4dit-w4a8 --out grid.png        # the saved folder loads like any model
 
-rel_rms is the relative RMS error ||eps_q - eps_fp|| / ||eps_fp|| of the noise prediction on held-out seeds (an
+rel_rms_step_median is the headline error: the median over timesteps of rel_rms_per_timestep, the
+noise prediction's relative RMS error at each timestep. rel_rms is the relative RMS error ||eps_q - eps_fp|| / ||eps_fp|| of the noise prediction on held-out seeds (an
 FP sampling run on seeds calibration never saw: the calibration's setting, the seeds after its own);
 rel_rms_in_sample is the same on the calibration inputs themselves, which block-wise optimization trains on.
 The saved folder holds the recipe (source, config, calibration) that rebuilds it.
@@ -245,7 +246,8 @@ def run(args) -> dict:
            "calibration_rows": r.calibration_rows, "calibration_steps": cal["steps"],
            "calibration_samples": cal["images"], "calibration": cal, "layers_quantized": r.layers_quantized,
            "weight_bytes": r.weight_bytes, "fp_weight_bytes": r.fp_weight_bytes,
-           "rel_rms": r.rel_rms, "rel_rms_per_timestep": r.rel_rms_per_timestep,
+           "rel_rms_step_median": r.rel_rms_step_median, "rel_rms": r.rel_rms,
+           "rel_rms_per_timestep": r.rel_rms_per_timestep,
            "rel_rms_basis": r.rel_rms_basis, "rel_rms_in_sample": r.rel_rms_in_sample,
            "rel_rms_per_timestep_in_sample": r.rel_rms_per_timestep_in_sample, "held_out": r.held_out,
            "layer_error": r.layer_error, "config": config.to_dict(), "recon": recon_summary(r.recon),
@@ -258,7 +260,8 @@ def run(args) -> dict:
     mb = lambda n: f"{n / 2 ** 20:.2f} MiB"  # noqa: E731
     basis = f"held-out seeds; in sample {r.rel_rms_in_sample:.4g}" if r.rel_rms_basis == "held_out" \
         else "calibration inputs"
-    human = (f"{config.label}: relative RMS error {r.rel_rms:.4g} vs FP ({basis}), {r.layers_quantized} layers, "
+    human = (f"{config.label}: noise-prediction error vs FP {r.rel_rms_step_median:.4g} (median over steps; "
+             f"pooled {r.rel_rms:.4g}; {basis}), {r.layers_quantized} layers, "
              f"{mb(r.weight_bytes)} (FP {mb(r.fp_weight_bytes)}), {out['seconds']:.1f}s "
              f"({r.calibration_seconds:.1f}s calibration sampling + {r.seconds:.1f}s quantization)"
              + (f" -> {out['out']}" if out["out"] else "") + "\n" + balance_lines(r.balance)

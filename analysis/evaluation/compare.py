@@ -22,7 +22,7 @@ from analysis.evaluation.speed import forward_profile
 from analysis.models.bundle import ModelBundle
 from analysis.models.sampling import sample
 from analysis.quantization.pipeline import Variant, output_errors
-from quant.measures import relative_rms
+from quant.measures import relative_rms, step_median
 
 FP_NAME = "FP"
 
@@ -47,7 +47,7 @@ class Comparison:
     def summary(self) -> list[dict]:
         """One row per model: mean MSE vs FP and its PSNR (infinite for images identical to FP, FP's own row
         included), mean SSIM vs FP, the share of images the digit classifier reads as the same digit as their FP
-        twin (bundled digit model), mean and last-step errors, label agreement with the count it is measured
+        twin (bundled digit model), the median over steps of the per-step error and the last step's drift, label agreement with the count it is measured
         on, seconds."""
         rows = []
         for name in self.names:
@@ -61,9 +61,9 @@ class Comparison:
                 "psnr_vs_fp": psnr(mse),
                 "ssim_vs_fp": sum(r["ssim"] for r in errs) / len(errs) if errs else 1.0,
                 "same_digit_vs_fp": (None if not errs or errs[0].get("same_digit") is None
-                                     else sum(r["same_digit"] for r in errs) / len(errs)) if name != FP_NAME
+                                     else sum(r["same_digit"] for r in errs) / len(errs)) if name != self.names[0]
                 else (1.0 if self.label_agreement else None),
-                "mean_step_rel_rms": sum(steps) / len(steps) if steps else 0.0,
+                "step_rel_rms_median": step_median({i: e for i, e in enumerate(steps)}),
                 "final_drift": drift[-1] if drift else 0.0,
                 "label_agreement": (self.label_agreement or {}).get(name),
                 "label_agreement_n": len(self.labels) if self.label_agreement else None,
@@ -86,14 +86,16 @@ def image_errors(reference: torch.Tensor, images: torch.Tensor) -> tuple[list[fl
 @torch.no_grad()
 def compare(fp: ModelBundle, variants: Mapping[str, Variant | ModelBundle], labels: list[int], seeds: list[int],
             steps: int = 50, guidance: float | None = None, scheduler: str = "ddim", batch_size: int | None = None,
-            on_progress: Callable[[str, float], None] | None = None) -> Comparison:
+            on_progress: Callable[[str, float], None] | None = None, base_name: str = FP_NAME) -> Comparison:
     """Sample `labels` x `seeds` (one image per pair) with the FP bundle and every variant (name -> Variant, or
     a ModelBundle: analysis.quantization.pipeline.Variant.of), and measure how far each variant is from FP per image and per timestep.
 
     on_progress(stage, fraction) is called as sampling and scoring advance (fraction of the whole job).
+    base_name: the name of `fp` in the result ("FP"; say what it is when the reference is itself quantized,
+    e.g. a saved quantized folder loaded as the model).
     """
-    if FP_NAME in variants:
-        raise ValueError(f"the name {FP_NAME!r} is reserved for the FP model; rename that variant")
+    if base_name in variants:
+        raise ValueError(f"the name {base_name!r} is reserved for the reference model; rename that variant")
     bundles = {name: Variant.of(name, v, fp).bundle for name, v in variants.items()}
     for name, b in bundles.items():
         if b.latent_shape != fp.latent_shape or b.num_classes != fp.num_classes:
@@ -117,17 +119,17 @@ def compare(fp: ModelBundle, variants: Mapping[str, Variant | ModelBundle], labe
             on_progress(stage, done[0] / total)
 
     kw = dict(steps=steps, guidance=guidance, scheduler=scheduler, batch_size=batch_size, keep_trajectory=True)
-    fp_res = sample(fp, labels, seeds, record="all", on_step=stage_cb(f"Sampling {FP_NAME}"), **kw)
-    advance(f"Sampled {FP_NAME}")
+    fp_res = sample(fp, labels, seeds, record="all", on_step=stage_cb(f"Sampling {base_name}"), **kw)
+    advance(f"Sampled {base_name}")
     calib = fp_res.calibration
     fp_out = transformer_outputs(fp.denoiser, calib, fp.latent_shape[0])
-    advance(f"{FP_NAME} outputs")
+    advance(f"{base_name} outputs")
     timesteps = calib.timesteps
-    images, seconds = {FP_NAME: fp_res.images}, {FP_NAME: fp_res.seconds}
+    images, seconds = {base_name: fp_res.images}, {base_name: fp_res.seconds}
     # Speed beside quality: every model's forward on the same batch (the FP trajectory's inputs of one step,
     # guidance included), timed here, with the stored size of its weights.
     speed_batch = next(calib.batches(2 * len(labels)))
-    speed = {FP_NAME: forward_profile(fp.denoiser, speed_batch)}
+    speed = {base_name: forward_profile(fp.denoiser, speed_batch)}
     errs, step_rows, drift_rows = [], [], []
     fp_digits = None
     if fp.bundled and fp.conditional:
@@ -156,7 +158,7 @@ def compare(fp: ModelBundle, variants: Mapping[str, Variant | ModelBundle], labe
         from analysis.evaluation.classifier import label_agreement
 
         agreement = {name: label_agreement(imgs, labels) for name, imgs in images.items()}
-    return Comparison(names=[FP_NAME, *bundles], labels=list(labels), seeds=list(seeds), steps=steps,
+    return Comparison(names=[base_name, *bundles], labels=list(labels), seeds=list(seeds), steps=steps,
                       guidance=guidance, images=images, image_errors=errs, step_error=step_rows, drift=drift_rows,
                       seconds=seconds, label_agreement=agreement, speed=speed)
 
@@ -215,14 +217,15 @@ def per_seed_value_text(scores: dict, key: str, fmt: str) -> str | None:
 
 # ---- the table a reader sees, and comparisons kept in the run store --------------------------------------
 COLUMN_NAMES = {"variant": "model", "psnr_vs_fp": "PSNR vs FP (grid)", "mse_vs_fp": "MSE vs FP (grid)",
-                "mean_step_rel_rms": "mean per-step rel. RMS error vs FP", "final_drift": "final rel. RMS drift of x_t",
+                "step_rel_rms_median": "noise-prediction error vs FP (median over steps)", "final_drift": "final rel. RMS drift of x_t",
                 "label_agreement": "label agreement", "label_agreement_N": "label agreement N",
                 "fid": "FID vs real", "fid_interval": "FID vs real 95% CI", "fid_floor": "real-vs-real floor",
                 "fid_vs_fp": "FID vs FP", "fid_vs_fp_interval": "FID vs FP 95% CI", "fid_N": "FID N",
                 "ssim_vs_fp": "SSIM vs FP (grid)", "same_digit_vs_fp": "same digit as FP (grid)",
                 "same_digit_vs_fp_scored": "same digit as FP (FID N, 95% CI)",
                 "psnr_vs_fp_scored": "PSNR vs FP dB (FID N, 95% CI)", "ssim_vs_fp_scored": "SSIM vs FP (FID N, 95% CI)",
-                "seconds": "sampling s", "forward_ms": "forward ms", "forward_peak_mib": "forward peak MiB",
+                "seconds": "sampling s", "forward_ms": "forward ms (median)",
+                "forward_ms_spread": "forward ms range", "forward_peak_mib": "forward peak MiB",
                 "weights_mib": "weights MiB", "feature_extractor": "FID features", "run_id": "run"}
 STORE_NOTE = "comparison"  # stored runs of a comparison carry this note and a shared comparison id
 
@@ -238,17 +241,21 @@ def comparison_view(cmp: Comparison, scores: list[dict] | None, ncol: int) -> di
     comparison was just computed or read back from the store (latest_comparison)."""
     from analysis.evaluation.images import make_grid
 
+    # grids large enough for a projector (a cell at least 96 px), each column labelled with its class
+    col_labels = [str(c) for c in cmp.labels[:ncol]] if min(cmp.labels[:ncol], default=-1) >= 0 else None
     return {"names": list(cmp.names), "steps": cmp.steps, "guidance": cmp.guidance, "n_images": len(cmp.labels),
-            "grids": {name: make_grid(cmp.images[name], ncol=ncol) for name in cmp.names},
+            "grids": {name: make_grid(cmp.images[name], ncol=ncol, col_labels=col_labels, target=96)
+                      for name in cmp.names},
             "rows": metrics_rows(cmp, scores), "step_error": cmp.step_error, "drift": cmp.drift,
             "image_errors": cmp.image_errors, "scores": scores}
 
 
 def store_comparison(store, model: str, view: dict, cmp: Comparison,
-                     variants: Mapping[str, Variant | ModelBundle | None]) -> str:
+                     variants: Mapping[str, Variant | ModelBundle | None], produced_by: str | None = None) -> str:
     """Keep a comparison in the run store, one run per model (note "comparison", its grid as grid.png, each
     variant's config and recipe), so the variants and their results survive a page reload and rebuild from
-    the store. Returns the comparison's id."""
+    the store. produced_by: the FP model's source, device and precision in words, kept for captions.
+    Returns the comparison's id."""
     import uuid
 
     from analysis.evaluation.store import RunRecord
@@ -258,7 +265,7 @@ def store_comparison(store, model: str, view: dict, cmp: Comparison,
         v = variants.get(name)
         v = None if v is None else Variant.of(name, v, None)  # FP rows have no entry
         config, recipe = ({"method": "fp"}, None) if v is None else (v.config_dict(), v.recipe)
-        metrics = {"comparison": cid, "position": view["names"].index(name), "row": row,
+        metrics = {"comparison": cid, "position": view["names"].index(name), "row": row, "produced_by": produced_by,
                    "label_agreement": row.get("label agreement"),
                    "step_error": [r for r in view["step_error"] if r["variant"] == name],
                    "drift": [r for r in view["drift"] if r["variant"] == name],
@@ -273,10 +280,11 @@ def store_comparison(store, model: str, view: dict, cmp: Comparison,
     return cid
 
 
-def latest_comparison(store, model: str) -> dict | None:
-    """The newest comparison of `model` kept in the store, in comparison_view's form (grids as file paths),
-    or None."""
-    runs = [r for r in store.list(model=model) if r.note == STORE_NOTE and "comparison" in r.metrics]
+def latest_comparison(store, model: str, comparison: str | None = None) -> dict | None:
+    """The newest comparison of `model` kept in the store (or the one whose id is `comparison`), in
+    comparison_view's form (grids as file paths), or None."""
+    runs = [r for r in store.list(model=model) if r.note == STORE_NOTE and "comparison" in r.metrics
+            and (comparison is None or r.metrics["comparison"] == comparison)]
     if not runs:
         return None
     cid = runs[0].metrics["comparison"]
@@ -290,4 +298,5 @@ def latest_comparison(store, model: str) -> dict | None:
             "image_errors": [{"variant": r.label, "psnr": math.inf if p is None else p}
                              for r in group[1:] for p in r.metrics.get("psnr", [])],
             "scores": [r.metrics["score"] for r in group if r.metrics.get("score")] or None,
-            "run_ids": [r.id for r in group], "created": first.created}
+            "run_ids": [r.id for r in group], "created": first.created, "comparison": cid,
+            "produced_by": first.metrics.get("produced_by")}

@@ -19,11 +19,13 @@ at the same N: two variants whose intervals overlap are not told apart by this m
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Mapping
@@ -194,9 +196,25 @@ def model_fingerprint(bundle: ModelBundle) -> str:
     return h.hexdigest()[:16]
 
 
+_KEY_LOCKS: dict[str, threading.Lock] = {}
+_KEY_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_at_a_time(key: str):
+    """Hold the lock of `key` (one per key, for the whole process): the FP samples of one cache file are sampled
+    once while other sessions of the app asking for the same file wait, then read it."""
+    with _KEY_GUARD:
+        lock = _KEY_LOCKS.setdefault(key, threading.Lock())
+    with lock:
+        yield
+
+
 def _fp_images(bundle: ModelBundle, labels, seeds, opts: EvalOptions, guidance: float, cache_dir: Path | None,
                on_step) -> tuple[torch.Tensor, float, bool]:
-    """FP images for these labels/seeds, from the disk cache when the same model and setting ran before."""
+    """FP images for these labels/seeds, from the disk cache when the same model and setting ran before.
+    Sessions of one process asking for the same images at once sample them once: the others wait for the
+    cache file (_one_at_a_time)."""
     path = None
     if cache_dir is not None and opts.cache_fp:
         # a text model's labels are prompt table ids, which mean something only in this process: key its texts
@@ -205,21 +223,24 @@ def _fp_images(bundle: ModelBundle, labels, seeds, opts: EvalOptions, guidance: 
         key = hashlib.sha256(repr((model_fingerprint(bundle), what, seeds, opts.steps, guidance, opts.scheduler,
                                    str(bundle.dtype))).encode()).hexdigest()[:20]
         path = cache_dir / f"{key}.pt"
+    if path is None:
+        images, seconds = _sample_images(bundle, labels, seeds, opts, guidance, on_step)
+        return images, seconds, False
+    with _one_at_a_time(str(path)):
         if path.exists():
             try:
                 cached = torch.load(path, map_location="cpu", weights_only=True)
                 return cached["images"].float() / 255.0, float(cached["seconds"]), True
             except Exception:  # a damaged cache file is recomputed, never trusted
                 path.unlink(missing_ok=True)
-    images, seconds = _sample_images(bundle, labels, seeds, opts, guidance, on_step)
-    if images is None:  # another rank of a torchrun job: rank 0 holds the merged set
-        return None, seconds, False
-    if path is not None:
+        images, seconds = _sample_images(bundle, labels, seeds, opts, guidance, on_step)
+        if images is None:  # another rank of a torchrun job: rank 0 holds the merged set
+            return None, seconds, False
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
         torch.save({"images": (images * 255).round().to(torch.uint8), "seconds": seconds}, tmp)
         os.replace(tmp, path)
-    return images, seconds, False
+        return images, seconds, False
 
 
 def _sample_images(bundle: ModelBundle, labels, seeds, opts: EvalOptions, guidance: float,
@@ -466,12 +487,12 @@ def _variant_measures(v: Variant) -> dict:
         from quant.io import fp_weight_bytes
 
         size = fp_weight_bytes(v.bundle.denoiser)
-        return {"rel_rms": 0.0, "weight_bytes": size, "fp_weight_bytes": size}
+        return {"rel_rms": 0.0, "rel_rms_step_median": 0.0, "weight_bytes": size, "fp_weight_bytes": size}
     r = v.report
     if r is None:
         return {}
     # JSON object keys are strings: keep the timesteps as numbers
-    return {"rel_rms": r.rel_rms, "rel_rms_basis": r.rel_rms_basis, "rel_rms_in_sample": r.rel_rms_in_sample,
+    return {"rel_rms": r.rel_rms, "rel_rms_step_median": r.rel_rms_step_median, "rel_rms_basis": r.rel_rms_basis, "rel_rms_in_sample": r.rel_rms_in_sample,
             "rel_rms_held_out": r.rel_rms_held_out, "weight_bytes": r.weight_bytes,
             "fp_weight_bytes": r.fp_weight_bytes,
             "rel_rms_per_timestep": [[int(t), float(e)] for t, e in r.rel_rms_per_timestep.items()]}

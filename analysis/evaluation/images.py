@@ -21,19 +21,33 @@ def display_scale(height: int, target: int = 64) -> int:
     return max(1, target // height)
 
 
-def make_grid(images: torch.Tensor, ncol: int, pad: int = 2, scale: int | None = None) -> Image.Image:
-    """Tile images row by row, `ncol` per row, with a `pad`-pixel dark border; small images are enlarged."""
+def make_grid(images: torch.Tensor, ncol: int, pad: int = 2, scale: int | None = None,
+              col_labels: list[str] | None = None, target: int = 64) -> Image.Image:
+    """Tile images row by row, `ncol` per row, with a `pad`-pixel dark border; small images are enlarged so a
+    cell is at least `target` pixels tall. col_labels: one text per column, written above it (the class of
+    each column, large enough to read on a projector)."""
     n, c, h, w = images.shape
-    scale = display_scale(h) if scale is None else scale
+    scale = display_scale(h, target) if scale is None else scale
     nrow = (n + ncol - 1) // ncol
-    canvas = np.zeros((nrow * (h * scale + pad) + pad, ncol * (w * scale + pad) + pad, 3), dtype=np.uint8)
+    cell_h, cell_w = h * scale, w * scale
+    header = max(14, cell_h // 3) if col_labels else 0
+    canvas = np.zeros((header + nrow * (cell_h + pad) + pad, ncol * (cell_w + pad) + pad, 3), dtype=np.uint8)
     canvas[:] = 40
     for i in range(n):
         tile = np.asarray(to_pil(images[i], scale).convert("RGB"))
         r, col = divmod(i, ncol)
-        y, x = pad + r * (h * scale + pad), pad + col * (w * scale + pad)
-        canvas[y:y + h * scale, x:x + w * scale] = tile
-    return Image.fromarray(canvas)
+        y, x = header + pad + r * (cell_h + pad), pad + col * (cell_w + pad)
+        canvas[y:y + cell_h, x:x + cell_w] = tile
+    grid = Image.fromarray(canvas)
+    if col_labels:
+        from PIL import ImageDraw, ImageFont
+
+        draw = ImageDraw.Draw(grid)
+        font = ImageFont.load_default(size=int(header * 0.75))
+        for col, text in enumerate(col_labels[:ncol]):
+            cx = pad + col * (cell_w + pad) + cell_w / 2
+            draw.text((cx, pad + header / 2), str(text), fill=(235, 235, 235), font=font, anchor="mm")
+    return grid
 
 
 def save_images(images: torch.Tensor, names: list[str], out_dir: str | Path) -> list[Path]:

@@ -122,7 +122,8 @@ def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
 
 
 def measure(fn: Callable[[], object], repeats: int, device: torch.device) -> dict:
-    """{"seconds": median wall time, "peak_bytes": memory above the start during the runs, or None}."""
+    """{"seconds": median wall time, "spread": (fastest, slowest) of the repeats, "peak_bytes": memory above the
+    start during the runs, or None}."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()  # warm-up: allocator growth, kernel selection, lazy initialisation
     sync()
@@ -142,7 +143,7 @@ def measure(fn: Callable[[], object], repeats: int, device: torch.device) -> dic
             fn()
             times.append(time.perf_counter() - t0)
         peak = _cpu_peak_bytes(fn)  # one more call, profiled (never timed)
-    return {"seconds": sorted(times)[len(times) // 2], "peak_bytes": peak}
+    return {"seconds": sorted(times)[len(times) // 2], "spread": (min(times), max(times)), "peak_bytes": peak}
 
 
 def measure_interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict:
@@ -177,12 +178,14 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], repeats: int, devi
 
 
 def forward_profile(model, batch: tuple, repeats: int = 3) -> dict:
-    """A model's measured forward on one (x, t, y) batch: median ms, peak MiB above the start, stored MiB."""
+    """A model's measured forward on one (x, t, y) batch: median ms of `repeats` with the fastest and slowest
+    (a busy machine shows as a wide spread), peak MiB above the start, stored MiB."""
     from quant.io import weight_bytes
 
     p = next(model.parameters())
     m = measure(_forward(model, batch, p.device, p.dtype), repeats, p.device)
     return {"forward_ms": round(m["seconds"] * 1e3, 2),
+            "forward_ms_spread": f"{m['spread'][0] * 1e3:.0f}-{m['spread'][1] * 1e3:.0f} ({repeats} runs)",
             "forward_peak_mib": None if m["peak_bytes"] is None else round(m["peak_bytes"] / 2 ** 20, 1),
             "weights_mib": round(weight_bytes(model) / 2 ** 20, 2), "forward_rows": int(batch[0].shape[0])}
 

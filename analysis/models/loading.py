@@ -109,6 +109,9 @@ def _load_source(source: str) -> ModelBundle:
     elif Path(source).expanduser().exists():
         bundle = _load_folder(Path(source).expanduser(), name=source)
     elif _looks_like_path(source):
+        if not source.startswith((".", "/", "~")) and "\\" not in source:
+            raise ModelLoadError(f"{source!r} is neither a folder on this machine nor a hub id: a hub id is exactly "
+                                 "owner/name, such as facebook/DiT-XL-2-256; a folder must exist")
         raise ModelLoadError(f"model folder {source!r} does not exist; pass an existing diffusers folder, "
                              f"{' or '.join(repr(b) for b in BUNDLED)}, or a hub id such as facebook/DiT-XL-2-256")
     else:

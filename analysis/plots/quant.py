@@ -17,8 +17,9 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from analysis.plots.axes import log_axis, nice_ticks, wrap
 from quant.families import layer_kind, readable_layer
-from quant.measures import outlier_ratio
+from quant.measures import outlier_ratio, step_median
 
 _MARGIN = dict(l=10, r=10, t=60, b=10)
 _FLOOR = 1e-12  # log axes cannot show 0; a dead channel is drawn at this floor
@@ -46,9 +47,9 @@ def salience_before_after(salience: dict, group: str, sort: bool = False) -> go.
     order = np.argsort(-x_b) if sort else np.arange(x_b.size)
     chan = np.arange(x_b.size) if sort else order
     xlabel = "input channels, sorted by activation salience before" if sort else "input channel j"
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1, subplot_titles=(
-        f"activation max|X_j|: max/median {_ratio(x_b):.1f} before -> {_ratio(x_a):.1f} after",
-        f"weight max|W_j|: max/median {_ratio(w_b):.1f} before -> {_ratio(w_a):.1f} after"))
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12, subplot_titles=(
+        f"activation max|X_j|: max/median {_ratio(x_b):.1f} before, {_ratio(x_a):.1f} after",
+        f"weight max|W_j|: max/median {_ratio(w_b):.1f} before, {_ratio(w_a):.1f} after"))
     hover = "channel %{customdata}<br>%{y:.4g}<extra>%{fullData.name}</extra>"
     for row, (before, after, what) in enumerate([(x_b, x_a, "max|X_j|"), (w_b, w_a, "max|W_j|")], start=1):
         fig.add_trace(go.Scatter(x=chan, y=_pos(before[order]), mode="lines", name=f"{what} before",
@@ -57,11 +58,12 @@ def salience_before_after(salience: dict, group: str, sort: bool = False) -> go.
         fig.add_trace(go.Scatter(x=chan, y=_pos(after[order]), mode="lines", name=f"{what} after",
                                  customdata=order, line=dict(width=1.2, color="#d62728" if row == 1 else "#1f77b4"),
                                  hovertemplate=hover, legendgroup=f"r{row}"), row=row, col=1)
-    fig.update_yaxes(type="log", title_text="activation units", row=1, col=1)
-    fig.update_yaxes(type="log", title_text="weight units", row=2, col=1)
+    fig.update_yaxes(title_text="activation units", row=1, col=1, **log_axis(_pos(np.r_[x_b, x_a])))
+    fig.update_yaxes(title_text="weight units", row=2, col=1, **log_axis(_pos(np.r_[w_b, w_a])))
     fig.update_xaxes(title_text=xlabel, row=2, col=1)
-    fig.update_layout(title=f"{group}: per-channel salience before and after folding", height=560,
-                      margin=_MARGIN, hovermode="x unified", legend=dict(orientation="h", y=-0.12))
+    fig.update_layout(title=f"{group}:<br>per-channel salience before and after folding", height=580,
+                      margin=dict(l=10, r=10, t=80, b=10), hovermode="x unified",
+                      legend=dict(orientation="h", y=-0.12))
     return fig
 
 
@@ -81,12 +83,17 @@ def vector_figure(vector, group: str, method: str | None = None) -> go.Figure:
     fig = go.Figure(go.Scatter(x=chan, y=_pos(b), mode="lines+markers" if b.size <= 256 else "lines",
                                marker=dict(size=3), line=dict(width=1), name="b_j",
                                hovertemplate="channel %{x}<br>b = %{y:.4g}<extra></extra>"))
-    fig.add_hline(y=1.0, line=dict(color="black", width=1, dash="dot"), annotation_text="b = 1 (unchanged)",
-                  annotation_position="top left")
+    # b = 1 as a trace, not a shape: a shape's y on a log axis is read as log10(y), so y=1 drew the line at 10
+    # and stretched the axis to 1-10 around values of 1-1.15
+    fig.add_trace(go.Scatter(x=[0, max(b.size - 1, 0)], y=[1.0, 1.0], mode="lines+text", name="b = 1",
+                             text=["b = 1 (unchanged)", ""], textposition="top right",
+                             line=dict(color="black", width=1, dash="dot"),
+                             hovertemplate="b = 1: channel unchanged<extra></extra>"))
     span = f"min {b.min():.3g}, max {b.max():.3g}" if b.size else "empty"
-    fig.update_layout(title=f"{group}: {name}<br><sup>{moved} of {b.size} channels changed; {span}</sup>",
-                      xaxis_title="input channel j", yaxis_title="b_j (input divided, weight column multiplied)",
-                      yaxis_type="log", height=380, margin=dict(l=10, r=10, t=70, b=10), showlegend=False)
+    fig.update_layout(title=f"{group}:<br>{wrap(name, 48)}<br><sup>{moved} of {b.size} channels changed; {span}</sup>",
+                      xaxis_title="input channel j",
+                      yaxis=log_axis(np.r_[_pos(b), 1.0], "b_j (log): input / b_j, weight column x b_j"),
+                      height=420, margin=dict(l=10, r=10, t=110, b=10), showlegend=False)
     return fig
 
 
@@ -103,19 +110,31 @@ def ssc_figure(ssc: dict, group: str) -> go.Figure:
         steps, rho, eta = steps[order], rho[order], eta[order]
     t = [str(int(v)) for v in steps]
     x = list(range(len(t))) if per_sample else t
+    # bars on the primary axis and the rho line on the secondary one: the secondary axis is drawn on top, so
+    # the line stays visible over the bars
     fig = make_subplots(specs=[[{"secondary_y": True}]])
-    fig.add_trace(go.Bar(x=x, y=eta, name="eta (weight)", marker_color="#9ecae1", customdata=t,
-                         hovertemplate="t=%{customdata}<br>eta = %{y:.4f}<extra></extra>"), secondary_y=True)
+    fig.add_trace(go.Bar(x=x, y=eta, name="eta (weight)", marker_color="#c6dbef", customdata=t,
+                         hovertemplate="t=%{customdata}<br>eta = %{y:.4f}<extra></extra>"), secondary_y=False)
     fig.add_trace(go.Scatter(x=x, y=rho, name="Spearman rho", mode="lines+markers", customdata=t,
-                             line=dict(color="#08519c"),
-                             hovertemplate="t=%{customdata}<br>rho = %{y:.3f}<extra></extra>"), secondary_y=False)
-    fig.update_yaxes(title_text="Spearman rho (-1 to 1)", secondary_y=False)
-    fig.update_yaxes(title_text="eta = softmax(-rho), sums to 1", secondary_y=True, rangemode="tozero")
+                             line=dict(color="#08306b", width=2.5), marker=dict(size=6),
+                             hovertemplate="t=%{customdata}<br>rho = %{y:.3f}<extra></extra>"), secondary_y=True)
+    top = float(np.nanmax(eta)) if eta.size else 1.0
+    eta_ticks = nice_ticks(0.0, top * 1.05, 4)
+    fig.update_yaxes(title_text="eta = softmax(-rho)", secondary_y=False, range=[0, top * 1.1], tickmode="array",
+                     tickvals=eta_ticks, ticktext=[f"{v:g}" for v in eta_ticks], showgrid=False)
+    fig.update_yaxes(title_text="Spearman rho", secondary_y=True, range=[-1.05, 1.05], tickmode="array",
+                     tickvals=[-1, -0.5, 0, 0.5, 1], ticktext=["-1", "-0.5", "0", "0.5", "1"])
     fig.update_xaxes(title_text="calibration row in recording order (timestep in hover)" if per_sample
                      else "timestep t, in sampling order: noisiest (largest t) left", type="category")
-    fig.update_layout(title=f"{group}: salience calibration (SSC) weights", height=380, margin=_MARGIN,
-                      legend=dict(orientation="h", y=-0.2))
+    fig.update_layout(title=f"{group}:<br>salience calibration (SSC) weights", height=420,
+                      margin=dict(l=10, r=10, t=80, b=10),
+                      legend=dict(orientation="h", y=-0.25))
     return fig
+
+
+# Calm colours for the layer kinds, in order of appearance: a kind is not an alarm (plotly's default palette
+# paints the second kind red).
+KIND_PALETTE = ["#4c78a8", "#f58518", "#72b7b2", "#54a24b", "#b279a2", "#9d755d", "#bab0ac", "#eeca3b"]
 
 
 def layer_error_figure(layer_error: dict, title: str = "Per-layer relative output error") -> go.Figure:
@@ -127,13 +146,18 @@ def layer_error_figure(layer_error: dict, title: str = "Per-layer relative outpu
     for kind in dict.fromkeys(kinds):
         idx = [i for i, k in enumerate(kinds) if k == kind]
         fig.add_trace(go.Bar(x=[readable_layer(names[i]) for i in idx], y=[vals[i] for i in idx], name=kind,
+                             marker_color=KIND_PALETTE[len(fig.data) % len(KIND_PALETTE)],
                              customdata=[names[i] for i in idx],
                              hovertemplate="%{customdata}<br>rel. error %{y:.4g}<extra></extra>"))
     worst = names[int(np.argmax(vals))] if vals else "-"
-    fig.update_layout(title=f"{title}<br><sup>worst: {worst} ({max(vals, default=0):.3g})</sup>",
+    labels = [readable_layer(n) for n in names]
+    fig.update_layout(title=wrap(title, 70) + f"<br><sup>worst: {worst} ({max(vals, default=0):.3g})</sup>",
+                      # every layer labelled (plotly skips every other category label when they crowd)
                       xaxis=dict(title="layer (model order)", type="category", categoryorder="array",
-                                 categoryarray=[readable_layer(n) for n in names], tickangle=-60),
-                      yaxis_title="||Y_q - Y|| / ||Y||", height=440, margin=dict(l=10, r=10, t=70, b=10),
+                                 categoryarray=labels, tickmode="array", tickvals=labels, ticktext=labels,
+                                 tickangle=-60, tickfont=dict(size=10 if len(labels) > 40 else 12)),
+                      yaxis=dict(title="||Y_q - Y|| / ||Y||", rangemode="tozero"),
+                      height=480, margin=dict(l=10, r=10, t=70, b=10),
                       legend_title="layer kind", barmode="overlay")
     return fig
 
@@ -146,15 +170,26 @@ def timestep_error_figure(per_timestep: dict, log: bool = True) -> go.Figure:
     first = next(iter(per_timestep.values()), None)
     series = per_timestep if isinstance(first, dict) else {"rel_rms": per_timestep}
     fig = go.Figure()
+    values = []
     for name, errs in series.items():
         pts = sorted(((int(t), float(e)) for t, e in errs.items()), reverse=True)  # noisiest first
+        values += [max(e, _FLOOR) for _, e in pts]
         fig.add_trace(go.Scatter(x=[str(t) for t, _ in pts], y=[max(e, _FLOOR) for _, e in pts], name=name,
                                  mode="lines+markers",
                                  hovertemplate="t=%{x}<br>rel. RMS error %{y:.4g}<extra>" + name + "</extra>"))
-    fig.update_layout(title="Noise-prediction error vs FP per timestep (calibration inputs)",
+        if len(series) == 1 and pts:  # the headline number, drawn on the curve it summarises
+            med = max(step_median(dict(pts)), _FLOOR)
+            fig.add_trace(go.Scatter(x=[str(pts[0][0]), str(pts[-1][0])], y=[med, med], mode="lines+text",
+                                     text=["", f"median over steps {med:.3g}"], textposition="top left",
+                                     line=dict(color="gray", dash="dash", width=1), name="median over steps",
+                                     hovertemplate=f"median over steps {med:.4g}<extra></extra>"))
+    fig.update_layout(title="Noise-prediction error vs FP per timestep (calibration inputs)<br><sup>the headline "
+                            "error is the median over steps; the last steps' rise costs the image little</sup>",
                       xaxis=dict(title="timestep t (sampling order, noisiest left)", type="category"),
-                      yaxis_title="||eps_q - eps|| / ||eps||", yaxis_type="log" if log else "linear",
-                      height=380, margin=_MARGIN, showlegend=len(series) > 1, legend_title="variant")
+                      yaxis=log_axis(values, "||eps_q - eps|| / ||eps|| (log)") if log else
+                      dict(title="||eps_q - eps|| / ||eps||", rangemode="tozero"),
+                      height=400, margin=dict(l=10, r=10, t=80, b=10), showlegend=len(series) > 1,
+                      legend_title="variant")
     return fig
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.plots.axes import log_ticks, readable_layer
+from analysis.plots.axes import log_axis, readable_layer, wrap
 from analysis.salience.collect import SalienceStats
 from analysis.salience.measures import layer_difficulty, quant_error, spearman, spearman_by_timestep
 
@@ -35,7 +35,7 @@ def _short(layer: str) -> str:
 
 def _title(main: str, detail: str) -> dict:
     """A title in two lines, so a long layer name and its settings are never cut at the figure's edge."""
-    return dict(text=f"{main}<br><sup>{detail}</sup>", x=0.01, xanchor="left")
+    return dict(text=f"{wrap(main, 70)}<br><sup>{detail}</sup>", x=0.01, xanchor="left")
 
 
 def _t_labels(stats: SalienceStats) -> list[str]:
@@ -84,12 +84,12 @@ def channel_profile(stats: SalienceStats, layer: str, step: int, bits: int | Non
                       margin=_MARGIN, legend=dict(orientation="h", y=-0.12), hovermode="closest")
     fig.update_xaxes(title_text="input channel j", row=2, col=1)
     fig.update_yaxes(title_text=f"max|X_j| ({ACT_UNITS})", row=1, col=1, secondary_y=False)
-    fig.update_yaxes(title_text="MSE (squared activation units)", row=1, col=1, secondary_y=True,
-                     rangemode="nonnegative", showgrid=False)
+    # MSE values are tiny: one exponent format (2.6e-3), never SI suffixes (17.89u) or long decimals; from zero
+    mse_axis = dict(rangemode="tozero", showgrid=False, tickformat=".1e", exponentformat="e")
+    fig.update_yaxes(title_text="MSE (act. units²)", row=1, col=1, secondary_y=True, **mse_axis)
     fig.update_yaxes(title_text="max|W_j| (weight units)", row=2, col=1, secondary_y=False)
-    fig.update_yaxes(title_text="MSE (squared weight units)", row=2, col=1, secondary_y=True,
-                     rangemode="nonnegative", showgrid=False)
-    fig.update_yaxes(rangemode="nonnegative", secondary_y=False)  # salience is a maximum of |x|: never below 0
+    fig.update_yaxes(title_text="MSE (weight units²)", row=2, col=1, secondary_y=True, **mse_axis)
+    fig.update_yaxes(rangemode="tozero", secondary_y=False)  # salience is a maximum of |x|: never below 0
     return fig
 
 
@@ -100,11 +100,13 @@ def timestep_boxplot(stats: SalienceStats, layer: str, split_halves: bool = Fals
     quartiles, so the figure holds O(timesteps) numbers whatever the channel count."""
     x = _t_labels(stats)
     fig = go.Figure()
+    values = []
     groups = [("all rows", "all")] if not split_halves or len(stats.halves) < 2 else [
         ("conditional", "cond"), ("unconditional", "uncond")]
     for name, rows in groups:
         s = stats.channel_salience(layer, rows=rows)  # [T, C]
         q1, med, q3 = np.percentile(s, [25, 50, 75], axis=1)
+        values += [s.min(axis=1), s.max(axis=1), q1]
         fig.add_trace(go.Box(x=x, q1=q1, median=med, q3=q3, lowerfence=s.min(axis=1), upperfence=s.max(axis=1),
                              name=name, boxpoints=False, hoverinfo="x+y"))
         top = s.argmax(axis=1)
@@ -115,7 +117,9 @@ def timestep_boxplot(stats: SalienceStats, layer: str, split_halves: bool = Fals
     fig.update_layout(title=_title(f"{_short(layer)}: channel maxima across timesteps",
                                    f"{layer}; box = quartiles over channels, whiskers = min / max channel"),
                       xaxis_title=_T_AXIS,
-                      yaxis_title=f"max|X_j| over tokens ({ACT_UNITS})", boxmode="group", height=420,
+                      # log: one outlier channel 20x the rest would squash every box into a line on a linear axis
+                      yaxis=log_axis(np.concatenate(values) if values else [], f"max|X_j| ({ACT_UNITS}, log)"),
+                      boxmode="group", height=440,
                       margin=_MARGIN, xaxis=dict(type="category", nticks=20))
     return fig
 
@@ -132,9 +136,15 @@ def channel_timestep_heatmap(stats: SalienceStats, layer: str, max_channels: int
         keep = np.sort(np.argsort(s.max(axis=0))[::-1][:max_channels])
     z = s[:, keep].T  # [channels, T]
     zc = np.log10(np.maximum(z, 1e-12)) if log else z
+    # colour range from the channels that carry signal: an all-zero channel (log10 -> -12) would stretch the
+    # scale so far that every live channel shows one colour
+    live = z[z > 0]
+    zmin = (float(np.log10(np.percentile(live, 1))) if log else float(np.percentile(live, 1))) if live.size else None
+    zmax = (float(np.log10(live.max())) if log else float(live.max())) if live.size else None
     ylab = [f"ch {j}" for j in keep]
     custom = np.broadcast_to(z[..., None], z.shape + (1,))
     fig = go.Figure(go.Heatmap(z=zc, x=_t_labels(stats), y=ylab, customdata=custom, colorscale="Viridis",
+                               zmin=zmin, zmax=zmax,
                                colorbar=dict(title="log10 max|X_j|" if log else "max|X_j|"),
                                hovertemplate=f"layer {layer}<br>%{{y}}<br>timestep %{{x}}<br>max|X_j| = "
                                              "%{customdata[0]:.4g}<extra></extra>"))
@@ -171,7 +181,10 @@ def spearman_over_timesteps(stats: SalienceStats, layers: list[str] | None = Non
                                    zmin=-1, zmax=1, colorscale="RdBu", colorbar=dict(title="rho"),
                                    hovertemplate="layer %{customdata}<br>timestep %{x}<br>rho = %{z:.3f}"
                                                  "<extra></extra>"))
-        fig.update_layout(yaxis_title="layer", yaxis=dict(type="category", autorange="reversed"))
+        labels = [_short(k) for k in names]
+        fig.update_layout(yaxis_title="layer", yaxis=dict(type="category", autorange="reversed", tickmode="array",
+                                                          tickvals=labels, ticktext=labels,
+                                                          tickfont=dict(size=9 if len(labels) > 40 else 11)))
     fig.update_layout(title=title, xaxis_title=_T_AXIS, height=max(380, min(900, 14 * len(rho))), margin=_MARGIN)
     fig.update_xaxes(type="category", nticks=20)
     return fig
@@ -202,8 +215,8 @@ def complementarity_scatter(stats: SalienceStats, layer: str, step: int, label_t
                                            "max|X_j| = %{x:.4g}<br>max|W_j| = %{y:.4g}<extra></extra>"))
     fig.update_layout(title=_title(f"{_short(layer)}: activation vs weight salience at t={t}",
                                    f"{layer}; Spearman rho = {rho:.3f}"),
-                      xaxis=dict(title=f"max|X_j| ({ACT_UNITS}, log)", type="log", **log_ticks(sal)),
-                      yaxis=dict(title="max|W_j| (weight units, log)", type="log", **log_ticks(w)),
+                      xaxis=log_axis(sal, f"max|X_j| ({ACT_UNITS}, log)"),
+                      yaxis=log_axis(w, "max|W_j| (weight units, log)"),
                       height=500, margin=_MARGIN, legend=dict(orientation="h", y=-0.15))
     return fig
 
@@ -233,10 +246,12 @@ def layer_overview(stats: SalienceStats, sort_by: str = "act_outlier_ratio", top
     fig.update_layout(title=_title("Layers ranked by how hard they are to quantize",
                                    f"by {sort_by.replace('_', ' ')}, hardest first; {len(d)} layers"),
                       xaxis_title="layer (rank. block · role)",
-                      yaxis=dict(title="channel max / median (ratio, log)", type="log", **log_ticks(ratios)),
-                      height=560, margin=dict(l=10, r=10, t=90, b=10), barmode="overlay",
+                      yaxis=log_axis(ratios, "channel max / median (ratio, log)"),
+                      height=600, margin=dict(l=10, r=10, t=90, b=10), barmode="overlay",
+                      # every layer labelled: plotly would skip every other category when they crowd
                       xaxis=dict(type="category", categoryorder="array", categoryarray=list(d["label"]),
-                                 tickangle=-60, nticks=60, automargin=True))
+                                 tickmode="array", tickvals=list(d["label"]), ticktext=list(d["label"]),
+                                 tickfont=dict(size=9 if len(d) > 40 else 11), tickangle=-60, automargin=True))
     return fig
 
 

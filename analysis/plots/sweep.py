@@ -4,7 +4,7 @@ and dicts, so a result read back from disk draws the same):
 pareto_figure          quality vs cost (BOPs or weight bytes) of every point, intervals as error bars, the
                        Pareto front as a line, the recommendation ringed
 sweep_timestep_figure  each point's noise-prediction error vs FP per timestep
-sensitivity_bars       units ranked by the error each causes alone (mean over timesteps, or at one timestep)
+sensitivity_bars       units ranked by the error each causes alone (median over timesteps, or at one timestep)
 sensitivity_heatmap    unit x timestep error with only that unit quantized
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from analysis.evaluation.sweep import COSTS, QUALITY
-from analysis.plots.axes import log_ticks
+from analysis.plots.axes import log_axis
 from analysis.plots.axes import readable_layer as _short
 from quant.config import quantizes
 
@@ -74,10 +74,9 @@ def pareto_figure(points: list[dict], front: list[str], cost: str = "bops", qual
     fig.update_layout(
         title=f"{QUALITY[quality]} vs {COSTS[cost]}<br><sup>lower-left is better; the red line joins the points no "
               "other point beats on both</sup>",
-        xaxis=dict(title=COST_AXIS[cost], type="log", **log_ticks([_cost_value(p, cost) for p in pts + zero])),
-        yaxis=dict(title=QUALITY[quality] + (" (log)" if log_y else ""),
-                   type="log" if log_y else "linear", rangemode="tozero" if not log_y else None,
-                   **(log_ticks([p[quality] for p in pts]) if log_y else {})),
+        xaxis=log_axis([_cost_value(p, cost) for p in pts + zero], COST_AXIS[cost], pad=0.08),
+        yaxis=(log_axis([p[quality] for p in pts], QUALITY[quality] + " (log)", pad=0.08) if log_y else
+               dict(title=QUALITY[quality], type="linear", rangemode="tozero")),
         height=480, margin=_MARGIN, legend_title="method")
     return fig
 
@@ -96,21 +95,21 @@ def sweep_timestep_figure(points: list[dict]) -> go.Figure:
                                  mode="lines", hovertemplate="t=%{x}<br>%{y:.3g}<extra>" + p["label"] + "</extra>"))
     fig.update_layout(title="Noise-prediction error vs FP per timestep (calibration inputs)",
                       xaxis=dict(title="timestep t (sampling order, noisiest left)", type="category"),
-                      yaxis=dict(title="||eps_q - eps|| / ||eps|| (log)", type="log", **log_ticks(values)),
+                      yaxis=log_axis(values, "||eps_q - eps|| / ||eps|| (log)"),
                       height=420, margin=_MARGIN,
                       legend_title="point")
     return fig
 
 
 def sensitivity_bars(sens: dict, timestep: int | None = None, top: int = 20) -> go.Figure:
-    """Horizontal bars, hardest on top: error with only this unit quantized (mean over timesteps, or at one)
+    """Horizontal bars, hardest on top: error with only this unit quantized (median over timesteps, or at one)
     and, as a second bar, with all but this unit quantized."""
     rows = sens["ranking"]
     if timestep is None:
         only = [r["error_only_this_quantized"] for r in rows]
         but = [r["error_all_but_this_quantized"] for r in rows]
-        where = "mean over timesteps"
-        full = sens["all_quantized_mean"]
+        where = "median over timesteps"
+        full = sens.get("all_quantized_median", sens["all_quantized_mean"])
     else:
         i = sens["timesteps"].index(timestep)
         only = [r["only_per_timestep"][i] for r in rows]
@@ -131,9 +130,11 @@ def sensitivity_bars(sens: dict, timestep: int | None = None, top: int = 20) -> 
     bits = f"W{sens['w_bits'] or 16}A{sens['a_bits'] or 16}"
     fig.update_layout(title=f"Per-{sens['granularity']} sensitivity at {bits} ({sens['method']}), {where}"
                             f"<br><sup>top {len(order)} of {len(rows)}; error = ||eps_q - eps|| / ||eps|| vs FP</sup>",
-                      xaxis_title="relative error of the noise prediction", barmode="group",
+                      barmode="group",
                       height=max(360, 26 * len(order) + 140), margin=dict(l=10, r=10, t=80, b=10),
-                      yaxis=dict(automargin=True), legend=dict(orientation="h", y=-0.12))
+                      yaxis=dict(automargin=True, tickmode="array", tickvals=names, ticktext=names),
+                      xaxis=dict(title="relative error of the noise prediction", rangemode="tozero"),
+                      legend=dict(orientation="h", y=-0.12))
     return fig
 
 
@@ -147,6 +148,8 @@ def sensitivity_heatmap(sens: dict, top: int = 30) -> go.Figure:
                                hovertemplate="%{customdata}<br>t=%{x}<br>%{z:.4g}<extra></extra>"))
     fig.update_layout(title="Only this unit quantized: error per timestep<br><sup>hardest units on top</sup>",
                       xaxis=dict(title="timestep t (noisiest left)", type="category"),
-                      yaxis=dict(autorange="reversed", automargin=True), height=max(360, 22 * len(rows) + 140),
+                      yaxis=dict(autorange="reversed", automargin=True, tickmode="array",
+                                 tickvals=[_short(r["unit"]) for r in rows], ticktext=[_short(r["unit"]) for r in rows]),
+                      height=max(360, 22 * len(rows) + 140),
                       margin=dict(l=10, r=10, t=80, b=10))
     return fig

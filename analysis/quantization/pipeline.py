@@ -1,7 +1,7 @@
 """Quantize a bundle end to end: calibration inputs from FP sampling, quantization, and a report.
 
     variant = quantize_bundle(bundle, QuantConfig(method="ptq4dit", w_bits=4, a_bits=8), CalibrationSpec())
-    variant.report.rel_rms, variant.bundle                      # the bundle shares scheduler / VAE with the FP one
+    variant.report.rel_rms_step_median, variant.bundle          # the bundle shares scheduler / VAE with the FP one
     variant.recipe                                              # source + config + calibration: rebuilds it
 
 The FP bundle is never modified (the app's cached one is shared by every session).
@@ -31,7 +31,7 @@ from quant.api import QuantConfig, quantize_with_details
 from quant.forward import calibration_batches, forward
 from quant.graph import balance_plan
 from quant.io import fp_weight_bytes, weight_bytes
-from quant.measures import RelRmsByTimestep, rel_rms
+from quant.measures import RelRmsByTimestep, rel_rms, step_median
 from quant.modules import quant_layers
 from quant.quantizers import is_off
 
@@ -155,6 +155,7 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
     The Variant's report is a QuantReport (analysis.quantization.report: every field named there). Its
     rel_rms is measured on held-out seeds (held_out_spec: an FP sampling run on seeds neither calibration nor
     the block-wise optimization saw), rel_rms_in_sample on the calibration inputs (the gap is over-fitting).
+    Its headline error is rel_rms_step_median: quant.measures.step_median of rel_rms_per_timestep.
     """
     progress = on_progress or (lambda stage, frac: None)
     cal_seconds = 0.0
@@ -205,6 +206,7 @@ def quantize_bundle(bundle: ModelBundle, config: QuantConfig,
         fp_weight_bytes=fp_weight_bytes(bundle.denoiser),
         rel_rms=errors.total if held is None else held.total,
         rel_rms_per_timestep=errors.per_timestep if held is None else held.per_timestep,
+        rel_rms_step_median=step_median(errors.per_timestep if held is None else held.per_timestep),
         rel_rms_basis="in_sample" if held is None else "held_out",
         rel_rms_held_out=None if held is None else held.total, rel_rms_in_sample=errors.total,
         rel_rms_per_timestep_in_sample=errors.per_timestep,

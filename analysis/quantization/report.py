@@ -45,7 +45,10 @@ class QuantReport:
     # sampling run on seeds neither calibration nor block-wise optimization saw: rel_rms_basis "held_out", the
     # spec in held_out) or, for calibration data without a spec, on the calibration inputs ("in_sample"); and
     # each quantized layer's relative RMS error on its own input (calibration inputs)
-    rel_rms: float = 0.0
+    rel_rms: float = 0.0  # pooled over every timestep: the last steps dominate it
+    # the headline error: median over timesteps of rel_rms_per_timestep (quant.measures.step_median), on the same
+    # basis as rel_rms; None in a report stored before it existed that has no per-timestep curve to compute it from
+    rel_rms_step_median: float | None = None
     rel_rms_per_timestep: dict[int, float] = dataclasses.field(default_factory=dict)
     rel_rms_basis: str = "in_sample"  # reports written before the held-out default measured in sample
     rel_rms_held_out: float | None = None  # = rel_rms when measured on held-out seeds
@@ -82,6 +85,10 @@ class QuantReport:
         for key in ("rel_rms_per_timestep", "rel_rms_per_timestep_in_sample"):
             if isinstance(known.get(key), dict):
                 known[key] = {int(t): float(e) for t, e in known[key].items()}
+        if known.get("rel_rms_step_median") is None and known.get("rel_rms_per_timestep"):
+            from quant.measures import step_median  # an older report: the same median from its stored curve
+
+            known["rel_rms_step_median"] = step_median(known["rel_rms_per_timestep"])
         return cls(**known, extra={k: v for k, v in data.items() if k not in names})
 
     def __getitem__(self, key: str):
