@@ -10,7 +10,7 @@ only that: other processes on the machine still run, which is why the load avera
 
 Jobs (small on purpose, so that one policy's pair takes seconds): sampling (10 digits), salience collection,
 calibrate + quantize (FP calibration sampling and PTQ4DiT W8A8), and a short BKD (block-wise distillation).
-Goals (issue: fast on a busy machine): busy / quiet <= 2.5 for each job under the lab's policy (one busy process
+Goals: busy / quiet <= 2.5 for each job under the lab's policy (one busy process
 per core halves the CPU, so about 2 is the floor), and the lab's quiet time within 5% of the best policy's.
 """
 from __future__ import annotations

@@ -24,7 +24,7 @@ from analysis.models.bundle import ModelBundle
 from quant.formats import element_grid, expand_blocks, fake_quantize_format, pad_blocks, parse_format, block_params, \
     effective_scale, tensor_scale_for
 
-# The teaching comparison of the issue: INT4 vs FP4 vs MXFP4 vs NVFP4 (bits follow each format's elements).
+# The teaching comparison: INT4 vs FP4 vs MXFP4 vs NVFP4 (bits follow each format's elements).
 TEACHING_FORMATS = ("int", "fp4_e2m1", "mxfp4", "nvfp4")
 OPERANDS = ("activation", "weight")
 
