@@ -112,6 +112,15 @@ class SalienceConfig:
     def seeds(self) -> list[int]:
         return [self.first_seed + i for i in range(self.samples)]
 
+    def labels_for(self, bundle) -> list[int] | None:
+        """What each sample is conditioned on: a prompt id for a text-to-image model (each prompt encoded once),
+        a class for a class-conditional one, None for an unconditional one."""
+        if bundle.text_conditioned:
+            return bundle.prompt_ids(self.prompt_list())
+        if self.prompts:
+            raise ValueError(f"{bundle.name} is not a text-to-image model: collect its salience without prompts")
+        return self.sample_labels(bundle.num_classes)
+
     def prompt_list(self) -> list[str]:
         """Sample i's prompt (a text-to-image model)."""
         from analysis.models.prompts import cycle, read_prompt_set
@@ -362,12 +371,7 @@ def collect(bundle: ModelBundle, config: SalienceConfig | None = None,
     config.validate(bundle)
     model = bundle.denoiser
     seeds = config.seeds()
-    if bundle.text_conditioned:  # prompt ids stand where class labels do (each prompt encoded once)
-        labels = bundle.prompt_ids(config.prompt_list())
-    elif config.prompts:
-        raise ValueError(f"{bundle.name} is not a text-to-image model: collect its salience without prompts")
-    else:
-        labels = config.sample_labels(bundle.num_classes)
+    labels = config.labels_for(bundle)
     guidance = bundle.default_guidance if config.guidance is None else float(config.guidance)
     linears, attns = observed_modules(model, config.layers, config.attention)
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -521,12 +525,7 @@ def collect_timed(bundle: ModelBundle, config: SalienceConfig, repeats: int = 1,
 
     say = say or (lambda text: None)
     seeds = config.seeds()
-    if bundle.text_conditioned:  # prompt ids stand where class labels do (each prompt encoded once)
-        labels = bundle.prompt_ids(config.prompt_list())
-    elif config.prompts:
-        raise ValueError(f"{bundle.name} is not a text-to-image model: collect its salience without prompts")
-    else:
-        labels = config.sample_labels(bundle.num_classes)
+    labels = config.labels_for(bundle)
     # Warm-up: the first forward pays one-off allocation costs that would otherwise bias the first timed pass.
     sample(bundle, labels and labels[:1], seeds[:1], steps=1, guidance=config.guidance, scheduler=config.scheduler, decode=False)
     plain, collecting, plain_cpu, collecting_cpu, stats = [], [], [], [], None

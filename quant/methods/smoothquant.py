@@ -27,13 +27,18 @@ def smoothing_vector(x_sal, w_sal, alpha: float):
     return safe_ratio_vector(x_sal.pow(alpha) / w_sal.pow(1 - alpha))
 
 
-def compute(model, groups, stats, options: Options) -> dict[str, GroupVector]:
+def smoothing_vectors(model, groups, stats, alpha: float) -> dict[str, GroupVector]:
+    """b per balanced group from the activation salience over all calibration data and the weight salience."""
     out = {}
     for g in groups:
         x_sal = salience_over_all(stats.absmax[g.name])
         w_sal = weight_salience(group_weight(model, g)).float().cpu()
-        out[g.name] = GroupVector(smoothing_vector(x_sal, w_sal, options.alpha))
+        out[g.name] = GroupVector(smoothing_vector(x_sal, w_sal, alpha))
     return out
+
+
+def compute(model, groups, stats, options: Options) -> dict[str, GroupVector]:
+    return smoothing_vectors(model, groups, stats, options.alpha)
 
 
 METHOD = Method(name="smoothquant", compute=compute, options=Options, needs_activations=True, order=2,

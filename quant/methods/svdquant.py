@@ -15,12 +15,9 @@ import torch
 import torch.nn as nn
 
 from quant.lowrank import branch_cost, lowrank_split
-from quant.measures import weight_salience
 from quant.methods import GroupVector, LayerTransform, Method, checked
-from quant.methods.common import salience_over_all
-from quant.methods.smoothquant import smoothing_vector
+from quant.methods.smoothquant import smoothing_vectors
 from quant.options import option
-from quant.reparam import group_weight
 
 
 @dataclasses.dataclass
@@ -34,12 +31,7 @@ class Options:
 
 
 def compute(model, groups, stats, options: Options) -> dict[str, GroupVector]:
-    out = {}
-    for g in groups:
-        x_sal = salience_over_all(stats.absmax[g.name])
-        w_sal = weight_salience(group_weight(model, g)).float().cpu()
-        out[g.name] = GroupVector(smoothing_vector(x_sal, w_sal, options.smooth_alpha))
-    return out
+    return smoothing_vectors(model, groups, stats, options.smooth_alpha)  # SmoothQuant's migration first
 
 
 def plan(model: nn.Module, layers, options: Options) -> dict[str, int]:
