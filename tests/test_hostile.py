@@ -17,7 +17,12 @@ def ctx(tmp_path_factory):
     return Context(tmp_path_factory.mktemp("hostile"))
 
 
-@pytest.mark.parametrize("index", range(len(ALL_CASES)),
+# Cases that run a whole evaluation (sampling, features, FID) take ~10 s each: slow, like the other end-to-end tests.
+_EVALUATES = ("planted pickles", "eval --note")
+
+
+@pytest.mark.parametrize("index", [pytest.param(i, marks=pytest.mark.slow) if any(w in c.name for w in _EVALUATES)
+                                   else i for i, c in enumerate(ALL_CASES)],
                          ids=[f"{c.surface}: {c.name}".replace(" ", "_") for c in ALL_CASES])
 def test_hostile_case_ends_cleanly(ctx, index):
     result = run_case(ctx, ALL_CASES[index], index)

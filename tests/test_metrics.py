@@ -203,6 +203,7 @@ def test_torch_fidelity_reads_a_verified_copy_of_the_inception_weights(tmp_path)
     assert torch.equal(torch.load(handed, weights_only=True)["fc.weight"], torch.arange(3.0))
 
 
+@pytest.mark.slow
 def test_fid_interval_and_floor_from_features(digits):
     """The bootstrap interval holds the point estimate and narrows with N, and says how it was made; the floor
     is N real images against the same reference half a model's FID vs real uses, and a shifted set scores

@@ -228,6 +228,7 @@ def test_calibration_spec_carries_prompts_and_evaluation_uses_other_prompts(t2i)
     assert not set(eval_prompts(t2i, EvalOptions(num_samples=40))) & set(read_prompt_set("calibration"))
 
 
+@pytest.mark.slow
 def test_evaluation_reports_similarity_vs_fp_and_says_why_no_clip_score(t2i, tmp_path):
     from analysis.evaluation.evaluate import EvalOptions, evaluate
     from analysis.models.prompts import read_prompt_set
