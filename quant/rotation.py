@@ -1,4 +1,4 @@
-"""Orthogonal rotations of a layer's input: y = W x = (W Q^T)(Q x) for any orthonormal Q (DESIGN.md section 9).
+"""Orthogonal rotations of a layer's input: y = W x = (W Q^T)(Q x) for any orthonormal Q (docs/ARCHITECTURE.md section 7).
 
 A normalized Hadamard matrix spreads one outlier channel evenly over all channels (every entry is +-1/sqrt(n)),
 so after the rotation the activation's per-tensor range is set by the typical channel instead of the largest

@@ -1,5 +1,5 @@
 """GPTQ, Hadamard rotation and SVDQuant's low-rank branch: exact in float, better than round-to-nearest, and
-composable, saved and reloaded bit for bit (DESIGN.md section 9)."""
+composable, saved and reloaded bit for bit (docs/ARCHITECTURE.md section 7)."""
 import pytest
 import torch
 
