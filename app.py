@@ -2,7 +2,7 @@
 from analysis.threads import configure
 
 # Before anything imports torch: its thread pool's wait policy is fixed when the pool is created.
-configure()
+configure(server=True)  # sessions share one process (analysis.threads)
 
 import streamlit as st  # noqa: E402
 

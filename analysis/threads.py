@@ -9,7 +9,14 @@ idle workers that sleep (OMP_WAIT_POLICY=PASSIVE). The wait policy is read once,
 can change later (torch.set_num_threads).
 
 The policy, unless the user chose (OMP_NUM_THREADS / OMP_WAIT_POLICY in the environment, or `--threads`):
-    wait      PASSIVE: a worker with nothing to do sleeps instead of holding a core
+    wait      from what other processes use right now (`others_busy`: the CPU time they take over a tenth of a
+              second, read from /proc/stat before torch loads): beside a busy process, PASSIVE (a worker with
+              nothing to do sleeps instead of holding a core); on a quiet machine, BRIEF: workers spin for a
+              bounded while (GOMP_SPINCOUNT=SPIN_COUNT) and then sleep, which keeps the quiet speed of OpenMP's
+              spinning default (sleeping workers cost the bundled model 1.4-1.8x there: each small operator
+              waits for them to wake). A load that arrives later still costs a spinning pool dearly (sampling
+              4-11x beside two busy processes), so a server, whose sessions run side by side in one process and
+              whose users' browsers share its CPUs, always takes PASSIVE (`configure(server=True)`: the app)
     threads   the CPUs this process may use (its affinity mask, capped by a cgroup CPU quota); then, once the
               job is known, no more threads than its matmuls can feed (`fit_to_job`). The 1-minute load average
               is recorded with the decision but takes no thread away (see automatic_threads: measured)
@@ -24,6 +31,9 @@ import sys
 
 THREADS_ENV = "OMP_NUM_THREADS"
 WAIT_ENV = "OMP_WAIT_POLICY"
+SPIN_ENV = "GOMP_SPINCOUNT"  # GNU OpenMP (torch's Linux wheels): busy-wait iterations before a worker sleeps
+SPIN_COUNT = 100_000  # quiet: as fast as OpenMP's default (300000) on the bundled model's jobs, measured
+BUSY_CPUS = 0.5  # other processes using at least this many CPUs make the machine "busy" for the wait policy
 # One thread per this many multiply-adds in a job's typical matmul: below it a parallel region's wake-up and
 # barrier cost more than the second thread saves (the bundled model's width-128 layers at one image sit below).
 MACS_PER_THREAD = 2_000_000
@@ -32,19 +42,21 @@ MACS_PER_THREAD = 2_000_000
 @dataclasses.dataclass(frozen=True)
 class ThreadPolicy:
     threads: int  # torch's intra-op threads
-    wait: str  # the OpenMP wait policy the pool is created with: PASSIVE or ACTIVE
+    wait: str  # how idle OpenMP workers wait: PASSIVE (sleep), BRIEF (spin SPIN_COUNT, then sleep) or ACTIVE
     source: str  # who chose the count: "--threads", "environment" or "automatic"
     wait_source: str  # who chose the wait policy: "environment" or "automatic"
     cpus: int  # CPUs this process may use (affinity, quota)
     load: float | None  # 1-minute load average seen at the decision (None where unreadable)
     reason: str  # one sentence: why this count
     before_torch: bool = True  # False when torch was imported before the decision (the wait policy is torch's)
+    others: float | None = None  # CPUs other processes used at the decision (None: not measured)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def describe(self) -> str:
-        wait = {"PASSIVE": "idle workers sleep", "ACTIVE": "idle workers spin"}.get(self.wait, f"wait {self.wait}")
+        wait = {"PASSIVE": "idle workers sleep", "ACTIVE": "idle workers spin",
+                "BRIEF": "idle workers spin briefly, then sleep"}.get(self.wait, f"wait {self.wait}")
         return f"{self.threads} CPU thread{'s' if self.threads != 1 else ''}, {wait} ({self.reason})"
 
 
@@ -75,6 +87,40 @@ def load_average() -> float | None:
         return None
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs together, from /proc/stat (None where unreadable)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def others_busy(window: float = 0.1) -> float | None:
+    """CPUs that other processes keep busy now: the machine's busy time over `window` seconds, less this
+    process's own, in CPUs (None where /proc/stat is unreadable). This process sleeps meanwhile."""
+    import time
+
+    before, own0, t0 = _cpu_times(), time.process_time(), time.monotonic()
+    if before is None:
+        return None
+    time.sleep(window)
+    after, own1, t1 = _cpu_times(), time.process_time(), time.monotonic()
+    if after is None or after[1] <= before[1]:
+        return None
+    cpus = os.cpu_count() or 1
+    busy_share = (after[0] - before[0]) / (after[1] - before[1])  # of all CPUs
+    return max(0.0, busy_share * cpus - (own1 - own0) / max(t1 - t0, 1e-6))
+
+
+def automatic_wait(others: float | None) -> str:
+    """PASSIVE beside a busy process, BRIEF on a quiet machine (see the module's docstring: measured)."""
+    return "PASSIVE" if others is None or others >= BUSY_CPUS else "BRIEF"
+
+
 def automatic_threads(cpus: int, load: float | None) -> tuple[int, str]:
     """(threads, why): one per usable CPU. The load is read and reported but takes no thread away: Linux
     shares a busy CPU per thread, so with sleeping (PASSIVE) workers each thread is one more share of it. On 2
@@ -96,33 +142,50 @@ def _parse_threads(text: str | None, where: str) -> int | None:
     return value
 
 
-def decide(threads: int | None = None, environ=None) -> ThreadPolicy:
+def decide(threads: int | None = None, environ=None, others: float | None | str = "measure",
+           server: bool = False) -> ThreadPolicy:
     """The policy for this process, without applying it: `threads` (the --threads flag) first, then the
-    environment's OMP_NUM_THREADS / OMP_WAIT_POLICY, then the automatic choice."""
+    environment's OMP_NUM_THREADS / OMP_WAIT_POLICY / GOMP_SPINCOUNT, then the automatic choice. `others`: the
+    CPUs other processes use ("measure": measured now, only when the wait policy is not the user's and this is
+    no server)."""
     env = os.environ if environ is None else environ
     cpus, load = usable_cpus(), load_average()
     user_wait = env.get(WAIT_ENV, "").strip().upper()
-    wait, wait_source = (user_wait, "environment") if user_wait else ("PASSIVE", "automatic")
+    if user_wait or env.get(SPIN_ENV, "").strip():
+        wait, wait_source, others = (user_wait or "BRIEF"), "environment", None
+    elif server:
+        wait, wait_source, others = "PASSIVE", "automatic", None
+    else:
+        others = others_busy() if others == "measure" else others
+        wait, wait_source = automatic_wait(others), "automatic"
+    policy = dict(wait=wait, wait_source=wait_source, cpus=cpus, load=load, others=others)
     if threads is not None:
         n = _parse_threads(threads, "--threads")
-        return ThreadPolicy(n, wait, "--threads", wait_source, cpus, load, "set by --threads")
+        return ThreadPolicy(n, source="--threads", reason="set by --threads", **policy)
     # OpenMP also takes a list for nested levels ("4,2"): the first is torch's
     from_env = _parse_threads((env.get(THREADS_ENV) or "").split(",")[0], THREADS_ENV)
     if from_env is not None:
-        return ThreadPolicy(from_env, wait, "environment", wait_source, cpus, load, f"{THREADS_ENV}={from_env}")
+        return ThreadPolicy(from_env, source="environment", reason=f"{THREADS_ENV}={from_env}", **policy)
     n, why = automatic_threads(cpus, load)
-    return ThreadPolicy(n, wait, "automatic", wait_source, cpus, load, why)
+    if others is not None:
+        why += f", others busy on {others:.1f}"
+    elif server and wait_source == "automatic":
+        why += ", a server's workers sleep"
+    return ThreadPolicy(n, source="automatic", reason=why, **policy)
 
 
-def configure(threads: int | None = None) -> ThreadPolicy:
+def configure(threads: int | None = None, server: bool = False) -> ThreadPolicy:
     """Decide and apply the policy for this process; call first thing at an entry point. Later calls (the CLI
     run in-process again) keep the first decision's wait policy and take a new count only from `threads`."""
     global _first, _policy
     if _first is None:
-        _first = decide(threads)
+        _first = decide(threads, server=server)
         # read by OpenMP when torch creates its pool; child processes (torchrun ranks, subprocesses) inherit them
         os.environ[THREADS_ENV] = str(_first.threads)
-        os.environ[WAIT_ENV] = _first.wait
+        if _first.wait == "BRIEF":  # OpenMP's default wait, with the spin bounded
+            os.environ.setdefault(SPIN_ENV, str(SPIN_COUNT))
+        else:
+            os.environ[WAIT_ENV] = _first.wait
         if "torch" in sys.modules:  # too late for the wait policy: the pool may exist
             _first = dataclasses.replace(_first, before_torch=False)
         policy = _first

@@ -31,16 +31,39 @@ def test_automatic_count_is_one_thread_per_usable_cpu_and_small_jobs_take_fewer(
 
 def test_user_choices_win_over_the_automatic_one():
     env = {"OMP_NUM_THREADS": "3"}
-    p = threads.decide(environ=env)
+    p = threads.decide(environ=env, others=2.0)
     assert (p.threads, p.source, p.wait, p.wait_source) == (3, "environment", "PASSIVE", "automatic")
     p = threads.decide(environ={"OMP_WAIT_POLICY": "active", "OMP_NUM_THREADS": "4,2"})
     assert (p.threads, p.wait, p.wait_source) == (4, "ACTIVE", "environment")
     p = threads.decide(threads=2, environ=env)
     assert (p.threads, p.source) == (2, "--threads")
     p = threads.decide(environ={})
-    assert p.source == "automatic" and p.wait == "PASSIVE" and 1 <= p.threads <= p.cpus <= os.cpu_count()
+    assert p.source == "automatic" and p.wait in ("PASSIVE", "BRIEF") and 1 <= p.threads <= p.cpus <= os.cpu_count()
+    p = threads.decide(environ={"GOMP_SPINCOUNT": "1000"})
+    assert (p.wait, p.wait_source, p.others) == ("BRIEF", "environment", None)
     with pytest.raises(ValueError, match="OMP_NUM_THREADS"):
         threads.decide(environ={"OMP_NUM_THREADS": "many"})
+
+
+def test_wait_policy_follows_what_other_processes_use_and_a_server_sleeps():
+    assert threads.decide(environ={}, others=0.1).wait == "BRIEF"  # quiet: bounded spin, OpenMP's quiet speed
+    busy = threads.decide(environ={}, others=1.6)
+    assert busy.wait == "PASSIVE" and "others busy on 1.6" in busy.reason
+    assert threads.decide(environ={}, others=None).wait == "PASSIVE"  # unmeasurable: the safe choice
+    server = threads.decide(environ={}, others=0.0, server=True)
+    assert (server.wait, server.others) == ("PASSIVE", None) and "server" in server.reason
+    assert threads.decide(environ={"OMP_WAIT_POLICY": "active"}, server=True).wait == "ACTIVE"  # the user wins
+    assert "spin briefly" in threads.decide(environ={}, others=0.0).describe()
+
+
+def test_other_processes_cpu_use_is_measured_without_counting_our_own():
+    from analysis.evaluation.contention import BusyLoad
+
+    with BusyLoad(1, limit=30):
+        beside_one = threads.others_busy(window=0.3)
+    if beside_one is None:
+        pytest.skip("no /proc/stat here")
+    assert beside_one >= 0.5  # the spinning process holds about one CPU
 
 
 def test_threads_flag_is_read_before_the_parser():
@@ -65,13 +88,14 @@ def test_cli_json_reports_the_policy_and_takes_threads(capsys):
 
 
 def test_a_fresh_process_sets_the_policy_before_torch_makes_its_pool():
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["PYTHONPATH"] = str(ROOT)
     done = subprocess.run([sys.executable, "-m", "analysis.cli", "models", "--json"], env=env, capture_output=True,
                           text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     policy = json.loads(done.stdout)["thread_policy"]
-    assert policy["before_torch"] and policy["source"] == "automatic" and policy["wait"] == "PASSIVE"
+    assert policy["before_torch"] and policy["source"] == "automatic"
+    assert policy["wait"] == ("PASSIVE" if policy["others"] >= threads.BUSY_CPUS else "BRIEF")
     assert 1 <= policy["threads"] <= policy["cpus"]
 
 
