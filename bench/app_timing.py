@@ -152,7 +152,9 @@ def main() -> None:
     out: dict = {"screenshots": {}}
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     with tempfile.TemporaryDirectory() as home:
+        t0 = time.perf_counter()
         proc, url = start_app(home)
+        out["server_start_s"] = round(time.perf_counter() - t0, 3)  # launch to health check: imports warm
         try:
             with sync_playwright() as pw:
                 browser = launch_chromium(pw)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 # Subcommand modules, in help order. Each defines register(subparsers) and sets `func` on its parser;
 # func(args) returns a JSON-able dict (printed with --json) and prints its own human-readable summary.
-SUBCOMMANDS = ["models", "sample", "quantize", "eval", "sweep", "sensitivity", "runs", "salience", "bench"]
+SUBCOMMANDS = ["models", "sample", "quantize", "eval", "sweep", "sensitivity", "runs", "salience", "bench", "app"]
 
 
 class CLIError(Exception):
@@ -139,8 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(f"analysis.cli.{name}").register(sub)
     for p in sub.choices.values():  # every command runs torch: each takes the thread count (see analysis.threads)
         p.add_argument("--threads", type=threads_count, default=None,
-                       help="CPU threads for torch (default: the usable CPUs less those other processes keep busy; "
-                            "OMP_NUM_THREADS when set)")
+                       help="CPU threads for torch (default: one per usable CPU; OMP_NUM_THREADS when set)")
     return parser
 
 
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         # before anything imports torch: the wait policy is fixed when torch creates its thread pool
-        configure(threads_arg(argv))
+        configure(threads_arg(argv), server=argv[:1] == ["app"])
     except ValueError as exc:  # a bad --threads or OMP_NUM_THREADS
         print(f"dqlab: error: {exc}", file=sys.stderr)
         return 2

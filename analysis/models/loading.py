@@ -51,18 +51,31 @@ TEXT_PIPELINES = {"PixArtSigmaPipeline": ("pixart", "transformer", 300, 4.5),
                   "StableDiffusionPipeline": ("sd", "unet", None, 7.5)}
 
 
+FINITE_CHECK_ELEMENTS = 1 << 24  # elements per group of the finite check: 64 MiB of float32 held at once
+
+
 def check_weights_finite(bundle: "ModelBundle", source: str) -> None:
     """A NaN in a weight file samples black images without a word (and a classifier may still 'read' them):
-    refuse such a model at load time, naming the first bad tensor."""
+    refuse such a model at load time, naming the first bad tensor. Small tensors are checked a group at a time
+    (one isfinite over their concatenation): a check per tensor cost the bundled DiT 0.7 s of its 1 s load."""
     text = bundle.text.model if bundle.text is not None else None
     for part, module in ((SUBFOLDERS[bundle.family], bundle.denoiser), ("vae", bundle.vae),
                          ("text_encoder", text)):
         if module is None:
             continue
-        for name, tensor in module.state_dict().items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise ModelLoadError(f"{source}: the weight {part}.{name} holds NaN or inf values; the file is "
+        group, size = [], 0
+        named = [(n, t) for n, t in module.state_dict().items() if t.is_floating_point()]
+        for i, (name, tensor) in enumerate(named):
+            group.append((name, tensor))
+            size += tensor.numel()
+            if size < FINITE_CHECK_ELEMENTS and i + 1 < len(named):
+                continue
+            flat = torch.cat([t.reshape(-1) for _, t in group]) if len(group) > 1 else group[0][1]
+            if not bool(torch.isfinite(flat).all()):
+                bad = next(n for n, t in group if not bool(torch.isfinite(t).all()))
+                raise ModelLoadError(f"{source}: the weight {part}.{bad} holds NaN or inf values; the file is "
                                      "damaged or was saved from a diverged run; re-export or re-train it")
+            group, size = [], 0
 
 
 def available_models() -> list[dict]:
