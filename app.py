@@ -1,10 +1,16 @@
-"""dqlab: a lab for quantizing diffusion transformers. Run with `streamlit run app.py`."""
+"""dqlab: a lab for quantizing diffusion transformers. Run with `python app.py` (or `streamlit run app.py`)."""
 from analysis.threads import configure
 
 # Before anything imports torch: its thread pool's wait policy is fixed when the pool is created.
 configure(server=True)  # sessions share one process (analysis.threads)
 
 import streamlit as st  # noqa: E402
+from streamlit import runtime  # noqa: E402
+
+if not runtime.exists():  # `python app.py`: import the heavy modules first, then serve this file (pages/_serve.py)
+    from pages._serve import main
+
+    raise SystemExit(main(__file__))
 
 # Library logging is configured where the model is loaded (pages/_shared.get_bundle): configuring it here
 # would import diffusers (seconds) before the first page draws anything.

@@ -28,9 +28,9 @@ def start_app(data_dir: str | os.PathLike, timeout: float = 120) -> tuple[subpro
     app's output if it does not answer its health check in time."""
     port = free_port()
     env = dict(os.environ, DQLAB_HOME=str(data_dir))
-    # the README's launcher (analysis/cli/app.py: imports warm before it serves)
+    # the README's launcher (pages/_serve.py: imports warm before it serves)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "analysis.cli", "app", "--port", str(port), "--address", "127.0.0.1", "--",
+        [sys.executable, "app.py", "--port", str(port), "--address", "127.0.0.1", "--",
          "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

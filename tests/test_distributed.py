@@ -25,6 +25,12 @@ def test_shards_are_whole_batches_that_cover_every_image_once():
     assert shard_batches(n, batch, 0, 1) == list(range(n))
 
 
+def _failure(proc) -> str:
+    """What a failed torchrun said: each rank's own error lines first (the launcher's traceback buries them)."""
+    lines = [ln for ln in proc.stderr.splitlines() if "File \"" not in ln and set(ln.strip()) != {"^"}]
+    return "\n".join(lines)[:3000]
+
+
 def _torchrun(args, tmp_path, nproc=2):
     env = dict(os.environ, DQLAB_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -45,7 +51,7 @@ def test_torchrun_eval_matches_one_process(tmp_path, bundled, one_torch_thread, 
     assert rc == 0, err
     single = json.loads(out)
     proc = _torchrun(["-m", "analysis.cli", *EVAL_ARGS], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, _failure(proc)
     sharded = json.loads(proc.stdout)  # exactly one JSON object: rank 1 printed nothing
     assert single["processes"] == 1 and sharded["processes"] == 2
     assert sharded["num_samples"] == single["num_samples"] == 20
@@ -70,7 +76,7 @@ def test_sharded_images_equal_single_process_images(tmp_path, bundled, one_torch
         "if images is not None:\n"
         "    torch.save(images, sys.argv[1])\n")
     proc = _torchrun([str(script), str(tmp_path / "out.pt")], tmp_path, nproc=3)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, _failure(proc)
     from analysis.models.sampling import sample
 
     merged = torch.load(tmp_path / "out.pt", weights_only=True)

@@ -1,4 +1,4 @@
-"""A classroom opening the app at once: 20 browser sessions against one `streamlit run app.py` (headless
+"""A classroom opening the app at once: 20 browser sessions against one app served by `python app.py` (headless
 Chromium, Playwright's async API). The server stays up, everyone gets the Home grid, the shared grid is
 sampled once for all of them, and a variant one student makes is not shown to another.
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 # Subcommand modules, in help order. Each defines register(subparsers) and sets `func` on its parser;
 # func(args) returns a JSON-able dict (printed with --json) and prints its own human-readable summary.
-SUBCOMMANDS = ["models", "sample", "quantize", "eval", "sweep", "sensitivity", "runs", "salience", "bench", "app"]
+SUBCOMMANDS = ["models", "sample", "quantize", "eval", "sweep", "sensitivity", "runs", "salience", "bench"]
 
 
 class CLIError(Exception):
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         # before anything imports torch: the wait policy is fixed when torch creates its thread pool
-        configure(threads_arg(argv), server=argv[:1] == ["app"])
+        configure(threads_arg(argv))
     except ValueError as exc:  # a bad --threads or OMP_NUM_THREADS
         print(f"dqlab: error: {exc}", file=sys.stderr)
         return 2
