@@ -28,8 +28,9 @@ def warm_imports() -> float:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python app.py", description="Serve the lab's app with its imports warm. "
-                                "Options after `--` go to `streamlit run`, e.g. python app.py -- --server.headless true")
+    p = argparse.ArgumentParser(prog="python app.py",
+                                description="Serve the lab's app with its imports warm. Options after `--` go to "
+                                            "`streamlit run`, e.g. python app.py -- --server.headless true")
     p.add_argument("--port", type=int, default=8501, help="port to serve on (default: %(default)s)")
     p.add_argument("--address", default="localhost",
                    help="address to serve on; 0.0.0.0 serves a classroom's network (default: %(default)s)")

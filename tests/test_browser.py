@@ -1,4 +1,5 @@
-"""The whole app in a real browser: headless Chromium driven by Playwright against the app served by `python app.py`."""
+"""The whole app in a real browser: headless Chromium driven by Playwright against the app served by
+`python app.py`."""
 from __future__ import annotations
 
 import os

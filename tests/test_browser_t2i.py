@@ -1,5 +1,6 @@
-"""A text-to-image pipeline in a real browser: headless Chromium driven by Playwright against the app served by `python app.py`,
-with a tiny random PixArt-sigma folder chosen in the sidebar and prompts typed where a class model shows classes:
+"""A text-to-image pipeline in a real browser: headless Chromium driven by Playwright against the app served by
+`python app.py`, with a tiny random PixArt-sigma folder chosen in the sidebar and prompts typed where a class model
+shows classes:
 Home draws one column per prompt, Salience collects and shows the token view of cross-attention's k/v input,
 Quantize calibrates and lists the PixArt fold sites.
 
