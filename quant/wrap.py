@@ -84,6 +84,12 @@ def layer_plans(model: nn.Module, config: QuantConfig, layers) -> dict[str, dict
     return plans
 
 
+def planned_branches(model: nn.Module, config: QuantConfig) -> dict[str, dict]:
+    """layer_plans for the layers wrap_model would quantize in `model` (read only: the FP model will do), for
+    counting the work beside the quantized GEMMs before any model is quantized."""
+    return layer_plans(model, config, [n for n in covered_layers(model) if not is_excluded(n, config.exclude)])
+
+
 def attach_branches(model: nn.Module, plans: dict[str, dict]) -> None:
     """Give the planned layers an online rotation or an (empty) low-rank branch, filled by the method later."""
     mods = dict(model.named_modules())

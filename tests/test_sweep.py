@@ -66,7 +66,7 @@ def test_bops_follow_the_layer_bits(bundled):
     table = mac_table(bundled.denoiser)
     fc1 = table["transformer_blocks.0.ff.net.0.proj"]
     # 16x16 image, patch 2 -> 64 tokens; fc1 maps width 128 to 512
-    assert fc1 == {"kind": "linear", "macs": 64 * 128 * 512}
+    assert fc1 == {"kind": "linear", "macs": 64 * 128 * 512, "inner": 128, "out": 512}
     assert table["transformer_blocks.0.attn1.qkv_softmax"]["macs"] == 2 * 64 * 64 * 128
     # the final layer calls block 0's embedding again: two rows per forward instead of one
     assert table["transformer_blocks.0.norm1.emb.timestep_embedder.linear_2"]["macs"] == 2 * 128 * 128
@@ -77,6 +77,29 @@ def test_bops_follow_the_layer_bits(bundled):
     w4 = bops(table, QuantConfig(method="baseline", w_bits=4, a_bits=4))
     assert fp > w8 > mixed > w4
     assert mixed - w4 == fc1["macs"] * (64 - 16)
+
+
+def test_bops_count_the_low_rank_branch_and_the_online_rotation(bundled):
+    """SVDQuant's 16-bit branch and an online Hadamard transform run beside the quantized GEMMs: counted by hand
+    for one layer, and for the whole model a rank-32 branch makes W4A4 cost more than W8A8 at width 128."""
+    from analysis.quantization.sizes import bops, mac_table, side_bops
+    from quant.config import QuantConfig
+    from quant.wrap import planned_branches
+
+    table = mac_table(bundled.denoiser)
+    fc1 = "transformer_blocks.0.ff.net.0.proj"  # 64 rows, 128 -> 512
+    assert side_bops(table, {"lowrank": {fc1: 32}}) == 64 * 32 * (128 + 512) * 16 * 16
+    assert side_bops(table, {"rotation": {fc1: {"where": "online"}}}, float_bits=32) == 64 * 128 * 7 * 32
+    assert side_bops(table, {"rotation": {fc1: {"where": "folded"}}}) == 0
+    w4 = QuantConfig(method="baseline", w_bits=4, a_bits=4)
+    svd32 = QuantConfig(method="svdquant", w_bits=4, a_bits=4)
+    svd4 = QuantConfig(method="svdquant", w_bits=4, a_bits=4, options={"rank": 4})
+    had = QuantConfig(method="hadamard", w_bits=4, a_bits=4)
+    cost = {name: bops(table, qc, 32, planned_branches(bundled.denoiser, qc))
+            for name, qc in (("w4", w4), ("svd32", svd32), ("svd4", svd4), ("had", had))}
+    w8 = bops(table, QuantConfig(method="baseline", w_bits=8, a_bits=8))
+    assert cost["w4"] == bops(table, w4)  # no branch, no rotation: nothing beside the GEMMs
+    assert cost["w4"] < cost["had"] < cost["svd4"] < w8 < cost["svd32"]
 
 
 def test_layer_bits_quantize_the_named_layers_at_their_bits(bundled):

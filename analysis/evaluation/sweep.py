@@ -55,6 +55,7 @@ from analysis.quantization.calibration import CALIBRATION_SEED, calibrate
 from analysis.quantization.sensitivity import mixed_config, top_layers
 from analysis.quantization.sizes import bops, float_bits_of, mac_table
 from quant.config import METHODS, QuantConfig, quantizes
+from quant.wrap import planned_branches
 from quant.families import FAMILIES
 from quant.formats import FORMAT_NAMES, format_bits
 from quant.measures import step_median
@@ -304,9 +305,11 @@ def _format_quality(point: dict, quality: str) -> str:
 
 
 def _point(label: str, method: str, bits: str, option: str, config: dict, run, table: dict, float_bits: int,
-           reused: bool, fp_agreement: float | None, fmt: str = "int") -> dict:
+           reused: bool, fp_agreement: float | None, fmt: str = "int", model=None) -> dict:
     m = run.metrics
     qc = QuantConfig.from_dict(config) if quantizes(method) else None
+    # a low-rank branch or an online rotation runs beside the quantized GEMMs: its bit-operations count too
+    plans = planned_branches(model, qc) if qc is not None and model is not None else None
     agreement = m.get("label_agreement")
     t = run.timings
     return {
@@ -321,7 +324,7 @@ def _point(label: str, method: str, bits: str, option: str, config: dict, run, t
                                      else step_median(m["rel_rms_per_timestep"])),
         "rel_rms_in_sample": m.get("rel_rms_in_sample"), "rel_rms_basis": m.get("rel_rms_basis"),
         **{k: m.get(k) for k in PER_SEED_KEYS},
-        "weight_bytes": m.get("weight_bytes"), "bops": bops(table, qc, float_bits),
+        "weight_bytes": m.get("weight_bytes"), "bops": bops(table, qc, float_bits, plans),
         "num_samples": run.num_samples, "feature_extractor": run.feature_extractor,
         # this point's own work: FP's is its sampling; a variant's its quantization, sampling and scoring
         "seconds": round(sum(t.get(k, 0.0) for k in ("quantize_seconds", "sampling", "scoring")
@@ -392,7 +395,8 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
                               on_progress=lambda s, f: progress(f"{label}: {s}", (i + f) / total))
             run = store.get(result.run_id)
             measured += 1
-        point = _point(label, method, bits, option, cfg, run, table, fbits, reused, fp_agreement, fmt)
+        point = _point(label, method, bits, option, cfg, run, table, fbits, reused, fp_agreement, fmt,
+                       model=bundle.denoiser)
         if not quantizes(method):
             fp_agreement = point["label_agreement"]
             point["label_agreement_drop"] = 0.0 if fp_agreement is not None else None

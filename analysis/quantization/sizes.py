@@ -8,8 +8,12 @@ layers); attention adds its two matmuls (q k^T and softmax(.) v), at attn_bits w
 A layer left in floating point counts the model's float width (32 for float32) for that operand.
 A block-scaled format counts its scale bits per element on both sides (MXFP4 4.25, NVFP4 4.5, int4-g32 with
 an fp16 scale and a zero point 4.75): the scales are read and applied with the elements they scale.
+Work beside the quantized GEMMs counts as well (`side_bops`): SVDQuant's 16-bit low-rank branch and an
+online Hadamard rotation, from the config's layer plans (quant.wrap.planned_branches).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -20,28 +24,31 @@ from quant.quantizers import is_off
 
 @torch.no_grad()
 def mac_table(transformer: nn.Module) -> dict[str, dict]:
-    """name -> {"kind": "linear" | "conv" | "attention", "macs": MACs per image per forward}, measured by
-    forward hooks on one forward of a single image (the FP transformer; it is not modified)."""
+    """name -> {"kind": "linear" | "conv" | "attention", "macs": MACs per image per forward, and for a linear
+    or conv its GEMM's "inner" (reduction) and "out" sizes}, measured by forward hooks on one forward of a
+    single image (the FP transformer; it is not modified)."""
     from diffusers.models.attention_processor import Attention
 
     table: dict[str, dict] = {}
     hooks = []
 
-    def _add(name, kind, macs):
+    def _add(name, kind, macs, inner=None, out=None):
         # accumulate: a DiT's final layer calls block 0's embedding module a second time in the same forward
         entry = table.setdefault(name, {"kind": kind, "macs": 0})
         entry["macs"] += int(macs)
+        if inner is not None:  # a GEMM's reduction and output sizes: rows = macs / (inner x out)
+            entry.update(inner=int(inner), out=int(out))
 
     def linear_hook(name):
         def hook(mod, args, out):
             rows = out.numel() // out.shape[-1]
-            _add(name, "linear", rows * mod.in_features * mod.out_features)
+            _add(name, "linear", rows * mod.in_features * mod.out_features, mod.in_features, mod.out_features)
         return hook
 
     def conv_hook(name):
         def hook(mod, args, out):
             per_output = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
-            _add(name, "conv", out.numel() * per_output)
+            _add(name, "conv", out.numel() * per_output, per_output, mod.out_channels)
         return hook
 
     def attn_hook(name):
@@ -100,10 +107,34 @@ def layer_bits(table: dict[str, dict], config: QuantConfig | None, float_bits: i
     return out
 
 
-def bops(table: dict[str, dict], config: QuantConfig | None, float_bits: int = 32) -> int:
-    """Bit-operations of one forward of one image: sum over layers of MACs x w_bits x a_bits."""
+def bops(table: dict[str, dict], config: QuantConfig | None, float_bits: int = 32,
+         plans: dict[str, dict] | None = None) -> int:
+    """Bit-operations of one forward of one image: sum over layers of MACs x w_bits x a_bits, plus the work
+    beside the quantized GEMMs that `plans` (quant.wrap.layer_plans of the config) gives the layers."""
     bits = layer_bits(table, config, float_bits)
-    return int(sum(entry["macs"] * bits[name][0] * bits[name][1] for name, entry in table.items()))
+    gemms = sum(entry["macs"] * bits[name][0] * bits[name][1] for name, entry in table.items())
+    return int(gemms + (side_bops(table, plans, float_bits) if plans else 0))
+
+
+def side_bops(table: dict[str, dict], plans: dict[str, dict], float_bits: int = 32) -> int:
+    """Bit-operations of what runs beside the quantized GEMMs (quant.branches), per forward of one image:
+    - a low-rank branch of rank r: r (inner + out) MACs per row, at its 16-bit storage (16 x 16 per MAC); at
+      rank 32 on a width-128 layer that is half the layer's MACs, at 64x the bit-operations of a 4x4-bit one;
+    - an online rotation: a fast Walsh-Hadamard transform, inner log2(inner) additions per row in float
+      (an addition of b bits counted as b bit-operations). Folded rotations cost nothing at run time."""
+    branch_bits = 16 * 16
+    total = 0
+    for name, rank in plans.get("lowrank", {}).items():
+        e = table.get(name)
+        if e and "inner" in e:
+            rows = e["macs"] // (e["inner"] * e["out"])
+            total += rows * rank * (e["inner"] + e["out"]) * branch_bits
+    for name, plan in plans.get("rotation", {}).items():
+        e = table.get(name)
+        if e and "inner" in e and plan.get("where") == "online":
+            rows = e["macs"] // (e["inner"] * e["out"])
+            total += int(rows * e["inner"] * math.log2(max(e["inner"], 2)) * float_bits)
+    return total
 
 
 def float_bits_of(transformer: nn.Module) -> int:
