@@ -9,14 +9,15 @@ idle workers that sleep (OMP_WAIT_POLICY=PASSIVE). The wait policy is read once,
 can change later (torch.set_num_threads).
 
 The policy, unless the user chose (OMP_NUM_THREADS / OMP_WAIT_POLICY in the environment, or `--threads`):
-    wait      from what other processes use right now (`others_busy`: the CPU time they take over a tenth of a
-              second, read from /proc/stat before torch loads): beside a busy process, PASSIVE (a worker with
-              nothing to do sleeps instead of holding a core); on a quiet machine, BRIEF: workers spin for a
-              bounded while (GOMP_SPINCOUNT=SPIN_COUNT) and then sleep, which keeps the quiet speed of OpenMP's
-              spinning default (sleeping workers cost the bundled model 1.4-1.8x there: each small operator
-              waits for them to wake). A load that arrives later still costs a spinning pool dearly (sampling
-              4-11x beside two busy processes), so a server, whose sessions run side by side in one process and
-              whose users' browsers share its CPUs, always takes PASSIVE (`configure(server=True)`: the app)
+    wait      from what other processes use right now (`others_busy`: their time on this process's CPUs
+              over a tenth of a second, read from /proc/stat before torch loads): beside a busy process,
+              PASSIVE (a worker with nothing to do sleeps instead of holding a core); on a quiet machine,
+              BRIEF: workers spin for a bounded while (GOMP_SPINCOUNT=SPIN_COUNT) and then sleep, which keeps
+              the quiet speed of OpenMP's spinning default (sleeping workers cost the bundled model's jobs
+              1.2-2.2x there: each small operator waits for them to wake). A load that arrives later still
+              costs a spinning pool dearly (sampling 4-11x beside two busy processes), so a server, whose
+              sessions run side by side in one process and whose users' browsers share its CPUs, always takes
+              PASSIVE (`configure(server=True)`: the app)
     threads   the CPUs this process may use (its affinity mask, capped by a cgroup CPU quota); then, once the
               job is known, no more threads than its matmuls can feed (`fit_to_job`). The 1-minute load average
               is recorded with the decision but takes no thread away (see automatic_threads: measured)
@@ -87,21 +88,35 @@ def load_average() -> float | None:
         return None
 
 
-def _cpu_times() -> tuple[int, int] | None:
-    """(busy, total) jiffies of all CPUs together, from /proc/stat (None where unreadable)."""
+def _cpu_times() -> tuple[int, int, int] | None:
+    """(busy, total, cpus) jiffies of the CPUs this process may run on, summed, from /proc/stat's per-CPU lines
+    (on a shared host, other tenants' cores are not ours to count); None where unreadable."""
+    try:
+        mine = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        mine = None
+    busy = total = cpus = 0
     try:
         with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
+            for line in f:
+                if not line.startswith("cpu") or line.startswith("cpu "):
+                    continue
+                name, *values = line.split()
+                if mine is not None and int(name[3:]) not in mine:
+                    continue
+                fields = [int(v) for v in values]
+                idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+                t = sum(fields[:8])  # guest time is already counted in user
+                busy, total, cpus = busy + t - idle, total + t, cpus + 1
     except (OSError, ValueError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    total = sum(fields[:8])  # guest time is already counted in user
-    return total - idle, total
+    return (busy, total, cpus) if cpus else None
 
 
 def others_busy(window: float = 0.1) -> float | None:
-    """CPUs that other processes keep busy now: the machine's busy time over `window` seconds, less this
-    process's own, in CPUs (None where /proc/stat is unreadable). This process sleeps meanwhile."""
+    """CPUs (of those this process may use) that other processes keep busy now: their busy time over `window`
+    seconds, less this process's own, in CPUs (None where /proc/stat is unreadable). This process sleeps
+    meanwhile."""
     import time
 
     before, own0, t0 = _cpu_times(), time.process_time(), time.monotonic()
@@ -109,11 +124,10 @@ def others_busy(window: float = 0.1) -> float | None:
         return None
     time.sleep(window)
     after, own1, t1 = _cpu_times(), time.process_time(), time.monotonic()
-    if after is None or after[1] <= before[1]:
+    if after is None or after[1] <= before[1] or after[2] != before[2]:
         return None
-    cpus = os.cpu_count() or 1
-    busy_share = (after[0] - before[0]) / (after[1] - before[1])  # of all CPUs
-    return max(0.0, busy_share * cpus - (own1 - own0) / max(t1 - t0, 1e-6))
+    busy_share = (after[0] - before[0]) / (after[1] - before[1])  # of our CPUs
+    return max(0.0, busy_share * after[2] - (own1 - own0) / max(t1 - t0, 1e-6))
 
 
 def automatic_wait(others: float | None) -> str:
