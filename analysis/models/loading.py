@@ -64,18 +64,27 @@ def check_weights_finite(bundle: "ModelBundle", source: str) -> None:
         if module is None:
             continue
         group, size = [], 0
-        named = [(n, t) for n, t in module.state_dict().items() if t.is_floating_point()]
-        for i, (name, tensor) in enumerate(named):
+        for name, tensor in module.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            if tensor.numel() >= FINITE_CHECK_ELEMENTS:  # a large tensor alone: no copy of it
+                _check_finite([(name, tensor)], source, part)
+                continue
             group.append((name, tensor))
             size += tensor.numel()
-            if size < FINITE_CHECK_ELEMENTS and i + 1 < len(named):
-                continue
-            flat = torch.cat([t.reshape(-1) for _, t in group]) if len(group) > 1 else group[0][1]
-            if not bool(torch.isfinite(flat).all()):
-                bad = next(n for n, t in group if not bool(torch.isfinite(t).all()))
-                raise ModelLoadError(f"{source}: the weight {part}.{bad} holds NaN or inf values; the file is "
-                                     "damaged or was saved from a diverged run; re-export or re-train it")
-            group, size = [], 0
+            if size >= FINITE_CHECK_ELEMENTS:
+                _check_finite(group, source, part)
+                group, size = [], 0
+        if group:
+            _check_finite(group, source, part)
+
+
+def _check_finite(group: list, source: str, part: str) -> None:
+    flat = torch.cat([t.reshape(-1) for _, t in group]) if len(group) > 1 else group[0][1]
+    if not bool(torch.isfinite(flat).all()):
+        bad = next(n for n, t in group if not bool(torch.isfinite(t).all()))
+        raise ModelLoadError(f"{source}: the weight {part}.{bad} holds NaN or inf values; the file is "
+                             "damaged or was saved from a diverged run; re-export or re-train it")
 
 
 def available_models() -> list[dict]:
