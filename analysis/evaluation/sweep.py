@@ -55,10 +55,10 @@ from analysis.quantization.calibration import CALIBRATION_SEED, calibrate
 from analysis.quantization.sensitivity import mixed_config, top_layers
 from analysis.quantization.sizes import bops, float_bits_of, mac_table
 from quant.config import METHODS, QuantConfig, quantizes
-from quant.wrap import planned_branches
 from quant.families import FAMILIES
 from quant.formats import FORMAT_NAMES, format_bits
 from quant.measures import step_median
+from quant.wrap import planned_branches
 
 # float-io's layers are the family's (quant.families: FAMILY.float_io), filled in per model by point_config.
 OPTIONS = {"default": {}, "tpq": {"tpq": True}, "adaround": {"recon": "adaround"}, "bkd": {"recon": "bkd"},
