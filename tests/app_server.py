@@ -54,6 +54,12 @@ def launch_chromium(pw):
     return pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
 
 
+def no_exception(pg) -> None:
+    """The page shows no Streamlit exception box (its text is the failure message when it does)."""
+    box = pg.locator("[data-testid='stException']")
+    assert box.count() == 0, box.first.inner_text()
+
+
 def open_page(pg, link: str, heading: str) -> None:
     pg.locator("[data-testid='stSidebarNav'] a", has_text=link).first.click()
     pg.get_by_role("heading", name=heading).first.wait_for()

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from tests.app_server import (CHROMIUM, launch_chromium, open_page as _open_page, set_number as _set_number,
-                              slider_to_min as _slider_to_min, start_app, stop_app)
+from tests.app_server import (CHROMIUM, launch_chromium, no_exception as _no_exception, open_page as _open_page,
+                              set_number as _set_number, slider_to_min as _slider_to_min, start_app, stop_app)
 
 pytestmark = pytest.mark.slow  # a real browser against a real server: a minute on a quiet machine
 
@@ -36,11 +36,6 @@ def page(app_url):
         pg.goto(app_url)
         yield pg
         browser.close()
-
-
-def _no_exception(pg):
-    assert pg.locator("[data-testid='stException']").count() == 0, pg.locator(
-        "[data-testid='stException']").first.inner_text()
 
 
 def test_home_shows_generated_digits(page, tmp_path):

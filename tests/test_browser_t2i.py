@@ -13,7 +13,8 @@ import os
 
 import pytest
 
-from tests.app_server import CHROMIUM, launch_chromium, open_page, set_number, slider_to_min, start_app, stop_app
+from tests.app_server import (CHROMIUM, launch_chromium, no_exception as _no_exception, open_page, set_number,
+                              slider_to_min, start_app, stop_app)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.environ.get("DQLAB_SLOW_TESTS", "0") in ("", "0"),
@@ -48,11 +49,6 @@ def page(tmp_path_factory, pixart_folder):
             browser.close()
     finally:
         stop_app(proc)
-
-
-def _no_exception(pg):
-    assert pg.locator("[data-testid='stException']").count() == 0, pg.locator(
-        "[data-testid='stException']").first.inner_text()
 
 
 def test_text_to_image_flow_in_the_browser(page, tmp_path):
