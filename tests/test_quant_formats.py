@@ -121,8 +121,20 @@ def test_straight_through_gradient_and_float_grid_neighbours():
     v = torch.tensor([0.3, 1.2, -2.6, 9.0], requires_grad=True)
     round_element_ste(v, "fp4_e2m1").sum().backward()
     assert v.grad.tolist() == [1, 1, 1, 0]  # saturated values pass no gradient
-    lo, hi = grid_neighbours(torch.tensor([1.2, -2.6, 0.1, 5.0]), "fp4_e2m1")
-    assert lo.tolist() == [1.0, -3.0, 0.0, 4.0] and hi.tolist() == [1.5, -2.0, 0.5, 6.0]
+    lo, hi = grid_neighbours(torch.tensor([1.2, -2.6, 0.1, 5.0, 0.0]), "fp4_e2m1")
+    assert lo.tolist() == [1.0, -3.0, 0.0, 4.0, 0.0] and hi.tolist() == [1.5, -2.0, 0.5, 6.0, 0.5]
+    # zero's upper neighbour is the smallest subnormal in every format
+    for name, e in ELEMENTS.items():
+        assert grid_neighbours(torch.zeros(1), name)[1].item() == e.min_subnormal
+
+
+def test_rounding_leaves_its_input_alone_and_keeps_half_precision():
+    v = torch.tensor([0.3, 1.2, -2.6, 9.0])
+    before = v.clone()
+    assert round_to_element(v, "fp4_e2m1").tolist() == [0.5, 1.0, -3.0, 6.0]
+    assert torch.equal(v, before)
+    h = round_to_element(v.half(), "fp8_e4m3")
+    assert h.dtype == torch.float16 and h.tolist() == [0.3125, 1.25, -2.5, 9.0]
 
 
 def test_presets_and_bits_per_element_with_scales():
