@@ -71,7 +71,7 @@ def test_text_to_image_flow_in_the_browser(page, tmp_path):
     set_number(page, "Calibration images", 2)
     set_number(page, "Calibration DDIM steps", 3)
     page.get_by_role("button", name="Quantize").click()
-    page.get_by_text("Relative RMS error vs FP").first.wait_for()
+    page.get_by_text("Median step error vs FP").first.wait_for()
     # PixArt's fold sites (the table inside is a canvas grid: its rows are checked by tests/test_page_t2i.py)
     page.get_by_text("Balanced layers: 16 of 27").first.click()
     _no_exception(page)
