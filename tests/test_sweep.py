@@ -164,10 +164,28 @@ def test_cli_sweep_2x2_then_resumes_from_the_store(capsys, tmp_path, one_torch_t
     assert json.loads(out)["config"] == rec["config"]
 
 
+def test_joined_options_make_one_point_with_each_setting():
+    from analysis.evaluation.sweep import SweepSpec, point_config
+
+    spec = SweepSpec(methods=["svdquant+gptq", "baseline"], bits=["W4A4"],
+                     options=["tpq", "bkd", "tpq+bkd", "tpq+float-io"]).validate()
+    configs = [point_config(m, b, o, spec, None) for m, b, f, o in spec.grid()]
+    assert len(configs) == 8
+    joined = configs[2]
+    assert joined.method == "svdquant+gptq" and joined.tpq and joined.recon == "bkd"
+    assert joined.label == "svdquant+gptq W4A4 TPQ +BKD"
+    assert not configs[1].tpq and configs[1].recon == "bkd"  # bkd alone keeps the method's own activations
+    assert configs[3].tpq and configs[3].exclude and configs[3].recon == "none"
+    with pytest.raises(ValueError, match="twice"):
+        SweepSpec(methods=["baseline"], bits=["W4A4"], options=["tpq+tpq"]).validate()
+
+
 @pytest.mark.parametrize("argv, reason", [
     (["sweep", "--bits", "W9A8"], "bit-width"),
     (["sweep", "--methods", "fp"], "unknown method"),
     (["sweep", "--options", "keep8"], "unknown sweep option"),
+    (["sweep", "--options", "adaround+bkd"], "both reconstructions"),
+    (["sweep", "--options", "default+tpq"], "joins nothing"),
     (["sweep", "--tolerance", "psnr=3"], "--tolerance"),
     (["sensitivity", "--granularity", "head"], "--granularity"),
 ])

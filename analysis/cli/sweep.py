@@ -44,7 +44,8 @@ def register(sub) -> None:
     p.add_argument("--methods", default="baseline,ptq4dit,dilatequant", help="comma-separated (default: %(default)s)")
     p.add_argument("--bits", default="W8A8,W4A8,W4A4", help="comma-separated W<w>A<a> (default: %(default)s)")
     p.add_argument("--options", default="default",
-                   help="comma-separated: default, tpq, adaround, bkd, float-io, keep8:K (default: %(default)s)")
+                   help="comma-separated, one point each: default, tpq, adaround, bkd, float-io, keep8:K; join with "
+                        "'+' for one point with several (tpq+bkd) (default: %(default)s)")
     p.add_argument("--formats", default="int",
                    help="comma-separated number formats: int, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, mxfp8, "
                         "mxfp6, mxfp4, nvfp4, int4-g32/g64/g128, or WEIGHT/ACTIVATION (nvfp4/fp8_e4m3); a format runs "

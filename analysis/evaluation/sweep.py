@@ -27,6 +27,8 @@ Options (one per point, combined with every method and bit-width):
     keep8:K      mixed precision: the K layers the sensitivity analysis ranks hardest at W8A8 (points whose
                  bits are already 8 skip it)
     keep8-least:K  the control: the K layers ranked easiest at W8A8 (the same size as keep8:K)
+Options other than keep8 join with '+' into one point: "tpq+bkd" is TPQ with block-wise distillation on top,
+"tpq+float-io" TPQ with the ends in float (one reconstruction a point: adaround and bkd do not join).
 The sensitivity ranking (analysis.quantization.sensitivity, plain PTQ at the point's bits, on the shared calibration set)
 is cached beside the store.
 """
@@ -130,9 +132,26 @@ def bits_text(w: int | None, a: int | None) -> str:
 
 
 def check_option(option: str) -> None:
-    if option not in OPTIONS and not MIXED.match(option):
-        raise ValueError(f"unknown sweep option {option!r}; choose from {', '.join(OPTIONS)}, keep8:K "
-                         "(the K most sensitive layers at W8A8) or keep8-least:K")
+    if MIXED.match(option):
+        return
+    parts = option.split("+")
+    for part in parts:
+        if part not in OPTIONS:
+            raise ValueError(f"unknown sweep option {part!r}; choose from {', '.join(OPTIONS)} (joined by '+' for one "
+                             "point, e.g. tpq+bkd), keep8:K (the K most sensitive layers at W8A8) or keep8-least:K")
+    if len(parts) > 1 and "default" in parts:
+        raise ValueError(f"sweep option {option!r}: default is the method's own setting and joins nothing; drop it")
+    if len(set(parts)) < len(parts):
+        raise ValueError(f"sweep option {option!r} names an option twice")
+    recons = [p for p in parts if "recon" in OPTIONS[p]]
+    if len(recons) > 1:
+        raise ValueError(f"sweep option {option!r}: {' and '.join(recons)} are both reconstructions; a point runs "
+                         "one, choose either")
+
+
+def option_parts(option: str) -> list[str]:
+    """The OPTIONS entries of a point's option ('tpq+bkd' -> ['tpq', 'bkd'])."""
+    return [] if MIXED.match(option) else option.split("+")
 
 
 @dataclasses.dataclass
@@ -205,7 +224,8 @@ def point_config(method: str, bits: str, option: str, spec: SweepSpec, layers: l
     fields = dict(method=method, w_bits=w, a_bits=a, **(format_fields(fmt, bits) or {}))
     if MIXED.match(option):
         return mixed_config(QuantConfig(**fields), layers or [])
-    fields.update(OPTIONS[option])
+    for part in option_parts(option):
+        fields.update(OPTIONS[part])
     if fields.get("exclude") == "float_io":
         fields["exclude"] = list(FAMILIES[family].float_io)
     if fields.get("recon") and spec.recon_iters is not None:
@@ -377,7 +397,7 @@ def run_sweep(bundle: ModelBundle, spec: SweepSpec, store: Store | None = None,
                 top = top_layers(rankings[rkey]["ranking"], k, least=bool(mixed.group(1)))
             config = point_config(method, bits, option, spec, top, bundle.family, fmt)
             label = config.label + (f" (least sensitive {k})" if mixed and mixed.group(1) else "")
-            if option == "float-io":
+            if "float-io" in option_parts(option):
                 label += " float-io"
         cfg = config.to_dict()
         ident = json.dumps(cfg, sort_keys=True)
@@ -416,7 +436,7 @@ def check_float_io(bundle: ModelBundle, spec: SweepSpec) -> list[str]:
     patterns = list(FAMILIES[bundle.family].float_io)
     missing = unmatched_excludes(bundle.denoiser, patterns)
     kept = [p for p in patterns if p not in missing]
-    if "float-io" in spec.options and not kept:
+    if any("float-io" in option_parts(o) for o in spec.options) and not kept:
         raise ValueError(f"float-io keeps no layer of {bundle.name} in float: the {bundle.family} family's patterns "
                          f"{', '.join(patterns) or '(none)'} match no quantized layer; drop the option")
     return kept
