@@ -170,6 +170,18 @@ class QuantConfig:
         return method.make_options({k: v for k, v in self.options.items() if k in own})
 
     @property
+    def changed_options(self) -> dict:
+        """The method options set away from their defaults, in declaration order (for labels: a rank-4 point
+        is not named like the rank-32 one)."""
+        out = {}
+        for m in self.methods:
+            for opt in m.describe_options():
+                value = self.options.get(opt.name, opt.default)
+                if value != opt.default:
+                    out[opt.name] = value
+        return out
+
+    @property
     def methods(self):
         """The quant.methods.Method's this config runs, in the engine's order."""
         return components(self.method)
@@ -199,6 +211,7 @@ class QuantConfig:
         bits = lambda b: "16" if b is None else str(b)  # noqa: E731
         name = f"{self.method} W{bits(self.w_bits)}A{bits(self.a_bits)}"
         name += self.format_label
+        name += "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in self.changed_options.items())
         if self.attn_bits is not None:
             name += f" attn{self.attn_bits}"
         if self.layer_bits:

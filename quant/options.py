@@ -88,6 +88,33 @@ def check(opt: Option, value) -> None:
             raise ValueError(f"{opt.name} must be {_accepts(opt)}, got {value!r}")
 
 
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def parse_text(opt: Option, text: str):
+    """The value of `opt` a person typed (a CLI NAME=VALUE), in the option's kind and checked; ValueError naming
+    the option and what it accepts otherwise."""
+    t = text.strip()
+    low = t.lower()
+    try:
+        if low in ("none", "null") and opt.kind in ("optional_int", "optional_float", "tristate", "bits"):
+            value = None
+        elif opt.kind in ("bool", "tristate"):
+            value = BOOL_WORDS[low]
+        elif opt.kind in ("int", "optional_int", "bits"):
+            value = int(t)
+        elif opt.kind in ("float", "optional_float"):
+            value = float(t)
+        elif opt.kind == "patterns":
+            value = [p for p in t.split() if p]
+        else:
+            value = t
+    except (KeyError, ValueError):
+        raise ValueError(f"{opt.name} must be {_accepts(opt)}, got {text!r}") from None
+    check(opt, value)
+    return value
+
+
 def check_all(obj, method: str | None = None) -> None:
     for opt in describe(type(obj), method):
         check(opt, getattr(obj, opt.name))

@@ -180,12 +180,29 @@ def test_joined_options_make_one_point_with_each_setting():
         SweepSpec(methods=["baseline"], bits=["W4A4"], options=["tpq+tpq"]).validate()
 
 
+def test_method_options_reach_the_methods_that_declare_them_and_name_the_point():
+    from analysis.evaluation.sweep import SweepSpec, point_config
+
+    spec = SweepSpec(methods=["svdquant+gptq", "baseline"], bits=["W4A4"], options=["tpq"],
+                     method_options={"rank": 4}).validate()
+    low, base = [point_config(m, b, o, spec, None) for m, b, f, o in spec.grid()]
+    assert low.options["rank"] == 4 and low.label == "svdquant+gptq W4A4 rank=4 TPQ"
+    assert base.options == {} and base.label == "baseline W4A4 TPQ"
+    default = SweepSpec(methods=["svdquant"], bits=["W4A4"]).validate()
+    assert point_config("svdquant", "W4A4", "default", default).label == "svdquant W4A4"  # rank 32 says nothing
+
+
 @pytest.mark.parametrize("argv, reason", [
     (["sweep", "--bits", "W9A8"], "bit-width"),
     (["sweep", "--methods", "fp"], "unknown method"),
     (["sweep", "--options", "keep8"], "unknown sweep option"),
     (["sweep", "--options", "adaround+bkd"], "both reconstructions"),
     (["sweep", "--options", "default+tpq"], "joins nothing"),
+    (["sweep", "--methods", "baseline", "--method-option", "rank=4"], "no method of this sweep"),
+    (["sweep", "--methods", "svdquant", "--method-option", "rank=four"], "rank must be an integer"),
+    (["sweep", "--methods", "svdquant", "--method-option", "rank=0"], "rank must be an integer >= 1"),
+    (["sweep", "--method-option", "colour=red"], "unknown; method options"),
+    (["sweep", "--method-option", "rank"], "NAME=VALUE"),
     (["sweep", "--tolerance", "psnr=3"], "--tolerance"),
     (["sensitivity", "--granularity", "head"], "--granularity"),
 ])

@@ -64,10 +64,31 @@ def register(sub) -> None:
                         "label_agreement_drop=Z (at most), same_digit_vs_fp=S, "
                         "psnr_vs_fp=DB or ssim_vs_fp=V (at least); repeatable "
                         f"(default: {' and '.join(DEFAULT_TOLERANCES)})")
+    p.add_argument("--method-option", action="append", default=None, metavar="NAME=VALUE",
+                   help="a method option for every point whose method declares it, e.g. rank=4 or alpha=0.3 "
+                        "(dqlab quantize --help lists them); repeatable; points name it in their label")
     p.add_argument("--config-out", type=Path, default=None,
                    help="write the first recommendation's QuantConfig here (for dqlab quantize --config)")
     p.add_argument("--data-dir", default=None, help="run store folder (default: $DQLAB_HOME or ~/.dqlab)")
     p.set_defaults(func=run)
+
+
+def parse_method_options(items: list[str]) -> dict:
+    """--method-option NAME=VALUE items as {name: typed value}."""
+    from quant.methods import all_options
+    from quant.options import parse_text
+
+    declared = {o.name: o for o in all_options()}
+    out = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise CLIError(f"--method-option takes NAME=VALUE (e.g. rank=4), got {item!r}")
+        if name not in declared:
+            raise CLIError(f"--method-option {name}: unknown; method options: {', '.join(sorted(declared))}")
+        out[name] = parse_text(declared[name], text)
+    return out
 
 
 def run(args) -> dict:
@@ -80,7 +101,7 @@ def run(args) -> dict:
                      formats=split(args.formats),
                      num_samples=args.num_samples, steps=args.steps, guidance=args.guidance, seed=args.seed,
                      calib_samples=args.calib_samples, calib_seed=args.calib_seed, recon_iters=args.recon_iters,
-                     bootstrap=args.bootstrap)
+                     bootstrap=args.bootstrap, method_options=parse_method_options(args.method_option or []))
     spec.validate()
     if args.num_samples < 2:
         raise CLIError(f"--num-samples must be at least 2 for FID, got {args.num_samples}")

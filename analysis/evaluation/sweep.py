@@ -57,6 +57,7 @@ from analysis.quantization.calibration import CALIBRATION_SEED, calibrate
 from analysis.quantization.sensitivity import mixed_config, top_layers
 from analysis.quantization.sizes import bops, float_bits_of, mac_table
 from quant.config import METHODS, QuantConfig, quantizes
+from quant.methods import components
 from quant.families import FAMILIES
 from quant.formats import FORMAT_NAMES, format_bits
 from quant.measures import step_median
@@ -149,6 +150,23 @@ def check_option(option: str) -> None:
                          "one, choose either")
 
 
+def check_method_options(values: dict, methods: list[str]) -> None:
+    """ValueError unless each name is an option of a method the sweep runs and its value fits."""
+    from quant.methods import all_options
+    from quant.options import check
+
+    declared = {o.name: o for o in all_options()}
+    used = {c.name for m in methods for c in components(m)}
+    for name, value in values.items():
+        opt = declared.get(name)
+        if opt is None:
+            raise ValueError(f"unknown method option {name!r}; method options: {', '.join(sorted(declared))}")
+        if opt.method not in used:
+            raise ValueError(f"{name} is an option of {opt.method}, which no method of this sweep runs; add it to "
+                             "the methods or drop the option")
+        check(opt, value)
+
+
 def option_parts(option: str) -> list[str]:
     """The OPTIONS entries of a point's option ('tpq+bkd' -> ['tpq', 'bkd'])."""
     return [] if MIXED.match(option) else option.split("+")
@@ -172,6 +190,8 @@ class SweepSpec:
     scheduler: str = "ddim"
     recon_iters: int | None = None
     bootstrap: int | None = None  # replicates per FID interval (EvalOptions.bootstrap; 0: no intervals)
+    # method options for every point whose method declares them ({"rank": 4}); points name them in their label
+    method_options: dict = dataclasses.field(default_factory=dict)
 
     def validate(self) -> "SweepSpec":
         if not self.methods or not self.bits or not self.options:
@@ -197,6 +217,7 @@ class SweepSpec:
             raise ValueError(f"bootstrap replicates must be >= 0 (0: no intervals), got {self.bootstrap}")
         if self.recon_iters is not None and self.recon_iters < 1:
             raise ValueError(f"recon iterations must be >= 1, got {self.recon_iters}")
+        check_method_options(self.method_options, self.methods)
         return self
 
     def eval_options(self) -> EvalOptions:
@@ -222,6 +243,8 @@ def point_config(method: str, bits: str, option: str, spec: SweepSpec, layers: l
     keeps the ends the model's family declares in float; fmt is the point's formats-axis entry)."""
     w, a = parse_bits(bits)
     fields = dict(method=method, w_bits=w, a_bits=a, **(format_fields(fmt, bits) or {}))
+    own = {o.name for c in components(method) for o in c.describe_options()}
+    fields["options"] = {k: v for k, v in spec.method_options.items() if k in own}
     if MIXED.match(option):
         return mixed_config(QuantConfig(**fields), layers or [])
     for part in option_parts(option):
