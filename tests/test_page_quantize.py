@@ -142,7 +142,7 @@ def test_quantize_form_shows_only_the_chosen_methods_options():
     _set_small_calibration(at)
     _submit(at)
     assert not at.exception, at.exception
-    v = at.session_state["variants"]["smoothquant W8A8"]
+    v = at.session_state["variants"]["smoothquant W8A8 alpha=0.25"]  # a changed method option names the variant
     assert v.config.options == {"alpha": 0.25} and v.config.w_symmetric
     assert v.recipe.calibration.seed == CALIBRATION_SEED  # the page calibrates away from the evaluated seeds
 
