@@ -18,7 +18,7 @@ BITS = ["W8A8", "W6A6", "W4A8", "W4A6", "W4A4"]
 OPTION_HELP = {"default": "the method's own setting", "tpq": "one activation range per timestep (TPQ)",
                "adaround": "+ AdaRound reconstruction (PTQ4DiT), minutes per point on a CPU",
                "bkd": "+ block-wise distillation (DilateQuant), minutes per point on a CPU",
-               "tpq+bkd": "TPQ with block-wise distillation on top, for any method (DilateQuant's recipe)",
+               "tpq+bkd": "TPQ with block-wise distillation on top, for any method (DilateQuant's TPQ and BKD)",
                "tpq+adaround": "TPQ with AdaRound reconstruction on top, for any method",
                "float-io": "the ends kept in float: the layers that read the noisy input and write the prediction "
                            "(a DiT's patch embedding and final layer, a UNet's conv_in and conv_out)",
