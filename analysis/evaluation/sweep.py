@@ -57,7 +57,8 @@ from analysis.quantization.calibration import CALIBRATION_SEED, calibrate
 from analysis.quantization.sensitivity import mixed_config, top_layers
 from analysis.quantization.sizes import bops, float_bits_of, mac_table
 from quant.config import METHODS, QuantConfig, quantizes
-from quant.methods import components
+from quant.methods import all_options, components
+from quant.options import check
 from quant.families import FAMILIES
 from quant.formats import FORMAT_NAMES, format_bits
 from quant.measures import step_median
@@ -152,9 +153,6 @@ def check_option(option: str) -> None:
 
 def check_method_options(values: dict, methods: list[str]) -> None:
     """ValueError unless each name is an option of a method the sweep runs and its value fits."""
-    from quant.methods import all_options
-    from quant.options import check
-
     declared = {o.name: o for o in all_options()}
     used = {c.name for m in methods for c in components(m)}
     for name, value in values.items():
